@@ -1,0 +1,1 @@
+"""polyteacher: data_prep stage."""

@@ -1,0 +1,1 @@
+"""polyteacher: distill stage."""

@@ -1,0 +1,70 @@
+"""The `polyteacher` command.
+
+Each stage module that owns subcommands exposes `register(subparsers)`, which adds its parsers and
+sets `func` (called with the parsed args; returns an exit code or None). Those modules import heavy
+libraries (torch, deepspeed) inside their functions so that `polyteacher --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from launch.config import ConfigError
+
+# Modules that contribute subcommands, in the order they appear in --help.
+COMMAND_MODULES = (
+    "data_prep.cli",  # polyteacher data ...
+    "teacher.cli",  # polyteacher pretrain, polyteacher plan
+    "launch.launcher",  # polyteacher launch
+    "distill.cli",  # polyteacher distill
+    "student.cli",  # polyteacher finetune, export, predict
+    "evaluation.cli",  # polyteacher evaluate ...
+    "launch.pipeline",  # polyteacher pipeline
+    "launch.config_cli",  # polyteacher config
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="polyteacher",
+        description=(
+            "Multilingual teacher distillation: data prep, DeepSpeed teacher pretraining, "
+            "fair distillation, MASSIVE fine-tuning, int8 ONNX export and evaluation. "
+            "Stage options are dotted config overrides (e.g. tokenizer.vocab_size=16000); "
+            "`polyteacher config STAGE` lists every key with its documentation."
+        ),
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            # A stage that is not part of this install; any other import error is a real bug.
+            if e.name == name:
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        code = args.func(args)
+    except ConfigError as e:
+        print(f"polyteacher: config error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("polyteacher: interrupted", file=sys.stderr)
+        return 130
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""polyteacher: student stage."""

@@ -1,0 +1,1 @@
+"""Model fixtures shared by tests: tiny randomly initialised teacher and student directories."""

@@ -1,0 +1,127 @@
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, Optional
+
+import pytest
+import yaml
+
+from launch.config import (
+    ConfigError,
+    config_help,
+    field_docs,
+    load_config,
+    parse_overrides,
+    save_config,
+    load_saved_config,
+    to_dict,
+)
+from launch.fsutil import UnsafePathError, atomic_dir, atomic_write_text, read_jsonl, safe_path
+
+
+@dataclasses.dataclass
+class Inner:
+    vocab_size: int = 8000
+    """Number of tokens in the vocabulary."""
+    alpha: float = 0.3
+    """Sampling exponent."""
+    mode: Literal["a", "b"] = "a"
+    """Which mode."""
+
+    def validate(self) -> None:
+        if self.vocab_size <= 0:
+            raise ConfigError("tokenizer.vocab_size must be positive")
+
+
+@dataclasses.dataclass
+class Outer:
+    name: str = "x"
+    """Run name."""
+    tokenizer: Inner = dataclasses.field(default_factory=Inner)
+    """Tokenizer settings."""
+    locales: list[str] = dataclasses.field(default_factory=lambda: ["en-US"])
+    """Locales."""
+    limit: Optional[int] = None
+    """Optional cap."""
+
+
+def test_field_docs_read_attribute_docstrings():
+    assert field_docs(Inner)["vocab_size"] == "Number of tokens in the vocabulary."
+    assert "tokenizer.alpha" in config_help(Outer)
+
+
+def test_dotted_overrides_apply_with_types():
+    cfg = load_config(Outer, overrides=["tokenizer.vocab_size=16000", "tokenizer.alpha=0.5", "locales=[de-DE, fr-FR]", "limit=3"])
+    assert cfg.tokenizer.vocab_size == 16000 and cfg.tokenizer.alpha == 0.5
+    assert cfg.locales == ["de-DE", "fr-FR"] and cfg.limit == 3
+    assert load_config(Outer, overrides=["limit=null"]).limit is None
+    # ints are accepted where floats are expected
+    assert load_config(Outer, overrides=["tokenizer.alpha=1"]).tokenizer.alpha == 1.0
+
+
+def test_unknown_key_names_key_and_allowed_keys():
+    with pytest.raises(ConfigError) as e:
+        load_config(Outer, overrides=["tokenizer.vocab=3"])
+    assert "tokenizer.vocab" in str(e.value) and "vocab_size" in str(e.value) and "alpha" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [("tokenizer.vocab_size=abc", "expected an integer"), ("tokenizer.mode=c", "allowed values"),
+     ("locales=en", "expected a list"), ("tokenizer=3", "expected a mapping"), ("novalue", "dotted.key=value")],
+)
+def test_wrong_types_fail(override, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        load_config(Outer, overrides=[override])
+
+
+def test_validate_runs_after_all_overrides():
+    with pytest.raises(ConfigError, match="positive"):
+        load_config(Outer, overrides=["tokenizer.vocab_size=0"])
+
+
+def test_preset_section_and_roundtrip(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text(yaml.safe_dump({"data": {"name": "from-preset", "tokenizer": {"alpha": 0.4}}}))
+    cfg = load_config(Outer, section="data", preset=preset, overrides=["name=cli"])
+    assert cfg.name == "cli" and cfg.tokenizer.alpha == 0.4
+    out = save_config(cfg, tmp_path / "run" / "config.yaml")
+    assert load_saved_config(Outer, out) == cfg
+    assert to_dict(cfg)["tokenizer"]["alpha"] == 0.4
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"dta": {}}))
+    with pytest.raises(ConfigError, match="allowed sections"):
+        load_config(Outer, section="data", preset=bad)
+    with pytest.raises(ConfigError, match="available presets"):
+        load_config(Outer, section="data", preset="no-such-preset")
+
+
+def test_parse_overrides_nests():
+    assert parse_overrides(["a.b.c=1", "a.d=x"]) == {"a": {"b": {"c": 1}, "d": "x"}}
+
+
+def test_safe_path_refuses_escapes(tmp_path):
+    assert safe_path(tmp_path, "a/b.txt") == (tmp_path / "a" / "b.txt").resolve()
+    for bad in ["../x", "/etc/passwd", "a/../../x"]:
+        with pytest.raises(UnsafePathError):
+            safe_path(tmp_path, bad)
+
+
+def test_atomic_dir_leaves_nothing_on_crash(tmp_path):
+    target = tmp_path / "model"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as tmp:
+            (tmp / "weights").write_text("half")
+            raise RuntimeError("crash")
+    assert not target.exists() and list(tmp_path.iterdir()) == []
+    with atomic_dir(target) as tmp:
+        (tmp / "weights").write_text("full")
+    assert (target / "weights").read_text() == "full"
+
+
+def test_read_jsonl_ignores_partial_last_line(tmp_path):
+    p = tmp_path / "m.jsonl"
+    p.write_text('{"a": 1}\n{"a": 2}\n{"a": ')
+    assert read_jsonl(p) == [{"a": 1}, {"a": 2}]
+    atomic_write_text(tmp_path / "t.txt", "ok")
+    assert (tmp_path / "t.txt").read_text() == "ok"
