@@ -16,10 +16,13 @@ from launch.config import ConfigError
 # Modules that contribute subcommands, in the order they appear in --help.
 COMMAND_MODULES = (
     "data_prep.cli",  # polyteacher data ...
-    "teacher.cli",  # polyteacher pretrain, polyteacher plan
+    "teacher.cli",  # polyteacher pretrain
+    "teacher.plan",  # polyteacher plan
     "launch.launcher",  # polyteacher launch
     "distill.cli",  # polyteacher distill
-    "student.cli",  # polyteacher finetune, export, predict
+    "student.cli",  # polyteacher finetune
+    "student.export",  # polyteacher export
+    "student.runtime",  # polyteacher predict
     "evaluation.cli",  # polyteacher evaluate ...
     "launch.pipeline",  # polyteacher pipeline
     "launch.config_cli",  # polyteacher config

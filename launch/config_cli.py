@@ -16,7 +16,7 @@ STAGE_CONFIGS = {
     "indomain": "teacher.config:PretrainConfig",
     "distill": "distill.config:DistillConfig",
     "finetune": "student.config:FinetuneConfig",
-    "export": "student.config:ExportConfig",
+    "export": "student.export:ExportConfig",
     "evaluate": "evaluation.config:EvalConfig",
     "pipeline": "launch.pipeline:PipelineConfig",
 }
