@@ -1,0 +1,288 @@
+"""`polyteacher pipeline`: every stage end to end, resumable, with one report.
+
+Stages run as subprocesses of the `polyteacher` command (training stages through `polyteacher launch`
+with several processes), so each stage is exactly what a user would run by hand, and a crash in one
+stage leaves the finished ones in place. A stage is skipped when its output exists and is complete
+(every artifact is written under a temporary name and renamed); when a stage runs, every stage that
+depends on it runs again too. The order and the dependencies are the table `STAGES` below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from launch.config import ConfigError, load_config, save_config
+from launch.fsutil import atomic_write_json, safe_path
+
+
+@dataclasses.dataclass
+class PipelineConfig:
+    num_train_procs: int = 2
+    """Processes per node for teacher pretraining (DeepSpeed launcher; CPU processes without a GPU)."""
+    num_procs_other: int = 1
+    """Processes for the other training stages (stage 2, distillation, fine-tuning)."""
+    skip: list[str] = dataclasses.field(default_factory=list)
+    """Stage names to leave out (see `polyteacher pipeline --list-stages`); stages needing them are left out too (the report never)."""
+    massive_locales: list[str] = dataclasses.field(default_factory=lambda: ["en-US", "de-DE", "ja-JP"])
+    """MASSIVE locales for fine-tuning and evaluation."""
+    eval_max_examples: int = 100
+    """Test utterances per locale for MASSIVE, fairness and latency evaluation (0 = all)."""
+    icl_locales: list[str] = dataclasses.field(default_factory=lambda: ["en-US", "de-DE"])
+    """Locales for in-context intent classification."""
+    icl_shots: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 5])
+    """Numbers of demonstrations k for in-context intent classification."""
+    icl_max_examples: int = 30
+    """Queries per locale and k for in-context learning."""
+    translation_locales: list[str] = dataclasses.field(default_factory=lambda: ["de-DE", "fr-FR"])
+    """Languages for 1-shot FLORES-200 translation (en->xx and xx->en)."""
+    translation_max_examples: int = 10
+    """FLORES sentences per direction."""
+    fairness_locales: list[str] = dataclasses.field(default_factory=lambda: ["en-US", "de-DE"])
+    """Locales with a lexicon for the fairness evaluation."""
+    latency_max_examples: int = 50
+    """Utterances timed per model for latency (batch 1, one thread)."""
+    timeout_minutes: int = 120
+    """Wall-clock limit per stage; a stage that runs longer is stopped and reported."""
+
+    def validate(self) -> None:
+        if self.num_train_procs < 1 or self.num_procs_other < 1:
+            raise ConfigError("pipeline.num_train_procs and pipeline.num_procs_other must be >= 1")
+        unknown = [s for s in self.skip if s not in {st.name for st in STAGES}]
+        if unknown:
+            raise ConfigError(
+                f"pipeline.skip: unknown stage(s) {', '.join(unknown)}; stages: {', '.join(s.name for s in STAGES)}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    name: str
+    output: str  # relative to the run dir; the stage is complete when it exists
+    deps: tuple[str, ...]
+    kind: str  # "cli" | "launch" | "internal"
+    what: str
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("data", "data/train", (), "cli", "tokenizer, packed general-domain and in-domain data"),
+    Stage("teacher", "teacher", ("data",), "launch", "teacher pretraining (denoising + CLM)"),
+    Stage("teacher_indomain", "teacher-indomain", ("teacher",), "launch", "stage-2 in-domain pretraining"),
+    Stage("student", "student", ("teacher_indomain",), "launch", "distillation with CRR (CDA + perturbation)"),
+    Stage("student_kd", "student-kd", ("teacher_indomain",), "launch", "plain-KD distillation (no CRR)"),
+    Stage("teacher_ft", "teacher-ft", ("teacher_indomain",), "launch", "MASSIVE fine-tuning of the teacher"),
+    Stage("student_ft", "student-ft", ("student",), "launch", "MASSIVE fine-tuning of the CRR student"),
+    Stage("student_kd_ft", "student-kd-ft", ("student_kd",), "launch", "MASSIVE fine-tuning of the plain-KD student"),
+    Stage("student_nlu", "student-nlu", ("student",), "launch", "encoder-only NLU fine-tuning of the CRR student"),
+    Stage("export", "onnx/int8", ("student_ft",), "cli", "ONNX export of the student, fp32 and int8"),
+    Stage("export_teacher", "onnx/teacher-int8", ("teacher_ft",), "cli", "ONNX export of the teacher, int8"),
+    Stage("export_nlu", "onnx/nlu-int8", ("student_nlu",), "cli", "ONNX export of the encoder NLU student, int8"),
+    Stage("eval_massive", "eval/massive", ("teacher_ft", "student_ft", "student_kd_ft", "export", "export_nlu"),
+          "cli", "MASSIVE per locale: teacher, student, student int8, ..."),
+    Stage("eval_icl", "eval/icl", ("teacher_indomain",), "cli", "k-shot intent classification by prompting"),
+    Stage("eval_translation", "eval/translation", ("teacher_indomain",), "cli", "1-shot FLORES-200 translation"),
+    Stage("eval_fairness", "eval/fairness", ("teacher_ft", "student_ft", "student_kd_ft"), "cli",
+          "counterfactual consistency and generation disparity"),
+    Stage("eval_latency", "eval/latency", ("student_ft", "teacher_ft", "export", "export_teacher", "export_nlu"),
+          "cli", "latency at batch 1 on one thread, and sizes"),
+    Stage("report", "REPORT.md", ("eval_massive", "eval_icl", "eval_translation", "eval_fairness", "eval_latency"),
+          "internal", "REPORT.md, summary.json and plots"),
+)
+STAGE_BY_NAME = {s.name: s for s in STAGES}
+
+
+def stage_commands(stage: Stage, run_dir: Path, preset: str | None, cfg: PipelineConfig, tmp_out: Path) -> list[list[str]]:
+    """The polyteacher command lines (argv after `polyteacher`) that produce one stage's output."""
+    r = str(run_dir)
+    p = ["--preset", preset] if preset else []
+    locales = ",".join(cfg.massive_locales)
+    n_eval = str(cfg.eval_max_examples)
+
+    def launch(nproc: int, *args: str) -> list[str]:
+        return ["launch", "--nproc-per-node", str(nproc), "--", *args]
+
+    n_other = cfg.num_procs_other
+    if stage.name == "data":
+        return [["data", "prepare", "--run-dir", r, *p]]
+    if stage.name == "teacher":
+        return [launch(cfg.num_train_procs, "pretrain", "--run-dir", r, "--out", "teacher", *p)]
+    if stage.name == "teacher_indomain":
+        return [launch(n_other, "pretrain", "--run-dir", r, "--out", "teacher-indomain", "--section", "indomain",
+                       "--init-from", str(run_dir / "teacher"), *p)]
+    if stage.name == "student":
+        return [launch(n_other, "distill", "--run-dir", r, "--teacher", str(run_dir / "teacher-indomain"),
+                       "--out", "student", *p)]
+    if stage.name == "student_kd":
+        return [launch(n_other, "distill", "--run-dir", r, "--teacher", str(run_dir / "teacher-indomain"),
+                       "--out", "student-kd", *p, "cda=none", "perturb=none")]
+    ft = {"teacher_ft": ("teacher-indomain", "teacher-ft", "seq2seq"),
+          "student_ft": ("student", "student-ft", "seq2seq"),
+          "student_kd_ft": ("student-kd", "student-kd-ft", "seq2seq"),
+          "student_nlu": ("student", "student-nlu", "encoder")}
+    if stage.name in ft:
+        src, out, head = ft[stage.name]
+        return [launch(n_other, "finetune", "--run-dir", r, "--model", str(run_dir / src), "--out", out,
+                       "--head", head, *p, f"locales=[{locales}]")]
+    exports = {"export": ("student-ft", True), "export_teacher": ("teacher-ft", False), "export_nlu": ("student-nlu", False)}
+    if stage.name in exports:
+        src, with_fp32 = exports[stage.name]
+        out_name = Path(stage.output).name
+        cmds = [["export", "--model", str(run_dir / src), "--out", str(tmp_out), "--int8"]]
+        if with_fp32:
+            cmds.append(["export", "--model", str(run_dir / src), "--out", str(tmp_out.parent / f".{out_name}-fp32.tmp")])
+        return cmds
+    if stage.name == "eval_massive":
+        models = {"teacher": run_dir / "teacher-ft", "student": run_dir / "student-ft",
+                  "student_int8": run_dir / "onnx" / "int8", "student_fp32": run_dir / "onnx" / "fp32",
+                  "student_kd": run_dir / "student-kd-ft", "student_nlu_int8": run_dir / "onnx" / "nlu-int8"}
+        return [["evaluate", "massive", "--model", str(d), "--locales", *cfg.massive_locales,
+                 "--max-examples", n_eval, "--out", str(tmp_out / name)] for name, d in models.items()]
+    if stage.name == "eval_icl":
+        return [["evaluate", "icl", "--model", str(run_dir / "teacher-indomain"), "--locales", *cfg.icl_locales,
+                 "--shots", *map(str, cfg.icl_shots), "--max-examples", str(cfg.icl_max_examples),
+                 "--out", str(tmp_out)]]
+    if stage.name == "eval_translation":
+        return [["evaluate", "translation", "--model", str(run_dir / "teacher-indomain"),
+                 "--locales", *cfg.translation_locales, "--max-examples", str(cfg.translation_max_examples),
+                 "--out", str(tmp_out)]]
+    if stage.name == "eval_fairness":
+        return [["evaluate", "fairness", "--models", f"teacher={run_dir / 'teacher-ft'}",
+                 f"student_kd={run_dir / 'student-kd-ft'}", f"student_crr={run_dir / 'student-ft'}",
+                 "--locales", *cfg.fairness_locales, "--max-examples", n_eval, "--out", str(tmp_out)]]
+    if stage.name == "eval_latency":
+        return [["evaluate", "latency", "--models", f"teacher={run_dir / 'teacher-ft'}",
+                 f"teacher_int8={run_dir / 'onnx' / 'teacher-int8'}", f"student={run_dir / 'student-ft'}",
+                 f"student_fp32={run_dir / 'onnx' / 'fp32'}", f"student_int8={run_dir / 'onnx' / 'int8'}",
+                 f"student_nlu_int8={run_dir / 'onnx' / 'nlu-int8'}",
+                 "--max-examples", str(cfg.latency_max_examples), "--out", str(tmp_out)]]
+    raise KeyError(stage.name)
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def plan_stages(run_dir: Path, cfg: PipelineConfig, force: list[str]) -> dict[str, str]:
+    """Decide, per stage: "run", "skip" (output complete) or "off" (left out by pipeline.skip)."""
+    decision: dict[str, str] = {}
+    for stage in STAGES:
+        # The report tolerates missing evaluations; any other stage needs all of its inputs.
+        needs_off_input = stage.kind != "internal" and any(decision.get(d) == "off" for d in stage.deps)
+        if stage.name in cfg.skip or needs_off_input:
+            decision[stage.name] = "off"
+            continue
+        upstream_reruns = any(decision.get(d) == "run" for d in stage.deps)
+        complete = (run_dir / stage.output).exists()
+        decision[stage.name] = "run" if (upstream_reruns or not complete or stage.name in force) else "skip"
+    return decision
+
+
+def run_stage(stage: Stage, run_dir: Path, preset: str | None, cfg: PipelineConfig, log_dir: Path) -> None:
+    final = safe_path(run_dir, stage.output)
+    if stage.kind == "internal":
+        from launch.report import write_report
+
+        write_report(run_dir)
+        return
+    # Stages whose command writes into a directory we name get a temporary one, renamed when all
+    # commands succeeded; training stages write their model directory atomically themselves.
+    tmp_out = final.with_name(f".{final.name}.pipeline-tmp")
+    shutil.rmtree(tmp_out, ignore_errors=True)
+    for leftover in final.parent.glob(f".{final.name}-fp32.tmp"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    if final.exists() and stage.kind == "cli" and not stage.name == "data":
+        shutil.rmtree(final) if final.is_dir() else final.unlink()
+    log_path = log_dir / f"{stage.name}.log"
+    for argv in stage_commands(stage, run_dir, preset, cfg, tmp_out):
+        cmd = [sys.executable, "-m", "launch.cli", *argv]
+        with open(log_path, "a", encoding="utf-8") as log:
+            log.write("$ polyteacher " + " ".join(argv) + "\n")
+            log.flush()
+            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=cfg.timeout_minutes * 60,
+                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        if proc.returncode != 0:
+            tail = "".join(log_path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)[-30:])
+            raise StageFailed(f"stage {stage.name} failed (exit {proc.returncode}): polyteacher {' '.join(argv)}\n"
+                              f"last lines of {log_path}:\n{tail}")
+    if tmp_out.exists():
+        os.replace(tmp_out, final)
+        fp32 = final.parent / f".{final.name}-fp32.tmp"
+        if fp32.exists():
+            target = final.parent / "fp32"
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(fp32, target)
+    if not final.exists():
+        raise StageFailed(f"stage {stage.name} finished but wrote no {final}")
+
+
+class StageFailed(RuntimeError):
+    pass
+
+
+def pipeline(run_dir: Path, preset: str | None, cfg: PipelineConfig, force: list[str] = ()) -> dict[str, Any]:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log_dir = run_dir / "logs"
+    log_dir.mkdir(exist_ok=True)
+    save_config(cfg, run_dir / "pipeline.yaml")
+    timings_path = run_dir / "stage_seconds.json"
+    timings: dict[str, float] = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    decision = plan_stages(run_dir, cfg, list(force))
+    total_start = time.time()
+    for stage in STAGES:
+        verdict = decision[stage.name]
+        if verdict != "run":
+            print(f"[pipeline] {stage.name:18s} {'skipped (complete)' if verdict == 'skip' else 'left out'}", flush=True)
+            continue
+        print(f"[pipeline] {stage.name:18s} running: {stage.what} (log: {log_dir / (stage.name + '.log')})", flush=True)
+        start = time.time()
+        run_stage(stage, run_dir, preset, cfg, log_dir)
+        timings[stage.name] = round(time.time() - start, 1)
+        atomic_write_json(timings_path, timings)
+        print(f"[pipeline] {stage.name:18s} done in {timings[stage.name]:.0f} s", flush=True)
+    print(f"[pipeline] finished in {time.time() - total_start:.0f} s; report: {run_dir / 'REPORT.md'}", flush=True)
+    return {"decision": decision, "stage_seconds": timings}
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "pipeline",
+        help="run every stage end to end (resumable) and write REPORT.md and summary.json",
+        description="Runs data prep -> teacher pretraining -> stage-2 pretraining -> distillation (CRR and "
+        "plain KD) -> MASSIVE fine-tuning -> ONNX export + int8 -> evaluation -> report. A stage whose "
+        "output already exists is skipped, so rerunning after a crash resumes; a stage that runs makes "
+        "every stage after it that depends on it run again.",
+    )
+    p.add_argument("--preset", default="tiny", help="preset for every stage (launch/presets/NAME/); default tiny")
+    p.add_argument("--out", required=True, help="run directory, e.g. runs/demo")
+    p.add_argument("--force", nargs="*", default=[], metavar="STAGE", help="rerun these stages (and what depends on them)")
+    p.add_argument("--list-stages", action="store_true", help="print the stages, their outputs and dependencies, then exit")
+    p.add_argument("overrides", nargs="*", help="pipeline.* overrides without the prefix, e.g. num_train_procs=1")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.list_stages:
+        for s in STAGES:
+            print(f"{s.name:18s} -> {s.output:20s} after: {', '.join(s.deps) or '-'}\n{'':22s}{s.what}")
+        return 0
+    cfg = load_config(PipelineConfig, section="pipeline", preset=args.preset, overrides=args.overrides)
+    unknown = [s for s in args.force if s not in STAGE_BY_NAME]
+    if unknown:
+        raise ConfigError(f"--force: unknown stage(s) {', '.join(unknown)}; stages: {', '.join(STAGE_BY_NAME)}")
+    try:
+        pipeline(Path(args.out), args.preset, cfg, force=args.force)
+    except StageFailed as e:
+        print(f"polyteacher pipeline: {e}", file=sys.stderr)
+        print("Fix the cause and rerun the same command: finished stages are kept.", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,177 @@
+"""REPORT.md and summary.json for a pipeline run directory.
+
+Reads what the evaluation commands wrote under `eval/` (their JSON schemas are documented in the
+evaluation modules), the stage timings and the resolved configs, and writes:
+
+- `summary.json`: {"massive": {model: {"em", "intent_acc", "slot_f1", "per_locale": {...}}},
+  "icl": {...}, "translation": {...}, "fairness": {...}, "latency_ms": {model: {"p50", "p95"}},
+  "size_mb": {model: MB}, "stage_seconds": {stage: s}}
+- `REPORT.md`: a summary table, per-locale tables, every evaluation's plots (copied to `plots/`),
+  the resolved configs and the wall time per stage.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from launch.fsutil import atomic_write_json, atomic_write_text
+
+MASSIVE_METRICS = ("em", "intent_acc", "slot_f1")
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _find_json(directory: Path, must_have: str | None = None) -> dict[str, Any] | None:
+    """The first JSON object in `directory` (sorted) that has key `must_have`."""
+    if not directory.is_dir():
+        return None
+    for path in sorted(directory.glob("*.json")):
+        data = _load_json(path)
+        if isinstance(data, dict) and (must_have is None or must_have in data):
+            return data
+    return None
+
+
+def collect_summary(run_dir: Path) -> dict[str, Any]:
+    eval_dir = run_dir / "eval"
+    summary: dict[str, Any] = {"massive": {}, "icl": {}, "translation": {}, "fairness": {},
+                               "latency_ms": {}, "size_mb": {}, "stage_seconds": {}}
+    massive_dir = eval_dir / "massive"
+    if massive_dir.is_dir():
+        for model_dir in sorted(p for p in massive_dir.iterdir() if p.is_dir()):
+            data = _find_json(model_dir, "per_locale")
+            if data is None:
+                continue
+            summary["massive"][model_dir.name] = {
+                **{m: data.get(m) for m in MASSIVE_METRICS},
+                "per_locale": {
+                    loc: {m: vals.get(m) for m in MASSIVE_METRICS}
+                    for loc, vals in sorted(data.get("per_locale", {}).items())
+                },
+            }
+    for key in ("icl", "translation", "fairness"):
+        data = _find_json(eval_dir / key)
+        if data is not None:
+            summary[key] = data
+    latency = _find_json(eval_dir / "latency")
+    if latency:
+        models = latency.get("models", latency)
+        for name, vals in models.items():
+            if not isinstance(vals, dict):
+                continue
+            if "p50" in vals:
+                summary["latency_ms"][name] = {"p50": vals.get("p50"), "p95": vals.get("p95")}
+            if "size_mb" in vals:
+                summary["size_mb"][name] = vals["size_mb"]
+    timings = _load_json(run_dir / "stage_seconds.json")
+    if isinstance(timings, dict):
+        summary["stage_seconds"] = timings
+    return summary
+
+
+def _fmt(v: Any, pct: bool = False) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{100 * v:.1f}" if pct else f"{v:.3g}"
+    return str(v)
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _copy_plots(run_dir: Path) -> list[Path]:
+    plots_dir = run_dir / "plots"
+    plots_dir.mkdir(exist_ok=True)
+    copied = []
+    for png in sorted((run_dir / "eval").rglob("*.png")):
+        rel = png.relative_to(run_dir / "eval")
+        target = plots_dir / "_".join(rel.parts)
+        shutil.copyfile(png, target)
+        copied.append(target)
+    return copied
+
+
+def _flatten(prefix: str, obj: Any, out: list[tuple[str, Any]]) -> None:
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    elif not isinstance(obj, list):
+        out.append((prefix, obj))
+
+
+def render_report(run_dir: Path, summary: dict[str, Any], plots: list[Path]) -> str:
+    parts: list[str] = [f"# polyteacher run report: `{run_dir.name}`\n"]
+    parts.append("## Summary\n")
+    rows = []
+    for model, vals in summary["massive"].items():
+        lat = summary["latency_ms"].get(model, {})
+        rows.append([model, _fmt(vals.get("em"), True), _fmt(vals.get("intent_acc"), True),
+                     _fmt(vals.get("slot_f1"), True), _fmt(lat.get("p50")), _fmt(lat.get("p95")),
+                     _fmt(summary["size_mb"].get(model))])
+    parts.append(_md_table(["model", "EM %", "intent acc %", "slot F1 %", "p50 ms", "p95 ms", "size MB"], rows)
+                 if rows else "_No MASSIVE evaluation found._")
+    parts.append("\n## MASSIVE per locale (EM / intent accuracy / slot F1, %)\n")
+    models = list(summary["massive"])
+    locales = sorted({loc for m in models for loc in summary["massive"][m]["per_locale"]})
+    loc_rows = []
+    for loc in locales:
+        row = [loc]
+        for m in models:
+            v = summary["massive"][m]["per_locale"].get(loc, {})
+            row.append(" / ".join(_fmt(v.get(k), True) for k in MASSIVE_METRICS))
+        loc_rows.append(row)
+    parts.append(_md_table(["locale", *models], loc_rows) if loc_rows else "_none_")
+    for key, title in (("icl", "In-context intent classification"), ("translation", "1-shot FLORES-200 translation"),
+                       ("fairness", "Fairness")):
+        parts.append(f"\n## {title}\n")
+        table = summary[key].get("markdown") if isinstance(summary[key], dict) else None
+        md_file = next(iter(sorted((run_dir / "eval" / key).glob("*.md"))), None) if (run_dir / "eval" / key).is_dir() else None
+        if md_file is not None:
+            parts.append(md_file.read_text(encoding="utf-8").strip())
+        elif table:
+            parts.append(table)
+        elif summary[key]:
+            flat: list[tuple[str, Any]] = []
+            _flatten("", summary[key], flat)
+            parts.append(_md_table(["key", "value"], [[k, _fmt(v)] for k, v in flat[:200]]))
+        else:
+            parts.append("_not run_")
+    parts.append("\n## Latency and size (batch 1, one thread)\n")
+    lat_rows = [[m, _fmt(v.get("p50")), _fmt(v.get("p95")), _fmt(summary["size_mb"].get(m))]
+                for m, v in summary["latency_ms"].items()]
+    parts.append(_md_table(["model", "p50 ms", "p95 ms", "size MB"], lat_rows) if lat_rows else "_not run_")
+    parts.append("\n## Plots\n")
+    for png in plots:
+        parts.append(f"![{png.stem}](plots/{png.name})\n")
+    if not plots:
+        parts.append("_no plots_")
+    parts.append("\n## Wall time per stage (s)\n")
+    parts.append(_md_table(["stage", "seconds"], [[k, f"{v:.0f}"] for k, v in summary["stage_seconds"].items()]))
+    parts.append(f"\nTotal: {sum(summary['stage_seconds'].values()):.0f} s\n")
+    parts.append("\n## Resolved configuration\n")
+    for cfg_file in [run_dir / "pipeline.yaml", run_dir / "config.yaml", *sorted(run_dir.glob("*/config.yaml"))]:
+        if cfg_file.is_file():
+            parts.append(f"<details><summary>{cfg_file.relative_to(run_dir)}</summary>\n\n```yaml\n"
+                         f"{cfg_file.read_text(encoding='utf-8').strip()}\n```\n</details>\n")
+    return "\n".join(parts) + "\n"
+
+
+def write_report(run_dir: str | Path) -> dict[str, Any]:
+    run_dir = Path(run_dir)
+    summary = collect_summary(run_dir)
+    plots = _copy_plots(run_dir)
+    atomic_write_json(run_dir / "summary.json", summary)
+    atomic_write_text(run_dir / "REPORT.md", render_report(run_dir, summary, plots))
+    return summary
