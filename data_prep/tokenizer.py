@@ -1,0 +1,224 @@
+"""SentencePiece unigram tokenizer with byte fallback, wrapped as a Hugging Face fast tokenizer.
+
+Ids (docs/internals.md): <pad>=0, </s>=1, <unk>=2, [CLM]=3, <sep>=4, <extra_id_0>.. follow, then
+the 256 byte pieces <0x00>..<0xFF>, then the learned pieces.
+
+Normalisation is the identity (`normalization_rule_name="identity"`, extra whitespace kept): the
+SentencePiece default `nmt_nfkc` rewrites text (full-width forms, compatibility characters, runs of
+spaces), and then `decode(encode(s)) != s`. With the identity rule and byte fallback every string
+round-trips exactly and no input ever maps to <unk>.
+
+The saved directory holds `tokenizer.json` (a `tokenizers` Unigram model built from the trained
+SentencePiece pieces and scores: Metaspace pre-tokenizer, ByteFallback decoder, a post-processor
+appending </s>), `tokenizer_config.json`, the original `spm.model` and
+`training.json` (trainer settings and the training text's size).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from data_prep.config import RESERVED_TOKENS, TokenizerConfig
+from launch.fsutil import atomic_dir
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
+
+PAD, EOS, UNK, CLM, SEP = RESERVED_TOKENS
+SPACE_PIECE = "\u2581"  # SentencePiece's visible space, "▁"
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    """Ids of the reserved tokens of a tokenizer."""
+
+    pad: int
+    eos: int
+    unk: int
+    clm: int
+    sep: int
+    sentinels: list[int]
+
+
+def sentinel_tokens(num_sentinels: int) -> list[str]:
+    return [f"<extra_id_{i}>" for i in range(num_sentinels)]
+
+
+def train_tokenizer(
+    sentences: Iterable[str],
+    out_dir: str | os.PathLike,
+    cfg: TokenizerConfig | None = None,
+    seed: int = 0,
+    info: dict[str, Any] | None = None,
+) -> Path:
+    """Train a SentencePiece unigram model on `sentences` and save a HF fast tokenizer in `out_dir`.
+
+    `sentences` is the already sampled training text (see data_prep.corpus); all of it is used, in
+    the given order, so the result is a function of the text, the config and the seed. `info` is
+    stored in training.json (e.g. sentences per language). Returns `out_dir`.
+    """
+    import sentencepiece as spm
+
+    cfg = cfg or TokenizerConfig()
+    texts = [s for s in sentences if s and not s.isspace()]
+    if not texts:
+        raise ValueError("train_tokenizer: no training text (all sentences empty)")
+    spm.set_random_generator_seed(seed)
+    model = _BytesSink()
+    started = time.perf_counter()
+    try:
+        _train_spm(spm, texts, model, cfg)
+    except RuntimeError as e:
+        if "required_chars" in str(e):
+            raise ValueError(
+                f"tokenizer.vocab_size={cfg.vocab_size} cannot hold the characters that "
+                f"tokenizer.character_coverage={cfg.character_coverage} requires for this text ({e}); "
+                "raise vocab_size or lower character_coverage (rare characters fall back to bytes)"
+            ) from e
+        raise
+    train_seconds = time.perf_counter() - started
+    processor = spm.SentencePieceProcessor(model_proto=model.data)
+    fast = _to_fast_tokenizer(processor, cfg.num_sentinels)
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        fast.save_pretrained(str(tmp))
+        (tmp / "spm.model").write_bytes(model.data)
+        meta = {
+            "config": asdict(cfg),
+            "seed": seed,
+            "num_training_sentences": len(texts),
+            "num_training_chars": sum(len(t) for t in texts),
+            "vocab_size": processor.get_piece_size(),
+            "train_seconds": round(train_seconds, 3),
+            **(info or {}),
+        }
+        (tmp / "training.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    return out_dir
+
+
+def _train_spm(spm: Any, texts: list[str], model: _BytesSink, cfg: TokenizerConfig) -> None:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts),
+        model_writer=model,
+        model_type="unigram",
+        vocab_size=cfg.vocab_size,
+        hard_vocab_limit=cfg.hard_vocab_limit,
+        character_coverage=cfg.character_coverage,
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=True,
+        split_digits=cfg.split_digits,
+        max_sentence_length=cfg.max_sentence_length,
+        # All given text is used: sampling already happened upstream, so the trainer must not
+        # draw its own subset.
+        input_sentence_size=0,
+        shuffle_input_sentence=False,
+        num_threads=cfg.num_threads,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        pad_piece=PAD,
+        eos_piece=EOS,
+        unk_piece=UNK,
+        control_symbols=[CLM, SEP, *sentinel_tokens(cfg.num_sentinels)],
+        minloglevel=2,
+    )
+
+
+class _BytesSink:
+    """File-like target for SentencePiece's `model_writer` (keeps the model in memory)."""
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+
+def _to_fast_tokenizer(processor: Any, num_sentinels: int) -> PreTrainedTokenizerFast:
+    """Wrap a trained SentencePiece unigram model as a `tokenizers` Unigram fast tokenizer."""
+    from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import Unigram
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = [(processor.id_to_piece(i), processor.get_score(i)) for i in range(processor.get_piece_size())]
+    specials = [PAD, EOS, UNK, CLM, SEP, *sentinel_tokens(num_sentinels)]
+    for expected_id, token in enumerate(specials):
+        if vocab[expected_id][0] != token:
+            raise RuntimeError(f"SentencePiece put {vocab[expected_id][0]!r} at id {expected_id}, expected {token!r}")
+
+    tok = Tokenizer(Unigram(vocab, unk_id=processor.unk_id(), byte_fallback=True))
+    # Identity normalisation apart from SentencePiece's own space handling: one "▁" is always
+    # prepended (add_dummy_prefix; Metaspace's own prepending skips text that already starts with a
+    # space, which would lose a leading space) and spaces become "▁". Splitting before each "▁"
+    # mirrors SentencePiece's split_by_whitespace.
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend(SPACE_PIECE), normalizers.Replace(" ", SPACE_PIECE)])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPACE_PIECE, prepend_scheme="never", split=True)
+    # "▁" back to spaces, byte pieces back to UTF-8, then drop the one prepended space.
+    tok.decoder = decoders.Sequence(
+        [
+            decoders.Replace(SPACE_PIECE, " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(content=" ", left=1, right=0),
+        ]
+    )
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"$A {EOS}", pair=f"$A {EOS} $B {EOS}", special_tokens=[(EOS, processor.eos_id())]
+    )
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in specials])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token=PAD,
+        eos_token=EOS,
+        unk_token=UNK,
+        extra_special_tokens=specials[3:],
+        clean_up_tokenization_spaces=False,
+        padding_side="right",
+        model_max_length=1_000_000,
+    )
+
+
+def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
+    """Load a tokenizer directory written by train_tokenizer (or any model directory holding it)."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not (path / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{path}: no tokenizer.json (train one with `polyteacher data tokenizer`)")
+    tok = AutoTokenizer.from_pretrained(str(path))
+    special_ids(tok)  # fail early on a tokenizer without the reserved tokens
+    return tok
+
+
+def special_ids(tokenizer: Any) -> SpecialIds:
+    """The reserved ids of `tokenizer`; raises ValueError when one is missing or misplaced."""
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in RESERVED_TOKENS if t not in vocab]
+    if missing:
+        raise ValueError(f"tokenizer lacks the reserved token(s) {', '.join(missing)}")
+    ids = {t: vocab[t] for t in RESERVED_TOKENS}
+    if [ids[t] for t in (PAD, EOS, UNK)] != [0, 1, 2]:
+        raise ValueError(f"tokenizer has <pad>, </s>, <unk> at {ids[PAD]}, {ids[EOS]}, {ids[UNK]}; expected 0, 1, 2")
+    sentinels = []
+    i = 0
+    while f"<extra_id_{i}>" in vocab:
+        sentinels.append(vocab[f"<extra_id_{i}>"])
+        i += 1
+    return SpecialIds(pad=ids[PAD], eos=ids[EOS], unk=ids[UNK], clm=ids[CLM], sep=ids[SEP], sentinels=sentinels)
+
+
+def is_complete(out_dir: str | os.PathLike) -> bool:
+    """True when `out_dir` holds a finished tokenizer (atomic_dir only ever publishes whole ones)."""
+    out_dir = Path(out_dir)
+    return all((out_dir / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "training.json"))
+
+
