@@ -1,0 +1,91 @@
+"""`polyteacher evaluate ...`: the command group of every evaluation.
+
+Each module in EVALUATE_MODULES that is installed defines `register_evaluate(subparsers)` and adds its
+own `evaluate X` subcommand. They share the options added by `add_common_arguments` (--model, --out,
+--run-dir, --preset, --name, trailing dotted overrides of the `evaluate` config section) and resolve
+them with `resolve_common`. Heavy libraries are imported only when a command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from pathlib import Path
+from typing import Any
+
+EVALUATE_MODULES = (
+    "evaluation.massive",  # evaluate massive
+    "evaluation.icl",  # evaluate icl
+    "evaluation.translation",  # evaluate translation
+    "evaluation.fairness",  # evaluate fairness
+    "evaluation.latency",  # evaluate latency
+)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="evaluate a model: MASSIVE, in-context learning, translation, fairness, latency",
+        description="Evaluations of a model directory. Each writes JSON, a Markdown table and PNG charts "
+        "into --out. Options of the `evaluate` config section are dotted overrides "
+        "(`polyteacher config evaluate` lists them).",
+    )
+    evaluate_sub = p.add_subparsers(dest="evaluation", metavar="EVALUATION")
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+    for name in EVALUATE_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            # An evaluation that is not part of this install; any other import error is a real bug.
+            if e.name == name:
+                continue
+            raise
+        module.register_evaluate(evaluate_sub)
+
+
+def add_common_arguments(p: argparse.ArgumentParser, default_name: str) -> None:
+    """--model, --out, --run-dir, --preset, --name and trailing dotted overrides."""
+    p.add_argument(
+        "--model",
+        required=True,
+        help="model directory (HF save_pretrained, encoder NLU or ONNX export); relative paths are "
+        "taken inside --run-dir when it is given",
+    )
+    p.add_argument("--out", default=None, help="output directory (default: RUN_DIR/eval when --run-dir is given)")
+    p.add_argument("--run-dir", default=None, help="run directory that --model and --out are relative to")
+    p.add_argument("--preset", default=None, help="preset name (launch/presets) or YAML path; its evaluate section is used")
+    p.add_argument(
+        "--name",
+        default=default_name,
+        help=f"base name of the output files (default {default_name!r}); use one per model to keep several in one --out",
+    )
+    p.add_argument("overrides", nargs="*", help="dotted overrides of the evaluate section, e.g. icl.shots=[0,1]")
+
+
+def resolve_common(args: argparse.Namespace, section: str, flags: dict[str, Any]) -> tuple[Any, Path, Path]:
+    """(EvalConfig, model directory, output directory) from the common options.
+
+    `flags` holds the command's own options ({config key: value or None}); they override the preset
+    and are overridden by trailing dotted overrides.
+    """
+    from evaluation.config import EvalConfig
+    from launch.config import ConfigError, load_config
+    from launch.fsutil import safe_path
+
+    base = {section: {key: value for key, value in flags.items() if value is not None}}
+    cfg = load_config(EvalConfig, section="evaluate", preset=args.preset, overrides=args.overrides, base=base)
+    if "/" in args.name or args.name in ("", ".", ".."):
+        raise ConfigError(f"--name {args.name!r} must be a plain file name without '/'")
+    if args.run_dir:
+        run_dir = Path(args.run_dir)
+        model_dir = Path(args.model) if Path(args.model).is_absolute() else safe_path(run_dir, args.model)
+        out_dir = Path(args.out) if args.out else safe_path(run_dir, "eval")
+        if not out_dir.is_absolute():
+            out_dir = safe_path(run_dir, out_dir)
+    else:
+        if not args.out:
+            raise ConfigError("--out is required when --run-dir is not given")
+        model_dir, out_dir = Path(args.model), Path(args.out)
+    if not model_dir.is_dir():
+        raise ConfigError(f"--model: {model_dir} is not a directory")
+    return cfg, model_dir, out_dir

@@ -1,0 +1,197 @@
+"""EvalConfig: the `evaluate` section of a preset (MASSIVE scoring, in-context learning, translation).
+
+Each `polyteacher evaluate X` command reads `EvalConfig` with `load_config(EvalConfig, "evaluate",
+preset, overrides)`; its flags (`--locales`, `--max-examples`, ...) are shorthands for the dotted
+overrides `X.locales=...`, `X.max_examples=...`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from launch.config import ConfigError
+
+# Placeholders each template must contain, checked at start-up.
+ICL_PROMPT_FIELDS = ("{demos}", "{utt}")
+ICL_DEMO_FIELDS = ("{utt}", "{label}")
+TRANSLATION_PROMPT_FIELDS = ("{demo}", "{src_lang}", "{tgt_lang}", "{src}")
+TRANSLATION_DEMO_FIELDS = ("{src_lang}", "{tgt_lang}", "{src}", "{tgt}")
+
+
+def _check_template(key: str, template: str, required: tuple[str, ...]) -> None:
+    missing = [name for name in required if name not in template]
+    if missing:
+        raise ConfigError(f"{key}: template {template!r} lacks {', '.join(missing)}; it must contain {', '.join(required)}")
+    try:
+        template.format(**{name.strip("{}"): "" for name in required})
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError(
+            f"{key}: template {template!r} has an unknown or malformed placeholder ({e}); "
+            f"allowed placeholders: {', '.join(required)}"
+        ) from e
+
+
+def _check_locales(key: str, locales: list[str]) -> None:
+    # Imported here: data_prep.massive is owned by the data stage and pulls in nothing heavy, but the
+    # config must stay importable on its own.
+    try:
+        from data_prep.massive import MASSIVE_LOCALES
+    except ModuleNotFoundError:
+        return
+    unknown = [loc for loc in locales if loc not in MASSIVE_LOCALES]
+    if unknown:
+        raise ConfigError(f"{key}: unknown locale(s) {', '.join(unknown)}; allowed: {', '.join(MASSIVE_LOCALES)}")
+
+
+@dataclass
+class MassiveEvalConfig:
+    data: str = "@data/massive/data"
+    """MASSIVE source for load_massive: a directory of <locale>.jsonl[.gz] (`@data/` = under the data root)."""
+    locales: list[str] = field(default_factory=list)
+    """Locales to score; empty means every locale the data has."""
+    split: Literal["train", "dev", "test"] = "test"
+    """MASSIVE partition to score."""
+    max_examples: Optional[int] = None
+    """Score only the first N examples of each locale (in file order); null for all."""
+    batch_size: int = 32
+    """Utterances per predictor call (examples are sorted by length first, so batches pad little)."""
+    max_new_tokens_margin: int = 4
+    """Seq2seq predictors generate at most (words x tokens of the longest slot label) + tokens of the
+    longest intent + this margin new tokens."""
+    num_threads: int = 1
+    """Intra-op threads for ONNX predictors (onnxruntime)."""
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"massive.batch_size must be >= 1, got {self.batch_size}")
+        if self.max_examples is not None and self.max_examples < 1:
+            raise ConfigError(f"massive.max_examples must be >= 1 or null, got {self.max_examples}")
+        if self.max_new_tokens_margin < 0:
+            raise ConfigError(f"massive.max_new_tokens_margin must be >= 0, got {self.max_new_tokens_margin}")
+        _check_locales("massive.locales", self.locales)
+
+
+@dataclass
+class ICLConfig:
+    data: str = "@data/massive/data"
+    """MASSIVE source: queries come from `split`, demonstrations from the train partition."""
+    locales: list[str] = field(default_factory=lambda: ["en-US", "de-DE", "fr-FR", "ja-JP", "hi-IN", "ta-IN"])
+    """Locales to evaluate (locales missing from the data are skipped with a warning)."""
+    split: Literal["dev", "test"] = "test"
+    """Partition the queries come from."""
+    shots: list[int] = field(default_factory=lambda: [0, 1, 5])
+    """Numbers of demonstrations k; accuracy is reported for each."""
+    demo_source: Literal["same", "en-US"] = "same"
+    """Where demonstrations come from: the query's own locale (train partition), or en-US train
+    (cross-lingual)."""
+    max_examples: Optional[int] = 200
+    """Queries per locale (the first N of the split, in file order); null for all."""
+    prompt_template: str = "{demos}Utterance: {utt} Intent:"
+    """Prompt for one query; {demos} is the concatenation of the demonstrations, {utt} the query."""
+    demo_template: str = "Utterance: {utt} Intent: {label}\n"
+    """One demonstration; {label} is the intent's label text (alarm_set -> "alarm set")."""
+    clm_prompt: bool = True
+    """Prefix the encoder input with the [CLM] token, so a teacher pretrained with the causal-LM
+    objective continues the prompt; false feeds the plain prompt."""
+    normalize: Literal["mean", "sum"] = "mean"
+    """How a label's token log-probs are combined: length-normalised mean (default; labels have 1-5
+    tokens and a sum favours short ones) or plain sum."""
+    label_eos: bool = True
+    """Score the end-of-sequence token after the label too (the label ends the prompt's text), so a
+    label that is a prefix of a longer continuation is not favoured."""
+    max_prompt_tokens: int = 512
+    """Longer prompts lose their oldest demonstration tokens (the query and [CLM] are kept)."""
+    batch_size: int = 8
+    """Queries per encoder pass."""
+    score_batch_size: int = 240
+    """(query, label) rows per decoder pass; bounds memory at rows x label tokens x vocabulary."""
+    seed: int = 0
+    """Seed of the demonstration sampling (deterministic per query; k=1 demos are a prefix of k=5)."""
+
+    def validate(self) -> None:
+        _check_template("icl.prompt_template", self.prompt_template, ICL_PROMPT_FIELDS)
+        _check_template("icl.demo_template", self.demo_template, ICL_DEMO_FIELDS)
+        if not self.shots or any(k < 0 for k in self.shots):
+            raise ConfigError(f"icl.shots must be a non-empty list of k >= 0, got {self.shots}")
+        for name in ("batch_size", "score_batch_size", "max_prompt_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"icl.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_examples is not None and self.max_examples < 1:
+            raise ConfigError(f"icl.max_examples must be >= 1 or null, got {self.max_examples}")
+        _check_locales("icl.locales", self.locales)
+
+
+@dataclass
+class TranslationConfig:
+    data: str = "@data/corpora/flores200/dev"
+    """FLORES-200 dev directory of <locale>.txt.gz files (997 line-aligned sentences each)."""
+    locales: list[str] = field(default_factory=lambda: ["de-DE", "fr-FR", "ja-JP", "hi-IN", "ta-IN"])
+    """Languages paired with en-US (locales missing from the data are skipped with a warning)."""
+    directions: list[Literal["en-xx", "xx-en"]] = field(default_factory=lambda: ["en-xx", "xx-en"])
+    """Translation directions to evaluate."""
+    num_demo_lines: int = 100
+    """The first N dev lines are the demonstration pool; evaluated sentences come from the rest."""
+    max_examples: Optional[int] = 100
+    """Evaluated sentences per direction (the first N after the demo pool); null for all."""
+    prompt_template: str = "{demo}{src_lang}: {src}\n{tgt_lang}:"
+    """Prompt; {demo} is the formatted demonstration pair."""
+    demo_template: str = "{src_lang}: {src}\n{tgt_lang}: {tgt}\n"
+    """The one demonstration pair."""
+    clm_prompt: bool = True
+    """Prefix the encoder input with the [CLM] token (see icl.clm_prompt)."""
+    max_new_tokens: int = 256
+    """Cap on generated tokens; the actual limit is min(cap, 2 x source tokens + 16)."""
+    max_prompt_tokens: int = 512
+    """Longer prompts lose their oldest tokens (the source sentence and [CLM] are kept)."""
+    batch_size: int = 8
+    """Sentences per generate call (greedy, one beam)."""
+    seed: int = 0
+    """Seed of the demonstration choice (deterministic per evaluated sentence)."""
+    spbleu_tokenize: Literal["flores200", "flores101"] = "flores200"
+    """sacrebleu SentencePiece tokenizer for spBLEU. It is used only when its model file is already in
+    sacrebleu's cache ($SACREBLEU or ~/.sacrebleu/models); otherwise spBLEU is reported as null with
+    a note, never replaced silently."""
+
+    def validate(self) -> None:
+        _check_template("translation.prompt_template", self.prompt_template, TRANSLATION_PROMPT_FIELDS)
+        _check_template("translation.demo_template", self.demo_template, TRANSLATION_DEMO_FIELDS)
+        if not self.directions:
+            raise ConfigError("translation.directions must not be empty; allowed values: 'en-xx', 'xx-en'")
+        if self.num_demo_lines < 1:
+            raise ConfigError(f"translation.num_demo_lines must be >= 1, got {self.num_demo_lines}")
+        for name in ("batch_size", "max_new_tokens", "max_prompt_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"translation.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_examples is not None and self.max_examples < 1:
+            raise ConfigError(f"translation.max_examples must be >= 1 or null, got {self.max_examples}")
+        _check_locales("translation.locales", self.locales)
+
+
+@dataclass
+class EvalConfig:
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where PyTorch models run; auto picks cuda when available."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weights dtype of PyTorch models (float32 on CPU: bf16 matmuls are very slow there)."""
+    confidence_z: float = 1.96
+    """z of the normal-approximation intervals (1.96 = 95%)."""
+    massive: MassiveEvalConfig = field(default_factory=MassiveEvalConfig)
+    """`evaluate massive`: intent accuracy, slot F1 and exact match per locale."""
+    icl: ICLConfig = field(default_factory=ICLConfig)
+    """`evaluate icl`: k-shot intent classification by rank classification."""
+    translation: TranslationConfig = field(default_factory=TranslationConfig)
+    """`evaluate translation`: 1-shot FLORES-200 translation, chrF++ and spBLEU."""
+
+    def validate(self) -> None:
+        if self.confidence_z <= 0:
+            raise ConfigError(f"confidence_z must be positive, got {self.confidence_z}")
+
+
+def section_dict(cfg: EvalConfig, section: str) -> dict:
+    """The resolved config of one evaluation (plus the shared keys), for the output JSON."""
+    from launch.config import to_dict
+
+    shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in ("massive", "icl", "translation")}
+    return {**shared, section: to_dict(getattr(cfg, section))}
