@@ -1,0 +1,981 @@
+"""MASSIVE 1.1: load, validate, parse `annot_utt`, and the official text-to-text format.
+
+Sources (`load_massive(source, ...)`):
+- a directory of official `<locale>.jsonl` / `<locale>.jsonl.gz` files (or an extracted release
+  directory that holds them under `data/`);
+- the official release tarball (`amazon-massive-dataset-1.1.tar.gz`, members `1.1/data/<locale>.jsonl`),
+  as a path or an http(s)/file URL (any tar compression Python's tarfile reads);
+- the string `"hub"`: the Hugging Face dataset `AmazonScience/massive` through `datasets.load_dataset`
+  (needs the network or a datasets cache); its integer `scenario`/`intent` columns are mapped back to
+  names with the dataset's ClassLabel features.
+
+Every row goes through the same checks. A bad row (malformed JSON, a missing or non-string field, a
+partition other than train/dev/test, a `locale` that is not the file's, a malformed annotation, a
+slot-free `annot_utt` that differs from `utt`, a repeated id) raises `MassiveFormatError` naming the
+file and line; with `on_bad_row="skip"` it is skipped, counted per reason in `MassiveData.report` and
+a summary is logged. Rows of partitions that were not asked for are counted but not parsed (their
+`"partition"` value is read from the raw line; a line without a readable one is fully checked).
+
+Words and slots follow the official baseline (alexa/massive, scripts/create_hf_dataset.py): one
+slot label per whitespace-separated word, `Other` outside spans. ja-JP, zh-CN and zh-TW are split
+into characters, whitespace dropped; as in the baseline, a whitespace-separated chunk that is all
+ASCII (code-switched Latin words, digits) stays one word. A word that is glued to a span without a
+space (`l'[city : paris]`) takes the span's label.
+
+Parsed splits are cached as `datasets` Arrow directories under `cache_dir` keyed by the source file
+(path, size, mtime), the locale and `PARSER_VERSION`; a changed file gets a new key.
+
+Heavy imports (datasets, pyarrow, tqdm) live inside functions: `evaluation.config` imports this module
+for `MASSIVE_LOCALES` at start-up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import gzip
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import tarfile
+import tempfile
+import urllib.parse
+import urllib.request
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import datasets
+
+logger = logging.getLogger(__name__)
+
+# ----------------------------------------------------------------------------- constants
+
+MASSIVE_LOCALES: tuple[str, ...] = (
+    "af-ZA", "am-ET", "ar-SA", "az-AZ", "bn-BD", "ca-ES", "cy-GB", "da-DK", "de-DE", "el-GR",
+    "en-US", "es-ES", "fa-IR", "fi-FI", "fr-FR", "he-IL", "hi-IN", "hu-HU", "hy-AM", "id-ID",
+    "is-IS", "it-IT", "ja-JP", "jv-ID", "ka-GE", "km-KH", "kn-IN", "ko-KR", "lv-LV", "ml-IN",
+    "mn-MN", "ms-MY", "my-MM", "nb-NO", "nl-NL", "pl-PL", "pt-PT", "ro-RO", "ru-RU", "sl-SL",
+    "sq-AL", "sv-SE", "sw-KE", "ta-IN", "te-IN", "th-TH", "tl-PH", "tr-TR", "ur-PK", "vi-VN",
+    "zh-CN", "zh-TW",
+)  # fmt: skip
+"""All 52 locales of the MASSIVE 1.1 release."""
+
+CHAR_SPLIT_LOCALES = frozenset({"ja-JP", "zh-CN", "zh-TW"})
+"""Locales written without spaces between words: split into characters, as the official baseline."""
+
+PARTITIONS: tuple[str, ...] = ("train", "dev", "test")
+OTHER = "Other"
+"""The slot label of a word outside every span."""
+T2T_PREFIX = "Annotate: "
+"""Input prefix of the official text-to-text baseline."""
+REQUIRED_FIELDS: tuple[str, ...] = ("id", "locale", "partition", "scenario", "intent", "utt", "annot_utt")
+HUB_DATASET = "AmazonScience/massive"
+HUB_REVISION = "refs/convert/parquet"
+"""The hub dataset is script-based; datasets >= 4 reads the hub's own parquet conversion of it."""
+HUB_SPLITS = {"train": "train", "dev": "validation", "test": "test"}
+PARSER_VERSION = 1
+"""Bump whenever parsing changes what a row turns into: it is part of every cache key."""
+ON_BAD_ROW = ("error", "skip")
+
+BAD_ROW_REASONS: dict[str, str] = {
+    "malformed_json": "the line is not a JSON object",
+    "missing_field": "a required field is missing or not a string",
+    "unknown_partition": "partition is not one of train, dev, test",
+    "locale_mismatch": "the row's locale is not the file's locale",
+    "malformed_annotation": "annot_utt has unbalanced brackets or a malformed [slot : value] span",
+    "utt_mismatch": "annot_utt without its slot markup differs from utt",
+    "duplicate_id": "an id seen earlier in the same file",
+}
+"""Why a row is bad (the keys of MassiveReport.skipped)."""
+
+# At most this many bad-row messages are kept per reason in the report (all are counted).
+_MAX_MESSAGES_PER_REASON = 20
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+class MassiveError(ValueError):
+    """Base class of this module's errors."""
+
+
+class MassiveFormatError(MassiveError):
+    """A bad row: `path:line: message`, with `.reason` one of BAD_ROW_REASONS."""
+
+    def __init__(self, path: str, line: int, reason: str, message: str) -> None:
+        self.path, self.line, self.reason, self.detail = str(path), int(line), reason, message
+        super().__init__(f"{path}:{line}: {message}")
+
+
+class MassiveSourceError(MassiveError):
+    """A source that cannot be read (missing, unreachable, lacks a locale) or an unknown locale."""
+
+
+class AnnotationError(MassiveError):
+    """`parse_annot_utt` could not parse an annotation."""
+
+
+# ----------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True, slots=True)
+class MassiveExample:
+    id: str
+    locale: str
+    partition: str
+    scenario: str
+    intent: str
+    utt: str
+    annot_utt: str
+    words: tuple[str, ...]
+    """One entry per word (per character for CHAR_SPLIT_LOCALES)."""
+    slots: tuple[str, ...]
+    """One slot label per word; OTHER outside spans."""
+
+
+@dataclass(frozen=True)
+class NLUPrediction:
+    """An intent and one slot label per word: what every MASSIVE predictor returns."""
+
+    intent: str
+    slots: list[str]
+
+
+@dataclass(frozen=True)
+class BadRow:
+    path: str
+    line: int
+    reason: str
+    message: str
+
+    def error(self) -> MassiveFormatError:
+        return MassiveFormatError(self.path, self.line, self.reason, self.message)
+
+
+@dataclass
+class MassiveReport:
+    """What a load read: rows_read == rows_loaded + num_skipped + rows_not_requested."""
+
+    source: str
+    rows_read: int = 0
+    """Non-blank rows in the locale files (or hub splits) that were opened or are in the cache."""
+    rows_loaded: int = 0
+    rows_not_requested: int = 0
+    """Rows of partitions that were not asked for (counted, not parsed)."""
+    skipped: Counter = field(default_factory=Counter)
+    """Bad rows skipped (on_bad_row="skip"), per reason (see BAD_ROW_REASONS)."""
+    split_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    """locale -> partition -> examples loaded."""
+    bad_rows: list[BadRow] = field(default_factory=list)
+    """The first few bad rows per reason, with file and line."""
+    cached_splits: list[tuple[str, str]] = field(default_factory=list)
+    """(locale, partition) splits read from the Arrow cache instead of the source."""
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def _add_bad(self, bad: Iterable[BadRow]) -> None:
+        for row in bad:
+            self.skipped[row.reason] += 1
+            if sum(1 for b in self.bad_rows if b.reason == row.reason) < _MAX_MESSAGES_PER_REASON:
+                self.bad_rows.append(row)
+
+
+# ----------------------------------------------------------------------------- annot_utt
+
+# A `[slot : value]` span; nesting and stray brackets are caught by looking at the text between spans.
+_SPAN = re.compile(r"\[([^\[\]]*)\]")
+
+
+def _segments(annot_utt: str) -> list[tuple[str, str]]:
+    """`annot_utt` as (text, label) pieces in order: text outside spans has label OTHER."""
+    pieces: list[tuple[str, str]] = []
+    pos = 0
+    for m in _SPAN.finditer(annot_utt):
+        outside = annot_utt[pos : m.start()]
+        if "[" in outside or "]" in outside:
+            raise AnnotationError(f"unbalanced or nested bracket before column {m.start() + 1} in {annot_utt!r}")
+        label, colon, value = m.group(1).partition(":")
+        label, value = label.strip(), value.strip()
+        if not colon or not label or not value or any(c.isspace() for c in label):
+            raise AnnotationError(
+                f"malformed span {m.group(0)!r} at column {m.start() + 1} in {annot_utt!r} "
+                "(expected [slot_type : value], slot_type without spaces, value not empty)"
+            )
+        if outside:
+            pieces.append((outside, OTHER))
+        # The markup's own spaces (after `:` and before `]`) are not part of the text.
+        pieces.append((value, label))
+        pos = m.end()
+    tail = annot_utt[pos:]
+    if "[" in tail or "]" in tail:
+        raise AnnotationError(f"unbalanced bracket after column {pos} in {annot_utt!r}")
+    if tail:
+        pieces.append((tail, OTHER))
+    return pieces
+
+
+def _chunks(pieces: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
+    """Whitespace-separated chunks of the slot-free text, each as its (text, label) parts.
+
+    A chunk has several parts only where a span touches other text without a space between them.
+    """
+    chunks: list[list[tuple[str, str]]] = []
+    glue = False  # the previous piece ended inside a chunk (no whitespace at its end)
+    for text, label in pieces:
+        parts = text.split()
+        if not parts:
+            glue = False
+            continue
+        starts_glued = glue and not text[0].isspace()
+        for i, part in enumerate(parts):
+            if i == 0 and starts_glued:
+                chunks[-1].append((part, label))
+            else:
+                chunks.append([(part, label)])
+        glue = not text[-1].isspace()
+    return chunks
+
+
+def _chunk_label(parts: list[tuple[str, str]]) -> str:
+    for _, label in parts:
+        if label != OTHER:
+            return label
+    return OTHER
+
+
+def parse_annot_utt(annot_utt: str, locale: str) -> tuple[list[str], list[str]]:
+    """`[slot : value]` markup -> (words, one slot label per word, OTHER outside spans).
+
+    Words are the whitespace-separated words of the slot-free text; for CHAR_SPLIT_LOCALES every
+    character of a non-ASCII chunk is a word (whitespace dropped), an all-ASCII chunk stays one word,
+    as the official baseline does. Raises AnnotationError for malformed markup or an empty text.
+    """
+    chunks = _chunks(_segments(annot_utt))
+    words: list[str] = []
+    slots: list[str] = []
+    char_split = locale in CHAR_SPLIT_LOCALES
+    for parts in chunks:
+        word = "".join(text for text, _ in parts)
+        if char_split and not word.isascii():
+            for text, label in parts:
+                words.extend(text)
+                slots.extend([label] * len(text))
+        else:
+            words.append(word)
+            slots.append(_chunk_label(parts))
+    if not words:
+        raise AnnotationError(f"no words in {annot_utt!r}")
+    return words, slots
+
+
+def _same_text(words: list[str], utt: str, locale: str) -> bool:
+    if locale in CHAR_SPLIT_LOCALES:
+        # annot_utt puts spaces around spans that utt does not have.
+        return "".join(words) == "".join(utt.split())
+    return words == utt.split()
+
+
+# ----------------------------------------------------------------------------- text-to-text
+
+
+def to_text_to_text(words: Sequence[str], slots: Sequence[str], intent: str) -> tuple[str, str]:
+    """The official text-to-text pair: (`"Annotate: w1 w2 ..."`, `"s1 s2 ... intent"`)."""
+    if len(words) != len(slots):
+        raise ValueError(f"{len(words)} words but {len(slots)} slot labels: {list(words)} / {list(slots)}")
+    source = T2T_PREFIX + " ".join(words)
+    target = " ".join([*slots, intent]) if intent else " ".join(slots)
+    return source, target
+
+
+def parse_target(text: str, num_words: int, intents: Iterable[str] | None = None) -> NLUPrediction:
+    """A generated target back into an NLUPrediction with exactly `num_words` slot labels.
+
+    The last whitespace-separated token is the intent and the ones before it the slot labels, as
+    in the official baseline. Tolerant of garbage: empty text gives intent "" and all OTHER; a last
+    token that is OTHER (or, when `intents` is given, not one of them) is taken as a slot label and
+    the intent is ""; too few labels are padded with OTHER, too many truncated; any whitespace
+    (spaces, tabs, newlines, repeats) separates tokens.
+    """
+    if num_words < 0:
+        raise ValueError(f"num_words must be >= 0, got {num_words}")
+    tokens = text.split() if text else []
+    intent = ""
+    if tokens:
+        known = None if intents is None else set(intents)
+        last = tokens[-1]
+        if last != OTHER and (known is None or last in known):
+            intent = last
+            tokens = tokens[:-1]
+    slots = tokens[:num_words] + [OTHER] * max(0, num_words - len(tokens))
+    return NLUPrediction(intent=intent, slots=slots)
+
+
+# ----------------------------------------------------------------------------- row checks
+
+
+def _locale_error(locale: str) -> MassiveSourceError:
+    lowered = {loc.lower(): loc for loc in MASSIVE_LOCALES}
+    close = [lowered[m] for m in difflib.get_close_matches(locale.lower(), list(lowered), n=3, cutoff=0.6)]
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    return MassiveSourceError(
+        f"{locale!r} is not a MASSIVE locale{hint} (MASSIVE locales: {', '.join(MASSIVE_LOCALES)})"
+    )
+
+
+def check_locales(locales: Iterable[str]) -> list[str]:
+    """The locales as a list; raises MassiveSourceError for a name that is not a MASSIVE locale."""
+    if isinstance(locales, str):
+        locales = [locales]
+    out = []
+    for loc in locales:
+        if loc not in MASSIVE_LOCALES:
+            raise _locale_error(str(loc))
+        if loc not in out:
+            out.append(loc)
+    return out
+
+
+# Reads a row's partition without decoding the JSON, to pass over rows of partitions not asked for.
+# Inside a JSON string a quote is escaped, so this only matches a real "partition" key.
+_PARTITION_RE = re.compile(r'"partition"\s*:\s*"(train|dev|test)"')
+
+
+class _Parser:
+    """Checks and parses the rows of one locale file; collects bad rows (or raises on the first)."""
+
+    def __init__(self, path: str, locale: str, partitions: Sequence[str], on_bad_row: str) -> None:
+        self.path, self.locale, self.partitions, self.on_bad_row = path, locale, tuple(partitions), on_bad_row
+        self.columns: dict[str, dict[str, list[Any]]] = {
+            p: {k: [] for k in (*REQUIRED_FIELDS, "words", "slots")} for p in self.partitions
+        }
+        self.partition_rows: Counter = Counter()
+        self.file_bad: list[BadRow] = []  # rows without a usable partition
+        self.split_bad: dict[str, list[BadRow]] = {p: [] for p in self.partitions}
+        self.seen_ids: set[str] = set()
+
+    def _bad(self, line: int, reason: str, message: str, partition: str | None = None) -> None:
+        bad = BadRow(self.path, line, reason, message)
+        if self.on_bad_row == "error":
+            raise bad.error()
+        (self.split_bad[partition] if partition else self.file_bad).append(bad)
+
+    def add_line(self, line_no: int, line: str) -> None:
+        if not line.strip():
+            return
+        m = _PARTITION_RE.search(line)
+        if m and m.group(1) not in self.partitions:
+            self.partition_rows[m.group(1)] += 1
+            return
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            return self._bad(line_no, "malformed_json", f"malformed JSON: {e.msg} at column {e.colno}")
+        if not isinstance(row, dict):
+            return self._bad(line_no, "malformed_json", f"expected a JSON object, got {type(row).__name__}")
+        self.add_row(line_no, row)
+
+    def add_row(self, line_no: int, row: dict[str, Any]) -> None:
+        partition = row.get("partition")
+        if not isinstance(partition, str):
+            return self._bad(line_no, "missing_field", "missing or non-string field 'partition'")
+        if partition not in PARTITIONS:
+            return self._bad(
+                line_no,
+                "unknown_partition",
+                f"unknown partition {partition!r}; allowed values: {', '.join(PARTITIONS)}",
+            )
+        self.partition_rows[partition] += 1
+        if partition not in self.partitions:
+            return
+        if isinstance(row.get("id"), int) and not isinstance(row.get("id"), bool):
+            row["id"] = str(row["id"])
+        missing = [k for k in REQUIRED_FIELDS if not isinstance(row.get(k), str) or not row[k]]
+        if missing:
+            return self._bad(
+                line_no,
+                "missing_field",
+                f"missing, empty or non-string field(s) {', '.join(missing)}; required: {', '.join(REQUIRED_FIELDS)}",
+                partition,
+            )
+        if row["locale"] != self.locale:
+            return self._bad(
+                line_no, "locale_mismatch", f"row locale {row['locale']!r} in the {self.locale} file", partition
+            )
+        if row["id"] in self.seen_ids:
+            return self._bad(line_no, "duplicate_id", f"id {row['id']!r} appears earlier in the file", partition)
+        try:
+            words, slots = parse_annot_utt(row["annot_utt"], self.locale)
+        except AnnotationError as e:
+            return self._bad(line_no, "malformed_annotation", f"id {row['id']}: {e}", partition)
+        if not _same_text(words, row["utt"], self.locale):
+            return self._bad(
+                line_no,
+                "utt_mismatch",
+                f"id {row['id']}: annot_utt without markup {' '.join(words)!r} differs from utt {row['utt']!r}",
+                partition,
+            )
+        self.seen_ids.add(row["id"])
+        cols = self.columns[partition]
+        for k in REQUIRED_FIELDS:
+            cols[k].append(row[k])
+        cols["words"].append(words)
+        cols["slots"].append(slots)
+
+
+# ----------------------------------------------------------------------------- Arrow splits
+
+
+def _features() -> datasets.Features:
+    import datasets
+
+    string = datasets.Value("string")
+    return datasets.Features(
+        {
+            **{k: string for k in REQUIRED_FIELDS},
+            "words": datasets.Sequence(string),
+            "slots": datasets.Sequence(string),
+        }
+    )
+
+
+def _to_dataset(columns: dict[str, list[Any]]) -> datasets.Dataset:
+    import datasets
+    import pyarrow as pa
+
+    # Straight to Arrow: Dataset.from_dict(features=...) encodes every list element in Python (10x slower).
+    features = _features()
+    table = pa.Table.from_pydict(columns, schema=features.arrow_schema)
+    return datasets.Dataset(table, info=datasets.DatasetInfo(features=features))
+
+
+class MassiveData:
+    """Loaded MASSIVE splits (one Arrow table per locale and partition) and the load's report."""
+
+    def __init__(self, splits: dict[tuple[str, str], datasets.Dataset], report: MassiveReport) -> None:
+        self._splits = dict(sorted(splits.items(), key=lambda kv: (kv[0][0], PARTITIONS.index(kv[0][1]))))
+        self.report = report
+
+    @property
+    def locales(self) -> list[str]:
+        """Loaded locales, sorted."""
+        return sorted({loc for loc, _ in self._splits})
+
+    @property
+    def partitions(self) -> list[str]:
+        """Loaded partitions, in train, dev, test order."""
+        return [p for p in PARTITIONS if any(part == p for _, part in self._splits)]
+
+    def _select(self, locale: str | None, partition: str | None) -> list[datasets.Dataset]:
+        if locale is not None and locale not in self.locales:
+            if locale not in MASSIVE_LOCALES:
+                raise _locale_error(locale)
+            raise MassiveSourceError(f"locale {locale} was not loaded; loaded: {', '.join(self.locales)}")
+        if partition is not None and partition not in self.partitions:
+            raise MassiveSourceError(
+                f"partition {partition!r} was not loaded; loaded: {', '.join(self.partitions)} "
+                f"(allowed values: {', '.join(PARTITIONS)})"
+            )
+        return [
+            ds
+            for (loc, part), ds in self._splits.items()
+            if (locale is None or loc == locale) and (partition is None or part == partition)
+        ]
+
+    def dataset(self, locale: str | None = None, partition: str | None = None) -> datasets.Dataset:
+        """The selected splits as one `datasets.Dataset` (columns of MassiveExample)."""
+        import datasets
+
+        parts = self._select(locale, partition)
+        if not parts:
+            return _to_dataset({k: [] for k in (*REQUIRED_FIELDS, "words", "slots")})
+        return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+    def examples(self, locale: str | None = None, partition: str | None = None) -> list[MassiveExample]:
+        """Examples of one locale and/or partition (None = all), in file order, locales sorted.
+
+        Built from Arrow on each call: keep the list rather than calling it in a loop.
+        """
+        out: list[MassiveExample] = []
+        for ds in self._select(locale, partition):
+            cols = ds.data.table.to_pydict()
+            intern = sys.intern
+            for i in range(len(ds)):
+                out.append(
+                    MassiveExample(
+                        id=cols["id"][i],
+                        locale=intern(cols["locale"][i]),
+                        partition=intern(cols["partition"][i]),
+                        scenario=intern(cols["scenario"][i]),
+                        intent=intern(cols["intent"][i]),
+                        utt=cols["utt"][i],
+                        annot_utt=cols["annot_utt"][i],
+                        words=tuple(cols["words"][i]),
+                        slots=tuple(intern(s) for s in cols["slots"][i]),
+                    )
+                )
+        return out
+
+    def __len__(self) -> int:
+        return sum(len(ds) for ds in self._splits.values())
+
+    def _unique(self, column: str) -> set[str]:
+        import pyarrow.compute as pc
+
+        out: set[str] = set()
+        for ds in self._splits.values():
+            col = ds.data.table.column(column)
+            if column == "slots":
+                col = pc.list_flatten(col)
+            out.update(pc.unique(col).to_pylist())
+        return out
+
+    @property
+    def intents(self) -> list[str]:
+        """Intent names in the loaded splits, sorted."""
+        return sorted(self._unique("intent"))
+
+    @property
+    def scenarios(self) -> list[str]:
+        return sorted(self._unique("scenario"))
+
+    @property
+    def slot_types(self) -> list[str]:
+        """Slot types in the loaded splits, sorted, without OTHER."""
+        return sorted(self._unique("slots") - {OTHER})
+
+    def summary_table(self) -> str:
+        """A plain-text table: examples per locale and partition, then rows read and skipped."""
+        r = self.report
+        parts = list(PARTITIONS)
+        header = f"{'locale':<8}" + "".join(f"{p:>9}" for p in parts) + f"{'total':>9}"
+        lines = [f"MASSIVE from {r.source}", header, "-" * len(header)]
+        totals = Counter()
+        for loc in sorted(r.split_counts):
+            counts = r.split_counts[loc]
+            totals.update(counts)
+            cells = "".join(f"{counts[p]:>9}" if p in counts else f"{'-':>9}" for p in parts)
+            lines.append(f"{loc:<8}{cells}{sum(counts.values()):>9}")
+        lines.append("-" * len(header))
+        lines.append(f"{'all':<8}" + "".join(f"{totals[p]:>9}" for p in parts) + f"{sum(totals.values()):>9}")
+        lines.append(
+            f"rows read {r.rows_read}, loaded {r.rows_loaded}, skipped {r.num_skipped}, "
+            f"other partitions {r.rows_not_requested}, splits from cache {len(r.cached_splits)}"
+        )
+        for reason, n in sorted(r.skipped.items()):
+            example = next((b for b in r.bad_rows if b.reason == reason), None)
+            where = f" (first: {example.path}:{example.line}: {example.message})" if example else ""
+            lines.append(f"  skipped {n} {reason}: {BAD_ROW_REASONS.get(reason, reason)}{where}")
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+def _file_key(path: Path, locale: str) -> tuple[str, str]:
+    """(stable prefix for this file and locale, full key with the file's size, mtime and parser)."""
+    st = path.stat()
+    resolved = str(path.resolve())
+    stem = hashlib.sha256(f"{resolved}\0{locale}".encode()).hexdigest()[:10]
+    state = hashlib.sha256(f"{resolved}\0{st.st_size}\0{st.st_mtime_ns}\0{locale}\0{PARSER_VERSION}".encode())
+    return f"{locale}-{stem}", f"{locale}-{stem}-{state.hexdigest()[:16]}"
+
+
+def _bad_to_json(rows: list[BadRow]) -> list[dict[str, Any]]:
+    return [{"path": b.path, "line": b.line, "reason": b.reason, "message": b.message} for b in rows]
+
+
+def _bad_from_json(rows: list[dict[str, Any]]) -> list[BadRow]:
+    return [BadRow(r["path"], r["line"], r["reason"], r["message"]) for r in rows]
+
+
+class _Cache:
+    """`cache_dir/<locale>-<file>-<state>/`: `file.json` (rows per partition, rows without a partition)
+    and one `<partition>/` per parsed split: `rows/` (save_to_disk) and `report.json` (its bad rows).
+    Every piece is written atomically; a split counts as cached only when its directory and
+    `file.json` both exist."""
+
+    def __init__(self, cache_dir: str | os.PathLike | None) -> None:
+        self.root = Path(cache_dir) if cache_dir is not None else None
+
+    def entry(self, path: Path, locale: str) -> Path | None:
+        if self.root is None:
+            return None
+        return self.root / _file_key(path, locale)[1]
+
+    def read(self, entry: Path | None, partitions: Sequence[str]) -> tuple[dict[str, Any], dict] | None:
+        """(file meta, {partition: (dataset, bad rows)}) when every partition is cached, else None."""
+        if entry is None or not (entry / "file.json").is_file():
+            return None
+        if not all((entry / p / "report.json").is_file() for p in partitions):
+            return None
+        import datasets
+
+        meta = json.loads((entry / "file.json").read_text())
+        splits = {}
+        for p in partitions:
+            report = json.loads((entry / p / "report.json").read_text())
+            splits[p] = (datasets.load_from_disk(str(entry / p / "rows")), _bad_from_json(report["bad_rows"]))
+        return meta, splits
+
+    def write(self, entry: Path | None, parser: _Parser, splits: dict[str, datasets.Dataset]) -> None:
+        if entry is None:
+            return
+        from launch.fsutil import atomic_dir, atomic_write_json
+
+        try:
+            # Older entries of the same file and locale (the file changed since) are stale.
+            prefix = entry.name.rsplit("-", 1)[0]
+            for old in entry.parent.glob(f"{prefix}-*"):
+                if old != entry and old.is_dir():
+                    shutil.rmtree(old, ignore_errors=True)
+            for p, ds in splits.items():
+                with atomic_dir(entry / p) as tmp:
+                    ds.save_to_disk(str(tmp / "rows"))
+                    atomic_write_json(tmp / "report.json", {"bad_rows": _bad_to_json(parser.split_bad[p])})
+            atomic_write_json(
+                entry / "file.json",
+                {
+                    "source": parser.path,
+                    "locale": parser.locale,
+                    "parser_version": PARSER_VERSION,
+                    "partition_rows": dict(parser.partition_rows),
+                    "file_bad_rows": _bad_to_json(parser.file_bad),
+                },
+            )
+        except OSError as e:
+            # The cache only saves time; a concurrent writer or a full disk must not fail the load.
+            logger.warning("could not write the MASSIVE cache %s: %s", entry, e)
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def _open_text(path: Path) -> IO[str]:
+    raw: IO[bytes] = gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+    return io.TextIOWrapper(raw, encoding="utf-8", newline="\n")
+
+
+def _locale_of(name: str) -> str | None:
+    base = name.rsplit("/", 1)[-1]
+    for suffix in (".jsonl.gz", ".jsonl"):
+        if base.endswith(suffix):
+            loc = base[: -len(suffix)]
+            return loc if loc in MASSIVE_LOCALES else None
+    return None
+
+
+def _directory_files(root: Path) -> dict[str, Path]:
+    files: dict[str, Path] = {}
+    for path in sorted(root.iterdir()):
+        loc = _locale_of(path.name)
+        if loc is None or not path.is_file():
+            continue
+        if loc in files:
+            raise MassiveSourceError(f"{root}: both {files[loc].name} and {path.name} hold locale {loc}")
+        files[loc] = path
+    if not files and (root / "data").is_dir():
+        return _directory_files(root / "data")  # an extracted release: 1.1/data/<locale>.jsonl
+    return files
+
+
+def _is_url(source: str) -> bool:
+    return urllib.parse.urlparse(source).scheme in ("http", "https", "file")
+
+
+def _download(url: str, cache_dir: Path | None, progress: bool) -> tuple[Path, bool]:
+    """(local path of the tarball at `url`, whether it is a temporary file to delete after use)."""
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme == "file":
+        return Path(urllib.request.url2pathname(parsed.path)), False
+    from tqdm.auto import tqdm
+
+    from launch.fsutil import atomic_dir
+
+    name = Path(parsed.path).name or "massive.tar.gz"
+    if cache_dir is not None:
+        target_dir = cache_dir / "downloads" / hashlib.sha256(url.encode()).hexdigest()[:16]
+        if (target_dir / name).is_file():
+            return target_dir / name, False
+    else:
+        target_dir = Path(tempfile.mkdtemp(prefix="massive-download-"))
+    try:
+        with contextlib.ExitStack() as stack:
+            out_dir = stack.enter_context(atomic_dir(target_dir)) if cache_dir is not None else target_dir
+            response = stack.enter_context(urllib.request.urlopen(url, timeout=60))
+            total = int(response.headers.get("Content-Length") or 0) or None
+            bar = stack.enter_context(
+                tqdm(total=total, unit="B", unit_scale=True, desc=f"download {name}", disable=not progress)
+            )
+            with open(out_dir / name, "wb") as f:
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+    except OSError as e:
+        if cache_dir is None:
+            shutil.rmtree(target_dir, ignore_errors=True)
+        raise MassiveSourceError(f"cannot download the MASSIVE tarball {url}: {e}") from e
+    return target_dir / name, cache_dir is None
+
+
+def _iter_lines(stream: IO[str]) -> Iterator[tuple[int, str]]:
+    return enumerate(stream, start=1)
+
+
+def _parse_stream(
+    stream: IO[str], path: str, locale: str, partitions: Sequence[str], on_bad_row: str, progress: bool
+) -> _Parser:
+    from tqdm.auto import tqdm
+
+    parser = _Parser(path, locale, partitions, on_bad_row)
+    with tqdm(desc=f"MASSIVE {locale}", unit=" rows", disable=not progress, mininterval=0.5) as bar:
+        for line_no, line in _iter_lines(stream):
+            try:
+                parser.add_line(line_no, line)
+            except UnicodeDecodeError as e:
+                parser._bad(line_no, "malformed_json", f"not UTF-8: {e}")
+            bar.update(1)
+    return parser
+
+
+class _Loader:
+    """Collects splits and the report while the sources are read."""
+
+    def __init__(self, source: str, partitions: Sequence[str], on_bad_row: str, cache: _Cache, progress: bool):
+        self.partitions, self.on_bad_row, self.cache, self.progress = tuple(partitions), on_bad_row, cache, progress
+        self.report = MassiveReport(source=source)
+        self.splits: dict[tuple[str, str], datasets.Dataset] = {}
+
+    def _account(self, locale: str, partition_rows: dict[str, int], file_bad: list[BadRow],
+                 splits: dict[str, tuple[datasets.Dataset, list[BadRow]]]) -> None:  # fmt: skip
+        bad = list(file_bad) + [b for _, rows in splits.values() for b in rows]
+        if bad and self.on_bad_row == "error":
+            raise min(bad, key=lambda b: b.line).error()
+        r = self.report
+        r.rows_read += sum(partition_rows.values()) + len(file_bad)
+        r.rows_not_requested += sum(n for p, n in partition_rows.items() if p not in self.partitions)
+        r._add_bad(sorted(bad, key=lambda b: b.line))
+        for p, (ds, _) in splits.items():
+            self.splits[(locale, p)] = ds
+            r.rows_loaded += len(ds)
+            r.split_counts.setdefault(locale, {})[p] = len(ds)
+
+    def from_cache(self, path: Path, locale: str) -> bool:
+        cached = self.cache.read(self.cache.entry(path, locale), self.partitions)
+        if cached is None:
+            return False
+        meta, splits = cached
+        self._account(locale, meta["partition_rows"], _bad_from_json(meta["file_bad_rows"]), splits)
+        self.report.cached_splits.extend((locale, p) for p in self.partitions)
+        return True
+
+    def from_stream(self, stream: IO[str], name: str, locale: str, cache_path: Path | None) -> None:
+        parser = _parse_stream(stream, name, locale, self.partitions, self.on_bad_row, self.progress)
+        datasets_by_part = {p: _to_dataset(parser.columns[p]) for p in self.partitions}
+        if cache_path is not None:
+            self.cache.write(self.cache.entry(cache_path, locale), parser, datasets_by_part)
+        splits = {p: (ds, parser.split_bad[p]) for p, ds in datasets_by_part.items()}
+        self._account(locale, dict(parser.partition_rows), parser.file_bad, splits)
+
+
+def _missing_locale(locale: str, source: str, available: Iterable[str]) -> MassiveSourceError:
+    have = sorted(available)
+    return MassiveSourceError(
+        f"{source} has no file for MASSIVE locale {locale}; it has {len(have)} locale(s): {', '.join(have) or 'none'}"
+    )
+
+
+def _load_directory(root: Path, locales: list[str] | None, loader: _Loader) -> None:
+    files = _directory_files(root)
+    if not files:
+        raise MassiveSourceError(f"{root} holds no <locale>.jsonl or <locale>.jsonl.gz files of MASSIVE locales")
+    wanted = locales if locales is not None else sorted(files)
+    for loc in wanted:
+        if loc not in files:
+            raise _missing_locale(loc, str(root), files)
+    for loc in wanted:
+        path = files[loc]
+        if loader.from_cache(path, loc):
+            continue
+        with _open_text(path) as stream:
+            loader.from_stream(stream, str(path), loc, path)
+
+
+def _load_tarball(tar_path: Path, display: str, locales: list[str] | None, loader: _Loader) -> None:
+    if not tar_path.is_file():
+        raise MassiveSourceError(f"MASSIVE tarball {display} does not exist")
+    if locales is not None and all(loader.from_cache(tar_path, loc) for loc in list(locales)):
+        return
+    done = {loc for loc, _ in loader.report.cached_splits}
+    seen: dict[str, str] = {}
+    try:
+        # Stream mode: one pass through the compressed archive, members in archive order.
+        with tarfile.open(tar_path, mode="r|*") as tar:
+            for member in tar:
+                loc = _locale_of(member.name)
+                if loc is None or not member.isfile():
+                    continue
+                if loc in seen:
+                    raise MassiveSourceError(f"{display}: both {seen[loc]} and {member.name} hold locale {loc}")
+                seen[loc] = member.name
+                if (locales is not None and loc not in locales) or loc in done:
+                    continue
+                if locales is None and loader.from_cache(tar_path, loc):
+                    continue
+                raw = tar.extractfile(member)
+                assert raw is not None
+                if member.name.endswith(".gz"):
+                    raw = gzip.GzipFile(fileobj=raw)  # type: ignore[assignment]
+                with io.TextIOWrapper(raw, encoding="utf-8", newline="\n") as stream:
+                    loader.from_stream(stream, f"{display}[{member.name}]", loc, tar_path)
+    except (tarfile.TarError, EOFError, gzip.BadGzipFile) as e:
+        raise MassiveSourceError(f"{display} is not a readable MASSIVE tarball: {e}") from e
+    if not seen:
+        raise MassiveSourceError(f"{display} holds no <locale>.jsonl files of MASSIVE locales")
+    for loc in locales or []:
+        if loc not in seen:
+            raise _missing_locale(loc, display, seen)
+
+
+def _hub_unreachable(reason: str) -> MassiveSourceError:
+    return MassiveSourceError(
+        f"cannot reach the Hugging Face hub for {HUB_DATASET} ({reason}). Load MASSIVE from a directory of "
+        "<locale>.jsonl[.gz] files instead, e.g. load_massive('@data/massive/data' resolved, i.e. "
+        "launch.config.data_root() / 'massive/data'), or from the official release tarball, e.g. "
+        "load_massive('amazon-massive-dataset-1.1.tar.gz') or "
+        "load_massive('https://amazon-massive-nlu-dataset.s3.amazonaws.com/amazon-massive-dataset-1.1.tar.gz')"
+    )
+
+
+def hub_rows(ds: datasets.Dataset) -> Iterator[dict[str, Any]]:
+    """Rows of a hub MASSIVE split as official-format dicts: ClassLabel ints mapped back to names."""
+    label_columns = {
+        name: feature for name, feature in ds.features.items() if hasattr(feature, "int2str") and name in REQUIRED_FIELDS
+    }
+    for row in ds:
+        row = dict(row)
+        for name, feature in label_columns.items():
+            if isinstance(row.get(name), int):
+                row[name] = feature.int2str(row[name])
+        yield row
+
+
+def _load_hub(locales: list[str] | None, loader: _Loader) -> None:
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise _hub_unreachable("HF_HUB_OFFLINE is set")
+    import datasets
+    from tqdm.auto import tqdm
+
+    for loc in locales if locales is not None else list(MASSIVE_LOCALES):
+        parser = _Parser(f"hub:{HUB_DATASET}/{loc}", loc, loader.partitions, loader.on_bad_row)
+        for partition in loader.partitions:
+            try:
+                ds = datasets.load_dataset(HUB_DATASET, loc, split=HUB_SPLITS[partition], revision=HUB_REVISION)
+            except (ConnectionError, TimeoutError, OSError) as e:
+                raise _hub_unreachable(f"{type(e).__name__}: {e}") from e
+            except ValueError as e:
+                if "Unknown split" in str(e) or "BuilderConfig" in str(e) or "config" in str(e).lower():
+                    raise _missing_locale(loc, f"hub dataset {HUB_DATASET}", []) from e
+                raise
+            parser.path = f"hub:{HUB_DATASET}/{loc}/{HUB_SPLITS[partition]}"
+            rows = tqdm(hub_rows(ds), total=len(ds), desc=f"MASSIVE {loc} {partition}", disable=not loader.progress)
+            for i, row in enumerate(rows, start=1):
+                parser.add_row(i, row)
+        splits = {p: (_to_dataset(parser.columns[p]), parser.split_bad[p]) for p in loader.partitions}
+        loader._account(loc, dict(parser.partition_rows), parser.file_bad, splits)
+
+
+def load_massive(
+    source: str | os.PathLike,
+    locales: Iterable[str] | str | None = None,
+    partitions: Iterable[str] | str = PARTITIONS,
+    on_bad_row: str = "error",
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> MassiveData:
+    """Load MASSIVE from a directory, a release tarball (path or http(s)/file URL) or "hub".
+
+    locales: MASSIVE locale names (None = every locale the source has). partitions: any of train,
+    dev, test. on_bad_row: "error" raises MassiveFormatError at the first bad row; "skip" skips and
+    counts bad rows in `.report` (and logs the summary). cache_dir: where parsed splits are kept as
+    Arrow (None = no cache), e.g. `runs/NAME/.cache/massive`. progress: a tqdm bar per locale file.
+    """
+    if on_bad_row not in ON_BAD_ROW:
+        raise ValueError(f"on_bad_row={on_bad_row!r}; allowed values: {', '.join(ON_BAD_ROW)}")
+    parts = [partitions] if isinstance(partitions, str) else list(partitions)
+    for p in parts:
+        if p not in PARTITIONS:
+            raise ValueError(f"unknown MASSIVE partition {p!r}; allowed values: {', '.join(PARTITIONS)}")
+    if not parts:
+        raise ValueError(f"no partitions asked for; allowed values: {', '.join(PARTITIONS)}")
+    parts = [p for p in PARTITIONS if p in parts]
+    wanted = check_locales(locales) if locales is not None else None
+    cache = _Cache(cache_dir)
+    source_str = os.fspath(source)
+    loader = _Loader(source_str, parts, on_bad_row, cache, progress)
+
+    if source_str == "hub":
+        _load_hub(wanted, loader)
+    elif _is_url(source_str):
+        local, temporary = _download(source_str, cache.root, progress)
+        try:
+            _load_tarball(local, source_str, wanted, loader)
+        finally:
+            if temporary:
+                shutil.rmtree(local.parent, ignore_errors=True)
+    else:
+        path = Path(source_str).expanduser()
+        if path.is_dir():
+            _load_directory(path, wanted, loader)
+        elif path.is_file():
+            _load_tarball(path, str(path), wanted, loader)
+        else:
+            raise MassiveSourceError(
+                f"MASSIVE source {source_str!r} is neither a directory, a tarball, an http(s)/file URL nor 'hub'"
+            )
+
+    data = MassiveData(loader.splits, loader.report)
+    if data.report.num_skipped:
+        logger.warning("MASSIVE: skipped %d bad row(s)\n%s", data.report.num_skipped, data.summary_table())
+    return data
+
+
+# ----------------------------------------------------------------------------- utterance helpers
+
+
+def massive_utterances(data: MassiveData, partitions: Sequence[str] = ("train",)) -> dict[str, list[str]]:
+    """{locale: utterances of the given partitions}: in-domain text (train only, by default)."""
+    out: dict[str, list[str]] = {}
+    for loc in data.locales:
+        utts: list[str] = []
+        for p in partitions:
+            ds = data.dataset(loc, p)
+            utts.extend(ds.data.table.column("utt").to_pylist())
+        out[loc] = utts
+    return out
+
+
+def evaluation_utterances(data: MassiveData) -> set[str]:
+    """All dev and test utterances: text that must never reach pretraining or the tokenizer."""
+    missing = [p for p in ("dev", "test") if p not in data.partitions]
+    if missing:
+        raise MassiveSourceError(
+            f"evaluation_utterances needs the dev and test partitions, but {', '.join(missing)} "
+            "was not loaded: load_massive(..., partitions=('train', 'dev', 'test'))"
+        )
+    out: set[str] = set()
+    for p in ("dev", "test"):
+        out.update(data.dataset(partition=p).data.table.column("utt").to_pylist())
+    return out
