@@ -53,12 +53,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from launch.config import ConfigError, load_config, to_dict
+from student.runtime import MANIFEST, read_manifest
 
 if TYPE_CHECKING:
     import onnx
     import torch
 
-MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 # Files of a tokenizer directory the export copies (tokenizer.json is the one the runtime reads).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -677,12 +677,10 @@ def copy_tokenizer(model_dir: Path, out: Path) -> None:
 def build_manifest(out: Path, kind: str, precision: str, graphs: dict[str, dict[str, Any]], cfg: ExportConfig,
                    source_dir: Path, parity: dict[str, float] | None, special_ids: dict[str, int],
                    model_config: dict[str, Any], labels: dict[str, list[str]] | None = None) -> dict[str, Any]:
-    import json as _json
-
     tokenizer_config = out / "tokenizer_config.json"
     unk = None
     if tokenizer_config.exists():
-        tok_cfg = _json.loads(tokenizer_config.read_text(encoding="utf-8"))
+        tok_cfg = json.loads(tokenizer_config.read_text(encoding="utf-8"))
         unk = tok_cfg.get("unk_token")
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
@@ -728,22 +726,6 @@ def write_manifest(out: Path, manifest: dict[str, Any]) -> None:
     from launch.fsutil import atomic_write_json
 
     atomic_write_json(out / MANIFEST, manifest)
-
-
-def read_manifest(export_dir: str | os.PathLike) -> dict[str, Any]:
-    path = Path(export_dir) / MANIFEST
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{path}: not an ONNX export directory (no {MANIFEST})") from e
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from e
-    for key in ("kind", "precision", "graphs", "size_bytes", "special_ids", "max_source_length"):
-        if key not in data:
-            raise ValueError(f"{path}: missing key {key!r}")
-    if data["kind"] not in ("seq2seq", "encoder_nlu"):
-        raise ValueError(f"{path}: kind {data['kind']!r} is not one of 'seq2seq', 'encoder_nlu'")
-    return data
 
 
 def _replace(cfg: ExportConfig, **changes: Any) -> ExportConfig:
