@@ -1,0 +1,118 @@
+"""`FinetuneConfig`: MASSIVE fine-tuning (preset section `finetune`).
+
+Fine-tunes a seq2seq model directory (ours or any Hugging Face T5-family model), or a freshly
+initialised model of a size preset, on MASSIVE: text-to-text (`head: seq2seq`) or encoder-only
+with intent and slot heads (`head: encoder`). Light on imports: the CLI imports this at start-up.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+from launch.config import ConfigError
+from launch.training import TrainConfig
+from teacher.presets import PRESETS, ModelConfig
+
+SCRATCH_PREFIX = "scratch:"
+# MASSIVE locale names: ll-CC (the release also has sl-SL and zh-TW; all fit this shape).
+_LOCALE_RE = re.compile(r"^[a-z]{2,3}-[A-Z]{2}$")
+
+
+def _default_train() -> TrainConfig:
+    return TrainConfig()
+
+
+@dataclass
+class FinetuneConfig:
+    """MASSIVE fine-tuning of a seq2seq model (text-to-text) or of its encoder (intent + slot heads)."""
+
+    init: str = ""
+    """The model to start from: a Hugging Face seq2seq model directory (a path, or a name relative to
+    the run directory such as `teacher-indomain`), or `scratch:<size preset>` (e.g. scratch:tiny) for
+    a randomly initialised model of that preset's architecture with `tokenizer`. `--model` sets it."""
+    tokenizer: str = "tokenizer"
+    """Tokenizer directory for `scratch:` models (relative to the run directory or absolute). Model
+    directories carry their own tokenizer, which is used instead."""
+    out: str = ""
+    """Name of the output model directory under the run directory; also names the checkpoints
+    (checkpoints/<out>/), the TensorBoard folder and the metrics stage. Empty: `<init name>-ft`
+    (seq2seq) or `<init name>-nlu` (encoder), with init name `scratch-<preset>` for scratch models."""
+    head: Literal["seq2seq", "encoder"] = "seq2seq"
+    """seq2seq: text-to-text in the official MASSIVE format (greedy generation predicts slots and
+    intent); encoder: the model's encoder with an intent head (masked mean pooling) and a slot head
+    on each word's first sub-word, trained jointly."""
+    setting: Literal["full", "zero_shot"] = "full"
+    """full: train on the train partition of every locale in `locales`; zero_shot: train on
+    `zero_shot_locale` only and evaluate on all `locales` (the MASSIVE paper's two settings)."""
+    zero_shot_locale: str = "en-US"
+    """The only training locale in the zero_shot setting."""
+    locales: list[str] = field(default_factory=list)
+    """MASSIVE locales to train on (setting full) and evaluate on; empty = every locale the MASSIVE
+    source holds."""
+    massive: str = "@data/massive/data"
+    """MASSIVE source: a directory of <locale>.jsonl[.gz] files (may start with @data/, meaning the
+    data root), a release tarball, or `hub`."""
+    num_train_examples: int = 0
+    """Keep at most this many train examples per locale (a seeded random subset); 0 keeps all 11,514."""
+    num_eval_examples: int = 256
+    """Size of the dev subset scored at each evaluation (dev loss and exact match), split evenly
+    across the evaluation locales and drawn once with the seed; 0 skips evaluation."""
+    eval_batch_size: int = 64
+    """Utterances per forward pass (and per generate call) during evaluation, per process."""
+    max_source_len: int = 64
+    """Maximum input tokens (eos included): the "Annotate: ..." text, or the utterance for the
+    encoder head. Longer inputs are truncated (their last words then score as "Other")."""
+    max_target_len: int = 64
+    """Maximum target tokens (eos included) of the text-to-text target "<slot per word> <intent>";
+    also the generation limit. Unused by the encoder head."""
+    slot_loss_weight: float = 1.0
+    """Encoder head: loss = intent CE + slot_loss_weight * slot CE (over first sub-words)."""
+    dropout: float | None = None
+    """Dropout rate in every block during fine-tuning (and of the heads); null keeps the model's
+    own rate (0.0 for our pretrained presets)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """scratch: only: per-field size overrides (e.g. model.num_layers=2); model.preset is taken
+    from init (scratch:<preset>)."""
+    train: TrainConfig = field(default_factory=_default_train)
+    """Optimisation, batch sizes, schedule, ZeRO stage, precision, logging/eval/save intervals, seed."""
+
+    @property
+    def scratch_preset(self) -> str | None:
+        """The size preset of a `scratch:<preset>` init, else None."""
+        return self.init[len(SCRATCH_PREFIX) :] if self.init.startswith(SCRATCH_PREFIX) else None
+
+    def validate(self) -> None:
+        if self.init.startswith(SCRATCH_PREFIX) and not self.scratch_preset:
+            raise ConfigError("finetune.init: scratch: needs a size preset name, e.g. scratch:tiny")
+        if self.out and ("/" in self.out or "\\" in self.out or self.out.startswith(".")):
+            raise ConfigError(f"finetune.out: {self.out!r} must be a plain directory name inside the run directory")
+        bad = [loc for loc in self.locales if not _LOCALE_RE.match(loc)]
+        if bad:
+            raise ConfigError(f"finetune.locales: {bad} are not MASSIVE locale names (like en-US, de-DE)")
+        if not _LOCALE_RE.match(self.zero_shot_locale):
+            raise ConfigError(f"finetune.zero_shot_locale: {self.zero_shot_locale!r} is not a locale name like en-US")
+        if self.setting == "zero_shot" and self.locales and self.zero_shot_locale not in self.locales:
+            raise ConfigError(
+                f"finetune.setting=zero_shot trains on {self.zero_shot_locale}, which is missing from "
+                f"finetune.locales {self.locales}; add it or change finetune.zero_shot_locale"
+            )
+        for key, value, low in (
+            ("num_train_examples", self.num_train_examples, 0),
+            ("num_eval_examples", self.num_eval_examples, 0),
+            ("eval_batch_size", self.eval_batch_size, 1),
+            ("max_source_len", self.max_source_len, 4),
+            ("max_target_len", self.max_target_len, 2),
+        ):
+            if value < low:
+                raise ConfigError(f"finetune.{key}: {value} must be >= {low}")
+        if self.slot_loss_weight < 0:
+            raise ConfigError(f"finetune.slot_loss_weight: {self.slot_loss_weight} must be >= 0")
+        if self.scratch_preset is not None and self.scratch_preset not in PRESETS:
+            raise ConfigError(
+                f"finetune.init: {self.init!r} names no size preset; allowed: "
+                + ", ".join(SCRATCH_PREFIX + name for name in PRESETS)
+            )
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"finetune.dropout: {self.dropout} must be in [0, 1)")

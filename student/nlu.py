@@ -1,0 +1,355 @@
+"""Encoder-only MASSIVE NLU model: a T5 encoder with an intent head and a slot-tagging head.
+
+The encoder is the encoder stack of a seq2seq model (our teachers and students, or any Hugging Face
+T5-family checkpoint), rebuilt as a `T5EncoderModel` (or the mT5/umT5 equivalent) from the same
+config and loaded with the seq2seq model's encoder weights. Two linear heads sit on top:
+
+- intent: on the mean of the encoder states over the non-padding tokens -> [B, num_intents];
+- slots: on every token -> [B, T, num_slot_labels]; training and prediction read it only at the
+  first sub-word of each word (`word_starts`), as in the official per-word MASSIVE labels.
+
+`forward(input_ids, attention_mask) -> (intent_logits, slot_logits)` has no data-dependent Python
+control flow, so it traces to ONNX as is. The model directory is a Hugging Face-style directory:
+`config.json` (the encoder's), `model.safetensors` (encoder + heads), `nlu_labels.json` and the
+tokenizer files.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from data_prep.massive import NLUPrediction
+
+LABELS_FILE = "nlu_labels.json"
+WEIGHTS_FILE = "model.safetensors"
+OTHER = "Other"
+# Label id that cross-entropy skips: padding words and words truncated away.
+IGNORE_INDEX = -100
+
+
+@dataclass
+class NLULabels:
+    """What the heads predict and how inputs were encoded; saved as nlu_labels.json."""
+
+    intents: list[str]
+    """Intent names, index = intent head output."""
+    slot_labels: list[str]
+    """Per-word slot labels, index = slot head output; "Other" (no slot) first."""
+    max_length: int = 64
+    """Maximum number of tokens (eos included) an utterance is encoded to."""
+    source_model: str = ""
+    """The seq2seq model (directory or scratch:<preset>) the encoder was taken from."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form provenance (fine-tuning run, step)."""
+
+    def __post_init__(self) -> None:
+        if not self.slot_labels or self.slot_labels[0] != OTHER:
+            raise ValueError(f"slot_labels must start with {OTHER!r}, got {self.slot_labels[:3]!r}")
+        for name, values in (("intents", self.intents), ("slot_labels", self.slot_labels)):
+            if len(set(values)) != len(values):
+                raise ValueError(f"{name} has duplicates")
+
+    @classmethod
+    def read(cls, model_dir: str | os.PathLike) -> NLULabels:
+        path = Path(model_dir) / LABELS_FILE
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{path}: not an encoder NLU model directory (no {LABELS_FILE})") from e
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from e
+        allowed = {"intents", "slot_labels", "max_length", "source_model", "extra"}
+        unknown = set(data) - allowed
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {sorted(unknown)}; allowed keys: {sorted(allowed)}")
+        return cls(**data)
+
+
+# ----------------------------------------------------------------------------- encoding
+
+
+def _fast_tokenizer(tokenizer: Any) -> Any:
+    if not getattr(tokenizer, "is_fast", False):
+        raise TypeError(
+            f"encode_words needs a fast (Rust) tokenizer for character offsets, got {type(tokenizer).__name__}"
+        )
+    return tokenizer
+
+
+def word_char_spans(words: list[str]) -> tuple[str, list[tuple[int, int]]]:
+    """The text `" ".join(words)` and each word's character span [start, end) in it."""
+    spans = []
+    pos = 0
+    for i, word in enumerate(words):
+        if not word or any(ch.isspace() for ch in word):
+            raise ValueError(f"word {i} ({word!r}) is empty or contains whitespace; words: {words!r}")
+        spans.append((pos, pos + len(word)))
+        pos += len(word) + 1
+    return " ".join(words), spans
+
+
+def first_subword_indices(
+    offsets: list[tuple[int, int]], spans: list[tuple[int, int]]
+) -> list[int]:
+    """Token index of each word's first sub-word, -1 for words with no token (truncated away).
+
+    A token belongs to the first word that does not end before the token starts. That puts a lone
+    "▁" piece (sentencepiece's word boundary, whose offsets cover the space before the word, or the
+    word's first character for the first word) on the word it opens, so a word's first sub-word is
+    always the piece that carries its boundary. Special tokens (empty offsets) belong to no word.
+    """
+    ends = [end for _, end in spans]
+    starts = [-1] * len(spans)
+    for t, (s, e) in enumerate(offsets):
+        if e <= s:
+            continue
+        w = bisect.bisect_right(ends, s)
+        if w < len(spans) and starts[w] == -1:
+            starts[w] = t
+    return starts
+
+
+def encode_words(tokenizer: Any, batch_of_words: list[list[str]], max_length: int) -> dict[str, torch.Tensor]:
+    """Tokenize word lists as the text `" ".join(words)` and locate each word's first sub-word.
+
+    Returns `input_ids` and `attention_mask` ([B, T], T = longest encoded utterance <= max_length,
+    right-padded with the tokenizer's pad id) and `word_starts` ([B, W], W = most words in the
+    batch): the token index of word i's first sub-word, -1 for words truncated away and for the
+    padding beyond an utterance's last word.
+    """
+    tokenizer = _fast_tokenizer(tokenizer)
+    texts, all_spans = zip(*(word_char_spans(words) for words in batch_of_words)) if batch_of_words else ((), ())
+    enc = tokenizer(
+        list(texts),
+        max_length=max_length,
+        truncation=True,
+        padding="longest",
+        return_offsets_mapping=True,
+        return_tensors="pt",
+    )
+    num_words = max((len(w) for w in batch_of_words), default=0)
+    word_starts = torch.full((len(batch_of_words), num_words), -1, dtype=torch.long)
+    for b, spans in enumerate(all_spans):
+        offsets = [tuple(pair) for pair in enc["offset_mapping"][b].tolist()]
+        starts = first_subword_indices(offsets, spans)
+        word_starts[b, : len(starts)] = torch.tensor(starts, dtype=torch.long)
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "word_starts": word_starts}
+
+
+def slot_label_ids(batch_of_slots: list[list[str]], slot_labels: list[str], num_words: int) -> torch.Tensor:
+    """Per-word slot label ids [B, num_words], IGNORE_INDEX beyond each utterance's words."""
+    index = {label: i for i, label in enumerate(slot_labels)}
+    out = torch.full((len(batch_of_slots), num_words), IGNORE_INDEX, dtype=torch.long)
+    for b, slots in enumerate(batch_of_slots):
+        for i, slot in enumerate(slots):
+            if slot not in index:
+                raise KeyError(f"slot label {slot!r} is not one of the model's {len(slot_labels)} slot labels")
+            out[b, i] = index[slot]
+    return out
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def _encoder_class(model_type: str) -> type:
+    import transformers
+
+    classes = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}
+    if model_type not in classes:
+        raise ValueError(
+            f"encoder NLU head supports seq2seq models of type {', '.join(sorted(classes))}; got {model_type!r}"
+        )
+    return getattr(transformers, classes[model_type])
+
+
+class EncoderNLUModel(nn.Module):
+    """T5 encoder + intent head (masked mean pooling) + slot head (per token, read at first sub-words).
+
+    `labels` sizes the heads and names their outputs; `tokenizer` (optional until predict_words or
+    save_pretrained needs it) is a plain attribute, not part of the module's state.
+    """
+
+    def __init__(self, encoder: nn.Module, labels: NLULabels, tokenizer: Any = None) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.labels = labels
+        self.tokenizer = tokenizer
+        hidden = encoder.config.d_model
+        self.dropout = nn.Dropout(getattr(encoder.config, "dropout_rate", 0.1))
+        self.intent_head = nn.Linear(hidden, len(labels.intents))
+        self.slot_head = nn.Linear(hidden, len(labels.slot_labels))
+
+    @property
+    def config(self) -> Any:
+        return self.encoder.config
+
+    @classmethod
+    def from_seq2seq(cls, seq2seq: nn.Module, labels: NLULabels, tokenizer: Any = None) -> EncoderNLUModel:
+        """A fresh encoder model with `seq2seq`'s encoder weights (shared embeddings included) and new heads."""
+        import copy
+
+        config = copy.deepcopy(seq2seq.config)
+        config.architectures = None
+        encoder = _encoder_class(config.model_type)(config)
+        source = seq2seq.state_dict()
+        wanted = encoder.state_dict()
+        missing = [k for k in wanted if k not in source]
+        if missing:
+            raise ValueError(f"seq2seq model lacks encoder weights {missing[:5]} (and {max(0, len(missing) - 5)} more)")
+        mismatched = [k for k in wanted if source[k].shape != wanted[k].shape]
+        if mismatched:
+            raise ValueError(f"encoder weight shapes differ from the seq2seq model's: {mismatched[:5]}")
+        encoder.load_state_dict({k: source[k] for k in wanted}, strict=True)
+        return cls(encoder, labels, tokenizer)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """input_ids, attention_mask [B, T] -> intent_logits [B, I], slot_logits [B, T, S]."""
+        states = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, H]
+        mask = attention_mask.unsqueeze(-1).to(states.dtype)  # [B, T, 1]
+        # Mean over real tokens only; clamp keeps an all-padding row finite instead of NaN.
+        pooled = (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)  # [B, H]
+        intent_logits = self.intent_head(self.dropout(pooled))
+        slot_logits = self.slot_head(self.dropout(states))
+        return intent_logits, slot_logits
+
+    # ------------------------------------------------------------------ persistence
+
+    def save_pretrained(self, model_dir: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write config.json, model.safetensors, nlu_labels.json and the tokenizer, atomically.
+
+        `state_dict` (default: this module's) lets a caller save gathered weights, e.g.
+        launch.training.export_hf with ZeRO-3's consolidated fp32 parameters.
+        """
+        from safetensors.torch import save_file
+
+        from launch.fsutil import atomic_dir
+
+        if self.tokenizer is None:
+            raise ValueError("EncoderNLUModel.save_pretrained: set model.tokenizer first (the directory must be self-contained)")
+        state_dict = self.state_dict() if state_dict is None else state_dict
+        # The tied embedding (encoder.shared is encoder.encoder.embed_tokens) is stored once, under
+        # its first name; safetensors refuses shared storage and load_model re-ties it.
+        tensors: dict[str, torch.Tensor] = {}
+        seen: set[int] = set()
+        for key, tensor in state_dict.items():
+            pointer = tensor.untyped_storage().data_ptr()
+            if pointer in seen:
+                continue
+            seen.add(pointer)
+            tensors[key] = tensor.detach().to("cpu").contiguous()
+        with atomic_dir(model_dir) as tmp:
+            config = self.encoder.config
+            config.architectures = [type(self.encoder).__name__]
+            config.save_pretrained(tmp)
+            save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+            (tmp / LABELS_FILE).write_text(json.dumps(asdict(self.labels), indent=2, ensure_ascii=False) + "\n")
+            self.tokenizer.save_pretrained(str(tmp))
+        return Path(model_dir)
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | os.PathLike) -> EncoderNLUModel:
+        """Load a directory written by save_pretrained (labels and tokenizer included), in eval mode."""
+        from safetensors.torch import load_model
+        from transformers import AutoConfig, AutoTokenizer
+
+        model_dir = Path(model_dir)
+        labels = NLULabels.read(model_dir)
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+        model = cls(_encoder_class(config.model_type)(config), labels, tokenizer)
+        # strict: any missing or extra weight is a broken directory (load_model accounts for the
+        # tied embedding, stored once).
+        load_model(model, str(model_dir / WEIGHTS_FILE), strict=True)
+        model.eval()
+        return model
+
+    # ------------------------------------------------------------------ prediction
+
+    @torch.inference_mode()
+    def predict_words(self, batch: list[list[str]], batch_size: int = 64) -> list[NLUPrediction]:
+        """Intent and one slot label per word for each utterance (a list of words), in order.
+
+        Runs in eval mode (no dropout) and restores the previous mode afterwards.
+        """
+        if self.tokenizer is None:
+            raise ValueError("EncoderNLUModel.predict_words needs model.tokenizer")
+        device = next(self.parameters()).device
+        was_training = self.training
+        self.eval()
+        try:
+            return self._predict(batch, batch_size, device)
+        finally:
+            self.train(was_training)
+
+    def _predict(self, batch: list[list[str]], batch_size: int, device: torch.device) -> list[NLUPrediction]:
+        out: list[NLUPrediction] = []
+        for i in range(0, len(batch), batch_size):
+            chunk = batch[i : i + batch_size]
+            enc = encode_words(self.tokenizer, chunk, self.labels.max_length)
+            intent_logits, slot_logits = self(enc["input_ids"].to(device), enc["attention_mask"].to(device))
+            out.extend(
+                decode_predictions(
+                    intent_logits.cpu(), slot_logits.cpu(), enc["word_starts"], [len(w) for w in chunk], self.labels
+                )
+            )
+        return out
+
+
+def nlu_loss(
+    intent_logits: torch.Tensor,
+    slot_logits: torch.Tensor,
+    word_starts: torch.Tensor,
+    intent_labels: torch.Tensor,
+    slot_labels: torch.Tensor,
+    slot_weight: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Intent CE + slot_weight * slot CE over first sub-words of real (non-truncated) words.
+
+    intent_logits [B, I], slot_logits [B, T, S], word_starts [B, W] (-1: no token), intent_labels [B],
+    slot_labels [B, W] (IGNORE_INDEX for padding words). Returns (loss, {"intent_loss", "slot_loss"}).
+    """
+    word_logits = gather_word_logits(slot_logits, word_starts)  # [B, W, S]
+    targets = slot_labels.masked_fill(word_starts < 0, IGNORE_INDEX)
+    intent_loss = nn.functional.cross_entropy(intent_logits.float(), intent_labels)
+    if bool((targets != IGNORE_INDEX).any()):
+        slot_loss = nn.functional.cross_entropy(
+            word_logits.float().reshape(-1, word_logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
+        )
+    else:  # every word truncated away: no slot signal, but keep the graph connected
+        slot_loss = word_logits.sum() * 0.0
+    return intent_loss + slot_weight * slot_loss, {"intent_loss": intent_loss.detach(), "slot_loss": slot_loss.detach()}
+
+
+def gather_word_logits(slot_logits: torch.Tensor, word_starts: torch.Tensor) -> torch.Tensor:
+    """slot_logits [B, T, S] at word_starts [B, W] -> [B, W, S] (rows for -1 hold token 0's logits)."""
+    index = word_starts.clamp(min=0).unsqueeze(-1).expand(-1, -1, slot_logits.shape[-1])
+    return slot_logits.gather(1, index)
+
+
+def decode_predictions(
+    intent_logits: torch.Tensor,
+    slot_logits: torch.Tensor,
+    word_starts: torch.Tensor,
+    num_words: list[int],
+    labels: NLULabels,
+) -> list[NLUPrediction]:
+    """Argmax intent and per-word slot labels; words truncated away get "Other"."""
+    from data_prep.massive import NLUPrediction
+
+    intent_ids = intent_logits.argmax(dim=-1).tolist()
+    slot_ids = gather_word_logits(slot_logits, word_starts).argmax(dim=-1).tolist()
+    starts = word_starts.tolist()
+    out = []
+    for b, n in enumerate(num_words):
+        slots = [labels.slot_labels[slot_ids[b][i]] if starts[b][i] >= 0 else OTHER for i in range(n)]
+        out.append(NLUPrediction(intent=labels.intents[intent_ids[b]], slots=slots))
+    return out

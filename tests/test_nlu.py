@@ -1,0 +1,256 @@
+"""Encoder-only NLU model: word/sub-word alignment, heads, loss, persistence, decoding."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from student.nlu import (
+    IGNORE_INDEX,
+    LABELS_FILE,
+    EncoderNLUModel,
+    NLULabels,
+    decode_predictions,
+    encode_words,
+    first_subword_indices,
+    gather_word_logits,
+    nlu_loss,
+    slot_label_ids,
+    word_char_spans,
+)
+
+INTENTS = ["alarm_set", "play_music", "weather_query"]
+SLOTS = ["Other", "time", "date", "place_name"]
+
+LATIN = ["wake", "me", "up", "at", "five", "am", "this", "week"]
+THAI = ["ปลุกฉัน", "ตอน", "ตีห้า", "สัปดาห์นี้"]
+# ja-JP is split into characters, each its own word (data_prep.massive.CHAR_SPLIT_LOCALES).
+JAPANESE = list("今週は午前五時に起こして")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_tokenizer_dir):
+    from data_prep.tokenizer import load_tokenizer
+
+    return load_tokenizer(tiny_tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def seq2seq(tokenizer):
+    from teacher.presets import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(preset="tiny", num_layers=2, num_decoder_layers=1, d_model=32, num_heads=2, d_ff=64)
+    return build_model(cfg, tokenizer, seed=0)
+
+
+@pytest.fixture()
+def model(seq2seq, tokenizer):
+    torch.manual_seed(1)
+    labels = NLULabels(intents=INTENTS, slot_labels=SLOTS, max_length=32, source_model="tiny-test")
+    return EncoderNLUModel.from_seq2seq(seq2seq, labels, tokenizer).eval()
+
+
+# ----------------------------------------------------------------------------- alignment
+
+
+def test_first_subword_indices_assigns_boundary_pieces_to_the_following_word():
+    # Offsets a Metaspace tokenizer gives "ab cd" split as "▁" "a" "b" "▁" "cd" "</s>": the first,
+    # prepended "▁" overlaps the first character, the second "▁" covers the space.
+    _, spans = word_char_spans(["ab", "cd"])
+    assert spans == [(0, 2), (3, 5)]
+    offsets = [(0, 1), (0, 1), (1, 2), (2, 3), (3, 5), (0, 0)]
+    assert first_subword_indices(offsets, spans) == [0, 3]
+    # The second word truncated away: only the boundary piece of word 1 remained -> still word 1.
+    assert first_subword_indices([(0, 2), (2, 3), (0, 0)], spans) == [0, 1]
+    assert first_subword_indices([(0, 2), (0, 0)], spans) == [0, -1]
+
+
+def test_word_char_spans_rejects_empty_and_spaced_words():
+    with pytest.raises(ValueError, match="word 1"):
+        word_char_spans(["a", ""])
+    with pytest.raises(ValueError, match="whitespace"):
+        word_char_spans(["a b"])
+
+
+@pytest.mark.parametrize("words", [LATIN, THAI, JAPANESE], ids=["latin", "thai", "cjk"])
+def test_encode_words_first_subwords_cover_each_word_exactly(tokenizer, words):
+    enc = encode_words(tokenizer, [words], max_length=128)
+    ids = enc["input_ids"][0].tolist()
+    starts = enc["word_starts"][0].tolist()
+    assert len(starts) == len(words)
+    assert all(s >= 0 for s in starts)
+    assert starts == sorted(starts) and len(set(starts)) == len(starts)
+    # The tokens from one word's first sub-word to the next word's decode to exactly that word:
+    # the alignment neither drops nor shares pieces.
+    ends = starts[1:] + [ids.index(tokenizer.eos_token_id)]
+    for word, start, end in zip(words, starts, ends):
+        assert tokenizer.decode(ids[start:end]).strip() == word
+    # Same token sequence as the plain text (what the text-to-text format feeds the model).
+    assert ids == tokenizer(" ".join(words))["input_ids"]
+
+
+def test_encode_words_batch_padding_and_truncation(tokenizer):
+    batch = [LATIN, ["hi"], JAPANESE]
+    full = encode_words(tokenizer, batch, max_length=128)
+    short = encode_words(tokenizer, batch, max_length=6)
+    assert full["word_starts"].shape == (3, len(JAPANESE))
+    # Padding words beyond an utterance are -1; padding tokens are masked out with pad ids.
+    assert full["word_starts"][1, 1:].eq(-1).all()
+    lengths = full["attention_mask"].sum(1)
+    assert full["input_ids"][1, lengths[1]:].eq(tokenizer.pad_token_id).all()
+    # Truncated: at most 6 tokens (eos kept); words whose first piece fell off are -1, the others
+    # keep the positions they had untruncated.
+    assert short["input_ids"].shape[1] <= 6
+    for b in range(3):
+        for i, start in enumerate(short["word_starts"][b].tolist()):
+            if start >= 0:
+                assert start == full["word_starts"][b, i] and start < 5
+            elif i < len(batch[b]):
+                assert full["word_starts"][b, i] >= 5
+    assert short["word_starts"][0].tolist()[-1] == -1
+
+
+def test_slot_label_ids_pads_with_ignore_index_and_rejects_unknown_labels():
+    ids = slot_label_ids([["Other", "time"], ["date"]], SLOTS, 3)
+    assert ids.tolist() == [[0, 1, IGNORE_INDEX], [2, IGNORE_INDEX, IGNORE_INDEX]]
+    with pytest.raises(KeyError, match="nonsense"):
+        slot_label_ids([["nonsense"]], SLOTS, 1)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def test_heads_shapes_and_encoder_weights_come_from_the_seq2seq_model(model, seq2seq, tokenizer):
+    enc = encode_words(tokenizer, [LATIN, THAI], max_length=32)
+    intent_logits, slot_logits = model(enc["input_ids"], enc["attention_mask"])
+    batch, length = enc["input_ids"].shape
+    assert intent_logits.shape == (batch, len(INTENTS))
+    assert slot_logits.shape == (batch, length, len(SLOTS))
+    seq2seq.eval()
+    with torch.no_grad():
+        expected = seq2seq.get_encoder()(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+        got = model.encoder(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+    torch.testing.assert_close(got, expected)
+
+
+def test_outputs_at_real_tokens_do_not_depend_on_padding(model, tokenizer):
+    alone = encode_words(tokenizer, [["hi", "there"]], max_length=32)
+    padded = encode_words(tokenizer, [["hi", "there"], LATIN], max_length=32)
+    assert padded["input_ids"].shape[1] > alone["input_ids"].shape[1]
+    with torch.no_grad():
+        a_intent, a_slots = model(alone["input_ids"], alone["attention_mask"])
+        p_intent, p_slots = model(padded["input_ids"], padded["attention_mask"])
+    torch.testing.assert_close(p_intent[0], a_intent[0], atol=1e-5, rtol=1e-5)
+    a_words = gather_word_logits(a_slots, alone["word_starts"])[0]
+    p_words = gather_word_logits(p_slots, padded["word_starts"][:1, :2])[0]
+    torch.testing.assert_close(p_words, a_words, atol=1e-5, rtol=1e-5)
+
+
+def test_loss_ignores_padding_words_and_truncated_words():
+    torch.manual_seed(0)
+    intent_logits = torch.randn(2, 3)
+    slot_logits = torch.randn(2, 5, 4)
+    word_starts = torch.tensor([[0, 2, 3], [1, -1, -1]])  # row 1: one word, the others padding/truncated
+    intent_labels = torch.tensor([2, 0])
+    slot_labels = torch.tensor([[1, 0, 3], [2, IGNORE_INDEX, IGNORE_INDEX]])
+    loss, parts = nlu_loss(intent_logits, slot_logits, word_starts, intent_labels, slot_labels)
+    # Garbage labels at positions whose word_start is -1 change nothing.
+    garbage = slot_labels.clone()
+    garbage[1, 1:] = torch.tensor([3, 1])
+    loss_garbage, _ = nlu_loss(intent_logits, slot_logits, word_starts, intent_labels, garbage)
+    torch.testing.assert_close(loss_garbage, loss)
+    # Reference: mean CE over the 4 real words (token positions 0, 2, 3 of row 0 and 1 of row 1).
+    logp = slot_logits.log_softmax(-1)
+    expected_slot = -(logp[0, 0, 1] + logp[0, 2, 0] + logp[0, 3, 3] + logp[1, 1, 2]) / 4
+    expected_intent = torch.nn.functional.cross_entropy(intent_logits, intent_labels)
+    torch.testing.assert_close(parts["slot_loss"], expected_slot)
+    torch.testing.assert_close(parts["intent_loss"], expected_intent)
+    torch.testing.assert_close(loss, expected_intent + expected_slot)
+    weighted, _ = nlu_loss(intent_logits, slot_logits, word_starts, intent_labels, slot_labels, slot_weight=0.5)
+    torch.testing.assert_close(weighted, expected_intent + 0.5 * expected_slot)
+
+
+def test_loss_backpropagates_into_encoder_and_both_heads(model, tokenizer):
+    model.train()
+    enc = encode_words(tokenizer, [LATIN, JAPANESE], max_length=32)
+    slot_labels = slot_label_ids([["Other"] * len(LATIN), ["time"] * len(JAPANESE)], SLOTS, enc["word_starts"].shape[1])
+    intent_logits, slot_logits = model(enc["input_ids"], enc["attention_mask"])
+    loss, _ = nlu_loss(intent_logits, slot_logits, enc["word_starts"], torch.tensor([0, 1]), slot_labels)
+    loss.backward()
+    for name in ("intent_head.weight", "slot_head.weight", "encoder.shared.weight"):
+        grad = dict(model.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+# ----------------------------------------------------------------------------- persistence
+
+
+def test_save_load_round_trip_gives_identical_outputs(model, tokenizer, tmp_path):
+    out = model.save_pretrained(tmp_path / "nlu")
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", LABELS_FILE, "tokenizer.json"} <= names
+    saved = json.loads((out / LABELS_FILE).read_text())
+    assert saved["intents"] == INTENTS and saved["slot_labels"] == SLOTS and saved["max_length"] == 32
+    assert saved["source_model"] == "tiny-test"
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["T5EncoderModel"]
+
+    loaded = EncoderNLUModel.from_pretrained(out)
+    assert not loaded.training and loaded.labels == model.labels
+    enc = encode_words(loaded.tokenizer, [LATIN, THAI, JAPANESE], max_length=32)
+    with torch.no_grad():
+        before = model(enc["input_ids"], enc["attention_mask"])
+        after = loaded(enc["input_ids"], enc["attention_mask"])
+    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+    # The tied embedding stays tied after loading.
+    assert loaded.encoder.shared.weight.data_ptr() == loaded.encoder.encoder.embed_tokens.weight.data_ptr()
+
+
+def test_from_pretrained_rejects_broken_directories(model, tmp_path):
+    out = model.save_pretrained(tmp_path / "nlu")
+    (out / LABELS_FILE).write_text('{"intents": ["a"], "slot_labels": ["Other"], "colour": 1}')
+    with pytest.raises(ValueError, match="colour"):
+        EncoderNLUModel.from_pretrained(out)
+    (out / LABELS_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match=LABELS_FILE):
+        EncoderNLUModel.from_pretrained(out)
+
+
+def test_labels_must_start_with_other_and_be_unique():
+    with pytest.raises(ValueError, match="Other"):
+        NLULabels(intents=INTENTS, slot_labels=["time", "Other"])
+    with pytest.raises(ValueError, match="duplicates"):
+        NLULabels(intents=["a", "a"], slot_labels=SLOTS)
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def test_decode_predictions_maps_argmax_to_labels_and_truncated_words_to_other():
+    labels = NLULabels(intents=INTENTS, slot_labels=SLOTS)
+    intent_logits = torch.tensor([[0.0, 0.0, 5.0], [3.0, 0.0, 0.0]])
+    slot_logits = torch.zeros(2, 4, len(SLOTS))
+    slot_logits[0, 0, 1] = 9  # token 0 -> time
+    slot_logits[0, 2, 3] = 9  # token 2 -> place_name
+    slot_logits[1, 1, 2] = 9  # token 1 -> date
+    slot_logits[1, 3, 1] = 9  # token 3 belongs to no word (the word was truncated)
+    word_starts = torch.tensor([[0, 2, -1], [1, -1, -1]])
+    preds = decode_predictions(intent_logits, slot_logits, word_starts, [2, 3], labels)
+    assert [p.intent for p in preds] == ["weather_query", "alarm_set"]
+    assert preds[0].slots == ["time", "place_name"]
+    assert preds[1].slots == ["date", "Other", "Other"]
+
+
+def test_predict_words_returns_one_label_per_word_and_keeps_training_mode(model):
+    model.train()
+    batch = [LATIN, THAI, JAPANESE, ["x"] * 40]  # the last is truncated at max_length 32
+    preds = model.predict_words(batch, batch_size=3)
+    assert model.training
+    assert [len(p.slots) for p in preds] == [len(w) for w in batch]
+    assert all(p.intent in INTENTS and set(p.slots) <= set(SLOTS) for p in preds)
+    # Words past the truncation point are "Other" whatever the head says.
+    assert preds[3].slots[-1] == "Other"
+    # Deterministic in eval mode: the same batch gives the same predictions.
+    assert model.predict_words(batch) == preds
