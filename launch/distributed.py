@@ -1,0 +1,395 @@
+"""Process groups, ranks and the DeepSpeed engine.
+
+This module and `launch/training.py` are the only places that import DeepSpeed or
+torch.distributed. Training loops call `init_distributed()` once, build their model, and get an
+engine from `build_engine(model, train_cfg, dist)`; afterwards they touch the engine only through
+forward, backward, step, save_checkpoint and load_checkpoint.
+
+Without a GPU DeepSpeed runs on its CPU accelerator (DS_ACCELERATOR=cpu, which must be set before
+deepspeed is first imported) with the gloo backend; with GPUs it uses NCCL. A single plain process
+without any launcher environment works too (world size 1).
+
+Precision policy: `precision="auto"` means bf16 on a GPU that supports it (else fp16 on GPU) and fp32
+on CPU. An explicit bf16/fp16 request on CPU is refused with a ConfigError (DeepSpeed's CPU
+half-precision path is two orders of magnitude slower here and not what anyone wants by accident).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import os
+import socket
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from launch.config import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from launch.training import TrainConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the job."""
+
+    rank: int
+    """Global rank, 0 .. world_size-1."""
+    local_rank: int
+    """Rank on this node (selects the GPU)."""
+    world_size: int
+    """Number of processes in the job (data-parallel degree)."""
+    device: str
+    """torch device string: "cpu" or "cuda:<local_rank>"."""
+    backend: str
+    """torch.distributed backend: "gloo" (CPU) or "nccl" (GPU)."""
+    local_world_size: int = 1
+    """Number of processes on this node (used to split CPU threads between them)."""
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.startswith("cuda")
+
+
+# ----------------------------------------------------------------------------- process group
+
+
+def _gpu_available() -> bool:
+    if os.environ.get("DS_ACCELERATOR", "").lower() == "cpu":
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _local_world_size() -> int:
+    # torchrun sets LOCAL_WORLD_SIZE, DeepSpeed's launcher LOCAL_SIZE.
+    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        if os.environ.get(key):
+            return int(os.environ[key])
+    return 1
+
+
+def cpu_threads_per_process(local_world_size: int) -> int:
+    """CPU cores available to this process divided evenly between the processes on the node."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, local_world_size))
+
+
+def init_distributed(num_threads: int = 0, timeout_minutes: float = 30.0) -> DistInfo:
+    """Join (or create) the process group and return this process's DistInfo.
+
+    Works under DeepSpeed's launcher and torchrun (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* from the
+    environment) and in a plain single process (world size 1 on a free loopback port).
+    `num_threads`: torch intra-op threads per process on CPU; 0 = cores / processes on this node.
+    Calling it again returns the same DistInfo.
+    """
+    has_gpu = _gpu_available()
+    if not has_gpu:
+        # Must be set before the first `import deepspeed`, which picks its accelerator at import.
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
+        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"})
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("LOCAL_RANK", "0")
+
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    backend = "nccl" if has_gpu else "gloo"
+    if not dist.is_initialized():
+        deepspeed.init_distributed(
+            dist_backend=backend,
+            auto_mpi_discovery=False,
+            verbose=False,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    local_rank = int(os.environ["LOCAL_RANK"])
+    local_world = _local_world_size()
+    if has_gpu:
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    else:
+        device = "cpu"
+        # Oversubscribed cores make every rank wait for the slowest one in each all-reduce.
+        torch.set_num_threads(num_threads or cpu_threads_per_process(local_world))
+    return DistInfo(
+        rank=dist.get_rank(),
+        local_rank=local_rank,
+        world_size=dist.get_world_size(),
+        device=device,
+        backend=backend,
+        local_world_size=local_world,
+    )
+
+
+def _dist_ready() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def is_rank0() -> bool:
+    """True on global rank 0, and in a process that never joined a group."""
+    if not _dist_ready():
+        return int(os.environ.get("RANK", "0")) == 0
+    import torch.distributed as dist
+
+    return dist.get_rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op outside a process group)."""
+    if _dist_ready():
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def all_reduce_mean(value: Any) -> float:
+    """Mean of a scalar (float or 0-d tensor) over all ranks, as a Python float on every rank."""
+    import torch
+
+    tensor = value.detach().float().reshape(()) if torch.is_tensor(value) else torch.tensor(float(value))
+    if _dist_ready():
+        import torch.distributed as dist
+
+        # gloo reduces CPU tensors; NCCL needs the tensor on this rank's GPU.
+        if dist.get_backend() == "nccl":
+            tensor = tensor.to(f"cuda:{torch.cuda.current_device()}")
+        else:
+            tensor = tensor.cpu()
+        tensor = tensor.clone()
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor /= dist.get_world_size()
+    return float(tensor.item())
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Element-wise sum of a list of floats over all ranks (one collective for the whole list)."""
+    import torch
+
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if _dist_ready():
+        import torch.distributed as dist
+
+        if dist.get_backend() == "nccl":
+            tensor = tensor.to(f"cuda:{torch.cuda.current_device()}")
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return [float(v) for v in tensor.cpu().tolist()]
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """`obj` from rank `src` on every rank (picklable objects; identity outside a group)."""
+    if not _dist_ready():
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+# ----------------------------------------------------------------------------- engine
+
+
+def resolve_precision(precision: str, dist_info: DistInfo) -> str:
+    """"auto" -> bf16/fp16 on GPU, fp32 on CPU; refuse half precision on CPU (see module doc)."""
+    if precision == "auto":
+        if not dist_info.on_gpu:
+            return "fp32"
+        import torch
+
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision in ("bf16", "fp16") and not dist_info.on_gpu:
+        raise ConfigError(
+            f"train.precision={precision!r} is not supported on CPU (DeepSpeed's CPU half-precision path "
+            "is about 400x slower than fp32 here); allowed values on CPU: 'fp32', 'auto'"
+        )
+    return precision
+
+
+def deepspeed_config(train_cfg: TrainConfig, dist_info: DistInfo) -> dict[str, Any]:
+    """The DeepSpeed config dict for `train_cfg` on this job (validated against the world size)."""
+    grad_accum = train_cfg.grad_accum_steps(dist_info.world_size)
+    precision = resolve_precision(train_cfg.precision, dist_info)
+    zero: dict[str, Any] = {"stage": train_cfg.zero_stage, "contiguous_gradients": True}
+    if dist_info.on_gpu:
+        # Overlapping the gradient reduce with backward pays off with NCCL streams; on gloo/CPU it
+        # only adds copies.
+        zero["overlap_comm"] = True
+    if train_cfg.zero_stage == 3:
+        # Lets export_hf gather full weights on rank 0 layer by layer.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if train_cfg.offload != "none":
+        target: dict[str, Any] = {"device": train_cfg.offload, "pin_memory": dist_info.on_gpu}
+        if train_cfg.offload == "nvme":
+            target["nvme_path"] = train_cfg.nvme_path
+        zero["offload_optimizer"] = dict(target)
+        if train_cfg.offload_params:
+            zero["offload_param"] = dict(target)
+    return {
+        "train_batch_size": train_cfg.global_batch_size,
+        "train_micro_batch_size_per_gpu": train_cfg.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": train_cfg.grad_clip if train_cfg.grad_clip > 0 else 0.0,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        # We pass torch's AdamW (fused on GPU); DeepSpeed would otherwise insist on its CPU Adam
+        # (a C++ extension built at run time) whenever the optimizer is offloaded.
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _wrap_extras(model: Any, extra_params: Iterable[Any]) -> Any:
+    """Put extra trainable modules/parameters beside the model in one nn.Module.
+
+    DeepSpeed only reduces gradients of (and checkpoints) parameters inside the engine's module;
+    a loss-side projection (e.g. hidden-state distillation) must live there too. Forward is the
+    model's forward; the extras are reachable as `engine.module.extras`.
+    """
+    import torch
+
+    extras = list(extra_params)
+    if not extras:
+        return model
+
+    class ParamHolder(torch.nn.Module):
+        def __init__(self, param: torch.nn.Parameter) -> None:
+            super().__init__()
+            self.param = param
+
+    class ModelWithExtras(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+            self.extras = torch.nn.ModuleList(
+                [e if isinstance(e, torch.nn.Module) else ParamHolder(e) for e in extras]
+            )
+
+        def forward(self, *args: Any, **kwargs: Any) -> Any:
+            return self.model(*args, **kwargs)
+
+    return ModelWithExtras()
+
+
+def _param_groups(module: Any, weight_decay: float) -> list[dict[str, Any]]:
+    # Biases and norm scales (1-d tensors) are not decayed: decaying them only pulls activations to 0.
+    decay, no_decay = [], []
+    for _, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_engine(model: Any, train_cfg: TrainConfig, dist_info: DistInfo, extra_params: Iterable[Any] = ()) -> Any:
+    """A DeepSpeed engine around `model` (and `extra_params`, modules or parameters) for `train_cfg`.
+
+    AdamW with decoupled weight decay (not on biases/norms), linear warmup then cosine/linear decay
+    to `lr * min_lr_ratio` as a torch LambdaLR that DeepSpeed steps once per optimizer step and saves
+    in its checkpoints, gradient clipping, ZeRO stage, offload and precision from the config.
+    """
+    import deepspeed
+    import torch
+
+    from launch.training import lr_multiplier
+
+    ds_config = deepspeed_config(train_cfg, dist_info)
+    if train_cfg.activation_checkpointing:
+        if not hasattr(model, "gradient_checkpointing_enable"):
+            raise ConfigError(
+                "train.activation_checkpointing=true needs a model with gradient_checkpointing_enable() "
+                f"(a transformers model); got {type(model).__name__}"
+            )
+        model.gradient_checkpointing_enable()
+    module = _wrap_extras(model, extra_params)
+    optimizer = torch.optim.AdamW(
+        _param_groups(module, train_cfg.weight_decay),
+        lr=train_cfg.lr,
+        betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
+        eps=train_cfg.adam_eps,
+        fused=dist_info.on_gpu and train_cfg.offload == "none",
+    )
+
+    def make_scheduler(opt: Any) -> Any:
+        def multiplier(step: int) -> float:
+            return lr_multiplier(step, train_cfg)
+
+        return torch.optim.lr_scheduler.LambdaLR(opt, multiplier)
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=module,
+        optimizer=optimizer,
+        lr_scheduler=make_scheduler,
+        config=ds_config,
+        dist_init_required=False,
+    )
+    return engine
+
+
+@contextlib.contextmanager
+def gathered_params(params: Iterable[Any], modifier_rank: int | None = None):
+    """Full (un-partitioned) parameters inside the block under ZeRO-3; a no-op otherwise."""
+    params = list(params)
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
+            yield
+    else:
+        yield
+
+
+def full_fp32_state_dict(engine: Any, model: Any) -> dict[str, Any] | None:
+    """The model's full fp32 state dict on rank 0 (None on other ranks); every rank must call it.
+
+    Reads DeepSpeed's fp32 master weights (ZeRO-1/2/3 partitions or the bf16 optimizer's copy) with
+    `safe_get_full_fp32_param`, parameter by parameter, so ZeRO-3 never holds the whole model at once.
+    Tied parameters keep all their names (HF's save_pretrained de-duplicates them).
+    """
+    import torch
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    rank0 = is_rank0()
+    by_id: dict[int, Any] = {}
+    for _, param in model.named_parameters():
+        if id(param) in by_id:
+            continue
+        full = safe_get_full_fp32_param(param)  # collective under ZeRO-3
+        if full is None:
+            with gathered_params([param]):
+                full = param.detach().float()
+        by_id[id(param)] = full.detach().to("cpu", torch.float32).clone() if rank0 else None
+    if not rank0:
+        return None
+    out: dict[str, Any] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in by_id:
+            out[name] = by_id[id(tensor)]
+        else:  # buffers: never partitioned
+            out[name] = tensor.detach().to("cpu").clone()
+    return out

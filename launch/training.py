@@ -1,0 +1,533 @@
+"""Training-loop infrastructure shared by pretraining, distillation and fine-tuning.
+
+- `TrainConfig`: the `train` section of every training stage's config.
+- `lr_multiplier`: warmup + cosine/linear decay (what `build_engine` installs as a LambdaLR).
+- `TrainState`: runtime state (step, tokens, data position, RNG-free), checkpointed as state.json.
+- `ResumableSampler`: a deterministic permutation per (seed, epoch), sharded by rank, resumable
+  from the checkpointed data position.
+- `CheckpointManager`: DeepSpeed checkpoints + every rank's RNG states + state.json + config, with
+  a COMPLETE marker written last; incomplete checkpoints (a crash mid-write) are ignored.
+- `MetricsLogger`: metrics.jsonl + TensorBoard on rank 0.
+- `NonFiniteLossError`, `check_finite`: stop on NaN/inf before the optimizer applies it.
+- `export_hf`: a Hugging Face save_pretrained directory (safetensors, fp32, ZeRO-3 consolidated).
+- `progress_bar`, `measure_peak_tflops`.
+
+Heavy libraries are imported inside functions: `TrainConfig` is read by the CLI at start-up.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from launch.config import ConfigError
+from launch.distributed import DistInfo, all_reduce_mean, barrier, full_fp32_state_dict, is_rank0
+from launch.fsutil import append_jsonl, atomic_dir, atomic_write_json, atomic_write_text
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    micro_batch_size: int = 8
+    """Examples per process per forward/backward pass."""
+    global_batch_size: int = 16
+    """Examples per optimizer step over all processes; a multiple of micro_batch_size * world size
+    (the quotient is the number of gradient-accumulation micro-steps)."""
+    max_steps: int = 100
+    """Optimizer steps to train for."""
+    lr: float = 1e-3
+    """Peak learning rate (reached at the end of warmup)."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of lr (end of the decay)."""
+    warmup_steps: int = 10
+    """Optimizer steps of linear warmup from lr/warmup_steps to lr."""
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate decay after warmup, down to lr * min_lr_ratio at max_steps."""
+    weight_decay: float = 0.01
+    """AdamW decoupled weight decay (not applied to biases and norm scales)."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.98
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer states partitioned), 2 (+ gradients),
+    3 (+ parameters)."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Training precision: auto = bf16 on GPUs that support it (else fp16), fp32 on CPU. bf16/fp16 on
+    CPU are refused."""
+    offload: Literal["none", "cpu", "nvme"] = "none"
+    """ZeRO-Offload of optimizer states to CPU memory or NVMe (needs zero_stage >= 1)."""
+    offload_params: bool = False
+    """Also offload parameters (ZeRO-Infinity; needs zero_stage 3 and offload != none)."""
+    nvme_path: str = "/local_nvme"
+    """Directory on a fast local NVMe drive for offload=nvme."""
+    activation_checkpointing: bool = False
+    """Recompute activations in backward (model.gradient_checkpointing_enable()): less memory, ~30% more
+    compute."""
+    log_every: int = 10
+    """Write metrics (loss per objective, lr, tokens/s, MFU) every this many optimizer steps."""
+    eval_every: int = 50
+    """Compute the held-out loss every this many optimizer steps (and at the end); 0 = only at the end."""
+    num_eval_batches: int = 8
+    """Micro-batches per process for each held-out evaluation."""
+    save_every: int = 100
+    """Save a resumable checkpoint every this many optimizer steps (and at the end); 0 = only at the end."""
+    keep_checkpoints: int = 2
+    """Keep this many most recent complete checkpoints; older ones are deleted."""
+    seed: int = 1234
+    """Seed for model initialisation, data order and dropout."""
+    peak_tflops: float = 0.0
+    """Peak TFLOP/s of one device, the denominator of MFU. 0 = on CPU measure this process's fp32
+    matmul peak at start-up (launch.training.measure_peak_tflops); on GPU a known datasheet value
+    (bf16 dense) for the device when listed, else MFU is not reported."""
+    num_threads: int = 0
+    """torch intra-op threads per process on CPU; 0 = the cores available divided by the processes on the
+    node."""
+
+    def validate(self) -> None:
+        positive = ("micro_batch_size", "global_batch_size", "max_steps", "log_every", "num_eval_batches",
+                    "keep_checkpoints")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 1")
+        for name in ("warmup_steps", "eval_every", "save_every", "num_threads"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 0")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(
+                f"train.global_batch_size={self.global_batch_size} must be a multiple of "
+                f"train.micro_batch_size={self.micro_batch_size}"
+            )
+        if self.warmup_steps > self.max_steps:
+            raise ConfigError(f"train.warmup_steps={self.warmup_steps} exceeds train.max_steps={self.max_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        if not self.lr > 0:
+            raise ConfigError(f"train.lr={self.lr} must be > 0")
+        if self.weight_decay < 0 or self.grad_clip < 0 or self.peak_tflops < 0:
+            raise ConfigError("train.weight_decay, train.grad_clip and train.peak_tflops must be >= 0")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"train.{name}={getattr(self, name)} must be in [0, 1)")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"train.zero_stage={self.zero_stage} is not allowed; allowed values: 0, 1, 2, 3")
+        if self.offload != "none" and self.zero_stage == 0:
+            raise ConfigError(f"train.offload={self.offload!r} needs train.zero_stage 1, 2 or 3")
+        if self.offload_params and (self.zero_stage != 3 or self.offload == "none"):
+            raise ConfigError("train.offload_params=true needs train.zero_stage=3 and train.offload 'cpu' or 'nvme'")
+
+    def grad_accum_steps(self, world_size: int) -> int:
+        """Micro-steps per optimizer step: global_batch_size / (micro_batch_size * world_size)."""
+        per_pass = self.micro_batch_size * world_size
+        if self.global_batch_size % per_pass:
+            allowed = [per_pass * k for k in range(1, 5)]
+            raise ConfigError(
+                f"train.global_batch_size={self.global_batch_size} is not divisible by train.micro_batch_size "
+                f"({self.micro_batch_size}) x world size ({world_size}) = {per_pass}; allowed values: multiples "
+                f"of {per_pass} (e.g. {', '.join(map(str, allowed))}), or change train.micro_batch_size"
+            )
+        return self.global_batch_size // per_pass
+
+
+def lr_multiplier(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of optimizer update `step` (0-based) as a fraction of cfg.lr.
+
+    Linear warmup (step+1)/warmup_steps, then cosine or linear decay from 1 to min_lr_ratio at
+    max_steps (held there afterwards).
+    """
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.decay == "constant":
+        return 1.0
+    decay_steps = max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
+    if cfg.decay == "linear":
+        shape = 1.0 - progress
+    else:
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
+
+
+# ----------------------------------------------------------------------------- state and data order
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Runtime state of a training run; saved as state.json in every checkpoint."""
+
+    step: int = 0
+    """Optimizer steps done."""
+    tokens_seen: int = 0
+    """Non-pad input+target tokens processed, summed over ranks."""
+    examples_seen: int = 0
+    """Examples consumed, summed over ranks and epochs."""
+    epoch: int = 0
+    """Current pass over the training data."""
+    epoch_position: int = 0
+    """Examples of the current epoch's permutation already consumed (the data position)."""
+    best_eval_loss: float | None = None
+    """Lowest held-out loss so far."""
+    wall_time_s: float = 0.0
+    """Training wall time spent over all resumed segments."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainState:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"state.json has unknown keys {sorted(unknown)}; allowed: {sorted(names)}")
+        return cls(**data)
+
+
+class ResumableSampler:
+    """Deterministic, rank-sharded data order that can restart from any checkpointed position.
+
+    Each epoch is a permutation of range(num_examples) drawn from (seed, epoch). An optimizer step
+    consumes the next `global_batch_size` indices of it: micro-step i of rank r takes the slice
+    [(i * world_size + r) * micro_batch_size, ... + micro_batch_size) of that block. A trailing block
+    smaller than a global batch is dropped so every rank runs the same number of steps.
+    """
+
+    def __init__(self, num_examples: int, micro_batch_size: int, grad_accum_steps: int, rank: int,
+                 world_size: int, seed: int) -> None:
+        self.num_examples = num_examples
+        self.micro_batch_size = micro_batch_size
+        self.grad_accum_steps = grad_accum_steps
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.global_batch_size = micro_batch_size * grad_accum_steps * world_size
+        self.steps_per_epoch = num_examples // self.global_batch_size
+        if self.steps_per_epoch < 1:
+            raise ConfigError(
+                f"the training data has {num_examples} examples, fewer than one global batch "
+                f"({self.global_batch_size}); lower train.global_batch_size or add data"
+            )
+        self._cached: tuple[int, Any] | None = None
+
+    def epoch_order(self, epoch: int) -> Any:
+        """The permutation for `epoch` (numpy int64 array); identical on every rank."""
+        if self._cached is None or self._cached[0] != epoch:
+            import numpy as np
+
+            self._cached = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.num_examples))
+        return self._cached[1]
+
+    def micro_batches(self, epoch: int, position: int) -> list[list[int]]:
+        """This rank's grad_accum_steps micro-batches (lists of dataset indices) for the step at `position`."""
+        order = self.epoch_order(epoch)
+        out = []
+        for micro in range(self.grad_accum_steps):
+            start = position + (micro * self.world_size + self.rank) * self.micro_batch_size
+            out.append([int(i) for i in order[start : start + self.micro_batch_size]])
+        return out
+
+    def advance(self, state: TrainState) -> None:
+        """Move `state`'s data position past one global batch, rolling over to the next epoch."""
+        state.examples_seen += self.global_batch_size
+        state.epoch_position += self.global_batch_size
+        if state.epoch_position + self.global_batch_size > self.steps_per_epoch * self.global_batch_size:
+            state.epoch += 1
+            state.epoch_position = 0
+
+
+def eval_micro_batches(num_examples: int, micro_batch_size: int, num_batches: int, rank: int,
+                       world_size: int) -> list[list[int]]:
+    """A fixed held-out subset: the first num_batches * micro_batch_size * world_size examples, sharded
+    by rank; the same every evaluation so held-out losses are comparable."""
+    out = []
+    for b in range(num_batches):
+        start = (b * world_size + rank) * micro_batch_size
+        if start >= num_examples:
+            break
+        out.append(list(range(start, min(start + micro_batch_size, num_examples))))
+    return out
+
+
+# ----------------------------------------------------------------------------- RNG state
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's python, numpy and torch (CPU and CUDA) RNG states, JSON-serialisable."""
+    import numpy as np
+    import torch
+
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode("ascii"),
+        "cuda": [],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [base64.b64encode(s.numpy().tobytes()).decode("ascii") for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+    def to_tensor(text: str) -> Any:
+        return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+    torch.set_rng_state(to_tensor(state["torch"]))
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([to_tensor(s) for s in state["cuda"]])
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+COMPLETE_MARKER = "COMPLETE"
+
+
+class CheckpointManager:
+    """Resumable checkpoints under `run_dir/checkpoints/<name>/step_%08d/`.
+
+    A checkpoint holds DeepSpeed's files (model, optimizer, LR scheduler; one shard per rank under
+    ZeRO), `rng/rank_%05d.json` per rank, `state.json` (TrainState), optionally `config.yaml`, and
+    `COMPLETE`, written by rank 0 after every rank has finished: a directory without it is ignored.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, name: str, keep: int = 2) -> None:
+        self.root = Path(run_dir) / "checkpoints" / name
+        self.keep = keep
+
+    @staticmethod
+    def step_of(path: Path) -> int:
+        match = _STEP_DIR.match(path.name)
+        if not match:
+            raise ValueError(f"{path} is not a checkpoint directory (step_NNNNNNNN)")
+        return int(match.group(1))
+
+    def path_for(self, step: int) -> Path:
+        return self.root / f"step_{step:08d}"
+
+    def all_checkpoints(self) -> list[Path]:
+        """Every step directory, complete or not, by step."""
+        if not self.root.is_dir():
+            return []
+        found = [p for p in self.root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
+        return sorted(found, key=self.step_of)
+
+    def complete_checkpoints(self) -> list[Path]:
+        return [p for p in self.all_checkpoints() if (p / COMPLETE_MARKER).is_file()]
+
+    def latest_complete(self) -> Path | None:
+        """The newest checkpoint whose COMPLETE marker exists (None if there is none)."""
+        complete = self.complete_checkpoints()
+        return complete[-1] if complete else None
+
+    def save(self, engine: Any, state: TrainState, config_yaml: str | None = None) -> Path:
+        """Save on every rank (collective); returns the checkpoint directory."""
+        path = self.path_for(state.step)
+        if is_rank0() and path.exists():
+            # Left over from a run that crashed while writing this step; it was never COMPLETE.
+            shutil.rmtree(path)
+        barrier()
+        engine.save_checkpoint(str(self.root), tag=path.name, save_latest=False)
+        rank = int(os.environ.get("RANK", "0"))
+        atomic_write_json(path / "rng" / f"rank_{rank:05d}.json", rng_state(), indent=0)
+        barrier()
+        if is_rank0():
+            atomic_write_json(path / "state.json", state.to_dict())
+            if config_yaml is not None:
+                atomic_write_text(path / "config.yaml", config_yaml)
+            atomic_write_text(path / COMPLETE_MARKER, f"step {state.step}\n")
+            self._prune()
+        barrier()
+        return path
+
+    def _prune(self) -> None:
+        complete = self.complete_checkpoints()
+        newest = self.step_of(complete[-1]) if complete else -1
+        for old in complete[: -self.keep]:
+            # Marker first: a crash mid-delete leaves an incomplete directory, which is ignored.
+            (old / COMPLETE_MARKER).unlink()
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in self.all_checkpoints():
+            if self.step_of(stale) < newest and not (stale / COMPLETE_MARKER).exists():
+                shutil.rmtree(stale, ignore_errors=True)
+
+    def load(self, engine: Any, path: Path | None = None) -> TrainState:
+        """Restore engine (weights, optimizer, scheduler), this rank's RNG states and the TrainState."""
+        path = path or self.latest_complete()
+        if path is None:
+            raise FileNotFoundError(f"no complete checkpoint under {self.root}")
+        if not (path / COMPLETE_MARKER).is_file():
+            raise FileNotFoundError(f"checkpoint {path} is incomplete (no {COMPLETE_MARKER} marker)")
+        loaded, _ = engine.load_checkpoint(
+            str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if loaded is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
+        rank = int(os.environ.get("RANK", "0"))
+        rng_file = path / "rng" / f"rank_{rank:05d}.json"
+        if not rng_file.is_file():
+            raise FileNotFoundError(
+                f"{rng_file} is missing: the checkpoint was written by fewer processes; resume with the "
+                "same number of processes"
+            )
+        set_rng_state(json.loads(rng_file.read_text()))
+        return TrainState.from_dict(json.loads((path / "state.json").read_text()))
+
+
+# ----------------------------------------------------------------------------- metrics, NaN guard
+
+
+class MetricsLogger:
+    """Appends `{"stage", "step", ...metrics}` lines to run_dir/metrics.jsonl and TensorBoard scalars to
+    run_dir/tb/<name>/; does nothing on ranks other than 0."""
+
+    def __init__(self, run_dir: str | os.PathLike, stage: str, name: str | None = None,
+                 tensorboard: bool = True) -> None:
+        self.stage = stage
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.enabled = is_rank0()
+        self._writer = None
+        if self.enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=str(Path(run_dir) / "tb" / (name or stage)))
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"stage": self.stage, "step": int(step), "time": round(time.time(), 3), **metrics}
+        append_jsonl(self.path, record)
+        if self._writer is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                    self._writer.add_scalar(f"{self.stage}/{key}", value, step)
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the run stops before the optimizer applies it."""
+
+
+def check_finite(loss: float, step: int, checkpoints: CheckpointManager | None = None, what: str = "loss") -> None:
+    """Raise NonFiniteLossError naming the step and the checkpoint to resume from when `loss` is NaN/inf.
+
+    Pass a loss already averaged over ranks, so that every rank raises together.
+    """
+    if math.isfinite(loss):
+        return
+    latest = checkpoints.latest_complete() if checkpoints is not None else None
+    resume = (
+        f"resume from {latest} with --resume (e.g. with a lower train.lr)"
+        if latest is not None
+        else "no checkpoint exists yet; restart with a lower train.lr"
+    )
+    raise NonFiniteLossError(f"{what} is {loss} at step {step + 1} (after {step} optimizer steps); {resume}")
+
+
+# ----------------------------------------------------------------------------- export, progress, peak
+
+
+def export_hf(engine: Any, model: Any, tokenizer: Any, out_dir: str | os.PathLike) -> Path | None:
+    """Write `model` (fp32 master weights from the engine) + tokenizer as a Hugging Face directory.
+
+    Collective: call on every rank. ZeRO-3 partitions are gathered parameter by parameter; rank 0
+    writes safetensors into a temporary sibling directory that replaces `out_dir` when complete.
+    Tied embeddings stay tied (save_pretrained stores them once, from_pretrained re-ties them).
+    """
+    state_dict = full_fp32_state_dict(engine, model)
+    out = Path(out_dir)
+    if is_rank0():
+        with atomic_dir(out) as tmp:
+            model.save_pretrained(tmp, state_dict=state_dict)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+    barrier()
+    return out if is_rank0() else None
+
+
+def progress_bar(total: int, initial: int = 0, desc: str = "", enabled: bool | None = None) -> Any:
+    """A tqdm bar on rank 0 (disabled elsewhere); steps as units."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
+                disable=not (is_rank0() if enabled is None else enabled))
+
+
+def measure_peak_tflops(num_threads: int | None = None, size: int = 1024, seconds: float = 0.5) -> float:
+    """Best fp32 matmul throughput (TFLOP/s) of this process on CPU with `num_threads` torch threads."""
+    import torch
+
+    previous = torch.get_num_threads()
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    try:
+        a = torch.randn(size, size, generator=torch.Generator().manual_seed(0))
+        b = torch.randn(size, size, generator=torch.Generator().manual_seed(1))
+        torch.mm(a, b)  # warm-up: thread pool and caches
+        best = 0.0
+        deadline = time.perf_counter() + seconds
+        while True:
+            start = time.perf_counter()
+            torch.mm(a, b)
+            elapsed = time.perf_counter() - start
+            best = max(best, 2 * size**3 / elapsed / 1e12)
+            if time.perf_counter() > deadline:
+                break
+        return best
+    finally:
+        torch.set_num_threads(previous)
+
+
+# Dense bf16 datasheet peaks (TFLOP/s) for devices MFU is commonly reported against.
+GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A10G": 125.0, "L4": 121.0, "V100": 125.0}
+
+
+def default_peak_tflops(train_cfg: TrainConfig, dist_info: DistInfo) -> float | None:
+    """train.peak_tflops, else the measured CPU peak (agreed over ranks), else a known GPU's peak."""
+    if train_cfg.peak_tflops > 0:
+        return train_cfg.peak_tflops
+    if not dist_info.on_gpu:
+        return all_reduce_mean(measure_peak_tflops())
+    import torch
+
+    name = torch.cuda.get_device_name()
+    for key, value in GPU_PEAK_TFLOPS.items():
+        if key in name:
+            return value
+    return None
