@@ -86,6 +86,25 @@ class ModelSpec:
     def is_gated(self) -> bool:
         return self.feed_forward_proj.startswith("gated-")
 
+    @classmethod
+    def from_t5_config(cls, config: Any, name: str = "model") -> ModelSpec:
+        """The spec of an existing T5 (e.g. loaded from a directory), for parameter and FLOP counts.
+
+        Tying is read from `scale_decoder_outputs`: transformers 5 reports
+        `tie_word_embeddings=True` for every T5 config, untied ones included.
+        """
+        return cls(
+            name=name, num_layers=config.num_layers, num_decoder_layers=config.num_decoder_layers,
+            d_model=config.d_model, num_heads=config.num_heads, d_kv=config.d_kv, d_ff=config.d_ff,
+            feed_forward_proj=config.feed_forward_proj,
+            tie_word_embeddings=bool(getattr(config, "scale_decoder_outputs", config.tie_word_embeddings)),
+            dropout=config.dropout_rate, reference_vocab_size=config.vocab_size, vocab_size=config.vocab_size,
+            pad_vocab_to_multiple_of=1,
+            relative_attention_num_buckets=config.relative_attention_num_buckets,
+            relative_attention_max_distance=config.relative_attention_max_distance,
+            layer_norm_epsilon=config.layer_norm_epsilon,
+        )
+
     def padded_vocab_size(self, vocab_size: Optional[int] = None) -> int:
         """Embedding rows: the tokenizer's size (or the explicit/reference one) rounded up."""
         size = vocab_size if vocab_size is not None else (self.vocab_size or self.reference_vocab_size)

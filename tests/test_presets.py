@@ -9,6 +9,7 @@ from launch.config import ConfigError, field_docs, from_dict, load_config, to_di
 from teacher.presets import (
     PRESETS,
     ModelConfig,
+    ModelSpec,
     build_model,
     count_parameters,
     model_flops_per_example,
@@ -132,6 +133,9 @@ def test_untied_model_round_trips(tmp_path):
     assert loaded.lm_head.weight.data_ptr() != loaded.shared.weight.data_ptr()
     assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
     assert _numel(loaded) == count_parameters(cfg, 300).total
+    spec = ModelSpec.from_t5_config(loaded.config)
+    assert not spec.tie_word_embeddings and count_parameters(spec).total == _numel(loaded)
+    assert ModelSpec.from_t5_config(build_model("tiny", 300).config).tie_word_embeddings
     x = torch.randint(3, 300, (1, 9))
     y = torch.randint(3, 300, (1, 5))
     with torch.no_grad():
