@@ -111,7 +111,7 @@ def test_evaluate_translation_on_the_tiny_teacher(tiny_teacher_dir, flores_dir, 
     saved = json.loads((tmp_path / "tr.json").read_text())
     assert saved["per_language"].keys() == {"de-DE", "ja-JP"}
     assert saved["spbleu_available"] is False and "not computed" in saved["spbleu_note"]
-    for loc, directions in saved["per_language"].items():
+    for directions in saved["per_language"].values():
         assert directions.keys() == {"en-xx", "xx-en"}
         for d in directions.values():
             assert d["n"] == 3 and 0.0 <= d["chrf++"] <= 100.0 and d["spbleu"] is None
