@@ -1,0 +1,85 @@
+"""`polyteacher finetune`: MASSIVE fine-tuning of a seq2seq model (text-to-text or encoder NLU heads).
+
+Imported by the CLI at start-up: torch, transformers and deepspeed are imported only when the
+command runs (inside student.finetune).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from launch.config import config_help, load_config
+from student.config import FinetuneConfig
+
+EPILOG = """\
+examples:
+  polyteacher finetune --run-dir runs/demo --model teacher-indomain --preset tiny
+  polyteacher finetune --run-dir runs/demo --model student --head encoder --out student-nlu
+  polyteacher finetune --run-dir runs/demo --model scratch:tiny --preset tiny tokenizer=tokenizer
+  polyteacher finetune --run-dir runs/demo --model teacher-indomain --preset small setting=zero_shot
+  polyteacher launch --nproc-per-node 2 -- finetune --run-dir runs/demo --model teacher --preset tiny
+
+config keys (dotted overrides, e.g. train.max_steps=200 locales=[en-US,de-DE]):
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune a seq2seq model on MASSIVE (text-to-text or encoder intent+slot heads)",
+        description=(
+            "Fine-tune a Hugging Face seq2seq model directory (teacher, student or any T5-family model), "
+            "or a freshly initialised size preset (scratch:<preset>), on MASSIVE with DeepSpeed. Writes "
+            "RUN_DIR/<out>/ (a Hugging Face directory with the tokenizer; for --head encoder also "
+            "nlu_labels.json), resumable checkpoints under RUN_DIR/checkpoints/<out>/, metrics.jsonl and "
+            "tb/<out>/. Run it under `polyteacher launch` for several processes."
+        ),
+        epilog=EPILOG + config_help(FinetuneConfig),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--run-dir", required=True, type=Path, help="run directory (outputs, checkpoints, metrics)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model to start from: a seq2seq model directory (absolute, or relative to the run directory, "
+        "e.g. teacher-indomain) or scratch:<size preset>; sets config key init",
+    )
+    p.add_argument("--out", default=None, help="output directory name under the run directory; sets config key out")
+    p.add_argument("--head", choices=["seq2seq", "encoder"], default=None,
+                   help="seq2seq: text-to-text; encoder: encoder + intent and slot heads; sets config key head")
+    p.add_argument("--preset", default=None, help="preset name (launch/presets/<name>/finetune.yaml) or YAML path")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest complete checkpoint of checkpoints/<out>/ (exactly: same data "
+                   "order, RNG and optimizer state); starts fresh when there is none")
+    p.add_argument("overrides", nargs="*", help="dotted config overrides (listed below), e.g. train.max_steps=200")
+    p.set_defaults(func=run)
+
+
+def build_config(args: argparse.Namespace) -> FinetuneConfig:
+    """Defaults <- preset <- overrides <- the explicit flags (--model, --out, --head)."""
+    flags = []
+    if args.model is not None:
+        flags.append(f"init={args.model}")
+    if args.out is not None:
+        flags.append(f"out={args.out}")
+    if args.head is not None:
+        flags.append(f"head={args.head}")
+    cfg = load_config(FinetuneConfig, section="finetune", preset=args.preset, overrides=[*args.overrides, *flags])
+    if not cfg.init:
+        from launch.config import ConfigError
+
+        raise ConfigError("finetune: no model to start from; pass --model DIR (or scratch:<preset>) or set init=...")
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = build_config(args)
+    from student.finetune import finetune
+
+    out = finetune(cfg, args.run_dir, resume=args.resume)
+    from launch.distributed import is_rank0
+
+    if is_rank0():
+        print(f"finetune: wrote {out}")
+    return 0

@@ -1,0 +1,502 @@
+"""MASSIVE fine-tuning on the DeepSpeed loop: text-to-text (seq2seq) or encoder with NLU heads.
+
+`finetune(cfg, run_dir, resume)` reads like a table of contents: config, data, model, engine, then
+an explicit loop with maybe_log / maybe_eval / maybe_save, and the Hugging Face export at the end.
+
+- seq2seq head: source "Annotate: w1 w2 ...", target "s1 s2 ... intent" (data_prep.massive's
+  official format); loss = token cross-entropy over the target. Evaluation: teacher-forced dev loss
+  and greedy generation parsed with `parse_target`, scored as the official scorer.
+- encoder head: `student.nlu.EncoderNLUModel` on the words; loss = intent CE + slot CE over each
+  word's first sub-word. Evaluation: dev loss and argmax predictions, scored the same way.
+
+Settings: `full` trains on every chosen locale, `zero_shot` only on en-US (evaluation always covers
+every chosen locale). Runtime state (step, data position) is in `TrainState`, checkpointed with the
+engine for exact resume; only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from launch.config import ConfigError, resolve_data_path, save_config, to_dict
+from launch.fsutil import safe_path
+from student.config import FinetuneConfig
+
+if TYPE_CHECKING:
+    import torch
+
+    from data_prep.massive import MassiveExample, NLUPrediction
+    from launch.distributed import DistInfo
+    from launch.training import CheckpointManager, MetricsLogger, TrainState
+
+
+# ----------------------------------------------------------------------------- names and paths
+
+
+def output_name(cfg: FinetuneConfig) -> str:
+    """The output model directory's name (cfg.out, else derived from init and head)."""
+    if cfg.out:
+        return cfg.out
+    source = f"scratch-{cfg.scratch_preset}" if cfg.scratch_preset else Path(cfg.init.rstrip("/")).name
+    return f"{source}-{'ft' if cfg.head == 'seq2seq' else 'nlu'}"
+
+
+def resolve_dir(run_dir: Path, value: str, what: str) -> Path:
+    """A model/tokenizer directory: absolute, else under the run directory (never escaping it),
+    else relative to the working directory."""
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        candidate = path
+    else:
+        inside = safe_path(run_dir, value)
+        candidate = inside if inside.exists() or not path.exists() else path
+    if not candidate.is_dir():
+        raise ConfigError(f"finetune.{what}: {value!r} is not a directory (looked at {candidate})")
+    return candidate
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class FinetuneData:
+    """Train and dev examples, and the label inventory of the encoder head."""
+
+    train: list[MassiveExample]
+    dev: list[MassiveExample]
+    """The fixed dev subset scored at each evaluation, over every evaluation locale."""
+    train_locales: list[str]
+    eval_locales: list[str]
+    intents: list[str]
+    slot_labels: list[str]
+    """"Other" first, then MASSIVE's slot types."""
+
+
+def load_finetune_data(cfg: FinetuneConfig) -> FinetuneData:
+    """MASSIVE train (capped per locale) and the dev subset, from cfg.massive."""
+    from data_prep.massive import load_massive
+
+    source = cfg.massive if cfg.massive == "hub" else str(resolve_data_path(cfg.massive))
+    data = load_massive(source, locales=list(cfg.locales) or None, partitions=("train", "dev"))
+    eval_locales = list(cfg.locales) or sorted(data.locales)
+    missing = [loc for loc in eval_locales if not data.examples(locale=loc, partition="train")]
+    if missing:
+        raise ConfigError(
+            f"finetune.locales: no MASSIVE train data for {missing} in {source}; available: {', '.join(sorted(data.locales))}"
+        )
+    train_locales = [cfg.zero_shot_locale] if cfg.setting == "zero_shot" else eval_locales
+    if cfg.zero_shot_locale not in data.locales and cfg.setting == "zero_shot":
+        raise ConfigError(f"finetune.zero_shot_locale: {cfg.zero_shot_locale} is not in {source}")
+    rng = random.Random(cfg.train.seed)
+    train: list[MassiveExample] = []
+    for loc in train_locales:
+        examples = data.examples(locale=loc, partition="train")
+        if cfg.num_train_examples and len(examples) > cfg.num_train_examples:
+            examples = rng.sample(examples, cfg.num_train_examples)
+        train.extend(examples)
+    dev: list[MassiveExample] = []
+    if cfg.num_eval_examples:
+        per_locale = -(-cfg.num_eval_examples // len(eval_locales))
+        for loc in eval_locales:
+            examples = data.examples(locale=loc, partition="dev")
+            dev.extend(rng.sample(examples, min(per_locale, len(examples))))
+        dev = dev[: cfg.num_eval_examples]
+    return FinetuneData(
+        train=train,
+        dev=dev,
+        train_locales=train_locales,
+        eval_locales=eval_locales,
+        intents=list(data.intents),
+        slot_labels=["Other", *[s for s in data.slot_types if s != "Other"]],
+    )
+
+
+def encode_seq2seq(tokenizer: Any, examples: list[MassiveExample], cfg: FinetuneConfig) -> list[tuple[list[int], list[int]]]:
+    """(source ids, target ids) per example in the official text-to-text format, truncated."""
+    from data_prep.massive import to_text_to_text
+
+    pairs = [to_text_to_text(ex.words, ex.slots, ex.intent) for ex in examples]
+    sources = tokenizer([s for s, _ in pairs], max_length=cfg.max_source_len, truncation=True)["input_ids"]
+    targets = tokenizer([t for _, t in pairs], max_length=cfg.max_target_len, truncation=True)["input_ids"]
+    return list(zip(sources, targets))
+
+
+def collate_seq2seq(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """input_ids/attention_mask [B, S] (pad right), labels [B, T] with -100 on padding."""
+    import torch
+
+    src_len = max(len(s) for s, _ in pairs)
+    tgt_len = max(len(t) for _, t in pairs)
+    input_ids = torch.full((len(pairs), src_len), pad_id, dtype=torch.long)
+    labels = torch.full((len(pairs), tgt_len), -100, dtype=torch.long)
+    for b, (src, tgt) in enumerate(pairs):
+        input_ids[b, : len(src)] = torch.tensor(src)
+        labels[b, : len(tgt)] = torch.tensor(tgt)
+    return {"input_ids": input_ids, "attention_mask": (input_ids != pad_id).long(), "labels": labels}
+
+
+def collate_encoder(
+    examples: list[MassiveExample], tokenizer: Any, labels: Any, max_length: int
+) -> dict[str, torch.Tensor]:
+    """encode_words output plus intent_labels [B] and slot_labels [B, W] (-100 beyond the words)."""
+    import torch
+
+    from student.nlu import encode_words, slot_label_ids
+
+    batch = encode_words(tokenizer, [ex.words for ex in examples], max_length)
+    intent_index = {name: i for i, name in enumerate(labels.intents)}
+    batch["intent_labels"] = torch.tensor([intent_index[ex.intent] for ex in examples], dtype=torch.long)
+    batch["slot_labels"] = slot_label_ids([ex.slots for ex in examples], labels.slot_labels, batch["word_starts"].shape[1])
+    return batch
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def load_finetune_tokenizer(cfg: FinetuneConfig, run_dir: Path) -> Any:
+    """The init model directory's tokenizer, or cfg.tokenizer for scratch: models."""
+    from transformers import AutoTokenizer
+
+    where = resolve_dir(run_dir, cfg.tokenizer if cfg.scratch_preset else cfg.init, "tokenizer" if cfg.scratch_preset else "init")
+    tokenizer = AutoTokenizer.from_pretrained(str(where), trust_remote_code=False)
+    if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
+        raise ConfigError(f"{where}: the tokenizer defines no pad or eos token")
+    return tokenizer
+
+
+def build_seq2seq(cfg: FinetuneConfig, run_dir: Path, tokenizer: Any) -> Any:
+    """The seq2seq model to fine-tune: loaded from a directory, or fresh from a size preset."""
+    if cfg.scratch_preset:
+        from teacher.presets import build_model
+
+        model = build_model(dataclasses.replace(cfg.model, preset=cfg.scratch_preset), tokenizer, seed=cfg.train.seed)
+    else:
+        from transformers import AutoModelForSeq2SeqLM
+
+        model_dir = resolve_dir(run_dir, cfg.init, "init")
+        model = AutoModelForSeq2SeqLM.from_pretrained(str(model_dir), trust_remote_code=False, dtype="float32")
+    if cfg.dropout is not None:
+        _set_dropout(model, cfg.dropout)
+    return model
+
+
+def _set_dropout(model: Any, rate: float) -> None:
+    import torch
+
+    model.config.dropout_rate = rate
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = rate
+
+
+def build_finetune_model(cfg: FinetuneConfig, run_dir: Path, tokenizer: Any, data: FinetuneData) -> Any:
+    """The model the engine trains: the seq2seq model, or an EncoderNLUModel from its encoder."""
+    seq2seq = build_seq2seq(cfg, run_dir, tokenizer)
+    if cfg.head == "seq2seq":
+        return seq2seq
+    from student.nlu import EncoderNLUModel, NLULabels
+
+    labels = NLULabels(
+        intents=data.intents,
+        slot_labels=data.slot_labels,
+        max_length=cfg.max_source_len,
+        source_model=cfg.init,
+        extra={"locales": data.train_locales, "setting": cfg.setting},
+    )
+    model = EncoderNLUModel.from_seq2seq(seq2seq, labels, tokenizer)
+    del seq2seq
+    return model
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def train_loss(engine: Any, batch: dict[str, torch.Tensor], cfg: FinetuneConfig, device: str) -> tuple[torch.Tensor, dict[str, float]]:
+    """Forward one micro-batch through the engine; (loss to backpropagate, detached parts)."""
+    batch = {k: v.to(device) for k, v in batch.items()}
+    if cfg.head == "seq2seq":
+        out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        return out.loss, {}
+    from student.nlu import nlu_loss
+
+    intent_logits, slot_logits = engine(batch["input_ids"], batch["attention_mask"])
+    loss, parts = nlu_loss(
+        intent_logits, slot_logits, batch["word_starts"], batch["intent_labels"], batch["slot_labels"],
+        slot_weight=cfg.slot_loss_weight,
+    )
+    return loss, {k: float(v) for k, v in parts.items()}
+
+
+def num_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Non-pad input tokens (+ target tokens for seq2seq)."""
+    count = int(batch["attention_mask"].sum())
+    if "labels" in batch:
+        count += int((batch["labels"] != -100).sum())
+    return count
+
+
+def evaluate(
+    engine: Any,
+    model: Any,
+    tokenizer: Any,
+    dev: list[MassiveExample],
+    dev_pairs: list[tuple[list[int], list[int]]] | None,
+    cfg: FinetuneConfig,
+    dist_info: DistInfo,
+) -> dict[str, float]:
+    """Dev loss, exact match, intent accuracy and slot F1 on the dev subset, over all ranks.
+
+    Each rank scores an equal share (the subset is cut to a multiple of the world size so every
+    rank runs the same number of forward passes, which ZeRO-3 needs); counts are summed over ranks.
+    """
+    import torch
+
+    from evaluation.massive import score_locale
+    from launch.distributed import all_reduce_sum
+
+    world, rank = dist_info.world_size, dist_info.rank
+    usable = len(dev) // world * world
+    mine = list(range(rank, usable, world))
+    engine.eval()
+    loss_sum = loss_count = 0.0
+    preds: list[NLUPrediction] = []
+    synced = cfg.train.zero_stage == 3 and world > 1
+    with torch.no_grad():
+        for start in range(0, len(mine), cfg.eval_batch_size):
+            idx = mine[start : start + cfg.eval_batch_size]
+            examples = [dev[i] for i in idx]
+            if cfg.head == "seq2seq":
+                batch = collate_seq2seq([dev_pairs[i] for i in idx], tokenizer.pad_token_id)
+                batch = {k: v.to(dist_info.device) for k, v in batch.items()}
+                logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).logits
+                token_losses = torch.nn.functional.cross_entropy(
+                    logits.float().transpose(1, 2), batch["labels"], ignore_index=-100, reduction="sum"
+                )
+                loss_sum += float(token_losses)
+                loss_count += float((batch["labels"] != -100).sum())
+                preds.extend(generate_predictions(model, tokenizer, batch, examples, cfg, synced))
+            else:
+                from student.nlu import decode_predictions, nlu_loss
+
+                batch = collate_encoder(examples, tokenizer, model.labels, cfg.max_source_len)
+                batch = {k: v.to(dist_info.device) for k, v in batch.items()}
+                intent_logits, slot_logits = engine(batch["input_ids"], batch["attention_mask"])
+                loss, _ = nlu_loss(intent_logits, slot_logits, batch["word_starts"], batch["intent_labels"],
+                                   batch["slot_labels"], slot_weight=cfg.slot_loss_weight)
+                loss_sum += loss.item() * len(idx)
+                loss_count += len(idx)
+                preds.extend(
+                    decode_predictions(
+                        intent_logits.cpu(), slot_logits.cpu(), batch["word_starts"].cpu(),
+                        [len(ex.words) for ex in examples], model.labels,
+                    )
+                )
+    engine.train()
+    golds = [dev[i] for i in mine]
+    s = score_locale(golds, preds) if golds else {"em": 0, "intent_acc": 0, "n": 0, "num_gold_spans": 0,
+                                                    "num_pred_spans": 0, "num_correct_spans": 0}
+    totals = all_reduce_sum([
+        loss_sum, loss_count, s["em"] * s["n"], s["intent_acc"] * s["n"], s["n"],
+        s["num_gold_spans"], s["num_pred_spans"], s["num_correct_spans"],
+    ])
+    t_loss, t_count, t_exact, t_intent, t_n, t_gold, t_pred, t_correct = totals
+    return {
+        "dev_loss": t_loss / max(t_count, 1.0),
+        "dev_em": t_exact / max(t_n, 1.0),
+        "dev_intent_acc": t_intent / max(t_n, 1.0),
+        "dev_slot_f1": 2 * t_correct / (t_gold + t_pred) if t_gold + t_pred else 0.0,
+        "dev_examples": int(t_n),
+    }
+
+
+def generate_predictions(
+    model: Any, tokenizer: Any, batch: dict[str, torch.Tensor], examples: list[MassiveExample],
+    cfg: FinetuneConfig, synced: bool,
+) -> list[NLUPrediction]:
+    """Greedy generation of the text-to-text target, parsed into intent + per-word slots."""
+    from data_prep.massive import parse_target
+
+    output = model.generate(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        max_new_tokens=cfg.max_target_len,
+        num_beams=1,
+        do_sample=False,
+        synced_gpus=synced,
+    )
+    texts = tokenizer.batch_decode(output, skip_special_tokens=True)
+    return [parse_target(text, len(ex.words)) for text, ex in zip(texts, examples)]
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def finetune(cfg: FinetuneConfig, run_dir: str | Path, resume: bool = False) -> Path:
+    """Fine-tune cfg.init on MASSIVE; returns the exported model directory run_dir/<out>."""
+    from launch.distributed import all_reduce_mean, all_reduce_sum, build_engine, init_distributed
+    from launch.training import (
+        CheckpointManager,
+        MetricsLogger,
+        ResumableSampler,
+        TrainState,
+        check_finite,
+        export_hf,
+        progress_bar,
+        seed_everything,
+    )
+
+    # config
+    run_dir = Path(run_dir)
+    name = output_name(cfg)
+    dist_info = init_distributed(cfg.train.num_threads)
+    seed_everything(cfg.train.seed)
+    grad_accum = cfg.train.grad_accum_steps(dist_info.world_size)
+    if dist_info.is_rank0:
+        save_config(cfg, run_dir / "config.yaml")
+
+    # data
+    tokenizer = load_finetune_tokenizer(cfg, run_dir)
+    data = load_finetune_data(cfg)
+    train_pairs = encode_seq2seq(tokenizer, data.train, cfg) if cfg.head == "seq2seq" else None
+    dev_pairs = encode_seq2seq(tokenizer, data.dev, cfg) if cfg.head == "seq2seq" else None
+    sampler = ResumableSampler(len(data.train), cfg.train.micro_batch_size, grad_accum, dist_info.rank,
+                               dist_info.world_size, cfg.train.seed)
+
+    # model and engine
+    model = build_finetune_model(cfg, run_dir, tokenizer, data)
+    engine = build_engine(model, cfg.train, dist_info)
+    checkpoints = CheckpointManager(run_dir, name, keep=cfg.train.keep_checkpoints)
+    state = TrainState()
+    if resume and checkpoints.latest_complete() is not None:
+        state = checkpoints.load(engine)
+    metrics = MetricsLogger(run_dir, stage="finetune", name=name)
+    config_yaml = _config_yaml(cfg)
+    if dist_info.is_rank0:
+        print(
+            f"finetune {name}: head={cfg.head} setting={cfg.setting} init={cfg.init} "
+            f"train={len(data.train)} examples ({', '.join(data.train_locales)}) dev={len(data.dev)} "
+            f"params={sum(p.numel() for p in model.parameters()):,} world={dist_info.world_size} "
+            f"from step {state.step}",
+            flush=True,
+        )
+
+    # the loop
+    window = _Window()
+    bar = progress_bar(cfg.train.max_steps, initial=state.step, desc=f"finetune {name}")
+    segment_start = time.perf_counter() - state.wall_time_s
+    while state.step < cfg.train.max_steps:
+        step_tokens = 0
+        step_loss = 0.0
+        parts: dict[str, float] = {}
+        for indices in sampler.micro_batches(state.epoch, state.epoch_position):
+            if cfg.head == "seq2seq":
+                batch = collate_seq2seq([train_pairs[i] for i in indices], tokenizer.pad_token_id)
+            else:
+                batch = collate_encoder([data.train[i] for i in indices], tokenizer, model.labels, cfg.max_source_len)
+            loss, loss_parts = train_loss(engine, batch, cfg, dist_info.device)
+            engine.backward(loss)
+            engine.step()
+            step_loss += loss.item() / grad_accum
+            for key, value in loss_parts.items():
+                parts[key] = parts.get(key, 0.0) + value / grad_accum
+            step_tokens += num_tokens(batch)
+        step_loss = all_reduce_mean(step_loss)
+        check_finite(step_loss, state.step, checkpoints)
+        sampler.advance(state)
+        state.step += 1
+        state.tokens_seen += int(all_reduce_sum([float(step_tokens)])[0])
+        state.wall_time_s = time.perf_counter() - segment_start
+        window.add(step_loss, parts)
+        bar.update(1)
+
+        maybe_log(metrics, state, window, engine, cfg, bar)
+        maybe_eval(metrics, state, engine, model, tokenizer, data, dev_pairs, cfg, dist_info)
+        maybe_save(checkpoints, engine, state, cfg, config_yaml)
+    bar.close()
+
+    # export
+    out_dir = run_dir / name
+    export_hf(engine, model, tokenizer, out_dir)
+    metrics.close()
+    return out_dir
+
+
+@dataclass
+class _Window:
+    """Running sums of the training loss since the last log line."""
+
+    loss: float = 0.0
+    count: int = 0
+    parts: dict[str, float] = dataclasses.field(default_factory=dict)
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+    tokens_at_start: int = 0
+
+    def add(self, loss: float, parts: dict[str, float]) -> None:
+        self.loss += loss
+        self.count += 1
+        for key, value in parts.items():
+            self.parts[key] = self.parts.get(key, 0.0) + value
+
+    def reset(self, tokens_seen: int) -> None:
+        self.loss, self.count, self.parts = 0.0, 0, {}
+        self.started = time.perf_counter()
+        self.tokens_at_start = tokens_seen
+
+
+def _config_yaml(cfg: FinetuneConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
+
+
+def _is_due(step: int, every: int, max_steps: int) -> bool:
+    """Every `every` steps and at the last step (every=0: only at the last step)."""
+    return step == max_steps or (every > 0 and step % every == 0)
+
+
+def maybe_log(metrics: MetricsLogger, state: TrainState, window: _Window, engine: Any, cfg: FinetuneConfig, bar: Any) -> None:
+    if not (state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps) or window.count == 0:
+        return
+    elapsed = max(time.perf_counter() - window.started, 1e-9)
+    record = {
+        "loss": window.loss / window.count,
+        **{k: v / window.count for k, v in window.parts.items()},
+        "lr": engine.get_lr()[0],
+        "tokens_per_s": (state.tokens_seen - window.tokens_at_start) / elapsed,
+        "steps_per_s": window.count / elapsed,
+        "epoch": state.epoch,
+        "examples_seen": state.examples_seen,
+        "tokens_seen": state.tokens_seen,
+    }
+    metrics.log(state.step, record)
+    bar.set_postfix(loss=f"{record['loss']:.3f}")
+    window.reset(state.tokens_seen)
+
+
+def maybe_eval(
+    metrics: MetricsLogger, state: TrainState, engine: Any, model: Any, tokenizer: Any, data: FinetuneData,
+    dev_pairs: list[tuple[list[int], list[int]]] | None, cfg: FinetuneConfig, dist_info: DistInfo,
+) -> dict[str, float] | None:
+    if not data.dev or not _is_due(state.step, cfg.train.eval_every, cfg.train.max_steps):
+        return None
+    result = evaluate(engine, model, tokenizer, data.dev, dev_pairs, cfg, dist_info)
+    if state.best_eval_loss is None or result["dev_loss"] < state.best_eval_loss:
+        state.best_eval_loss = result["dev_loss"]
+    metrics.log(state.step, result)
+    if dist_info.is_rank0:
+        print(
+            f"step {state.step}: dev_loss {result['dev_loss']:.4f} em {result['dev_em']:.3f} "
+            f"intent_acc {result['dev_intent_acc']:.3f} slot_f1 {result['dev_slot_f1']:.3f}",
+            flush=True,
+        )
+    return result
+
+
+def maybe_save(checkpoints: CheckpointManager, engine: Any, state: TrainState, cfg: FinetuneConfig, config_yaml: str) -> None:
+    if _is_due(state.step, cfg.train.save_every, cfg.train.max_steps):
+        checkpoints.save(engine, state, config_yaml)
