@@ -95,7 +95,8 @@ def init_distributed(num_threads: int = 0, timeout_minutes: float = 30.0) -> Dis
 
     Works under DeepSpeed's launcher and torchrun (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* from the
     environment) and in a plain single process (world size 1 on a free loopback port).
-    `num_threads`: torch intra-op threads per process on CPU; 0 = cores / processes on this node.
+    `num_threads`: torch intra-op threads per process on CPU; 0 = $OMP_NUM_THREADS when set, else the
+    cores available divided by the processes on this node.
     Calling it again returns the same DistInfo.
     """
     has_gpu = _gpu_available()
@@ -128,7 +129,8 @@ def init_distributed(num_threads: int = 0, timeout_minutes: float = 30.0) -> Dis
     else:
         device = "cpu"
         # Oversubscribed cores make every rank wait for the slowest one in each all-reduce.
-        torch.set_num_threads(num_threads or cpu_threads_per_process(local_world))
+        env_threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+        torch.set_num_threads(num_threads or env_threads or cpu_threads_per_process(local_world))
     return DistInfo(
         rank=dist.get_rank(),
         local_rank=local_rank,

@@ -95,8 +95,8 @@ class TrainConfig:
     matmul peak at start-up (launch.training.measure_peak_tflops); on GPU a known datasheet value
     (bf16 dense) for the device when listed, else MFU is not reported."""
     num_threads: int = 0
-    """torch intra-op threads per process on CPU; 0 = the cores available divided by the processes on the
-    node."""
+    """torch intra-op threads per process on CPU; 0 = $OMP_NUM_THREADS when set, else the cores available
+    divided by the processes on the node (2 cores, 2 processes: 1 thread each)."""
 
     def validate(self) -> None:
         positive = ("micro_batch_size", "global_batch_size", "max_steps", "log_every", "num_eval_batches",

@@ -1,0 +1,314 @@
+"""The teacher pretraining loop (stage 1: general domain; stage 2: in-domain with init_from).
+
+`pretrain(cfg, run_dir, resume)` reads top to bottom: config -> data -> model -> engine -> an explicit
+loop of train_step / maybe_log / maybe_eval / maybe_save -> export of a Hugging Face directory.
+Runs unchanged in one process or under `polyteacher launch` (ranks come from the environment).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from launch.config import ConfigError, save_config, to_dict
+from launch.distributed import (
+    DistInfo,
+    all_reduce_mean,
+    all_reduce_sum,
+    build_engine,
+    init_distributed,
+)
+from launch.training import (
+    CheckpointManager,
+    MetricsLogger,
+    ResumableSampler,
+    TrainState,
+    check_finite,
+    default_peak_tflops,
+    eval_micro_batches,
+    export_hf,
+    progress_bar,
+    seed_everything,
+)
+from teacher.config import PretrainConfig, PretrainPaths, resolve_paths
+from teacher.objectives import OBJECTIVE_NAMES, PretrainCollator, loss_by_objective
+from teacher.presets import ModelSpec, model_flops_per_example
+
+STAGE = "pretrain"
+
+
+def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False) -> Path:
+    """Pretrain (or continue pretraining) a teacher; returns the exported model directory."""
+    # -- config and processes
+    cfg.validate()
+    dist = init_distributed(cfg.train.num_threads)
+    paths = resolve_paths(cfg, run_dir)
+    seed_everything(cfg.train.seed)
+    config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
+    if dist.is_rank0:
+        save_config(cfg, paths.run_dir / "config.yaml")
+
+    # -- data
+    tokenizer, train_data, heldout_data = load_data(paths)
+    collator = PretrainCollator.from_tokenizer(cfg.objective, tokenizer, seed=cfg.train.seed)
+    grad_accum = cfg.train.grad_accum_steps(dist.world_size)
+    sampler = ResumableSampler(len(train_data), cfg.train.micro_batch_size, grad_accum, dist.rank,
+                               dist.world_size, cfg.train.seed)
+    eval_batches = eval_micro_batches(len(heldout_data), cfg.train.micro_batch_size, cfg.train.num_eval_batches,
+                                      dist.rank, dist.world_size)
+
+    # -- model and engine
+    model = load_or_build_model(cfg, paths, tokenizer)
+    spec = spec_of(model)
+    engine = build_engine(model, cfg.train, dist)
+
+    # -- state: fresh or from the latest complete checkpoint
+    checkpoints = CheckpointManager(paths.run_dir, cfg.out, keep=cfg.train.keep_checkpoints)
+    state = restore_or_start(checkpoints, engine, resume, dist)
+    metrics = MetricsLogger(paths.run_dir, STAGE, name=cfg.out)
+    peak_tflops = default_peak_tflops(cfg.train, dist)
+    window = Window()
+    bar = progress_bar(cfg.train.max_steps, initial=state.step, desc=f"{STAGE} {cfg.out}")
+
+    # -- the loop
+    engine.train()
+    while state.step < cfg.train.max_steps:
+        step_loss = train_step(engine, collator, train_data, sampler, state, spec, window, checkpoints)
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_loss:.4f}")
+        maybe_log(cfg, state, engine, window, metrics, peak_tflops, dist)
+        maybe_eval(cfg, state, engine, collator, heldout_data, eval_batches, metrics)
+        maybe_save(cfg, state, engine, checkpoints, config_yaml)
+    bar.close()
+
+    # -- export
+    out = export_hf(engine, model, tokenizer, paths.out)
+    report_rank_summary(dist, state, engine, model, window)
+    metrics.close()
+    return paths.out if out is None else out
+
+
+# ----------------------------------------------------------------------------- set-up
+
+
+def load_data(paths: PretrainPaths) -> tuple[Any, Any, Any]:
+    """(tokenizer, train rows, held-out rows); each dataset has an `input_ids` column."""
+    from data_prep.tokenizer import load_tokenizer
+
+    for path, what in ((paths.train_data, "training data"), (paths.heldout_data, "held-out data"),
+                       (paths.tokenizer, "tokenizer")):
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{what} not found at {path}; run `polyteacher data prepare --run-dir {paths.run_dir}` first "
+                "(or set data=/tokenizer= to the right directory)"
+            )
+    return load_tokenizer(paths.tokenizer), _load_packed(paths.train_data), _load_packed(paths.heldout_data)
+
+
+def _load_packed(path: Path) -> Any:
+    try:
+        from data_prep.packing import load_packed
+    except ImportError:  # packing lands separately; its format is a plain save_to_disk directory
+        import datasets
+
+        return datasets.load_from_disk(str(path))
+    return load_packed(path)
+
+
+def load_or_build_model(cfg: PretrainConfig, paths: PretrainPaths, tokenizer: Any) -> Any:
+    """A new teacher from cfg.teacher (seeded), or the init_from directory's weights (stage 2)."""
+    if paths.init_from is None:
+        from teacher.presets import build_model
+
+        return build_model(cfg.teacher, tokenizer, seed=cfg.train.seed)
+    from transformers import AutoModelForSeq2SeqLM
+
+    if not (paths.init_from / "config.json").is_file():
+        raise FileNotFoundError(f"init_from={cfg.init_from}: {paths.init_from} is not a Hugging Face model directory")
+    model = AutoModelForSeq2SeqLM.from_pretrained(paths.init_from)
+    if model.config.vocab_size < len(tokenizer):
+        raise ConfigError(f"init_from model has {model.config.vocab_size} embedding rows, tokenizer {len(tokenizer)}")
+    return model
+
+
+def spec_of(model: Any) -> ModelSpec:
+    """The ModelSpec of a built T5 (its actual shape, whatever preset or directory it came from)."""
+    c = model.config
+    return ModelSpec(
+        name=getattr(c, "name_or_path", "") or "model", num_layers=c.num_layers,
+        num_decoder_layers=c.num_decoder_layers, d_model=c.d_model, num_heads=c.num_heads, d_kv=c.d_kv,
+        d_ff=c.d_ff, feed_forward_proj=c.feed_forward_proj, tie_word_embeddings=bool(c.tie_word_embeddings),
+        dropout=c.dropout_rate, reference_vocab_size=c.vocab_size, vocab_size=c.vocab_size,
+        pad_vocab_to_multiple_of=1,
+    )
+
+
+def restore_or_start(checkpoints: CheckpointManager, engine: Any, resume: bool, dist: DistInfo) -> TrainState:
+    latest = checkpoints.latest_complete()
+    if resume:
+        if latest is None:
+            if dist.is_rank0:
+                print(f"{STAGE}: --resume but no complete checkpoint under {checkpoints.root}; starting at step 0",
+                      file=sys.stderr)
+            return TrainState()
+        state = checkpoints.load(engine, latest)
+        if dist.is_rank0:
+            print(f"{STAGE}: resumed from {latest} (step {state.step})", file=sys.stderr)
+        return state
+    if latest is not None:
+        raise ConfigError(
+            f"checkpoints already exist under {checkpoints.root} (latest {latest.name}); pass --resume to "
+            "continue that run, or choose another out= name / remove the directory"
+        )
+    return TrainState()
+
+
+# ----------------------------------------------------------------------------- one optimizer step
+
+
+@dataclasses.dataclass
+class Window:
+    """Sums since the last log line (this rank's, reduced over ranks when logged)."""
+
+    losses: list[float] = dataclasses.field(default_factory=list)
+    objective_loss_sums: list[float] = dataclasses.field(default_factory=lambda: [0.0] * len(OBJECTIVE_NAMES))
+    objective_tokens: list[float] = dataclasses.field(default_factory=lambda: [0.0] * len(OBJECTIVE_NAMES))
+    tokens: float = 0.0
+    flops: float = 0.0
+    start: float = dataclasses.field(default_factory=time.perf_counter)
+    last_loss: float = math.nan
+
+    def reset(self) -> None:
+        last = self.last_loss
+        self.__init__()  # type: ignore[misc]
+        self.last_loss = last
+
+
+def train_step(engine: Any, collator: PretrainCollator, train_data: Any, sampler: ResumableSampler,
+               state: TrainState, spec: ModelSpec, window: Window, checkpoints: CheckpointManager) -> float:
+    """One optimizer step over grad_accum micro-batches; returns the loss averaged over ranks."""
+    micro_batches = sampler.micro_batches(state.epoch, state.epoch_position)
+    # The stream position seeds each example's noise: later epochs see new noise, resume the same.
+    stream_offset = state.epoch * len(train_data)
+    micro_losses = []
+    local_tokens = 0
+    for i, indices in enumerate(micro_batches):
+        rows = train_data[indices]["input_ids"]
+        batch = collator.collate(rows, [stream_offset + j for j in indices])
+        objective = batch.pop("objective")
+        src_lens = batch["attention_mask"].sum(dim=1).tolist()
+        tgt_lens = batch["decoder_attention_mask"].sum(dim=1).tolist()
+        batch = {k: v.to(engine.device) for k, v in batch.items()}
+        output = engine(**batch)
+        engine.backward(output.loss)
+        micro_losses.append(output.loss.detach())
+        for k, (loss_sum, count) in enumerate(loss_by_objective(output.logits, batch["labels"], objective.to(engine.device)).values()):
+            window.objective_loss_sums[k] += float(loss_sum)
+            window.objective_tokens[k] += float(count)
+        local_tokens += int(sum(src_lens) + sum(tgt_lens))
+        window.flops += sum(model_flops_per_example(spec, None, s, t) for s, t in zip(src_lens, tgt_lens))
+        if i == len(micro_batches) - 1:
+            # Checked before the optimizer step applies it, on the rank-mean so every rank stops together.
+            step_loss = all_reduce_mean(sum(float(x) for x in micro_losses) / len(micro_losses))
+            check_finite(step_loss, state.step, checkpoints)
+        engine.step()
+    state.step += 1
+    state.tokens_seen += int(all_reduce_sum([float(local_tokens)])[0])
+    sampler.advance(state)
+    window.losses.append(step_loss)
+    window.tokens += local_tokens
+    window.last_loss = step_loss
+    return step_loss
+
+
+# ----------------------------------------------------------------------------- log, eval, save
+
+
+def maybe_log(cfg: PretrainConfig, state: TrainState, engine: Any, window: Window, metrics: MetricsLogger,
+              peak_tflops: float | None, dist: DistInfo) -> None:
+    if state.step % cfg.train.log_every and state.step != cfg.train.max_steps:
+        return
+    elapsed = time.perf_counter() - window.start
+    state.wall_time_s += elapsed
+    sums = all_reduce_sum(window.objective_loss_sums + window.objective_tokens + [window.tokens, window.flops])
+    num = len(OBJECTIVE_NAMES)
+    loss_sums, token_counts, tokens, flops = sums[:num], sums[num : 2 * num], sums[-2], sums[-1]
+    record: dict[str, Any] = {"loss": sum(window.losses) / max(1, len(window.losses))}
+    for name, loss_sum, count in zip(OBJECTIVE_NAMES, loss_sums, token_counts):
+        if count:
+            record[f"loss_{name}"] = loss_sum / count
+    record["lr"] = float(engine.lr_scheduler.get_last_lr()[0])
+    grad_norm = engine.get_global_grad_norm()
+    if grad_norm is not None:
+        record["grad_norm"] = float(grad_norm)
+    record["tokens_per_s"] = tokens / elapsed
+    record["tflops_per_device"] = flops / elapsed / dist.world_size / 1e12
+    if peak_tflops:
+        record["mfu"] = record["tflops_per_device"] / peak_tflops
+    record.update(tokens_seen=state.tokens_seen, epoch=state.epoch, examples_seen=state.examples_seen)
+    metrics.log(state.step, record)
+    window.reset()
+
+
+def maybe_eval(cfg: PretrainConfig, state: TrainState, engine: Any, collator: PretrainCollator, heldout: Any,
+               eval_batches: list[list[int]], metrics: MetricsLogger) -> float | None:
+    due = cfg.train.eval_every and state.step % cfg.train.eval_every == 0
+    if not (due or state.step == cfg.train.max_steps):
+        return None
+    result = heldout_loss(engine, collator, heldout, eval_batches)
+    if state.best_eval_loss is None or result["eval_loss"] < state.best_eval_loss:
+        state.best_eval_loss = result["eval_loss"]
+    metrics.log(state.step, result)
+    return result["eval_loss"]
+
+
+def heldout_loss(engine: Any, collator: PretrainCollator, heldout: Any, eval_batches: list[list[int]]) -> dict[str, float]:
+    """Token-weighted cross-entropy on the fixed held-out batches (same noise every time), over all ranks."""
+    import torch
+
+    num = len(OBJECTIVE_NAMES)
+    local = [0.0] * (2 * num)
+    engine.eval()
+    with torch.no_grad():
+        for indices in eval_batches:
+            batch = collator.collate(heldout[indices]["input_ids"], indices)
+            objective = batch.pop("objective").to(engine.device)
+            batch = {k: v.to(engine.device) for k, v in batch.items()}
+            output = engine(**batch)
+            for k, (loss_sum, count) in enumerate(loss_by_objective(output.logits, batch["labels"], objective).values()):
+                local[k] += float(loss_sum)
+                local[num + k] += float(count)
+    engine.train()
+    sums = all_reduce_sum(local)
+    total_tokens = sum(sums[num:])
+    result = {"eval_loss": sum(sums[:num]) / max(1.0, total_tokens)}
+    for k, name in enumerate(OBJECTIVE_NAMES):
+        if sums[num + k]:
+            result[f"eval_loss_{name}"] = sums[k] / sums[num + k]
+    return result
+
+
+def maybe_save(cfg: PretrainConfig, state: TrainState, engine: Any, checkpoints: CheckpointManager,
+               config_yaml: str) -> None:
+    due = cfg.train.save_every and state.step % cfg.train.save_every == 0
+    if due or state.step == cfg.train.max_steps:
+        checkpoints.save(engine, state, config_yaml=config_yaml)
+
+
+def report_rank_summary(dist: DistInfo, state: TrainState, engine: Any, model: Any, window: Window) -> None:
+    """One line per rank on stdout; the checksum of the replicated weights (ZeRO 0-2) shows that every
+    rank holds the same model."""
+    import torch
+
+    checksum = "partitioned (ZeRO-3)"
+    if engine.zero_optimization_stage() < 3:
+        with torch.no_grad():
+            checksum = f"{float(sum(p.detach().double().abs().sum() for p in model.parameters())):.6f}"
+    print(f"[rank {dist.rank}/{dist.world_size}] {STAGE} done: step {state.step} loss {window.last_loss:.6f} "
+          f"weights_abs_sum {checksum}", flush=True)
