@@ -221,7 +221,7 @@ def _match_case(source: str, target: str) -> str:
     return target
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_lexicon(lang: str) -> Lexicon:
     """The lexicon of a language code ("en") or MASSIVE locale ("en-US"); a .tsv path also works."""
     path = Path(lang)
@@ -273,16 +273,50 @@ def swap_words(words: Sequence[str], lang: str) -> list[str]:
 
 @dataclasses.dataclass(frozen=True)
 class CDAItem:
-    """One training text of counterfactual data augmentation and its counterfactual partner."""
+    """One training item of counterfactual data augmentation and its counterfactual partner."""
 
-    text: str
-    """What the student trains on."""
-    counterfactual: str
+    text: Any
+    """What the student trains on (a string, or whatever `cda_items` was given: e.g. token rows)."""
+    counterfactual: Any
     """sigma(text): the teacher's x~ for perturbation (for a swapped item, the original x)."""
     swapped: bool
     """`text` is the counterfactual of an original input."""
     source_index: int
     """Index of the original in the input list."""
+
+
+def cda_items(originals: Sequence[Any], counterfactuals: Sequence[Any], mode: str = "two_sided",
+              p: float = 0.5, rng: Any = None) -> list[CDAItem]:
+    """CDA over precomputed counterfactuals (x_i, x~_i); an item counts as changed when x~ != x.
+
+    - "none": every x as is;
+    - "one_sided": x replaced by x~ with probability p (unchanged items stay);
+    - "two_sided": x and, when it changed, x~ too (right after x; unchanged items are not doubled).
+
+    `rng` has `.random()` (random.Random or numpy Generator); required for one_sided.
+    """
+    if mode not in CDA_MODES:
+        raise ValueError(f"cda mode {mode!r} is not allowed; allowed values: {', '.join(CDA_MODES)}")
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"cda probability {p} must be in [0, 1]")
+    if len(originals) != len(counterfactuals):
+        raise ValueError(f"{len(originals)} originals but {len(counterfactuals)} counterfactuals")
+    if mode == "one_sided" and rng is None:
+        raise ValueError("one_sided CDA needs an rng")
+    out: list[CDAItem] = []
+    for i, (x, cf) in enumerate(zip(originals, counterfactuals)):
+        changed = bool(cf != x) if not hasattr(cf, "shape") else not _array_equal(cf, x)
+        if mode == "one_sided" and changed and rng.random() < p:
+            out.append(CDAItem(cf, x, True, i))
+            continue
+        out.append(CDAItem(x, cf, False, i))
+        if mode == "two_sided" and changed:
+            out.append(CDAItem(cf, x, True, i))
+    return out
+
+
+def _array_equal(a: Any, b: Any) -> bool:
+    return tuple(a.shape) == tuple(b.shape) and bool((a == b).all())
 
 
 def augment(
@@ -292,35 +326,15 @@ def augment(
     rng: Any = None,
     lang: str | Sequence[str] = "auto",
 ) -> list[CDAItem]:
-    """Counterfactual data augmentation.
-
-    - "none": every x as is;
-    - "one_sided": x replaced by x~ = sigma(x) with probability p (texts sigma leaves unchanged stay);
-    - "two_sided": x and, when sigma changes it, x~ too (right after x; unchanged texts are not doubled).
+    """Counterfactual data augmentation of texts (see `cda_items` for the modes).
 
     `lang` is one language/locale for all texts, one per text, or "auto" (guessed per text).
-    `rng` has `.random()` (random.Random or numpy Generator); required for one_sided.
     """
-    if mode not in CDA_MODES:
-        raise ValueError(f"cda mode {mode!r} is not allowed; allowed values: {', '.join(CDA_MODES)}")
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"cda probability {p} must be in [0, 1]")
     langs = [lang] * len(texts) if isinstance(lang, str) else list(lang)
     if len(langs) != len(texts):
         raise ValueError(f"{len(langs)} languages for {len(texts)} texts")
-    if mode == "one_sided" and rng is None:
-        raise ValueError("one_sided CDA needs an rng")
-    out: list[CDAItem] = []
-    for i, (text, text_lang) in enumerate(zip(texts, langs)):
-        cf = swap(text, text_lang)
-        changed = cf != text
-        if mode == "one_sided" and changed and rng.random() < p:
-            out.append(CDAItem(cf, text, True, i))
-            continue
-        out.append(CDAItem(text, cf, False, i))
-        if mode == "two_sided" and changed:
-            out.append(CDAItem(cf, text, True, i))
-    return out
+    counterfactuals = [swap(text, text_lang) for text, text_lang in zip(texts, langs)]
+    return cda_items(texts, counterfactuals, mode, p, rng)
 
 
 # ----------------------------------------------------------------------------- teacher perturbation

@@ -1,0 +1,89 @@
+"""`DistillConfig`: the `distill` section (preset `launch/presets/<name>/distill.yaml`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from launch.config import ConfigError
+from launch.training import TrainConfig
+from student.presets import StudentConfig
+from teacher.objectives import ObjectiveConfig
+
+
+def _default_train() -> TrainConfig:
+    return TrainConfig(micro_batch_size=8, global_batch_size=16, max_steps=1000, lr=1e-3, warmup_steps=50)
+
+
+@dataclasses.dataclass
+class DistillConfig:
+    """Distil a teacher into a compact student with counterfactual role reversal."""
+
+    teacher: str = "teacher"
+    """Teacher model directory (HF save_pretrained + tokenizer): absolute, or relative to the run directory."""
+    out: str = "student"
+    """Name of the student: its model directory run_dir/<out>, checkpoints under checkpoints/<out>/."""
+    data: str = "data"
+    """task=agnostic: packed pretraining data directory (with train/ and heldout/), relative to the run directory or absolute."""
+    tokenizer: str = "tokenizer"
+    """Tokenizer the packed data was made with (run-relative or absolute); checked against the teacher's at start-up. Empty = skip the check."""
+    student: StudentConfig = dataclasses.field(default_factory=StudentConfig)
+    """Student size relative to the teacher and its initialisation."""
+    alpha: float = 0.5
+    """Weight of the KD term: loss = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(labels)."""
+    temperature: float = 2.0
+    """Softmax temperature T of teacher and student distributions in the KD term."""
+    hidden_loss_weight: float = 0.0
+    """Weight of the MSE between the student's final encoder and decoder hidden states (through a learned projection) and the teacher's; 0 = off."""
+    cda: Literal["none", "one_sided", "two_sided"] = "two_sided"
+    """Counterfactual data augmentation: none, one_sided (x replaced by its gender-swapped x~ with probability cda_prob) or two_sided (train on x and x~)."""
+    cda_prob: float = 0.5
+    """Probability of replacing x by x~ for cda=one_sided."""
+    perturb: Literal["none", "max", "mean"] = "max"
+    """Teacher-prediction perturbation: for tokens of gendered pairs p^(w) = f(p(w|x), p(sigma(w)|x~)), f = max or mean, renormalised; none = plain teacher."""
+    lexicon_languages: list[str] = dataclasses.field(default_factory=list)
+    """Lexicon languages used for swaps and the token map (empty = every lexicon in distill/lexicons)."""
+    task: Literal["agnostic", "massive"] = "agnostic"
+    """agnostic: distil on the pretraining mixture (packed data, the pretraining objectives); massive: task-specific distillation from a fine-tuned teacher on MASSIVE text-to-text."""
+    objective: ObjectiveConfig = dataclasses.field(default_factory=ObjectiveConfig)
+    """task=agnostic: the denoising/CLM mixture that turns packed rows into inputs and targets."""
+    massive_data: str = "@data/massive/data"
+    """task=massive: MASSIVE source (directory of <locale>.jsonl[.gz], tarball or hub)."""
+    locales: list[str] = dataclasses.field(default_factory=lambda: ["en-US", "de-DE"])
+    """task=massive: locales to distil on (train partition; dev for the held-out loss)."""
+    num_train_examples: int = 0
+    """task=massive: examples per locale from the train partition (0 = all)."""
+    num_eval_examples: int = 64
+    """task=massive: dev examples per locale for the held-out loss."""
+    max_source_len: int = 64
+    """task=massive: source tokens kept (truncated beyond)."""
+    max_target_len: int = 64
+    """task=massive: target tokens kept (truncated beyond)."""
+    train: TrainConfig = dataclasses.field(default_factory=_default_train)
+    """Batch sizes, steps, optimiser, ZeRO stage, logging/eval/save intervals, seed."""
+
+    def validate(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"distill.alpha: must be in [0, 1], got {self.alpha}")
+        if not self.temperature > 0:
+            raise ConfigError(f"distill.temperature: must be > 0, got {self.temperature}")
+        if self.hidden_loss_weight < 0:
+            raise ConfigError(f"distill.hidden_loss_weight: must be >= 0, got {self.hidden_loss_weight}")
+        if not 0.0 <= self.cda_prob <= 1.0:
+            raise ConfigError(f"distill.cda_prob: must be in [0, 1], got {self.cda_prob}")
+        if not self.out or "/" in self.out or self.out in (".", ".."):
+            raise ConfigError(f"distill.out: {self.out!r} must be a plain directory name")
+        from distill.counterfactual import available_languages
+
+        unknown = [lang for lang in self.lexicon_languages if lang not in available_languages()]
+        if unknown:
+            raise ConfigError(
+                f"distill.lexicon_languages: no lexicon for {', '.join(unknown)}; allowed values: "
+                + ", ".join(available_languages())
+            )
+        for name in ("num_train_examples",):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"distill.{name}: must be >= 0, got {getattr(self, name)}")
+        for name in ("num_eval_examples", "max_source_len", "max_target_len"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"distill.{name}: must be >= 1, got {getattr(self, name)}")

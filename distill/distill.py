@@ -1,0 +1,605 @@
+"""The distillation stage: a frozen teacher, a compact student on DeepSpeed, counterfactual role reversal.
+
+`distill(cfg, run_dir, resume)` reads like a table of contents: config, data, teacher and student,
+engine, then an explicit loop with maybe_log / maybe_eval / maybe_save, and the Hugging Face export.
+
+One training micro-batch:
+
+1. rows from the data (task=agnostic: packed pretraining rows; task=massive: MASSIVE train examples)
+   and their counterfactuals x~ = sigma(x) (`distill.counterfactual`): for packed rows each document
+   between `<sep>` markers is decoded, its language guessed, swapped, and re-encoded when it changed;
+   for MASSIVE the words are swapped one for one in the example's locale (the target is unchanged);
+2. CDA (`cda_items`): two_sided trains on x and x~, one_sided on x~ instead of x with probability
+   cda_prob; each training item keeps its counterfactual partner;
+3. inputs/targets: the pretraining collator's example for a row at stream position i (its noise is
+   seeded by i, so x and x~ of the same length get the same spans and CLM split) or the MASSIVE
+   text-to-text pair;
+4. the teacher (eval mode, frozen, on every rank, under torch.inference_mode) runs on the items and on
+   their partners; p_T = softmax(z / T); with perturbation p^ = perturb_probs(p_T(x), p_T(x~)) on rows
+   whose target lengths agree (the others keep p_T(x): `perturb_aligned` in the metrics);
+5. the student's loss alpha T^2 KL(p^ || q_T) + (1 - alpha) CE [+ w * hidden MSE] through the engine.
+
+Held-out evaluation: the student's and the teacher's token cross-entropy on the held-out rows (MASSIVE
+dev for task=massive) and KL(teacher_T || student_T) there, without augmentation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from distill.config import DistillConfig
+from launch.config import ConfigError, resolve_data_path, save_config, to_dict
+from launch.fsutil import atomic_write_json, safe_path
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+    import torch
+
+    from distill.counterfactual import TokenSwapMap
+    from launch.distributed import DistInfo
+    from launch.training import CheckpointManager, MetricsLogger, TrainState
+    from teacher.objectives import Example
+
+
+# ----------------------------------------------------------------------------- paths and models
+
+
+def resolve_dir(run_dir: Path, value: str, key: str) -> Path:
+    """A directory given absolute, or relative to the run directory (never escaping it)."""
+    path = Path(value).expanduser()
+    candidate = path if path.is_absolute() else safe_path(run_dir, value)
+    if not candidate.is_dir():
+        raise ConfigError(f"distill.{key}: {value!r} is not a directory (looked at {candidate})")
+    return candidate
+
+
+def load_teacher(teacher_dir: Path, device: str, precision: str = "fp32") -> Any:
+    """The frozen teacher: eval mode, requires_grad False, in the training precision (safetensors, no
+    remote code). Every rank holds a full replica (it is only run forward)."""
+    import torch
+    from transformers import AutoModelForSeq2SeqLM
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    teacher = AutoModelForSeq2SeqLM.from_pretrained(teacher_dir, use_safetensors=True, dtype=dtype)
+    teacher.eval().requires_grad_(False)
+    return teacher.to(device)
+
+
+def load_checked_tokenizer(cfg: DistillConfig, run_dir: Path, teacher_dir: Path, teacher: Any) -> Any:
+    """The teacher's tokenizer; for task=agnostic also checked against the tokenizer of the data."""
+    from data_prep.tokenizer import load_tokenizer
+    from student.presets import check_vocabulary
+
+    tokenizer = load_tokenizer(teacher_dir)
+    if cfg.task == "agnostic" and cfg.tokenizer:
+        data_tokenizer_dir = resolve_dir(run_dir, cfg.tokenizer, "tokenizer")
+        check_vocabulary(tokenizer, teacher_dir, load_tokenizer(data_tokenizer_dir), data_tokenizer_dir,
+                         embedding_rows=teacher.config.vocab_size)
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class Pair:
+    """A training item and its counterfactual partner (what the teacher also sees for p^)."""
+
+    train: Example
+    partner: Example
+    swapped: bool
+    """The training item is a counterfactual."""
+    changed: bool
+    """sigma changed the original (it has gendered words)."""
+
+
+class Swapper:
+    """sigma restricted to the configured lexicon languages."""
+
+    def __init__(self, languages: list[str]) -> None:
+        from distill.counterfactual import available_languages
+
+        self.languages = set(languages or available_languages())
+
+    def text(self, text: str, lang: str = "auto") -> str:
+        from distill.counterfactual import guess_language, lexicon_language, load_lexicon
+
+        code = guess_language(text) if lang == "auto" else lexicon_language(lang)
+        if code is None or code not in self.languages:
+            return text
+        return load_lexicon(code).swap(text)
+
+    def words(self, words: list[str], locale: str) -> list[str]:
+        from distill.counterfactual import lexicon_language, swap_words
+
+        code = lexicon_language(locale)
+        if code is None or code not in self.languages:
+            return list(words)
+        return swap_words(words, code)
+
+
+def counterfactual_row(row: np.ndarray, tokenizer: Any, sep_id: int, swapper: Swapper) -> np.ndarray:
+    """sigma of a packed row: each document between <sep> markers decoded, swapped (language guessed),
+    and re-encoded only when it changed (unchanged documents keep their exact ids)."""
+    import numpy as np
+
+    bounds = np.flatnonzero(row == sep_id)
+    pieces: list[np.ndarray] = []
+    start = 0
+    for end in [*bounds.tolist(), row.size]:
+        segment = row[start:end]
+        if segment.size:
+            text = tokenizer.decode(segment.tolist(), skip_special_tokens=False)
+            swapped = swapper.text(text)
+            if swapped != text:
+                segment = np.asarray(tokenizer(swapped, add_special_tokens=False)["input_ids"], dtype=np.int64)
+        pieces.append(segment)
+        if end < row.size:
+            pieces.append(row[end : end + 1])
+        start = end + 1
+    return np.concatenate(pieces) if pieces else row
+
+
+class AgnosticData:
+    """Packed pretraining rows (datasets Arrow, column input_ids) with the pretraining collator."""
+
+    def __init__(self, cfg: DistillConfig, run_dir: Path, tokenizer: Any) -> None:
+        import datasets
+
+        from data_prep.tokenizer import special_ids
+        from teacher.objectives import PretrainCollator
+
+        root = resolve_dir(run_dir, cfg.data, "data")
+        for split in ("train", "heldout"):
+            if not (root / split).is_dir():
+                raise ConfigError(f"distill.data: {root} has no {split}/ (packed data from `polyteacher data pack`)")
+        self.train = datasets.load_from_disk(str(root / "train")).with_format("numpy")
+        self.heldout = datasets.load_from_disk(str(root / "heldout")).with_format("numpy")
+        self.tokenizer = tokenizer
+        self.collator = PretrainCollator.from_tokenizer(cfg.objective, tokenizer, seed=cfg.train.seed)
+        self.sep = special_ids(tokenizer).sep
+        self.swapper = Swapper(cfg.lexicon_languages)
+        self.cfg = cfg
+        self.description = f"{len(self.train)} packed rows, {len(self.heldout)} held-out"
+
+    @property
+    def num_train(self) -> int:
+        return len(self.train)
+
+    @property
+    def num_eval(self) -> int:
+        return len(self.heldout)
+
+    def pairs(self, indices: list[int], epoch: int) -> list[Pair]:
+        import numpy as np
+
+        from distill.counterfactual import cda_items
+
+        rows = [np.asarray(self.train[i]["input_ids"], dtype=np.int64) for i in indices]
+        stream = [epoch * self.num_train + i for i in indices]
+        swapped_rows = [counterfactual_row(r, self.tokenizer, self.sep, self.swapper) for r in rows]
+        rng = np.random.default_rng([self.cfg.train.seed, 0xCDA, *stream])
+        out = []
+        for item in cda_items(rows, swapped_rows, self.cfg.cda, self.cfg.cda_prob, rng):
+            index = stream[item.source_index]
+            changed = not np.array_equal(rows[item.source_index], swapped_rows[item.source_index])
+            out.append(Pair(self.collator.example(item.text, index), self.collator.example(item.counterfactual, index),
+                            item.swapped, changed))
+        return out
+
+    def eval_examples(self, indices: list[int]) -> list[Example]:
+        # Fixed stream positions past any training index: the same noise at every evaluation.
+        return [self.collator.example(self.heldout[i]["input_ids"], 10**9 + i) for i in indices]
+
+    def pad(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        return self.collator.pad_examples(examples)
+
+
+class MassiveDistillData:
+    """MASSIVE text-to-text examples for task-specific distillation (teacher fine-tuned on MASSIVE)."""
+
+    def __init__(self, cfg: DistillConfig, tokenizer: Any) -> None:
+        from data_prep.massive import load_massive
+        from data_prep.tokenizer import special_ids
+        from teacher.objectives import ObjectiveConfig, PretrainCollator
+
+        data = load_massive(str(resolve_data_path(cfg.massive_data)), locales=cfg.locales,
+                            partitions=("train", "dev"))
+        self.train, self.dev = [], []
+        for locale in cfg.locales:
+            train = data.examples(locale=locale, partition="train")
+            self.train += train[: cfg.num_train_examples] if cfg.num_train_examples else train
+            self.dev += data.examples(locale=locale, partition="dev")[: cfg.num_eval_examples]
+        if not self.train:
+            raise ConfigError(f"distill.locales: no MASSIVE train examples for {', '.join(cfg.locales)}")
+        self.tokenizer = tokenizer
+        # Only the padding of the collator is used here.
+        self.collator = PretrainCollator(ObjectiveConfig(), special_ids(tokenizer))
+        self.swapper = Swapper(cfg.lexicon_languages)
+        self.cfg = cfg
+        self.description = f"MASSIVE {', '.join(cfg.locales)}: {len(self.train)} train, {len(self.dev)} dev"
+
+    @property
+    def num_train(self) -> int:
+        return len(self.train)
+
+    @property
+    def num_eval(self) -> int:
+        return len(self.dev)
+
+    def _example(self, words: list[str], slots: list[str], intent: str) -> Example:
+        import numpy as np
+
+        from data_prep.massive import to_text_to_text
+        from teacher.objectives import DENOISE, Example
+
+        source, target = to_text_to_text(words, slots, intent)
+        src = self.tokenizer(source, truncation=True, max_length=self.cfg.max_source_len)["input_ids"]
+        tgt = self.tokenizer(target, truncation=True, max_length=self.cfg.max_target_len)["input_ids"]
+        return Example(np.asarray(src, dtype=np.int64), np.asarray(tgt, dtype=np.int64), DENOISE)
+
+    def pairs(self, indices: list[int], epoch: int) -> list[Pair]:
+        import numpy as np
+
+        from distill.counterfactual import cda_items
+
+        examples = [self.train[i] for i in indices]
+        words = [list(ex.words) for ex in examples]
+        swapped = [self.swapper.words(w, ex.locale) for w, ex in zip(words, examples)]
+        rng = np.random.default_rng([self.cfg.train.seed, 0xCDA, *[epoch * self.num_train + i for i in indices]])
+        out = []
+        for item in cda_items(words, swapped, self.cfg.cda, self.cfg.cda_prob, rng):
+            ex = examples[item.source_index]
+            out.append(Pair(self._example(item.text, ex.slots, ex.intent),
+                            self._example(item.counterfactual, ex.slots, ex.intent),
+                            item.swapped, words[item.source_index] != swapped[item.source_index]))
+        return out
+
+    def eval_examples(self, indices: list[int]) -> list[Example]:
+        return [self._example(list(self.dev[i].words), self.dev[i].slots, self.dev[i].intent) for i in indices]
+
+    def pad(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        return self.collator.pad_examples(examples)
+
+
+def load_distill_data(cfg: DistillConfig, run_dir: Path, tokenizer: Any) -> AgnosticData | MassiveDistillData:
+    if cfg.task == "massive":
+        return MassiveDistillData(cfg, tokenizer)
+    return AgnosticData(cfg, run_dir, tokenizer)
+
+
+# ----------------------------------------------------------------------------- one step
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    """The differentiable total loss of the micro-batch."""
+    parts: dict[str, float]
+    """kd, ce, hidden, and the CRR counters of the micro-batch."""
+    num_tokens: int
+    """Non-pad source + target tokens the student processed."""
+
+
+def _to(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def teacher_forward(teacher: Any, batch: dict[str, torch.Tensor], hidden: bool) -> Any:
+    """Teacher outputs under inference mode (no graph, no gradient)."""
+    import torch
+
+    with torch.inference_mode():
+        return teacher(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            decoder_input_ids=teacher._shift_right(batch["labels"]),
+            output_hidden_states=hidden,
+        )
+
+
+def distill_step(engine: Any, teacher: Any, pairs: list[Pair], data: Any, cfg: DistillConfig,
+                 token_map: TokenSwapMap, hidden_loss: Any, device: str) -> StepOutput:
+    """Loss of one micro-batch (see the module doc, steps 3-5)."""
+    import torch
+
+    from distill.counterfactual import perturb_probs
+    from distill.losses import kd_loss, teacher_probs
+
+    n = len(pairs)
+    batch = _to(data.pad([p.train for p in pairs]), device)
+    tgt_len, src_len = batch["labels"].shape[1], batch["input_ids"].shape[1]
+    perturb = cfg.perturb != "none"
+    use_hidden = hidden_loss is not None
+    # One teacher pass over the items and their partners, padded together (positions stay aligned).
+    teacher_batch = _to(data.pad([p.train for p in pairs] + ([p.partner for p in pairs] if perturb else [])), device)
+    t_out = teacher_forward(teacher, teacher_batch, use_hidden)
+    probs = teacher_probs(t_out.logits[:n, :tgt_len], cfg.temperature)
+    parts: dict[str, float] = {
+        "rows": float(n),
+        "rows_swapped": float(sum(p.swapped for p in pairs)),
+        "rows_gendered": float(sum(p.changed for p in pairs)),
+    }
+    if perturb:
+        aligned = torch.tensor([p.partner.target.size == p.train.target.size for p in pairs], device=device)
+        cf_probs = teacher_probs(t_out.logits[n:, :tgt_len], cfg.temperature)
+        perturbed = perturb_probs(probs, cf_probs, token_map, cfg.perturb, valid=aligned)
+        mask = (batch["labels"] != -100).float()
+        moved = ((perturbed - probs).abs().sum(-1) * mask).sum() / mask.sum().clamp_min(1.0)
+        parts["perturb_aligned"] = float(aligned.sum())
+        parts["perturb_l1"] = float(moved)
+        probs = perturbed
+    out = engine(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        decoder_input_ids=teacher._shift_right(batch["labels"]),
+        output_hidden_states=use_hidden,
+    )
+    losses = kd_loss(out.logits, batch["labels"], teacher_probs_T=probs, alpha=cfg.alpha, temperature=cfg.temperature)
+    total = losses.total
+    parts["kd"] = float(losses.kd.detach())
+    parts["ce"] = float(losses.ce.detach())
+    if use_hidden:
+        target_mask = batch["labels"] != -100
+        decoder = hidden_loss(out.decoder_hidden_states[-1], t_out.decoder_hidden_states[-1][:n, :tgt_len], target_mask)
+        encoder = hidden_loss(out.encoder_last_hidden_state, t_out.encoder_last_hidden_state[:n, :src_len],
+                              batch["attention_mask"])
+        hidden = 0.5 * (decoder + encoder)
+        total = total + cfg.hidden_loss_weight * hidden
+        parts["hidden"] = float(hidden.detach())
+    tokens = int(batch["attention_mask"].sum()) + losses.num_tokens
+    return StepOutput(total, parts, tokens)
+
+
+# ----------------------------------------------------------------------------- held-out loss
+
+
+def evaluate(engine: Any, teacher: Any, data: Any, cfg: DistillConfig, dist_info: DistInfo) -> dict[str, float]:
+    """Held-out token CE of student and teacher, and KL(teacher_T || student_T), over all ranks."""
+    import torch
+    import torch.nn.functional as F
+
+    from launch.distributed import all_reduce_sum
+    from launch.training import eval_micro_batches
+
+    engine.eval()
+    sums = [0.0, 0.0, 0.0, 0.0]  # student CE, teacher CE, KL, tokens
+    batches = eval_micro_batches(data.num_eval, cfg.train.micro_batch_size, cfg.train.num_eval_batches,
+                                 dist_info.rank, dist_info.world_size)
+    with torch.no_grad():
+        for indices in batches:
+            batch = _to(data.pad(data.eval_examples(indices)), dist_info.device)
+            labels = batch["labels"]
+            t_logits = teacher_forward(teacher, batch, False).logits.float()
+            s_logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              decoder_input_ids=teacher._shift_right(labels)).logits.float()
+            mask = labels != -100
+            for k, logits in enumerate((s_logits, t_logits)):
+                sums[k] += float(F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="sum"))
+            p = torch.softmax(t_logits / cfg.temperature, -1)
+            log_q = torch.log_softmax(s_logits / cfg.temperature, -1)
+            kl = (torch.xlogy(p, p) - p * log_q).sum(-1)
+            sums[2] += float((kl * mask).sum())
+            sums[3] += float(mask.sum())
+    engine.train()
+    student_ce, teacher_ce, kl, tokens = all_reduce_sum(sums)
+    tokens = max(tokens, 1.0)
+    return {"heldout_student_ce": student_ce / tokens, "heldout_teacher_ce": teacher_ce / tokens,
+            "heldout_kd": kl / tokens, "heldout_tokens": tokens}
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def distill(cfg: DistillConfig, run_dir: str | Path, resume: bool = False) -> Path:
+    """Distil cfg.teacher into a student; returns the exported student directory run_dir/<out>."""
+    from distill.counterfactual import build_token_map
+    from distill.losses import HiddenStateLoss
+    from launch.distributed import (
+        all_reduce_mean,
+        all_reduce_sum,
+        build_engine,
+        init_distributed,
+        resolve_precision,
+    )
+    from launch.training import (
+        CheckpointManager,
+        MetricsLogger,
+        ResumableSampler,
+        TrainState,
+        check_finite,
+        export_hf,
+        progress_bar,
+        seed_everything,
+    )
+    from student.presets import build_student, describe_student
+
+    # config
+    run_dir = Path(run_dir)
+    dist_info = init_distributed(cfg.train.num_threads)
+    seed_everything(cfg.train.seed)
+    grad_accum = cfg.train.grad_accum_steps(dist_info.world_size)
+    if dist_info.is_rank0:
+        save_config(cfg, run_dir / "config.yaml")
+
+    # teacher, tokenizer, data
+    teacher_dir = resolve_dir(run_dir, cfg.teacher, "teacher")
+    teacher = load_teacher(teacher_dir, dist_info.device, resolve_precision(cfg.train.precision, dist_info))
+    tokenizer = load_checked_tokenizer(cfg, run_dir, teacher_dir, teacher)
+    data = load_distill_data(cfg, run_dir, tokenizer)
+    token_map = build_token_map(tokenizer, cfg.lexicon_languages or None)
+    sampler = ResumableSampler(data.num_train, cfg.train.micro_batch_size, grad_accum, dist_info.rank,
+                               dist_info.world_size, cfg.train.seed)
+
+    # student and engine
+    student, init_info = build_student(teacher, cfg.student, seed=cfg.train.seed)
+    hidden_loss = (
+        HiddenStateLoss(student.config.d_model, teacher.config.d_model) if cfg.hidden_loss_weight > 0 else None
+    )
+    engine = build_engine(student, cfg.train, dist_info, extra_params=[hidden_loss] if hidden_loss else ())
+    if hidden_loss is not None:
+        hidden_loss = engine.module.extras[0]
+    checkpoints = CheckpointManager(run_dir, cfg.out, keep=cfg.train.keep_checkpoints)
+    state = TrainState()
+    if resume and checkpoints.latest_complete() is not None:
+        state = checkpoints.load(engine)
+    metrics = MetricsLogger(run_dir, stage="distill", name=cfg.out)
+    config_yaml = _config_yaml(cfg)
+    if dist_info.is_rank0:
+        print(
+            f"distill {cfg.out}: teacher {teacher_dir} -> {describe_student(init_info, student.config)}\n"
+            f"  task={cfg.task} data: {data.description}; cda={cfg.cda} perturb={cfg.perturb} "
+            f"alpha={cfg.alpha} T={cfg.temperature} hidden={cfg.hidden_loss_weight}; token pairs "
+            f"{len(token_map)} ({_token_map_summary(token_map)}); world={dist_info.world_size} from step {state.step}",
+            flush=True,
+        )
+
+    # the loop
+    window = _Window()
+    bar = progress_bar(cfg.train.max_steps, initial=state.step, desc=f"distill {cfg.out}")
+    segment_start = time.perf_counter() - state.wall_time_s
+    while state.step < cfg.train.max_steps:
+        step_loss, step_tokens = 0.0, 0
+        parts: dict[str, float] = {}
+        for indices in sampler.micro_batches(state.epoch, state.epoch_position):
+            pairs = data.pairs(indices, state.epoch)
+            out = distill_step(engine, teacher, pairs, data, cfg, token_map, hidden_loss, dist_info.device)
+            engine.backward(out.loss)
+            engine.step()
+            step_loss += float(out.loss.detach()) / grad_accum
+            step_tokens += out.num_tokens
+            for key, value in out.parts.items():
+                parts[key] = parts.get(key, 0.0) + value
+        step_loss = all_reduce_mean(step_loss)
+        check_finite(step_loss, state.step, checkpoints)
+        sampler.advance(state)
+        state.step += 1
+        state.tokens_seen += int(all_reduce_sum([float(step_tokens)])[0])
+        state.wall_time_s = time.perf_counter() - segment_start
+        window.add(step_loss, parts, grad_accum)
+        bar.update(1)
+
+        maybe_log(metrics, state, window, engine, cfg, bar)
+        maybe_eval(metrics, state, engine, teacher, data, cfg, dist_info)
+        maybe_save(checkpoints, engine, state, cfg, config_yaml)
+    bar.close()
+
+    # export
+    out_dir = run_dir / cfg.out
+    export_hf(engine, student, tokenizer, out_dir)
+    if dist_info.is_rank0:
+        atomic_write_json(out_dir / "distillation.json", {
+            "teacher": str(teacher_dir),
+            "student_init": dataclasses.asdict(init_info),
+            "token_map": {"num_token_pairs": len(token_map), "per_language": token_map.stats},
+            "config": to_dict(cfg),
+            "final_step": state.step,
+            "best_heldout_student_ce": state.best_eval_loss,
+        })
+    metrics.close()
+    return out_dir
+
+
+def _token_map_summary(token_map: TokenSwapMap) -> str:
+    return ", ".join(
+        f"{lang} {s['single_token']}/{s['pairs']} single-token" for lang, s in token_map.stats.items()
+    )
+
+
+# ----------------------------------------------------------------------------- log / eval / save
+
+
+@dataclass
+class _Window:
+    """Running sums since the last log line."""
+
+    loss: float = 0.0
+    count: int = 0
+    micro_steps: int = 0
+    parts: dict[str, float] = dataclasses.field(default_factory=dict)
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+    tokens_at_start: int = 0
+
+    def add(self, loss: float, parts: dict[str, float], micro_steps: int) -> None:
+        self.loss += loss
+        self.count += 1
+        self.micro_steps += micro_steps
+        for key, value in parts.items():
+            self.parts[key] = self.parts.get(key, 0.0) + value
+
+    def reset(self, tokens_seen: int) -> None:
+        self.loss, self.count, self.micro_steps, self.parts = 0.0, 0, 0, {}
+        self.started = time.perf_counter()
+        self.tokens_at_start = tokens_seen
+
+
+# Per-micro-batch means; the row counters become fractions of the training rows.
+_MEAN_PARTS = ("kd", "ce", "hidden", "perturb_l1")
+_ROW_PARTS = ("rows_swapped", "rows_gendered", "perturb_aligned")
+
+
+def _config_yaml(cfg: DistillConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
+
+
+def _is_due(step: int, every: int, max_steps: int) -> bool:
+    """Every `every` steps and at the last step (every=0: only at the last step)."""
+    return step == max_steps or (every > 0 and step % every == 0)
+
+
+def maybe_log(metrics: MetricsLogger, state: TrainState, window: _Window, engine: Any, cfg: DistillConfig,
+              bar: Any) -> None:
+    if not (state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps) or window.count == 0:
+        return
+    elapsed = max(time.perf_counter() - window.started, 1e-9)
+    rows = max(window.parts.get("rows", 0.0), 1.0)
+    record: dict[str, Any] = {"loss": window.loss / window.count}
+    record.update({k: window.parts[k] / window.micro_steps for k in _MEAN_PARTS if k in window.parts})
+    record.update({f"{k}_fraction": window.parts[k] / rows for k in _ROW_PARTS if k in window.parts})
+    record.update({
+        "rows_per_micro_batch": rows / window.micro_steps,
+        "lr": engine.get_lr()[0],
+        "tokens_per_s": (state.tokens_seen - window.tokens_at_start) / elapsed,
+        "steps_per_s": window.count / elapsed,
+        "epoch": state.epoch,
+        "examples_seen": state.examples_seen,
+        "tokens_seen": state.tokens_seen,
+    })
+    metrics.log(state.step, record)
+    bar.set_postfix(loss=f"{record['loss']:.3f}", kd=f"{record.get('kd', 0):.3f}")
+    window.reset(state.tokens_seen)
+
+
+def maybe_eval(metrics: MetricsLogger, state: TrainState, engine: Any, teacher: Any, data: Any,
+               cfg: DistillConfig, dist_info: DistInfo) -> dict[str, float] | None:
+    if data.num_eval == 0 or not _is_due(state.step, cfg.train.eval_every, cfg.train.max_steps):
+        return None
+    result = evaluate(engine, teacher, data, cfg, dist_info)
+    if state.best_eval_loss is None or result["heldout_student_ce"] < state.best_eval_loss:
+        state.best_eval_loss = result["heldout_student_ce"]
+    metrics.log(state.step, result)
+    if dist_info.is_rank0:
+        print(
+            f"step {state.step}: held-out CE student {result['heldout_student_ce']:.4f} teacher "
+            f"{result['heldout_teacher_ce']:.4f} KL {result['heldout_kd']:.4f}",
+            flush=True,
+        )
+    return result
+
+
+def maybe_save(checkpoints: CheckpointManager, engine: Any, state: TrainState, cfg: DistillConfig,
+               config_yaml: str) -> None:
+    if _is_due(state.step, cfg.train.save_every, cfg.train.max_steps):
+        checkpoints.save(engine, state, config_yaml)
+
+
+def read_summary(student_dir: str | Path) -> dict[str, Any]:
+    """The distillation.json written beside an exported student."""
+    return json.loads((Path(student_dir) / "distillation.json").read_text())
