@@ -150,7 +150,10 @@ class MassiveSourceConfig:
     on_bad_row: Literal["error", "skip"] = "error"
     """What a malformed row does: error (stop, naming file and line) or skip (count in the report)."""
     cache_dir: str | None = None
-    """Where a downloaded release is cached (null: the library default)."""
+    """Where parsed MASSIVE splits are cached as Arrow (null: <run-dir>/.cache/massive)."""
+    exclude_all_locales: bool = True
+    """Refuse the dev/test utterances of every locale the source has (true), or only of the
+    configured locales (false: loads less, for small runs)."""
     indomain: bool = True
     """Pack MASSIVE train utterances of the configured locales into data-indomain/ (stage 2)."""
 
@@ -208,7 +211,12 @@ def _validate_data_config(cfg: DataConfig) -> None:
     if len(set(names)) != len(names):
         raise ConfigError(f"corpus.sources: source names must be unique, got {names}")
     for i, s in enumerate(c.sources):
-        if s.kind in ("text", "jsonl") and "{locale}" not in s.path and "{lang}" not in s.path and "{flores}" not in s.path:
+        if (
+            s.kind in ("text", "jsonl")
+            and "{locale}" not in s.path
+            and "{lang}" not in s.path
+            and "{flores}" not in s.path
+        ):
             raise ConfigError(
                 f"corpus.sources[{i}].path: {s.path!r} must contain {{locale}}, {{lang}} or {{flores}} "
                 "(one file per locale)"
@@ -220,7 +228,9 @@ def _validate_data_config(cfg: DataConfig) -> None:
         if value is not None and value < 1:
             raise ConfigError(f"corpus.{key}: {value} must be >= 1 or null")
     if c.min_chars < 1 or c.max_chars < c.min_chars:
-        raise ConfigError(f"corpus.min_chars/max_chars: need 1 <= min_chars <= max_chars, got {c.min_chars}, {c.max_chars}")
+        raise ConfigError(
+            f"corpus.min_chars/max_chars: need 1 <= min_chars <= max_chars, got {c.min_chars}, {c.max_chars}"
+        )
 
     s = cfg.sampling
     if not 0.0 <= s.alpha <= 1.0:
@@ -257,4 +267,3 @@ def _validate_data_config(cfg: DataConfig) -> None:
 def min_vocab_size(num_sentinels: int) -> int:
     """The smallest vocab_size that leaves room for MIN_LEARNED_PIECES learned pieces."""
     return len(RESERVED_TOKENS) + num_sentinels + NUM_BYTE_PIECES + MIN_LEARNED_PIECES
-

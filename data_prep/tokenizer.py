@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 PAD, EOS, UNK, CLM, SEP = RESERVED_TOKENS
 SPACE_PIECE = "\u2581"  # SentencePiece's visible space, "▁"
+UNMATCHABLE_SCORE = -1e9
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,9 @@ class SpecialIds:
     clm: int
     sep: int
     sentinels: list[int]
+
+    def all_ids(self) -> list[int]:
+        return [self.pad, self.eos, self.unk, self.clm, self.sep, *self.sentinels]
 
 
 def sentinel_tokens(num_sentinels: int) -> list[str]:
@@ -149,18 +153,33 @@ def _to_fast_tokenizer(processor: Any, num_sentinels: int) -> PreTrainedTokenize
     from tokenizers.models import Unigram
     from transformers import PreTrainedTokenizerFast
 
-    vocab = [(processor.id_to_piece(i), processor.get_score(i)) for i in range(processor.get_piece_size())]
+    # SentencePiece never matches control and byte pieces against text; a `tokenizers` Unigram
+    # model matches every vocabulary piece, so those get a score no segmentation would choose
+    # (text "<sep>" stays text; byte pieces are still reached through byte fallback).
+    vocab = [
+        (
+            processor.id_to_piece(i),
+            UNMATCHABLE_SCORE
+            if processor.is_control(i) or processor.is_byte(i) or processor.is_unknown(i)
+            else processor.get_score(i),
+        )
+        for i in range(processor.get_piece_size())
+    ]
     specials = [PAD, EOS, UNK, CLM, SEP, *sentinel_tokens(num_sentinels)]
     for expected_id, token in enumerate(specials):
         if vocab[expected_id][0] != token:
-            raise RuntimeError(f"SentencePiece put {vocab[expected_id][0]!r} at id {expected_id}, expected {token!r}")
+            raise RuntimeError(
+                f"SentencePiece put {vocab[expected_id][0]!r} at id {expected_id}, expected {token!r}"
+            )
 
     tok = Tokenizer(Unigram(vocab, unk_id=processor.unk_id(), byte_fallback=True))
     # Identity normalisation apart from SentencePiece's own space handling: one "▁" is always
     # prepended (add_dummy_prefix; Metaspace's own prepending skips text that already starts with a
     # space, which would lose a leading space) and spaces become "▁". Splitting before each "▁"
     # mirrors SentencePiece's split_by_whitespace.
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend(SPACE_PIECE), normalizers.Replace(" ", SPACE_PIECE)])
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.Prepend(SPACE_PIECE), normalizers.Replace(" ", SPACE_PIECE)]
+    )
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPACE_PIECE, prepend_scheme="never", split=True)
     # "▁" back to spaces, byte pieces back to UTF-8, then drop the one prepended space.
     tok.decoder = decoders.Sequence(
@@ -207,18 +226,97 @@ def special_ids(tokenizer: Any) -> SpecialIds:
         raise ValueError(f"tokenizer lacks the reserved token(s) {', '.join(missing)}")
     ids = {t: vocab[t] for t in RESERVED_TOKENS}
     if [ids[t] for t in (PAD, EOS, UNK)] != [0, 1, 2]:
-        raise ValueError(f"tokenizer has <pad>, </s>, <unk> at {ids[PAD]}, {ids[EOS]}, {ids[UNK]}; expected 0, 1, 2")
+        raise ValueError(
+            f"tokenizer has <pad>, </s>, <unk> at {ids[PAD]}, {ids[EOS]}, {ids[UNK]}; expected 0, 1, 2"
+        )
     sentinels = []
     i = 0
     while f"<extra_id_{i}>" in vocab:
         sentinels.append(vocab[f"<extra_id_{i}>"])
         i += 1
-    return SpecialIds(pad=ids[PAD], eos=ids[EOS], unk=ids[UNK], clm=ids[CLM], sep=ids[SEP], sentinels=sentinels)
+    return SpecialIds(
+        pad=ids[PAD], eos=ids[EOS], unk=ids[UNK], clm=ids[CLM], sep=ids[SEP], sentinels=sentinels
+    )
 
 
 def is_complete(out_dir: str | os.PathLike) -> bool:
     """True when `out_dir` holds a finished tokenizer (atomic_dir only ever publishes whole ones)."""
     out_dir = Path(out_dir)
-    return all((out_dir / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "training.json"))
+    return all(
+        (out_dir / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "training.json")
+    )
 
 
+# ----------------------------------------------------------------------------- evaluation
+
+# Written without spaces between words: fertility is measured per character instead of per word.
+NO_SPACE_LOCALES = frozenset({"ja-JP", "zh-CN", "zh-TW", "th-TH", "my-MM", "km-KH"})
+
+
+def evaluate_tokenizer(tokenizer: Any, texts_by_locale: dict[str, list[str]]) -> list[dict[str, Any]]:
+    """Per locale: fertility (tokens per word, or per character for NO_SPACE_LOCALES), unknown-token
+    rate, exact round-trip rate (decode(encode(s), skip_special_tokens=True) == s) and sizes.
+
+    Token counts exclude the appended eos.
+    """
+    unk_id = tokenizer.unk_token_id
+    rows = []
+    for loc, texts in texts_by_locale.items():
+        ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []
+        decoded = tokenizer.batch_decode(ids, skip_special_tokens=True) if texts else []
+        num_tokens = sum(len(x) for x in ids)
+        num_unknown = sum(x.count(unk_id) for x in ids)
+        per_char = loc in NO_SPACE_LOCALES
+        units = sum(len("".join(t.split())) if per_char else len(t.split()) for t in texts)
+        exact = sum(a == b for a, b in zip(texts, decoded))
+        rows.append(
+            {
+                "locale": loc,
+                "num_texts": len(texts),
+                "num_tokens": num_tokens,
+                "fertility": num_tokens / units if units else 0.0,
+                "fertility_unit": "char" if per_char else "word",
+                "unknown_rate": num_unknown / num_tokens if num_tokens else 0.0,
+                "round_trip_rate": exact / len(texts) if texts else 1.0,
+            }
+        )
+    return rows
+
+
+def tokenizer_table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
+    """The evaluate_tokenizer rows as a plain-text or Markdown table, with a mean row."""
+    cols = ["locale", "texts", "tokens", "fertility", "per", "unk rate", "round trip"]
+    body = [
+        [
+            r["locale"],
+            str(r["num_texts"]),
+            str(r["num_tokens"]),
+            f"{r['fertility']:.3f}",
+            r["fertility_unit"],
+            f"{r['unknown_rate']:.4f}",
+            f"{r['round_trip_rate']:.4f}",
+        ]
+        for r in rows
+    ]
+    if rows:
+        n = len(rows)
+        body.append(
+            [
+                "mean",
+                str(sum(r["num_texts"] for r in rows)),
+                str(sum(r["num_tokens"] for r in rows)),
+                f"{sum(r['fertility'] for r in rows) / n:.3f}",
+                "",
+                f"{sum(r['unknown_rate'] for r in rows) / n:.4f}",
+                f"{sum(r['round_trip_rate'] for r in rows) / n:.4f}",
+            ]
+        )
+    if markdown:
+        lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(row) + " |" for row in body]
+        return "\n".join(lines)
+    widths = [max(len(c), *(len(row[i]) for row in body)) if body else len(c) for i, c in enumerate(cols)]
+    fmt = "  ".join(f"{{:<{w}}}" if i in (0, 4) else f"{{:>{w}}}" for i, w in enumerate(widths))
+    lines = [fmt.format(*cols), "-" * (sum(widths) + 2 * (len(cols) - 1))]
+    lines += [fmt.format(*row) for row in body]
+    return "\n".join(lines)

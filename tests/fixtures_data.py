@@ -44,7 +44,9 @@ def _massive_train_utterances(massive_dir: Path, locale: str, n: int) -> list[st
     return out
 
 
-def sample_training_text(corpora_dir: Path, massive_dir: Path, locales: list[str], per_source: int) -> list[str]:
+def sample_training_text(
+    corpora_dir: Path, massive_dir: Path, locales: list[str], per_source: int
+) -> list[str]:
     """A small multilingual training text: `per_source` lines per locale from each source."""
     texts: list[str] = []
     for loc in locales:
@@ -73,4 +75,40 @@ def multilingual_tokenizer_dir(tmp_path_factory, corpora_dir: Path, massive_dir:
 
     texts = sample_training_text(corpora_dir, massive_dir, DEFAULT_LOCALES, per_source=100)
     cfg = TokenizerConfig(vocab_size=4000, character_coverage=0.995, num_sentinels=100)
-    return train_tokenizer(texts, tmp_path_factory.mktemp("multilingual_tokenizer") / "tokenizer", cfg, seed=0)
+    return train_tokenizer(
+        texts, tmp_path_factory.mktemp("multilingual_tokenizer") / "tokenizer", cfg, seed=0
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_packed_dir(tmp_path_factory, tiny_tokenizer_dir: Path, corpora_dir: Path, massive_dir: Path) -> Path:
+    """Packed data (seq_len 64) with the tiny tokenizer: `train/`, `heldout/`, `stats.json`.
+
+    Train holds 200 sentences per tiny locale (Tatoeba, NTREX and MASSIVE train utterances);
+    heldout 20 other sentences per locale. Load with data_prep.packing.load_packed(dir, split).
+    """
+    from data_prep.config import PackingConfig
+    from data_prep.corpus import has_reserved_text
+    from data_prep.packing import write_packed
+    from data_prep.tokenizer import load_tokenizer
+
+    train, heldout = ([], []), ([], [])
+    for loc in TINY_LOCALES:
+        texts = [
+            t
+            for t in sample_training_text(corpora_dir, massive_dir, [loc], per_source=80)
+            if not has_reserved_text(t)
+        ]
+        for i, text in enumerate(texts[:220]):
+            split = heldout if i % 11 == 10 else train
+            split[0].append(text)
+            split[1].append(loc)
+    out = tmp_path_factory.mktemp("tiny_packed") / "data"
+    write_packed(
+        out,
+        load_tokenizer(tiny_tokenizer_dir),
+        {"train": train, "heldout": heldout},
+        PackingConfig(seq_len=64),
+        progress=False,
+    )
+    return out
