@@ -162,8 +162,8 @@ def export_fp32(model_dir: Path, out: Path, cfg: ExportConfig) -> dict[str, Any]
         else:
             from student.nlu import EncoderNLUModel
 
-            model, labels = EncoderNLUModel.from_pretrained(model_dir)
-            model = model.float().eval()
+            model = EncoderNLUModel.from_pretrained(model_dir).float().eval()
+            labels = model.labels
             graphs = export_nlu_graph(model, out, cfg)
             parity = check_nlu_parity(model, out, cfg) if cfg.check_parity else None
             extra = {

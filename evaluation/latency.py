@@ -1,0 +1,243 @@
+"""Latency and size of MASSIVE predictors at batch 1 on one thread, and `polyteacher evaluate latency`.
+
+Each model is timed end to end on real MASSIVE test utterances, one at a time: tokenization,
+model (encoder + greedy decoding, or the encoder NLU graph), detokenization and parsing into
+intent + slots, i.e. the `predict_words` of the predictor the directory gets:
+
+- ONNX export (manifest.json): student.runtime.OnnxPredictor, onnxruntime with 1 intra-op thread;
+- encoder NLU directory (nlu_labels.json): student.nlu.EncoderNLUModel.predict_words in PyTorch;
+- Hugging Face seq2seq directory: PyTorch greedy `generate` (num_beams 1), the same token budget
+  as the ONNX runtime (max_new_tokens).
+
+Output JSON ({"<model>": {"p50", "p95", "mean", "size_mb", ...}}, milliseconds and 10^6 bytes),
+the file the pipeline's report reads, plus a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+DEFAULT_MAX_NEW_TOKENS = 128
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (q in [0, 100]) of a non-empty list."""
+    if not values:
+        raise ValueError("percentile of an empty list")
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def model_kind(model_dir: Path) -> str:
+    """"onnx" (an export directory), "encoder_nlu" (PyTorch) or "seq2seq" (PyTorch)."""
+    if (model_dir / "manifest.json").is_file():
+        return "onnx"
+    if (model_dir / "nlu_labels.json").is_file():
+        return "encoder_nlu"
+    if (model_dir / "config.json").is_file():
+        return "seq2seq"
+    raise FileNotFoundError(f"{model_dir}: neither an ONNX export (manifest.json) nor a model directory (config.json)")
+
+
+def model_size_bytes(model_dir: Path) -> int:
+    """Bytes of the model's weights: the ONNX graphs of an export, else the weight files."""
+    if model_kind(model_dir) == "onnx":
+        from student.runtime import read_manifest
+
+        return int(read_manifest(model_dir)["size_bytes"])
+    return sum(p.stat().st_size for p in model_dir.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+
+
+class TorchSeq2SeqPredictor:
+    """PyTorch greedy generation with the same text format and parsing as the ONNX runtime."""
+
+    def __init__(self, model_dir: Path, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> None:
+        from transformers import AutoModelForSeq2SeqLM
+
+        from data_prep.tokenizer import load_tokenizer
+
+        self.tokenizer = load_tokenizer(model_dir)
+        self.model = AutoModelForSeq2SeqLM.from_pretrained(model_dir, trust_remote_code=False, dtype="float32").eval()
+        self.max_new_tokens = max_new_tokens
+
+    def predict_words(self, batch: list[list[str]]) -> list[Any]:
+        import torch
+
+        from data_prep.massive import parse_target, to_text_to_text
+
+        sources = [to_text_to_text(words, ["Other"] * len(words), "")[0] for words in batch]
+        enc = self.tokenizer(sources, return_tensors="pt", padding=True)
+        with torch.inference_mode():
+            out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, num_beams=1, do_sample=False)
+        texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
+        return [parse_target(text, len(words)) for text, words in zip(texts, batch)]
+
+
+def load_timed_predictor(model_dir: Path, num_threads: int = 1, max_new_tokens: int | None = None) -> Any:
+    """The predictor `measure` times for a directory (batch 1, `num_threads` threads)."""
+    kind = model_kind(model_dir)
+    if kind == "onnx":
+        from student.runtime import OnnxPredictor
+
+        return OnnxPredictor(model_dir, num_threads=num_threads, batch_size=1)
+    import torch
+
+    torch.set_num_threads(num_threads)
+    if kind == "encoder_nlu":
+        from student.nlu import EncoderNLUModel
+
+        return EncoderNLUModel.from_pretrained(model_dir)
+    return TorchSeq2SeqPredictor(model_dir, max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS)
+
+
+def time_calls(fn: Callable[[list[str]], Any], utterances: list[list[str]], warmup: int = 3,
+               progress: str | None = None) -> list[float]:
+    """Milliseconds of fn([words]) per utterance, after `warmup` untimed calls."""
+    from tqdm import tqdm
+
+    for words in utterances[:warmup]:
+        fn([words])
+    times = []
+    for words in tqdm(utterances, desc=progress, disable=progress is None, leave=False):
+        start = time.perf_counter()
+        fn([words])
+        times.append((time.perf_counter() - start) * 1000.0)
+    return times
+
+
+def measure(model_dir: str | Path, utterances: list[list[str]], num_threads: int = 1, warmup: int = 3,
+            max_new_tokens: int | None = None, name: str | None = None) -> dict[str, Any]:
+    """{"p50", "p95", "mean", "min" (ms), "size_mb", "backend", "num_examples", "num_threads"} for one model."""
+    model_dir = Path(model_dir)
+    if not utterances:
+        raise ValueError("no utterances to time")
+    predictor = load_timed_predictor(model_dir, num_threads, max_new_tokens)
+    times = time_calls(predictor.predict_words, utterances, warmup=warmup, progress=f"latency {name or model_dir.name}")
+    kind = model_kind(model_dir)
+    backend = "onnxruntime" if kind == "onnx" else "pytorch"
+    precision = None
+    if kind == "onnx":
+        precision = predictor.manifest["precision"]
+        kind = predictor.manifest["kind"]
+    return {
+        "p50": percentile(times, 50),
+        "p95": percentile(times, 95),
+        "mean": statistics.fmean(times),
+        "min": min(times),
+        "size_mb": model_size_bytes(model_dir) / 1e6,
+        "backend": backend,
+        "kind": kind,
+        "precision": precision or "fp32",
+        "num_examples": len(times),
+        "num_threads": num_threads,
+        "model_dir": str(model_dir),
+    }
+
+
+def massive_utterances(data: str, locales: list[str], split: str, max_examples: int) -> list[list[str]]:
+    """Word lists of the first `max_examples` utterances of each locale's `split` (file order)."""
+    from data_prep.massive import load_massive
+    from launch.config import resolve_data_path
+
+    loaded = load_massive(resolve_data_path(data), locales=locales, partitions=(split,), progress=False)
+    out: list[list[str]] = []
+    for locale in locales:
+        out += [list(e.words) for e in loaded.examples(locale=locale, partition=split)[:max_examples]]
+    return out
+
+
+def latency_table(results: dict[str, dict[str, Any]]) -> str:
+    """Markdown table: model, backend, precision, p50, p95, size, and speed-up over each PyTorch model."""
+    lines = ["| model | backend | precision | p50 ms | p95 ms | size MB |", "| --- | --- | --- | ---: | ---: | ---: |"]
+    for name, r in results.items():
+        lines.append(
+            f"| {name} | {r['backend']} | {r['precision']} | {r['p50']:.2f} | {r['p95']:.2f} | {r['size_mb']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def parse_models(items: list[str]) -> dict[str, Path]:
+    """["name=DIR", ...] -> {name: Path}; names must be unique identifiers."""
+    from launch.config import ConfigError
+
+    models: dict[str, Path] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path or "/" in name:
+            raise ConfigError(f"--models: {item!r} is not of the form name=DIR")
+        if name in models:
+            raise ConfigError(f"--models: name {name!r} given twice")
+        models[name] = Path(path)
+    return models
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def register_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "latency",
+        help="latency (p50/p95 at batch 1, one thread) and size of models on MASSIVE test utterances",
+        description=(
+            "Time each model's end-to-end prediction (tokenize, model, parse) on MASSIVE utterances one at a "
+            "time with one thread. A model is an ONNX export (onnxruntime), an encoder NLU directory or a "
+            "Hugging Face seq2seq directory (PyTorch greedy generate). Writes latency.json "
+            '({"<model>": {"p50", "p95", "mean", "size_mb", ...}}, ms and MB) and latency.md into --out.'
+        ),
+    )
+    p.add_argument("--models", nargs="+", required=True, metavar="NAME=DIR", help="models to time, e.g. student_int8=runs/x/onnx/int8")
+    p.add_argument("--out", required=True, help="output directory (latency.json, latency.md)")
+    p.add_argument("--run-dir", default=None, help="run directory that relative model paths and --out are inside")
+    p.add_argument("--data", default="@data/massive/data", help="MASSIVE directory (`@data/` = under the data root)")
+    p.add_argument("--locales", nargs="+", default=["en-US"], help="locales whose utterances are timed (default en-US)")
+    p.add_argument("--split", default="test", choices=["train", "dev", "test"], help="MASSIVE partition (default test)")
+    p.add_argument("--max-examples", type=int, default=50, help="utterances per locale (default 50)")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads for onnxruntime and PyTorch (default 1)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls before timing (default 3)")
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+                   help="token budget of PyTorch generate (ONNX exports use their manifest's max_target_length)")
+    p.set_defaults(func=run_cli)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    from data_prep.massive import check_locales
+    from launch.config import ConfigError
+    from launch.fsutil import atomic_write_json, atomic_write_text, safe_path
+
+    for flag in ("max_examples", "threads", "max_new_tokens"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')}: must be >= 1, got {getattr(args, flag)}")
+    if args.warmup < 0:
+        raise ConfigError(f"--warmup: must be >= 0, got {args.warmup}")
+    try:
+        locales = check_locales(args.locales)
+    except ValueError as e:
+        raise ConfigError(f"--locales: {e}") from e
+    models = parse_models(args.models)
+    out = Path(args.out)
+    if args.run_dir:
+        models = {n: d if d.is_absolute() else safe_path(args.run_dir, d) for n, d in models.items()}
+        out = out if out.is_absolute() else safe_path(args.run_dir, out)
+    missing = [f"{n}={d}" for n, d in models.items() if not d.is_dir()]
+    if missing:
+        raise ConfigError(f"--models: not a directory: {', '.join(missing)}")
+    utterances = massive_utterances(args.data, locales, args.split, args.max_examples)
+    results = {
+        name: measure(d, utterances, num_threads=args.threads, warmup=args.warmup,
+                      max_new_tokens=args.max_new_tokens, name=name)
+        for name, d in models.items()
+    }
+    atomic_write_json(out / "latency.json", results)
+    table = latency_table(results)
+    atomic_write_text(out / "latency.md", f"# Latency (batch 1, {args.threads} thread(s), {len(utterances)} utterances)\n\n{table}")
+    print(table, end="")
+    return 0

@@ -1,0 +1,166 @@
+"""onnxruntime predictor: torch-free inference, tokenization parity, word splitting, edge inputs, CLI.
+
+The exports come from tests/test_export.py's session cache (`session_export`).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_export import massive_examples, session_export
+
+from student.runtime import OnnxPredictor, first_subword_indices, read_manifest, slot_spans, split_words
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def seq2seq_int8(tmp_path_factory, request) -> Path:
+    return session_export(tmp_path_factory, request, "trained-int8")
+
+
+@pytest.fixture(scope="module")
+def seq2seq_fp32(tmp_path_factory, request) -> Path:
+    return session_export(tmp_path_factory, request, "trained-fp32")
+
+
+@pytest.fixture(scope="module")
+def nlu_int8(tmp_path_factory, request) -> Path:
+    return session_export(tmp_path_factory, request, "nlu-int8")
+
+
+@pytest.fixture(scope="module")
+def examples(massive_dir, tmp_path_factory):
+    return massive_examples(massive_dir, tmp_path_factory)
+
+
+# ----------------------------------------------------------------------------- pure functions
+
+
+def test_split_words_whitespace_and_cjk_characters():
+    assert split_words("wake me  up\tat 5am") == ["wake", "me", "up", "at", "5am"]
+    assert split_words("  ") == [] and split_words("") == []
+    assert split_words("明日 5pm の天気", "ja-JP") == ["明", "日", "5pm", "の", "天", "気"]
+    assert split_words("明日の天気", "en-US") == ["明日の天気"]
+    assert split_words("ตั้งปลุก ตีห้า", "th-TH") == ["ตั้งปลุก", "ตีห้า"]
+
+
+def test_slot_spans_group_runs_of_labels():
+    words = ["wake", "me", "at", "five", "am", "tomorrow"]
+    labels = ["Other", "Other", "Other", "time", "time", "date"]
+    assert slot_spans(words, labels) == [
+        {"slot": "time", "value": "five am", "words": ["five", "am"], "start": 3, "end": 5},
+        {"slot": "date", "value": "tomorrow", "words": ["tomorrow"], "start": 5, "end": 6},
+    ]
+    assert slot_spans(["明", "日"], ["date", "date"], "ja-JP")[0]["value"] == "明日"
+    assert slot_spans([], []) == []
+
+
+def test_first_subword_indices_match_student_nlu_encoding(tmp_path_factory, request, examples):
+    """The torch-free word alignment equals student.nlu.encode_words on real utterances of two scripts."""
+    from data_prep.tokenizer import load_tokenizer
+    from student.nlu import encode_words
+
+    nlu = session_export(tmp_path_factory, request, "nlu")
+    predictor = OnnxPredictor(session_export(tmp_path_factory, request, "nlu-fp32"))
+    batch = [list(e.words) for e in examples["test"]] + [["word"] * 40]  # the last one is truncated
+    enc = encode_words(load_tokenizer(nlu), batch, predictor.max_source_length)
+    ids, offsets, truncated = predictor.encode([" ".join(w) for w in batch])
+    assert truncated[-1] and not any(truncated[:-1])
+    for b, words in enumerate(batch):
+        n = int(enc["attention_mask"][b].sum())
+        assert ids[b] == enc["input_ids"][b, :n].tolist()
+        assert first_subword_indices(offsets[b], words) == enc["word_starts"][b, : len(words)].tolist()
+
+
+# ----------------------------------------------------------------------------- predictor
+
+
+def test_runtime_never_imports_torch(seq2seq_int8: Path, nlu_int8: Path):
+    code = (
+        "import sys, json\n"
+        "from student.runtime import OnnxPredictor\n"
+        f"a = OnnxPredictor({str(seq2seq_int8)!r}).predict('wake me up at five am')\n"
+        f"b = OnnxPredictor({str(nlu_int8)!r}).predict('wake me up at five am')\n"
+        "heavy = [m for m in ('torch', 'transformers', 'deepspeed', 'datasets') if m in sys.modules]\n"
+        "print(json.dumps({'heavy': heavy, 'a': a['words'], 'b': len(b['labels'])}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result == {"heavy": [], "a": ["wake", "me", "up", "at", "five", "am"], "b": 6}
+
+
+def test_tokenizer_matches_transformers(seq2seq_fp32: Path, tmp_path_factory, request):
+    from data_prep.tokenizer import load_tokenizer
+
+    hf = load_tokenizer(session_export(tmp_path_factory, request, "trained"))
+    predictor = OnnxPredictor(seq2seq_fp32)
+    texts = ["Annotate: wake me up at five am", "Annotate: 明 日 の 天 気", "Annotate: مرحبا بالعالم", "Annotate: 🙂 ok", ""]
+    ids, _, _ = predictor.encode(texts)
+    assert ids == [hf(t)["input_ids"] for t in texts]
+    sample = hf("Other Other time time alarm_set")["input_ids"]
+    assert predictor.tokenizer.decode(sample, skip_special_tokens=True) == hf.decode(sample, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("which", ["seq2seq", "nlu"])
+def test_predict_edge_inputs(which, seq2seq_int8: Path, nlu_int8: Path):
+    predictor = OnnxPredictor(seq2seq_int8 if which == "seq2seq" else nlu_int8)
+    empty = predictor.predict("")
+    assert empty["words"] == [] and empty["labels"] == [] and empty["slots"] == [] and empty["truncated"] is False
+    assert isinstance(empty["intent"], str)
+    long = predictor.predict(" ".join(["alarm"] * 400), "en-US")
+    assert long["truncated"] is True and len(long["labels"]) == 400
+    if which == "nlu":  # words beyond max_source_length tokens have no first sub-word: Other
+        assert long["labels"][-1] == "Other"
+    for text, locale in (("ตั้งปลุกตีห้า", "th-TH"), ("明日の天気は", "zh-CN"), ("🙂🙃 ñandú", None), ("Привет мир", "ru-RU")):
+        result = predictor.predict(text, locale)
+        assert len(result["labels"]) == len(result["words"]) == len(split_words(text, locale))
+        assert set(result) >= {"intent", "slots", "labels", "words", "truncated"}
+    with pytest.raises(ValueError, match="without whitespace"):
+        predictor.predict_words([["two words"]])
+
+
+def test_predict_words_keeps_order_whatever_the_batch_size(seq2seq_fp32: Path, examples):
+    batch = [list(e.words) for e in examples["test"][:12]]
+    one = OnnxPredictor(seq2seq_fp32, batch_size=1).predict_words(batch)
+    many = OnnxPredictor(seq2seq_fp32, batch_size=5).predict_words(batch)
+    assert one == many
+    assert [len(p.slots) for p in one] == [len(w) for w in batch]
+
+
+def test_nlu_onnx_predictions_equal_pytorch_predictor(tmp_path_factory, request, examples):
+    from student.nlu import EncoderNLUModel
+
+    nlu = session_export(tmp_path_factory, request, "nlu")
+    fp32 = session_export(tmp_path_factory, request, "nlu-fp32")
+    batch = [list(e.words) for e in examples["test"]]
+    assert OnnxPredictor(fp32, batch_size=7).predict_words(batch) == EncoderNLUModel.from_pretrained(nlu).predict_words(batch)
+
+
+def test_read_manifest_errors(tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match="polyteacher export"):
+        read_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text('{\n "kind": "seq2seq",\n oops\n}')
+    with pytest.raises(ValueError, match=r"manifest.json:3"):
+        read_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"kind": "lstm", "precision": "fp32", "graphs": {},
+                                                        "size_bytes": 0, "special_ids": {}, "max_source_length": 8}))
+    with pytest.raises(ValueError, match="'seq2seq', 'encoder_nlu'"):
+        read_manifest(tmp_path)
+
+
+def test_cli_predict_prints_json(seq2seq_int8: Path):
+    out = subprocess.run(
+        [sys.executable, "-m", "launch.cli", "predict", "--model", str(seq2seq_int8), "--locale", "ja-JP",
+         "--threads", "1", "明日の天気", "wake me up"],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    )
+    lines = [json.loads(line) for line in out.stdout.strip().splitlines()]
+    assert [r["words"] for r in lines] == [["明", "日", "の", "天", "気"], ["wake", "me", "up"]]
+    bad = subprocess.run([sys.executable, "-m", "launch.cli", "predict", "--model", str(seq2seq_int8), "--locale", "xx-XX", "hi"],
+                         cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 2 and "allowed" in bad.stderr
