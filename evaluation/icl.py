@@ -16,7 +16,8 @@ Output of `evaluate icl --out DIR [--name NAME]` (NAME defaults to "icl"):
    "clm_prompt": bool, "num_labels": int, "chance": float, "shots": [int],
    "accuracy": {"<k>": float},            # unweighted mean over locales
    "accuracy_ci": {"<k>": [lo, hi]},
-   "per_locale": {locale: {"n": int, "accuracy": {"<k>": float}, "accuracy_ci": {"<k>": [lo, hi]}}},
+   "per_locale": {locale: {"n": int, "accuracy": {"<k>": float}, "accuracy_ci": {"<k>": [lo, hi]},
+                           "top_prediction": {"<k>": [intent, fraction of queries]}}},
    "example_prompts": {locale: str},      # the largest-k prompt of the first query
    "ci_method": str, "elapsed_s": float, "config": {...}}
 - `DIR/NAME.md`: accuracy per locale and k; `DIR/NAME.png`: accuracy per locale, one bar per k,
@@ -30,6 +31,7 @@ import random
 import sys
 import time
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -229,6 +231,8 @@ def evaluate_icl(cfg, model_dir: str | Path, out_dir: str | Path, name: str = "i
         queries = data.examples(locale=loc, partition=icfg.split)[: icfg.max_examples or None]
         pool = data.examples(locale=loc if icfg.demo_source == "same" else "en-US", partition="train")
         correct = {k: 0 for k in shots}
+        # How often each intent is predicted: a degenerate model predicts one label for everything.
+        predicted_counts: dict[int, Counter[str]] = {k: Counter() for k in shots}
         bar = tqdm(total=len(queries) * len(shots), desc=f"icl {loc}", unit="prompt", file=sys.stderr)
         for start in range(0, len(queries), icfg.batch_size):
             batch = queries[start : start + icfg.batch_size]
@@ -249,6 +253,7 @@ def evaluate_icl(cfg, model_dir: str | Path, out_dir: str | Path, name: str = "i
                 )
                 predicted = scores.argmax(-1).tolist()
                 correct[k] += sum(intents[p] == q.intent for p, q in zip(predicted, batch))
+                predicted_counts[k].update(intents[p] for p in predicted)
                 bar.update(len(batch))
         bar.close()
         n = len(queries)
@@ -257,6 +262,9 @@ def evaluate_icl(cfg, model_dir: str | Path, out_dir: str | Path, name: str = "i
             "n": n,
             "accuracy": accuracy,
             "accuracy_ci": {key: list(normal_interval(acc, n, cfg.confidence_z)) for key, acc in accuracy.items()},
+            "top_prediction": {
+                str(k): [intent, count / n] for k in shots for intent, count in predicted_counts[k].most_common(1)
+            },
         }
 
     mean_accuracy, mean_ci = {}, {}
@@ -290,9 +298,15 @@ def icl_markdown(result: dict[str, Any]) -> str:
     from evaluation.plots import markdown_table
 
     shots = [str(k) for k in result["shots"]]
-    header = ["locale", "n"] + [f"acc k={k}" for k in shots]
-    rows = [[loc, s["n"]] + [s["accuracy"][k] for k in shots] for loc, s in sorted(result["per_locale"].items())]
-    rows.append(["**mean**", sum(s["n"] for s in result["per_locale"].values())] + [result["accuracy"][k] for k in shots])
+    last = shots[-1]
+    header = ["locale", "n"] + [f"acc k={k}" for k in shots] + [f"most predicted (k={last})"]
+
+    def top(s: dict[str, Any]) -> str:
+        intent, fraction = s["top_prediction"][last]
+        return f"{intent} ({fraction:.0%})"
+
+    rows = [[loc, s["n"]] + [s["accuracy"][k] for k in shots] + [top(s)] for loc, s in sorted(result["per_locale"].items())]
+    rows.append(["**mean**", sum(s["n"] for s in result["per_locale"].values())] + [result["accuracy"][k] for k in shots] + [""])
     title = (
         f"# In-context intent classification: {result['model']}\n\n"
         f"Rank classification over {result['num_labels']} intents (chance {result['chance']:.4f}); "

@@ -6,8 +6,10 @@ intent + slots, i.e. the `predict_words` of the predictor the directory gets:
 
 - ONNX export (manifest.json): student.runtime.OnnxPredictor, onnxruntime with 1 intra-op thread;
 - encoder NLU directory (nlu_labels.json): student.nlu.EncoderNLUModel.predict_words in PyTorch;
-- Hugging Face seq2seq directory: PyTorch greedy `generate` (num_beams 1), the same token budget
-  as the ONNX runtime (max_new_tokens).
+- Hugging Face seq2seq directory: PyTorch greedy `generate` (num_beams 1).
+
+Both seq2seq paths stop at eos or after max_new_tokens (given: the same budget for both; not
+given: the export's max_target_length and DEFAULT_MAX_NEW_TOKENS for PyTorch).
 
 Output JSON ({"<model>": {"p50", "p95", "mean", "size_mb", ...}}, milliseconds and 10^6 bytes),
 the file the pipeline's report reads, plus a Markdown table.
@@ -88,7 +90,7 @@ def load_timed_predictor(model_dir: Path, num_threads: int = 1, max_new_tokens: 
     if kind == "onnx":
         from student.runtime import OnnxPredictor
 
-        return OnnxPredictor(model_dir, num_threads=num_threads, batch_size=1)
+        return OnnxPredictor(model_dir, num_threads=num_threads, batch_size=1, max_new_tokens=max_new_tokens)
     import torch
 
     torch.set_num_threads(num_threads)
@@ -203,8 +205,9 @@ def register_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-examples", type=int, default=50, help="utterances per locale (default 50)")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads for onnxruntime and PyTorch (default 1)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls before timing (default 3)")
-    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
-                   help="token budget of PyTorch generate (ONNX exports use their manifest's max_target_length)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"generation budget of every seq2seq model (default: an export's max_target_length, "
+                   f"{DEFAULT_MAX_NEW_TOKENS} for PyTorch)")
     p.set_defaults(func=run_cli)
 
 
@@ -214,7 +217,7 @@ def run_cli(args: argparse.Namespace) -> int:
     from launch.fsutil import atomic_write_json, atomic_write_text, safe_path
 
     for flag in ("max_examples", "threads", "max_new_tokens"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')}: must be >= 1, got {getattr(args, flag)}")
     if args.warmup < 0:
         raise ConfigError(f"--warmup: must be >= 0, got {args.warmup}")

@@ -33,6 +33,13 @@ def _save(fig, path: str | os.PathLike) -> Path:
     return atomic_write_bytes(path, buffer.getvalue())
 
 
+def _auto_ylim(values: Sequence[float]) -> tuple[float, float]:
+    """From 0 (or the lowest negative value) to 15% above the highest; (0, 1) when all are 0."""
+    low = min([0.0, *values])
+    high = max([0.0, *values])
+    return (low * 1.15, high * 1.15 if high > 0 else 1.0)
+
+
 def _width(num_bars: int) -> float:
     return min(max(4.0, 0.32 * num_bars + 1.5), 24.0)
 
@@ -74,8 +81,8 @@ def bar_chart(
     ax.set_xticklabels(keys, rotation=60 if len(keys) > 6 else 0, ha="right" if len(keys) > 6 else "center", fontsize=8)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    if ylim is not None:
-        ax.set_ylim(*ylim)
+    upper = [errors[k][1] for k in keys if k in errors] if errors else []
+    ax.set_ylim(*(ylim or _auto_ylim(heights + upper + ([mean] if mean is not None else []))))
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
 
@@ -112,8 +119,7 @@ def grouped_bar_chart(
     ax.set_xticklabels(keys, rotation=60 if len(keys) > 6 else 0, ha="right" if len(keys) > 6 else "center", fontsize=8)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    if ylim is not None:
-        ax.set_ylim(*ylim)
+    ax.set_ylim(*(ylim or _auto_ylim([v for g in groups.values() for v in g.values()] + list((hlines or {}).values()))))
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)

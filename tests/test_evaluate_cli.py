@@ -147,22 +147,56 @@ def test_evaluate_massive_seq2seq_end_to_end(tiny_teacher_dir, massive_dir, tmp_
         assert result[metric] == pytest.approx(expected[metric])
 
 
-def test_evaluate_massive_encoder_nlu_model(tiny_teacher_dir, massive_dir, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_nlu_dir(tiny_teacher_dir, massive_dir, tmp_path_factory):
+    """An encoder NLU model (random heads) on the tiny teacher's encoder."""
     from transformers import AutoModelForSeq2SeqLM
 
     from data_prep.massive import load_massive
     from data_prep.tokenizer import load_tokenizer
-    from evaluation.massive import load_predictor
 
     nlu = pytest.importorskip("student.nlu", reason="student/nlu.py (encoder NLU model) is not installed")
     data = load_massive(str(massive_dir), locales=["de-DE"], partitions=("test",))
-    labels = nlu.NLULabels(intents=list(data.intents), slot_labels=["Other", *data.slot_types])
+    labels = nlu.NLULabels(intents=list(data.intents), slot_labels=["Other", *data.slot_types], max_length=64)
     seq2seq = AutoModelForSeq2SeqLM.from_pretrained(tiny_teacher_dir)
-    model_dir = tmp_path / "student-nlu"
+    model_dir = tmp_path_factory.mktemp("nlu") / "student-nlu"
     nlu.EncoderNLUModel.from_seq2seq(seq2seq, labels, load_tokenizer(tiny_teacher_dir)).save_pretrained(model_dir)
+    return model_dir
+
+
+def test_evaluate_massive_encoder_nlu_model_and_its_onnx_export(tiny_nlu_dir, massive_dir, tmp_path):
+    from evaluation.massive import load_predictor
+
+    model_dir = tiny_nlu_dir
     assert type(load_predictor(model_dir)).__name__ == "EncoderNLUModel"
     argv = ["evaluate", "massive", "--model", str(model_dir), "--out", str(tmp_path / "eval"), "--locales", "de-DE",
             "--max-examples", "5", f"massive.data={massive_dir}", "device=cpu"]  # fmt: skip
     assert main(argv) == 0
     result = check_massive_json(tmp_path / "eval" / "massive.json", ["de-DE"], 5)
     assert result["predictor"] == "EncoderNLUModel"
+
+    # Its fp32 ONNX export (manifest.json) goes through student.runtime.OnnxPredictor and scores the same.
+    export = pytest.importorskip("student.export", reason="student/export.py (ONNX export) is not installed")
+    onnx_dir = export.export(model_dir, tmp_path / "onnx-fp32", export.ExportConfig(max_source_length=64))
+    assert type(load_predictor(onnx_dir)).__name__ == "OnnxPredictor"
+    argv = ["evaluate", "massive", "--model", str(onnx_dir), "--out", str(tmp_path / "eval"), "--name", "massive-onnx",
+            "--locales", "de-DE", "--max-examples", "5", f"massive.data={massive_dir}"]  # fmt: skip
+    assert main(argv) == 0
+    onnx_result = check_massive_json(tmp_path / "eval" / "massive-onnx.json", ["de-DE"], 5)
+    assert onnx_result["predictor"] == "OnnxPredictor"
+    for metric in ("em", "intent_acc", "slot_f1"):
+        assert onnx_result[metric] == pytest.approx(result[metric])
+
+
+def test_plot_helpers_write_png_atomically_and_tables_format_values(tmp_path):
+    from matplotlib.image import imread
+
+    from evaluation.plots import bar_chart, grouped_bar_chart, markdown_table
+
+    path = bar_chart({"de-DE": 0.2, "en-US": 0.6}, tmp_path / "p" / "em.png", title="EM", ylabel="EM",
+                     errors={"de-DE": (0.1, 0.3), "en-US": (0.5, 0.7)}, mean=0.4)  # fmt: skip
+    assert imread(path).ndim == 3 and [p.name for p in path.parent.iterdir()] == ["em.png"]  # no temp files left
+    grouped_bar_chart({"de-DE": {"k=0": 0.0, "k=5": 0.1}}, tmp_path / "g.png", title="t", ylabel="acc", hlines={"chance": 1 / 60})
+    assert imread(tmp_path / "g.png").shape[0] > 100
+    table = markdown_table(["a", "b", "c"], [["x", 0.123456, None], ["y", 2, 1.0]], floatfmt=".2f")
+    assert table.splitlines() == ["| a | b | c |", "| --- | --- | --- |", "| x | 0.12 | n/a |", "| y | 2 | 1.00 |"]
