@@ -389,53 +389,68 @@ _PARTITION_RE = re.compile(rb'"partition"\s*:\s*"(train|dev|test)"')
 
 
 class _Parser:
-    """Checks and parses the rows of one locale file; collects bad rows (or raises on the first)."""
+    """Checks and parses the rows of one locale file; collects bad rows (or raises on the first).
+
+    Where a bad row is counted does not depend on which partitions were asked for, so the cached
+    splits of different loads add up: a row whose raw line shows its partition belongs to that
+    partition's split (also when it turns out to be malformed); a row without one is decoded in
+    every load and, when its partition cannot be read, is a bad row of the file itself.
+    """
 
     def __init__(self, path: str, locale: str, partitions: Sequence[str], on_bad_row: str) -> None:
         self.path, self.locale, self.partitions, self.on_bad_row = path, locale, tuple(partitions), on_bad_row
-        self.columns: dict[str, dict[str, list[Any]]] = {
-            p: {k: [] for k in (*REQUIRED_FIELDS, "words", "slots")} for p in self.partitions
-        }
+        self.columns: dict[str, dict[str, list[Any]]] = {p: _empty() for p in self.partitions}
         self.partition_rows: Counter = Counter()
-        self.file_bad: list[BadRow] = []  # rows without a usable partition
+        """Rows per partition, bad rows of that partition included."""
+        self.file_bad: list[BadRow] = []
+        """Rows without a readable partition."""
         self.split_bad: dict[str, list[BadRow]] = {p: [] for p in self.partitions}
-        self.seen_ids: set[str] = set()
+        self.seen_ids: dict[str, set[str]] = {p: set() for p in self.partitions}
 
-    def _bad(self, line: int, reason: str, message: str, partition: str | None = None) -> None:
+    def _bad(self, line: int, reason: str, message: str, partition: str | None) -> None:
         bad = BadRow(self.path, line, reason, message)
         if self.on_bad_row == "error":
             raise bad.error()
         (self.split_bad[partition] if partition else self.file_bad).append(bad)
 
-    def add_line(self, line_no: int, raw: bytes) -> None:
-        """One raw line (rows of other partitions are passed over in _parse_stream already)."""
-        if not raw.strip():
+    def add_line(self, line_no: int, raw: bytes, hint: str | None) -> None:
+        """One raw line; `hint` is the (requested) partition read from the raw line, if any."""
+        if hint is None and not raw.strip():
             return
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            return self._bad(line_no, "malformed_json", f"not UTF-8 text at byte {e.start}")
+            return self._bad(line_no, "malformed_json", f"not UTF-8 text at byte {e.start}", hint)
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            return self._bad(line_no, "malformed_json", f"malformed JSON: {e.msg} at column {e.colno}")
+            return self._bad(line_no, "malformed_json", f"malformed JSON: {e.msg} at column {e.colno}", hint)
         if not isinstance(row, dict):
-            return self._bad(line_no, "malformed_json", f"expected a JSON object, got {type(row).__name__}")
-        self.add_row(line_no, row)
+            return self._bad(
+                line_no, "malformed_json", f"expected a JSON object, got {type(row).__name__}", hint
+            )
+        self.add_row(line_no, row, hint)
 
-    def add_row(self, line_no: int, row: dict[str, Any]) -> None:
+    def add_row(self, line_no: int, row: dict[str, Any], hint: str | None = None) -> None:
+        """One decoded row; counted in partition_rows here unless `hint` was counted already."""
         partition = row.get("partition")
         if not isinstance(partition, str):
-            return self._bad(line_no, "missing_field", "missing or non-string field 'partition'")
+            return self._bad(line_no, "missing_field", "missing or non-string field 'partition'", hint)
         if partition not in PARTITIONS:
             return self._bad(
                 line_no,
                 "unknown_partition",
                 f"unknown partition {partition!r}; allowed values: {', '.join(PARTITIONS)}",
+                hint,
             )
-        self.partition_rows[partition] += 1
-        if partition not in self.partitions:
-            return
+        if hint is None:
+            self.partition_rows[partition] += 1
+            if partition not in self.partitions:
+                return
+        elif partition != hint:
+            return self._bad(
+                line_no, "malformed_json", f"two partition values, {hint!r} and {partition!r}", hint
+            )
         if isinstance(row.get("id"), int) and not isinstance(row.get("id"), bool):
             row["id"] = str(row["id"])
         missing = [k for k in REQUIRED_FIELDS if not isinstance(row.get(k), str) or not row[k]]
@@ -453,9 +468,13 @@ class _Parser:
                 f"row locale {row['locale']!r} in the {self.locale} file",
                 partition,
             )
-        if row["id"] in self.seen_ids:
+        seen = self.seen_ids[partition]
+        if row["id"] in seen:
             return self._bad(
-                line_no, "duplicate_id", f"id {row['id']!r} appears earlier in the file", partition
+                line_no,
+                "duplicate_id",
+                f"id {row['id']!r} appears earlier in the {partition} partition",
+                partition,
             )
         try:
             words, slots = parse_annot_utt(row["annot_utt"], self.locale)
@@ -468,7 +487,7 @@ class _Parser:
                 f"id {row['id']}: annot_utt without markup {' '.join(words)!r} differs from utt {row['utt']!r}",
                 partition,
             )
-        self.seen_ids.add(row["id"])
+        seen.add(row["id"])
         cols = self.columns[partition]
         for k in REQUIRED_FIELDS:
             cols[k].append(row[k])
@@ -646,6 +665,20 @@ def _bad_from_json(rows: list[dict[str, Any]]) -> list[BadRow]:
     return [BadRow(r["path"], r["line"], r["reason"], r["message"]) for r in rows]
 
 
+@contextlib.contextmanager
+def _no_datasets_bars() -> Iterator[None]:
+    """Silence datasets' own bars ("Saving the dataset"): the per-locale bar is the one that matters."""
+    import datasets
+
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+
+
 class _Cache:
     """`cache_dir/<locale>-<file>-<state>/`: `file.json` (rows per partition, rows without a partition)
     and one `<partition>/` per parsed split: `rows/` (save_to_disk) and `report.json` (its bad rows).
@@ -693,7 +726,7 @@ class _Cache:
                 if old != entry and old.is_dir():
                     shutil.rmtree(old, ignore_errors=True)
             for p, ds in splits.items():
-                with atomic_dir(entry / p) as tmp:
+                with atomic_dir(entry / p) as tmp, _no_datasets_bars():
                     if len(ds):
                         ds.save_to_disk(str(tmp / "rows"))
                     report = {"num_rows": len(ds), "bad_rows": _bad_to_json(parser.split_bad[p])}
@@ -793,14 +826,19 @@ def _parse_stream(
         # Bytes, decoded per line: rows of other partitions are never decoded, and a line that is
         # not UTF-8 is one bad row rather than the end of the file. A locale file is a few MB:
         # reading it whole and splitting is 3x faster than readline on a gzip stream.
-        not_requested = {p.encode(): p for p in PARTITIONS if p not in parser.partitions}
+        names = {p.encode(): p for p in PARTITIONS}
+        requested = set(parser.partitions)
+        counts = parser.partition_rows
         search = _PARTITION_RE.search
         for line_no, raw in enumerate(stream.read().split(b"\n"), start=1):
             m = search(raw)
-            if m is not None and m.group(1) in not_requested:
-                parser.partition_rows[not_requested[m.group(1)]] += 1
+            if m is None:
+                parser.add_line(line_no, raw, None)
             else:
-                parser.add_line(line_no, raw)
+                hint = names[m.group(1)]
+                counts[hint] += 1
+                if hint in requested:
+                    parser.add_line(line_no, raw, hint)
             if line_no % 1024 == 0:  # bar.update per row would cost as much as the parsing
                 bar.update(1024)
         bar.update(line_no % 1024)
@@ -919,11 +957,10 @@ def _load_tarball(tar_path: Path, display: str, locales: list[str] | None, loade
 
 def _hub_unreachable(reason: str) -> MassiveSourceError:
     return MassiveSourceError(
-        f"cannot reach the Hugging Face hub for {HUB_DATASET} ({reason}). Load MASSIVE from a directory of "
-        "<locale>.jsonl[.gz] files instead, e.g. load_massive('@data/massive/data' resolved, i.e. "
-        "launch.config.data_root() / 'massive/data'), or from the official release tarball, e.g. "
-        "load_massive('amazon-massive-dataset-1.1.tar.gz') or "
-        "load_massive('https://amazon-massive-nlu-dataset.s3.amazonaws.com/amazon-massive-dataset-1.1.tar.gz')"
+        f"cannot reach the Hugging Face hub for {HUB_DATASET} ({reason}). Load MASSIVE from a directory "
+        "of <locale>.jsonl[.gz] files instead (e.g. source='@data/massive/data', the copy under the data "
+        "root), or from the official release tarball, as a path or a URL (e.g. source="
+        "'https://amazon-massive-nlu-dataset.s3.amazonaws.com/amazon-massive-dataset-1.1.tar.gz')."
     )
 
 
@@ -943,26 +980,25 @@ def hub_rows(ds: datasets.Dataset) -> Iterator[dict[str, Any]]:
 
 
 def _load_hub(locales: list[str] | None, loader: _Loader) -> None:
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        raise _hub_unreachable("HF_HUB_OFFLINE is set")
     import datasets
+    from huggingface_hub import constants
     from tqdm.auto import tqdm
 
     for loc in locales if locales is not None else list(MASSIVE_LOCALES):
         parser = _Parser(f"hub:{HUB_DATASET}/{loc}", loc, loader.partitions, loader.on_bad_row)
         for partition in loader.partitions:
             try:
+                # Offline, this still works from the datasets cache of an earlier online load.
                 ds = datasets.load_dataset(
                     HUB_DATASET, loc, split=HUB_SPLITS[partition], revision=HUB_REVISION
                 )
             except (ConnectionError, TimeoutError, OSError) as e:
-                raise _hub_unreachable(f"{type(e).__name__}: {e}") from e
+                offline = " with HF_HUB_OFFLINE set and no cached copy" if constants.HF_HUB_OFFLINE else ""
+                raise _hub_unreachable(f"{type(e).__name__}{offline}: {e}") from e
             except ValueError as e:
-                if "Unknown split" in str(e) or "BuilderConfig" in str(e) or "config" in str(e).lower():
-                    raise _missing_locale(loc, f"hub dataset {HUB_DATASET}", []) from e
-                raise
+                raise MassiveSourceError(
+                    f"hub dataset {HUB_DATASET} has no {loc} {partition} split: {e}"
+                ) from e
             parser.path = f"hub:{HUB_DATASET}/{loc}/{HUB_SPLITS[partition]}"
             rows = tqdm(
                 hub_rows(ds), total=len(ds), desc=f"MASSIVE {loc} {partition}", disable=not loader.progress
@@ -982,6 +1018,8 @@ def load_massive(
     progress: bool = True,
 ) -> MassiveData:
     """Load MASSIVE from a directory, a release tarball (path or http(s)/file URL) or "hub".
+
+    A path may start with `@data/` (under the data root, launch.config.data_root()).
 
     locales: MASSIVE locale names (None = every locale the source has). partitions: any of train,
     dev, test. on_bad_row: "error" raises MassiveFormatError at the first bad row; "skip" skips and
@@ -1012,7 +1050,9 @@ def load_massive(
             if temporary:
                 shutil.rmtree(local.parent, ignore_errors=True)
     else:
-        path = Path(source_str).expanduser()
+        from launch.config import resolve_data_path
+
+        path = resolve_data_path(source_str)  # `@data/...` is under the data root
         if path.is_dir():
             _load_directory(path, wanted, loader)
         elif path.is_file():

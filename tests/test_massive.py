@@ -656,3 +656,30 @@ def test_cache_keeps_bad_rows(tmp_path: Path, sample_rows) -> None:
     # Error mode served from the cache still fails on the bad row, with its line.
     with pytest.raises(MassiveFormatError, match=r"en-US.jsonl:4: id x4: annot_utt without markup"):
         load_massive(src.parent, cache_dir=cache, progress=False)
+
+
+def test_cache_consistent_across_partition_sets(tmp_path: Path, sample_rows) -> None:
+    """A bad train row is reported the same whether train was parsed with the other partitions or not."""
+    rows = sample_rows["en-US"]
+    train_row = next(i for i, r in enumerate(rows) if r["partition"] == "train")
+    lines = [json.dumps(r, ensure_ascii=False) for r in rows]
+    lines[train_row] = lines[train_row][:-5]  # truncated JSON, but its partition is readable
+    src = write_jsonl(tmp_path / "src" / "en-US.jsonl", lines)
+    cache = tmp_path / "cache"
+    test_only = load_massive(src.parent, partitions="test", cache_dir=cache, progress=False)
+    assert test_only.report.num_skipped == 0  # the bad row belongs to train, which was not asked for
+    load_massive(src.parent, partitions=("train", "dev"), on_bad_row="skip", cache_dir=cache, progress=False)
+    everything = load_massive(src.parent, on_bad_row="skip", cache_dir=cache, progress=False)
+    r = everything.report
+    assert len(r.cached_splits) == 3
+    assert dict(r.skipped) == {"malformed_json": 1}
+    assert [(b.line, b.reason) for b in r.bad_rows] == [(train_row + 1, "malformed_json")]
+    assert r.rows_read == 30 == r.rows_loaded + r.num_skipped + r.rows_not_requested
+    with pytest.raises(MassiveFormatError, match=rf"en-US.jsonl:{train_row + 1}: malformed JSON"):
+        load_massive(src.parent, cache_dir=cache, progress=False)
+
+
+def test_data_root_prefix(massive_dir: Path) -> None:
+    via_prefix = load_massive("@data/massive/data", locales=["en-US"], partitions="dev", progress=False)
+    direct = load_massive(massive_dir, locales=["en-US"], partitions="dev", progress=False)
+    assert len(via_prefix) == 2033 and _summary(via_prefix) == _summary(direct)
