@@ -1,0 +1,83 @@
+"""Distillation stage: a real 2-process DeepSpeed run (gloo, CPU) of the tiny teacher into a student,
+with CDA and teacher perturbation on; plus fast checks of the counterfactual row swap."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_counterfactual_row_keeps_unchanged_documents(tiny_tokenizer_dir):
+    from data_prep.tokenizer import load_tokenizer, special_ids
+    from distill.distill import Swapper, counterfactual_row
+
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    sep = special_ids(tok).sep
+    docs = ["The weather is nice today.", "He is the father of the bride.", "Der Tisch ist groß."]
+    ids: list[int] = []
+    for doc in docs:
+        ids += tok(doc, add_special_tokens=False)["input_ids"] + [sep]
+    row = np.asarray(ids, dtype=np.int64)
+    out = counterfactual_row(row, tok, sep, Swapper([]))
+    pieces = [tok.decode(p.tolist()) for p in np.split(out, np.flatnonzero(out == sep)) if p.size]
+    pieces = [p.replace("<sep>", "").strip() for p in pieces]
+    assert pieces[:3] == ["The weather is nice today.", "She is the mother of the groom.", "Der Tisch ist groß."]
+    # The unchanged documents keep their exact token ids.
+    first = tok(docs[0], add_special_tokens=False)["input_ids"]
+    assert out[: len(first)].tolist() == first
+    # Restricting the languages switches the swap off.
+    assert np.array_equal(counterfactual_row(row, tok, sep, Swapper(["de"])), row)
+
+
+@pytest.mark.slow
+def test_two_process_distillation_loss_falls(tmp_path, tiny_teacher_dir, tiny_tokenizer_dir, tiny_packed_dir):
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copytree(tiny_packed_dir, run / "data")
+    shutil.copytree(tiny_tokenizer_dir, run / "tokenizer")
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [
+        sys.executable, "-m", "launch.cli", "launch", "--nproc-per-node", "2", "--",
+        "distill", "--run-dir", str(run), "--teacher", str(tiny_teacher_dir), "--out", "student-crr",
+        "--preset", "tiny",
+        "cda=two_sided", "perturb=max", "hidden_loss_weight=0.1",
+        "train.max_steps=16", "train.micro_batch_size=4", "train.global_batch_size=8", "train.lr=0.003",
+        "train.warmup_steps=2", "train.log_every=1", "train.eval_every=8", "train.save_every=8",
+        "train.num_eval_batches=1",
+    ]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["stage"] == "distill" and "loss" in r]
+    assert [r["step"] for r in train] == list(range(1, 17))
+    first = np.mean([r["loss"] for r in train[:4]])
+    last = np.mean([r["loss"] for r in train[-4:]])
+    assert last < first * 0.9, (first, last)
+    # CDA doubled the rows that hold gendered words; perturbation ran on aligned rows.
+    assert all(r["rows_per_micro_batch"] >= 4 for r in train)
+    assert any(r["rows_swapped_fraction"] > 0 for r in train)
+    assert all("perturb_aligned_fraction" in r and "hidden" in r and "kd" in r and "ce" in r for r in train)
+    evals = [r for r in records if "heldout_student_ce" in r]
+    assert [r["step"] for r in evals] == [8, 16]
+    assert evals[-1]["heldout_student_ce"] < evals[0]["heldout_student_ce"]
+
+    # The exported student loads as a plain HF model with the teacher's tokenizer and half its layers.
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    student = AutoModelForSeq2SeqLM.from_pretrained(run / "student-crr")
+    teacher = AutoModelForSeq2SeqLM.from_pretrained(tiny_teacher_dir)
+    assert student.config.num_layers == max(1, teacher.config.num_layers // 2)
+    assert len(AutoTokenizer.from_pretrained(run / "student-crr")) == len(AutoTokenizer.from_pretrained(tiny_teacher_dir))
+    summary = json.loads((run / "student-crr" / "distillation.json").read_text())
+    assert summary["final_step"] == 16 and summary["student_init"]["from_teacher"]
+    assert (run / "checkpoints" / "student-crr" / "step_00000016" / "COMPLETE").is_file()
