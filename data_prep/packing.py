@@ -137,7 +137,10 @@ def write_packed(
                 tokenizer, documents, cfg.tokenize_batch_size, progress, desc=f"tokenize {split}"
             )
             values, offsets = pack_token_lists(token_lists, cfg.seq_len, sep_id)
-            to_dataset(values, offsets).save_to_disk(str(tmp / split), max_shard_size=cfg.max_shard_size)
+            dataset = to_dataset(values, offsets)
+            # An empty split still needs one (empty) shard, or it cannot be loaded back.
+            shards = {"num_shards": 1} if len(dataset) == 0 else {"max_shard_size": cfg.max_shard_size}
+            dataset.save_to_disk(str(tmp / split), **shards)
             tokens = Counter()
             docs = Counter(locales)
             for loc, t in zip(locales, token_lists):
