@@ -251,14 +251,20 @@ class ResumableSampler:
 def eval_micro_batches(num_examples: int, micro_batch_size: int, num_batches: int, rank: int,
                        world_size: int) -> list[list[int]]:
     """A fixed held-out subset: the first num_batches * micro_batch_size * world_size examples, sharded
-    by rank; the same every evaluation so held-out losses are comparable."""
-    out = []
-    for b in range(num_batches):
-        start = (b * world_size + rank) * micro_batch_size
-        if start >= num_examples:
-            break
-        out.append(list(range(start, min(start + micro_batch_size, num_examples))))
-    return out
+    by rank; the same every evaluation so held-out losses are comparable.
+
+    Every rank gets the same number of full micro-batches (under ZeRO-3 a forward is a collective, so
+    uneven counts would hang); fewer than num_batches when the held-out set is small.
+    """
+    per_round = micro_batch_size * world_size
+    available = min(num_batches, num_examples // per_round)
+    if available < 1:
+        raise ConfigError(
+            f"the held-out data has {num_examples} examples, fewer than one evaluation round "
+            f"(micro_batch_size {micro_batch_size} x world size {world_size}); add held-out data"
+        )
+    return [list(range(b * per_round + rank * micro_batch_size, b * per_round + (rank + 1) * micro_batch_size))
+            for b in range(available)]
 
 
 # ----------------------------------------------------------------------------- RNG state

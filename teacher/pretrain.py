@@ -99,6 +99,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False) -> 
 
 def load_data(paths: PretrainPaths) -> tuple[Any, Any, Any]:
     """(tokenizer, train rows, held-out rows); each dataset has an `input_ids` column."""
+    from data_prep.packing import load_packed
     from data_prep.tokenizer import load_tokenizer
 
     for path, what in ((paths.train_data, "training data"), (paths.heldout_data, "held-out data"),
@@ -108,17 +109,7 @@ def load_data(paths: PretrainPaths) -> tuple[Any, Any, Any]:
                 f"{what} not found at {path}; run `polyteacher data prepare --run-dir {paths.run_dir}` first "
                 "(or set data=/tokenizer= to the right directory)"
             )
-    return load_tokenizer(paths.tokenizer), _load_packed(paths.train_data), _load_packed(paths.heldout_data)
-
-
-def _load_packed(path: Path) -> Any:
-    try:
-        from data_prep.packing import load_packed
-    except ImportError:  # packing lands separately; its format is a plain save_to_disk directory
-        import datasets
-
-        return datasets.load_from_disk(str(path))
-    return load_packed(path)
+    return load_tokenizer(paths.tokenizer), load_packed(paths.train_data), load_packed(paths.heldout_data)
 
 
 def load_or_build_model(cfg: PretrainConfig, paths: PretrainPaths, tokenizer: Any) -> Any:

@@ -1,0 +1,309 @@
+"""`polyteacher launch`: start a training subcommand on K processes per node.
+
+    polyteacher launch --nproc-per-node 2 -- pretrain --run-dir runs/demo --preset tiny
+
+Every process runs `python -m launch.cli <subcommand> ...`; the training code reads its rank from the
+environment (`launch.distributed.init_distributed`). Ways to start them:
+
+- one node (default): DeepSpeed's launcher (`python -m deepspeed.launcher.runner --num_gpus K`), or
+  torchrun with `--launcher torchrun`;
+- many nodes from one command: `--hostfile F` (DeepSpeed's launcher reaches the nodes over pdsh/ssh);
+- many nodes, one command per node (no ssh): `--nnodes N --node-rank R --master-addr A --master-port P`
+  on each node; with DeepSpeed this runs its per-node launcher (`deepspeed.launcher.launch` with the
+  world layout), with torchrun its static rendezvous;
+- SLURM: `--slurm` writes an sbatch script (srun starts one launcher per node, MASTER_ADDR is the
+  first host of the allocation) and prints its path instead of running anything.
+
+Without a GPU the processes use DeepSpeed's CPU accelerator (DS_ACCELERATOR=cpu) and gloo, each with
+cores / K threads (OMP_NUM_THREADS); with GPUs NCCL, one GPU per process. `--dry-run` prints the
+command and environment instead of running them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import dataclasses
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+from launch.config import ConfigError
+
+# Subcommands that train (and so can run on several processes).
+TRAINING_COMMANDS = ("pretrain", "distill", "finetune")
+DEFAULT_MASTER_PORT = 29500
+
+
+@dataclasses.dataclass
+class LaunchOptions:
+    """What `polyteacher launch` was asked to start (the parsed flags)."""
+
+    command: list[str]
+    """The training subcommand and its arguments, e.g. ["pretrain", "--run-dir", "runs/x"]."""
+    nproc_per_node: int = 1
+    """Processes per node (GPUs per node, or CPU processes)."""
+    nnodes: int = 1
+    """Number of nodes."""
+    node_rank: int = 0
+    """This node's index, 0 .. nnodes-1 (multi-node without a hostfile)."""
+    master_addr: str = "127.0.0.1"
+    """Address of node 0 (the rendezvous host)."""
+    master_port: Optional[int] = None
+    """Rendezvous port; None = a free port on one node, 29500 across nodes."""
+    hostfile: Optional[str] = None
+    """DeepSpeed hostfile ("host slots=K" per line); DeepSpeed's launcher reaches the nodes over ssh."""
+    launcher: str = "deepspeed"
+    """deepspeed or torchrun."""
+    accelerator: str = "auto"
+    """auto (GPU when torch sees one), cpu or gpu."""
+    slurm: bool = False
+    slurm_out: Optional[str] = None
+    partition: Optional[str] = None
+    time: Optional[str] = None
+    job_name: Optional[str] = None
+    account: Optional[str] = None
+    python: str = dataclasses.field(default_factory=lambda: sys.executable)
+
+    def validate(self) -> None:
+        if not self.command:
+            raise ConfigError(
+                "launch: no subcommand given; usage: polyteacher launch --nproc-per-node K -- pretrain ... "
+                f"(allowed subcommands: {', '.join(TRAINING_COMMANDS)})"
+            )
+        if self.command[0] not in TRAINING_COMMANDS:
+            raise ConfigError(
+                f"launch: {self.command[0]!r} is not a training subcommand; allowed: {', '.join(TRAINING_COMMANDS)}"
+            )
+        if self.nproc_per_node < 1 or self.nnodes < 1:
+            raise ConfigError("launch: --nproc-per-node and --nnodes must be >= 1")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ConfigError(f"launch: --node-rank {self.node_rank} must be in [0, {self.nnodes - 1}] for --nnodes {self.nnodes}")
+        if self.launcher not in ("deepspeed", "torchrun"):
+            raise ConfigError(f"launch: --launcher {self.launcher!r}; allowed values: deepspeed, torchrun")
+        if self.accelerator not in ("auto", "cpu", "gpu"):
+            raise ConfigError(f"launch: --accelerator {self.accelerator!r}; allowed values: auto, cpu, gpu")
+        if self.hostfile is not None:
+            if self.launcher != "deepspeed":
+                raise ConfigError("launch: --hostfile needs --launcher deepspeed (torchrun has no hostfile; run one "
+                                  "command per node with --nnodes/--node-rank, or use --slurm)")
+            if self.slurm:
+                raise ConfigError("launch: --hostfile and --slurm exclude each other (SLURM allocates the nodes)")
+            if not Path(self.hostfile).is_file():
+                raise ConfigError(f"launch: hostfile {self.hostfile} does not exist")
+        if self.master_port is not None and not 0 < self.master_port < 65536:
+            raise ConfigError(f"launch: --master-port {self.master_port} must be in 1..65535")
+
+    @property
+    def module_command(self) -> list[str]:
+        """What each process runs after `python`: the CLI as a module plus the subcommand."""
+        return ["-m", "launch.cli", *self.command]
+
+
+def use_gpu(accelerator: str) -> bool:
+    if accelerator == "cpu":
+        return False
+    if accelerator == "gpu":
+        return True
+    import torch  # only here: `polyteacher --help` must not pay for it
+
+    return torch.cuda.is_available()
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cores_available() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover
+        return os.cpu_count() or 1
+
+
+def process_env(opts: LaunchOptions, gpu: bool, base: Optional[dict[str, str]] = None) -> dict[str, str]:
+    """Environment for the launcher (inherited by every process)."""
+    env = dict(os.environ if base is None else base)
+    if gpu:
+        if env.get("DS_ACCELERATOR") == "cpu":  # left over from a CPU shell; GPUs were asked for
+            del env["DS_ACCELERATOR"]
+    else:
+        env["DS_ACCELERATOR"] = "cpu"
+        # K processes share the node's cores; oversubscription makes every all-reduce wait.
+        env.setdefault("OMP_NUM_THREADS", str(max(1, cores_available() // opts.nproc_per_node)))
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def world_info(nnodes: int, nproc_per_node: int) -> str:
+    """DeepSpeed's world layout {host: [local slots]} as base64 JSON; names only fix the node order."""
+    layout = {f"node{n}": list(range(nproc_per_node)) for n in range(nnodes)}
+    return base64.urlsafe_b64encode(json.dumps(layout).encode()).decode()
+
+
+def launcher_argv(opts: LaunchOptions, master_port: int, node_rank: str | int | None = None,
+                  master_addr: str | None = None) -> list[str]:
+    """The command line that starts this node's processes (node_rank/master_addr may be shell variables)."""
+    node_rank = opts.node_rank if node_rank is None else node_rank
+    master_addr = opts.master_addr if master_addr is None else master_addr
+    py = opts.python
+    if opts.launcher == "torchrun":
+        return [py, "-m", "torch.distributed.run", f"--nproc_per_node={opts.nproc_per_node}",
+                f"--nnodes={opts.nnodes}", f"--node_rank={node_rank}", f"--master_addr={master_addr}",
+                f"--master_port={master_port}", *opts.module_command]
+    if opts.hostfile is not None:
+        argv = [py, "-m", "deepspeed.launcher.runner", "--hostfile", opts.hostfile,
+                "--master_port", str(master_port)]
+        if opts.nnodes > 1:
+            argv += ["--num_nodes", str(opts.nnodes)]
+        if opts.master_addr != "127.0.0.1":
+            argv += ["--master_addr", opts.master_addr]
+        argv += ["--num_gpus", str(opts.nproc_per_node)]
+        return [*argv, "--no_local_rank", "--module", "launch.cli", *opts.command]
+    if opts.nnodes > 1 or opts.slurm:
+        # One launcher per node, no ssh: DeepSpeed's per-node launcher with the whole world's layout.
+        return [py, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world_info(opts.nnodes, opts.nproc_per_node)}",
+                f"--node_rank={node_rank}", f"--master_addr={master_addr}", f"--master_port={master_port}",
+                "--no_local_rank", "--module", "launch.cli", *opts.command]
+    return [py, "-m", "deepspeed.launcher.runner", "--num_gpus", str(opts.nproc_per_node),
+            "--master_addr", master_addr, "--master_port", str(master_port), "--no_local_rank", "--module",
+            "launch.cli", *opts.command]
+
+
+def resolve_port(opts: LaunchOptions) -> int:
+    if opts.master_port is not None:
+        return opts.master_port
+    # On one node a free port avoids clashing with other jobs; nodes must agree, so a fixed default.
+    return DEFAULT_MASTER_PORT if (opts.nnodes > 1 or opts.slurm or opts.hostfile) else free_port()
+
+
+def slurm_script(opts: LaunchOptions, gpu: bool, workdir: str | None = None) -> str:
+    """An sbatch script: one launcher per node via srun, MASTER_ADDR = the allocation's first host."""
+    port = opts.master_port or DEFAULT_MASTER_PORT
+    job = opts.job_name or f"polyteacher-{opts.command[0]}"
+    lines = ["#!/bin/bash", f"#SBATCH --job-name={job}", f"#SBATCH --nodes={opts.nnodes}",
+             "#SBATCH --ntasks-per-node=1"]
+    if gpu:
+        lines.append(f"#SBATCH --gpus-per-node={opts.nproc_per_node}")
+    if opts.partition:
+        lines.append(f"#SBATCH --partition={opts.partition}")
+    if opts.time:
+        lines.append(f"#SBATCH --time={opts.time}")
+    if opts.account:
+        lines.append(f"#SBATCH --account={opts.account}")
+    lines.append(f"#SBATCH --output={job}-%j.out")
+    inner = launcher_argv(opts, port, node_rank="__NODE_RANK__", master_addr="__MASTER_ADDR__")
+    inner_text = shlex.join(inner).replace("__NODE_RANK__", '"$SLURM_NODEID"').replace("__MASTER_ADDR__", '"$MASTER_ADDR"')
+    lines += [
+        "",
+        "set -euo pipefail",
+        f"cd {shlex.quote(workdir or os.getcwd())}",
+        'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
+        f"export MASTER_PORT={port}",
+    ]
+    if not gpu:
+        lines.append("export DS_ACCELERATOR=cpu")
+        lines.append(f'export OMP_NUM_THREADS="${{OMP_NUM_THREADS:-$(( $(nproc) / {opts.nproc_per_node} ))}}"')
+    lines.append("export TOKENIZERS_PARALLELISM=false")
+    # srun starts one task per node; the single quotes defer $SLURM_NODEID to each node's shell.
+    lines.append(f"srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c {shlex.quote(inner_text)}")
+    return "\n".join(lines) + "\n"
+
+
+def run_launch(opts: LaunchOptions, dry_run: bool = False) -> int:
+    opts.validate()
+    gpu = use_gpu(opts.accelerator)
+    if opts.slurm:
+        from launch.fsutil import atomic_write_text
+
+        script = slurm_script(opts, gpu)
+        path = Path(opts.slurm_out or f"{opts.job_name or 'polyteacher-' + opts.command[0]}.sbatch")
+        if dry_run:
+            print(script, end="")
+            return 0
+        atomic_write_text(path, script)
+        os.chmod(path, 0o755)
+        print(f"wrote {path}; submit it with: sbatch {shlex.quote(str(path))}")
+        return 0
+    argv = launcher_argv(opts, resolve_port(opts))
+    env = process_env(opts, gpu)
+    if dry_run:
+        changed = {k: env[k] for k in ("DS_ACCELERATOR", "OMP_NUM_THREADS") if k in env}
+        print(" ".join(f"{k}={shlex.quote(v)}" for k, v in changed.items()) + " " + shlex.join(argv))
+        return 0
+    print(f"polyteacher launch: {shlex.join(argv)}", file=sys.stderr, flush=True)
+    proc = subprocess.Popen(argv, env=env)
+
+    def forward(signum: int, _frame: object) -> None:
+        proc.send_signal(signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, forward)
+    return proc.wait()
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "launch",
+        help="run a training subcommand (pretrain, distill, finetune) on several processes or nodes",
+        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(
+            "examples:\n"
+            "  polyteacher launch --nproc-per-node 2 -- pretrain --run-dir runs/demo --preset tiny\n"
+            "  polyteacher launch --nproc-per-node 8 --hostfile hosts -- pretrain --run-dir runs/big --preset xl\n"
+            "  polyteacher launch --nproc-per-node 8 --nnodes 2 --node-rank 0 --master-addr 10.0.0.1 "
+            "--master-port 29500 -- pretrain ...\n"
+            "  polyteacher launch --launcher torchrun --nproc-per-node 4 -- finetune --run-dir runs/demo ...\n"
+            "  polyteacher launch --slurm --nnodes 4 --nproc-per-node 8 --partition gpu --time 48:00:00 "
+            "--slurm-out pretrain.sbatch -- pretrain --run-dir runs/big --preset alexatm-20b\n"
+        ),
+    )
+    p.add_argument("--nproc-per-node", type=int, default=1, help="processes per node (GPUs per node, or CPU processes)")
+    p.add_argument("--hostfile", default=None,
+                   help="DeepSpeed hostfile, one 'host slots=K' line per node; DeepSpeed's launcher starts all nodes "
+                   "over pdsh/ssh from this one command")
+    p.add_argument("--nnodes", type=int, default=1, help="number of nodes (run this command on each node)")
+    p.add_argument("--node-rank", type=int, default=0, help="this node's index, 0..nnodes-1")
+    p.add_argument("--master-addr", default="127.0.0.1", help="address of node 0 (rendezvous)")
+    p.add_argument("--master-port", type=int, default=None,
+                   help=f"rendezvous port (default: a free port on one node, {DEFAULT_MASTER_PORT} across nodes)")
+    p.add_argument("--launcher", choices=["deepspeed", "torchrun"], default="deepspeed",
+                   help="process launcher: DeepSpeed's (default) or torchrun")
+    p.add_argument("--accelerator", choices=["auto", "cpu", "gpu"], default="auto",
+                   help="auto: GPUs (NCCL) when torch sees one, else CPU processes (DS_ACCELERATOR=cpu, gloo)")
+    p.add_argument("--slurm", action="store_true", help="write an sbatch script instead of running")
+    p.add_argument("--slurm-out", default=None, help="path of the sbatch script (default: polyteacher-<command>.sbatch)")
+    p.add_argument("--partition", default=None, help="SLURM partition")
+    p.add_argument("--time", default=None, help="SLURM time limit, e.g. 48:00:00")
+    p.add_argument("--job-name", default=None, help="SLURM job name (default: polyteacher-<command>)")
+    p.add_argument("--account", default=None, help="SLURM account")
+    p.add_argument("--dry-run", action="store_true", help="print the command (or the sbatch script) without running it")
+    p.add_argument("command", nargs=argparse.REMAINDER,
+                   help=f"-- then the training subcommand and its arguments ({', '.join(TRAINING_COMMANDS)})")
+    p.set_defaults(func=run)
+
+
+def options_from_args(args: argparse.Namespace) -> LaunchOptions:
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    return LaunchOptions(
+        command=command, nproc_per_node=args.nproc_per_node, nnodes=args.nnodes, node_rank=args.node_rank,
+        master_addr=args.master_addr, master_port=args.master_port, hostfile=args.hostfile, launcher=args.launcher,
+        accelerator=args.accelerator, slurm=args.slurm, slurm_out=args.slurm_out, partition=args.partition,
+        time=args.time, job_name=args.job_name, account=args.account,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_launch(options_from_args(args), dry_run=args.dry_run)

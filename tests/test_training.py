@@ -1,0 +1,346 @@
+"""Unit tests of the training infrastructure (launch/training.py, launch/distributed.py).
+
+Engine tests run DeepSpeed in this process (world size 1, gloo, CPU) on a T5 of a few hundred
+thousand parameters; the multi-process runs are in test_pretrain.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+
+from launch.config import ConfigError, load_config
+from launch.distributed import DistInfo, deepspeed_config, resolve_precision
+from launch.training import (
+    COMPLETE_MARKER,
+    CheckpointManager,
+    MetricsLogger,
+    NonFiniteLossError,
+    ResumableSampler,
+    TrainConfig,
+    TrainState,
+    check_finite,
+    eval_micro_batches,
+    lr_multiplier,
+    rng_state,
+    set_rng_state,
+)
+
+CPU1 = DistInfo(rank=0, local_rank=0, world_size=1, device="cpu", backend="gloo")
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_train_config_rejects_inconsistent_values():
+    with pytest.raises(ConfigError, match="global_batch_size=12 must be a multiple of train.micro_batch_size=8"):
+        TrainConfig(micro_batch_size=8, global_batch_size=12).validate()
+    with pytest.raises(ConfigError, match="zero_stage=4 is not allowed; allowed values: 0, 1, 2, 3"):
+        TrainConfig(zero_stage=4).validate()
+    with pytest.raises(ConfigError, match="needs train.zero_stage 1, 2 or 3"):
+        TrainConfig(zero_stage=0, offload="cpu").validate()
+    with pytest.raises(ConfigError, match="offload_params=true needs train.zero_stage=3"):
+        TrainConfig(zero_stage=2, offload="cpu", offload_params=True).validate()
+    with pytest.raises(ConfigError, match="warmup_steps=20 exceeds train.max_steps=10"):
+        TrainConfig(max_steps=10, warmup_steps=20).validate()
+    TrainConfig(zero_stage=3, offload="nvme", offload_params=True).validate()
+
+
+def test_grad_accum_steps_against_world_size():
+    cfg = TrainConfig(micro_batch_size=4, global_batch_size=32)
+    assert [cfg.grad_accum_steps(w) for w in (1, 2, 4, 8)] == [8, 4, 2, 1]
+    with pytest.raises(ConfigError, match=r"global_batch_size=32 is not divisible .* world size \(3\) = 12"):
+        cfg.grad_accum_steps(3)
+
+
+def test_pretrain_config_checks_batch_against_launcher_world_size(monkeypatch):
+    from teacher.config import PretrainConfig
+
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ConfigError, match="world size \\(3\\)"):
+        load_config(PretrainConfig, section="pretrain", preset="tiny")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = load_config(PretrainConfig, section="pretrain", preset="tiny", overrides=["train.zero_stage=3"])
+    assert cfg.train.zero_stage == 3 and cfg.teacher.preset == "tiny"
+    with pytest.raises(ConfigError, match="unknown config key train.zero"):
+        load_config(PretrainConfig, section="pretrain", preset="tiny", overrides=["train.zero=3"])
+    with pytest.raises(ConfigError, match="inside the run directory"):
+        load_config(PretrainConfig, overrides=["out=../elsewhere"])
+
+
+def test_every_preset_resolves():
+    from teacher.config import PretrainConfig
+
+    for preset in ("tiny", "small", "base", "large", "xl", "alexatm-20b"):
+        for section in ("pretrain", "indomain"):
+            cfg = load_config(PretrainConfig, section=section, preset=preset)
+            assert cfg.teacher.preset == preset
+            assert (cfg.init_from == "teacher") == (section == "indomain")
+
+
+def test_precision_policy():
+    assert resolve_precision("auto", CPU1) == "fp32"
+    assert resolve_precision("fp32", CPU1) == "fp32"
+    with pytest.raises(ConfigError, match="not supported on CPU"):
+        resolve_precision("bf16", CPU1)
+
+
+def test_deepspeed_config_from_train_config():
+    two = DistInfo(rank=0, local_rank=0, world_size=2, device="cpu", backend="gloo", local_world_size=2)
+    cfg = TrainConfig(micro_batch_size=4, global_batch_size=32, zero_stage=3, offload="cpu", offload_params=True,
+                      grad_clip=0.5)
+    ds = deepspeed_config(cfg, two)
+    assert ds["gradient_accumulation_steps"] == 4
+    assert ds["train_batch_size"] == 32 and ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert ds["gradient_clipping"] == 0.5
+    assert not ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    gpu = DistInfo(rank=0, local_rank=0, world_size=1, device="cuda:0", backend="nccl")
+    assert deepspeed_config(TrainConfig(precision="bf16"), gpu)["bf16"]["enabled"]
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def test_lr_schedule_values():
+    cfg = TrainConfig(max_steps=110, warmup_steps=10, min_lr_ratio=0.1, decay="cosine")
+    assert lr_multiplier(0, cfg) == pytest.approx(0.1)
+    assert lr_multiplier(4, cfg) == pytest.approx(0.5)
+    assert lr_multiplier(9, cfg) == pytest.approx(1.0)
+    assert lr_multiplier(10, cfg) == pytest.approx(1.0)
+    assert lr_multiplier(60, cfg) == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the cosine
+    assert lr_multiplier(110, cfg) == pytest.approx(0.1)
+    assert lr_multiplier(500, cfg) == pytest.approx(0.1)
+    linear = TrainConfig(max_steps=110, warmup_steps=10, min_lr_ratio=0.0, decay="linear")
+    assert lr_multiplier(35, linear) == pytest.approx(0.75)
+    constant = TrainConfig(max_steps=110, warmup_steps=10, decay="constant")
+    assert lr_multiplier(100, constant) == 1.0
+    values = [lr_multiplier(s, cfg) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+# ----------------------------------------------------------------------------- data order
+
+
+def test_sampler_is_deterministic_and_sharded():
+    n, micro, accum, world = 103, 4, 2, 3
+    samplers = [ResumableSampler(n, micro, accum, rank, world, seed=7) for rank in range(world)]
+    assert samplers[0].global_batch_size == 24 and samplers[0].steps_per_epoch == 4
+    order = samplers[0].epoch_order(0)
+    assert sorted(order.tolist()) == list(range(n))
+    assert ResumableSampler(n, micro, accum, 0, world, seed=7).epoch_order(0).tolist() == order.tolist()
+    assert samplers[0].epoch_order(1).tolist() != order.tolist()
+    assert ResumableSampler(n, micro, accum, 0, world, seed=8).epoch_order(0).tolist() != order.tolist()
+    # One step: the ranks' micro-batches are disjoint and together are the next 24 indices of the order.
+    step = [samplers[r].micro_batches(0, 24) for r in range(world)]
+    flat = [i for rank_batches in step for batch in rank_batches for i in batch]
+    assert all(len(b) == micro for rank_batches in step for b in rank_batches)
+    assert sorted(flat) == sorted(order[24:48].tolist())
+
+
+def test_sampler_resume_gives_the_same_stream():
+    sampler = ResumableSampler(50, 2, 2, rank=1, world_size=2, seed=3)  # 8 per step, 6 steps per epoch
+    state = TrainState()
+    stream = []
+    for _ in range(15):
+        stream.append((state.epoch, sampler.micro_batches(state.epoch, state.epoch_position)))
+        sampler.advance(state)
+    assert [e for e, _ in stream] == [0] * 6 + [1] * 6 + [2] * 3
+    assert state.examples_seen == 15 * 8
+    # Within an epoch no index repeats across steps (this rank's share).
+    epoch0 = [i for e, batches in stream if e == 0 for b in batches for i in b]
+    assert len(epoch0) == len(set(epoch0)) == 24
+    # Restart from a checkpointed state (a fresh sampler, the state round-tripped through JSON).
+    saved = TrainState()
+    for _ in range(8):
+        sampler.advance(saved)
+    restored = TrainState.from_dict(json.loads(json.dumps(saved.to_dict())))
+    fresh = ResumableSampler(50, 2, 2, rank=1, world_size=2, seed=3)
+    resumed = []
+    for _ in range(7):
+        resumed.append((restored.epoch, fresh.micro_batches(restored.epoch, restored.epoch_position)))
+        fresh.advance(restored)
+    assert resumed == stream[8:]
+
+
+def test_sampler_and_eval_batches_reject_too_little_data():
+    with pytest.raises(ConfigError, match="fewer than one global batch"):
+        ResumableSampler(10, 4, 2, 0, 2, seed=0)
+    batches = [eval_micro_batches(30, 4, 10, rank, 2) for rank in range(2)]
+    assert len(batches[0]) == len(batches[1]) == 3  # equal counts on every rank (ZeRO-3 forwards are collective)
+    assert set(batches[0][0]).isdisjoint(batches[1][0])
+    with pytest.raises(ConfigError, match="held-out data has 5 examples"):
+        eval_micro_batches(5, 4, 2, 0, 2)
+
+
+def test_rng_state_round_trip():
+    import torch
+
+    state = json.loads(json.dumps(rng_state()))
+    first = (random.random(), np.random.rand(), torch.rand(3).tolist())
+    set_rng_state(state)
+    assert (random.random(), np.random.rand(), torch.rand(3).tolist()) == first
+
+
+# ----------------------------------------------------------------------------- checkpoints and metrics
+
+
+def _fake_checkpoint(root, step, complete):
+    path = root / f"step_{step:08d}"
+    path.mkdir(parents=True)
+    (path / "state.json").write_text(json.dumps(TrainState(step=step).to_dict()))
+    if complete:
+        (path / COMPLETE_MARKER).write_text("done\n")
+    return path
+
+
+def test_latest_complete_ignores_incomplete_checkpoints(tmp_path):
+    manager = CheckpointManager(tmp_path, "teacher", keep=2)
+    assert manager.latest_complete() is None
+    root = tmp_path / "checkpoints" / "teacher"
+    _fake_checkpoint(root, 10, complete=True)
+    _fake_checkpoint(root, 20, complete=True)
+    crashed = _fake_checkpoint(root, 30, complete=False)  # a crash while writing step 30
+    (root / "not_a_step").mkdir()
+    assert manager.latest_complete() == root / "step_00000020"
+    assert [manager.step_of(p) for p in manager.all_checkpoints()] == [10, 20, 30]
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        manager.load(engine=None, path=crashed)
+
+
+def test_prune_keeps_the_last_k(tmp_path):
+    manager = CheckpointManager(tmp_path, "teacher", keep=2)
+    root = tmp_path / "checkpoints" / "teacher"
+    for step in (5, 10, 15):
+        _fake_checkpoint(root, step, complete=True)
+    _fake_checkpoint(root, 12, complete=False)
+    manager._prune()
+    assert [manager.step_of(p) for p in manager.all_checkpoints()] == [10, 15]
+
+
+def test_non_finite_loss_names_step_and_checkpoint(tmp_path):
+    manager = CheckpointManager(tmp_path, "teacher")
+    check_finite(1.5, step=3, checkpoints=manager)
+    with pytest.raises(NonFiniteLossError, match="no checkpoint exists yet"):
+        check_finite(math.nan, step=3, checkpoints=manager)
+    _fake_checkpoint(tmp_path / "checkpoints" / "teacher", 2, complete=True)
+    with pytest.raises(NonFiniteLossError, match=r"loss is inf at step 8 .*step_00000002 with --resume"):
+        check_finite(math.inf, step=7, checkpoints=manager)
+
+
+def test_metrics_logger_writes_jsonl_and_tensorboard(tmp_path):
+    from launch.fsutil import read_jsonl
+
+    logger = MetricsLogger(tmp_path, "pretrain", name="teacher")
+    logger.log(5, {"loss": 2.5, "lr": 1e-3, "note": "x"})
+    logger.log(10, {"loss": 2.0, "eval_loss": float("nan")})
+    logger.close()
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [(r["stage"], r["step"], r["loss"]) for r in records] == [("pretrain", 5, 2.5), ("pretrain", 10, 2.0)]
+    assert list((tmp_path / "tb" / "teacher").glob("events.out.tfevents.*"))
+
+
+# ----------------------------------------------------------------------------- a real engine, one process
+
+
+def _tiny_t5(dropout=0.1, seed=0):
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=4,
+                      dropout_rate=dropout, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    return T5ForConditionalGeneration(config)
+
+
+def _batches(num, micro=4, seed=0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(num):
+        ids = torch.randint(3, 128, (micro, 12), generator=g)
+        out.append({"input_ids": ids, "labels": ids.flip(1)})
+    return out
+
+
+def _train(engine, batches):
+    losses = []
+    for batch in batches:
+        out = engine(**batch)
+        engine.backward(out.loss)
+        engine.step()
+        losses.append(float(out.loss.detach()))
+    return losses
+
+
+@pytest.fixture(scope="module")
+def dist():
+    from launch.distributed import init_distributed
+
+    return init_distributed(num_threads=1)
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2, 3])
+def test_engine_schedule_accumulation_and_exact_checkpoint_resume(tmp_path, dist, zero_stage):
+    from launch.distributed import build_engine
+
+    cfg = TrainConfig(micro_batch_size=4, global_batch_size=8, max_steps=6, warmup_steps=2, lr=1e-2,
+                      zero_stage=zero_stage, min_lr_ratio=0.0)
+    engine = build_engine(_tiny_t5(), cfg, dist)
+    batches = _batches(12)
+    _train(engine, batches[:6])  # 3 optimizer steps of 2 accumulated micro-batches
+    assert engine.global_steps == 3
+    assert engine.lr_scheduler.get_last_lr()[0] == pytest.approx(1e-2 * lr_multiplier(3, cfg))
+    manager = CheckpointManager(tmp_path, "t", keep=2)
+    path = manager.save(engine, TrainState(step=3, examples_seen=24), config_yaml="x: 1\n")
+    assert (path / COMPLETE_MARKER).is_file() and (path / "config.yaml").read_text() == "x: 1\n"
+    # Dropout draws from torch's RNG: the continuation depends on the restored RNG state.
+    after = _train(engine, batches[6:])
+    engine2 = build_engine(_tiny_t5(seed=99), cfg, dist)
+    state = manager.load(engine2)
+    assert state.step == 3 and state.examples_seen == 24
+    assert engine2.global_steps == 3
+    assert _train(engine2, batches[6:]) == after  # exact in fp32 on CPU
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_export_hf_consolidates_fp32_weights(tmp_path, dist, zero_stage):
+    import torch
+    from transformers import AutoModelForSeq2SeqLM
+
+    from launch.distributed import build_engine, full_fp32_state_dict
+    from launch.training import export_hf
+
+    cfg = TrainConfig(micro_batch_size=4, global_batch_size=4, max_steps=3, warmup_steps=0, lr=1e-2,
+                      zero_stage=zero_stage)
+    model = _tiny_t5(dropout=0.0)
+    engine = build_engine(model, cfg, dist)
+    _train(engine, _batches(3))
+    expected = full_fp32_state_dict(engine, model)
+    out = export_hf(engine, model, None, tmp_path / "model")
+    loaded = AutoModelForSeq2SeqLM.from_pretrained(out)
+    assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
+    assert loaded.lm_head.weight.data_ptr() == loaded.shared.weight.data_ptr()  # tied embeddings survive
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+    # The export computes what the engine computes.
+    batch = _batches(1, seed=5)[0]
+    engine.eval()
+    with torch.no_grad():
+        assert float(loaded.eval()(**batch).loss) == pytest.approx(float(engine(**batch).loss), rel=1e-5)
+    generated = loaded.generate(batch["input_ids"][:1], max_new_tokens=4)
+    assert generated.shape[0] == 1 and generated.shape[1] >= 2
+
+
+def test_measure_peak_tflops_is_positive():
+    from launch.training import measure_peak_tflops
+
+    peak = measure_peak_tflops(num_threads=1, size=256, seconds=0.05)
+    assert 0.0 < peak < 100.0
