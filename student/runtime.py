@@ -117,10 +117,11 @@ class OnnxPredictor:
 
     `num_threads`: onnxruntime intra-op threads (1 for latency measurements at batch 1).
     `batch_size`: utterances per encoder/decoder call in `predict_words`.
+    `max_new_tokens`: generation budget per utterance (seq2seq); default the manifest's max_target_length.
     """
 
     def __init__(self, model_dir: str | os.PathLike, num_threads: int = 1, batch_size: int = 32,
-                 providers: list[str] | None = None) -> None:
+                 max_new_tokens: int | None = None, providers: list[str] | None = None) -> None:
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
@@ -129,7 +130,7 @@ class OnnxPredictor:
         self.kind: str = self.manifest["kind"]
         self.batch_size = batch_size
         self.max_source_length = int(self.manifest["max_source_length"])
-        self.max_target_length = int(self.manifest.get("max_target_length") or 0)
+        self.max_target_length = int(max_new_tokens or self.manifest.get("max_target_length") or 0)
         ids = self.manifest["special_ids"]
         self.pad_id, self.eos_id = int(ids["pad"]), int(ids["eos"])
         self.decoder_start_id = int(ids.get("decoder_start", self.pad_id))

@@ -68,9 +68,12 @@ def test_first_subword_indices_match_student_nlu_encoding(tmp_path_factory, requ
     nlu = session_export(tmp_path_factory, request, "nlu")
     predictor = OnnxPredictor(session_export(tmp_path_factory, request, "nlu-fp32"))
     batch = [list(e.words) for e in examples["test"]] + [["word"] * 40]  # the last one is truncated
-    enc = encode_words(load_tokenizer(nlu), batch, predictor.max_source_length)
-    ids, offsets, truncated = predictor.encode([" ".join(w) for w in batch])
-    assert truncated[-1] and not any(truncated[:-1])
+    hf = load_tokenizer(nlu)
+    enc = encode_words(hf, batch, predictor.max_source_length)
+    texts = [" ".join(w) for w in batch]
+    ids, offsets, truncated = predictor.encode(texts)
+    assert truncated == [len(hf(t)["input_ids"]) > predictor.max_source_length for t in texts]
+    assert truncated[-1] and not all(truncated)
     for b, words in enumerate(batch):
         n = int(enc["attention_mask"][b].sum())
         assert ids[b] == enc["input_ids"][b, :n].tolist()
