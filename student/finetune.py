@@ -18,21 +18,38 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from launch.config import ConfigError, resolve_data_path, save_config, to_dict
+from launch.distributed import (
+    DistInfo,
+    all_reduce_mean,
+    all_reduce_sum,
+    barrier,
+    build_engine,
+    init_distributed,
+)
 from launch.fsutil import safe_path
+from launch.training import (
+    CheckpointManager,
+    MetricsLogger,
+    ResumableSampler,
+    TrainState,
+    check_finite,
+    export_hf,
+    progress_bar,
+    seed_everything,
+)
 from student.config import FinetuneConfig
 
 if TYPE_CHECKING:
     import torch
 
     from data_prep.massive import MassiveExample, NLUPrediction
-    from launch.distributed import DistInfo
-    from launch.training import CheckpointManager, MetricsLogger, TrainState
 
 
 # ----------------------------------------------------------------------------- names and paths
@@ -77,14 +94,29 @@ class FinetuneData:
     """"Other" first, then MASSIVE's slot types."""
 
 
-def load_finetune_data(cfg: FinetuneConfig) -> FinetuneData:
-    """MASSIVE train (capped per locale) and the dev subset, from cfg.massive."""
+def load_finetune_data(cfg: FinetuneConfig, run_dir: Path, dist_info: DistInfo) -> FinetuneData:
+    """MASSIVE train (capped per locale) and the dev subset, from cfg.massive.
+
+    Parsed splits are cached as Arrow under run_dir/.cache/massive; rank 0 parses (and writes the
+    cache) first, the other ranks then read it.
+    """
     from data_prep.massive import load_massive
 
     source = cfg.massive if cfg.massive == "hub" else str(resolve_data_path(cfg.massive))
-    data = load_massive(source, locales=list(cfg.locales) or None, partitions=("train", "dev"))
+    cache_dir = run_dir / ".cache" / "massive"
+
+    def load() -> Any:
+        return load_massive(source, locales=list(cfg.locales) or None, partitions=("train", "dev"),
+                            cache_dir=cache_dir, progress=dist_info.is_rank0)
+
+    if dist_info.is_rank0:
+        data = load()
+        barrier()
+    else:
+        barrier()
+        data = load()
     eval_locales = list(cfg.locales) or sorted(data.locales)
-    missing = [loc for loc in eval_locales if not data.examples(locale=loc, partition="train")]
+    missing = [loc for loc in eval_locales if loc not in data.locales]
     if missing:
         raise ConfigError(
             f"finetune.locales: no MASSIVE train data for {missing} in {source}; available: {', '.join(sorted(data.locales))}"
@@ -116,14 +148,27 @@ def load_finetune_data(cfg: FinetuneConfig) -> FinetuneData:
     )
 
 
-def encode_seq2seq(tokenizer: Any, examples: list[MassiveExample], cfg: FinetuneConfig) -> list[tuple[list[int], list[int]]]:
-    """(source ids, target ids) per example in the official text-to-text format, truncated."""
+def encode_seq2seq(
+    tokenizer: Any, examples: list[MassiveExample], cfg: FinetuneConfig
+) -> tuple[list[tuple[list[int], list[int]]], dict[str, int]]:
+    """(source ids, target ids) per example in the official text-to-text format, and how many
+    sources/targets were cut to max_source_len/max_target_len (eos kept at the end)."""
     from data_prep.massive import to_text_to_text
 
     pairs = [to_text_to_text(ex.words, ex.slots, ex.intent) for ex in examples]
-    sources = tokenizer([s for s, _ in pairs], max_length=cfg.max_source_len, truncation=True)["input_ids"]
-    targets = tokenizer([t for _, t in pairs], max_length=cfg.max_target_len, truncation=True)["input_ids"]
-    return list(zip(sources, targets))
+    sources = tokenizer([s for s, _ in pairs])["input_ids"]
+    targets = tokenizer([t for _, t in pairs])["input_ids"]
+    eos = tokenizer.eos_token_id
+
+    def cut(ids: list[int], limit: int) -> list[int]:
+        return ids if len(ids) <= limit else [*ids[: limit - 1], eos]
+
+    counts = {
+        "num_truncated_sources": sum(len(ids) > cfg.max_source_len for ids in sources),
+        "num_truncated_targets": sum(len(ids) > cfg.max_target_len for ids in targets),
+    }
+    encoded = [(cut(src, cfg.max_source_len), cut(tgt, cfg.max_target_len)) for src, tgt in zip(sources, targets)]
+    return encoded, counts
 
 
 def collate_seq2seq(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -257,7 +302,6 @@ def evaluate(
     import torch
 
     from evaluation.massive import score_locale
-    from launch.distributed import all_reduce_sum
 
     world, rank = dist_info.world_size, dist_info.rank
     usable = len(dev) // world * world
@@ -338,18 +382,6 @@ def generate_predictions(
 
 def finetune(cfg: FinetuneConfig, run_dir: str | Path, resume: bool = False) -> Path:
     """Fine-tune cfg.init on MASSIVE; returns the exported model directory run_dir/<out>."""
-    from launch.distributed import all_reduce_mean, all_reduce_sum, build_engine, init_distributed
-    from launch.training import (
-        CheckpointManager,
-        MetricsLogger,
-        ResumableSampler,
-        TrainState,
-        check_finite,
-        export_hf,
-        progress_bar,
-        seed_everything,
-    )
-
     # config
     run_dir = Path(run_dir)
     name = output_name(cfg)
@@ -361,57 +393,52 @@ def finetune(cfg: FinetuneConfig, run_dir: str | Path, resume: bool = False) -> 
 
     # data
     tokenizer = load_finetune_tokenizer(cfg, run_dir)
-    data = load_finetune_data(cfg)
-    train_pairs = encode_seq2seq(tokenizer, data.train, cfg) if cfg.head == "seq2seq" else None
-    dev_pairs = encode_seq2seq(tokenizer, data.dev, cfg) if cfg.head == "seq2seq" else None
+    data = load_finetune_data(cfg, run_dir, dist_info)
+    train_pairs = dev_pairs = None
+    if cfg.head == "seq2seq":
+        train_pairs, truncated = encode_seq2seq(tokenizer, data.train, cfg)
+        dev_pairs, _ = encode_seq2seq(tokenizer, data.dev, cfg)
+        if dist_info.is_rank0 and any(truncated.values()):
+            print(
+                f"finetune: {truncated['num_truncated_sources']} of {len(data.train)} training sources exceed "
+                f"max_source_len={cfg.max_source_len} and {truncated['num_truncated_targets']} targets exceed "
+                f"max_target_len={cfg.max_target_len} tokens; they are cut (eos kept)",
+                file=sys.stderr, flush=True,
+            )
     sampler = ResumableSampler(len(data.train), cfg.train.micro_batch_size, grad_accum, dist_info.rank,
                                dist_info.world_size, cfg.train.seed)
 
     # model and engine
     model = build_finetune_model(cfg, run_dir, tokenizer, data)
+    num_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
     engine = build_engine(model, cfg.train, dist_info)
     checkpoints = CheckpointManager(run_dir, name, keep=cfg.train.keep_checkpoints)
-    state = TrainState()
-    if resume and checkpoints.latest_complete() is not None:
-        state = checkpoints.load(engine)
+    state = restore_or_start(checkpoints, engine, resume, dist_info)
     metrics = MetricsLogger(run_dir, stage="finetune", name=name)
     config_yaml = _config_yaml(cfg)
     if dist_info.is_rank0:
         print(
             f"finetune {name}: head={cfg.head} setting={cfg.setting} init={cfg.init} "
             f"train={len(data.train)} examples ({', '.join(data.train_locales)}) dev={len(data.dev)} "
-            f"params={sum(p.numel() for p in model.parameters()):,} world={dist_info.world_size} "
+            f"params={num_params:,} world={dist_info.world_size} "
             f"from step {state.step}",
             flush=True,
         )
 
     # the loop
+    engine.train()
     window = _Window()
     bar = progress_bar(cfg.train.max_steps, initial=state.step, desc=f"finetune {name}")
     segment_start = time.perf_counter() - state.wall_time_s
     while state.step < cfg.train.max_steps:
-        step_tokens = 0
-        step_loss = 0.0
-        parts: dict[str, float] = {}
-        for indices in sampler.micro_batches(state.epoch, state.epoch_position):
-            if cfg.head == "seq2seq":
-                batch = collate_seq2seq([train_pairs[i] for i in indices], tokenizer.pad_token_id)
-            else:
-                batch = collate_encoder([data.train[i] for i in indices], tokenizer, model.labels, cfg.max_source_len)
-            loss, loss_parts = train_loss(engine, batch, cfg, dist_info.device)
-            engine.backward(loss)
-            engine.step()
-            step_loss += loss.item() / grad_accum
-            for key, value in loss_parts.items():
-                parts[key] = parts.get(key, 0.0) + value / grad_accum
-            step_tokens += num_tokens(batch)
-        step_loss = all_reduce_mean(step_loss)
-        check_finite(step_loss, state.step, checkpoints)
-        sampler.advance(state)
-        state.step += 1
-        state.tokens_seen += int(all_reduce_sum([float(step_tokens)])[0])
+        batches = [
+            collate_seq2seq([train_pairs[i] for i in indices], tokenizer.pad_token_id)
+            if cfg.head == "seq2seq"
+            else collate_encoder([data.train[i] for i in indices], tokenizer, model.labels, cfg.max_source_len)
+            for indices in sampler.micro_batches(state.epoch, state.epoch_position)
+        ]
+        train_step(engine, batches, sampler, state, window, checkpoints, cfg, dist_info)
         state.wall_time_s = time.perf_counter() - segment_start
-        window.add(step_loss, parts)
         bar.update(1)
 
         maybe_log(metrics, state, window, engine, cfg, bar)
@@ -424,6 +451,54 @@ def finetune(cfg: FinetuneConfig, run_dir: str | Path, resume: bool = False) -> 
     export_hf(engine, model, tokenizer, out_dir)
     metrics.close()
     return out_dir
+
+
+def train_step(
+    engine: Any, batches: list[dict[str, torch.Tensor]], sampler: ResumableSampler, state: TrainState,
+    window: _Window, checkpoints: CheckpointManager, cfg: FinetuneConfig, dist_info: DistInfo,
+) -> float:
+    """One optimizer step over this rank's micro-batches; returns the loss averaged over ranks."""
+    micro_losses: list[float] = []
+    parts: dict[str, float] = {}
+    local_tokens = 0
+    for i, batch in enumerate(batches):
+        loss, loss_parts = train_loss(engine, batch, cfg, dist_info.device)
+        engine.backward(loss)
+        micro_losses.append(loss.item())
+        for key, value in loss_parts.items():
+            parts[key] = parts.get(key, 0.0) + value / len(batches)
+        local_tokens += num_tokens(batch)
+        if i == len(batches) - 1:
+            # Checked before the optimizer step applies it, on the rank mean so every rank stops together.
+            step_loss = all_reduce_mean(sum(micro_losses) / len(micro_losses))
+            check_finite(step_loss, state.step, checkpoints)
+        engine.step()
+    state.step += 1
+    state.tokens_seen += int(all_reduce_sum([float(local_tokens)])[0])
+    sampler.advance(state)
+    window.add(step_loss, parts)
+    return step_loss
+
+
+def restore_or_start(checkpoints: CheckpointManager, engine: Any, resume: bool, dist_info: DistInfo) -> TrainState:
+    """The latest complete checkpoint's state with --resume; a fresh state otherwise (refusing to
+    start over on top of existing checkpoints, which a fresh run would mix with its own)."""
+    latest = checkpoints.latest_complete()
+    if resume and latest is not None:
+        state = checkpoints.load(engine, latest)
+        if dist_info.is_rank0:
+            print(f"finetune: resumed from {latest} (step {state.step})", file=sys.stderr, flush=True)
+        return state
+    if resume:
+        if dist_info.is_rank0:
+            print(f"finetune: --resume but no complete checkpoint under {checkpoints.root}; starting at step 0",
+                  file=sys.stderr, flush=True)
+    elif latest is not None:
+        raise ConfigError(
+            f"checkpoints already exist under {checkpoints.root} (latest {latest.name}); pass --resume to "
+            "continue that run, or choose another --out"
+        )
+    return TrainState()
 
 
 @dataclass
