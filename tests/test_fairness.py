@@ -1,0 +1,144 @@
+"""Fairness evaluation: counterfactual consistency and generation disparity."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from data_prep.massive import NLUPrediction
+from evaluation.fairness import (
+    TEMPLATES,
+    consistency_scores,
+    continuations,
+    counterfactual_consistency,
+    gendered_examples,
+    generation_disparity,
+    parse_models,
+    score_continuations,
+)
+from launch.config import ConfigError
+
+
+@dataclass
+class Gold:
+    words: list[str]
+    slots: list[str]
+    intent: str
+
+
+class KeywordPredictor:
+    """A rule-based MASSIVE predictor: intent 'calendar_set' unless the utterance says `trigger`."""
+
+    def __init__(self, trigger: str | None) -> None:
+        self.trigger = trigger
+
+    def predict_words(self, batch: list[list[str]]) -> list[NLUPrediction]:
+        out = []
+        for words in batch:
+            hit = self.trigger is not None and self.trigger in words
+            out.append(NLUPrediction("email_query" if hit else "calendar_set",
+                                     ["person" if w in ("mom", "dad") else "Other" for w in words]))
+        return out
+
+
+EXAMPLES = [
+    Gold(["remind", "mom", "about", "her", "meeting"], ["Other", "person", "Other", "Other", "Other"], "calendar_set"),
+    Gold(["tell", "him", "hello"], ["Other", "Other", "Other"], "calendar_set"),
+    Gold(["wake", "me", "up"], ["Other", "Other", "Other"], "calendar_set"),  # no gendered word
+]
+
+
+def test_gendered_examples_selects_and_swaps_word_for_word():
+    chosen = gendered_examples(EXAMPLES, "en-US")
+    assert [ex.words for ex, _ in chosen] == [EXAMPLES[0].words, EXAMPLES[1].words]
+    assert chosen[0][1] == ["remind", "dad", "about", "his", "meeting"]
+    assert chosen[1][1] == ["tell", "her", "hello"]
+    assert gendered_examples(EXAMPLES, "ja-JP") == []
+
+
+def test_consistency_zero_for_gender_blind_predictor():
+    result = counterfactual_consistency(KeywordPredictor(None), {"en-US": EXAMPLES}, batch_size=2)
+    overall = result["overall"]
+    assert overall["num_examples"] == 2
+    assert overall["intent_change_rate"] == 0.0 and overall["slot_change_rate"] == 0.0
+    assert overall["intent_acc_original"] == overall["intent_acc_swapped"] == 1.0
+    assert overall["em_original"] == 1.0 and overall["em_gap"] == 0.0
+
+
+def test_consistency_counts_changes_of_a_gender_sensitive_predictor():
+    # Predicts a different intent whenever "her" appears: the swapped "tell her hello" flips, and the
+    # original "remind mom about her meeting" is wrong while its swap is right.
+    result = counterfactual_consistency(KeywordPredictor("her"), {"en-US": EXAMPLES}, batch_size=2)
+    overall = result["overall"]
+    assert overall["intent_change_rate"] == 1.0
+    assert overall["intent_acc_original"] == 0.5 and overall["intent_acc_swapped"] == 0.5
+    assert overall["slot_change_rate"] == 0.0  # mom -> dad is still a person
+
+
+def test_consistency_scores_hand_case():
+    golds = [Gold(["a", "b"], ["Other", "x"], "i1"), Gold(["c"], ["y"], "i2")]
+    original = [NLUPrediction("i1", ["Other", "x"]), NLUPrediction("i2", ["y"])]
+    swapped = [NLUPrediction("i1", ["Other", "Other"]), NLUPrediction("i3", ["y"])]
+    s = consistency_scores(golds, original, swapped)
+    assert s["intent_change_rate"] == 0.5 and s["slot_change_rate"] == 0.5
+    assert s["em_original"] == 1.0 and s["em_swapped"] == 0.0 and s["em_gap"] == 1.0
+    assert s["intent_acc_gap"] == 0.5
+
+
+def test_templates_and_continuations_cover_every_lexicon():
+    from distill.counterfactual import available_languages
+
+    for lang in available_languages():
+        assert len(TEMPLATES[lang]) >= 3
+        assert len(continuations(lang)) >= 10, lang
+
+
+def test_disparity_on_tiny_teacher(tiny_teacher_dir):
+    from evaluation.massive import load_seq2seq
+
+    model, tokenizer = load_seq2seq(tiny_teacher_dir, "cpu")
+    conts = continuations("en")[:6]
+    same = score_continuations(model, tokenizer, ["He works as a", "He works as a"], conts, batch_size=5)
+    assert same.shape == (2, 6) and np.all(same < 0)
+    np.testing.assert_allclose(same[0], same[1], rtol=1e-5)
+    # Batching does not change the scores.
+    np.testing.assert_allclose(score_continuations(model, tokenizer, ["He works as a"], conts, batch_size=1)[0],
+                               same[0], rtol=1e-4)
+    result = generation_disparity(model, tokenizer, ["en", "de"], batch_size=64)
+    assert set(result) == {"en", "de", "overall"}
+    assert result["en"]["num_pairs"] == 3 * len(continuations("en"))
+    assert result["overall"]["mean_abs_gap"] > 0  # a random model is not gender-blind
+    assert result["overall"]["mean_abs_gap"] >= abs(result["overall"]["mean_signed_gap"])
+
+
+def test_parse_models_errors(tmp_path):
+    assert parse_models([f"a={tmp_path}"]) == {"a": tmp_path}
+    with pytest.raises(ConfigError, match="NAME=DIR"):
+        parse_models([str(tmp_path)])
+    with pytest.raises(ConfigError, match="is not a directory"):
+        parse_models([f"a={tmp_path / 'missing'}"])
+
+
+@pytest.mark.slow
+def test_cli_writes_json_and_markdown(tmp_path, tiny_teacher_dir, massive_dir):
+    from launch.cli import main
+
+    out = tmp_path / "fair"
+    code = main(["evaluate", "fairness", "--models", f"teacher={tiny_teacher_dir}", f"copy={tiny_teacher_dir}",
+                 "--locales", "en-US", "ja-JP", "--max-examples", "3", "--batch-size", "3",
+                 "--data", str(massive_dir), "--device", "cpu", "--out", str(out)])
+    assert code == 0
+    result = json.loads((out / "fairness.json").read_text())
+    assert result["locales"] == ["en-US"] and result["locales_without_lexicon"] == ["ja-JP"]
+    for name in ("teacher", "copy"):
+        entry = result["models"][name]
+        assert entry["consistency"]["en-US"]["num_examples"] == 3
+        assert 0.0 <= entry["consistency"]["overall"]["intent_change_rate"] <= 1.0
+        assert entry["disparity"]["en"]["mean_abs_gap"] > 0
+    # The same weights give the same numbers.
+    assert result["models"]["teacher"]["disparity"] == result["models"]["copy"]["disparity"]
+    md = (out / "fairness.md").read_text()
+    assert md.startswith("| model |") and "| teacher |" in md and "| copy |" in md
