@@ -183,6 +183,19 @@ class MassiveReport:
     def num_skipped(self) -> int:
         return sum(self.skipped.values())
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (for run-directory reports)."""
+        return {
+            "source": self.source,
+            "rows_read": self.rows_read,
+            "rows_loaded": self.rows_loaded,
+            "rows_not_requested": self.rows_not_requested,
+            "skipped": dict(self.skipped),
+            "split_counts": {loc: dict(counts) for loc, counts in self.split_counts.items()},
+            "bad_rows": _bad_to_json(self.bad_rows),
+            "cached_splits": [list(split) for split in self.cached_splits],
+        }
+
     def _add_bad(self, bad: Iterable[BadRow]) -> None:
         for row in bad:
             self.skipped[row.reason] += 1
@@ -1036,6 +1049,8 @@ def load_massive(
         raise ValueError(f"no partitions asked for; allowed values: {', '.join(PARTITIONS)}")
     parts = [p for p in PARTITIONS if p in parts]
     wanted = check_locales(locales) if locales is not None else None
+    if wanted == []:
+        raise ValueError("locales is empty; pass None for every locale the source has")
     cache = _Cache(cache_dir)
     source_str = os.fspath(source)
     loader = _Loader(source_str, parts, on_bad_row, cache, progress)

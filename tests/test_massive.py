@@ -435,6 +435,8 @@ def test_invalid_arguments(small_dir: Path) -> None:
         ValueError, match="unknown MASSIVE partition 'validation'; allowed values: train, dev, test"
     ):
         load_massive(small_dir, partitions=("train", "validation"))
+    with pytest.raises(ValueError, match="locales is empty"):
+        load_massive(small_dir, locales=[])
     with pytest.raises(MassiveSourceError, match="neither a directory, a tarball"):
         load_massive(small_dir / "nope")
 
@@ -455,6 +457,15 @@ def test_directory_load_partitions_and_helpers(small_dir: Path, sample_rows) -> 
     assert data.report.split_counts["en-US"] == {
         p: sum(r["partition"] == p for r in sample_rows["en-US"]) for p in ("train", "dev", "test")
     }
+
+    table = data.summary_table().splitlines()
+    en = data.report.split_counts["en-US"]
+    de = data.report.split_counts["de-DE"]
+    assert f"en-US   {en['train']:>9}{en['dev']:>9}{en['test']:>9}{30:>9}" in table
+    totals = [en[p] + de[p] for p in ("train", "dev", "test")]
+    assert f"all     {totals[0]:>9}{totals[1]:>9}{totals[2]:>9}{60:>9}" in table
+    assert "rows read 60, loaded 60, skipped 0" in table[-1]
+    assert json.loads(json.dumps(data.report.to_dict()))["split_counts"]["en-US"] == en
 
     utts = massive_utterances(data)
     assert utts["en-US"] == [r["utt"] for r in sample_rows["en-US"] if r["partition"] == "train"]
