@@ -167,3 +167,34 @@ def test_cli_predict_prints_json(seq2seq_int8: Path):
     bad = subprocess.run([sys.executable, "-m", "launch.cli", "predict", "--model", str(seq2seq_int8), "--locale", "xx-XX", "hi"],
                          cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2 and "allowed" in bad.stderr
+
+
+# ----------------------------------------------------------------------------- latency evaluation
+
+
+def test_percentile_interpolates():
+    from evaluation.latency import percentile
+
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert percentile([1.0, 2.0, 3.0, 4.0, 5.0], 95) == pytest.approx(4.8)
+    with pytest.raises(ValueError):
+        percentile([], 50)
+
+
+def test_evaluate_latency_writes_p50_p95_and_sizes(seq2seq_int8: Path, nlu_int8: Path, tmp_path: Path, capsys):
+    from launch.cli import main
+
+    code = main(["evaluate", "latency", "--models", f"student_int8={seq2seq_int8}", f"nlu_int8={nlu_int8}",
+                 "--max-examples", "3", "--warmup", "1", "--out", str(tmp_path)])
+    assert code == 0
+    data = json.loads((tmp_path / "latency.json").read_text())
+    assert list(data) == ["student_int8", "nlu_int8"]
+    for name, export_dir in (("student_int8", seq2seq_int8), ("nlu_int8", nlu_int8)):
+        r = data[name]
+        assert 0 < r["min"] <= r["p50"] <= r["p95"] and r["num_examples"] == 3 and r["num_threads"] == 1
+        assert r["size_mb"] == read_manifest(export_dir)["size_bytes"] / 1e6
+        assert r["backend"] == "onnxruntime" and r["precision"] == "int8"
+    assert "| student_int8 | onnxruntime | int8 |" in (tmp_path / "latency.md").read_text()
+    assert main(["evaluate", "latency", "--models", "noequals", "--out", str(tmp_path)]) == 2
+    assert "name=DIR" in capsys.readouterr().err
