@@ -37,7 +37,7 @@ class FinetuneConfig:
     directories carry their own tokenizer, which is used instead."""
     out: str = ""
     """Name of the output model directory under the run directory; also names the checkpoints
-    (checkpoints/<out>/), the TensorBoard folder and the metrics stage. Empty: `<init name>-ft`
+    (checkpoints/<out>/), the TensorBoard folder (tb/<out>/) and the metrics stage ("finetune/<out>"). Empty: `<init name>-ft`
     (seq2seq) or `<init name>-nlu` (encoder), with init name `scratch-<preset>` for scratch models."""
     head: Literal["seq2seq", "encoder"] = "seq2seq"
     """seq2seq: text-to-text in the official MASSIVE format (greedy generation predicts slots and

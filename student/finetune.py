@@ -414,7 +414,7 @@ def finetune(cfg: FinetuneConfig, run_dir: str | Path, resume: bool = False) -> 
     engine = build_engine(model, cfg.train, dist_info)
     checkpoints = CheckpointManager(run_dir, name, keep=cfg.train.keep_checkpoints)
     state = restore_or_start(checkpoints, engine, resume, dist_info)
-    metrics = MetricsLogger(run_dir, stage="finetune", name=name)
+    metrics = MetricsLogger(run_dir, stage=f"finetune/{name}", name=name)
     config_yaml = _config_yaml(cfg)
     if dist_info.is_rank0:
         print(

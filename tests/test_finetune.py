@@ -1,0 +1,242 @@
+"""MASSIVE fine-tuning: config, data pipeline (fast) and end-to-end runs of `polyteacher finetune` (slow)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from launch.config import ConfigError, load_config
+from launch.distributed import DistInfo
+from student.config import FinetuneConfig
+from student.finetune import collate_encoder, collate_seq2seq, encode_seq2seq, load_finetune_data, output_name
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ONE_PROCESS = DistInfo(rank=0, local_rank=0, world_size=1, device="cpu", backend="gloo")
+
+
+# ----------------------------------------------------------------------------- config and CLI
+
+
+def test_tiny_preset_loads_and_fits_one_or_two_processes():
+    cfg = load_config(FinetuneConfig, section="finetune", preset="tiny")
+    assert cfg.locales and len(cfg.locales) <= 3
+    assert cfg.train.max_steps <= 300
+    for world in (1, 2):
+        assert cfg.train.grad_accum_steps(world) >= 1
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["init=scratch:huge"], "scratch:tiny"),
+        (["init='scratch:'"], "size preset"),
+        (["locales=[english]"], "locale"),
+        (["setting=zero_shot", "locales=[de-DE,fr-FR]"], "en-US"),
+        (["out=../elsewhere"], "plain directory name"),
+        (["head=tagger"], "'seq2seq', 'encoder'"),
+        (["dropout=1.5"], "dropout"),
+    ],
+)
+def test_config_rejects_bad_values_naming_key_and_allowed_values(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(FinetuneConfig, section="finetune", overrides=overrides)
+
+
+def test_output_name_derives_from_init_and_head():
+    assert output_name(FinetuneConfig(init="runs/x/teacher-indomain/")) == "teacher-indomain-ft"
+    assert output_name(FinetuneConfig(init="student", head="encoder")) == "student-nlu"
+    assert output_name(FinetuneConfig(init="scratch:small")) == "scratch-small-ft"
+    assert output_name(FinetuneConfig(init="student", out="mine")) == "mine"
+
+
+def test_cli_flags_override_preset_and_overrides():
+    from launch.cli import build_parser
+    from student.cli import build_config
+
+    args = build_parser().parse_args(
+        ["finetune", "--run-dir", "r", "--model", "scratch:tiny", "--head", "encoder", "--preset", "tiny",
+         "head=seq2seq", "train.max_steps=70"]
+    )
+    cfg = build_config(args)
+    assert (cfg.init, cfg.head, cfg.train.max_steps, cfg.locales) == ("scratch:tiny", "encoder", 70, ["en-US", "de-DE"])
+    with pytest.raises(ConfigError, match="--model"):
+        build_config(build_parser().parse_args(["finetune", "--run-dir", "r"]))
+
+
+def test_help_documents_every_config_key():
+    out = subprocess.run([sys.executable, "-m", "launch.cli", "finetune", "--help"], capture_output=True, text=True,
+                         cwd=REPO_ROOT, check=True).stdout
+    for key in ("--model", "--resume", "setting (one of 'full', 'zero_shot'", "num_train_examples", "train.max_steps",
+                "model.num_layers"):
+        assert key in out
+
+
+# ----------------------------------------------------------------------------- data pipeline
+
+
+def test_collate_seq2seq_pads_inputs_and_masks_label_padding():
+    batch = collate_seq2seq([([5, 6, 1], [7, 1]), ([5, 1], [8, 9, 10, 1])], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 1], [5, 1, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert batch["labels"].tolist() == [[7, 1, -100, -100], [8, 9, 10, 1]]
+
+
+@pytest.fixture(scope="module")
+def two_locale_data(massive_dir):
+    cfg = FinetuneConfig(init="x", massive=str(massive_dir), locales=["en-US", "ja-JP"], setting="zero_shot",
+                         num_train_examples=50, num_eval_examples=20)
+    return cfg, load_finetune_data(cfg, Path("/nonexistent-run-dir"), ONE_PROCESS)
+
+
+def test_zero_shot_trains_on_en_us_only_and_evaluates_every_locale(two_locale_data):
+    _, data = two_locale_data
+    assert data.train_locales == ["en-US"]
+    assert len(data.train) == 50 and {ex.locale for ex in data.train} == {"en-US"}
+    assert {ex.partition for ex in data.train} == {"train"}
+    assert len(data.dev) == 20 and {ex.locale for ex in data.dev} == {"en-US", "ja-JP"}
+    assert {ex.partition for ex in data.dev} == {"dev"}
+    assert len(data.intents) == 60 and data.slot_labels[0] == "Other" and "time" in data.slot_labels
+
+
+def test_full_setting_caps_each_locale_with_a_seeded_subset(massive_dir):
+    cfg = FinetuneConfig(init="x", massive=str(massive_dir), locales=["en-US", "ja-JP"], num_train_examples=30,
+                         num_eval_examples=0)
+    first = load_finetune_data(cfg, Path("/nonexistent-run-dir"), ONE_PROCESS)
+    again = load_finetune_data(cfg, Path("/nonexistent-run-dir"), ONE_PROCESS)
+    assert [ex.locale for ex in first.train].count("ja-JP") == 30 and len(first.train) == 60
+    assert [ex.id for ex in first.train] == [ex.id for ex in again.train]
+    assert first.dev == []
+
+
+def test_text_to_text_encoding_truncates_keeping_eos(two_locale_data, tiny_tokenizer_dir):
+    from data_prep.massive import to_text_to_text
+    from data_prep.tokenizer import load_tokenizer
+
+    _, data = two_locale_data
+    tokenizer = load_tokenizer(tiny_tokenizer_dir)
+    roomy = FinetuneConfig(init="x", max_source_len=1024, max_target_len=1024)
+    pairs, counts = encode_seq2seq(tokenizer, data.dev, roomy)
+    assert counts == {"num_truncated_sources": 0, "num_truncated_targets": 0}
+    src, tgt = pairs[0]
+    expected_src, expected_tgt = to_text_to_text(data.dev[0].words, data.dev[0].slots, data.dev[0].intent)
+    assert tokenizer.decode(src, skip_special_tokens=True) == expected_src
+    assert tokenizer.decode(tgt, skip_special_tokens=True) == expected_tgt
+    short = FinetuneConfig(init="x", max_source_len=8, max_target_len=6)
+    cut, counts = encode_seq2seq(tokenizer, data.dev, short)
+    assert counts["num_truncated_sources"] > 0 and counts["num_truncated_targets"] > 0
+    assert all(len(s) <= 8 and len(t) <= 6 and s[-1] == t[-1] == tokenizer.eos_token_id for s, t in cut)
+
+
+def test_encoder_batches_carry_intent_and_per_word_slot_ids(two_locale_data, tiny_tokenizer_dir):
+    from data_prep.tokenizer import load_tokenizer
+    from student.nlu import IGNORE_INDEX, NLULabels
+
+    _, data = two_locale_data
+    labels = NLULabels(intents=data.intents, slot_labels=data.slot_labels)
+    examples = data.dev[:4]
+    batch = collate_encoder(examples, load_tokenizer(tiny_tokenizer_dir), labels, max_length=64)
+    assert [labels.intents[i] for i in batch["intent_labels"].tolist()] == [ex.intent for ex in examples]
+    for b, ex in enumerate(examples):
+        row = batch["slot_labels"][b].tolist()
+        assert [labels.slot_labels[i] for i in row[: len(ex.slots)]] == list(ex.slots)
+        assert all(i == IGNORE_INDEX for i in row[len(ex.slots) :])
+
+
+# ----------------------------------------------------------------------------- end to end (slow)
+
+
+def _run_finetune(run_dir: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.cli", "finetune", "--run-dir", str(run_dir), *args],
+        capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def _records(run_dir: Path, name: str, key: str) -> list[dict]:
+    from launch.fsutil import read_jsonl
+
+    return [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["stage"] == f"finetune/{name}" and key in r]
+
+
+@pytest.mark.slow
+def test_seq2seq_finetune_end_to_end_then_score_with_the_evaluation_scorer(tmp_path, tiny_teacher_dir, massive_dir):
+    from data_prep.massive import load_massive
+    from evaluation.massive import load_predictor, score
+
+    run_dir = tmp_path / "run"
+    _run_finetune(
+        run_dir, "--model", str(tiny_teacher_dir), "--preset", "tiny", "--out", "teacher-ft",
+        f"massive={massive_dir}", "locales=[en-US,ja-JP]", "num_train_examples=400", "num_eval_examples=32",
+        "max_target_len=128", "train.max_steps=40", "train.eval_every=20", "train.save_every=20",
+    )
+    evals = _records(run_dir, "teacher-ft", "dev_loss")
+    assert [r["step"] for r in evals] == [20, 40]
+    assert evals[1]["dev_loss"] < evals[0]["dev_loss"]
+    assert all(0.0 <= r[k] <= 1.0 for r in evals for k in ("dev_em", "dev_intent_acc", "dev_slot_f1"))
+    losses = [r["loss"] for r in _records(run_dir, "teacher-ft", "lr")]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert (run_dir / "checkpoints" / "teacher-ft" / "step_00000040" / "COMPLETE").is_file()
+    assert "locales:\n- en-US\n- ja-JP" in (run_dir / "config.yaml").read_text()
+
+    # The exported directory is a self-contained Hugging Face model the evaluation stage can score.
+    dev = load_massive(str(massive_dir), locales=["en-US", "ja-JP"], partitions=("dev",), progress=False)
+    golds = dev.examples(locale="en-US", partition="dev")[:8] + dev.examples(locale="ja-JP", partition="dev")[:8]
+    predictor = load_predictor(run_dir / "teacher-ft", device="cpu")
+    preds = predictor.predict_words([list(ex.words) for ex in golds])
+    assert [len(p.slots) for p in preds] == [len(ex.words) for ex in golds]
+    result = score(golds, preds)
+    assert set(result["per_locale"]) == {"en-US", "ja-JP"}
+    assert 0.0 <= result["em"] <= result["intent_acc"] <= 1.0
+
+    # A second run on top of the checkpoints without --resume is refused (it would mix two runs).
+    env_run = subprocess.run(
+        [sys.executable, "-m", "launch.cli", "finetune", "--run-dir", str(run_dir), "--model", str(tiny_teacher_dir),
+         "--out", "teacher-ft", f"massive={massive_dir}", "locales=[en-US]", "train.max_steps=1"],
+        capture_output=True, text=True, cwd=REPO_ROOT, env={**os.environ, "DS_ACCELERATOR": "cpu"}, timeout=300,
+    )
+    assert env_run.returncode == 2 and "--resume" in env_run.stderr
+
+
+@pytest.mark.slow
+def test_encoder_finetune_resumes_exactly_from_a_mid_run_checkpoint(tmp_path, tiny_teacher_dir, massive_dir):
+    from safetensors.torch import load_file
+
+    from student.nlu import EncoderNLUModel
+
+    run_dir = tmp_path / "run"
+    common = [
+        "--model", str(tiny_teacher_dir), "--head", "encoder", "--preset", "tiny", f"massive={massive_dir}",
+        "locales=[en-US,th-TH]", "num_train_examples=200", "num_eval_examples=16", "train.max_steps=12",
+        "train.save_every=6", "train.eval_every=0", "train.log_every=3", "dropout=0.1",
+    ]
+    _run_finetune(run_dir, *common, "--out", "straight")
+    # Continue a copy of the step-6 checkpoint under another name: it must end where the
+    # uninterrupted run ended (same data order, dropout RNG, optimizer and LR schedule).
+    shutil.copytree(run_dir / "checkpoints" / "straight" / "step_00000006", run_dir / "checkpoints" / "resumed" / "step_00000006")
+    proc = _run_finetune(run_dir, *common, "--out", "resumed", "--resume")
+    assert "resumed from" in proc.stderr and "step 6" in proc.stderr
+
+    straight = load_file(str(run_dir / "straight" / "model.safetensors"))
+    resumed = load_file(str(run_dir / "resumed" / "model.safetensors"))
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert (straight[key] == resumed[key]).all(), key
+    straight_loss = {r["step"]: r["loss"] for r in _records(run_dir, "straight", "lr")}
+    resumed_loss = {r["step"]: r["loss"] for r in _records(run_dir, "resumed", "lr")}
+    assert sorted(straight_loss) == [3, 6, 9, 12] and sorted(resumed_loss) == [9, 12]
+    assert all(resumed_loss[step] == straight_loss[step] for step in (9, 12))
+
+    # The encoder directory loads as an NLU predictor with the MASSIVE label inventory.
+    model = EncoderNLUModel.from_pretrained(run_dir / "resumed")
+    assert len(model.labels.intents) == 60 and model.labels.extra["locales"] == ["en-US", "th-TH"]
+    preds = model.predict_words([["wake", "me", "up", "at", "nine"], ["ปลุกฉัน", "ตอน", "ตีห้า"]])
+    assert [len(p.slots) for p in preds] == [5, 3]
