@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-from launch.config import load_config
+from launch.config import config_help, load_config
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from distill.config import DistillConfig
+
     p = sub.add_parser(
         "distill",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config keys of the distill section (trailing dotted overrides):\n" + config_help(DistillConfig),
         help="distil a teacher into a compact student (KD + counterfactual role reversal)",
         description=(
             "Distil the teacher into a student (fewer layers and/or narrower, initialised from mapped teacher "
