@@ -16,6 +16,17 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _public_mode(is_dir: bool) -> int:
+    """mkstemp/mkdtemp create private (0600/0700) entries; artifacts get the usual umask-based mode."""
+    return (0o777 if is_dir else 0o666) & ~_umask()
+
+
 class UnsafePathError(ValueError):
     """A path escapes the directory it must stay in."""
 
@@ -38,6 +49,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _public_mode(is_dir=False))
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -65,6 +77,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         yield tmp
+        os.chmod(tmp, _public_mode(is_dir=True))
         if final.exists():
             if not overwrite:
                 raise FileExistsError(f"{final} already exists")

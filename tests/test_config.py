@@ -125,3 +125,17 @@ def test_read_jsonl_ignores_partial_last_line(tmp_path):
     assert read_jsonl(p) == [{"a": 1}, {"a": 2}]
     atomic_write_text(tmp_path / "t.txt", "ok")
     assert (tmp_path / "t.txt").read_text() == "ok"
+
+
+def test_atomic_artifacts_get_umask_modes(tmp_path):
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        f = atomic_write_text(tmp_path / "a.txt", "x")
+        with atomic_dir(tmp_path / "d") as tmp:
+            (tmp / "w").write_text("y")
+    finally:
+        os.umask(mask)
+    assert f.stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
