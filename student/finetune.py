@@ -388,6 +388,8 @@ def finetune(cfg: FinetuneConfig, run_dir: str | Path, resume: bool = False) -> 
     dist_info = init_distributed(cfg.train.num_threads)
     seed_everything(cfg.train.seed)
     grad_accum = cfg.train.grad_accum_steps(dist_info.world_size)
+    checkpoints = CheckpointManager(run_dir, name, keep=cfg.train.keep_checkpoints)
+    refuse_to_start_over(checkpoints, resume)
     if dist_info.is_rank0:
         save_config(cfg, run_dir / "config.yaml")
 
@@ -412,7 +414,6 @@ def finetune(cfg: FinetuneConfig, run_dir: str | Path, resume: bool = False) -> 
     model = build_finetune_model(cfg, run_dir, tokenizer, data)
     num_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
     engine = build_engine(model, cfg.train, dist_info)
-    checkpoints = CheckpointManager(run_dir, name, keep=cfg.train.keep_checkpoints)
     state = restore_or_start(checkpoints, engine, resume, dist_info)
     metrics = MetricsLogger(run_dir, stage=f"finetune/{name}", name=name)
     config_yaml = _config_yaml(cfg)
@@ -480,24 +481,27 @@ def train_step(
     return step_loss
 
 
+def refuse_to_start_over(checkpoints: CheckpointManager, resume: bool) -> None:
+    """A fresh run on top of existing checkpoints would mix two runs' checkpoints: fail before any work."""
+    latest = checkpoints.latest_complete()
+    if not resume and latest is not None:
+        raise ConfigError(
+            f"checkpoints already exist under {checkpoints.root} (latest {latest.name}); pass --resume to "
+            "continue that run, or choose another --out"
+        )
+
+
 def restore_or_start(checkpoints: CheckpointManager, engine: Any, resume: bool, dist_info: DistInfo) -> TrainState:
-    """The latest complete checkpoint's state with --resume; a fresh state otherwise (refusing to
-    start over on top of existing checkpoints, which a fresh run would mix with its own)."""
+    """With --resume, the latest complete checkpoint's engine, RNG and TrainState; else a fresh state."""
     latest = checkpoints.latest_complete()
     if resume and latest is not None:
         state = checkpoints.load(engine, latest)
         if dist_info.is_rank0:
             print(f"finetune: resumed from {latest} (step {state.step})", file=sys.stderr, flush=True)
         return state
-    if resume:
-        if dist_info.is_rank0:
-            print(f"finetune: --resume but no complete checkpoint under {checkpoints.root}; starting at step 0",
-                  file=sys.stderr, flush=True)
-    elif latest is not None:
-        raise ConfigError(
-            f"checkpoints already exist under {checkpoints.root} (latest {latest.name}); pass --resume to "
-            "continue that run, or choose another --out"
-        )
+    if resume and dist_info.is_rank0:
+        print(f"finetune: --resume but no complete checkpoint under {checkpoints.root}; starting at step 0",
+              file=sys.stderr, flush=True)
     return TrainState()
 
 
