@@ -29,6 +29,19 @@ COMMAND_MODULES = (
 )
 
 
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    from launch.fsutil import UnsafePathError
+
+    types_: list[type[BaseException]] = [UnsafePathError]
+    try:
+        from data_prep.massive import MassiveError
+
+        types_.append(MassiveError)
+    except ImportError:
+        pass
+    return tuple(types_)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="polyteacher",
@@ -63,6 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"polyteacher: config error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        # Bad input the user can fix (malformed data, unsafe paths) is one line, not a traceback.
+        if isinstance(e, _user_error_types()):
+            print(f"polyteacher: {type(e).__name__}: {e}", file=sys.stderr)
+            return 2
+        raise
     except KeyboardInterrupt:
         print("polyteacher: interrupted", file=sys.stderr)
         return 130
