@@ -76,7 +76,8 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False) -> 
     window = Window()
     bar = progress_bar(cfg.train.max_steps, initial=state.step, desc=f"{STAGE} {cfg.out}")
 
-    # -- the loop
+    # -- the loop (a held-out baseline first, at step 0)
+    maybe_eval(cfg, state, engine, collator, heldout_data, eval_batches, metrics)
     engine.train()
     while state.step < cfg.train.max_steps:
         step_loss = train_step(engine, collator, train_data, sampler, state, spec, window, checkpoints)
@@ -249,7 +250,7 @@ def maybe_log(cfg: PretrainConfig, state: TrainState, engine: Any, window: Windo
 
 def maybe_eval(cfg: PretrainConfig, state: TrainState, engine: Any, collator: PretrainCollator, heldout: Any,
                eval_batches: list[list[int]], metrics: MetricsLogger) -> float | None:
-    due = cfg.train.eval_every and state.step % cfg.train.eval_every == 0
+    due = state.step == 0 or (cfg.train.eval_every and state.step % cfg.train.eval_every == 0)
     if not (due or state.step == cfg.train.max_steps):
         return None
     result = heldout_loss(engine, collator, heldout, eval_batches)
