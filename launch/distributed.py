@@ -147,6 +147,15 @@ def _dist_ready() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def get_rank() -> int:
+    """Global rank (RANK from the launcher's environment before the group exists; 0 without one)."""
+    if not _dist_ready():
+        return int(os.environ.get("RANK", "0"))
+    import torch.distributed as dist
+
+    return dist.get_rank()
+
+
 def is_rank0() -> bool:
     """True on global rank 0, and in a process that never joined a group."""
     if not _dist_ready():

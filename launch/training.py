@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from launch.config import ConfigError
-from launch.distributed import DistInfo, all_reduce_mean, barrier, full_fp32_state_dict, is_rank0
+from launch.distributed import DistInfo, all_reduce_mean, barrier, full_fp32_state_dict, get_rank, is_rank0
 from launch.fsutil import append_jsonl, atomic_dir, atomic_write_json, atomic_write_text
 
 # ----------------------------------------------------------------------------- config
@@ -365,7 +365,7 @@ class CheckpointManager:
             shutil.rmtree(path)
         barrier()
         engine.save_checkpoint(str(self.root), tag=path.name, save_latest=False)
-        rank = int(os.environ.get("RANK", "0"))
+        rank = get_rank()
         atomic_write_json(path / "rng" / f"rank_{rank:05d}.json", rng_state(), indent=0)
         barrier()
         if is_rank0():
@@ -400,7 +400,7 @@ class CheckpointManager:
         )
         if loaded is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
-        rank = int(os.environ.get("RANK", "0"))
+        rank = get_rank()
         rng_file = path / "rng" / f"rank_{rank:05d}.json"
         if not rng_file.is_file():
             raise FileNotFoundError(

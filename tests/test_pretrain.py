@@ -210,3 +210,25 @@ def test_nan_guard_stops_with_step_and_checkpoint(tmp_path, tiny_tokenizer_dir, 
     with pytest.raises(NonFiniteLossError, match=r"loss is (nan|inf) at step (\d+) .*resume from .*step_\d+ with --resume"):
         pretrain(cfg, run)
     assert not (run / "teacher").exists()
+
+
+def test_stage2_continues_from_the_teacher_on_indomain_data(zero3_run, tmp_path, tiny_tokenizer_dir, tiny_packed_dir):
+    """--section indomain: init_from the exported teacher, data-indomain, same loop (in this process)."""
+    from launch.config import load_config
+    from teacher.config import PretrainConfig
+    from teacher.pretrain import pretrain
+
+    run = make_run_dir(tmp_path / "run", tiny_tokenizer_dir, tiny_packed_dir)
+    shutil.copytree(tiny_packed_dir, run / "data-indomain")
+    shutil.copytree(zero3_run / "teacher", run / "teacher")
+    cfg = load_config(PretrainConfig, section="indomain", preset="tiny", overrides=[
+        "train.max_steps=4", "train.micro_batch_size=4", "train.global_batch_size=4", "train.warmup_steps=1",
+        "train.num_eval_batches=4", "train.zero_stage=0", "train.eval_every=0", "train.save_every=0"])
+    assert (cfg.init_from, cfg.data, cfg.out) == ("teacher", "data-indomain", "teacher-indomain")
+    out = pretrain(cfg, run)
+    assert out == run / "teacher-indomain" and (out / "model.safetensors").is_file()
+    stage2 = [r for r in read_jsonl(run / "metrics.jsonl") if "eval_loss" in r]
+    assert [r["step"] for r in stage2] == [0, 4]
+    # Starts where stage 1 ended, far below a random initialisation's held-out loss.
+    assert stage2[0]["eval_loss"] < step_records(zero3_run, "eval_loss")[0] - 0.5
+    assert (run / "checkpoints" / "teacher-indomain" / "step_00000004" / "COMPLETE").is_file()
