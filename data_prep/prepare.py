@@ -100,32 +100,43 @@ def load_inputs(cfg: DataConfig, run_dir: Path, progress: bool = True) -> Inputs
     from data_prep.corpus import build_corpus, evaluation_text, massive_pools
     from data_prep.massive import evaluation_utterances, load_massive, massive_utterances
 
-    massive = load_massive(
-        resolve_data_path(cfg.massive.source) if cfg.massive.source != "hub" else "hub",
+    source = resolve_data_path(cfg.massive.source) if cfg.massive.source != "hub" else "hub"
+    cache_dir = massive_cache_dir(cfg, run_dir)
+    # dev/test of every locale (or of the configured ones) to refuse; train only where it is used.
+    massive_eval = load_massive(
+        source,
         locales=None if cfg.massive.exclude_all_locales else cfg.locales,
-        partitions=("train", "dev", "test"),
+        partitions=("dev", "test"),
         on_bad_row=cfg.massive.on_bad_row,
-        cache_dir=massive_cache_dir(cfg, run_dir),
+        cache_dir=cache_dir,
         progress=progress,
     )
-    missing = [loc for loc in cfg.locales if loc not in massive.locales]
+    missing = [loc for loc in cfg.locales if loc not in massive_eval.locales]
     if missing:
         raise ConfigError(
             f"locales: {', '.join(missing)} not in the MASSIVE source {cfg.massive.source}; "
-            f"available: {', '.join(massive.locales)}"
+            f"available: {', '.join(massive_eval.locales)}"
         )
-    excluded = evaluation_text(cfg, evaluation_utterances(massive))
+    massive_train = load_massive(
+        source,
+        locales=cfg.locales,
+        partitions=("train",),
+        on_bad_row=cfg.massive.on_bad_row,
+        cache_dir=cache_dir,
+        progress=progress,
+    )
+    excluded = evaluation_text(cfg, evaluation_utterances(massive_eval))
     corpus = build_corpus(cfg, excluded, progress)
-    train_utts = massive_utterances(massive, ("train",))
+    train_utts = massive_utterances(massive_train, ("train",))
     indomain, indomain_report = massive_pools(train_utts, excluded, cfg.locales)
-    test = massive_utterances(massive, ("test",))
+    test = massive_utterances(massive_eval, ("test",))
     return Inputs(
         corpus=corpus,
         indomain=indomain,
         indomain_report=indomain_report,
         massive_test={loc: test[loc] for loc in cfg.locales},
         evaluation_sizes=excluded.sizes(),
-        massive_summary=massive.summary_table(),
+        massive_summary=massive_train.summary_table(),
     )
 
 
@@ -205,6 +216,12 @@ def ensure_packed(
     heldout = draw_mixture(heldout_pools, 1.0, sum(map(len, heldout_pools.values())), cfg.seed + 1)
     say(train.table(f"{kind} train mixture"))
     report = inputs.indomain_report if indomain else inputs.corpus.report
+    if indomain:
+        refused = {loc: sum(r.refused.values()) for loc, r in report.items()}
+        say(
+            f"in-domain: refused {sum(refused.values())} MASSIVE train utterances that equal dev/test or "
+            "FLORES text: " + ", ".join(f"{loc} {n}" for loc, n in refused.items())
+        )
     info = {
         "fingerprint": fp,
         "kind": kind,
