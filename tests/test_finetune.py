@@ -87,10 +87,10 @@ def test_collate_seq2seq_pads_inputs_and_masks_label_padding():
 
 
 @pytest.fixture(scope="module")
-def two_locale_data(massive_dir):
+def two_locale_data(massive_dir, tmp_path_factory):
     cfg = FinetuneConfig(init="x", massive=str(massive_dir), locales=["en-US", "ja-JP"], setting="zero_shot",
                          num_train_examples=50, num_eval_examples=20)
-    return cfg, load_finetune_data(cfg, Path("/nonexistent-run-dir"), ONE_PROCESS)
+    return cfg, load_finetune_data(cfg, tmp_path_factory.mktemp("run"), ONE_PROCESS)
 
 
 def test_zero_shot_trains_on_en_us_only_and_evaluates_every_locale(two_locale_data):
@@ -103,11 +103,12 @@ def test_zero_shot_trains_on_en_us_only_and_evaluates_every_locale(two_locale_da
     assert len(data.intents) == 60 and data.slot_labels[0] == "Other" and "time" in data.slot_labels
 
 
-def test_full_setting_caps_each_locale_with_a_seeded_subset(massive_dir):
+def test_full_setting_caps_each_locale_with_a_seeded_subset(massive_dir, tmp_path):
     cfg = FinetuneConfig(init="x", massive=str(massive_dir), locales=["en-US", "ja-JP"], num_train_examples=30,
                          num_eval_examples=0)
-    first = load_finetune_data(cfg, Path("/nonexistent-run-dir"), ONE_PROCESS)
-    again = load_finetune_data(cfg, Path("/nonexistent-run-dir"), ONE_PROCESS)
+    first = load_finetune_data(cfg, tmp_path, ONE_PROCESS)
+    again = load_finetune_data(cfg, tmp_path, ONE_PROCESS)  # the second load reads the Arrow cache
+    assert (tmp_path / ".cache" / "massive").is_dir()
     assert [ex.locale for ex in first.train].count("ja-JP") == 30 and len(first.train) == 60
     assert [ex.id for ex in first.train] == [ex.id for ex in again.train]
     assert first.dev == []
