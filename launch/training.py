@@ -182,7 +182,7 @@ class TrainState:
     best_eval_loss: float | None = None
     """Lowest held-out loss so far."""
     wall_time_s: float = 0.0
-    """Training wall time spent over all resumed segments."""
+    """Seconds spent in training steps (without evaluation and checkpointing), over all resumed segments."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

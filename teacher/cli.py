@@ -7,6 +7,7 @@ command runs (inside teacher.pretrain).
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from launch.config import config_help, load_config
@@ -73,9 +74,10 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         out = pretrain(cfg, args.run_dir, resume=args.resume)
+    except FileNotFoundError as e:  # missing data, tokenizer or init_from directory
+        print(f"polyteacher pretrain: {e}", file=sys.stderr)
+        return 2
     except NonFiniteLossError as e:
-        import sys
-
         print(f"polyteacher pretrain: {e}", file=sys.stderr)
         return 3
     from launch.distributed import is_rank0

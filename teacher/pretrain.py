@@ -47,8 +47,9 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False) -> 
     """Pretrain (or continue pretraining) a teacher; returns the exported model directory."""
     # -- config and processes
     cfg.validate()
-    dist = init_distributed(cfg.train.num_threads)
     paths = resolve_paths(cfg, run_dir)
+    check_inputs(paths)
+    dist = init_distributed(cfg.train.num_threads)
     seed_everything(cfg.train.seed)
     config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
     if dist.is_rank0:
@@ -98,18 +99,24 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False) -> 
 # ----------------------------------------------------------------------------- set-up
 
 
+def check_inputs(paths: PretrainPaths) -> None:
+    """Fail before any process group or model exists when an input directory is missing."""
+    inputs = [(paths.train_data, "training data"), (paths.heldout_data, "held-out data"), (paths.tokenizer, "tokenizer")]
+    if paths.init_from is not None:
+        inputs.append((paths.init_from / "config.json", "init_from model"))
+    for path, what in inputs:
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{what} not found at {path}; run `polyteacher data prepare --run-dir {paths.run_dir}` (and the "
+                "stage that writes init_from) first, or set data=/tokenizer=/init_from= to the right directory"
+            )
+
+
 def load_data(paths: PretrainPaths) -> tuple[Any, Any, Any]:
     """(tokenizer, train rows, held-out rows); each dataset has an `input_ids` column."""
     from data_prep.packing import load_packed
     from data_prep.tokenizer import load_tokenizer
 
-    for path, what in ((paths.train_data, "training data"), (paths.heldout_data, "held-out data"),
-                       (paths.tokenizer, "tokenizer")):
-        if not path.exists():
-            raise FileNotFoundError(
-                f"{what} not found at {path}; run `polyteacher data prepare --run-dir {paths.run_dir}` first "
-                "(or set data=/tokenizer= to the right directory)"
-            )
     return load_tokenizer(paths.tokenizer), load_packed(paths.train_data), load_packed(paths.heldout_data)
 
 
@@ -121,8 +128,6 @@ def load_or_build_model(cfg: PretrainConfig, paths: PretrainPaths, tokenizer: An
         return build_model(cfg.teacher, tokenizer, seed=cfg.train.seed)
     from transformers import AutoModelForSeq2SeqLM
 
-    if not (paths.init_from / "config.json").is_file():
-        raise FileNotFoundError(f"init_from={cfg.init_from}: {paths.init_from} is not a Hugging Face model directory")
     model = AutoModelForSeq2SeqLM.from_pretrained(paths.init_from)
     if model.config.vocab_size < len(tokenizer):
         raise ConfigError(f"init_from model has {model.config.vocab_size} embedding rows, tokenizer {len(tokenizer)}")
@@ -173,7 +178,8 @@ class Window:
     objective_tokens: list[float] = dataclasses.field(default_factory=lambda: [0.0] * len(OBJECTIVE_NAMES))
     tokens: float = 0.0
     flops: float = 0.0
-    start: float = dataclasses.field(default_factory=time.perf_counter)
+    train_seconds: float = 0.0
+    """Time inside train_step only: throughput excludes evaluation and checkpointing."""
     last_loss: float = math.nan
 
     def reset(self) -> None:
@@ -185,6 +191,7 @@ class Window:
 def train_step(engine: Any, collator: PretrainCollator, train_data: Any, sampler: ResumableSampler,
                state: TrainState, spec: ModelSpec, window: Window, checkpoints: CheckpointManager) -> float:
     """One optimizer step over grad_accum micro-batches; returns the loss averaged over ranks."""
+    start = time.perf_counter()
     micro_batches = sampler.micro_batches(state.epoch, state.epoch_position)
     # The stream position seeds each example's noise: later epochs see new noise, resume the same.
     stream_offset = state.epoch * len(train_data)
@@ -216,6 +223,7 @@ def train_step(engine: Any, collator: PretrainCollator, train_data: Any, sampler
     window.losses.append(step_loss)
     window.tokens += local_tokens
     window.last_loss = step_loss
+    window.train_seconds += time.perf_counter() - start
     return step_loss
 
 
@@ -226,7 +234,7 @@ def maybe_log(cfg: PretrainConfig, state: TrainState, engine: Any, window: Windo
               peak_tflops: float | None, dist: DistInfo) -> None:
     if state.step % cfg.train.log_every and state.step != cfg.train.max_steps:
         return
-    elapsed = time.perf_counter() - window.start
+    elapsed = max(window.train_seconds, 1e-9)
     state.wall_time_s += elapsed
     sums = all_reduce_sum(window.objective_loss_sums + window.objective_tokens + [window.tokens, window.flops])
     num = len(OBJECTIVE_NAMES)

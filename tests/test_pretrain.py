@@ -232,3 +232,8 @@ def test_stage2_continues_from_the_teacher_on_indomain_data(zero3_run, tmp_path,
     # Starts where stage 1 ended, far below a random initialisation's held-out loss.
     assert stage2[0]["eval_loss"] < step_records(zero3_run, "eval_loss")[0] - 0.5
     assert (run / "checkpoints" / "teacher-indomain" / "step_00000004" / "COMPLETE").is_file()
+    # Running again without --resume would mix two runs' checkpoints: refused.
+    from launch.config import ConfigError
+
+    with pytest.raises(ConfigError, match="checkpoints already exist .* pass --resume"):
+        pretrain(cfg, run)

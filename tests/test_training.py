@@ -344,3 +344,13 @@ def test_measure_peak_tflops_is_positive():
 
     peak = measure_peak_tflops(num_threads=1, size=256, seconds=0.05)
     assert 0.0 < peak < 100.0
+
+
+def test_pretrain_cli_reports_missing_data_before_starting(tmp_path, capsys):
+    from launch.cli import main
+
+    assert main(["pretrain", "--run-dir", str(tmp_path), "--preset", "tiny"]) == 2
+    err = capsys.readouterr().err
+    assert f"training data not found at {tmp_path.resolve() / 'data' / 'train'}" in err
+    assert main(["pretrain", "--run-dir", str(tmp_path), "--preset", "tiny", "train.zero_stage=7"]) == 2
+    assert "train.zero_stage=7 is not allowed; allowed values: 0, 1, 2, 3" in capsys.readouterr().err
