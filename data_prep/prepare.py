@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import sys
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,8 @@ class Inputs:
     """MASSIVE test utterances per configured locale (tokenizer evaluation only)."""
     evaluation_sizes: dict[str, int]
     massive_summary: str
+    label_texts: list[str] = dataclasses.field(default_factory=list)
+    """Text-to-text targets of MASSIVE train rows, a seeded sample (tokenizer training text)."""
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -130,6 +133,7 @@ def load_inputs(cfg: DataConfig, run_dir: Path, progress: bool = True) -> Inputs
     train_utts = massive_utterances(massive_train, ("train",))
     indomain, indomain_report = massive_pools(train_utts, excluded, cfg.locales)
     test = massive_utterances(massive_eval, ("test",))
+    label_texts = massive_label_texts(massive_train, cfg.sampling.massive_targets_in_tokenizer, cfg.seed)
     return Inputs(
         corpus=corpus,
         indomain=indomain,
@@ -137,7 +141,21 @@ def load_inputs(cfg: DataConfig, run_dir: Path, progress: bool = True) -> Inputs
         massive_test={loc: test[loc] for loc in cfg.locales},
         evaluation_sizes=excluded.sizes(),
         massive_summary=massive_train.summary_table(),
+        label_texts=label_texts,
     )
+
+
+def massive_label_texts(massive_train: Any, num_texts: int, seed: int) -> list[str]:
+    """A seeded sample of text-to-text targets (`"Other time alarm_set"`) of MASSIVE train rows."""
+    import random
+
+    from data_prep.massive import to_text_to_text
+
+    if num_texts <= 0:
+        return []
+    examples = massive_train.examples(partition="train")
+    picked = random.Random(seed).sample(examples, min(num_texts, len(examples)))
+    return [to_text_to_text(ex.words, ex.slots, ex.intent)[1] for ex in picked]
 
 
 def ensure_tokenizer(cfg: DataConfig, inputs: Inputs, run_dir: Path, force: bool = False) -> Any:
@@ -158,7 +176,7 @@ def ensure_tokenizer(cfg: DataConfig, inputs: Inputs, run_dir: Path, force: bool
         f"training a {cfg.tokenizer.vocab_size}-piece SentencePiece unigram model on {len(mixture.documents)} sentences"
     )
     tk.train_tokenizer(
-        mixture.documents,
+        list(mixture.documents) + list(inputs.label_texts),
         out_dir,
         cfg.tokenizer,
         seed=cfg.seed,
