@@ -227,6 +227,8 @@ class StageFailed(RuntimeError):
 
 
 def pipeline(run_dir: Path, preset: str | None, cfg: PipelineConfig, force: list[str] = ()) -> dict[str, Any]:
+    # Absolute paths, so that stage commands never resolve them against the run dir a second time.
+    run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     log_dir = run_dir / "logs"
     log_dir.mkdir(exist_ok=True)
