@@ -16,7 +16,6 @@ tokenizer files.
 
 from __future__ import annotations
 
-import bisect
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -25,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+from student.alignment import first_subword_indices, word_char_spans  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:
     from data_prep.massive import NLUPrediction
@@ -85,39 +86,6 @@ def _fast_tokenizer(tokenizer: Any) -> Any:
     return tokenizer
 
 
-def word_char_spans(words: list[str]) -> tuple[str, list[tuple[int, int]]]:
-    """The text `" ".join(words)` and each word's character span [start, end) in it."""
-    spans = []
-    pos = 0
-    for i, word in enumerate(words):
-        if not word or any(ch.isspace() for ch in word):
-            raise ValueError(f"word {i} ({word!r}) is empty or contains whitespace; words: {words!r}")
-        spans.append((pos, pos + len(word)))
-        pos += len(word) + 1
-    return " ".join(words), spans
-
-
-def first_subword_indices(
-    offsets: list[tuple[int, int]], spans: list[tuple[int, int]]
-) -> list[int]:
-    """Token index of each word's first sub-word, -1 for words with no token (truncated away).
-
-    A token belongs to the first word that does not end before the token starts. That puts a lone
-    "▁" piece (sentencepiece's word boundary, whose offsets cover the space before the word, or the
-    word's first character for the first word) on the word it opens, so a word's first sub-word is
-    always the piece that carries its boundary. Special tokens (empty offsets) belong to no word.
-    """
-    ends = [end for _, end in spans]
-    starts = [-1] * len(spans)
-    for t, (s, e) in enumerate(offsets):
-        if e <= s:
-            continue
-        w = bisect.bisect_right(ends, s)
-        if w < len(spans) and starts[w] == -1:
-            starts[w] = t
-    return starts
-
-
 def encode_words(tokenizer: Any, batch_of_words: list[list[str]], max_length: int) -> dict[str, torch.Tensor]:
     """Tokenize word lists as the text `" ".join(words)` and locate each word's first sub-word.
 
@@ -140,7 +108,7 @@ def encode_words(tokenizer: Any, batch_of_words: list[list[str]], max_length: in
     word_starts = torch.full((len(batch_of_words), num_words), -1, dtype=torch.long)
     for b, spans in enumerate(all_spans):
         offsets = [tuple(pair) for pair in enc["offset_mapping"][b].tolist()]
-        starts = first_subword_indices(offsets, spans)
+        starts = first_subword_indices(offsets, spans, enc.tokens(b))
         word_starts[b, : len(starts)] = torch.tensor(starts, dtype=torch.long)
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "word_starts": word_starts}
 

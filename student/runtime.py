@@ -19,12 +19,13 @@ convention of data_prep.massive).
 from __future__ import annotations
 
 import argparse
-import bisect
 import json
 import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from student.alignment import first_subword_indices, word_char_spans  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -91,27 +92,6 @@ def slot_spans(words: list[str], labels: list[str], locale: str | None = None) -
     return spans
 
 
-def first_subword_indices(offsets: list[tuple[int, int]], words: list[str]) -> list[int]:
-    """Token index of each word's first sub-word in `" ".join(words)`, -1 for words truncated away.
-
-    Same rule as student/nlu.py (which imports torch, so it cannot be imported here): a token
-    belongs to the first word that does not end before the token starts; special tokens (empty
-    offsets) belong to no word.
-    """
-    ends, pos = [], 0
-    for word in words:
-        ends.append(pos + len(word))
-        pos += len(word) + 1
-    starts = [-1] * len(words)
-    for t, (s, e) in enumerate(offsets):
-        if e <= s:
-            continue
-        w = bisect.bisect_right(ends, s)
-        if w < len(words) and starts[w] == -1:
-            starts[w] = t
-    return starts
-
-
 class OnnxPredictor:
     """MASSIVE intent + slots from an ONNX export directory, with onnxruntime on the CPU.
 
@@ -166,8 +146,16 @@ class OnnxPredictor:
 
     def encode(self, texts: list[str]) -> tuple[list[list[int]], list[list[tuple[int, int]]], list[bool]]:
         """Token ids (eos-terminated, truncated to max_source_length), offsets and whether each was truncated."""
+        ids, offsets, _, truncated = self.encode_with_tokens(texts)
+        return ids, offsets, truncated
+
+    def encode_with_tokens(
+        self, texts: list[str]
+    ) -> tuple[list[list[int]], list[list[tuple[int, int]]], list[list[str]], list[bool]]:
+        """As `encode`, plus each row's token strings (for word alignment)."""
         encodings = self.tokenizer.encode_batch(texts) if texts else []
-        return ([e.ids for e in encodings], [e.offsets for e in encodings], [bool(e.overflowing) for e in encodings])
+        return ([e.ids for e in encodings], [e.offsets for e in encodings], [e.tokens for e in encodings],
+                [bool(e.overflowing) for e in encodings])
 
     def pad(self, batch_ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
         """Right-padded input_ids and attention_mask [B, T] (int64)."""
@@ -243,14 +231,14 @@ class OnnxPredictor:
     def _predict_nlu(self, batch: list[list[str]]) -> tuple[list[NLUPrediction], list[bool]]:
         from data_prep.massive import NLUPrediction
 
-        ids, offsets, truncated = self.encode([" ".join(words) for words in batch])
+        ids, offsets, tokens, truncated = self.encode_with_tokens([" ".join(words) for words in batch])
         input_ids, mask = self.pad(ids)
         intent_logits, slot_logits = self.nlu_logits(input_ids, mask)
         intent_ids = intent_logits.argmax(-1)
         slot_ids = slot_logits.argmax(-1)  # [B, T]
         out = []
         for b, words in enumerate(batch):
-            starts = first_subword_indices(offsets[b], words)
+            starts = first_subword_indices(offsets[b], word_char_spans(words)[1], tokens[b])
             slots = [self.slot_labels[int(slot_ids[b, t])] if t >= 0 else OTHER for t in starts]
             out.append(NLUPrediction(intent=self.intents[int(intent_ids[b])], slots=slots))
         return out, truncated

@@ -254,3 +254,28 @@ def test_predict_words_returns_one_label_per_word_and_keeps_training_mode(model)
     assert preds[3].slots[-1] == "Other"
     # Deterministic in eval mode: the same batch gives the same predictions.
     assert model.predict_words(batch) == preds
+
+
+def test_bare_boundary_piece_is_not_a_words_first_subword():
+    from student.alignment import first_subword_indices, word_char_spans
+
+    # "明 日": tokens "▁" "明" "▁" "日"; offsets of a bare "▁" cover the space before its word.
+    _, spans = word_char_spans(["明", "日"])
+    offsets = [(0, 1), (0, 1), (1, 2), (2, 3), (0, 0)]
+    tokens = ["\u2581", "明", "\u2581", "日", "</s>"]
+    assert first_subword_indices(offsets, spans, tokens) == [1, 3]
+    # Without token strings the old rule (first piece) applies; a word with only "▁" keeps it.
+    assert first_subword_indices(offsets, spans) == [0, 2]
+    assert first_subword_indices([(0, 1), (1, 2), (0, 0)], spans, ["\u2581", "\u2581", "</s>"]) == [0, 1]
+
+
+def test_cjk_words_start_on_their_character(tiny_tokenizer_dir):
+    from data_prep.tokenizer import load_tokenizer
+    from student.nlu import encode_words
+
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    words = list("明日の天気")
+    enc = encode_words(tok, [words], 64)
+    pieces = tok.convert_ids_to_tokens(enc["input_ids"][0].tolist())
+    for i, t in enumerate(enc["word_starts"][0].tolist()):
+        assert pieces[t] != "\u2581" and words[i] in pieces[t]

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from test_export import massive_examples, session_export
 
-from student.runtime import OnnxPredictor, first_subword_indices, read_manifest, slot_spans, split_words
+from student.alignment import first_subword_indices, word_char_spans
+from student.runtime import OnnxPredictor, read_manifest, slot_spans, split_words
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -71,13 +72,14 @@ def test_first_subword_indices_match_student_nlu_encoding(tmp_path_factory, requ
     hf = load_tokenizer(nlu)
     enc = encode_words(hf, batch, predictor.max_source_length)
     texts = [" ".join(w) for w in batch]
-    ids, offsets, truncated = predictor.encode(texts)
+    ids, offsets, tokens, truncated = predictor.encode_with_tokens(texts)
     assert truncated == [len(hf(t)["input_ids"]) > predictor.max_source_length for t in texts]
     assert truncated[-1] and not all(truncated)
     for b, words in enumerate(batch):
         n = int(enc["attention_mask"][b].sum())
         assert ids[b] == enc["input_ids"][b, :n].tolist()
-        assert first_subword_indices(offsets[b], words) == enc["word_starts"][b, : len(words)].tolist()
+        spans = word_char_spans(words)[1]
+        assert first_subword_indices(offsets[b], spans, tokens[b]) == enc["word_starts"][b, : len(words)].tolist()
 
 
 # ----------------------------------------------------------------------------- predictor
