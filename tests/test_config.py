@@ -139,3 +139,10 @@ def test_atomic_artifacts_get_umask_modes(tmp_path):
         os.umask(mask)
     assert f.stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
+
+
+def test_float_literals_without_a_dot_are_numbers():
+    assert load_config(Outer, overrides=["tokenizer.alpha=3e-4"]).tokenizer.alpha == 3e-4
+    assert load_config(Outer, overrides=["tokenizer.alpha=1e30"]).tokenizer.alpha == 1e30
+    with pytest.raises(ConfigError, match="expected a number"):
+        load_config(Outer, overrides=["tokenizer.alpha=fast"])
