@@ -35,7 +35,7 @@ class PipelineConfig:
     massive_locales: list[str] = dataclasses.field(default_factory=lambda: ["en-US", "de-DE", "ja-JP"])
     """MASSIVE locales for fine-tuning and evaluation."""
     eval_max_examples: int = 100
-    """Test utterances per locale for MASSIVE, fairness and latency evaluation (0 = all)."""
+    """Test utterances per locale for the MASSIVE evaluation (0 = all)."""
     icl_locales: list[str] = dataclasses.field(default_factory=lambda: ["en-US", "de-DE"])
     """Locales for in-context intent classification."""
     icl_shots: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 5])
@@ -48,6 +48,8 @@ class PipelineConfig:
     """FLORES sentences per direction."""
     fairness_locales: list[str] = dataclasses.field(default_factory=lambda: ["en-US", "de-DE"])
     """Locales with a lexicon for the fairness evaluation."""
+    fairness_max_examples: int = 40
+    """Test utterances with gendered words per locale for counterfactual consistency."""
     latency_max_examples: int = 50
     """Utterances timed per model for latency (batch 1, one thread)."""
     timeout_minutes: int = 120
@@ -156,7 +158,8 @@ def stage_commands(stage: Stage, run_dir: Path, preset: str | None, cfg: Pipelin
     if stage.name == "eval_fairness":
         return [["evaluate", "fairness", "--models", f"teacher={run_dir / 'teacher-ft'}",
                  f"student_kd={run_dir / 'student-kd-ft'}", f"student_crr={run_dir / 'student-ft'}",
-                 "--locales", *cfg.fairness_locales, "--max-examples", n_eval, "--out", str(tmp_out)]]
+                 "--locales", *cfg.fairness_locales, "--max-examples", str(cfg.fairness_max_examples),
+                 "--out", str(tmp_out)]]
     if stage.name == "eval_latency":
         return [["evaluate", "latency", "--models", f"teacher={run_dir / 'teacher-ft'}",
                  f"teacher_int8={run_dir / 'onnx' / 'teacher-int8'}", f"student={run_dir / 'student-ft'}",
