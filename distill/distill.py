@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from distill.config import DistillConfig
 from launch.config import ConfigError, resolve_data_path, save_config, to_dict
 from launch.fsutil import atomic_write_json, safe_path
+from launch.training import LossWindow, is_due
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -411,10 +412,11 @@ def distill(cfg: DistillConfig, run_dir: str | Path, resume: bool = False) -> Pa
         CheckpointManager,
         MetricsLogger,
         ResumableSampler,
-        TrainState,
         check_finite,
+        config_yaml,
         export_hf,
         progress_bar,
+        restore_or_start,
         seed_everything,
     )
     from student.presets import build_student, describe_student
@@ -445,11 +447,9 @@ def distill(cfg: DistillConfig, run_dir: str | Path, resume: bool = False) -> Pa
     if hidden_loss is not None:
         hidden_loss = engine.module.extras[0]
     checkpoints = CheckpointManager(run_dir, cfg.out, keep=cfg.train.keep_checkpoints)
-    state = TrainState()
-    if resume and checkpoints.latest_complete() is not None:
-        state = checkpoints.load(engine)
+    state = restore_or_start(checkpoints, engine, resume, "distill")
     metrics = MetricsLogger(run_dir, stage="distill", name=cfg.out)
-    config_yaml = _config_yaml(cfg)
+    cfg_yaml = config_yaml(cfg)
     if dist_info.is_rank0:
         print(
             f"distill {cfg.out}: teacher {teacher_dir} -> {describe_student(init_info, student.config)}\n"
@@ -460,7 +460,7 @@ def distill(cfg: DistillConfig, run_dir: str | Path, resume: bool = False) -> Pa
         )
 
     # the loop
-    window = _Window()
+    window = LossWindow()
     bar = progress_bar(cfg.train.max_steps, initial=state.step, desc=f"distill {cfg.out}")
     segment_start = time.perf_counter() - state.wall_time_s
     while state.step < cfg.train.max_steps:
@@ -486,7 +486,7 @@ def distill(cfg: DistillConfig, run_dir: str | Path, resume: bool = False) -> Pa
 
         maybe_log(metrics, state, window, engine, cfg, bar)
         maybe_eval(metrics, state, engine, teacher, data, cfg, dist_info)
-        maybe_save(checkpoints, engine, state, cfg, config_yaml)
+        maybe_save(checkpoints, engine, state, cfg, cfg_yaml)
     bar.close()
 
     # export
@@ -514,49 +514,14 @@ def _token_map_summary(token_map: TokenSwapMap) -> str:
 # ----------------------------------------------------------------------------- log / eval / save
 
 
-@dataclass
-class _Window:
-    """Running sums since the last log line."""
-
-    loss: float = 0.0
-    count: int = 0
-    micro_steps: int = 0
-    parts: dict[str, float] = dataclasses.field(default_factory=dict)
-    started: float = dataclasses.field(default_factory=time.perf_counter)
-    tokens_at_start: int = 0
-
-    def add(self, loss: float, parts: dict[str, float], micro_steps: int) -> None:
-        self.loss += loss
-        self.count += 1
-        self.micro_steps += micro_steps
-        for key, value in parts.items():
-            self.parts[key] = self.parts.get(key, 0.0) + value
-
-    def reset(self, tokens_seen: int) -> None:
-        self.loss, self.count, self.micro_steps, self.parts = 0.0, 0, 0, {}
-        self.started = time.perf_counter()
-        self.tokens_at_start = tokens_seen
-
-
 # Per-micro-batch means; the row counters become fractions of the training rows.
 _MEAN_PARTS = ("kd", "ce", "hidden", "perturb_l1")
 _ROW_PARTS = ("rows_swapped", "rows_gendered", "perturb_aligned")
 
 
-def _config_yaml(cfg: DistillConfig) -> str:
-    import yaml
-
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
-
-
-def _is_due(step: int, every: int, max_steps: int) -> bool:
-    """Every `every` steps and at the last step (every=0: only at the last step)."""
-    return step == max_steps or (every > 0 and step % every == 0)
-
-
-def maybe_log(metrics: MetricsLogger, state: TrainState, window: _Window, engine: Any, cfg: DistillConfig,
+def maybe_log(metrics: MetricsLogger, state: TrainState, window: LossWindow, engine: Any, cfg: DistillConfig,
               bar: Any) -> None:
-    if not (state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps) or window.count == 0:
+    if not is_due(state.step, cfg.train.log_every, cfg.train.max_steps) or window.count == 0:
         return
     elapsed = max(time.perf_counter() - window.started, 1e-9)
     rows = max(window.parts.get("rows", 0.0), 1.0)
@@ -579,7 +544,7 @@ def maybe_log(metrics: MetricsLogger, state: TrainState, window: _Window, engine
 
 def maybe_eval(metrics: MetricsLogger, state: TrainState, engine: Any, teacher: Any, data: Any,
                cfg: DistillConfig, dist_info: DistInfo) -> dict[str, float] | None:
-    if data.num_eval == 0 or not _is_due(state.step, cfg.train.eval_every, cfg.train.max_steps):
+    if data.num_eval == 0 or not is_due(state.step, cfg.train.eval_every, cfg.train.max_steps):
         return None
     result = evaluate(engine, teacher, data, cfg, dist_info)
     if state.best_eval_loss is None or result["heldout_student_ce"] < state.best_eval_loss:
@@ -596,7 +561,7 @@ def maybe_eval(metrics: MetricsLogger, state: TrainState, engine: Any, teacher: 
 
 def maybe_save(checkpoints: CheckpointManager, engine: Any, state: TrainState, cfg: DistillConfig,
                config_yaml: str) -> None:
-    if _is_due(state.step, cfg.train.save_every, cfg.train.max_steps):
+    if is_due(state.step, cfg.train.save_every, cfg.train.max_steps):
         checkpoints.save(engine, state, config_yaml)
 
 

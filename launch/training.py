@@ -9,6 +9,8 @@
   a COMPLETE marker written last; incomplete checkpoints (a crash mid-write) are ignored.
 - `MetricsLogger`: metrics.jsonl + TensorBoard on rank 0.
 - `NonFiniteLossError`, `check_finite`: stop on NaN/inf before the optimizer applies it.
+- `refuse_to_start_over`, `restore_or_start`, `is_due`, `config_yaml`, `LossWindow`: the set-up and
+  bookkeeping the stages' loops share (each stage keeps its own explicit loop).
 - `export_hf`: a Hugging Face save_pretrained directory (safetensors, fp32, ZeRO-3 consolidated).
 - `progress_bar`, `measure_peak_tflops`.
 
@@ -25,11 +27,12 @@ import os
 import random
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Literal
 
-from launch.config import ConfigError
+from launch.config import ConfigError, to_dict
 from launch.distributed import DistInfo, all_reduce_mean, barrier, full_fp32_state_dict, get_rank, is_rank0
 from launch.fsutil import append_jsonl, atomic_dir, atomic_write_json, atomic_write_text
 
@@ -464,6 +467,73 @@ def check_finite(loss: float, step: int, checkpoints: CheckpointManager | None =
         else "no checkpoint exists yet; restart with a lower train.lr"
     )
     raise NonFiniteLossError(f"{what} is {loss} at step {step + 1} (after {step} optimizer steps); {resume}")
+
+
+# ----------------------------------------------------------------------------- loop set-up and bookkeeping
+
+
+def refuse_to_start_over(checkpoints: CheckpointManager, resume: bool, hint: str = "choose another --out") -> None:
+    """A fresh run on top of existing checkpoints would mix two runs' checkpoints: raise ConfigError
+    (`hint` says what else the user can do)."""
+    latest = checkpoints.latest_complete()
+    if not resume and latest is not None:
+        raise ConfigError(
+            f"checkpoints already exist under {checkpoints.root} (latest {latest.name}); pass --resume to "
+            f"continue that run, or {hint}"
+        )
+
+
+def restore_or_start(checkpoints: CheckpointManager, engine: Any, resume: bool, stage: str) -> TrainState:
+    """With --resume, the latest complete checkpoint's engine, RNG and TrainState; else a fresh state.
+    Rank 0 says which on stderr, prefixed with `stage`."""
+    latest = checkpoints.latest_complete()
+    if resume and latest is not None:
+        state = checkpoints.load(engine, latest)
+        if is_rank0():
+            print(f"{stage}: resumed from {latest} (step {state.step})", file=sys.stderr, flush=True)
+        return state
+    if resume and is_rank0():
+        print(f"{stage}: --resume but no complete checkpoint under {checkpoints.root}; starting at step 0",
+              file=sys.stderr, flush=True)
+    return TrainState()
+
+
+def is_due(step: int, every: int, max_steps: int) -> bool:
+    """Every `every` steps and at the last step (every=0: only at the last step)."""
+    return step == max_steps or (every > 0 and step % every == 0)
+
+
+def config_yaml(cfg: Any) -> str:
+    """A stage config as YAML text, the config.yaml stored in every checkpoint."""
+    import yaml
+
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
+
+
+@dataclasses.dataclass
+class LossWindow:
+    """Running sums of the training loss and its named parts since the last log line."""
+
+    loss: float = 0.0
+    count: int = 0
+    """Optimizer steps added."""
+    micro_steps: int = 0
+    """Micro-batches behind those steps (what per-micro-batch parts are divided by)."""
+    parts: dict[str, float] = dataclasses.field(default_factory=dict)
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+    tokens_at_start: int = 0
+
+    def add(self, loss: float, parts: dict[str, float], micro_steps: int = 1) -> None:
+        self.loss += loss
+        self.count += 1
+        self.micro_steps += micro_steps
+        for key, value in parts.items():
+            self.parts[key] = self.parts.get(key, 0.0) + value
+
+    def reset(self, tokens_seen: int) -> None:
+        self.loss, self.count, self.micro_steps, self.parts = 0.0, 0, 0, {}
+        self.started = time.perf_counter()
+        self.tokens_at_start = tokens_seen
 
 
 # ----------------------------------------------------------------------------- export, progress, peak

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from launch.config import ConfigError, resolve_data_path, save_config, to_dict
+from launch.config import ConfigError, resolve_data_path, save_config
 from launch.distributed import (
     DistInfo,
     all_reduce_mean,
@@ -36,12 +36,17 @@ from launch.distributed import (
 from launch.fsutil import safe_path
 from launch.training import (
     CheckpointManager,
+    LossWindow,
     MetricsLogger,
     ResumableSampler,
     TrainState,
     check_finite,
+    config_yaml,
     export_hf,
+    is_due,
     progress_bar,
+    refuse_to_start_over,
+    restore_or_start,
     seed_everything,
 )
 from student.config import FinetuneConfig
@@ -414,9 +419,9 @@ def finetune(cfg: FinetuneConfig, run_dir: str | Path, resume: bool = False) -> 
     model = build_finetune_model(cfg, run_dir, tokenizer, data)
     num_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
     engine = build_engine(model, cfg.train, dist_info)
-    state = restore_or_start(checkpoints, engine, resume, dist_info)
+    state = restore_or_start(checkpoints, engine, resume, "finetune")
     metrics = MetricsLogger(run_dir, stage=f"finetune/{name}", name=name)
-    config_yaml = _config_yaml(cfg)
+    cfg_yaml = config_yaml(cfg)
     if dist_info.is_rank0:
         print(
             f"finetune {name}: head={cfg.head} setting={cfg.setting} init={cfg.init} "
@@ -428,7 +433,7 @@ def finetune(cfg: FinetuneConfig, run_dir: str | Path, resume: bool = False) -> 
 
     # the loop
     engine.train()
-    window = _Window()
+    window = LossWindow()
     bar = progress_bar(cfg.train.max_steps, initial=state.step, desc=f"finetune {name}")
     segment_start = time.perf_counter() - state.wall_time_s
     while state.step < cfg.train.max_steps:
@@ -444,7 +449,7 @@ def finetune(cfg: FinetuneConfig, run_dir: str | Path, resume: bool = False) -> 
 
         maybe_log(metrics, state, window, engine, cfg, bar)
         maybe_eval(metrics, state, engine, model, tokenizer, data, dev_pairs, cfg, dist_info)
-        maybe_save(checkpoints, engine, state, cfg, config_yaml)
+        maybe_save(checkpoints, engine, state, cfg, cfg_yaml)
     bar.close()
 
     # export
@@ -456,7 +461,7 @@ def finetune(cfg: FinetuneConfig, run_dir: str | Path, resume: bool = False) -> 
 
 def train_step(
     engine: Any, batches: list[dict[str, torch.Tensor]], sampler: ResumableSampler, state: TrainState,
-    window: _Window, checkpoints: CheckpointManager, cfg: FinetuneConfig, dist_info: DistInfo,
+    window: LossWindow, checkpoints: CheckpointManager, cfg: FinetuneConfig, dist_info: DistInfo,
 ) -> float:
     """One optimizer step over this rank's micro-batches; returns the loss averaged over ranks."""
     micro_losses: list[float] = []
@@ -481,65 +486,8 @@ def train_step(
     return step_loss
 
 
-def refuse_to_start_over(checkpoints: CheckpointManager, resume: bool) -> None:
-    """A fresh run on top of existing checkpoints would mix two runs' checkpoints: fail before any work."""
-    latest = checkpoints.latest_complete()
-    if not resume and latest is not None:
-        raise ConfigError(
-            f"checkpoints already exist under {checkpoints.root} (latest {latest.name}); pass --resume to "
-            "continue that run, or choose another --out"
-        )
-
-
-def restore_or_start(checkpoints: CheckpointManager, engine: Any, resume: bool, dist_info: DistInfo) -> TrainState:
-    """With --resume, the latest complete checkpoint's engine, RNG and TrainState; else a fresh state."""
-    latest = checkpoints.latest_complete()
-    if resume and latest is not None:
-        state = checkpoints.load(engine, latest)
-        if dist_info.is_rank0:
-            print(f"finetune: resumed from {latest} (step {state.step})", file=sys.stderr, flush=True)
-        return state
-    if resume and dist_info.is_rank0:
-        print(f"finetune: --resume but no complete checkpoint under {checkpoints.root}; starting at step 0",
-              file=sys.stderr, flush=True)
-    return TrainState()
-
-
-@dataclass
-class _Window:
-    """Running sums of the training loss since the last log line."""
-
-    loss: float = 0.0
-    count: int = 0
-    parts: dict[str, float] = dataclasses.field(default_factory=dict)
-    started: float = dataclasses.field(default_factory=time.perf_counter)
-    tokens_at_start: int = 0
-
-    def add(self, loss: float, parts: dict[str, float]) -> None:
-        self.loss += loss
-        self.count += 1
-        for key, value in parts.items():
-            self.parts[key] = self.parts.get(key, 0.0) + value
-
-    def reset(self, tokens_seen: int) -> None:
-        self.loss, self.count, self.parts = 0.0, 0, {}
-        self.started = time.perf_counter()
-        self.tokens_at_start = tokens_seen
-
-
-def _config_yaml(cfg: FinetuneConfig) -> str:
-    import yaml
-
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
-
-
-def _is_due(step: int, every: int, max_steps: int) -> bool:
-    """Every `every` steps and at the last step (every=0: only at the last step)."""
-    return step == max_steps or (every > 0 and step % every == 0)
-
-
-def maybe_log(metrics: MetricsLogger, state: TrainState, window: _Window, engine: Any, cfg: FinetuneConfig, bar: Any) -> None:
-    if not (state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps) or window.count == 0:
+def maybe_log(metrics: MetricsLogger, state: TrainState, window: LossWindow, engine: Any, cfg: FinetuneConfig, bar: Any) -> None:
+    if not is_due(state.step, cfg.train.log_every, cfg.train.max_steps) or window.count == 0:
         return
     elapsed = max(time.perf_counter() - window.started, 1e-9)
     record = {
@@ -561,7 +509,7 @@ def maybe_eval(
     metrics: MetricsLogger, state: TrainState, engine: Any, model: Any, tokenizer: Any, data: FinetuneData,
     dev_pairs: list[tuple[list[int], list[int]]] | None, cfg: FinetuneConfig, dist_info: DistInfo,
 ) -> dict[str, float] | None:
-    if not data.dev or not _is_due(state.step, cfg.train.eval_every, cfg.train.max_steps):
+    if not data.dev or not is_due(state.step, cfg.train.eval_every, cfg.train.max_steps):
         return None
     result = evaluate(engine, model, tokenizer, data.dev, dev_pairs, cfg, dist_info)
     if state.best_eval_loss is None or result["dev_loss"] < state.best_eval_loss:
@@ -577,5 +525,5 @@ def maybe_eval(
 
 
 def maybe_save(checkpoints: CheckpointManager, engine: Any, state: TrainState, cfg: FinetuneConfig, config_yaml: str) -> None:
-    if _is_due(state.step, cfg.train.save_every, cfg.train.max_steps):
+    if is_due(state.step, cfg.train.save_every, cfg.train.max_steps):
         checkpoints.save(engine, state, config_yaml)

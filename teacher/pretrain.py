@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from launch.config import ConfigError, save_config, to_dict
+from launch.config import ConfigError, save_config
 from launch.distributed import (
     DistInfo,
     all_reduce_mean,
@@ -30,10 +27,14 @@ from launch.training import (
     ResumableSampler,
     TrainState,
     check_finite,
+    config_yaml,
     default_peak_tflops,
     eval_micro_batches,
     export_hf,
+    is_due,
     progress_bar,
+    refuse_to_start_over,
+    restore_or_start,
     seed_everything,
 )
 from teacher.config import PretrainConfig, PretrainPaths, resolve_paths
@@ -51,7 +52,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False) -> 
     check_inputs(paths)
     dist = init_distributed(cfg.train.num_threads)
     seed_everything(cfg.train.seed)
-    config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
+    cfg_yaml = config_yaml(cfg)
     if dist.is_rank0:
         save_config(cfg, paths.run_dir / "config.yaml")
 
@@ -71,7 +72,8 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False) -> 
 
     # -- state: fresh or from the latest complete checkpoint
     checkpoints = CheckpointManager(paths.run_dir, cfg.out, keep=cfg.train.keep_checkpoints)
-    state = restore_or_start(checkpoints, engine, resume, dist)
+    refuse_to_start_over(checkpoints, resume, hint="choose another out= name / remove the directory")
+    state = restore_or_start(checkpoints, engine, resume, STAGE)
     metrics = MetricsLogger(paths.run_dir, STAGE, name=cfg.out)
     peak_tflops = default_peak_tflops(cfg.train, dist)
     window = Window()
@@ -86,7 +88,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False) -> 
         bar.set_postfix(loss=f"{step_loss:.4f}")
         maybe_log(cfg, state, engine, window, metrics, peak_tflops, dist)
         maybe_eval(cfg, state, engine, collator, heldout_data, eval_batches, metrics)
-        maybe_save(cfg, state, engine, checkpoints, config_yaml)
+        maybe_save(cfg, state, engine, checkpoints, cfg_yaml)
     bar.close()
 
     # -- export
@@ -144,26 +146,6 @@ def spec_of(model: Any) -> ModelSpec:
         dropout=c.dropout_rate, reference_vocab_size=c.vocab_size, vocab_size=c.vocab_size,
         pad_vocab_to_multiple_of=1,
     )
-
-
-def restore_or_start(checkpoints: CheckpointManager, engine: Any, resume: bool, dist: DistInfo) -> TrainState:
-    latest = checkpoints.latest_complete()
-    if resume:
-        if latest is None:
-            if dist.is_rank0:
-                print(f"{STAGE}: --resume but no complete checkpoint under {checkpoints.root}; starting at step 0",
-                      file=sys.stderr)
-            return TrainState()
-        state = checkpoints.load(engine, latest)
-        if dist.is_rank0:
-            print(f"{STAGE}: resumed from {latest} (step {state.step})", file=sys.stderr)
-        return state
-    if latest is not None:
-        raise ConfigError(
-            f"checkpoints already exist under {checkpoints.root} (latest {latest.name}); pass --resume to "
-            "continue that run, or choose another out= name / remove the directory"
-        )
-    return TrainState()
 
 
 # ----------------------------------------------------------------------------- one optimizer step
@@ -232,7 +214,7 @@ def train_step(engine: Any, collator: PretrainCollator, train_data: Any, sampler
 
 def maybe_log(cfg: PretrainConfig, state: TrainState, engine: Any, window: Window, metrics: MetricsLogger,
               peak_tflops: float | None, dist: DistInfo) -> None:
-    if state.step % cfg.train.log_every and state.step != cfg.train.max_steps:
+    if not is_due(state.step, cfg.train.log_every, cfg.train.max_steps):
         return
     elapsed = max(window.train_seconds, 1e-9)
     state.wall_time_s += elapsed
@@ -258,8 +240,7 @@ def maybe_log(cfg: PretrainConfig, state: TrainState, engine: Any, window: Windo
 
 def maybe_eval(cfg: PretrainConfig, state: TrainState, engine: Any, collator: PretrainCollator, heldout: Any,
                eval_batches: list[list[int]], metrics: MetricsLogger) -> float | None:
-    due = state.step == 0 or (cfg.train.eval_every and state.step % cfg.train.eval_every == 0)
-    if not (due or state.step == cfg.train.max_steps):
+    if not (state.step == 0 or is_due(state.step, cfg.train.eval_every, cfg.train.max_steps)):
         return None
     result = heldout_loss(engine, collator, heldout, eval_batches)
     if state.best_eval_loss is None or result["eval_loss"] < state.best_eval_loss:
@@ -296,8 +277,7 @@ def heldout_loss(engine: Any, collator: PretrainCollator, heldout: Any, eval_bat
 
 def maybe_save(cfg: PretrainConfig, state: TrainState, engine: Any, checkpoints: CheckpointManager,
                config_yaml: str) -> None:
-    due = cfg.train.save_every and state.step % cfg.train.save_every == 0
-    if due or state.step == cfg.train.max_steps:
+    if is_due(state.step, cfg.train.save_every, cfg.train.max_steps):
         checkpoints.save(engine, state, config_yaml=config_yaml)
 
 
