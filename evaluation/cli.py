@@ -9,9 +9,10 @@ them with `resolve_common`. Heavy libraries are imported only when a command run
 from __future__ import annotations
 
 import argparse
-import importlib
 from pathlib import Path
 from typing import Any
+
+from launch.cli import register_modules
 
 EVALUATE_MODULES = (
     "evaluation.massive",  # evaluate massive
@@ -32,15 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     evaluate_sub = p.add_subparsers(dest="evaluation", metavar="EVALUATION")
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
-    for name in EVALUATE_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            # An evaluation that is not part of this install; any other import error is a real bug.
-            if e.name == name:
-                continue
-            raise
-        module.register_evaluate(evaluate_sub)
+    register_modules(evaluate_sub, EVALUATE_MODULES, "register_evaluate")
 
 
 def add_common_arguments(p: argparse.ArgumentParser, default_name: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Iterable
 
 from launch.config import ConfigError
 
@@ -53,16 +54,23 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
+    register_modules(sub, COMMAND_MODULES, "register")
+    return parser
+
+
+def register_modules(sub: argparse._SubParsersAction, names: Iterable[str], function: str) -> None:
+    """Import each module of `names` and call its `function(sub)` to add its subcommands.
+
+    A module that is not part of this install is skipped; any other import error is a real bug and raises.
+    """
+    for name in names:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as e:
-            # A stage that is not part of this install; any other import error is a real bug.
             if e.name == name:
                 continue
             raise
-        module.register(sub)
-    return parser
+        getattr(module, function)(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
