@@ -3,12 +3,14 @@
 Each module in EVALUATE_MODULES that is installed defines `register_evaluate(subparsers)` and adds its
 own `evaluate X` subcommand. They share the options added by `add_common_arguments` (--model, --out,
 --run-dir, --preset, --name, trailing dotted overrides of the `evaluate` config section) and resolve
-them with `resolve_common`. Heavy libraries are imported only when a command runs.
+them with `resolve_common`. Commands that compare several models (fairness, latency) read
+`--models NAME=DIR ...` with `parse_models`. Heavy libraries are imported only when a command runs.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,3 +84,28 @@ def resolve_common(args: argparse.Namespace, section: str, flags: dict[str, Any]
     if not model_dir.is_dir():
         raise ConfigError(f"--model: {model_dir} is not a directory")
     return cfg, model_dir, out_dir
+
+
+def parse_models(items: Sequence[str], run_dir: str | Path | None = None) -> dict[str, Path]:
+    """`--models NAME=DIR ...` -> {name: directory}, in the order given.
+
+    Names are unique and contain no '/'. With `run_dir`, a relative DIR is taken inside it (never
+    escaping it). Every directory must exist.
+    """
+    from launch.config import ConfigError
+    from launch.fsutil import safe_path
+
+    models: dict[str, Path] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path or "/" in name:
+            raise ConfigError(f"--models: {item!r} is not NAME=DIR (e.g. teacher=runs/x/teacher-ft)")
+        if name in models:
+            raise ConfigError(f"--models: name {name!r} given twice")
+        models[name] = Path(path)
+    if run_dir:
+        models = {n: d if d.is_absolute() else safe_path(run_dir, d) for n, d in models.items()}
+    missing = [f"{n}: {d} is not a directory" for n, d in models.items() if not d.is_dir()]
+    if missing:
+        raise ConfigError(f"--models: {'; '.join(missing)}")
+    return models

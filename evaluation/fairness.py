@@ -308,22 +308,6 @@ def fairness_markdown(result: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------- the command
 
 
-def parse_models(items: Sequence[str]) -> dict[str, Path]:
-    from launch.config import ConfigError
-
-    models: dict[str, Path] = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"--models: {item!r} is not NAME=DIR (e.g. teacher=runs/x/teacher-ft)")
-        model_name, path = item.split("=", 1)
-        if not model_name or model_name in models:
-            raise ConfigError(f"--models: empty or repeated name in {item!r}")
-        if not Path(path).is_dir():
-            raise ConfigError(f"--models: {model_name}: {path} is not a directory")
-        models[model_name] = Path(path)
-    return models
-
-
 def register_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "fairness",
@@ -352,6 +336,8 @@ def register_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def run_fairness(args: argparse.Namespace) -> int:
+    from evaluation.cli import parse_models
+
     models = parse_models(args.models)
     result = evaluate_fairness(models, args.locales, Path(args.out), data=args.data, split=args.split,
                                max_examples=args.max_examples or None, batch_size=args.batch_size,

@@ -167,21 +167,6 @@ def latency_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def parse_models(items: list[str]) -> dict[str, Path]:
-    """["name=DIR", ...] -> {name: Path}; names must be unique identifiers."""
-    from launch.config import ConfigError
-
-    models: dict[str, Path] = {}
-    for item in items:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path or "/" in name:
-            raise ConfigError(f"--models: {item!r} is not of the form name=DIR")
-        if name in models:
-            raise ConfigError(f"--models: name {name!r} given twice")
-        models[name] = Path(path)
-    return models
-
-
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -213,6 +198,7 @@ def register_evaluate(sub: argparse._SubParsersAction) -> None:
 
 def run_cli(args: argparse.Namespace) -> int:
     from data_prep.massive import check_locales
+    from evaluation.cli import parse_models
     from launch.config import ConfigError
     from launch.fsutil import atomic_write_json, atomic_write_text, safe_path
 
@@ -225,14 +211,10 @@ def run_cli(args: argparse.Namespace) -> int:
         locales = check_locales(args.locales)
     except ValueError as e:
         raise ConfigError(f"--locales: {e}") from e
-    models = parse_models(args.models)
+    models = parse_models(args.models, run_dir=args.run_dir)
     out = Path(args.out)
-    if args.run_dir:
-        models = {n: d if d.is_absolute() else safe_path(args.run_dir, d) for n, d in models.items()}
-        out = out if out.is_absolute() else safe_path(args.run_dir, out)
-    missing = [f"{n}={d}" for n, d in models.items() if not d.is_dir()]
-    if missing:
-        raise ConfigError(f"--models: not a directory: {', '.join(missing)}")
+    if args.run_dir and not out.is_absolute():
+        out = safe_path(args.run_dir, out)
     utterances = massive_utterances(args.data, locales, args.split, args.max_examples)
     results = {
         name: measure(d, utterances, num_threads=args.threads, warmup=args.warmup,

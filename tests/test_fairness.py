@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from data_prep.massive import NLUPrediction
+from evaluation.cli import parse_models
 from evaluation.fairness import (
     TEMPLATES,
     consistency_scores,
@@ -16,7 +17,6 @@ from evaluation.fairness import (
     counterfactual_consistency,
     gendered_examples,
     generation_disparity,
-    parse_models,
     score_continuations,
 )
 from launch.config import ConfigError
@@ -120,6 +120,10 @@ def test_parse_models_errors(tmp_path):
         parse_models([str(tmp_path)])
     with pytest.raises(ConfigError, match="is not a directory"):
         parse_models([f"a={tmp_path / 'missing'}"])
+    with pytest.raises(ConfigError, match="given twice"):
+        parse_models([f"a={tmp_path}", f"a={tmp_path}"])
+    (tmp_path / "student").mkdir()
+    assert parse_models(["s=student"], run_dir=tmp_path) == {"s": (tmp_path / "student").resolve()}
 
 
 @pytest.mark.slow
