@@ -161,6 +161,7 @@ def score_continuations(model: Any, tokenizer: Any, prompts: Sequence[str], cont
     import torch
 
     from data_prep.tokenizer import special_ids
+    from evaluation.massive import pad_right
 
     ids = special_ids(tokenizer)
     pairs = [(i, j) for i in range(len(prompts)) for j in range(len(conts))]
@@ -173,14 +174,8 @@ def score_continuations(model: Any, tokenizer: Any, prompts: Sequence[str], cont
         chunk = pairs[start : start + batch_size]
         sources = [prefix + prompt_ids[i] + [ids.eos] for i, _ in chunk]
         targets = [cont_ids[j] for _, j in chunk]
-        src_len, tgt_len = max(map(len, sources)), max(map(len, targets))
-        input_ids = torch.full((len(chunk), src_len), ids.pad, dtype=torch.long)
-        attention = torch.zeros_like(input_ids)
-        labels = torch.full((len(chunk), tgt_len), -100, dtype=torch.long)
-        for b, (s, t) in enumerate(zip(sources, targets)):
-            input_ids[b, : len(s)] = torch.tensor(s)
-            attention[b, : len(s)] = 1
-            labels[b, : len(t)] = torch.tensor(t)
+        input_ids, attention = pad_right(sources, ids.pad)
+        labels, _ = pad_right(targets, -100)
         with torch.inference_mode():
             logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device),
                            labels=labels.to(device)).logits.float()

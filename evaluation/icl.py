@@ -115,6 +115,8 @@ def score_candidates(
     import torch
     from transformers.modeling_outputs import BaseModelOutput
 
+    from evaluation.massive import pad_right
+
     if normalize not in ("mean", "sum"):
         raise ValueError(f"normalize must be 'mean' or 'sum', got {normalize!r}")
     if any(len(c) == 0 for c in candidates):
@@ -122,25 +124,13 @@ def score_candidates(
     device = next(model.parameters()).device
     num_prompts, num_cands = len(prompts), len(candidates)
 
-    max_prompt = max(len(p) for p in prompts)
-    input_ids = torch.full((num_prompts, max_prompt), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((num_prompts, max_prompt), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        input_ids[i, : len(p)] = torch.tensor(p, dtype=torch.long)
-        attention_mask[i, : len(p)] = 1
+    input_ids, attention_mask = pad_right(prompts, pad_id)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
 
     # Decoder side, shared by all prompts: inputs = [start] + y[:-1], targets = y, mask on padding.
-    max_len = max(len(c) for c in candidates)
-    targets = torch.full((num_cands, max_len), pad_id, dtype=torch.long)
-    decoder_input_ids = torch.full((num_cands, max_len), pad_id, dtype=torch.long)
-    target_mask = torch.zeros((num_cands, max_len), dtype=torch.bool)
-    for j, c in enumerate(candidates):
-        targets[j, : len(c)] = torch.tensor(c, dtype=torch.long)
-        decoder_input_ids[j, 0] = decoder_start_id
-        decoder_input_ids[j, 1 : len(c)] = torch.tensor(c[:-1], dtype=torch.long)
-        target_mask[j, : len(c)] = True
-    targets, decoder_input_ids, target_mask = targets.to(device), decoder_input_ids.to(device), target_mask.to(device)
+    targets, target_mask = pad_right(candidates, pad_id)
+    decoder_input_ids, _ = pad_right([[decoder_start_id, *c[:-1]] for c in candidates], pad_id)
+    targets, decoder_input_ids, target_mask = targets.to(device), decoder_input_ids.to(device), target_mask.bool().to(device)
     lengths = target_mask.sum(-1).float()  # [C]
 
     scores = torch.empty((num_prompts, num_cands), dtype=torch.float32)

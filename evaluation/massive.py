@@ -196,6 +196,20 @@ def load_seq2seq(model_dir: str | Path, device: str = "auto", dtype: str = "floa
     return model, tokenizer
 
 
+def pad_right(rows: Sequence[Sequence[int]], pad_id: int):
+    """(ids, attention_mask), int64 tensors [len(rows), longest row]: each row's tokens first, then
+    pad_id in ids and 0 in the mask."""
+    import torch
+
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
 class Seq2SeqPredictor:
     """Text-to-text MASSIVE predictor: `Annotate: w1 w2 ...` -> `s1 s2 ... intent`, batched greedy
     generation, output parsed by `data_prep.massive.parse_target`."""

@@ -143,6 +143,7 @@ def generate(
     from tqdm.auto import tqdm
 
     from evaluation.icl import encode_prompt
+    from evaluation.massive import pad_right
 
     pad_id = tokenizer.pad_token_id
     encoded = [encode_prompt(tokenizer, p, clm_id, max_prompt_tokens) for p in prompts]
@@ -150,12 +151,7 @@ def generate(
     outputs: list[str] = [""] * len(prompts)
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", file=sys.stderr):
         idx = order[start : start + batch_size]
-        width = max(len(encoded[i]) for i in idx)
-        input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            input_ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
-            attention_mask[row, : len(encoded[i])] = 1
+        input_ids, attention_mask = pad_right([encoded[i] for i in idx], pad_id)
         with torch.inference_mode():
             generated = model.generate(
                 input_ids=input_ids.to(model.device),
