@@ -199,4 +199,4 @@ def test_evaluate_latency_writes_p50_p95_and_sizes(seq2seq_int8: Path, nlu_int8:
         assert r["backend"] == "onnxruntime" and r["precision"] == "int8"
     assert "| student_int8 | onnxruntime | int8 |" in (tmp_path / "latency.md").read_text()
     assert main(["evaluate", "latency", "--models", "noequals", "--out", str(tmp_path)]) == 2
-    assert "name=DIR" in capsys.readouterr().err
+    assert "NAME=DIR" in capsys.readouterr().err
