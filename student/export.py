@@ -267,6 +267,29 @@ def _wrappers() -> tuple[type, type, type]:
     import torch
     from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
+    def decoder_step(model: Any, decoder_input_ids: Any, encoder_states: Any, encoder_attention_mask: Any,
+                     cache: Any) -> Any:
+        """One decoder pass of the seq2seq `model` over the key/value `cache` (returns the HF output)."""
+        return model(
+            decoder_input_ids=decoder_input_ids,
+            encoder_outputs=(encoder_states,),
+            attention_mask=encoder_attention_mask,
+            past_key_values=cache,
+            use_cache=True,
+            return_dict=True,
+        )
+
+    def flat_cache(cache: Any, num_layers: int, cross: bool) -> list[Any]:
+        """The cache's tensors in graph order (`past_names`): per layer self key, value[, cross key, value]."""
+        flat = []
+        for i in range(num_layers):
+            self_layer = cache.self_attention_cache.layers[i]
+            flat += [self_layer.keys, self_layer.values]
+            if cross:
+                cross_layer = cache.cross_attention_cache.layers[i]
+                flat += [cross_layer.keys, cross_layer.values]
+        return flat
+
     class EncoderGraph(torch.nn.Module):
         def __init__(self, model: Any) -> None:
             super().__init__()
@@ -285,20 +308,8 @@ def _wrappers() -> tuple[type, type, type]:
 
         def forward(self, decoder_input_ids, encoder_hidden_states, encoder_attention_mask):  # noqa: ANN001
             cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-            out = self.model(
-                decoder_input_ids=decoder_input_ids,
-                encoder_outputs=(encoder_hidden_states,),
-                attention_mask=encoder_attention_mask,
-                past_key_values=cache,
-                use_cache=True,
-                return_dict=True,
-            )
-            flat = []
-            for i in range(self.num_layers):
-                self_layer = out.past_key_values.self_attention_cache.layers[i]
-                cross_layer = out.past_key_values.cross_attention_cache.layers[i]
-                flat += [self_layer.keys, self_layer.values, cross_layer.keys, cross_layer.values]
-            return (out.logits, *flat)
+            out = decoder_step(self.model, decoder_input_ids, encoder_hidden_states, encoder_attention_mask, cache)
+            return (out.logits, *flat_cache(out.past_key_values, self.num_layers, cross=True))
 
     class DecoderWithPastGraph(torch.nn.Module):
         """One decoder step over the cache: past.{i}.self.key, .value, past.{i}.cross.key, .value per layer."""
@@ -321,19 +332,8 @@ def _wrappers() -> tuple[type, type, type]:
             # cached cross K/V replace the projections of the states themselves.
             batch, src_len = encoder_attention_mask.shape
             encoder_states = past[2].new_zeros((batch, src_len, self.d_model))
-            out = self.model(
-                decoder_input_ids=decoder_input_ids,
-                encoder_outputs=(encoder_states,),
-                attention_mask=encoder_attention_mask,
-                past_key_values=cache,
-                use_cache=True,
-                return_dict=True,
-            )
-            flat = []
-            for i in range(self.num_layers):
-                self_layer = out.past_key_values.self_attention_cache.layers[i]
-                flat += [self_layer.keys, self_layer.values]
-            return (out.logits, *flat)
+            out = decoder_step(self.model, decoder_input_ids, encoder_states, encoder_attention_mask, cache)
+            return (out.logits, *flat_cache(out.past_key_values, self.num_layers, cross=False))
 
     return EncoderGraph, DecoderInitGraph, DecoderWithPastGraph
 
