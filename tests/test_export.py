@@ -3,18 +3,18 @@
 Models: a tiny T5 (d_model 64) trained for a few dozen steps on MASSIVE en-US text-to-text pairs
 (confident logits, so int8 agreement is meaningful), and an untrained d_model-64 T5 (seed 1)
 (greedy outputs differ from utterance to utterance, which exercises the KV cache path on varied
-tokens and lengths). Exports are built once per session under the pytest base temp directory and
-shared with tests/test_runtime.py through `session_export`.
+tokens and lengths). They and their exports are built once per session by
+tests/fixtures_models.py (`session_export`), shared with tests/test_runtime.py.
 """
 
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import numpy as np
 import pytest
+from fixtures_models import session_export
 
 from launch.config import ConfigError, load_config
 from student.export import (
@@ -29,146 +29,7 @@ from student.export import (
 )
 from student.runtime import OnnxPredictor, read_manifest
 
-TRAIN_STEPS = 60
 PARITY_TOL = 1e-4
-
-
-# ----------------------------------------------------------------------------- shared builders
-
-
-def _cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.getbasetemp() / "export-cache"
-    path.mkdir(exist_ok=True)
-    return path
-
-
-def massive_examples(massive_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, list]:
-    """{"train": en-US train examples, "test": en-US + ja-JP test examples}, loaded once per session."""
-    from data_prep.massive import load_massive
-
-    cache = _cache_dir(tmp_path_factory) / "massive-arrow"
-    data = load_massive(massive_dir, locales=["en-US", "ja-JP"], partitions=("train", "test"), cache_dir=cache,
-                        progress=False)
-    train = [e for e in data.examples(locale="en-US", partition="train")]
-    test = data.examples(locale="en-US", partition="test")[:24] + data.examples(locale="ja-JP", partition="test")[:8]
-    return {"train": train, "test": test}
-
-
-def train_tiny_student(out: Path, tokenizer_dir: Path, train_examples: list) -> Path:
-    """A d_model-64 T5 trained TRAIN_STEPS plain PyTorch steps on short MASSIVE en-US pairs."""
-    import torch
-
-    from data_prep.massive import to_text_to_text
-    from data_prep.tokenizer import load_tokenizer
-    from launch.fsutil import atomic_dir
-    from teacher.presets import ModelConfig, build_model
-
-    tokenizer = load_tokenizer(tokenizer_dir)
-    model = build_model(ModelConfig(preset="tiny", d_model=64, d_ff=128, num_heads=2, d_kv=32), tokenizer, seed=0)
-    pairs = [to_text_to_text(e.words, e.slots, e.intent) for e in train_examples if len(e.words) <= 6]
-    rng = random.Random(0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
-    model.train()
-    for _ in range(TRAIN_STEPS):
-        batch = rng.sample(pairs, 16)
-        enc = tokenizer([s for s, _ in batch], return_tensors="pt", padding=True)
-        labels = tokenizer([t for _, t in batch], return_tensors="pt", padding=True)["input_ids"]
-        labels[labels == tokenizer.pad_token_id] = -100
-        model(**enc, labels=labels).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.eval()
-    with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    return out
-
-
-def build_random_student(out: Path, tokenizer_dir: Path) -> Path:
-    """An untrained d_model-64 T5 (seed 1) whose greedy output depends on the input (seed 0 and the
-    tiny preset emit pad, the decoder start token, everywhere: tied embeddings copy it)."""
-    from data_prep.tokenizer import load_tokenizer
-    from launch.fsutil import atomic_dir
-    from teacher.presets import ModelConfig, build_model
-
-    tokenizer = load_tokenizer(tokenizer_dir)
-    model = build_model(ModelConfig(preset="tiny", d_model=64, d_ff=128, num_heads=2, d_kv=32), tokenizer, seed=1)
-    with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    return out
-
-
-def session_export(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest, name: str) -> Path:
-    """Session-wide cached model and export directories by name:
-
-    trained (HF dir), trained-fp32, trained-int8, random (HF dir), random-fp32, nlu (HF dir), nlu-fp32, nlu-int8.
-    """
-    cache = _cache_dir(tmp_path_factory)
-    path = cache / name
-    if path.exists():
-        return path
-    cfg = ExportConfig()
-    if name == "trained":
-        massive_dir = request.getfixturevalue("massive_dir")
-        examples = massive_examples(massive_dir, tmp_path_factory)
-        return train_tiny_student(path, request.getfixturevalue("tiny_tokenizer_dir"), examples["train"])
-    if name == "trained-fp32":
-        return export(session_export(tmp_path_factory, request, "trained"), path, cfg)
-    if name == "trained-int8":
-        return export(session_export(tmp_path_factory, request, "trained-fp32"), path, ExportConfig(int8=True))
-    if name == "random":
-        return build_random_student(path, request.getfixturevalue("tiny_tokenizer_dir"))
-    if name == "random-fp32":
-        return export(session_export(tmp_path_factory, request, "random"), path, cfg)
-    if name == "nlu":
-        return build_nlu_dir(path, request.getfixturevalue("tiny_teacher_dir"))
-    if name == "nlu-fp32":
-        return export(session_export(tmp_path_factory, request, "nlu"), path, cfg)
-    if name == "nlu-int8":
-        return export(session_export(tmp_path_factory, request, "nlu-fp32"), path, ExportConfig(int8=True))
-    raise KeyError(name)
-
-
-def build_nlu_dir(out: Path, teacher_dir: Path) -> Path:
-    """An EncoderNLUModel on the tiny teacher's encoder with random heads (5 intents, 4 slot labels)."""
-    import torch
-    from transformers import AutoModelForSeq2SeqLM
-
-    from data_prep.tokenizer import load_tokenizer
-    from student.nlu import EncoderNLUModel, NLULabels
-
-    seq2seq = AutoModelForSeq2SeqLM.from_pretrained(teacher_dir)
-    labels = NLULabels(intents=["alarm_set", "alarm_query", "weather_query", "play_music", "datetime_query"],
-                       slot_labels=["Other", "time", "date", "place_name"], max_length=32, source_model=str(teacher_dir))
-    torch.manual_seed(0)
-    model = EncoderNLUModel.from_seq2seq(seq2seq, labels, tokenizer=load_tokenizer(teacher_dir)).eval()
-    return model.save_pretrained(out)
-
-
-@pytest.fixture(scope="module")
-def examples(massive_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, list]:
-    return massive_examples(massive_dir, tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def trained_dir(tmp_path_factory, request) -> Path:
-    return session_export(tmp_path_factory, request, "trained")
-
-
-@pytest.fixture(scope="module")
-def trained_fp32(tmp_path_factory, request) -> Path:
-    return session_export(tmp_path_factory, request, "trained-fp32")
-
-
-@pytest.fixture(scope="module")
-def trained_int8(tmp_path_factory, request) -> Path:
-    return session_export(tmp_path_factory, request, "trained-int8")
-
-
-@pytest.fixture(scope="module")
-def random_fp32(tmp_path_factory, request) -> Path:
-    return session_export(tmp_path_factory, request, "random-fp32")
 
 
 def hf_greedy(model_dir: Path, sources: list[str], max_new_tokens: int) -> list[list[int]]:
@@ -224,7 +85,7 @@ def test_config_validation_names_key_and_allowed_values():
 # ----------------------------------------------------------------------------- seq2seq parity
 
 
-def test_fp32_logits_match_pytorch_on_massive(trained_dir: Path, trained_fp32: Path, examples):
+def test_fp32_logits_match_pytorch_on_massive(trained_dir: Path, trained_fp32: Path, export_examples):
     """Encoder states, the first decoder step and three with-past steps within 1e-4 of PyTorch on a
     padded batch of real utterances (en-US and ja-JP)."""
     import torch
@@ -232,7 +93,7 @@ def test_fp32_logits_match_pytorch_on_massive(trained_dir: Path, trained_fp32: P
 
     predictor = OnnxPredictor(trained_fp32)
     model = AutoModelForSeq2SeqLM.from_pretrained(trained_dir).eval()
-    sources = sources_of(examples["test"][20:28])  # mixed lengths, both scripts
+    sources = sources_of(export_examples["test"][20:28])  # mixed lengths, both scripts
     ids, _, _ = predictor.encode(sources)
     input_ids, mask = predictor.pad(ids)
     assert (mask == 0).any(), "the batch must contain padding"
@@ -261,13 +122,13 @@ def test_fp32_logits_match_pytorch_on_massive(trained_dir: Path, trained_fp32: P
 
 
 @pytest.mark.parametrize("which", ["trained", "random"])
-def test_greedy_outputs_identical_to_pytorch_generate(which, trained_dir, trained_fp32, random_fp32, examples,
+def test_greedy_outputs_identical_to_pytorch_generate(which, trained_dir, trained_fp32, random_fp32, export_examples,
                                                       tmp_path_factory, request):
     if which == "trained":
         model_dir, export_dir = trained_dir, trained_fp32
     else:
         model_dir, export_dir = session_export(tmp_path_factory, request, "random"), random_fp32
-    sources = sources_of(examples["test"])
+    sources = sources_of(export_examples["test"])
     ref = hf_greedy(model_dir, sources, max_new_tokens=24)
     got = onnx_greedy(export_dir, sources, max_new_tokens=24)
     assert got == ref
@@ -279,10 +140,10 @@ def test_greedy_outputs_identical_to_pytorch_generate(which, trained_dir, traine
 # ----------------------------------------------------------------------------- int8
 
 
-def test_int8_agrees_with_fp32(trained_fp32: Path, trained_int8: Path, examples):
+def test_int8_agrees_with_fp32(trained_fp32: Path, trained_int8: Path, export_examples):
     """Greedy outputs of the int8 export equal the fp32 export's on >= 98% of MASSIVE test utterances,
     and the next-token argmax agrees on >= 98% of teacher-forced steps."""
-    sources = sources_of(examples["test"])
+    sources = sources_of(export_examples["test"])
     fp32 = onnx_greedy(trained_fp32, sources, max_new_tokens=32)
     int8 = onnx_greedy(trained_int8, sources, max_new_tokens=32)
     same = sum(a == b for a, b in zip(fp32, int8)) / len(sources)
@@ -486,7 +347,7 @@ def test_cli_export_int8_and_errors(trained_fp32: Path, tmp_path: Path, capsys):
 # ----------------------------------------------------------------------------- encoder NLU
 
 
-def test_encoder_nlu_export_matches_pytorch(tmp_path_factory, request, examples):
+def test_encoder_nlu_export_matches_pytorch(tmp_path_factory, request, export_examples):
     import torch
 
     from data_prep.tokenizer import load_tokenizer
@@ -498,7 +359,7 @@ def test_encoder_nlu_export_matches_pytorch(tmp_path_factory, request, examples)
     assert m["kind"] == "encoder_nlu" and m["labels"]["slot_labels"][0] == "Other" and m["max_source_length"] == 32
     model = EncoderNLUModel.from_pretrained(nlu_dir)
     labels = model.labels
-    batch = [list(e.words) for e in examples["test"][:16]]
+    batch = [list(e.words) for e in export_examples["test"][:16]]
     enc = encode_words(load_tokenizer(nlu_dir), batch, labels.max_length)
     session = OnnxPredictor(fp32).sessions["model"]
     intent, slots = session.run(None, {"input_ids": enc["input_ids"].numpy(), "attention_mask": enc["attention_mask"].numpy()})

@@ -1,6 +1,6 @@
 """onnxruntime predictor: torch-free inference, tokenization parity, word splitting, edge inputs, CLI.
 
-The exports come from tests/test_export.py's session cache (`session_export`).
+The exports come from the session cache of tests/fixtures_models.py (`session_export`).
 """
 
 from __future__ import annotations
@@ -11,32 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_export import massive_examples, session_export
+from fixtures_models import session_export
 
 from student.alignment import first_subword_indices, word_char_spans
 from student.runtime import OnnxPredictor, read_manifest, slot_spans, split_words
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def seq2seq_int8(tmp_path_factory, request) -> Path:
-    return session_export(tmp_path_factory, request, "trained-int8")
-
-
-@pytest.fixture(scope="module")
-def seq2seq_fp32(tmp_path_factory, request) -> Path:
-    return session_export(tmp_path_factory, request, "trained-fp32")
-
-
-@pytest.fixture(scope="module")
-def nlu_int8(tmp_path_factory, request) -> Path:
-    return session_export(tmp_path_factory, request, "nlu-int8")
-
-
-@pytest.fixture(scope="module")
-def examples(massive_dir, tmp_path_factory):
-    return massive_examples(massive_dir, tmp_path_factory)
 
 
 # ----------------------------------------------------------------------------- pure functions
@@ -61,14 +41,14 @@ def test_slot_spans_group_runs_of_labels():
     assert slot_spans([], []) == []
 
 
-def test_first_subword_indices_match_student_nlu_encoding(tmp_path_factory, request, examples):
+def test_first_subword_indices_match_student_nlu_encoding(tmp_path_factory, request, export_examples):
     """The torch-free word alignment equals student.nlu.encode_words on real utterances of two scripts."""
     from data_prep.tokenizer import load_tokenizer
     from student.nlu import encode_words
 
     nlu = session_export(tmp_path_factory, request, "nlu")
     predictor = OnnxPredictor(session_export(tmp_path_factory, request, "nlu-fp32"))
-    batch = [list(e.words) for e in examples["test"]] + [["word"] * 40]  # the last one is truncated
+    batch = [list(e.words) for e in export_examples["test"]] + [["word"] * 40]  # the last one is truncated
     hf = load_tokenizer(nlu)
     enc = encode_words(hf, batch, predictor.max_source_length)
     texts = [" ".join(w) for w in batch]
@@ -85,11 +65,11 @@ def test_first_subword_indices_match_student_nlu_encoding(tmp_path_factory, requ
 # ----------------------------------------------------------------------------- predictor
 
 
-def test_runtime_never_imports_torch(seq2seq_int8: Path, nlu_int8: Path):
+def test_runtime_never_imports_torch(trained_int8: Path, nlu_int8: Path):
     code = (
         "import sys, json\n"
         "from student.runtime import OnnxPredictor\n"
-        f"a = OnnxPredictor({str(seq2seq_int8)!r}).predict('wake me up at five am')\n"
+        f"a = OnnxPredictor({str(trained_int8)!r}).predict('wake me up at five am')\n"
         f"b = OnnxPredictor({str(nlu_int8)!r}).predict('wake me up at five am')\n"
         "heavy = [m for m in ('torch', 'transformers', 'deepspeed', 'datasets') if m in sys.modules]\n"
         "print(json.dumps({'heavy': heavy, 'a': a['words'], 'b': len(b['labels'])}))\n"
@@ -99,11 +79,11 @@ def test_runtime_never_imports_torch(seq2seq_int8: Path, nlu_int8: Path):
     assert result == {"heavy": [], "a": ["wake", "me", "up", "at", "five", "am"], "b": 6}
 
 
-def test_tokenizer_matches_transformers(seq2seq_fp32: Path, tmp_path_factory, request):
+def test_tokenizer_matches_transformers(trained_fp32: Path, tmp_path_factory, request):
     from data_prep.tokenizer import load_tokenizer
 
     hf = load_tokenizer(session_export(tmp_path_factory, request, "trained"))
-    predictor = OnnxPredictor(seq2seq_fp32)
+    predictor = OnnxPredictor(trained_fp32)
     texts = ["Annotate: wake me up at five am", "Annotate: 明 日 の 天 気", "Annotate: مرحبا بالعالم", "Annotate: 🙂 ok", ""]
     ids, _, _ = predictor.encode(texts)
     assert ids == [hf(t)["input_ids"] for t in texts]
@@ -112,8 +92,8 @@ def test_tokenizer_matches_transformers(seq2seq_fp32: Path, tmp_path_factory, re
 
 
 @pytest.mark.parametrize("which", ["seq2seq", "nlu"])
-def test_predict_edge_inputs(which, seq2seq_int8: Path, nlu_int8: Path):
-    predictor = OnnxPredictor(seq2seq_int8 if which == "seq2seq" else nlu_int8)
+def test_predict_edge_inputs(which, trained_int8: Path, nlu_int8: Path):
+    predictor = OnnxPredictor(trained_int8 if which == "seq2seq" else nlu_int8)
     empty = predictor.predict("")
     assert empty["words"] == [] and empty["labels"] == [] and empty["slots"] == [] and empty["truncated"] is False
     assert isinstance(empty["intent"], str)
@@ -129,20 +109,20 @@ def test_predict_edge_inputs(which, seq2seq_int8: Path, nlu_int8: Path):
         predictor.predict_words([["two words"]])
 
 
-def test_predict_words_keeps_order_whatever_the_batch_size(seq2seq_fp32: Path, examples):
-    batch = [list(e.words) for e in examples["test"][:12]]
-    one = OnnxPredictor(seq2seq_fp32, batch_size=1).predict_words(batch)
-    many = OnnxPredictor(seq2seq_fp32, batch_size=5).predict_words(batch)
+def test_predict_words_keeps_order_whatever_the_batch_size(trained_fp32: Path, export_examples):
+    batch = [list(e.words) for e in export_examples["test"][:12]]
+    one = OnnxPredictor(trained_fp32, batch_size=1).predict_words(batch)
+    many = OnnxPredictor(trained_fp32, batch_size=5).predict_words(batch)
     assert one == many
     assert [len(p.slots) for p in one] == [len(w) for w in batch]
 
 
-def test_nlu_onnx_predictions_equal_pytorch_predictor(tmp_path_factory, request, examples):
+def test_nlu_onnx_predictions_equal_pytorch_predictor(tmp_path_factory, request, export_examples):
     from student.nlu import EncoderNLUModel
 
     nlu = session_export(tmp_path_factory, request, "nlu")
     fp32 = session_export(tmp_path_factory, request, "nlu-fp32")
-    batch = [list(e.words) for e in examples["test"]]
+    batch = [list(e.words) for e in export_examples["test"]]
     assert OnnxPredictor(fp32, batch_size=7).predict_words(batch) == EncoderNLUModel.from_pretrained(nlu).predict_words(batch)
 
 
@@ -158,15 +138,15 @@ def test_read_manifest_errors(tmp_path: Path):
         read_manifest(tmp_path)
 
 
-def test_cli_predict_prints_json(seq2seq_int8: Path):
+def test_cli_predict_prints_json(trained_int8: Path):
     out = subprocess.run(
-        [sys.executable, "-m", "launch.cli", "predict", "--model", str(seq2seq_int8), "--locale", "ja-JP",
+        [sys.executable, "-m", "launch.cli", "predict", "--model", str(trained_int8), "--locale", "ja-JP",
          "--threads", "1", "明日の天気", "wake me up"],
         cwd=REPO, capture_output=True, text=True, check=True,
     )
     lines = [json.loads(line) for line in out.stdout.strip().splitlines()]
     assert [r["words"] for r in lines] == [["明", "日", "の", "天", "気"], ["wake", "me", "up"]]
-    bad = subprocess.run([sys.executable, "-m", "launch.cli", "predict", "--model", str(seq2seq_int8), "--locale", "xx-XX", "hi"],
+    bad = subprocess.run([sys.executable, "-m", "launch.cli", "predict", "--model", str(trained_int8), "--locale", "xx-XX", "hi"],
                          cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2 and "allowed" in bad.stderr
 
@@ -184,15 +164,15 @@ def test_percentile_interpolates():
         percentile([], 50)
 
 
-def test_evaluate_latency_writes_p50_p95_and_sizes(seq2seq_int8: Path, nlu_int8: Path, tmp_path: Path, capsys):
+def test_evaluate_latency_writes_p50_p95_and_sizes(trained_int8: Path, nlu_int8: Path, tmp_path: Path, capsys):
     from launch.cli import main
 
-    code = main(["evaluate", "latency", "--models", f"student_int8={seq2seq_int8}", f"nlu_int8={nlu_int8}",
+    code = main(["evaluate", "latency", "--models", f"student_int8={trained_int8}", f"nlu_int8={nlu_int8}",
                  "--max-examples", "3", "--warmup", "1", "--out", str(tmp_path)])
     assert code == 0
     data = json.loads((tmp_path / "latency.json").read_text())
     assert list(data) == ["student_int8", "nlu_int8"]
-    for name, export_dir in (("student_int8", seq2seq_int8), ("nlu_int8", nlu_int8)):
+    for name, export_dir in (("student_int8", trained_int8), ("nlu_int8", nlu_int8)):
         r = data[name]
         assert 0 < r["min"] <= r["p50"] <= r["p95"] and r["num_examples"] == 3 and r["num_threads"] == 1
         assert r["size_mb"] == read_manifest(export_dir)["size_bytes"] / 1e6
