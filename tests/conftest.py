@@ -22,6 +22,23 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+# Set by single-process DeepSpeed engines built inside a test; a later test's subprocess must not
+# inherit them (a stale MASTER_PORT makes its rendezvous fail with EADDRINUSE).
+_DISTRIBUTED_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                    "CROSS_RANK", "CROSS_SIZE")
+
+
+@pytest.fixture(autouse=True)
+def _restore_distributed_env():
+    saved = {k: os.environ.get(k) for k in _DISTRIBUTED_ENV}
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture(scope="session")
 def shared_root() -> Path:
     return data_root()
