@@ -14,11 +14,11 @@ a different fingerprint stops the stage with an error unless `force` rebuilds it
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import sys
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any

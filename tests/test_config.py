@@ -11,9 +11,9 @@ from launch.config import (
     config_help,
     field_docs,
     load_config,
+    load_saved_config,
     parse_overrides,
     save_config,
-    load_saved_config,
     to_dict,
 )
 from launch.fsutil import UnsafePathError, atomic_dir, atomic_write_text, read_jsonl, safe_path
