@@ -12,6 +12,7 @@ from launch.cli import main
 
 TINY_OVERRIDES = [
     "locales=[en-US, de-DE, ja-JP]",
+    "massive.exclude_all_locales=false",
     "corpus.max_sentences_per_language=500",
     "sampling.tokenizer_sentences=3000",
     "tokenizer.vocab_size=1000",
