@@ -270,6 +270,12 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
+def flag_overrides(**values: Any) -> list[str]:
+    """`key=value` overrides for the explicit CLI flags that were given (None = not given), so
+    they apply after (win over) the positional overrides: `flag_overrides(out=args.out)`."""
+    return [f"{key}={value}" for key, value in values.items() if value is not None]
+
+
 def read_preset(preset: str | os.PathLike | None) -> dict[str, Any]:
     """Load a preset as {section: overrides}; {} for None.
 

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from launch.config import config_help, load_config
+from launch.config import config_help, flag_overrides, load_config
 from teacher.config import PretrainConfig
 
 EPILOG = """\
@@ -59,11 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def build_config(args: argparse.Namespace) -> PretrainConfig:
     """Defaults <- preset section <- overrides <- the explicit flags (--out, --init-from)."""
-    flags = []
-    if args.out is not None:
-        flags.append(f"out={args.out}")
-    if args.init_from is not None:
-        flags.append(f"init_from={args.init_from}")
+    flags = flag_overrides(out=args.out, init_from=args.init_from)
     return load_config(PretrainConfig, section=args.section, preset=args.preset, overrides=[*args.overrides, *flags])
 
 
