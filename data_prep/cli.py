@@ -220,24 +220,6 @@ def cmd_pack(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(tok_dir)
     inputs = stage.load_inputs(cfg, run_dir, progress=not args.quiet)
     print(inputs.corpus.table())
-    stage.ensure_packed(
-        cfg,
-        tokenizer,
-        inputs,
-        run_dir / stage.DATA_DIR,
-        indomain=False,
-        force=args.force,
-        progress=not args.quiet,
-    )
-    if cfg.massive.indomain:
-        stage.ensure_packed(
-            cfg,
-            tokenizer,
-            inputs,
-            run_dir / stage.INDOMAIN_DIR,
-            indomain=True,
-            force=args.force,
-            progress=not args.quiet,
-        )
+    stage.ensure_all_packed(cfg, tokenizer, inputs, run_dir, force=args.force, progress=not args.quiet)
     print(json.dumps(stage.summary(run_dir), indent=2))
     return 0

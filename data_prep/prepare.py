@@ -68,11 +68,7 @@ def prepare(
     tokenizer = ensure_tokenizer(cfg, inputs, run_dir, force)
     say(evaluate_and_report_tokenizer(tokenizer, inputs.massive_test, run_dir))
 
-    ensure_packed(cfg, tokenizer, inputs, run_dir / DATA_DIR, indomain=False, force=force, progress=progress)
-    if cfg.massive.indomain:
-        ensure_packed(
-            cfg, tokenizer, inputs, run_dir / INDOMAIN_DIR, indomain=True, force=force, progress=progress
-        )
+    ensure_all_packed(cfg, tokenizer, inputs, run_dir, force=force, progress=progress)
     return summary(run_dir)
 
 
@@ -200,6 +196,17 @@ def evaluate_and_report_tokenizer(
     )
     atomic_write_text(run_dir / f"{TOKENIZER_EVAL}.md", md)
     return f"tokenizer on MASSIVE test utterances (vocab {len(tokenizer)}):\n" + tokenizer_table(rows)
+
+
+def ensure_all_packed(
+    cfg: DataConfig, tokenizer: Any, inputs: Inputs, run_dir: Path, force: bool = False, progress: bool = True
+) -> None:
+    """Pack data/ and, when massive.indomain is set, data-indomain/ (each unless up to date)."""
+    ensure_packed(cfg, tokenizer, inputs, run_dir / DATA_DIR, indomain=False, force=force, progress=progress)
+    if cfg.massive.indomain:
+        ensure_packed(
+            cfg, tokenizer, inputs, run_dir / INDOMAIN_DIR, indomain=True, force=force, progress=progress
+        )
 
 
 def ensure_packed(
