@@ -113,28 +113,26 @@ class ModelSpec:
 
 
 # Dropout 0 in pretraining, as T5 v1.1 / mT5 (it was a quality win there); fine-tuning stages set
-# their own. mT5 shapes from the mT5 paper (Xue et al., 2021), vocab 250112.
+# their own.
+def _gated_gelu(
+    name: str, layers: int, d_model: int, num_heads: int, d_kv: int, d_ff: int, tied: bool, vocab: int
+) -> ModelSpec:
+    """A T5 v1.1 / mT5-style preset: gated-GELU FFN, as many decoder as encoder layers, dropout 0."""
+    return ModelSpec(
+        name=name, num_layers=layers, num_decoder_layers=layers, d_model=d_model, num_heads=num_heads,
+        d_kv=d_kv, d_ff=d_ff, feed_forward_proj="gated-gelu", tie_word_embeddings=tied, dropout=0.0,
+        reference_vocab_size=vocab,
+    )
+
+
+# mT5 shapes from the mT5 paper (Xue et al., 2021), vocab 250112.
 PRESETS: dict[str, ModelSpec] = {
-    "tiny": ModelSpec(
-        name="tiny", num_layers=2, num_decoder_layers=2, d_model=128, num_heads=4, d_kv=32, d_ff=384,
-        feed_forward_proj="gated-gelu", tie_word_embeddings=True, dropout=0.0, reference_vocab_size=8000,
-    ),
-    "small": ModelSpec(
-        name="small", num_layers=6, num_decoder_layers=6, d_model=256, num_heads=4, d_kv=64, d_ff=768,
-        feed_forward_proj="gated-gelu", tie_word_embeddings=True, dropout=0.0, reference_vocab_size=32000,
-    ),
-    "base": ModelSpec(
-        name="base", num_layers=12, num_decoder_layers=12, d_model=768, num_heads=12, d_kv=64, d_ff=2048,
-        feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout=0.0, reference_vocab_size=250112,
-    ),
-    "large": ModelSpec(
-        name="large", num_layers=24, num_decoder_layers=24, d_model=1024, num_heads=16, d_kv=64, d_ff=2816,
-        feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout=0.0, reference_vocab_size=250112,
-    ),
-    "xl": ModelSpec(
-        name="xl", num_layers=24, num_decoder_layers=24, d_model=2048, num_heads=32, d_kv=64, d_ff=5120,
-        feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout=0.0, reference_vocab_size=250112,
-    ),
+    #                             layers d_model heads d_kv  d_ff   tied   vocab
+    "tiny": _gated_gelu("tiny",       2,   128,   4,   32,   384,  True,    8000),
+    "small": _gated_gelu("small",     6,   256,   4,   64,   768,  True,   32000),
+    "base": _gated_gelu("base",      12,   768,  12,   64,  2048, False, 250112),
+    "large": _gated_gelu("large",    24,  1024,  16,   64,  2816, False, 250112),
+    "xl": _gated_gelu("xl",          24,  2048,  32,   64,  5120, False, 250112),
     # AlexaTM 20B (Soltan et al., 2022): 46 encoder / 32 decoder layers, d_model 4096, 32 heads,
     # d_ff 16384, 150k vocabulary, pre-LN. Plain GELU FFN and untied output layer give 19.1 B
     # parameters; a gated FFN would give 23 B.
