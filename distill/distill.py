@@ -523,20 +523,12 @@ def maybe_log(metrics: MetricsLogger, state: TrainState, window: LossWindow, eng
               bar: Any) -> None:
     if not is_due(state.step, cfg.train.log_every, cfg.train.max_steps) or window.count == 0:
         return
-    elapsed = max(time.perf_counter() - window.started, 1e-9)
     rows = max(window.parts.get("rows", 0.0), 1.0)
     record: dict[str, Any] = {"loss": window.loss / window.count}
     record.update({k: window.parts[k] / window.micro_steps for k in _MEAN_PARTS if k in window.parts})
     record.update({f"{k}_fraction": window.parts[k] / rows for k in _ROW_PARTS if k in window.parts})
-    record.update({
-        "rows_per_micro_batch": rows / window.micro_steps,
-        "lr": engine.get_lr()[0],
-        "tokens_per_s": (state.tokens_seen - window.tokens_at_start) / elapsed,
-        "steps_per_s": window.count / elapsed,
-        "epoch": state.epoch,
-        "examples_seen": state.examples_seen,
-        "tokens_seen": state.tokens_seen,
-    })
+    record["rows_per_micro_batch"] = rows / window.micro_steps
+    record.update(window.throughput(state, engine.get_lr()[0]))
     metrics.log(state.step, record)
     bar.set_postfix(loss=f"{record['loss']:.3f}", kd=f"{record.get('kd', 0):.3f}")
     window.reset(state.tokens_seen)

@@ -190,6 +190,10 @@ class TrainState:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def progress(self) -> dict[str, int]:
+        """The data-progress fields every training log line carries."""
+        return {"epoch": self.epoch, "examples_seen": self.examples_seen, "tokens_seen": self.tokens_seen}
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainState:
         names = {f.name for f in dataclasses.fields(cls)}
@@ -529,6 +533,16 @@ class LossWindow:
         self.micro_steps += micro_steps
         for key, value in parts.items():
             self.parts[key] = self.parts.get(key, 0.0) + value
+
+    def throughput(self, state: TrainState, lr: float) -> dict[str, Any]:
+        """Learning rate, tokens and steps per second since the last reset, and `state.progress()`."""
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        return {
+            "lr": lr,
+            "tokens_per_s": (state.tokens_seen - self.tokens_at_start) / elapsed,
+            "steps_per_s": self.count / elapsed,
+            **state.progress(),
+        }
 
     def reset(self, tokens_seen: int) -> None:
         self.loss, self.count, self.micro_steps, self.parts = 0.0, 0, 0, {}

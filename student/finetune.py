@@ -489,16 +489,10 @@ def train_step(
 def maybe_log(metrics: MetricsLogger, state: TrainState, window: LossWindow, engine: Any, cfg: FinetuneConfig, bar: Any) -> None:
     if not is_due(state.step, cfg.train.log_every, cfg.train.max_steps) or window.count == 0:
         return
-    elapsed = max(time.perf_counter() - window.started, 1e-9)
     record = {
         "loss": window.loss / window.count,
         **{k: v / window.count for k, v in window.parts.items()},
-        "lr": engine.get_lr()[0],
-        "tokens_per_s": (state.tokens_seen - window.tokens_at_start) / elapsed,
-        "steps_per_s": window.count / elapsed,
-        "epoch": state.epoch,
-        "examples_seen": state.examples_seen,
-        "tokens_seen": state.tokens_seen,
+        **window.throughput(state, engine.get_lr()[0]),
     }
     metrics.log(state.step, record)
     bar.set_postfix(loss=f"{record['loss']:.3f}")

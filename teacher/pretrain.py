@@ -233,7 +233,7 @@ def maybe_log(cfg: PretrainConfig, state: TrainState, engine: Any, window: Windo
     record["tflops_per_device"] = flops / elapsed / dist.world_size / 1e12
     if peak_tflops:
         record["mfu"] = record["tflops_per_device"] / peak_tflops
-    record.update(tokens_seen=state.tokens_seen, epoch=state.epoch, examples_seen=state.examples_seen)
+    record.update(state.progress())
     metrics.log(state.step, record)
     window.reset()
 
