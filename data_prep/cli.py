@@ -139,13 +139,11 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_massive(args: argparse.Namespace) -> int:
     from data_prep.massive import load_massive
     from data_prep.prepare import massive_cache_dir
-    from launch.config import resolve_data_path
     from launch.fsutil import atomic_write_json
 
     cfg = _config(args)
-    source = cfg.massive.source
     data = load_massive(
-        resolve_data_path(source) if source != "hub" else "hub",
+        cfg.massive.source,
         locales=cfg.locales,
         on_bad_row=cfg.massive.on_bad_row,
         cache_dir=massive_cache_dir(cfg, args.run_dir) if args.run_dir else cfg.massive.cache_dir,
@@ -192,11 +190,9 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
 def _massive_test_utterances(cfg, run_dir: Path, progress: bool) -> dict[str, list[str]]:
     from data_prep.massive import load_massive, massive_utterances
     from data_prep.prepare import massive_cache_dir
-    from launch.config import resolve_data_path
 
-    source = cfg.massive.source
     data = load_massive(
-        resolve_data_path(source) if source != "hub" else "hub",
+        cfg.massive.source,
         locales=cfg.locales,
         partitions=("test",),
         on_bad_row=cfg.massive.on_bad_row,

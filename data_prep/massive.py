@@ -1071,6 +1071,7 @@ def load_massive(
         from launch.config import resolve_data_path
 
         path = resolve_data_path(source_str)  # `@data/...` is under the data root
+        loader.report.source = str(path)
         if path.is_dir():
             _load_directory(path, wanted, loader)
         elif path.is_file():

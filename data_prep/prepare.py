@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from data_prep.config import DataConfig
-from launch.config import ConfigError, resolve_data_path, save_config, to_dict
+from launch.config import ConfigError, save_config, to_dict
 from launch.fsutil import atomic_write_json, atomic_write_text
 
 TOKENIZER_DIR = "tokenizer"
@@ -99,7 +99,7 @@ def load_inputs(cfg: DataConfig, run_dir: Path, progress: bool = True) -> Inputs
     from data_prep.corpus import build_corpus, evaluation_text, massive_pools
     from data_prep.massive import evaluation_utterances, load_massive, massive_utterances
 
-    source = resolve_data_path(cfg.massive.source) if cfg.massive.source != "hub" else "hub"
+    source = cfg.massive.source  # load_massive resolves `@data/` and `~` itself (and leaves URLs whole)
     cache_dir = massive_cache_dir(cfg, run_dir)
     # dev/test of every locale (or of the configured ones) to refuse; train only where it is used.
     massive_eval = load_massive(
