@@ -136,10 +136,10 @@ def stage_commands(stage: Stage, run_dir: Path, preset: str | None, cfg: Pipelin
     exports = {"export": ("student-ft", True), "export_teacher": ("teacher-ft", False), "export_nlu": ("student-nlu", False)}
     if stage.name in exports:
         src, with_fp32 = exports[stage.name]
-        out_name = Path(stage.output).name
         cmds = [["export", "--model", str(run_dir / src), "--out", str(tmp_out), "--int8"]]
         if with_fp32:
-            cmds.append(["export", "--model", str(run_dir / src), "--out", str(tmp_out.parent / f".{out_name}-fp32.tmp")])
+            fp32_tmp = _fp32_tmp(tmp_out.with_name(Path(stage.output).name))
+            cmds.append(["export", "--model", str(run_dir / src), "--out", str(fp32_tmp)])
         return cmds
     if stage.name == "eval_massive":
         models = {"teacher": run_dir / "teacher-ft", "student": run_dir / "student-ft",
@@ -187,6 +187,11 @@ def plan_stages(run_dir: Path, cfg: PipelineConfig, force: list[str]) -> dict[st
     return decision
 
 
+def _fp32_tmp(final: Path) -> Path:
+    """Where the export stage writes its fp32 model before it is renamed to `fp32/` beside `final`."""
+    return final.parent / f".{final.name}-fp32.tmp"
+
+
 def run_stage(stage: Stage, run_dir: Path, preset: str | None, cfg: PipelineConfig, log_dir: Path) -> None:
     final = safe_path(run_dir, stage.output)
     if stage.kind == "internal":
@@ -198,8 +203,7 @@ def run_stage(stage: Stage, run_dir: Path, preset: str | None, cfg: PipelineConf
     # commands succeeded; training stages write their model directory atomically themselves.
     tmp_out = final.with_name(f".{final.name}.pipeline-tmp")
     shutil.rmtree(tmp_out, ignore_errors=True)
-    for leftover in final.parent.glob(f".{final.name}-fp32.tmp"):
-        shutil.rmtree(leftover, ignore_errors=True)
+    shutil.rmtree(_fp32_tmp(final), ignore_errors=True)
     if final.exists() and stage.kind == "cli" and not stage.name == "data":
         shutil.rmtree(final) if final.is_dir() else final.unlink()
     log_path = log_dir / f"{stage.name}.log"
@@ -216,7 +220,7 @@ def run_stage(stage: Stage, run_dir: Path, preset: str | None, cfg: PipelineConf
                               f"last lines of {log_path}:\n{tail}")
     if tmp_out.exists():
         os.replace(tmp_out, final)
-        fp32 = final.parent / f".{final.name}-fp32.tmp"
+        fp32 = _fp32_tmp(final)
         if fp32.exists():
             target = final.parent / "fp32"
             shutil.rmtree(target, ignore_errors=True)
