@@ -152,19 +152,9 @@ def cmd_massive(args: argparse.Namespace) -> int:
     print(data.summary_table())
     print(f"{len(data.intents)} intents, {len(data.slot_types)} slot types")
     if args.run_dir:
-        report = data.report
         atomic_write_json(
             Path(args.run_dir) / "massive_report.json",
-            {
-                "source": str(report.source),
-                "split_counts": {loc: dict(c) for loc, c in report.split_counts.items()},
-                "rows_read": report.rows_read,
-                "rows_loaded": report.rows_loaded,
-                "skipped": dict(report.skipped),
-                "bad_rows": [vars(b) for b in report.bad_rows],
-                "intents": data.intents,
-                "slot_types": data.slot_types,
-            },
+            {**data.report.to_dict(), "intents": data.intents, "slot_types": data.slot_types},
         )
     return 0
 
