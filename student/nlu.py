@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from data_prep.massive import OTHER
 from student.alignment import first_subword_indices, word_char_spans  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:
@@ -32,7 +33,6 @@ if TYPE_CHECKING:
 
 LABELS_FILE = "nlu_labels.json"
 WEIGHTS_FILE = "model.safetensors"
-OTHER = "Other"
 # Label id that cross-entropy skips: padding words and words truncated away.
 IGNORE_INDEX = -100
 
