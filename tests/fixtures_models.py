@@ -142,24 +142,18 @@ def session_export(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fix
     path = _export_cache_dir(tmp_path_factory) / name
     if path.exists():
         return path
-    cfg = ExportConfig()
+    base, _, precision = name.partition("-")
+    if precision == "fp32":
+        return export(session_export(tmp_path_factory, request, base), path, ExportConfig())
+    if precision == "int8":
+        return export(session_export(tmp_path_factory, request, f"{base}-fp32"), path, ExportConfig(int8=True))
     if name == "trained":
         examples = massive_examples(request.getfixturevalue("massive_dir"), tmp_path_factory)
         return train_tiny_student(path, request.getfixturevalue("tiny_tokenizer_dir"), examples["train"])
-    if name == "trained-fp32":
-        return export(session_export(tmp_path_factory, request, "trained"), path, cfg)
-    if name == "trained-int8":
-        return export(session_export(tmp_path_factory, request, "trained-fp32"), path, ExportConfig(int8=True))
     if name == "random":
         return build_random_student(path, request.getfixturevalue("tiny_tokenizer_dir"))
-    if name == "random-fp32":
-        return export(session_export(tmp_path_factory, request, "random"), path, cfg)
     if name == "nlu":
         return build_nlu_dir(path, request.getfixturevalue("tiny_teacher_dir"))
-    if name == "nlu-fp32":
-        return export(session_export(tmp_path_factory, request, "nlu"), path, cfg)
-    if name == "nlu-int8":
-        return export(session_export(tmp_path_factory, request, "nlu-fp32"), path, ExportConfig(int8=True))
     raise KeyError(name)
 
 
@@ -168,26 +162,18 @@ def export_examples(massive_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     return massive_examples(massive_dir, tmp_path_factory)
 
 
-@pytest.fixture(scope="session")
-def trained_dir(tmp_path_factory, request) -> Path:
-    return session_export(tmp_path_factory, request, "trained")
+def _session_export_fixture(name: str):
+    """A session fixture returning `session_export(..., name)`."""
+
+    @pytest.fixture(scope="session")
+    def fixture(tmp_path_factory, request) -> Path:
+        return session_export(tmp_path_factory, request, name)
+
+    return fixture
 
 
-@pytest.fixture(scope="session")
-def trained_fp32(tmp_path_factory, request) -> Path:
-    return session_export(tmp_path_factory, request, "trained-fp32")
-
-
-@pytest.fixture(scope="session")
-def trained_int8(tmp_path_factory, request) -> Path:
-    return session_export(tmp_path_factory, request, "trained-int8")
-
-
-@pytest.fixture(scope="session")
-def random_fp32(tmp_path_factory, request) -> Path:
-    return session_export(tmp_path_factory, request, "random-fp32")
-
-
-@pytest.fixture(scope="session")
-def nlu_int8(tmp_path_factory, request) -> Path:
-    return session_export(tmp_path_factory, request, "nlu-int8")
+trained_dir = _session_export_fixture("trained")
+trained_fp32 = _session_export_fixture("trained-fp32")
+trained_int8 = _session_export_fixture("trained-int8")
+random_fp32 = _session_export_fixture("random-fp32")
+nlu_int8 = _session_export_fixture("nlu-int8")
