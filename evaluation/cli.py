@@ -3,14 +3,14 @@
 Each module in EVALUATE_MODULES that is installed defines `register_evaluate(subparsers)` and adds its
 own `evaluate X` subcommand. They share the options added by `add_common_arguments` (--model, --out,
 --run-dir, --preset, --name, trailing dotted overrides of the `evaluate` config section) and resolve
-them with `resolve_common`. Commands that compare several models (fairness, latency) read
+them with `resolve_common` (`run_common` runs a whole single-model command). Commands that compare several models (fairness, latency) read
 `--models NAME=DIR ...` with `parse_models`. Heavy libraries are imported only when a command runs.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +84,22 @@ def resolve_common(args: argparse.Namespace, section: str, flags: dict[str, Any]
     if not model_dir.is_dir():
         raise ConfigError(f"--model: {model_dir} is not a directory")
     return cfg, model_dir, out_dir
+
+
+def run_common(
+    args: argparse.Namespace,
+    section: str,
+    flags: dict[str, Any],
+    evaluate: Callable[[Any, Path, Path, str], dict[str, Any]],
+    summary: Callable[[dict[str, Any]], str],
+) -> int:
+    """The body of a single-model `evaluate X`: `resolve_common`, then `evaluate(cfg, model_dir,
+    out_dir, args.name)`; prints `summary(result)` and where NAME.json went."""
+    cfg, model_dir, out_dir = resolve_common(args, section, flags)
+    result = evaluate(cfg, model_dir, out_dir, args.name)
+    print(summary(result))
+    print(f"wrote {out_dir / (args.name + '.json')}")
+    return 0
 
 
 def parse_models(items: Sequence[str], run_dir: str | Path | None = None) -> dict[str, Path]:

@@ -346,7 +346,7 @@ def register_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def run_icl(args: argparse.Namespace) -> int:
-    from evaluation.cli import resolve_common
+    from evaluation.cli import run_common
 
     flags = {
         "locales": args.locales,
@@ -355,9 +355,9 @@ def run_icl(args: argparse.Namespace) -> int:
         "max_examples": args.max_examples,
         "clm_prompt": False if args.no_clm else None,
     }
-    cfg, model_dir, out_dir = resolve_common(args, "icl", flags)
-    result = evaluate_icl(cfg, model_dir, out_dir, args.name)
-    accs = "  ".join(f"k={k}: {acc:.4f}" for k, acc in result["accuracy"].items())
-    print(f"ICL intent accuracy (mean over {len(result['per_locale'])} locales; chance {result['chance']:.4f}): {accs}")
-    print(f"wrote {out_dir / (args.name + '.json')}")
-    return 0
+
+    def summary(result: dict[str, Any]) -> str:
+        accs = "  ".join(f"k={k}: {acc:.4f}" for k, acc in result["accuracy"].items())
+        return f"ICL intent accuracy (mean over {len(result['per_locale'])} locales; chance {result['chance']:.4f}): {accs}"
+
+    return run_common(args, "icl", flags, evaluate_icl, summary)

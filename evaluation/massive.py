@@ -430,12 +430,9 @@ def register_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def run_massive(args: argparse.Namespace) -> int:
-    from evaluation.cli import resolve_common
+    from evaluation.cli import run_common
 
     flags = {"locales": args.locales, "split": args.split, "max_examples": args.max_examples, "batch_size": args.batch_size}
-    cfg, model_dir, out_dir = resolve_common(args, "massive", flags)
-    result = evaluate_massive(cfg, model_dir, out_dir, args.name)
-    print(f"MASSIVE {result['split']} ({len(result['per_locale'])} locales, {result['num_examples']} utterances): "
-          f"EM {result['em']:.4f}  intent acc {result['intent_acc']:.4f}  slot F1 {result['slot_f1']:.4f}")
-    print(f"wrote {out_dir / (args.name + '.json')}")
-    return 0
+    return run_common(args, "massive", flags, evaluate_massive, lambda result: (
+        f"MASSIVE {result['split']} ({len(result['per_locale'])} locales, {result['num_examples']} utterances): "
+        f"EM {result['em']:.4f}  intent acc {result['intent_acc']:.4f}  slot F1 {result['slot_f1']:.4f}"))

@@ -314,7 +314,7 @@ def register_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def run_translation(args: argparse.Namespace) -> int:
-    from evaluation.cli import resolve_common
+    from evaluation.cli import run_common
 
     flags = {
         "locales": args.locales,
@@ -323,11 +323,12 @@ def run_translation(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size,
         "clm_prompt": False if args.no_clm else None,
     }
-    cfg, model_dir, out_dir = resolve_common(args, "translation", flags)
-    result = evaluate_translation(cfg, model_dir, out_dir, args.name)
-    chrf = "  ".join(f"{d}: {v:.2f}" for d, v in result["chrf++"].items())
-    print(f"1-shot FLORES-200 chrF++ (mean over {len(result['per_language'])} languages): {chrf}")
-    if result["spbleu_note"]:
-        print(result["spbleu_note"])
-    print(f"wrote {out_dir / (args.name + '.json')}")
-    return 0
+
+    def summary(result: dict[str, Any]) -> str:
+        chrf = "  ".join(f"{d}: {v:.2f}" for d, v in result["chrf++"].items())
+        lines = [f"1-shot FLORES-200 chrF++ (mean over {len(result['per_language'])} languages): {chrf}"]
+        if result["spbleu_note"]:
+            lines.append(result["spbleu_note"])
+        return "\n".join(lines)
+
+    return run_common(args, "translation", flags, evaluate_translation, summary)
