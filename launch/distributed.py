@@ -206,17 +206,6 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return [float(v) for v in tensor.cpu().tolist()]
 
 
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """`obj` from rank `src` on every rank (picklable objects; identity outside a group)."""
-    if not _dist_ready():
-        return obj
-    import torch.distributed as dist
-
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 # ----------------------------------------------------------------------------- engine
 
 
