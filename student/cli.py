@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from launch.config import config_help, load_config
+from launch.config import config_help, flag_overrides, load_config
 from student.config import FinetuneConfig
 
 EPILOG = """\
@@ -58,13 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def build_config(args: argparse.Namespace) -> FinetuneConfig:
     """Defaults <- preset <- overrides <- the explicit flags (--model, --out, --head)."""
-    flags = []
-    if args.model is not None:
-        flags.append(f"init={args.model}")
-    if args.out is not None:
-        flags.append(f"out={args.out}")
-    if args.head is not None:
-        flags.append(f"head={args.head}")
+    flags = flag_overrides(init=args.model, out=args.out, head=args.head)
     cfg = load_config(FinetuneConfig, section="finetune", preset=args.preset, overrides=[*args.overrides, *flags])
     if not cfg.init:
         from launch.config import ConfigError
