@@ -315,6 +315,15 @@ def _char_words_and_slots(pieces: list[tuple[str, str]]) -> tuple[list[str], lis
     return words, slots
 
 
+def split_words(utterance: str, locale: str | None = None) -> list[str]:
+    """MASSIVE words of a plain utterance (no slot markup), by the same rule as parse_annot_utt."""
+    if locale not in CHAR_SPLIT_LOCALES:
+        return utterance.split()
+    if not utterance.strip():
+        return []
+    return _char_words_and_slots([(utterance, OTHER)])[0]
+
+
 def parse_annot_utt(annot_utt: str, locale: str) -> tuple[list[str], list[str]]:
     """`[slot : value]` markup -> (words, one slot label per word, OTHER outside spans).
 

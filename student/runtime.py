@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from data_prep.massive import OTHER  # a light module: no torch or datasets at import
 from student.alignment import first_subword_indices, word_char_spans  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
     from data_prep.massive import NLUPrediction
 
 MANIFEST = "manifest.json"
-OTHER = "Other"
 
 
 def read_manifest(export_dir: str | os.PathLike) -> dict[str, Any]:
@@ -58,18 +58,9 @@ def read_manifest(export_dir: str | os.PathLike) -> dict[str, Any]:
 def split_words(utterance: str, locale: str | None = None) -> list[str]:
     """MASSIVE words of a raw utterance: whitespace split; for ja-JP/zh-CN/zh-TW every character of a
     non-ASCII chunk is a word (an ASCII chunk such as "5pm" stays one word)."""
-    from data_prep.massive import CHAR_SPLIT_LOCALES
+    from data_prep.massive import split_words as massive_split_words
 
-    chunks = utterance.split()
-    if locale not in CHAR_SPLIT_LOCALES:
-        return chunks
-    words: list[str] = []
-    for chunk in chunks:
-        if chunk.isascii():
-            words.append(chunk)
-        else:
-            words.extend(chunk)
-    return words
+    return massive_split_words(utterance, locale)
 
 
 def slot_spans(words: list[str], labels: list[str], locale: str | None = None) -> list[dict[str, Any]]:
