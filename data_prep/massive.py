@@ -79,6 +79,9 @@ OTHER = "Other"
 """The slot label of a word outside every span."""
 T2T_PREFIX = "Annotate: "
 """Input prefix of the official text-to-text baseline."""
+INTENT_FIRST_KEY = "massive_intent_first"
+"""Model config attribute (and export manifest `model_config` key) saying that the model was
+fine-tuned on targets with the intent first; absent or false means the official order."""
 REQUIRED_FIELDS: tuple[str, ...] = ("id", "locale", "partition", "scenario", "intent", "utt", "annot_utt")
 HUB_DATASET = "AmazonScience/massive"
 HUB_REVISION = "refs/convert/parquet"
@@ -351,23 +354,41 @@ def _same_text(words: list[str], utt: str, locale: str) -> bool:
 # ----------------------------------------------------------------------------- text-to-text
 
 
-def to_text_to_text(words: Sequence[str], slots: Sequence[str], intent: str) -> tuple[str, str]:
-    """The official text-to-text pair: (`"Annotate: w1 w2 ..."`, `"s1 s2 ... intent"`)."""
+def to_text_to_text(
+    words: Sequence[str], slots: Sequence[str], intent: str, intent_first: bool = False
+) -> tuple[str, str]:
+    """The official text-to-text pair: (`"Annotate: w1 w2 ..."`, `"s1 s2 ... intent"`).
+
+    `intent_first` puts the intent before the slot labels (`"intent s1 s2 ..."`), the MASSIVE
+    repository's `intent_first` option: a small decoder then decides the intent before it has to
+    count words, so a model that has not yet learnt the word count still predicts intents.
+    """
     if len(words) != len(slots):
         raise ValueError(f"{len(words)} words but {len(slots)} slot labels: {list(words)} / {list(slots)}")
     source = T2T_PREFIX + " ".join(words)
-    target = " ".join([*slots, intent]) if intent else " ".join(slots)
+    if not intent:
+        return source, " ".join(slots)
+    target = " ".join([intent, *slots]) if intent_first else " ".join([*slots, intent])
     return source, target
 
 
-def parse_target(text: str, num_words: int, intents: Iterable[str] | None = None) -> NLUPrediction:
+def model_intent_first(config: Any) -> bool:
+    """Whether a model (its HF config object, or a config dict such as an export manifest's
+    `model_config`) was fine-tuned on intent-first targets."""
+    value = config.get(INTENT_FIRST_KEY) if isinstance(config, dict) else getattr(config, INTENT_FIRST_KEY, None)
+    return bool(value)
+
+
+def parse_target(
+    text: str, num_words: int, intents: Iterable[str] | None = None, intent_first: bool = False
+) -> NLUPrediction:
     """A generated target back into an NLUPrediction with exactly `num_words` slot labels.
 
     The last whitespace-separated token is the intent and the ones before it the slot labels, as
-    in the official baseline. Tolerant of garbage: empty text gives intent "" and all OTHER; a last
-    token that is OTHER (or, when `intents` is given, not one of them) is taken as a slot label and
-    the intent is ""; too few labels are padded with OTHER, too many truncated; any whitespace
-    (spaces, tabs, newlines, repeats) separates tokens.
+    in the official baseline (the first token with `intent_first`). Tolerant of garbage: empty text
+    gives intent "" and all OTHER; an intent-position token that is OTHER (or, when `intents` is
+    given, not one of them) is taken as a slot label and the intent is ""; too few labels are padded
+    with OTHER, too many truncated; any whitespace (spaces, tabs, newlines, repeats) separates tokens.
     """
     if num_words < 0:
         raise ValueError(f"num_words must be >= 0, got {num_words}")
@@ -375,10 +396,11 @@ def parse_target(text: str, num_words: int, intents: Iterable[str] | None = None
     intent = ""
     if tokens:
         known = None if intents is None else set(intents)
-        last = tokens[-1]
-        if last != OTHER and (known is None or last in known):
-            intent = last
-            tokens = tokens[:-1]
+        position = 0 if intent_first else -1
+        candidate = tokens[position]
+        if candidate != OTHER and (known is None or candidate in known):
+            intent = candidate
+            tokens = tokens[1:] if intent_first else tokens[:-1]
     slots = tokens[:num_words] + [OTHER] * max(0, num_words - len(tokens))
     return NLUPrediction(intent=intent, slots=slots)
 

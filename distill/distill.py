@@ -204,7 +204,7 @@ class AgnosticData:
 class MassiveDistillData:
     """MASSIVE text-to-text examples for task-specific distillation (teacher fine-tuned on MASSIVE)."""
 
-    def __init__(self, cfg: DistillConfig, tokenizer: Any) -> None:
+    def __init__(self, cfg: DistillConfig, tokenizer: Any, intent_first: bool = False) -> None:
         from data_prep.massive import load_massive
         from data_prep.tokenizer import special_ids
         from teacher.objectives import ObjectiveConfig, PretrainCollator
@@ -223,6 +223,8 @@ class MassiveDistillData:
         self.collator = PretrainCollator(ObjectiveConfig(), special_ids(tokenizer))
         self.swapper = Swapper(cfg.lexicon_languages)
         self.cfg = cfg
+        # The target order of the fine-tuned teacher (data_prep.massive.INTENT_FIRST_KEY).
+        self.intent_first = intent_first
         self.description = f"MASSIVE {', '.join(cfg.locales)}: {len(self.train)} train, {len(self.dev)} dev"
 
     @property
@@ -239,7 +241,7 @@ class MassiveDistillData:
         from data_prep.massive import to_text_to_text
         from teacher.objectives import DENOISE, Example
 
-        source, target = to_text_to_text(words, slots, intent)
+        source, target = to_text_to_text(words, slots, intent, self.intent_first)
         src = self.tokenizer(source, truncation=True, max_length=self.cfg.max_source_len)["input_ids"]
         tgt = self.tokenizer(target, truncation=True, max_length=self.cfg.max_target_len)["input_ids"]
         return Example(np.asarray(src, dtype=np.int64), np.asarray(tgt, dtype=np.int64), DENOISE)
@@ -268,9 +270,11 @@ class MassiveDistillData:
         return self.collator.pad_examples(examples)
 
 
-def load_distill_data(cfg: DistillConfig, run_dir: Path, tokenizer: Any) -> AgnosticData | MassiveDistillData:
+def load_distill_data(
+    cfg: DistillConfig, run_dir: Path, tokenizer: Any, intent_first: bool = False
+) -> AgnosticData | MassiveDistillData:
     if cfg.task == "massive":
-        return MassiveDistillData(cfg, tokenizer)
+        return MassiveDistillData(cfg, tokenizer, intent_first)
     return AgnosticData(cfg, run_dir, tokenizer)
 
 
@@ -399,6 +403,7 @@ def evaluate(engine: Any, teacher: Any, data: Any, cfg: DistillConfig, dist_info
 
 def distill(cfg: DistillConfig, run_dir: str | Path, resume: bool = False) -> Path:
     """Distil cfg.teacher into a student; returns the exported student directory run_dir/<out>."""
+    from data_prep.massive import INTENT_FIRST_KEY, model_intent_first
     from distill.counterfactual import build_token_map
     from distill.losses import HiddenStateLoss
     from launch.distributed import (
@@ -433,13 +438,15 @@ def distill(cfg: DistillConfig, run_dir: str | Path, resume: bool = False) -> Pa
     teacher_dir = resolve_dir(run_dir, cfg.teacher, "teacher")
     teacher = load_teacher(teacher_dir, dist_info.device, resolve_precision(cfg.train.precision, dist_info))
     tokenizer = load_checked_tokenizer(cfg, run_dir, teacher_dir, teacher)
-    data = load_distill_data(cfg, run_dir, tokenizer)
+    data = load_distill_data(cfg, run_dir, tokenizer, intent_first=model_intent_first(teacher.config))
     token_map = build_token_map(tokenizer, cfg.lexicon_languages or None)
     sampler = ResumableSampler(data.num_train, cfg.train.micro_batch_size, grad_accum, dist_info.rank,
                                dist_info.world_size, cfg.train.seed)
 
     # student and engine
     student, init_info = build_student(teacher, cfg.student, seed=cfg.train.seed)
+    # A student distilled on MASSIVE targets emits them in the teacher's order.
+    setattr(student.config, INTENT_FIRST_KEY, model_intent_first(teacher.config))
     hidden_loss = (
         HiddenStateLoss(student.config.d_model, teacher.config.d_model) if cfg.hidden_loss_weight > 0 else None
     )

@@ -65,11 +65,13 @@ class TorchSeq2SeqPredictor:
     def __init__(self, model_dir: Path, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> None:
         from transformers import AutoModelForSeq2SeqLM
 
+        from data_prep.massive import model_intent_first
         from data_prep.tokenizer import load_tokenizer
 
         self.tokenizer = load_tokenizer(model_dir)
         self.model = AutoModelForSeq2SeqLM.from_pretrained(model_dir, trust_remote_code=False, dtype="float32").eval()
         self.max_new_tokens = max_new_tokens
+        self.intent_first = model_intent_first(self.model.config)
 
     def predict_words(self, batch: list[list[str]]) -> list[Any]:
         import torch
@@ -81,7 +83,7 @@ class TorchSeq2SeqPredictor:
         with torch.inference_mode():
             out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, num_beams=1, do_sample=False)
         texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
-        return [parse_target(text, len(words)) for text, words in zip(texts, batch)]
+        return [parse_target(text, len(words), intent_first=self.intent_first) for text, words in zip(texts, batch)]
 
 
 def load_timed_predictor(model_dir: Path, num_threads: int = 1, max_new_tokens: int | None = None) -> Any:

@@ -224,6 +224,8 @@ class Seq2SeqPredictor:
         intents: Sequence[str] = (),
         max_new_tokens_margin: int = 4,
     ) -> None:
+        from data_prep.massive import model_intent_first
+
         self.model, self.tokenizer = load_seq2seq(model_dir, device, dtype)
 
         def longest(labels: Sequence[str], default: int) -> int:
@@ -234,6 +236,7 @@ class Seq2SeqPredictor:
         self.tokens_per_word = longest([OUTSIDE, *slot_labels], 4)
         self.intent_tokens = longest(intents, 8)
         self.margin = max_new_tokens_margin
+        self.intent_first = model_intent_first(self.model.config)
 
     def predict_words(self, batch: list[list[str]]) -> list[Any]:
         import torch
@@ -247,7 +250,7 @@ class Seq2SeqPredictor:
         with torch.inference_mode():
             output = self.model.generate(**encoded, max_new_tokens=max_new_tokens, num_beams=1, do_sample=False)
         texts = self.tokenizer.batch_decode(output, skip_special_tokens=True)
-        return [parse_target(text, len(words)) for text, words in zip(texts, batch)]
+        return [parse_target(text, len(words), intent_first=self.intent_first) for text, words in zip(texts, batch)]
 
 
 def load_predictor(

@@ -67,6 +67,11 @@ class FinetuneConfig:
     max_target_len: int = 64
     """Maximum target tokens (eos included) of the text-to-text target "<slot per word> <intent>";
     also the generation limit. Unused by the encoder head."""
+    intent_first: bool = False
+    """seq2seq: put the intent before the slot labels in the target ("<intent> <slot per word>"), the
+    MASSIVE repository's `intent_first` option; false is the official order. Recorded in the model's
+    config.json so evaluation parses its output the same way. Small decoders trained briefly learn
+    intents much sooner this way (they loop on "Other" before learning to stop after the last word)."""
     slot_loss_weight: float = 1.0
     """Encoder head: loss = intent CE + slot_loss_weight * slot CE (over first sub-words)."""
     dropout: float | None = None

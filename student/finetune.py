@@ -160,7 +160,7 @@ def encode_seq2seq(
     sources/targets were cut to max_source_len/max_target_len (eos kept at the end)."""
     from data_prep.massive import to_text_to_text
 
-    pairs = [to_text_to_text(ex.words, ex.slots, ex.intent) for ex in examples]
+    pairs = [to_text_to_text(ex.words, ex.slots, ex.intent, cfg.intent_first) for ex in examples]
     sources = tokenizer([s for s, _ in pairs])["input_ids"]
     targets = tokenizer([t for _, t in pairs])["input_ids"]
     eos = tokenizer.eos_token_id
@@ -232,6 +232,12 @@ def build_seq2seq(cfg: FinetuneConfig, run_dir: Path, tokenizer: Any) -> Any:
         model = AutoModelForSeq2SeqLM.from_pretrained(str(model_dir), trust_remote_code=False, dtype="float32")
     if cfg.dropout is not None:
         _set_dropout(model, cfg.dropout)
+    if cfg.head == "seq2seq":
+        from data_prep.massive import INTENT_FIRST_KEY
+
+        # Saved with the model (config.json, and the export manifest), so every predictor parses
+        # the generated target in the order this model was trained on.
+        setattr(model.config, INTENT_FIRST_KEY, cfg.intent_first)
     return model
 
 
@@ -379,7 +385,7 @@ def generate_predictions(
         synced_gpus=synced,
     )
     texts = tokenizer.batch_decode(output, skip_special_tokens=True)
-    return [parse_target(text, len(ex.words)) for text, ex in zip(texts, examples)]
+    return [parse_target(text, len(ex.words), intent_first=cfg.intent_first) for text, ex in zip(texts, examples)]
 
 
 # ----------------------------------------------------------------------------- the loop

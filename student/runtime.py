@@ -204,13 +204,14 @@ class OnnxPredictor:
         return out
 
     def _predict_seq2seq(self, batch: list[list[str]]) -> tuple[list[NLUPrediction], list[bool]]:
-        from data_prep.massive import parse_target
+        from data_prep.massive import model_intent_first, parse_target
 
         ids, _, truncated = self.encode([self.source_text(words) for words in batch])
         input_ids, mask = self.pad(ids)
         generated = self.generate(input_ids, mask)
         texts = self.tokenizer.decode_batch(generated, skip_special_tokens=True)
-        return [parse_target(text, len(words)) for text, words in zip(texts, batch)], truncated
+        intent_first = model_intent_first(self.manifest.get("model_config") or {})
+        return [parse_target(text, len(words), intent_first=intent_first) for text, words in zip(texts, batch)], truncated
 
     # ------------------------------------------------------------------ encoder NLU
 

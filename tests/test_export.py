@@ -367,3 +367,15 @@ def test_encoder_nlu_export_matches_pytorch(tmp_path_factory, request, export_ex
         ref_intent, ref_slots = model(enc["input_ids"], enc["attention_mask"])
     assert np.abs(intent - ref_intent.numpy()).max() < PARITY_TOL
     assert np.abs(slots - ref_slots.numpy()).max() < PARITY_TOL
+
+
+def test_manifest_model_config_carries_the_target_order():
+    from types import SimpleNamespace
+
+    from data_prep.massive import INTENT_FIRST_KEY, model_intent_first
+    from student.export import _model_config_summary
+
+    first = _model_config_summary(SimpleNamespace(model_type="t5", d_model=8, **{INTENT_FIRST_KEY: True}))
+    assert first == {"model_type": "t5", "d_model": 8, INTENT_FIRST_KEY: True} and model_intent_first(first)
+    # Models fine-tuned before the option existed (or encoder exports) read as the official order.
+    assert not model_intent_first(_model_config_summary(SimpleNamespace(model_type="t5")))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -127,6 +128,9 @@ def test_text_to_text_encoding_truncates_keeping_eos(two_locale_data, tiny_token
     expected_src, expected_tgt = to_text_to_text(data.dev[0].words, data.dev[0].slots, data.dev[0].intent)
     assert tokenizer.decode(src, skip_special_tokens=True) == expected_src
     assert tokenizer.decode(tgt, skip_special_tokens=True) == expected_tgt
+    first_pairs, _ = encode_seq2seq(tokenizer, data.dev, FinetuneConfig(init="x", max_target_len=1024, intent_first=True))
+    ex = data.dev[0]
+    assert tokenizer.decode(first_pairs[0][1], skip_special_tokens=True) == " ".join([ex.intent, *ex.slots])
     short = FinetuneConfig(init="x", max_source_len=8, max_target_len=6)
     cut, counts = encode_seq2seq(tokenizer, data.dev, short)
     assert counts["num_truncated_sources"] > 0 and counts["num_truncated_targets"] > 0
@@ -177,8 +181,10 @@ def test_seq2seq_finetune_end_to_end_then_score_with_the_evaluation_scorer(tmp_p
     _run_finetune(
         run_dir, "--model", str(tiny_teacher_dir), "--preset", "tiny", "--out", "teacher-ft",
         f"massive={massive_dir}", "locales=[en-US,ja-JP]", "num_train_examples=400", "num_eval_examples=16",
-        "train.max_steps=30", "train.eval_every=15", "train.save_every=15",
+        "train.max_steps=30", "train.eval_every=15", "train.save_every=15", "intent_first=true",
     )
+    # The target order travels with the model, so every predictor parses it the same way.
+    assert json.loads((run_dir / "teacher-ft" / "config.json").read_text())["massive_intent_first"] is True
     evals = _records(run_dir, "teacher-ft", "dev_loss")
     assert [r["step"] for r in evals] == [15, 30]
     assert evals[1]["dev_loss"] < evals[0]["dev_loss"]
@@ -192,6 +198,7 @@ def test_seq2seq_finetune_end_to_end_then_score_with_the_evaluation_scorer(tmp_p
     dev = load_massive(str(massive_dir), locales=["en-US", "ja-JP"], partitions=("dev",), progress=False)
     golds = dev.examples(locale="en-US", partition="dev")[:8] + dev.examples(locale="ja-JP", partition="dev")[:8]
     predictor = load_predictor(run_dir / "teacher-ft", device="cpu")
+    assert predictor.intent_first
     preds = predictor.predict_words([list(ex.words) for ex in golds])
     assert [len(p.slots) for p in preds] == [len(ex.words) for ex in golds]
     result = score(golds, preds)

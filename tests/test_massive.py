@@ -307,6 +307,32 @@ def test_parse_target_with_known_intents() -> None:
         parse_target("x", -1)
 
 
+def test_intent_first_format_and_parse() -> None:
+    words = "wake me up at five am".split()
+    slots = [X, X, X, X, "time", "time"]
+    source, target = to_text_to_text(words, slots, "alarm_set", intent_first=True)
+    assert (source, target) == ("Annotate: wake me up at five am", "alarm_set Other Other Other Other time time")
+    assert parse_target(target, 6, intent_first=True) == NLUPrediction("alarm_set", slots)
+    # Read in the other order, the same text puts the intent among the labels: the order matters.
+    assert parse_target(target, 6) == NLUPrediction("time", ["alarm_set", X, X, X, X, "time"])
+    # A model that loops on Other after the intent: labels truncated to the word count.
+    assert parse_target("weather_query " + "Other " * 40, 3, intent_first=True) == NLUPrediction("weather_query", [X] * 3)
+    # A leading Other, or an unknown first token when the label set is given, is not an intent.
+    assert parse_target("Other time", 2, intent_first=True) == NLUPrediction("", [X, "time"])
+    assert parse_target("time date", 2, intents={"alarm_set"}, intent_first=True) == NLUPrediction("", ["time", "date"])
+    assert parse_target("", 2, intent_first=True) == NLUPrediction("", [X, X])
+
+
+def test_model_intent_first_reads_config_objects_and_dicts() -> None:
+    from types import SimpleNamespace
+
+    from data_prep.massive import INTENT_FIRST_KEY, model_intent_first
+
+    assert model_intent_first(SimpleNamespace(**{INTENT_FIRST_KEY: True}))
+    assert not model_intent_first(SimpleNamespace())
+    assert model_intent_first({INTENT_FIRST_KEY: True}) and not model_intent_first({})
+
+
 @pytest.fixture(scope="module")
 def all_test_partitions(massive_dir: Path):
     return load_massive(massive_dir, partitions=("test",), progress=False)
@@ -330,6 +356,8 @@ def test_text_to_text_round_trip_every_locale(all_test_partitions, massive_dir: 
             assert source == "Annotate: " + " ".join(ex.words)
             assert parse_target(target, len(ex.words)) == NLUPrediction(ex.intent, list(ex.slots))
             assert len(target.split()) == len(ex.words) + 1
+            _, first = to_text_to_text(ex.words, ex.slots, ex.intent, intent_first=True)
+            assert parse_target(first, len(ex.words), intent_first=True) == NLUPrediction(ex.intent, list(ex.slots))
             checked += 1
     assert checked == 48 * 2974
 
