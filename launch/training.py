@@ -422,12 +422,14 @@ class CheckpointManager:
 
 
 class MetricsLogger:
-    """Appends `{"stage", "step", ...metrics}` lines to run_dir/metrics.jsonl and TensorBoard scalars to
-    run_dir/tb/<name>/; does nothing on ranks other than 0."""
+    """Appends `{"stage", "name", "step", ...metrics}` lines to run_dir/metrics.jsonl and TensorBoard
+    scalars to run_dir/tb/<name>/; does nothing on ranks other than 0. `name` (the output directory,
+    e.g. teacher vs teacher-indomain, both stage "pretrain") tells apart two runs of one stage."""
 
     def __init__(self, run_dir: str | os.PathLike, stage: str, name: str | None = None,
                  tensorboard: bool = True) -> None:
         self.stage = stage
+        self.name = name
         self.path = Path(run_dir) / "metrics.jsonl"
         self.enabled = is_rank0()
         self._writer = None
@@ -439,7 +441,8 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        record = {"stage": self.stage, "step": int(step), "time": round(time.time(), 3), **metrics}
+        named = {"name": self.name} if self.name else {}
+        record = {"stage": self.stage, **named, "step": int(step), "time": round(time.time(), 3), **metrics}
         append_jsonl(self.path, record)
         if self._writer is not None:
             for key, value in metrics.items():

@@ -242,7 +242,8 @@ def test_metrics_logger_writes_jsonl_and_tensorboard(tmp_path):
     logger.log(10, {"loss": 2.0, "eval_loss": float("nan")})
     logger.close()
     records = read_jsonl(tmp_path / "metrics.jsonl")
-    assert [(r["stage"], r["step"], r["loss"]) for r in records] == [("pretrain", 5, 2.5), ("pretrain", 10, 2.0)]
+    assert [(r["stage"], r["name"], r["step"], r["loss"]) for r in records] == [
+        ("pretrain", "teacher", 5, 2.5), ("pretrain", "teacher", 10, 2.0)]
     assert list((tmp_path / "tb" / "teacher").glob("events.out.tfevents.*"))
 
 
