@@ -354,6 +354,11 @@ def _same_text(words: list[str], utt: str, locale: str) -> bool:
 # ----------------------------------------------------------------------------- text-to-text
 
 
+def t2t_source(words: Sequence[str]) -> str:
+    """The text-to-text input of an utterance: `"Annotate: w1 w2 ..."` (what predictors feed the model)."""
+    return T2T_PREFIX + " ".join(words)
+
+
 def to_text_to_text(
     words: Sequence[str], slots: Sequence[str], intent: str, intent_first: bool = False
 ) -> tuple[str, str]:
@@ -365,7 +370,7 @@ def to_text_to_text(
     """
     if len(words) != len(slots):
         raise ValueError(f"{len(words)} words but {len(slots)} slot labels: {list(words)} / {list(slots)}")
-    source = T2T_PREFIX + " ".join(words)
+    source = t2t_source(words)
     if not intent:
         return source, " ".join(slots)
     target = " ".join([intent, *slots]) if intent_first else " ".join([*slots, intent])

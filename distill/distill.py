@@ -438,7 +438,8 @@ def distill(cfg: DistillConfig, run_dir: str | Path, resume: bool = False) -> Pa
     teacher_dir = resolve_dir(run_dir, cfg.teacher, "teacher")
     teacher = load_teacher(teacher_dir, dist_info.device, resolve_precision(cfg.train.precision, dist_info))
     tokenizer = load_checked_tokenizer(cfg, run_dir, teacher_dir, teacher)
-    data = load_distill_data(cfg, run_dir, tokenizer, intent_first=model_intent_first(teacher.config))
+    intent_first = model_intent_first(teacher.config)  # the MASSIVE target order, for task=massive
+    data = load_distill_data(cfg, run_dir, tokenizer, intent_first=intent_first)
     token_map = build_token_map(tokenizer, cfg.lexicon_languages or None)
     sampler = ResumableSampler(data.num_train, cfg.train.micro_batch_size, grad_accum, dist_info.rank,
                                dist_info.world_size, cfg.train.seed)
@@ -446,7 +447,7 @@ def distill(cfg: DistillConfig, run_dir: str | Path, resume: bool = False) -> Pa
     # student and engine
     student, init_info = build_student(teacher, cfg.student, seed=cfg.train.seed)
     # A student distilled on MASSIVE targets emits them in the teacher's order.
-    setattr(student.config, INTENT_FIRST_KEY, model_intent_first(teacher.config))
+    setattr(student.config, INTENT_FIRST_KEY, intent_first)
     hidden_loss = (
         HiddenStateLoss(student.config.d_model, teacher.config.d_model) if cfg.hidden_loss_weight > 0 else None
     )

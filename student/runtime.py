@@ -25,7 +25,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from data_prep.massive import OTHER  # a light module: no torch or datasets at import
+# A light module (no torch or datasets at import). split_words: MASSIVE words of a raw utterance
+# (whitespace; ja/zh non-ASCII chunks split into characters), re-exported for `predict`.
+from data_prep.massive import OTHER, model_intent_first, split_words, t2t_source  # noqa: F401
 from student.alignment import first_subword_indices, word_char_spans  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:
@@ -53,14 +55,6 @@ def read_manifest(export_dir: str | os.PathLike) -> dict[str, Any]:
     if data["precision"] not in ("fp32", "int8"):
         raise ValueError(f"{path}: precision {data['precision']!r} is not one of 'fp32', 'int8'")
     return data
-
-
-def split_words(utterance: str, locale: str | None = None) -> list[str]:
-    """MASSIVE words of a raw utterance: whitespace split; for ja-JP/zh-CN/zh-TW every character of a
-    non-ASCII chunk is a word (an ASCII chunk such as "5pm" stays one word)."""
-    from data_prep.massive import split_words as massive_split_words
-
-    return massive_split_words(utterance, locale)
 
 
 def slot_spans(words: list[str], labels: list[str], locale: str | None = None) -> list[dict[str, Any]]:
@@ -128,6 +122,8 @@ class OnnxPredictor:
             kinds = ("self.key", "self.value", "cross.key", "cross.value")
             self._present_init = [f"present.{i}.{k}" for i in range(self.num_layers) for k in kinds]
             self._present_self = [f"present.{i}.{k}" for i in range(self.num_layers) for k in kinds[:2]]
+            # The target order the model was fine-tuned on (data_prep.massive.INTENT_FIRST_KEY).
+            self.intent_first = model_intent_first(self.manifest.get("model_config") or {})
         else:
             labels = self.manifest["labels"]
             self.intents: list[str] = labels["intents"]
@@ -159,11 +155,6 @@ class OnnxPredictor:
             input_ids[b, : len(ids)] = ids
             mask[b, : len(ids)] = 1
         return input_ids, mask
-
-    def source_text(self, words: list[str]) -> str:
-        from data_prep.massive import to_text_to_text
-
-        return to_text_to_text(words, [OTHER] * len(words), "")[0]
 
     # ------------------------------------------------------------------ seq2seq
 
@@ -204,14 +195,14 @@ class OnnxPredictor:
         return out
 
     def _predict_seq2seq(self, batch: list[list[str]]) -> tuple[list[NLUPrediction], list[bool]]:
-        from data_prep.massive import model_intent_first, parse_target
+        from data_prep.massive import parse_target
 
-        ids, _, truncated = self.encode([self.source_text(words) for words in batch])
+        ids, _, truncated = self.encode([t2t_source(words) for words in batch])
         input_ids, mask = self.pad(ids)
         generated = self.generate(input_ids, mask)
         texts = self.tokenizer.decode_batch(generated, skip_special_tokens=True)
-        intent_first = model_intent_first(self.manifest.get("model_config") or {})
-        return [parse_target(text, len(words), intent_first=intent_first) for text, words in zip(texts, batch)], truncated
+        return [parse_target(text, len(words), intent_first=self.intent_first)
+                for text, words in zip(texts, batch)], truncated
 
     # ------------------------------------------------------------------ encoder NLU
 
