@@ -59,33 +59,6 @@ def model_size_bytes(model_dir: Path) -> int:
     return sum(p.stat().st_size for p in model_dir.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
 
 
-class TorchSeq2SeqPredictor:
-    """PyTorch greedy generation with the same text format and parsing as the ONNX runtime."""
-
-    def __init__(self, model_dir: Path, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> None:
-        from transformers import AutoModelForSeq2SeqLM
-
-        from data_prep.massive import model_intent_first
-        from data_prep.tokenizer import load_tokenizer
-
-        self.tokenizer = load_tokenizer(model_dir)
-        self.model = AutoModelForSeq2SeqLM.from_pretrained(model_dir, trust_remote_code=False, dtype="float32").eval()
-        self.max_new_tokens = max_new_tokens
-        self.intent_first = model_intent_first(self.model.config)
-
-    def predict_words(self, batch: list[list[str]]) -> list[Any]:
-        import torch
-
-        from data_prep.massive import parse_target, to_text_to_text
-
-        sources = [to_text_to_text(words, ["Other"] * len(words), "")[0] for words in batch]
-        enc = self.tokenizer(sources, return_tensors="pt", padding=True)
-        with torch.inference_mode():
-            out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, num_beams=1, do_sample=False)
-        texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
-        return [parse_target(text, len(words), intent_first=self.intent_first) for text, words in zip(texts, batch)]
-
-
 def load_timed_predictor(model_dir: Path, num_threads: int = 1, max_new_tokens: int | None = None) -> Any:
     """The predictor `measure` times for a directory (batch 1, `num_threads` threads)."""
     kind = model_kind(model_dir)
@@ -100,7 +73,9 @@ def load_timed_predictor(model_dir: Path, num_threads: int = 1, max_new_tokens: 
         from student.nlu import EncoderNLUModel
 
         return EncoderNLUModel.from_pretrained(model_dir)
-    return TorchSeq2SeqPredictor(model_dir, max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS)
+    from evaluation.massive import Seq2SeqPredictor
+
+    return Seq2SeqPredictor(model_dir, device="cpu", max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS)
 
 
 def time_calls(fn: Callable[[list[str]], Any], utterances: list[list[str]], warmup: int = 3,

@@ -211,8 +211,9 @@ def pad_right(rows: Sequence[Sequence[int]], pad_id: int):
 
 
 class Seq2SeqPredictor:
-    """Text-to-text MASSIVE predictor: `Annotate: w1 w2 ...` -> `s1 s2 ... intent`, batched greedy
-    generation, output parsed by `data_prep.massive.parse_target`."""
+    """Text-to-text MASSIVE predictor: `Annotate: w1 w2 ...` -> `s1 s2 ... intent` (or intent first,
+    as the model's config records), batched greedy generation, output parsed by
+    `data_prep.massive.parse_target`."""
 
     def __init__(
         self,
@@ -223,10 +224,14 @@ class Seq2SeqPredictor:
         slot_labels: Sequence[str] = (),
         intents: Sequence[str] = (),
         max_new_tokens_margin: int = 4,
+        max_new_tokens: int | None = None,
     ) -> None:
+        """`max_new_tokens`: a fixed generation budget (latency timing); None bounds each batch by
+        its longest well-formed target instead."""
         from data_prep.massive import model_intent_first
 
         self.model, self.tokenizer = load_seq2seq(model_dir, device, dtype)
+        self.max_new_tokens = max_new_tokens
 
         def longest(labels: Sequence[str], default: int) -> int:
             lengths = [len(self.tokenizer(x, add_special_tokens=False)["input_ids"]) for x in labels]
@@ -241,12 +246,12 @@ class Seq2SeqPredictor:
     def predict_words(self, batch: list[list[str]]) -> list[Any]:
         import torch
 
-        from data_prep.massive import parse_target, to_text_to_text
+        from data_prep.massive import parse_target, t2t_source
 
-        sources = [to_text_to_text(words, [OUTSIDE] * len(words), "")[0] for words in batch]
+        sources = [t2t_source(words) for words in batch]
         encoded = self.tokenizer(sources, padding=True, return_tensors="pt").to(self.model.device)
         max_words = max(len(words) for words in batch)
-        max_new_tokens = max_words * self.tokens_per_word + self.intent_tokens + 1 + self.margin
+        max_new_tokens = self.max_new_tokens or max_words * self.tokens_per_word + self.intent_tokens + 1 + self.margin
         with torch.inference_mode():
             output = self.model.generate(**encoded, max_new_tokens=max_new_tokens, num_beams=1, do_sample=False)
         texts = self.tokenizer.batch_decode(output, skip_special_tokens=True)
