@@ -103,10 +103,6 @@ class SamplingConfig:
     massive_train_in_tokenizer: bool = True
     """Add MASSIVE train utterances (unlabelled text) to each locale's tokenizer training text, so
     the vocabulary also fits the in-domain text."""
-    massive_targets_in_tokenizer: int = 5000
-    """Text-to-text targets of MASSIVE train rows (slot labels, `Other`, intent names) added to the
-    tokenizer's training text, so the label words become few pieces and fine-tuning targets stay
-    short (without them `Other` is 3 pieces and `alarm_set` 5 at a 4000-piece vocabulary); 0 = none."""
 
 
 @dataclass
@@ -127,6 +123,12 @@ class TokenizerConfig:
     """Trainer threads."""
     hard_vocab_limit: bool = False
     """false: a small training text may yield fewer pieces than vocab_size instead of an error."""
+    label_tokens: bool = True
+    """Add one whole token `<label>` for every MASSIVE intent, slot label and `Other` found in the
+    loaded train partitions (appended after the SentencePiece pieces, never matched inside text), so
+    a text-to-text target is one token per word plus one for the intent. Spelled with pieces, a
+    target is 3-4x longer (`Other` 2 pieces, an intent about 4 at a 4000-piece vocabulary), the
+    decoder must learn the spellings, and generation takes that many more steps."""
 
 
 @dataclass

@@ -354,27 +354,51 @@ def _same_text(words: list[str], utt: str, locale: str) -> bool:
 # ----------------------------------------------------------------------------- text-to-text
 
 
+def label_token(label: str) -> str:
+    """The whole vocabulary token of a MASSIVE label (`<alarm_set>`, `<date>`, `<Other>`).
+
+    The angle brackets keep it from ever matching utterance text ("date" in an utterance stays
+    text); `parse_target` reads labels back from either spelling.
+    """
+    return f"<{label}>"
+
+
+_LABEL_TOKEN_RE = re.compile(r"<([^<>\s]+)>")
+
+
+def massive_labels(data: MassiveData) -> list[str]:
+    """`Other`, then the intents, then the slot types of `data` (sorted): the label vocabulary."""
+    return [OTHER, *data.intents, *(s for s in data.slot_types if s != OTHER)]
+
+
+def has_label_tokens(tokenizer: Any) -> bool:
+    """Whether `tokenizer` holds the whole label tokens (data prep's tokenizer.label_tokens)."""
+    return label_token(OTHER) in tokenizer.get_vocab()
+
+
 def t2t_source(words: Sequence[str]) -> str:
     """The text-to-text input of an utterance: `"Annotate: w1 w2 ..."` (what predictors feed the model)."""
     return T2T_PREFIX + " ".join(words)
 
 
 def to_text_to_text(
-    words: Sequence[str], slots: Sequence[str], intent: str, intent_first: bool = False
+    words: Sequence[str], slots: Sequence[str], intent: str, intent_first: bool = False, label_tokens: bool = False
 ) -> tuple[str, str]:
     """The official text-to-text pair: (`"Annotate: w1 w2 ..."`, `"s1 s2 ... intent"`).
 
     `intent_first` puts the intent before the slot labels (`"intent s1 s2 ..."`), the MASSIVE
     repository's `intent_first` option: a small decoder then decides the intent before it has to
     count words, so a model that has not yet learnt the word count still predicts intents.
+    `label_tokens` spells each label as its whole token (`"<Other><time><alarm_set>"`, no spaces, so
+    a tokenizer with those tokens encodes one id per label and nothing between them).
     """
     if len(words) != len(slots):
         raise ValueError(f"{len(words)} words but {len(slots)} slot labels: {list(words)} / {list(slots)}")
     source = t2t_source(words)
-    if not intent:
-        return source, " ".join(slots)
-    target = " ".join([intent, *slots]) if intent_first else " ".join([*slots, intent])
-    return source, target
+    labels = list(slots) if not intent else [intent, *slots] if intent_first else [*slots, intent]
+    if label_tokens:
+        return source, "".join(label_token(x) for x in labels)
+    return source, " ".join(labels)
 
 
 def model_intent_first(config: Any) -> bool:
@@ -394,10 +418,11 @@ def parse_target(
     gives intent "" and all OTHER; an intent-position token that is OTHER (or, when `intents` is
     given, not one of them) is taken as a slot label and the intent is ""; too few labels are padded
     with OTHER, too many truncated; any whitespace (spaces, tabs, newlines, repeats) separates tokens.
+    Text holding whole label tokens (`"<time><alarm_set>"`) is read as those labels alone.
     """
     if num_words < 0:
         raise ValueError(f"num_words must be >= 0, got {num_words}")
-    tokens = text.split() if text else []
+    tokens = _LABEL_TOKEN_RE.findall(text) or text.split() if text else []
     intent = ""
     if tokens:
         known = None if intents is None else set(intents)

@@ -45,8 +45,9 @@ class Inputs:
     """MASSIVE test utterances per configured locale (tokenizer evaluation only)."""
     evaluation_sizes: dict[str, int]
     massive_summary: str
-    label_texts: list[str] = dataclasses.field(default_factory=list)
-    """Text-to-text targets of MASSIVE train rows, a seeded sample (tokenizer training text)."""
+    labels: list[str] = dataclasses.field(default_factory=list)
+    """MASSIVE labels of the train partitions (`Other`, intents, slot types): whole tokens of the
+    tokenizer when tokenizer.label_tokens is set."""
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -97,7 +98,7 @@ def is_complete(run_dir: str | os.PathLike, cfg: DataConfig) -> bool:
 def load_inputs(cfg: DataConfig, run_dir: Path, progress: bool = True) -> Inputs:
     """Load MASSIVE, the evaluation text to refuse, the monolingual corpus and the in-domain pools."""
     from data_prep.corpus import build_corpus, evaluation_text, massive_pools
-    from data_prep.massive import evaluation_utterances, load_massive, massive_utterances
+    from data_prep.massive import evaluation_utterances, load_massive, massive_labels, massive_utterances
 
     source = cfg.massive.source  # load_massive resolves `@data/` and `~` itself (and leaves URLs whole)
     cache_dir = massive_cache_dir(cfg, run_dir)
@@ -129,7 +130,6 @@ def load_inputs(cfg: DataConfig, run_dir: Path, progress: bool = True) -> Inputs
     train_utts = massive_utterances(massive_train, ("train",))
     indomain, indomain_report = massive_pools(train_utts, excluded, cfg.locales)
     test = massive_utterances(massive_eval, ("test",))
-    label_texts = massive_label_texts(massive_train, cfg.sampling.massive_targets_in_tokenizer, cfg.seed)
     return Inputs(
         corpus=corpus,
         indomain=indomain,
@@ -137,27 +137,15 @@ def load_inputs(cfg: DataConfig, run_dir: Path, progress: bool = True) -> Inputs
         massive_test={loc: test[loc] for loc in cfg.locales},
         evaluation_sizes=excluded.sizes(),
         massive_summary=massive_train.summary_table(),
-        label_texts=label_texts,
+        labels=massive_labels(massive_train),
     )
-
-
-def massive_label_texts(massive_train: Any, num_texts: int, seed: int) -> list[str]:
-    """A seeded sample of text-to-text targets (`"Other time alarm_set"`) of MASSIVE train rows."""
-    import random
-
-    from data_prep.massive import to_text_to_text
-
-    if num_texts <= 0:
-        return []
-    examples = massive_train.examples(partition="train")
-    picked = random.Random(seed).sample(examples, min(num_texts, len(examples)))
-    return [to_text_to_text(ex.words, ex.slots, ex.intent)[1] for ex in picked]
 
 
 def ensure_tokenizer(cfg: DataConfig, inputs: Inputs, run_dir: Path, force: bool = False) -> Any:
     """Train the tokenizer on a language-sampled mixture unless an up-to-date one exists; load it."""
     from data_prep import tokenizer as tk
     from data_prep.corpus import draw_mixture, merge_pools
+    from data_prep.massive import label_token
 
     out_dir = run_dir / TOKENIZER_DIR
     fp = fingerprint(cfg, "tokenizer")
@@ -172,9 +160,10 @@ def ensure_tokenizer(cfg: DataConfig, inputs: Inputs, run_dir: Path, force: bool
         f"training a {cfg.tokenizer.vocab_size}-piece SentencePiece unigram model on {len(mixture.documents)} sentences"
     )
     tk.train_tokenizer(
-        list(mixture.documents) + list(inputs.label_texts),
+        mixture.documents,
         out_dir,
         cfg.tokenizer,
+        label_tokens=[label_token(x) for x in inputs.labels] if cfg.tokenizer.label_tokens else (),
         seed=cfg.seed,
         info={"fingerprint": fp, "mixture": mixture.rows()},
     )

@@ -1,7 +1,8 @@
 """SentencePiece unigram tokenizer with byte fallback, wrapped as a Hugging Face fast tokenizer.
 
 Ids (docs/internals.md): <pad>=0, </s>=1, <unk>=2, [CLM]=3, <sep>=4, <extra_id_0>.. follow, then
-the 256 byte pieces <0x00>..<0xFF>, then the learned pieces.
+the 256 byte pieces <0x00>..<0xFF>, then the learned pieces, then the whole MASSIVE label tokens
+(`<Other>`, `<alarm_set>`, ...; not special, never matched inside other text).
 
 Normalisation is the identity (`normalization_rule_name="identity"`, extra whitespace kept): the
 SentencePiece default `nmt_nfkc` rewrites text (full-width forms, compatibility characters, runs of
@@ -19,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -60,12 +61,14 @@ def train_tokenizer(
     cfg: TokenizerConfig | None = None,
     seed: int = 0,
     info: dict[str, Any] | None = None,
+    label_tokens: Sequence[str] = (),
 ) -> Path:
     """Train a SentencePiece unigram model on `sentences` and save a HF fast tokenizer in `out_dir`.
 
     `sentences` is the already sampled training text (see data_prep.corpus); all of it is used, in
     the given order, so the result is a function of the text, the config and the seed. `info` is
-    stored in training.json (e.g. sentences per language). Returns `out_dir`.
+    stored in training.json (e.g. sentences per language). `label_tokens` (`<alarm_set>`, ...) are
+    appended after the learned pieces as whole tokens. Returns `out_dir`.
     """
     import sentencepiece as spm
 
@@ -88,7 +91,7 @@ def train_tokenizer(
         raise
     train_seconds = time.perf_counter() - started
     processor = spm.SentencePieceProcessor(model_proto=model.data)
-    fast = _to_fast_tokenizer(processor, cfg.num_sentinels)
+    fast = _to_fast_tokenizer(processor, cfg.num_sentinels, label_tokens)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         fast.save_pretrained(str(tmp))
@@ -98,7 +101,8 @@ def train_tokenizer(
             "seed": seed,
             "num_training_sentences": len(texts),
             "num_training_chars": sum(len(t) for t in texts),
-            "vocab_size": processor.get_piece_size(),
+            "vocab_size": len(fast),
+            "num_label_tokens": len(label_tokens),
             "train_seconds": round(train_seconds, 3),
             **(info or {}),
         }
@@ -147,8 +151,11 @@ class _BytesSink:
         self.data += data
 
 
-def _to_fast_tokenizer(processor: Any, num_sentinels: int) -> PreTrainedTokenizerFast:
-    """Wrap a trained SentencePiece unigram model as a `tokenizers` Unigram fast tokenizer."""
+def _to_fast_tokenizer(
+    processor: Any, num_sentinels: int, label_tokens: Sequence[str] = ()
+) -> PreTrainedTokenizerFast:
+    """Wrap a trained SentencePiece unigram model as a `tokenizers` Unigram fast tokenizer, with
+    `label_tokens` appended as whole tokens."""
     from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
     from tokenizers.models import Unigram
     from transformers import PreTrainedTokenizerFast
@@ -194,6 +201,8 @@ def _to_fast_tokenizer(processor: Any, num_sentinels: int) -> PreTrainedTokenize
         single=f"$A {EOS}", pair=f"$A {EOS} $B {EOS}", special_tokens=[(EOS, processor.eos_id())]
     )
     tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in specials])
+    # Not special: `decode(..., skip_special_tokens=True)`, which every predictor uses, keeps them.
+    tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in label_tokens])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token=PAD,

@@ -205,7 +205,7 @@ class MassiveDistillData:
     """MASSIVE text-to-text examples for task-specific distillation (teacher fine-tuned on MASSIVE)."""
 
     def __init__(self, cfg: DistillConfig, tokenizer: Any, intent_first: bool = False) -> None:
-        from data_prep.massive import load_massive
+        from data_prep.massive import has_label_tokens, load_massive
         from data_prep.tokenizer import special_ids
         from teacher.objectives import ObjectiveConfig, PretrainCollator
 
@@ -225,6 +225,7 @@ class MassiveDistillData:
         self.cfg = cfg
         # The target order of the fine-tuned teacher (data_prep.massive.INTENT_FIRST_KEY).
         self.intent_first = intent_first
+        self.label_tokens = has_label_tokens(tokenizer)
         self.description = f"MASSIVE {', '.join(cfg.locales)}: {len(self.train)} train, {len(self.dev)} dev"
 
     @property
@@ -241,7 +242,7 @@ class MassiveDistillData:
         from data_prep.massive import to_text_to_text
         from teacher.objectives import DENOISE, Example
 
-        source, target = to_text_to_text(words, slots, intent, self.intent_first)
+        source, target = to_text_to_text(words, slots, intent, self.intent_first, self.label_tokens)
         src = self.tokenizer(source, truncation=True, max_length=self.cfg.max_source_len)["input_ids"]
         tgt = self.tokenizer(target, truncation=True, max_length=self.cfg.max_target_len)["input_ids"]
         return Example(np.asarray(src, dtype=np.int64), np.asarray(tgt, dtype=np.int64), DENOISE)

@@ -158,9 +158,10 @@ def encode_seq2seq(
 ) -> tuple[list[tuple[list[int], list[int]]], dict[str, int]]:
     """(source ids, target ids) per example in the official text-to-text format, and how many
     sources/targets were cut to max_source_len/max_target_len (eos kept at the end)."""
-    from data_prep.massive import to_text_to_text
+    from data_prep.massive import has_label_tokens, to_text_to_text
 
-    pairs = [to_text_to_text(ex.words, ex.slots, ex.intent, cfg.intent_first) for ex in examples]
+    whole = has_label_tokens(tokenizer)
+    pairs = [to_text_to_text(ex.words, ex.slots, ex.intent, cfg.intent_first, whole) for ex in examples]
     sources = tokenizer([s for s, _ in pairs])["input_ids"]
     targets = tokenizer([t for _, t in pairs])["input_ids"]
     eos = tokenizer.eos_token_id

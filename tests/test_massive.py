@@ -279,6 +279,17 @@ def test_to_text_to_text_official_format() -> None:
         to_text_to_text(["a", "b"], [X], "x")
 
 
+def test_whole_label_tokens_format_and_parse_back() -> None:
+    words = "wake me up at five".split()
+    slots = [X, X, X, X, "time"]
+    source, target = to_text_to_text(words, slots, "alarm_set", intent_first=True, label_tokens=True)
+    assert source == "Annotate: wake me up at five"
+    assert target == "<alarm_set><Other><Other><Other><Other><time>"
+    assert parse_target(target, 5, intent_first=True) == NLUPrediction("alarm_set", slots)
+    # Anything between label tokens (a stray piece, a space from decoding) is ignored.
+    assert parse_target(" <Other>x <time> <alarm_set>", 2) == NLUPrediction("alarm_set", [X, "time"])
+
+
 @pytest.mark.parametrize(
     ("text", "num_words", "intent", "slots"),
     [

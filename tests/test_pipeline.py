@@ -26,7 +26,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # Overrides on top of the tiny preset, per stage section: a few steps and a few examples each.
 MICRO = {
     "data": {"locales": ["en-US", "de-DE", "ja-JP"], "corpus": {"max_sentences_per_language": 400},
-             "sampling": {"tokenizer_sentences": 3000, "massive_targets_in_tokenizer": 500},
+             "sampling": {"tokenizer_sentences": 3000},
              "tokenizer": {"vocab_size": 1500, "num_sentinels": 20},
              "packing": {"seq_len": 64, "heldout_fraction": 0.05},
              "massive": {"exclude_all_locales": False}},

@@ -95,6 +95,21 @@ def test_deterministic_for_seed(tmp_path):
     assert (a / "spm.model").read_bytes() == (b / "spm.model").read_bytes()
 
 
+def test_label_tokens_are_whole_and_never_match_inside_text(tmp_path):
+    texts = [f"what is the date {i} and set alarm number {i % 7}" for i in range(300)]
+    labels = ["<Other>", "<date>", "<alarm_set>"]
+    out = train_tokenizer(texts, tmp_path / "t", TokenizerConfig(vocab_size=300, num_sentinels=4), label_tokens=labels)
+    tok = load_tokenizer(out)
+    meta = json.loads((out / "training.json").read_text())
+    assert meta["vocab_size"] == len(tok) and meta["num_label_tokens"] == 3
+    ids = tok("<alarm_set><Other><date>")["input_ids"]
+    assert tok.convert_ids_to_tokens(ids) == ["<alarm_set>", "<Other>", "<date>", "</s>"]
+    assert tok.decode(ids, skip_special_tokens=True) == "<alarm_set><Other><date>"
+    # The word "date" in an utterance is text, not the label.
+    assert "<date>" not in tok.convert_ids_to_tokens(tok("what is the date")["input_ids"])
+    assert special_ids(tok).pad == 0
+
+
 def test_vocab_too_small_for_characters_is_a_clear_error(tmp_path):
     texts = ["".join(chr(0x4E00 + (i * 31 + j) % 3000) for j in range(20)) for i in range(300)]
     cfg = TokenizerConfig(vocab_size=400, num_sentinels=4, character_coverage=1.0)
