@@ -306,10 +306,32 @@ def _param_groups(module: Any, weight_decay: float) -> list[dict[str, Any]]:
     return groups
 
 
+def build_optimizer(groups: list[dict[str, Any]], train_cfg: TrainConfig, dist_info: DistInfo) -> Any:
+    """The torch optimizer of train_cfg.optimizer over `groups` (lr set by the schedule)."""
+    import torch
+
+    if train_cfg.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # relative_step=False: the lr comes from our schedule (warmup, decay), and with
+        # scale_parameter it is multiplied by each tensor's RMS, as in T5's training.
+        return Adafactor(
+            groups, lr=train_cfg.lr, scale_parameter=True, relative_step=False, warmup_init=False,
+            clip_threshold=1.0, beta1=None,
+        )
+    return torch.optim.AdamW(
+        groups,
+        lr=train_cfg.lr,
+        betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
+        eps=train_cfg.adam_eps,
+        fused=dist_info.on_gpu and train_cfg.offload == "none",
+    )
+
+
 def build_engine(model: Any, train_cfg: TrainConfig, dist_info: DistInfo, extra_params: Iterable[Any] = ()) -> Any:
     """A DeepSpeed engine around `model` (and `extra_params`, modules or parameters) for `train_cfg`.
 
-    AdamW with decoupled weight decay (not on biases/norms), linear warmup then cosine/linear decay
+    AdamW or Adafactor (train.optimizer) with decoupled weight decay (not on biases/norms), linear warmup then cosine/linear decay
     to `lr * min_lr_ratio` as a torch LambdaLR that DeepSpeed steps once per optimizer step and saves
     in its checkpoints, gradient clipping, ZeRO stage, offload and precision from the config.
     """
@@ -327,13 +349,7 @@ def build_engine(model: Any, train_cfg: TrainConfig, dist_info: DistInfo, extra_
             )
         model.gradient_checkpointing_enable()
     module = _wrap_extras(model, extra_params)
-    optimizer = torch.optim.AdamW(
-        _param_groups(module, train_cfg.weight_decay),
-        lr=train_cfg.lr,
-        betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
-        eps=train_cfg.adam_eps,
-        fused=dist_info.on_gpu and train_cfg.offload == "none",
-    )
+    optimizer = build_optimizer(_param_groups(module, train_cfg.weight_decay), train_cfg, dist_info)
 
     def make_scheduler(opt: Any) -> Any:
         def multiplier(step: int) -> float:

@@ -56,8 +56,14 @@ class TrainConfig:
     """Optimizer steps of linear warmup from lr/warmup_steps to lr."""
     decay: Literal["cosine", "linear", "constant"] = "cosine"
     """Learning-rate decay after warmup, down to lr * min_lr_ratio at max_steps."""
+    optimizer: Literal["adamw", "adafactor"] = "adamw"
+    """adamw: torch AdamW (lr absolute, adam_* and weight_decay apply). adafactor: Adafactor as T5
+    was trained (transformers' implementation, update scaled by each matrix's RMS so lr is a
+    relative step of about 1e-2, factored second moments, no first moment, update clipping 1.0).
+    adafactor needs zero_stage 0: ZeRO 1-3 hand the optimizer flat partitions, which lose the
+    per-matrix shapes that Adafactor factors and scales by."""
     weight_decay: float = 0.01
-    """AdamW decoupled weight decay (not applied to biases and norm scales)."""
+    """Decoupled weight decay (not applied to biases and norm scales)."""
     adam_beta1: float = 0.9
     """AdamW beta1."""
     adam_beta2: float = 0.98
@@ -130,6 +136,14 @@ class TrainConfig:
             raise ConfigError(f"train.zero_stage={self.zero_stage} is not allowed; allowed values: 0, 1, 2, 3")
         if self.offload != "none" and self.zero_stage == 0:
             raise ConfigError(f"train.offload={self.offload!r} needs train.zero_stage 1, 2 or 3")
+        if self.optimizer not in ("adamw", "adafactor"):
+            raise ConfigError(f"train.optimizer={self.optimizer!r} is not allowed; allowed values: adamw, adafactor")
+        if self.optimizer == "adafactor" and self.zero_stage != 0:
+            raise ConfigError(
+                f"train.optimizer=adafactor needs train.zero_stage=0 (got {self.zero_stage}): ZeRO 1-3 give the "
+                "optimizer flat partitions without the matrix shapes Adafactor scales by; use "
+                "train.optimizer=adamw for ZeRO"
+            )
         if self.offload_params and (self.zero_stage != 3 or self.offload == "none"):
             raise ConfigError("train.offload_params=true needs train.zero_stage=3 and train.offload 'cpu' or 'nvme'")
 

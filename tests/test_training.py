@@ -48,6 +48,9 @@ def test_train_config_rejects_inconsistent_values():
     with pytest.raises(ConfigError, match="warmup_steps=20 exceeds train.max_steps=10"):
         TrainConfig(max_steps=10, warmup_steps=20).validate()
     TrainConfig(zero_stage=3, offload="nvme", offload_params=True).validate()
+    with pytest.raises(ConfigError, match="optimizer=adafactor needs train.zero_stage=0"):
+        TrainConfig(optimizer="adafactor", zero_stage=2).validate()
+    TrainConfig(optimizer="adafactor", zero_stage=0).validate()
 
 
 def test_grad_accum_steps_against_world_size():
@@ -309,6 +312,21 @@ def test_engine_schedule_accumulation_and_exact_checkpoint_resume(tmp_path, dist
     assert state.step == 3 and state.examples_seen == 24
     assert engine2.global_steps == 3
     assert _train(engine2, batches[6:]) == after  # exact in fp32 on CPU
+
+
+def test_adafactor_engine_learns_with_the_schedule(dist):
+    from transformers.optimization import Adafactor
+
+    from launch.distributed import build_engine
+
+    cfg = TrainConfig(micro_batch_size=4, global_batch_size=4, max_steps=40, warmup_steps=5, lr=1e-2,
+                      zero_stage=0, optimizer="adafactor")
+    engine = build_engine(_tiny_t5(), cfg, dist)
+    assert isinstance(engine.optimizer, Adafactor)
+    batches = _batches(4)
+    losses = _train(engine, batches * 10)
+    assert engine.lr_scheduler.get_last_lr()[0] == pytest.approx(1e-2 * lr_multiplier(40, cfg))
+    assert sum(losses[-4:]) < 0.85 * sum(losses[:4])  # 40 steps on 4 batches of reversed random ids
 
 
 @pytest.mark.parametrize("zero_stage", [2, 3])
