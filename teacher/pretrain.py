@@ -20,6 +20,7 @@ from launch.distributed import (
     all_reduce_sum,
     build_engine,
     init_distributed,
+    is_rank0,
 )
 from launch.training import (
     CheckpointManager,
@@ -79,7 +80,9 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False) -> 
     window = Window()
     bar = progress_bar(cfg.train.max_steps, initial=state.step, desc=f"{STAGE} {cfg.out}")
 
-    # -- the loop (a held-out baseline first, at step 0)
+    # -- the loop (held-out baselines first, at step 0: the model, and a unigram model of the data)
+    if state.step == 0:
+        log_unigram_reference(tokenizer, train_data, heldout_data, metrics)
     maybe_eval(cfg, state, engine, collator, heldout_data, eval_batches, metrics)
     engine.train()
     while state.step < cfg.train.max_steps:
@@ -120,6 +123,20 @@ def load_data(paths: PretrainPaths) -> tuple[Any, Any, Any]:
     from data_prep.tokenizer import load_tokenizer
 
     return load_tokenizer(paths.tokenizer), load_packed(paths.train_data), load_packed(paths.heldout_data)
+
+
+def log_unigram_reference(tokenizer: Any, train_data: Any, heldout_data: Any, metrics: MetricsLogger) -> float:
+    """Log (metrics key heldout_unigram_ce) and print the held-out cross-entropy of a unigram model
+    of the train rows: the line the held-out loss must fall far below."""
+    from data_prep.packing import unigram_cross_entropy
+    from data_prep.tokenizer import special_ids
+
+    ids = special_ids(tokenizer)
+    value = unigram_cross_entropy(train_data, heldout_data, len(tokenizer), ignore_ids=[ids.pad, ids.sep])
+    metrics.log(0, {"heldout_unigram_ce": value})
+    if is_rank0():
+        print(f"held-out unigram cross-entropy: {value:.3f} nats/token (token frequencies alone)", flush=True)
+    return value
 
 
 def load_or_build_model(cfg: PretrainConfig, paths: PretrainPaths, tokenizer: Any) -> Any:
