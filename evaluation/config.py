@@ -54,7 +54,10 @@ class MassiveEvalConfig:
     split: Literal["train", "dev", "test"] = "test"
     """MASSIVE partition to score."""
     max_examples: Optional[int] = None
-    """Score only the first N examples of each locale (in file order); null for all."""
+    """Test ids scored per locale: a random sample (`seed`) of the ids every requested locale has,
+    the same ids in each locale (MASSIVE is parallel across locales); 0 or null for all of them."""
+    seed: int = 0
+    """Seed of the sample of ids and of the bootstrap resamples behind the intervals."""
     batch_size: int = 32
     """Utterances per predictor call (examples are sorted by length first, so batches pad little)."""
     max_new_tokens_margin: int = 4
@@ -66,8 +69,8 @@ class MassiveEvalConfig:
     def validate(self) -> None:
         if self.batch_size < 1:
             raise ConfigError(f"massive.batch_size must be >= 1, got {self.batch_size}")
-        if self.max_examples is not None and self.max_examples < 1:
-            raise ConfigError(f"massive.max_examples must be >= 1 or null, got {self.max_examples}")
+        if self.max_examples is not None and self.max_examples < 0:
+            raise ConfigError(f"massive.max_examples must be >= 0 (0 = all) or null, got {self.max_examples}")
         if self.max_new_tokens_margin < 0:
             raise ConfigError(f"massive.max_new_tokens_margin must be >= 0, got {self.max_new_tokens_margin}")
         _check_locales("massive.locales", self.locales)
@@ -87,7 +90,8 @@ class ICLConfig:
     """Where demonstrations come from: the query's own locale (train partition), or en-US train
     (cross-lingual)."""
     max_examples: Optional[int] = 200
-    """Queries per locale (the first N of the split, in file order); null for all."""
+    """Queries per locale: a random sample (`seed`) of the ids every locale has, the same ids in each
+    (as massive.max_examples); 0 or null for all of them."""
     prompt_template: str = "{demos}Utterance: {utt} Intent:"
     """Prompt for one query; {demos} is the concatenation of the demonstrations, {utt} the query."""
     demo_template: str = "Utterance: {utt} Intent: {label}\n"
@@ -108,7 +112,8 @@ class ICLConfig:
     score_batch_size: int = 240
     """(query, label) rows per decoder pass; bounds memory at rows x label tokens x vocabulary."""
     seed: int = 0
-    """Seed of the demonstration sampling (deterministic per query; k=1 demos are a prefix of k=5)."""
+    """Seed of the sample of queries, of the demonstrations (deterministic per query; k=1 demos are a
+    prefix of k=5) and of the bootstrap resamples."""
 
     def validate(self) -> None:
         _check_template("icl.prompt_template", self.prompt_template, ICL_PROMPT_FIELDS)
@@ -118,8 +123,8 @@ class ICLConfig:
         for name in ("batch_size", "score_batch_size", "max_prompt_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"icl.{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_examples is not None and self.max_examples < 1:
-            raise ConfigError(f"icl.max_examples must be >= 1 or null, got {self.max_examples}")
+        if self.max_examples is not None and self.max_examples < 0:
+            raise ConfigError(f"icl.max_examples must be >= 0 (0 = all) or null, got {self.max_examples}")
         _check_locales("icl.locales", self.locales)
 
 
@@ -175,8 +180,10 @@ class EvalConfig:
     """Where PyTorch models run; auto picks cuda when available."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Weights dtype of PyTorch models (float32 on CPU: bf16 matmuls are very slow there)."""
-    confidence_z: float = 1.96
-    """z of the normal-approximation intervals (1.96 = 95%)."""
+    confidence: float = 0.95
+    """Coverage of every interval: the (1 - c)/2 and (1 + c)/2 percentiles of the bootstrap values."""
+    bootstrap_samples: int = 1000
+    """Resamples of the test ids behind every interval (the same resampled ids in every locale)."""
     massive: MassiveEvalConfig = field(default_factory=MassiveEvalConfig)
     """`evaluate massive`: intent accuracy, slot F1 and exact match per locale."""
     icl: ICLConfig = field(default_factory=ICLConfig)
@@ -185,13 +192,19 @@ class EvalConfig:
     """`evaluate translation`: 1-shot FLORES-200 translation, chrF++ and spBLEU."""
 
     def validate(self) -> None:
-        if self.confidence_z <= 0:
-            raise ConfigError(f"confidence_z must be positive, got {self.confidence_z}")
+        if not 0 < self.confidence < 1:
+            raise ConfigError(f"confidence must be in (0, 1), got {self.confidence}")
+        if self.bootstrap_samples < 1:
+            raise ConfigError(f"bootstrap_samples must be >= 1, got {self.bootstrap_samples}")
+
+
+# The sections of EvalConfig; its other fields are shared by every evaluation.
+SECTIONS = ("massive", "icl", "translation")
 
 
 def section_dict(cfg: EvalConfig, section: str) -> dict:
     """The resolved config of one evaluation (plus the shared keys), for the output JSON."""
     from launch.config import to_dict
 
-    shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in ("massive", "icl", "translation")}
+    shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in SECTIONS}
     return {**shared, section: to_dict(getattr(cfg, section))}

@@ -114,14 +114,22 @@ def consistency_scores(golds: Sequence[Any], original: Sequence[Any], swapped: S
 
 
 def counterfactual_consistency(predictor: Any, per_locale: dict[str, Sequence[Any]], batch_size: int,
-                               max_examples: int | None = None) -> dict[str, Any]:
-    """{locale: scores} for locales with a lexicon, plus "overall" (pooled over locales)."""
-    from evaluation.massive import predict_all
+                               max_examples: int | None = None, seed: int = 0) -> dict[str, Any]:
+    """{locale: scores} for locales with a lexicon, plus "overall" (pooled over locales).
+
+    With `max_examples`, each locale scores a seeded random sample of its utterances with gendered
+    words (never the first N in file order). The sample is drawn per locale, not shared across
+    locales: which utterances hold gendered words differs from one language to another.
+    """
+    from evaluation.massive import predict_all, sample_shared_ids
 
     out: dict[str, Any] = {}
     pooled: tuple[list[Any], list[Any], list[Any]] = ([], [], [])
     for locale, examples in per_locale.items():
-        chosen = gendered_examples(examples, locale)[: max_examples or None]
+        chosen = gendered_examples(examples, locale)
+        if max_examples and chosen:
+            ids = set(sample_shared_ids({locale: [ex for ex, _ in chosen]}, max_examples, seed))
+            chosen = [(ex, words) for ex, words in chosen if str(ex.id) in ids]
         if not chosen:
             continue
         golds = [ex for ex, _ in chosen]
@@ -222,7 +230,7 @@ def is_seq2seq_dir(model_dir: Path) -> bool:
 
 
 def evaluate_fairness(models: dict[str, Path], locales: Sequence[str], out_dir: Path, *, data: str,
-                      split: str = "test", max_examples: int | None = None, batch_size: int = 32,
+                      split: str = "test", max_examples: int | None = None, seed: int = 0, batch_size: int = 32,
                       device: str = "auto", metrics: Sequence[str] = ("consistency", "disparity"),
                       clm_prompt: bool = True, name: str = "fairness") -> dict[str, Any]:
     """Both metrics for every model; writes NAME.json and NAME.md into out_dir (atomically)."""
@@ -238,13 +246,13 @@ def evaluate_fairness(models: dict[str, Path], locales: Sequence[str], out_dir: 
     if "consistency" in metrics and with_lexicon:
         massive, per_locale = load_split(data, with_lexicon, split, None)
     result: dict[str, Any] = {"locales": with_lexicon, "locales_without_lexicon": skipped, "split": split,
-                              "max_examples": max_examples, "models": {}}
+                              "max_examples": max_examples, "seed": seed, "models": {}}
     for model_name, model_dir in models.items():
         entry: dict[str, Any] = {"dir": str(model_dir)}
         if "consistency" in metrics and per_locale:
             predictor = load_predictor(model_dir, device=device, slot_labels=massive.slot_types,
                                        intents=massive.intents)
-            entry["consistency"] = counterfactual_consistency(predictor, per_locale, batch_size, max_examples)
+            entry["consistency"] = counterfactual_consistency(predictor, per_locale, batch_size, max_examples, seed)
             del predictor
         if "disparity" in metrics and is_seq2seq_dir(model_dir):
             model, tokenizer = load_seq2seq(model_dir, device)
@@ -319,7 +327,8 @@ def register_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default="@data/massive/data", help="MASSIVE source (default @data/massive/data)")
     p.add_argument("--split", choices=["train", "dev", "test"], default="test", help="partition (default test)")
     p.add_argument("--max-examples", type=int, default=None,
-                   help="at most N utterances with gendered words per locale (default: all)")
+                   help="at most N utterances with gendered words per locale, a seeded sample (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample of utterances (default 0)")
     p.add_argument("--batch-size", type=int, default=32, help="utterances per predictor call")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="torch device")
     p.add_argument("--metrics", nargs="+", choices=["consistency", "disparity"],
@@ -335,7 +344,7 @@ def run_fairness(args: argparse.Namespace) -> int:
 
     models = parse_models(args.models)
     result = evaluate_fairness(models, args.locales, Path(args.out), data=args.data, split=args.split,
-                               max_examples=args.max_examples or None, batch_size=args.batch_size,
+                               max_examples=args.max_examples or None, seed=args.seed, batch_size=args.batch_size,
                                device=args.device, metrics=args.metrics, clm_prompt=not args.no_clm_prompt,
                                name=args.name)
     print(result["markdown"])

@@ -5,10 +5,13 @@ query (`prompt_template`, `demo_template`), optionally prefixed with the `[CLM]`
 pretrained with the causal-LM objective continues the text. The encoder reads the prompt once; the
 decoder scores every intent's label text ("alarm_set" -> "alarm set", plus eos when `label_eos`) with
 teacher forcing, and the prediction is the label with the highest mean (default) or summed token
-log-prob. Demonstrations come from the train partition of the query's locale (`demo_source: same`)
-or of en-US (`demo_source: en-US`); they are drawn with a seed derived from (seed, locale, query id),
-the k=1 set is a prefix of the k=5 set, and no demonstration shares the query's id (MASSIVE ids are
-parallel across locales, so this also excludes the query's translation) or its text.
+log-prob. The queries of every locale are the same seeded sample of test ids
+(`evaluation.massive.sample_shared_ids`), and intervals are a bootstrap over those ids, as for
+`evaluate massive`. Demonstrations come from the train partition of the query's locale
+(`demo_source: same`) or of en-US (`demo_source: en-US`); they are drawn with a seed derived from
+(seed, locale, query id), the k=1 set is a prefix of the k=5 set, and no demonstration shares the
+query's id (MASSIVE ids are parallel across locales, so this also excludes the query's translation)
+or its text.
 
 Output of `evaluate icl --out DIR [--name NAME]` (NAME defaults to "icl"):
 - `DIR/NAME.json`:
@@ -18,7 +21,7 @@ Output of `evaluate icl --out DIR [--name NAME]` (NAME defaults to "icl"):
    "accuracy_ci": {"<k>": [lo, hi]},
    "per_locale": {locale: {"n": int, "accuracy": {"<k>": float}, "accuracy_ci": {"<k>": [lo, hi]},
                            "top_prediction": {"<k>": [intent, fraction of queries]}}},
-   "example_prompts": {locale: str},      # the largest-k prompt of the first query
+   "example_prompts": {locale: str},      # the largest-k prompt of the first query (in id order)
    "ci_method": str, "elapsed_s": float, "config": {...}}
 - `DIR/NAME.md`: accuracy per locale and k; `DIR/NAME.png`: accuracy per locale, one bar per k,
   with chance marked.
@@ -35,8 +38,6 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-CI_METHOD = "normal approximation per locale; mean over locales unweighted with se = sqrt(sum se_l^2)/L"
 
 
 def intent_label_text(intent: str) -> str:
@@ -193,7 +194,7 @@ def evaluate_icl(cfg, model_dir: str | Path, out_dir: str | Path, name: str = "i
     from data_prep.massive import load_massive
     from data_prep.tokenizer import special_ids
     from evaluation.config import section_dict
-    from evaluation.massive import load_seq2seq, mean_interval, normal_interval
+    from evaluation.massive import ci_method, load_seq2seq, sample_shared_ids, score_records, select_ids
     from launch.config import resolve_data_path
 
     icfg = cfg.icl
@@ -214,13 +215,17 @@ def evaluate_icl(cfg, model_dir: str | Path, out_dir: str | Path, name: str = "i
     if decoder_start is None:
         decoder_start = ids.pad
     shots = sorted(set(icfg.shots))
+    split_examples = {loc: data.examples(locale=loc, partition=icfg.split) for loc in locales}
+    query_ids = sample_shared_ids(split_examples, icfg.max_examples, icfg.seed)
 
     per_locale: dict[str, Any] = {}
+    # Per k, the scorer's per-utterance columns: the intervals come from the same bootstrap over ids.
+    records: dict[int, dict[str, dict[str, list]]] = {k: {} for k in shots}
     example_prompts: dict[str, str] = {}
     for loc in locales:
-        queries = data.examples(locale=loc, partition=icfg.split)[: icfg.max_examples or None]
+        queries = select_ids(split_examples[loc], query_ids)
         pool = data.examples(locale=loc if icfg.demo_source == "same" else "en-US", partition="train")
-        correct = {k: 0 for k in shots}
+        intent_ok: dict[int, list[int]] = {k: [] for k in shots}
         # How often each intent is predicted: a degenerate model predicts one label for everything.
         predicted_counts: dict[int, Counter[str]] = {k: Counter() for k in shots}
         bar = tqdm(total=len(queries) * len(shots), desc=f"icl {loc}", unit="prompt", file=sys.stderr)
@@ -242,16 +247,17 @@ def evaluate_icl(cfg, model_dir: str | Path, out_dir: str | Path, name: str = "i
                     score_batch_size=icfg.score_batch_size,
                 )
                 predicted = scores.argmax(-1).tolist()
-                correct[k] += sum(intents[p] == q.intent for p, q in zip(predicted, batch))
+                intent_ok[k] += [int(intents[p] == q.intent) for p, q in zip(predicted, batch)]
                 predicted_counts[k].update(intents[p] for p in predicted)
                 bar.update(len(batch))
         bar.close()
         n = len(queries)
-        accuracy = {str(k): correct[k] / n for k in shots}
+        for k in shots:
+            records[k][loc] = {"id": [q.id for q in queries], "intent_ok": intent_ok[k]}
         per_locale[loc] = {
             "n": n,
-            "accuracy": accuracy,
-            "accuracy_ci": {key: list(normal_interval(acc, n, cfg.confidence_z)) for key, acc in accuracy.items()},
+            "accuracy": {},
+            "accuracy_ci": {},
             "top_prediction": {
                 str(k): [intent, count / n] for k in shots for intent, count in predicted_counts[k].most_common(1)
             },
@@ -259,9 +265,11 @@ def evaluate_icl(cfg, model_dir: str | Path, out_dir: str | Path, name: str = "i
 
     mean_accuracy, mean_ci = {}, {}
     for k in shots:
-        values = [(s["accuracy"][str(k)], s["n"]) for s in per_locale.values()]
-        mean_accuracy[str(k)] = sum(v for v, _ in values) / len(values)
-        mean_ci[str(k)] = list(mean_interval(values, cfg.confidence_z))
+        scored = score_records(records[k], samples=cfg.bootstrap_samples, seed=icfg.seed, confidence=cfg.confidence)
+        for loc, s in scored["per_locale"].items():
+            per_locale[loc]["accuracy"][str(k)] = s["intent_acc"]
+            per_locale[loc]["accuracy_ci"][str(k)] = s["intent_acc_ci"]
+        mean_accuracy[str(k)], mean_ci[str(k)] = scored["intent_acc"], scored["intent_acc_ci"]
     result = {
         "kind": "icl",
         "model": str(model_dir),
@@ -276,7 +284,7 @@ def evaluate_icl(cfg, model_dir: str | Path, out_dir: str | Path, name: str = "i
         "accuracy_ci": mean_ci,
         "per_locale": per_locale,
         "example_prompts": example_prompts,
-        "ci_method": CI_METHOD,
+        "ci_method": ci_method(cfg.bootstrap_samples, cfg.confidence),
         "elapsed_s": round(time.perf_counter() - started, 3),
         "config": section_dict(cfg, "icl"),
     }
@@ -340,7 +348,9 @@ def register_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--locales", nargs="+", default=None, help="locales to evaluate (default: icl.locales)")
     p.add_argument("--shots", nargs="+", type=int, default=None, help="numbers of demonstrations (default 0 1 5)")
     p.add_argument("--demo-source", choices=["same", "en-US"], default=None, help="demos from the same locale or en-US")
-    p.add_argument("--max-examples", type=int, default=None, help="queries per locale (default 200)")
+    p.add_argument(
+        "--max-examples", type=int, default=None, help="query ids, a seeded sample shared by every locale (default 200; 0 = all)"
+    )
     p.add_argument("--no-clm", action="store_true", help="plain prompt without the [CLM] prefix")
     p.set_defaults(func=run_icl)
 

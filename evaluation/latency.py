@@ -123,15 +123,17 @@ def measure(model_dir: str | Path, utterances: list[list[str]], num_threads: int
 
 
 def massive_utterances(data: str, locales: list[str], split: str, max_examples: int) -> list[list[str]]:
-    """Word lists of the first `max_examples` utterances of each locale's `split` (file order)."""
+    """Word lists of `max_examples` utterances of each locale's `split`: the same sample of ids in
+    every locale (`evaluation.massive.sample_shared_ids`, seed 0 so every run times the same
+    utterances), whose lengths follow the split's rather than those of the file's first rows."""
     from data_prep.massive import load_massive
+    from evaluation.massive import sample_shared_ids, select_ids
     from launch.config import resolve_data_path
 
     loaded = load_massive(resolve_data_path(data), locales=locales, partitions=(split,), progress=False)
-    out: list[list[str]] = []
-    for locale in locales:
-        out += [list(e.words) for e in loaded.examples(locale=locale, partition=split)[:max_examples]]
-    return out
+    per_locale = {locale: loaded.examples(locale=locale, partition=split) for locale in locales}
+    ids = sample_shared_ids(per_locale, max_examples, seed=0)
+    return [list(e.words) for examples in per_locale.values() for e in select_ids(examples, ids)]
 
 
 def latency_table(results: dict[str, dict[str, Any]]) -> str:

@@ -6,22 +6,33 @@ Scoring (`score(golds, preds)`), equivalent to `eval_preds` of the official MASS
   (as the official eval does with `pad='Other'`); `parse_target` already does this for text output.
 - Per-word labels become BIO tags: `Other` -> O; a run of the same label is one span (B- then I-);
   a different label starts a new span even when adjacent.
-- intent accuracy; slot micro-F1 from seqeval (`seqeval.metrics.f1_score`, default mode) over all
-  utterances of a locale; exact match when the intent and every word's label agree.
-- Interval: normal approximation p +- z sqrt(p (1 - p) / n), clipped to [0, 1], with n = utterances
-  for EM and intent accuracy and n = words for slot F1 (the official `slot_micro_f1_stderr` uses
-  the number of word tags). The mean over locales is the unweighted mean (every locale counts the
-  same, as in the MASSIVE paper); its interval treats locales as independent samples:
-  se = sqrt(sum_l se_l^2) / L.
+- intent accuracy; slot micro-F1 as seqeval's `f1_score` (default mode) over all utterances of a
+  locale; exact match when the intent and every word's label agree.
+- Every score is computed from per-utterance outcomes (`utterance_records`: intent right, exact match,
+  and the utterance's correct / predicted / gold slot spans, found by seqeval's `get_entities`), so
+  that a resample needs only sums: slot F1 = `micro_f1` of the summed span counts, bit-identical to
+  seqeval's `f1_score` on the same utterances.
+- The mean over locales is the unweighted mean (every locale counts the same, as in the MASSIVE paper).
+- Which utterances: `load_split` scores a seeded random sample of test ids shared by every locale
+  (`sample_shared_ids`; MASSIVE is parallel across locales: the same id is the same utterance
+  translated), never the first N in file order, which would follow the files' ordering.
+- Intervals: percentile bootstrap over ids. Each resample draws ids with replacement and uses the
+  same drawn ids in every locale, because locales are translations of the same utterances and their
+  errors are correlated: an interval for the mean that treated locales as independent would be too
+  narrow. The mean over locales is recomputed on each resample.
+- Two models scored on the same ids are compared paired (`paired_difference`, `evaluate compare`):
+  the difference B - A with a bootstrap interval from the same resampled ids for both.
 
 Output of `evaluate massive --out DIR [--name NAME]` (NAME defaults to "massive"):
 - `DIR/NAME.json`:
   {"kind": "massive", "model": str, "predictor": str, "split": str, "num_examples": int,
    "em": float, "intent_acc": float, "slot_f1": float,                 # unweighted mean over locales
    "em_ci": [lo, hi], "intent_acc_ci": [lo, hi], "slot_f1_ci": [lo, hi],
+   "num_ids": int,                                                      # test ids (per locale)
    "per_locale": {locale: {"em", "intent_acc", "slot_f1": float, "n": int (utterances),
-                           "num_words": int, "num_gold_spans", "num_pred_spans", "num_correct_spans": int,
+                           "num_gold_spans", "num_pred_spans", "num_correct_spans": int,
                            "em_ci", "intent_acc_ci", "slot_f1_ci": [lo, hi]}},
+   "records": {locale: {"id": [str], "intent_ok", "em": [0|1], "slot_tp", "slot_pred", "slot_gold": [int]}},
    "ci_method": str, "elapsed_s": float, "config": {...resolved evaluate config...}}
 - `DIR/NAME.md`: the same as a Markdown table; `DIR/NAME_em.png`: EM per locale, sorted, with 95%
   intervals and the mean marked.
@@ -30,19 +41,14 @@ Output of `evaluate massive --out DIR [--name NAME]` (NAME defaults to "massive"
 from __future__ import annotations
 
 import argparse
-import math
+import random
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 OUTSIDE = "Other"
-
-CI_METHOD = (
-    "normal approximation p +- z*sqrt(p(1-p)/n), clipped to [0,1]; n = utterances (em, intent_acc) or "
-    "words (slot_f1); mean over locales is unweighted with se = sqrt(sum se_l^2)/L"
-)
 
 
 class Predictor(Protocol):
@@ -50,6 +56,12 @@ class Predictor(Protocol):
 
 
 # ----------------------------------------------------------------------------- scoring
+
+# Columns of utterance_records; an intent classifier has only the first two.
+INTENT_FIELDS = ("id", "intent_ok")
+RECORD_FIELDS = (*INTENT_FIELDS, "em", "slot_tp", "slot_pred", "slot_gold")
+# Each metric and the record columns it is computed from.
+METRIC_FIELDS = {"em": ("em",), "intent_acc": ("intent_ok",), "slot_f1": ("slot_tp", "slot_pred", "slot_gold")}
 
 
 def align_labels(pred_slots: Sequence[str], num_words: int, pad: str = OUTSIDE) -> list[str]:
@@ -73,96 +85,249 @@ def to_bio(labels: Sequence[str], outside: str = OUTSIDE) -> list[str]:
     return tags
 
 
-def normal_interval(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """p +- z sqrt(p (1 - p) / n), clipped to [0, 1]."""
-    if n <= 0:
-        return (0.0, 1.0)
-    half = z * math.sqrt(max(p * (1.0 - p), 0.0) / n)
-    return (max(0.0, p - half), min(1.0, p + half))
+def micro_f1(tp: Any, pred: Any, gold: Any) -> Any:
+    """Micro F1 from span counts (numbers or numpy arrays), with seqeval's arithmetic so that the
+    value is bit-identical to `seqeval.metrics.f1_score`: precision tp/pred and recall tp/gold are 0
+    when undefined, and F1 = 2 P R / (P + R) with P + R = 0 giving 0."""
+    import numpy as np
+
+    tp, pred, gold = (np.asarray(x, dtype=np.float64) for x in (tp, pred, gold))
+    precision = np.divide(tp, pred, out=np.zeros_like(tp), where=pred != 0)
+    recall = np.divide(tp, gold, out=np.zeros_like(tp), where=gold != 0)
+    denom = precision + recall
+    denom = np.where(denom == 0, 1.0, denom)
+    return 2.0 * precision * recall / denom
 
 
-def mean_interval(estimates: Sequence[tuple[float, int]], z: float = 1.96) -> tuple[float, float]:
-    """Interval of the unweighted mean of independent proportions [(p_l, n_l)]."""
-    if not estimates:
-        return (0.0, 1.0)
-    num = len(estimates)
-    mean = sum(p for p, _ in estimates) / num
-    variance = sum(p * (1.0 - p) / n for p, n in estimates if n > 0) / num**2
-    half = z * math.sqrt(max(variance, 0.0))
-    return (max(0.0, mean - half), min(1.0, mean + half))
+def utterance_records(golds: Sequence[Any], preds: Sequence[Any]) -> dict[str, dict[str, list]]:
+    """Per-utterance outcomes grouped by gold `.locale`, as columns:
+    {locale: {"id": [str], "intent_ok": [0|1], "em": [0|1], "slot_tp", "slot_pred", "slot_gold": [int]}}.
 
-
-def score_locale(golds: Sequence[Any], preds: Sequence[Any], z: float = 1.96) -> dict[str, Any]:
-    """Scores of one group of utterances. golds: objects with .intent and .slots (MassiveExample);
-    preds: objects with .intent and .slots (NLUPrediction)."""
-    from seqeval.metrics import f1_score
+    golds: objects with .id, .locale, .intent, .slots (MassiveExample); preds: objects with .intent
+    and .slots (NLUPrediction). Predictions without a `slots` attribute (an intent classifier) give
+    only "id" and "intent_ok". Slot counts are spans as seqeval finds them (`get_entities` over each
+    utterance's BIO tags; a span is correct when its label, start and end all match), so their sums
+    give seqeval's micro F1 (`micro_f1`).
+    """
     from seqeval.metrics.sequence_labeling import get_entities
 
     if len(golds) != len(preds):
         raise ValueError(f"{len(golds)} gold examples but {len(preds)} predictions")
     if not golds:
         raise ValueError("cannot score an empty set of examples")
-    gold_bio, pred_bio = [], []
-    num_intent_correct = num_exact = num_words = 0
+    with_slots = all(hasattr(pred, "slots") for pred in preds)
+    records: dict[str, dict[str, list]] = {}
     for gold, pred in zip(golds, preds):
-        pred_labels = align_labels(pred.slots, len(gold.slots))
-        gold_tags, pred_tags = to_bio(gold.slots), to_bio(pred_labels)
-        gold_bio.append(gold_tags)
-        pred_bio.append(pred_tags)
+        columns = records.setdefault(gold.locale, {name: [] for name in RECORD_FIELDS if with_slots or name in INTENT_FIELDS})
         intent_ok = pred.intent == gold.intent
-        num_intent_correct += intent_ok
-        num_exact += intent_ok and pred_labels == list(gold.slots)
-        num_words += len(gold.slots)
-    n = len(golds)
-    gold_spans = {(i, *e) for i, tags in enumerate(gold_bio) for e in get_entities(tags)}
-    pred_spans = {(i, *e) for i, tags in enumerate(pred_bio) for e in get_entities(tags)}
-    # seqeval warns and returns 0 when there are no spans at all (as the official scorer reports).
-    import warnings
+        columns["id"].append(str(gold.id))
+        columns["intent_ok"].append(int(intent_ok))
+        if with_slots:
+            pred_labels = align_labels(pred.slots, len(gold.slots))
+            gold_spans = set(get_entities(to_bio(gold.slots)))
+            pred_spans = set(get_entities(to_bio(pred_labels)))
+            columns["em"].append(int(intent_ok and pred_labels == list(gold.slots)))
+            columns["slot_tp"].append(len(gold_spans & pred_spans))
+            columns["slot_pred"].append(len(pred_spans))
+            columns["slot_gold"].append(len(gold_spans))
+    return records
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        slot_f1 = float(f1_score(gold_bio, pred_bio))
-    em, intent_acc = num_exact / n, num_intent_correct / n
+
+def _id_order(ids: Any) -> list[str]:
+    """Distinct ids in a fixed order (numeric order for MASSIVE's digit strings), so that a seed picks
+    the same ids whatever order the data came in."""
+    return sorted(set(ids), key=lambda i: (len(i), i))
+
+
+def _sums_by_id(records: Mapping[str, Mapping[str, list]], ids: list[str], columns: Sequence[str]):
+    """[ids, locales, columns + 1] array: for each id and locale, the sum of each column over the
+    locale's utterances with that id, and (last) how many there are."""
+    import numpy as np
+
+    index = {i: k for k, i in enumerate(ids)}
+    sums = np.zeros((len(ids), len(records), len(columns) + 1))
+    for loc, cols in enumerate(records.values()):
+        rows = np.array([index[i] for i in cols["id"]], dtype=np.int64)
+        for c, name in enumerate(columns):
+            np.add.at(sums[:, loc, c], rows, np.asarray(cols[name], dtype=np.float64))
+        np.add.at(sums[:, loc, -1], rows, 1.0)
+    return sums
+
+
+def _metric(totals: Any, columns: Sequence[str], metric: str) -> Any:
+    """A metric from summed columns (`_sums_by_id` summed or resampled over ids): [..., columns + 1] -> [...]."""
+    import numpy as np
+
+    def col(name: str) -> Any:
+        return totals[..., columns.index(name)]
+
+    if metric == "slot_f1":
+        return micro_f1(col("slot_tp"), col("slot_pred"), col("slot_gold"))
+    # A resample can miss every id a locale has only when locales hold different ids: undefined, NaN.
+    count = totals[..., -1]
+    return np.divide(col(METRIC_FIELDS[metric][0]), count, out=np.full(count.shape, np.nan), where=count > 0)
+
+
+def bootstrap_weights(num_ids: int, samples: int, seed: int) -> Any:
+    """[samples, num_ids] float array: how often each id is drawn in each resample of num_ids ids
+    with replacement (multinomial counts, the same as drawing indices)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(num_ids, np.full(num_ids, 1.0 / num_ids), size=samples).astype(np.float64)
+
+
+def _interval(values: Any, confidence: float) -> list[float]:
+    """Percentile interval of bootstrap values [samples, ...] along the first axis."""
+    import numpy as np
+
+    tail = 100.0 * (1.0 - confidence) / 2.0
+    low, high = np.nanpercentile(values, [tail, 100.0 - tail], axis=0)
+    return [float(low), float(high)]
+
+
+def ci_method(samples: int, confidence: float) -> str:
+    return (
+        f"percentile bootstrap, {confidence:.0%}: {samples} resamples of the test ids with replacement, the same "
+        "resampled ids in every locale (locales are translations of the same utterances, not independent "
+        "samples); the mean over locales is recomputed on each resample"
+    )
+
+
+def score_records(
+    records: Mapping[str, Mapping[str, list]], *, samples: int = 1000, seed: int = 0, confidence: float = 0.95
+) -> dict[str, Any]:
+    """Scores of `utterance_records` output: per locale and the unweighted mean over locales (every
+    locale counts the same, as in the MASSIVE paper), with bootstrap intervals over ids.
+
+    One set of resampled ids serves every locale and metric; utterances sharing an id (one per locale
+    in MASSIVE) are drawn together. A metric whose columns are missing (EM and slot F1 of an intent
+    classifier) is None, as is its interval.
+    Returns {"em", "intent_acc", "slot_f1", "em_ci", "intent_acc_ci", "slot_f1_ci", "num_examples",
+    "num_ids", "per_locale": {locale: {metrics, their "_ci", "n", and with slots "num_gold_spans",
+    "num_pred_spans", "num_correct_spans"}}, "ci_method"}.
+    """
+    import numpy as np
+
+    if not records:
+        raise ValueError("cannot score an empty set of examples")
+    metrics = [m for m, cols in METRIC_FIELDS.items() if all(c in r for r in records.values() for c in cols)]
+    columns = [c for m in metrics for c in METRIC_FIELDS[m]]
+    ids = _id_order(i for r in records.values() for i in r["id"])
+    sums = _sums_by_id(records, ids, columns)
+    totals = sums.sum(axis=0)  # [locales, columns + 1]
+    resampled = np.tensordot(bootstrap_weights(len(ids), samples, seed), sums, axes=(1, 0))  # [samples, locales, columns + 1]
+    per_locale: dict[str, Any] = {loc: {"n": int(totals[k, -1])} for k, loc in enumerate(records)}
+    out: dict[str, Any] = {}
+    for metric in METRIC_FIELDS:
+        if metric not in metrics:
+            out[metric], out[f"{metric}_ci"] = None, None
+            for s in per_locale.values():
+                s[metric], s[f"{metric}_ci"] = None, None
+            continue
+        point, boot = _metric(totals, columns, metric), _metric(resampled, columns, metric)
+        for k, s in enumerate(per_locale.values()):
+            s[metric], s[f"{metric}_ci"] = float(point[k]), _interval(boot[:, k], confidence)
+        out[metric], out[f"{metric}_ci"] = float(point.mean()), _interval(boot.mean(axis=1), confidence)
+    if "slot_f1" in metrics:
+        for k, s in enumerate(per_locale.values()):
+            s["num_gold_spans"], s["num_pred_spans"], s["num_correct_spans"] = (
+                int(totals[k, columns.index(c)]) for c in ("slot_gold", "slot_pred", "slot_tp")
+            )
+    out["num_examples"] = int(totals[:, -1].sum())
+    out["num_ids"] = len(ids)
+    out["per_locale"] = per_locale
+    out["ci_method"] = ci_method(samples, confidence)
+    return out
+
+
+def score(
+    golds: Sequence[Any], preds: Sequence[Any], *, samples: int = 1000, seed: int = 0, confidence: float = 0.95
+) -> dict[str, Any]:
+    """`score_records(utterance_records(golds, preds))`: per-locale scores (grouped by gold `.locale`),
+    their unweighted mean, and bootstrap intervals over ids."""
+    return score_records(utterance_records(golds, preds), samples=samples, seed=seed, confidence=confidence)
+
+
+def score_locale(golds: Sequence[Any], preds: Sequence[Any]) -> dict[str, Any]:
+    """Point scores of one pool of utterances (all locales together), without intervals: fine-tuning's
+    dev scoring, which sums the counts over ranks. Returns {"em", "intent_acc", "slot_f1", "n",
+    "num_gold_spans", "num_pred_spans", "num_correct_spans"}."""
+    records = utterance_records(golds, preds).values()
+    total = {name: sum(sum(r[name]) for r in records) for name in RECORD_FIELDS[1:]}
+    n = len(golds)
     return {
-        "em": em,
-        "intent_acc": intent_acc,
-        "slot_f1": slot_f1,
+        "em": total["em"] / n,
+        "intent_acc": total["intent_ok"] / n,
+        "slot_f1": float(micro_f1(total["slot_tp"], total["slot_pred"], total["slot_gold"])),
         "n": n,
-        "num_words": num_words,
-        "num_gold_spans": len(gold_spans),
-        "num_pred_spans": len(pred_spans),
-        "num_correct_spans": len(gold_spans & pred_spans),
-        "em_ci": list(normal_interval(em, n, z)),
-        "intent_acc_ci": list(normal_interval(intent_acc, n, z)),
-        "slot_f1_ci": list(normal_interval(slot_f1, num_words, z)),
+        "num_gold_spans": total["slot_gold"],
+        "num_pred_spans": total["slot_pred"],
+        "num_correct_spans": total["slot_tp"],
     }
 
 
-def score(golds: Sequence[Any], preds: Sequence[Any], z: float = 1.96) -> dict[str, Any]:
-    """Per-locale scores (grouped by gold `.locale`) and their unweighted mean with intervals.
+def paired_difference(
+    records_a: Mapping[str, Mapping[str, list]],
+    records_b: Mapping[str, Mapping[str, list]],
+    *,
+    samples: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> dict[str, Any]:
+    """B - A on the same utterances: for each metric both have, the difference of the unweighted means
+    over locales and per locale, with bootstrap intervals over ids (the same resampled ids for A and
+    B, so the comparison is paired: what both get right or wrong cancels out).
 
-    Returns {"em", "intent_acc", "slot_f1", "em_ci", "intent_acc_ci", "slot_f1_ci", "num_examples",
-    "per_locale": {locale: score_locale(...)}, "ci_method"}.
+    records_a, records_b: `utterance_records(golds, preds)` of two models, or the "records" of two
+    `evaluate massive` / `evaluate baseline` results; they must cover the same ids in the same locales.
+    Returns {"metrics": {metric: {"a", "b", "diff", "diff_ci", "per_locale": {locale: {"a", "b", "diff",
+    "diff_ci"}}}}, "locales", "num_ids", "ci_method"}.
     """
-    if len(golds) != len(preds):
-        raise ValueError(f"{len(golds)} gold examples but {len(preds)} predictions")
-    if not golds:
-        raise ValueError("cannot score an empty set of examples")
-    groups: dict[str, tuple[list[Any], list[Any]]] = {}
-    for gold, pred in zip(golds, preds):
-        g, p = groups.setdefault(getattr(gold, "locale", "all"), ([], []))
-        g.append(gold)
-        p.append(pred)
-    per_locale = {loc: score_locale(g, p, z) for loc, (g, p) in groups.items()}
+    import numpy as np
+
+    if set(records_a) != set(records_b):
+        raise ValueError(f"A has locales {sorted(records_a)} but B has {sorted(records_b)}")
+    for loc in records_a:
+        if sorted(records_a[loc]["id"]) != sorted(records_b[loc]["id"]):
+            raise ValueError(
+                f"{loc}: A and B were scored on different utterances; score both with the same "
+                "massive.seed and max_examples"
+            )
+    records_b = {loc: records_b[loc] for loc in records_a}  # the same locale order
+    metrics = [
+        m
+        for m, cols in METRIC_FIELDS.items()
+        if all(c in r for records in (records_a, records_b) for r in records.values() for c in cols)
+    ]
+    columns = [c for m in metrics for c in METRIC_FIELDS[m]]
+    ids = _id_order(i for r in records_a.values() for i in r["id"])
+    weights = bootstrap_weights(len(ids), samples, seed)
+    values: dict[str, list[Any]] = {m: [] for m in metrics}  # per model: (point [locales], bootstrap [samples, locales])
+    for records in (records_a, records_b):
+        sums = _sums_by_id(records, ids, columns)
+        totals, resampled = sums.sum(axis=0), np.tensordot(weights, sums, axes=(1, 0))
+        for m in metrics:
+            values[m].append((_metric(totals, columns, m), _metric(resampled, columns, m)))
     out: dict[str, Any] = {}
-    for metric, size in (("em", "n"), ("intent_acc", "n"), ("slot_f1", "num_words")):
-        values = [(s[metric], s[size]) for s in per_locale.values()]
-        out[metric] = sum(v for v, _ in values) / len(values)
-        out[f"{metric}_ci"] = list(mean_interval(values, z))
-    out["num_examples"] = len(golds)
-    out["per_locale"] = per_locale
-    out["ci_method"] = CI_METHOD
-    return out
+    for m, ((point_a, boot_a), (point_b, boot_b)) in values.items():
+        diff = boot_b - boot_a
+        out[m] = {
+            "a": float(point_a.mean()),
+            "b": float(point_b.mean()),
+            "diff": float(point_b.mean() - point_a.mean()),
+            "diff_ci": _interval(diff.mean(axis=1), confidence),
+            "per_locale": {
+                loc: {
+                    "a": float(point_a[k]),
+                    "b": float(point_b[k]),
+                    "diff": float(point_b[k] - point_a[k]),
+                    "diff_ci": _interval(diff[:, k], confidence),
+                }
+                for k, loc in enumerate(records_a)
+            },
+        }
+    return {"metrics": out, "locales": list(records_a), "num_ids": len(ids), "ci_method": ci_method(samples, confidence)}
 
 
 # ----------------------------------------------------------------------------- predictors
@@ -323,8 +488,40 @@ def predict_all(predictor: Predictor, examples: Sequence[Any], batch_size: int, 
 # ----------------------------------------------------------------------------- the command
 
 
-def load_split(source: str, locales: Sequence[str], split: str, max_examples: int | None):
-    """(MassiveData, {locale: [examples of the split, first max_examples]})."""
+def sample_shared_ids(per_locale: Mapping[str, Sequence[Any]], n: int | None, seed: int) -> list[str]:
+    """`n` ids drawn at random (seeded) from the ids that every locale's examples have, in id order;
+    all of them when n is 0, None or at least their number.
+
+    MASSIVE is parallel across locales (an id is one utterance and its translations), so scoring the
+    same ids in every locale makes locales comparable and lets a bootstrap resample ids jointly. The
+    draw depends only on the set of shared ids, n and seed, not on the order of the examples.
+    """
+    if not per_locale:
+        raise ValueError("no locales to sample ids from")
+    shared: set[str] | None = None
+    for locale, examples in per_locale.items():
+        ids = [str(ex.id) for ex in examples]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"{locale}: duplicate ids; MASSIVE ids are unique within a locale and partition")
+        shared = set(ids) if shared is None else shared & set(ids)
+    candidates = _id_order(shared or ())
+    if not candidates:
+        raise ValueError(f"the locales {', '.join(per_locale)} have no id in common")
+    if not n or n >= len(candidates):
+        return candidates
+    chosen = set(random.Random(seed).sample(candidates, n))
+    return [i for i in candidates if i in chosen]
+
+
+def select_ids(examples: Sequence[Any], ids: Sequence[str]) -> list[Any]:
+    """The examples with these ids, in the order of `ids`."""
+    by_id = {str(ex.id): ex for ex in examples}
+    return [by_id[i] for i in ids]
+
+
+def load_split(source: str, locales: Sequence[str], split: str, max_examples: int | None, seed: int = 0):
+    """(MassiveData, {locale: examples}): the examples of `split` with the ids of
+    `sample_shared_ids(..., max_examples, seed)`, the same ids in every locale, in id order."""
     from data_prep.massive import load_massive
     from launch.config import resolve_data_path
 
@@ -333,11 +530,11 @@ def load_split(source: str, locales: Sequence[str], split: str, max_examples: in
     wanted = list(locales) or list(data.locales)
     per_locale = {}
     for loc in wanted:
-        examples = data.examples(locale=loc, partition=split)
-        if not examples:
+        per_locale[loc] = data.examples(locale=loc, partition=split)
+        if not per_locale[loc]:
             raise FileNotFoundError(f"{path}: no {split} examples for locale {loc}; available locales: {', '.join(data.locales)}")
-        per_locale[loc] = examples[:max_examples] if max_examples else examples
-    return data, per_locale
+    ids = sample_shared_ids(per_locale, max_examples, seed)
+    return data, {loc: select_ids(examples, ids) for loc, examples in per_locale.items()}
 
 
 def evaluate_massive(cfg, model_dir: str | Path, out_dir: str | Path, name: str = "massive") -> dict[str, Any]:
@@ -346,7 +543,7 @@ def evaluate_massive(cfg, model_dir: str | Path, out_dir: str | Path, name: str 
 
     mcfg = cfg.massive
     started = time.perf_counter()
-    data, per_locale = load_split(mcfg.data, mcfg.locales, mcfg.split, mcfg.max_examples)
+    data, per_locale = load_split(mcfg.data, mcfg.locales, mcfg.split, mcfg.max_examples, mcfg.seed)
     predictor = load_predictor(
         model_dir,
         device=cfg.device,
@@ -358,14 +555,17 @@ def evaluate_massive(cfg, model_dir: str | Path, out_dir: str | Path, name: str 
     )
     golds = [ex for examples in per_locale.values() for ex in examples]
     preds = predict_all(predictor, golds, mcfg.batch_size, desc=f"massive {Path(model_dir).name}")
+    records = utterance_records(golds, preds)
     result = {
         "kind": "massive",
         "model": str(model_dir),
         "predictor": type(predictor).__name__,
         "split": mcfg.split,
-        **score(golds, preds, cfg.confidence_z),
+        **score_records(records, samples=cfg.bootstrap_samples, seed=mcfg.seed, confidence=cfg.confidence),
         "elapsed_s": round(time.perf_counter() - started, 3),
         "config": section_dict(cfg, "massive"),
+        # Last, after what a reader looks for: what `evaluate compare` pairs up.
+        "records": records,
     }
     write_massive_outputs(result, Path(out_dir), name)
     return result
@@ -374,8 +574,8 @@ def evaluate_massive(cfg, model_dir: str | Path, out_dir: str | Path, name: str 
 def massive_markdown(result: dict[str, Any]) -> str:
     from evaluation.plots import markdown_table
 
-    def ci(pair: Sequence[float]) -> str:
-        return f"[{pair[0]:.3f}, {pair[1]:.3f}]"
+    def ci(pair: Sequence[float] | None) -> str | None:
+        return None if pair is None else f"[{pair[0]:.3f}, {pair[1]:.3f}]"
 
     rows = [
         [loc, s["n"], s["em"], ci(s["em_ci"]), s["intent_acc"], ci(s["intent_acc_ci"]), s["slot_f1"], ci(s["slot_f1_ci"])]
@@ -393,7 +593,8 @@ def massive_markdown(result: dict[str, Any]) -> str:
             ci(result["slot_f1_ci"]),
         ]
     )
-    header = ["locale", "n", "EM", "EM 95% CI", "intent acc", "intent 95% CI", "slot F1", "slot F1 95% CI"]
+    level = f"{result['config']['confidence']:.0%}"
+    header = ["locale", "n", "EM", f"EM {level} CI", "intent acc", f"intent {level} CI", "slot F1", f"slot F1 {level} CI"]
     title = f"# MASSIVE {result['split']}: {result['model']}\n\nPredictor: {result['predictor']}. Intervals: {result['ci_method']}.\n\n"
     return title + markdown_table(header, rows)
 
@@ -426,13 +627,20 @@ def register_evaluate(sub: argparse._SubParsersAction) -> None:
         "massive",
         help="MASSIVE exact match, intent accuracy and slot F1 per locale (official scoring)",
         description="Predict MASSIVE with a model directory (seq2seq HF model, encoder NLU model, or ONNX "
-        "export) and score it like the official MASSIVE scorer: per locale and the mean over "
-        "locales, with 95% intervals. Writes NAME.json, NAME.md and NAME_em.png into --out.",
+        "export) and score it like the official MASSIVE scorer on a seeded sample of test ids shared by "
+        "every locale: per locale and the mean over locales, with bootstrap intervals over ids. Writes "
+        "NAME.json (with per-utterance records for `evaluate compare`), NAME.md and NAME_em.png into --out.",
     )
     add_common_arguments(p, default_name="massive")
     p.add_argument("--locales", nargs="+", default=None, help="locales to score (default: massive.locales, empty = all)")
     p.add_argument("--split", choices=["train", "dev", "test"], default=None, help="partition (default: massive.split = test)")
-    p.add_argument("--max-examples", type=int, default=None, help="first N utterances per locale (default: all)")
+    p.add_argument(
+        "--max-examples",
+        type=int,
+        default=None,
+        help="N test ids, a seeded sample shared by every locale (default: massive.max_examples; 0 = all)",
+    )
+    p.add_argument("--seed", type=int, default=None, help="seed of the sample of ids and of the bootstrap (default 0)")
     p.add_argument("--batch-size", type=int, default=None, help="utterances per predictor call (default 32)")
     p.set_defaults(func=run_massive)
 
@@ -440,7 +648,13 @@ def register_evaluate(sub: argparse._SubParsersAction) -> None:
 def run_massive(args: argparse.Namespace) -> int:
     from evaluation.cli import run_common
 
-    flags = {"locales": args.locales, "split": args.split, "max_examples": args.max_examples, "batch_size": args.batch_size}
+    flags = {
+        "locales": args.locales,
+        "split": args.split,
+        "max_examples": args.max_examples,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+    }
     return run_common(args, "massive", flags, evaluate_massive, lambda result: (
         f"MASSIVE {result['split']} ({len(result['per_locale'])} locales, {result['num_examples']} utterances): "
         f"EM {result['em']:.4f}  intent acc {result['intent_acc']:.4f}  slot F1 {result['slot_f1']:.4f}"))

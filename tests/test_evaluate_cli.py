@@ -25,7 +25,7 @@ def test_help_lists_every_evaluation_and_option():
     parser = build_parser()
     sub = parser._subparsers._group_actions[0].choices["evaluate"]._subparsers._group_actions[0].choices
     for name, options in {
-        "massive": ["--model", "--out", "--run-dir", "--preset", "--name", "--locales", "--split", "--max-examples", "--batch-size"],
+        "massive": ["--model", "--out", "--run-dir", "--preset", "--name", "--locales", "--split", "--max-examples", "--seed", "--batch-size"],
         "icl": ["--shots", "--demo-source", "--no-clm", "--max-examples"],
         "translation": ["--directions", "--no-clm", "--max-examples"],
     }.items():
@@ -118,13 +118,15 @@ def check_massive_json(path, locales, n):
             assert 0.0 <= s[f"{metric}_ci"][0] <= s[metric] <= s[f"{metric}_ci"][1] <= 1.0
     for metric in ("em", "intent_acc", "slot_f1"):
         assert result[metric] == pytest.approx(sum(s[metric] for s in result["per_locale"].values()) / len(locales))
-    assert result["num_examples"] == n * len(locales)
+    assert result["num_examples"] == n * len(locales) and result["num_ids"] == n
+    # Per-utterance records (what a paired comparison needs): the same ids in every locale.
+    ids = result["records"][locales[0]]["id"]
+    assert len(ids) == n and all(result["records"][loc]["id"] == ids for loc in locales)
     return result
 
 
 def test_evaluate_massive_seq2seq_end_to_end(tiny_teacher_dir, massive_dir, tmp_path, capsys):
-    from data_prep.massive import load_massive
-    from evaluation.massive import Seq2SeqPredictor, score
+    from evaluation.massive import Seq2SeqPredictor, load_split, score, utterance_records
 
     out = tmp_path / "eval"
     argv = ["evaluate", "massive", "--model", str(tiny_teacher_dir), "--out", str(out), "--name", "massive-teacher",
@@ -137,14 +139,15 @@ def test_evaluate_massive_seq2seq_end_to_end(tiny_teacher_dir, massive_dir, tmp_
     assert "| en-US | 4 |" in table and "| ja-JP | 4 |" in table and "**mean**" in table
     assert (out / "massive-teacher_em.png").read_bytes()[:4] == b"\x89PNG"
     # The command's numbers are the scorer's on the same greedy predictions, one utterance at a time.
-    data = load_massive(str(massive_dir), locales=["en-US", "ja-JP"], partitions=("test",))
-    golds = data.examples(locale="en-US", partition="test")[:4] + data.examples(locale="ja-JP", partition="test")[:4]
+    data, per_locale = load_split(str(massive_dir), ["en-US", "ja-JP"], "test", 4, seed=0)
+    golds = per_locale["en-US"] + per_locale["ja-JP"]
     predictor = Seq2SeqPredictor(tiny_teacher_dir, device="cpu", slot_labels=data.slot_types, intents=data.intents)
     preds = [predictor.predict_words([list(g.words)])[0] for g in golds]
     assert all(len(p.slots) == len(g.words) for p, g in zip(preds, golds))
     expected = score(golds, preds)
     for metric in ("em", "intent_acc", "slot_f1"):
         assert result[metric] == pytest.approx(expected[metric])
+    assert result["records"] == utterance_records(golds, preds)
 
 
 @pytest.fixture(scope="module")

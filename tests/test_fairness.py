@@ -78,6 +78,37 @@ def test_consistency_counts_changes_of_a_gender_sensitive_predictor():
     assert overall["slot_change_rate"] == 0.0  # mom -> dad is still a person
 
 
+@dataclass
+class GoldWithId(Gold):
+    id: str
+
+
+class RecordingPredictor(KeywordPredictor):
+    """KeywordPredictor that remembers the utterances it saw."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+        self.seen: list[list[str]] = []
+
+    def predict_words(self, batch: list[list[str]]) -> list[NLUPrediction]:
+        self.seen += batch
+        return super().predict_words(batch)
+
+
+def test_consistency_with_max_examples_scores_a_seeded_sample_not_the_first_n():
+    examples = [GoldWithId(["tell", "him", f"w{i}"], ["Other"] * 3, "calendar_set", str(i)) for i in range(40)]
+
+    def chosen(seed: int) -> list[str]:
+        predictor = RecordingPredictor()
+        result = counterfactual_consistency(predictor, {"en-US": examples}, batch_size=4, max_examples=5, seed=seed)
+        assert result["en-US"]["num_examples"] == 5
+        return sorted(words[2] for words in predictor.seen if words[1] == "him")
+
+    first = chosen(0)
+    assert first == chosen(0) and first != chosen(1)
+    assert first != sorted(f"w{i}" for i in range(5))
+
+
 def test_consistency_scores_hand_case():
     golds = [Gold(["a", "b"], ["Other", "x"], "i1"), Gold(["c"], ["y"], "i2")]
     original = [NLUPrediction("i1", ["Other", "x"]), NLUPrediction("i2", ["y"])]

@@ -217,6 +217,7 @@ def test_t5_sum_score_equals_the_models_own_loss(tiny_t5):
 def test_evaluate_icl_on_the_tiny_teacher_writes_results(tiny_teacher_dir, massive_dir, tmp_path):
     from evaluation.config import EvalConfig
     from evaluation.icl import evaluate_icl
+    from evaluation.massive import load_split
     from launch.config import load_config
 
     cfg = load_config(
@@ -234,9 +235,11 @@ def test_evaluate_icl_on_the_tiny_teacher_writes_results(tiny_teacher_dir, massi
             lo, hi = s["accuracy_ci"][k]
             assert 0.0 <= lo <= s["accuracy"][k] <= hi <= 1.0
     assert saved["accuracy"]["0"] == pytest.approx(sum(s["accuracy"]["0"] for s in saved["per_locale"].values()) / 2)
-    # The 2-shot prompt holds two demonstrations and the query; the first query of en-US is test id 0.
+    # The queries are the same 4 sampled test ids in both locales (massive.load_split's sample).
+    _, queries = load_split(str(massive_dir), ["en-US", "ja-JP"], "test", 4, seed=0)
+    # The 2-shot prompt holds two demonstrations and the query, the first query of en-US in id order.
     prompt = saved["example_prompts"]["en-US"]
-    assert prompt.count("Utterance:") == 3 and prompt.endswith("Utterance: wake me up at five am this week Intent:")
+    assert prompt.count("Utterance:") == 3 and prompt.endswith(f"Utterance: {queries['en-US'][0].utt} Intent:")
     assert saved["config"]["icl"]["normalize"] == "mean" and saved["clm_prompt"] is True
     assert result["accuracy"] == saved["accuracy"]
     assert (tmp_path / "icl-tiny.md").read_text().count("\n| ") >= 3

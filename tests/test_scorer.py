@@ -1,20 +1,36 @@
-"""MASSIVE scoring against hand-computed cases, the official scorer's own test cases, and seqeval."""
+"""MASSIVE scoring against hand-computed cases, the official scorer's own test cases, and seqeval;
+the shared sample of test ids, bootstrap intervals over ids, and paired comparisons."""
 
 from __future__ import annotations
 
-import math
+import random
 
+import numpy as np
 import pytest
 from seqeval.metrics import f1_score as seqeval_f1
 
 from data_prep.massive import MassiveExample, NLUPrediction, parse_annot_utt, parse_target
-from evaluation.massive import align_labels, mean_interval, normal_interval, score, score_locale, to_bio
+from evaluation.massive import (
+    align_labels,
+    bootstrap_weights,
+    load_split,
+    micro_f1,
+    paired_difference,
+    sample_shared_ids,
+    score,
+    score_locale,
+    score_records,
+    to_bio,
+    utterance_records,
+)
 
 
-def gold(slots: list[str], intent: str = "alarm_set", locale: str = "en-US", words: list[str] | None = None) -> MassiveExample:
+def gold(
+    slots: list[str], intent: str = "alarm_set", locale: str = "en-US", words: list[str] | None = None, id: str = "0"
+) -> MassiveExample:
     words = words or [f"w{i}" for i in range(len(slots))]
     return MassiveExample(
-        id="0", locale=locale, partition="test", scenario=intent.split("_")[0], intent=intent,
+        id=id, locale=locale, partition="test", scenario=intent.split("_")[0], intent=intent,
         utt=" ".join(words), annot_utt=" ".join(words), words=tuple(words), slots=tuple(slots),
     )  # fmt: skip
 
@@ -120,7 +136,7 @@ def test_cjk_character_splitting():
     assert slots == ["date", "date", "time", "time"] + ["Other"] * 4
     g = gold(slots, locale="zh-CN", words=words)
     s = score_locale([g], [pred(["date", "date", "time", "time"] + ["Other"] * 4)])
-    assert (s["num_gold_spans"], s["num_correct_spans"], s["num_words"], s["em"]) == (2, 2, 8, 1.0)
+    assert (s["num_gold_spans"], s["num_correct_spans"], s["em"]) == (2, 2, 1.0)
     # One run of `date` over all four slot characters: one predicted span, neither gold span.
     s = score_locale([g], [pred(["date"] * 4)])
     assert (s["num_pred_spans"], s["num_correct_spans"], s["em"]) == (1, 0, 0.0)
@@ -168,37 +184,21 @@ def test_slot_f1_equals_seqeval_and_a_hand_count():
     assert s["slot_f1"] == pytest.approx(expected)
 
 
-# ----------------------------------------------------------------------------- intervals and grouping
-
-
-def test_normal_interval_formula():
-    lo, hi = normal_interval(0.5, 100)
-    assert lo == pytest.approx(0.5 - 1.96 * 0.05) and hi == pytest.approx(0.5 + 1.96 * 0.05)
-    lo, hi = normal_interval(0.9, 400, z=2.0)
-    assert (lo, hi) == pytest.approx((0.9 - 2.0 * math.sqrt(0.09 / 400), 0.9 + 2.0 * math.sqrt(0.09 / 400)))
-    assert normal_interval(0.02, 10) == pytest.approx((0.0, 0.02 + 1.96 * math.sqrt(0.02 * 0.98 / 10)))
-    assert normal_interval(1.0, 50) == (1.0, 1.0)
-
-
-def test_mean_interval_treats_locales_as_independent():
-    lo, hi = mean_interval([(0.5, 100), (0.7, 200)])
-    se = math.sqrt(0.25 / 100 + 0.21 / 200) / 2
-    assert (lo, hi) == pytest.approx((0.6 - 1.96 * se, 0.6 + 1.96 * se))
+# ----------------------------------------------------------------------------- grouping
 
 
 def test_per_locale_scores_and_unweighted_mean():
-    golds = [gold(["date"], "a", "en-US")] * 3 + [gold(["date"], "a", "de-DE")]
+    golds = [gold(["date"], "a", "en-US", id=str(i)) for i in range(3)] + [gold(["date"], "a", "de-DE", id="0")]
     preds = [pred(["date"], "a"), pred(["date"], "b"), pred(["date"], "b"), pred(["date"], "a")]
     s = score(golds, preds)
     assert s["per_locale"]["en-US"]["intent_acc"] == pytest.approx(1 / 3)
     assert s["per_locale"]["de-DE"]["intent_acc"] == 1.0
     # Unweighted over locales, not pooled over utterances (which would give 0.5).
     assert s["intent_acc"] == pytest.approx((1 / 3 + 1) / 2)
-    assert s["num_examples"] == 4
-    lo, hi = s["per_locale"]["en-US"]["intent_acc_ci"]
-    assert (lo, hi) == pytest.approx(normal_interval(1 / 3, 3))
-    # slot F1's interval counts words, exact match's counts utterances
-    assert s["per_locale"]["en-US"]["num_words"] == 3
+    assert (s["num_examples"], s["num_ids"]) == (4, 3)
+    # de-DE has one utterance, right in every resample that draws it.
+    assert s["per_locale"]["de-DE"]["intent_acc_ci"] == [1.0, 1.0]
+    assert s["per_locale"]["en-US"]["n"] == 3
 
 
 def test_mismatched_lengths_and_empty_input_fail_loudly():
@@ -206,3 +206,171 @@ def test_mismatched_lengths_and_empty_input_fail_loudly():
         score([gold(["date"])], [pred(["date"]), pred(["date"])])
     with pytest.raises(ValueError, match="empty"):
         score([], [])
+
+
+# ----------------------------------------------------------------------------- slot F1 from span counts
+
+
+def random_slots(rng: random.Random, num_words: int) -> list[str]:
+    return [rng.choice(["Other", "Other", "date", "time", "place_name"]) for _ in range(num_words)]
+
+
+def test_slot_f1_from_counts_is_exactly_seqeval_on_the_sample_and_on_a_resample():
+    rng = random.Random(0)
+    gold_slots = [random_slots(rng, rng.randint(1, 8)) for _ in range(300)]
+    # Predictions of varying quality and length (some truncated or padded by the scorer).
+    pred_slots = [[s if rng.random() < 0.8 else rng.choice(["Other", "date", "time"]) for s in g][: rng.randint(0, 9)]
+                  for g in gold_slots]  # fmt: skip
+    golds = [gold(g, id=str(i)) for i, g in enumerate(gold_slots)]
+    preds = [pred(p) for p in pred_slots]
+    gold_bio = [to_bio(g) for g in gold_slots]
+    pred_bio = [to_bio(align_labels(p, len(g))) for g, p in zip(gold_slots, pred_slots)]
+    expected = seqeval_f1(gold_bio, pred_bio)
+    assert 0.3 < expected < 0.95
+    assert score_locale(golds, preds)["slot_f1"] == expected  # exactly, not approximately
+    # The pooled point scores of fine-tuning's dev evaluation are the scorer's.
+    per_locale = score(golds, preds)["per_locale"]["en-US"]
+    assert {k: per_locale[k] for k in score_locale(golds, preds)} == score_locale(golds, preds)
+
+    # One bootstrap resample: the F1 of its summed counts is seqeval's F1 of the resampled utterances.
+    counts = utterance_records(golds, preds)["en-US"]
+    weights = bootstrap_weights(len(golds), samples=1, seed=3)[0]
+    resampled = [i for i, w in enumerate(weights) for _ in range(int(w))]
+    sums = [float(np.dot(weights, counts[c])) for c in ("slot_tp", "slot_pred", "slot_gold")]
+    assert float(micro_f1(*sums)) == seqeval_f1([gold_bio[i] for i in resampled], [pred_bio[i] for i in resampled])
+    # seqeval's conventions when nothing is predicted or there is nothing to find.
+    assert float(micro_f1(0, 0, 3)) == 0.0 and float(micro_f1(0, 0, 0)) == 0.0
+
+
+# ----------------------------------------------------------------------------- shared ids
+
+
+class Ex:
+    def __init__(self, id: str) -> None:
+        self.id = id
+
+
+def test_sample_shared_ids_takes_ids_every_locale_has_seeded_and_independent_of_order():
+    per_locale = {"en-US": [Ex(str(i)) for i in range(100)], "de-DE": [Ex(str(i)) for i in range(5, 120)]}
+    ids = sample_shared_ids(per_locale, 20, seed=0)
+    assert len(ids) == 20 and set(ids) <= {str(i) for i in range(5, 100)}
+    assert ids == sorted(ids, key=int)  # id order
+    assert ids == sample_shared_ids({loc: list(reversed(exs)) for loc, exs in per_locale.items()}, 20, seed=0)
+    assert ids != sample_shared_ids(per_locale, 20, seed=1)
+    assert ids != [str(i) for i in range(5, 25)]  # not the first N
+    everything = [str(i) for i in range(5, 100)]
+    assert sample_shared_ids(per_locale, 0, 0) == sample_shared_ids(per_locale, None, 0) == everything
+    assert sample_shared_ids(per_locale, 1000, 0) == everything
+    with pytest.raises(ValueError, match="no id in common"):
+        sample_shared_ids({"en-US": [Ex("1")], "de-DE": [Ex("2")]}, 5, 0)
+    with pytest.raises(ValueError, match="duplicate ids"):
+        sample_shared_ids({"en-US": [Ex("1"), Ex("1")]}, 5, 0)
+
+
+def test_load_split_scores_the_same_random_ids_in_every_locale(massive_dir):
+    locales = ["en-US", "de-DE", "ja-JP"]
+    _, per_locale = load_split(str(massive_dir), locales, "test", 50, seed=0)
+    ids = [ex.id for ex in per_locale["en-US"]]
+    assert len(ids) == 50 and len(set(ids)) == 50
+    assert all([ex.id for ex in per_locale[loc]] == ids for loc in locales)
+    assert all(ex.locale == loc and ex.partition == "test" for loc in locales for ex in per_locale[loc])
+    # Not the first 50 utterances of the file, and another seed draws other ids.
+    _, everything = load_split(str(massive_dir), ["en-US"], "test", 0, seed=0)
+    assert ids != [ex.id for ex in everything["en-US"][:50]]
+    _, again = load_split(str(massive_dir), ["en-US"], "test", 50, seed=0)
+    assert [ex.id for ex in again["en-US"]] == ids
+    _, other = load_split(str(massive_dir), ["en-US"], "test", 50, seed=1)
+    assert [ex.id for ex in other["en-US"]] != ids
+    # MASSIVE test partitions are parallel: the whole partition is every id of every locale.
+    assert len(everything["en-US"]) == 2974
+
+
+# ----------------------------------------------------------------------------- bootstrap intervals
+
+
+def intent_records(locales: dict[str, list[int]]) -> dict[str, dict[str, list]]:
+    return {loc: {"id": [str(i) for i in range(len(ok))], "intent_ok": ok} for loc, ok in locales.items()}
+
+
+def bernoulli(n: int, p: float, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [int(rng.random() < p) for _ in range(n)]
+
+
+def test_bootstrap_interval_contains_the_estimate_and_narrows_with_more_ids():
+    widths = []
+    for n in (100, 400, 1600):
+        s = score_records(intent_records({"en-US": bernoulli(n, 0.7, 0), "de-DE": bernoulli(n, 0.6, 1)}), seed=0)
+        for scores in (s, *s["per_locale"].values()):
+            low, high = scores["intent_acc_ci"]
+            assert low < scores["intent_acc"] < high
+        widths.append(s["intent_acc_ci"][1] - s["intent_acc_ci"][0])
+        # Intent-only records: EM and slot F1 do not apply.
+        assert s["em"] is None and s["slot_f1_ci"] is None and s["per_locale"]["en-US"]["em_ci"] is None
+    assert widths[0] > widths[1] > widths[2]
+    # About 1.96 * 2 * sqrt(p (1 - p) / n) / sqrt(2) for two independent locales of 1600 ids.
+    assert widths[2] == pytest.approx(2 * 1.96 * np.sqrt((0.21 + 0.24) / 1600) / 2, rel=0.2)
+    # Seeded: the same records and seed give the same interval.
+    records = intent_records({"en-US": bernoulli(100, 0.7, 0)})
+    assert score_records(records, seed=5)["intent_acc_ci"] == score_records(records, seed=5)["intent_acc_ci"]
+
+
+def test_locales_are_resampled_together():
+    # Two locales with identical outcomes (perfectly correlated, as translations can be): the mean's
+    # interval is a single locale's, not narrower as it would be for independent locales.
+    ok = bernoulli(300, 0.7, 0)
+    s = score_records(intent_records({"en-US": ok, "de-DE": list(ok)}), seed=0)
+    assert s["intent_acc_ci"] == s["per_locale"]["en-US"]["intent_acc_ci"] == s["per_locale"]["de-DE"]["intent_acc_ci"]
+
+
+def test_bootstrap_weights_draw_n_ids_per_resample():
+    w = bootstrap_weights(50, samples=200, seed=0)
+    assert w.shape == (200, 50) and np.all(w.sum(axis=1) == 50)
+    assert np.array_equal(w, bootstrap_weights(50, samples=200, seed=0))
+    assert w.mean() == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------------------- paired comparison
+
+
+def noisy_predictions(golds: list[MassiveExample], p_right: float, seed: int) -> list[NLUPrediction]:
+    rng = random.Random(seed)
+    return [
+        pred([s if rng.random() < p_right else "Other" for s in g.slots], g.intent if rng.random() < p_right else "x")
+        for g in golds
+    ]
+
+
+def test_paired_difference_of_a_model_with_itself_is_exactly_zero():
+    rng = random.Random(0)
+    golds = [gold(random_slots(rng, 4), locale=loc, id=str(i)) for loc in ("en-US", "de-DE") for i in range(200)]
+    records = utterance_records(golds, noisy_predictions(golds, 0.7, 0))
+    paired = paired_difference(records, records)
+    assert set(paired["metrics"]) == {"em", "intent_acc", "slot_f1"}
+    for m in paired["metrics"].values():
+        assert m["diff"] == 0.0 and m["diff_ci"] == [0.0, 0.0]
+        assert all(v["diff"] == 0.0 and v["diff_ci"] == [0.0, 0.0] for v in m["per_locale"].values())
+
+
+def test_paired_difference_finds_a_better_model_and_refuses_different_ids():
+    rng = random.Random(0)
+    golds = [gold(random_slots(rng, 4), locale=loc, id=str(i)) for loc in ("en-US", "de-DE") for i in range(300)]
+    a = utterance_records(golds, noisy_predictions(golds, 0.6, 1))
+    b = utterance_records(golds, noisy_predictions(golds, 0.8, 2))
+    paired = paired_difference(a, b, seed=0)
+    sa, sb = score_records(a), score_records(b)
+    for metric, m in paired["metrics"].items():
+        assert (m["a"], m["b"]) == (sa[metric], sb[metric])
+        assert m["diff"] == pytest.approx(sb[metric] - sa[metric])
+        assert 0.0 < m["diff_ci"][0] < m["diff"] < m["diff_ci"][1]
+    # B - A and A - B mirror each other.
+    back = paired_difference(b, a, seed=0)["metrics"]["em"]
+    assert back["diff_ci"] == pytest.approx([-x for x in reversed(paired["metrics"]["em"]["diff_ci"])])
+    # An intent classifier against a full model: only intent accuracy is compared.
+    intent_only = {loc: {"id": r["id"], "intent_ok": r["intent_ok"]} for loc, r in b.items()}
+    assert set(paired_difference(a, intent_only)["metrics"]) == {"intent_acc"}
+    shifted = {loc: {**r, "id": [str(int(i) + 1) for i in r["id"]]} for loc, r in b.items()}
+    with pytest.raises(ValueError, match="different utterances"):
+        paired_difference(a, shifted)
+    with pytest.raises(ValueError, match="locales"):
+        paired_difference(a, {"en-US": b["en-US"]})
