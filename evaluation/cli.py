@@ -3,8 +3,9 @@
 Each module in EVALUATE_MODULES that is installed defines `register_evaluate(subparsers)` and adds its
 own `evaluate X` subcommand. They share the options added by `add_common_arguments` (--model, --out,
 --run-dir, --preset, --name, trailing dotted overrides of the `evaluate` config section) and resolve
-them with `resolve_common` (`run_common` runs a whole single-model command). Commands that compare several models (fairness, latency) read
-`--models NAME=DIR ...` with `parse_models`. Heavy libraries are imported only when a command runs.
+them with `resolve_common` (`run_common` runs a whole single-model command); `evaluate baseline`, which
+has no model, resolves the same config with `resolve_config`. Commands that compare several models
+(fairness, latency) read `--models NAME=DIR ...` with `parse_models`. Heavy libraries are imported only when a command runs.
 """
 
 from __future__ import annotations
@@ -22,13 +23,15 @@ EVALUATE_MODULES = (
     "evaluation.translation",  # evaluate translation
     "evaluation.fairness",  # evaluate fairness
     "evaluation.latency",  # evaluate latency
+    "evaluation.baseline",  # evaluate baseline
+    "evaluation.compare",  # evaluate compare
 )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "evaluate",
-        help="evaluate a model: MASSIVE, in-context learning, translation, fairness, latency",
+        help="evaluate a model: MASSIVE, in-context learning, translation, fairness, latency; baseline, compare",
         description="Evaluations of a model directory. Each writes JSON, a Markdown table and PNG charts "
         "into --out. Options of the `evaluate` config section are dotted overrides "
         "(`polyteacher config evaluate` lists them).",
@@ -57,20 +60,37 @@ def add_common_arguments(p: argparse.ArgumentParser, default_name: str) -> None:
     p.add_argument("overrides", nargs="*", help="dotted overrides of the evaluate section, e.g. icl.shots=[0,1]")
 
 
-def resolve_common(args: argparse.Namespace, section: str, flags: dict[str, Any]) -> tuple[Any, Path, Path]:
-    """(EvalConfig, model directory, output directory) from the common options.
+def resolve_config(args: argparse.Namespace, flags: dict[str, dict[str, Any]]) -> Any:
+    """The EvalConfig of --preset, the command's own options and the trailing dotted overrides;
+    checks --name.
 
-    `flags` holds the command's own options ({config key: value or None}); they override the preset
-    and are overridden by trailing dotted overrides.
+    `flags` holds the command's own options ({section: {config key: value or None}}); they override
+    the preset and are overridden by trailing dotted overrides.
     """
     from evaluation.config import EvalConfig
-    from launch.config import ConfigError, load_config
+    from launch.config import load_config
+
+    base = {section: {key: value for key, value in values.items() if value is not None} for section, values in flags.items()}
+    cfg = load_config(EvalConfig, section="evaluate", preset=args.preset, overrides=args.overrides, base=base)
+    check_name(args.name)
+    return cfg
+
+
+def check_name(name: str) -> None:
+    """--name is a base name for files in --out, never a path."""
+    from launch.config import ConfigError
+
+    if "/" in name or name in ("", ".", ".."):
+        raise ConfigError(f"--name {name!r} must be a plain file name without '/'")
+
+
+def resolve_common(args: argparse.Namespace, section: str, flags: dict[str, Any]) -> tuple[Any, Path, Path]:
+    """(EvalConfig, model directory, output directory) from the common options; `flags` are the
+    command's own options of config section `section` (see `resolve_config`)."""
+    from launch.config import ConfigError
     from launch.fsutil import safe_path
 
-    base = {section: {key: value for key, value in flags.items() if value is not None}}
-    cfg = load_config(EvalConfig, section="evaluate", preset=args.preset, overrides=args.overrides, base=base)
-    if "/" in args.name or args.name in ("", ".", ".."):
-        raise ConfigError(f"--name {args.name!r} must be a plain file name without '/'")
+    cfg = resolve_config(args, {section: flags})
     if args.run_dir:
         run_dir = Path(args.run_dir)
         model_dir = Path(args.model) if Path(args.model).is_absolute() else safe_path(run_dir, args.model)

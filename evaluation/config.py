@@ -1,4 +1,5 @@
-"""EvalConfig: the `evaluate` section of a preset (MASSIVE scoring, in-context learning, translation).
+"""EvalConfig: the `evaluate` section of a preset (MASSIVE scoring, in-context learning, translation,
+the classical baseline).
 
 Each `polyteacher evaluate X` command reads `EvalConfig` with `load_config(EvalConfig, "evaluate",
 preset, overrides)`; its flags (`--locales`, `--max-examples`, ...) are shorthands for the dotted
@@ -175,6 +176,17 @@ class TranslationConfig:
 
 
 @dataclass
+class BaselineConfig:
+    max_train: Optional[int] = None
+    """Train utterances per locale for the classifier: a random sample (massive.seed) of the locale's
+    train partition; 0 or null for all of them."""
+
+    def validate(self) -> None:
+        if self.max_train is not None and self.max_train < 0:
+            raise ConfigError(f"baseline.max_train must be >= 0 (0 = all) or null, got {self.max_train}")
+
+
+@dataclass
 class EvalConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where PyTorch models run; auto picks cuda when available."""
@@ -190,6 +202,8 @@ class EvalConfig:
     """`evaluate icl`: k-shot intent classification by rank classification."""
     translation: TranslationConfig = field(default_factory=TranslationConfig)
     """`evaluate translation`: 1-shot FLORES-200 translation, chrF++ and spBLEU."""
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    """`evaluate baseline`: the TF-IDF + logistic regression intent classifier (scored on `massive`'s ids)."""
 
     def validate(self) -> None:
         if not 0 < self.confidence < 1:
@@ -199,7 +213,7 @@ class EvalConfig:
 
 
 # The sections of EvalConfig; its other fields are shared by every evaluation.
-SECTIONS = ("massive", "icl", "translation")
+SECTIONS = ("massive", "icl", "translation", "baseline")
 
 
 def section_dict(cfg: EvalConfig, section: str) -> dict:

@@ -20,12 +20,14 @@ def test_help_lists_every_evaluation_and_option():
     out = subprocess.run(
         [sys.executable, "-m", "launch.cli", "evaluate", "--help"], capture_output=True, text=True, check=True
     ).stdout
-    for name in ("massive", "icl", "translation"):
+    for name in ("massive", "icl", "translation", "baseline", "compare"):
         assert name in out
     parser = build_parser()
     sub = parser._subparsers._group_actions[0].choices["evaluate"]._subparsers._group_actions[0].choices
     for name, options in {
         "massive": ["--model", "--out", "--run-dir", "--preset", "--name", "--locales", "--split", "--max-examples", "--seed", "--batch-size"],
+        "baseline": ["--out", "--preset", "--name", "--locales", "--split", "--max-examples", "--seed", "--max-train"],
+        "compare": ["--out", "--name", "--samples", "--seed", "--confidence"],
         "icl": ["--shots", "--demo-source", "--no-clm", "--max-examples"],
         "translation": ["--directions", "--no-clm", "--max-examples"],
     }.items():
@@ -37,7 +39,7 @@ def test_help_lists_every_evaluation_and_option():
 
 
 def test_cli_import_stays_light():
-    code = "import sys, launch.cli; launch.cli.build_parser(); print(sorted(m for m in ('torch', 'transformers', 'datasets', 'seqeval', 'sacrebleu', 'matplotlib') if m in sys.modules))"
+    code = "import sys, launch.cli; launch.cli.build_parser(); print(sorted(m for m in ('torch', 'transformers', 'datasets', 'seqeval', 'sacrebleu', 'matplotlib', 'sklearn') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
 
