@@ -88,7 +88,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("export_teacher", "onnx/teacher-int8", ("teacher_ft",), "cli", "ONNX export of the teacher, int8"),
     Stage("export_nlu", "onnx/nlu-int8", ("student_nlu",), "cli", "ONNX export of the encoder NLU student, int8"),
     Stage("eval_massive", "eval/massive", ("teacher_ft", "student_ft", "student_kd_ft", "export", "export_nlu"),
-          "cli", "MASSIVE per locale: teacher, student, student int8, ..."),
+          "cli", "MASSIVE per locale: teacher, student, student int8, ..., and the TF-IDF baseline"),
     Stage("eval_icl", "eval/icl", ("teacher_indomain",), "cli", "k-shot intent classification by prompting"),
     Stage("eval_translation", "eval/translation", ("teacher_indomain",), "cli", "1-shot FLORES-200 translation"),
     Stage("eval_fairness", "eval/fairness", ("teacher_ft", "student_ft", "student_kd_ft"), "cli",
@@ -145,8 +145,11 @@ def stage_commands(stage: Stage, run_dir: Path, preset: str | None, cfg: Pipelin
         models = {"teacher": run_dir / "teacher-ft", "student": run_dir / "student-ft",
                   "student_int8": run_dir / "onnx" / "int8", "student_fp32": run_dir / "onnx" / "fp32",
                   "student_kd": run_dir / "student-kd-ft", "student_nlu_int8": run_dir / "onnx" / "nlu-int8"}
+        # The classical reference row of the MASSIVE tables, scored on the same ids as the models.
+        baseline = ["evaluate", "baseline", "--locales", *cfg.massive_locales, "--max-examples", n_eval,
+                    "--out", str(tmp_out / "baseline_tfidf")]
         return [["evaluate", "massive", "--model", str(d), "--locales", *cfg.massive_locales,
-                 "--max-examples", n_eval, "--out", str(tmp_out / name)] for name, d in models.items()]
+                 "--max-examples", n_eval, "--out", str(tmp_out / name)] for name, d in models.items()] + [baseline]
     if stage.name == "eval_icl":
         return [["evaluate", "icl", "--model", str(run_dir / "teacher-indomain"), "--locales", *cfg.icl_locales,
                  "--shots", *map(str, cfg.icl_shots), "--max-examples", str(cfg.icl_max_examples),
