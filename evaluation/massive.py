@@ -393,7 +393,7 @@ class Seq2SeqPredictor:
     ) -> None:
         """`max_new_tokens`: a fixed generation budget (latency timing); None bounds each batch by
         its longest well-formed target instead."""
-        from data_prep.massive import model_intent_first
+        from data_prep.massive import has_label_tokens, label_token, model_intent_first
 
         self.model, self.tokenizer = load_seq2seq(model_dir, device, dtype)
         self.max_new_tokens = max_new_tokens
@@ -403,8 +403,9 @@ class Seq2SeqPredictor:
             return max(lengths, default=default)
 
         # Upper bound of a well-formed target: one label per word plus the intent plus eos.
-        self.tokens_per_word = longest([OUTSIDE, *slot_labels], 4)
-        self.intent_tokens = longest(intents, 8)
+        spell = label_token if has_label_tokens(self.tokenizer) else str
+        self.tokens_per_word = longest([spell(x) for x in [OUTSIDE, *slot_labels]], 4)
+        self.intent_tokens = longest([spell(x) for x in intents], 8)
         self.margin = max_new_tokens_margin
         self.intent_first = model_intent_first(self.model.config)
 
