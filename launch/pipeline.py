@@ -52,6 +52,9 @@ class PipelineConfig:
     """Test utterances with gendered words per locale for counterfactual consistency."""
     latency_max_examples: int = 50
     """Utterances timed per model for latency (batch 1, one thread)."""
+    scratch_size: str = "tiny"
+    """Teacher size preset of the from-scratch reference (`finetune --model scratch:SIZE`, the stage
+    scratch_ft): the teacher's own size, fine-tuned with the same budget, shows what pretraining adds."""
     timeout_minutes: int = 120
     """Wall-clock limit per stage; a stage that runs longer is stopped and reported."""
 
@@ -81,13 +84,16 @@ STAGES: tuple[Stage, ...] = (
     Stage("student", "student", ("teacher_indomain",), "launch", "distillation with CRR (CDA + perturbation)"),
     Stage("student_kd", "student-kd", ("teacher_indomain",), "launch", "plain-KD distillation (no CRR)"),
     Stage("teacher_ft", "teacher-ft", ("teacher_indomain",), "launch", "MASSIVE fine-tuning of the teacher"),
+    Stage("scratch_ft", "scratch-ft", ("data",), "launch",
+          "MASSIVE fine-tuning of a teacher-size model from random weights (what pretraining adds)"),
     Stage("student_ft", "student-ft", ("student",), "launch", "MASSIVE fine-tuning of the CRR student"),
     Stage("student_kd_ft", "student-kd-ft", ("student_kd",), "launch", "MASSIVE fine-tuning of the plain-KD student"),
     Stage("student_nlu", "student-nlu", ("student",), "launch", "encoder-only NLU fine-tuning of the CRR student"),
     Stage("export", "onnx/int8", ("student_ft",), "cli", "ONNX export of the student, fp32 and int8"),
     Stage("export_teacher", "onnx/teacher-int8", ("teacher_ft",), "cli", "ONNX export of the teacher, int8"),
     Stage("export_nlu", "onnx/nlu-int8", ("student_nlu",), "cli", "ONNX export of the encoder NLU student, int8"),
-    Stage("eval_massive", "eval/massive", ("teacher_ft", "student_ft", "student_kd_ft", "export", "export_nlu"),
+    Stage("eval_massive", "eval/massive",
+          ("teacher_ft", "scratch_ft", "student_ft", "student_kd_ft", "export", "export_nlu"),
           "cli", "MASSIVE per locale: teacher, student, student int8, ..., and the TF-IDF baseline"),
     Stage("eval_icl", "eval/icl", ("teacher_indomain",), "cli", "k-shot intent classification by prompting"),
     Stage("eval_translation", "eval/translation", ("teacher_indomain",), "cli", "1-shot FLORES-200 translation"),
@@ -126,12 +132,14 @@ def stage_commands(stage: Stage, run_dir: Path, preset: str | None, cfg: Pipelin
         return [launch(n_other, "distill", "--run-dir", r, "--teacher", str(run_dir / "teacher-indomain"),
                        "--out", "student-kd", *p, "cda=none", "perturb=none")]
     ft = {"teacher_ft": ("teacher-indomain", "teacher-ft", "seq2seq"),
+          "scratch_ft": (f"scratch:{cfg.scratch_size}", "scratch-ft", "seq2seq"),
           "student_ft": ("student", "student-ft", "seq2seq"),
           "student_kd_ft": ("student-kd", "student-kd-ft", "seq2seq"),
           "student_nlu": ("student", "student-nlu", "encoder")}
     if stage.name in ft:
         src, out, head = ft[stage.name]
-        return [launch(n_other, "finetune", "--run-dir", r, "--model", str(run_dir / src), "--out", out,
+        model = src if src.startswith("scratch:") else str(run_dir / src)
+        return [launch(n_other, "finetune", "--run-dir", r, "--model", model, "--out", out,
                        "--head", head, *p, f"locales=[{locales}]")]
     exports = {"export": ("student-ft", True), "export_teacher": ("teacher-ft", False), "export_nlu": ("student-nlu", False)}
     if stage.name in exports:
@@ -142,7 +150,7 @@ def stage_commands(stage: Stage, run_dir: Path, preset: str | None, cfg: Pipelin
             cmds.append(["export", "--model", str(run_dir / src), "--out", str(fp32_tmp)])
         return cmds
     if stage.name == "eval_massive":
-        models = {"teacher": run_dir / "teacher-ft", "student": run_dir / "student-ft",
+        models = {"teacher": run_dir / "teacher-ft", "scratch": run_dir / "scratch-ft", "student": run_dir / "student-ft",
                   "student_int8": run_dir / "onnx" / "int8", "student_fp32": run_dir / "onnx" / "fp32",
                   "student_kd": run_dir / "student-kd-ft", "student_nlu_int8": run_dir / "onnx" / "nlu-int8"}
         # The classical reference row of the MASSIVE tables, scored on the same ids as the models.
