@@ -82,6 +82,9 @@ T2T_PREFIX = "Annotate: "
 INTENT_FIRST_KEY = "massive_intent_first"
 """Model config attribute (and export manifest `model_config` key) saying that the model was
 fine-tuned on targets with the intent first; absent or false means the official order."""
+SENTINELS_KEY = "massive_sentinels"
+"""Model config key: the number of word sentinels of the model's text-to-text format (finetune.sentinels);
+absent or 0 means plain words."""
 REQUIRED_FIELDS: tuple[str, ...] = ("id", "locale", "partition", "scenario", "intent", "utt", "annot_utt")
 HUB_DATASET = "AmazonScience/massive"
 HUB_REVISION = "refs/convert/parquet"
@@ -376,13 +379,33 @@ def has_label_tokens(tokenizer: Any) -> bool:
     return label_token(OTHER) in tokenizer.get_vocab()
 
 
-def t2t_source(words: Sequence[str]) -> str:
-    """The text-to-text input of an utterance: `"Annotate: w1 w2 ..."` (what predictors feed the model)."""
+def num_word_sentinels(tokenizer: Any) -> int:
+    """How many `<extra_id_i>` sentinels `tokenizer` has, counted from 0 (they mark words)."""
+    vocab = tokenizer.get_vocab()
+    count = 0
+    while f"<extra_id_{count}>" in vocab:
+        count += 1
+    if not count:
+        raise ValueError("finetune.sentinels=true needs a tokenizer with <extra_id_0>, <extra_id_1>, ... sentinels")
+    return count
+
+
+def word_sentinel(index: int, num_sentinels: int) -> str:
+    """The sentinel that marks word `index` (`<extra_id_i>`, cycling when words outnumber sentinels)."""
+    return f"<extra_id_{index % num_sentinels}>"
+
+
+def t2t_source(words: Sequence[str], sentinels: int = 0) -> str:
+    """The text-to-text input of an utterance: `"Annotate: w1 w2 ..."` (what predictors feed the model);
+    with `sentinels` (the number the tokenizer has), `"Annotate: <extra_id_0> w1 <extra_id_1> w2 ..."`."""
+    if sentinels:
+        return T2T_PREFIX + " ".join(f"{word_sentinel(i, sentinels)} {w}" for i, w in enumerate(words))
     return T2T_PREFIX + " ".join(words)
 
 
 def to_text_to_text(
-    words: Sequence[str], slots: Sequence[str], intent: str, intent_first: bool = False, label_tokens: bool = False
+    words: Sequence[str], slots: Sequence[str], intent: str, intent_first: bool = False, label_tokens: bool = False,
+    sentinels: int = 0,
 ) -> tuple[str, str]:
     """The official text-to-text pair: (`"Annotate: w1 w2 ..."`, `"s1 s2 ... intent"`).
 
@@ -391,14 +414,28 @@ def to_text_to_text(
     count words, so a model that has not yet learnt the word count still predicts intents.
     `label_tokens` spells each label as its whole token (`"<Other><time><alarm_set>"`, no spaces, so
     a tokenizer with those tokens encodes one id per label and nothing between them).
+    `sentinels` > 0 (the MASSIVE repository's sentinel option) marks each source word and its label
+    in the target with the same sentinel (`"<extra_id_0><Other><extra_id_1><time>"`): the decoder
+    finds the word it labels by matching the sentinel it just wrote, instead of counting words.
+    Sentinels are special tokens, so decoding with skip_special_tokens leaves the plain target.
     """
     if len(words) != len(slots):
         raise ValueError(f"{len(words)} words but {len(slots)} slot labels: {list(words)} / {list(slots)}")
-    source = t2t_source(words)
-    labels = list(slots) if not intent else [intent, *slots] if intent_first else [*slots, intent]
-    if label_tokens:
-        return source, "".join(label_token(x) for x in labels)
-    return source, " ".join(labels)
+    source = t2t_source(words, sentinels)
+    spell = label_token if label_tokens else str
+    slot_items = [spell(x) for x in slots]
+    if sentinels:
+        glue = "" if label_tokens else " "
+        slot_items = [f"{word_sentinel(i, sentinels)}{glue}{x}" for i, x in enumerate(slot_items)]
+    items = slot_items if not intent else [spell(intent), *slot_items] if intent_first else [*slot_items, spell(intent)]
+    return source, ("" if label_tokens else " ").join(items)
+
+
+def model_sentinels(config: Any) -> int:
+    """How many word sentinels a model's MASSIVE format uses (SENTINELS_KEY of its HF config object or
+    of a config dict such as an export manifest's `model_config`); 0 = none."""
+    value = config.get(SENTINELS_KEY) if isinstance(config, dict) else getattr(config, SENTINELS_KEY, None)
+    return int(value or 0)
 
 
 def model_intent_first(config: Any) -> bool:

@@ -204,7 +204,7 @@ class AgnosticData:
 class MassiveDistillData:
     """MASSIVE text-to-text examples for task-specific distillation (teacher fine-tuned on MASSIVE)."""
 
-    def __init__(self, cfg: DistillConfig, tokenizer: Any, intent_first: bool = False) -> None:
+    def __init__(self, cfg: DistillConfig, tokenizer: Any, intent_first: bool = False, sentinels: int = 0) -> None:
         from data_prep.massive import has_label_tokens, load_massive
         from data_prep.tokenizer import special_ids
         from teacher.objectives import ObjectiveConfig, PretrainCollator
@@ -225,6 +225,7 @@ class MassiveDistillData:
         self.cfg = cfg
         # The target order of the fine-tuned teacher (data_prep.massive.INTENT_FIRST_KEY).
         self.intent_first = intent_first
+        self.sentinels = sentinels
         self.label_tokens = has_label_tokens(tokenizer)
         self.description = f"MASSIVE {', '.join(cfg.locales)}: {len(self.train)} train, {len(self.dev)} dev"
 
@@ -242,7 +243,7 @@ class MassiveDistillData:
         from data_prep.massive import to_text_to_text
         from teacher.objectives import DENOISE, Example
 
-        source, target = to_text_to_text(words, slots, intent, self.intent_first, self.label_tokens)
+        source, target = to_text_to_text(words, slots, intent, self.intent_first, self.label_tokens, self.sentinels)
         src = self.tokenizer(source, truncation=True, max_length=self.cfg.max_source_len)["input_ids"]
         tgt = self.tokenizer(target, truncation=True, max_length=self.cfg.max_target_len)["input_ids"]
         return Example(np.asarray(src, dtype=np.int64), np.asarray(tgt, dtype=np.int64), DENOISE)
@@ -272,10 +273,10 @@ class MassiveDistillData:
 
 
 def load_distill_data(
-    cfg: DistillConfig, run_dir: Path, tokenizer: Any, intent_first: bool = False
+    cfg: DistillConfig, run_dir: Path, tokenizer: Any, intent_first: bool = False, sentinels: int = 0
 ) -> AgnosticData | MassiveDistillData:
     if cfg.task == "massive":
-        return MassiveDistillData(cfg, tokenizer, intent_first)
+        return MassiveDistillData(cfg, tokenizer, intent_first, sentinels)
     return AgnosticData(cfg, run_dir, tokenizer)
 
 
@@ -404,7 +405,7 @@ def evaluate(engine: Any, teacher: Any, data: Any, cfg: DistillConfig, dist_info
 
 def distill(cfg: DistillConfig, run_dir: str | Path, resume: bool = False) -> Path:
     """Distil cfg.teacher into a student; returns the exported student directory run_dir/<out>."""
-    from data_prep.massive import INTENT_FIRST_KEY, model_intent_first
+    from data_prep.massive import INTENT_FIRST_KEY, SENTINELS_KEY, model_intent_first, model_sentinels
     from distill.counterfactual import build_token_map
     from distill.losses import HiddenStateLoss
     from launch.distributed import (
@@ -439,8 +440,9 @@ def distill(cfg: DistillConfig, run_dir: str | Path, resume: bool = False) -> Pa
     teacher_dir = resolve_dir(run_dir, cfg.teacher, "teacher")
     teacher = load_teacher(teacher_dir, dist_info.device, resolve_precision(cfg.train.precision, dist_info))
     tokenizer = load_checked_tokenizer(cfg, run_dir, teacher_dir, teacher)
-    intent_first = model_intent_first(teacher.config)  # the MASSIVE target order, for task=massive
-    data = load_distill_data(cfg, run_dir, tokenizer, intent_first=intent_first)
+    # The teacher's MASSIVE text-to-text format, for task=massive.
+    intent_first, sentinels = model_intent_first(teacher.config), model_sentinels(teacher.config)
+    data = load_distill_data(cfg, run_dir, tokenizer, intent_first=intent_first, sentinels=sentinels)
     token_map = build_token_map(tokenizer, cfg.lexicon_languages or None)
     sampler = ResumableSampler(data.num_train, cfg.train.micro_batch_size, grad_accum, dist_info.rank,
                                dist_info.world_size, cfg.train.seed)
@@ -449,6 +451,7 @@ def distill(cfg: DistillConfig, run_dir: str | Path, resume: bool = False) -> Pa
     student, init_info = build_student(teacher, cfg.student, seed=cfg.train.seed)
     # A student distilled on MASSIVE targets emits them in the teacher's order.
     setattr(student.config, INTENT_FIRST_KEY, intent_first)
+    setattr(student.config, SENTINELS_KEY, sentinels)
     hidden_loss = (
         HiddenStateLoss(student.config.d_model, teacher.config.d_model) if cfg.hidden_loss_weight > 0 else None
     )

@@ -393,7 +393,7 @@ class Seq2SeqPredictor:
     ) -> None:
         """`max_new_tokens`: a fixed generation budget (latency timing); None bounds each batch by
         its longest well-formed target instead."""
-        from data_prep.massive import has_label_tokens, label_token, model_intent_first
+        from data_prep.massive import has_label_tokens, label_token, model_intent_first, model_sentinels
 
         self.model, self.tokenizer = load_seq2seq(model_dir, device, dtype)
         self.max_new_tokens = max_new_tokens
@@ -408,13 +408,16 @@ class Seq2SeqPredictor:
         self.intent_tokens = longest([spell(x) for x in intents], 8)
         self.margin = max_new_tokens_margin
         self.intent_first = model_intent_first(self.model.config)
+        self.sentinels = model_sentinels(self.model.config)
+        if self.sentinels:  # each label follows its word's sentinel
+            self.tokens_per_word += 1
 
     def predict_words(self, batch: list[list[str]]) -> list[Any]:
         import torch
 
         from data_prep.massive import parse_target, t2t_source
 
-        sources = [t2t_source(words) for words in batch]
+        sources = [t2t_source(words, self.sentinels) for words in batch]
         encoded = self.tokenizer(sources, padding=True, return_tensors="pt").to(self.model.device)
         max_words = max(len(words) for words in batch)
         max_new_tokens = self.max_new_tokens or max_words * self.tokens_per_word + self.intent_tokens + 1 + self.margin

@@ -72,6 +72,11 @@ class FinetuneConfig:
     MASSIVE repository's `intent_first` option; false is the official order. Recorded in the model's
     config.json so evaluation parses its output the same way. Small decoders trained briefly learn
     intents much sooner this way (they loop on "Other" before learning to stop after the last word)."""
+    sentinels: bool = False
+    """seq2seq: mark every source word and its target label with the same sentinel
+    (`Annotate: <extra_id_0> w1 ...` -> `<extra_id_0><Other>...`), the MASSIVE repository's sentinel
+    option, so labels align with words by construction. Recorded in config.json (the number of
+    sentinels used) for every predictor."""
     slot_loss_weight: float = 1.0
     """Encoder head: loss = intent CE + slot_loss_weight * slot CE (over first sub-words)."""
     dropout: float | None = None

@@ -158,10 +158,11 @@ def encode_seq2seq(
 ) -> tuple[list[tuple[list[int], list[int]]], dict[str, int]]:
     """(source ids, target ids) per example in the official text-to-text format, and how many
     sources/targets were cut to max_source_len/max_target_len (eos kept at the end)."""
-    from data_prep.massive import has_label_tokens, to_text_to_text
+    from data_prep.massive import has_label_tokens, num_word_sentinels, to_text_to_text
 
     whole = has_label_tokens(tokenizer)
-    pairs = [to_text_to_text(ex.words, ex.slots, ex.intent, cfg.intent_first, whole) for ex in examples]
+    sentinels = num_word_sentinels(tokenizer) if cfg.sentinels else 0
+    pairs = [to_text_to_text(ex.words, ex.slots, ex.intent, cfg.intent_first, whole, sentinels) for ex in examples]
     sources = tokenizer([s for s, _ in pairs])["input_ids"]
     targets = tokenizer([t for _, t in pairs])["input_ids"]
     eos = tokenizer.eos_token_id
@@ -234,11 +235,12 @@ def build_seq2seq(cfg: FinetuneConfig, run_dir: Path, tokenizer: Any) -> Any:
     if cfg.dropout is not None:
         _set_dropout(model, cfg.dropout)
     if cfg.head == "seq2seq":
-        from data_prep.massive import INTENT_FIRST_KEY
+        from data_prep.massive import INTENT_FIRST_KEY, SENTINELS_KEY, num_word_sentinels
 
         # Saved with the model (config.json, and the export manifest), so every predictor parses
         # the generated target in the order this model was trained on.
         setattr(model.config, INTENT_FIRST_KEY, cfg.intent_first)
+        setattr(model.config, SENTINELS_KEY, num_word_sentinels(tokenizer) if cfg.sentinels else 0)
     return model
 
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 # A light module (no torch or datasets at import). split_words: MASSIVE words of a raw utterance
 # (whitespace; ja/zh non-ASCII chunks split into characters), re-exported for `predict`.
-from data_prep.massive import OTHER, model_intent_first, split_words, t2t_source  # noqa: F401
+from data_prep.massive import OTHER, model_intent_first, model_sentinels, split_words, t2t_source  # noqa: F401
 from student.alignment import first_subword_indices, word_char_spans  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:
@@ -124,6 +124,7 @@ class OnnxPredictor:
             self._present_self = [f"present.{i}.{k}" for i in range(self.num_layers) for k in kinds[:2]]
             # The target order the model was fine-tuned on (data_prep.massive.INTENT_FIRST_KEY).
             self.intent_first = model_intent_first(self.manifest.get("model_config") or {})
+            self.sentinels = model_sentinels(self.manifest.get("model_config") or {})
         else:
             labels = self.manifest["labels"]
             self.intents: list[str] = labels["intents"]
@@ -197,7 +198,7 @@ class OnnxPredictor:
     def _predict_seq2seq(self, batch: list[list[str]]) -> tuple[list[NLUPrediction], list[bool]]:
         from data_prep.massive import parse_target
 
-        ids, _, truncated = self.encode([t2t_source(words) for words in batch])
+        ids, _, truncated = self.encode([t2t_source(words, self.sentinels) for words in batch])
         input_ids, mask = self.pad(ids)
         generated = self.generate(input_ids, mask)
         texts = self.tokenizer.decode_batch(generated, skip_special_tokens=True)
