@@ -80,7 +80,7 @@ def free_port() -> int:
 def zero3_run(tmp_path_factory, tiny_tokenizer_dir, tiny_packed_dir) -> Path:
     """An uninterrupted 2-process ZeRO-3 run of MAX_STEPS steps."""
     run = make_run_dir(tmp_path_factory.mktemp("zero3") / "run", tiny_tokenizer_dir, tiny_packed_dir)
-    run_launch(launch_cmd("--run-dir", str(run), *COMMON, "train.zero_stage=3"), run / "log.txt")
+    run_launch(launch_cmd("--run-dir", str(run), *COMMON, "train.optimizer=adamw", "train.zero_stage=3"), run / "log.txt")
     return run
 
 
@@ -140,7 +140,7 @@ def test_exported_teacher_loads_generates_and_matches_the_run(zero3_run):
 def test_sigkill_then_resume_reproduces_the_uninterrupted_run(zero3_run, tmp_path, tiny_tokenizer_dir,
                                                              tiny_packed_dir):
     run = make_run_dir(tmp_path / "run", tiny_tokenizer_dir, tiny_packed_dir)
-    cmd = launch_cmd("--run-dir", str(run), *COMMON, "train.zero_stage=3")
+    cmd = launch_cmd("--run-dir", str(run), *COMMON, "train.optimizer=adamw", "train.zero_stage=3")
     marker = run / "checkpoints" / "teacher" / "step_00000008" / "COMPLETE"
     with open(run / "log1.txt", "w") as log:
         proc = subprocess.Popen(cmd, env=env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -180,7 +180,7 @@ def test_two_nodes_on_loopback_rendezvous_and_agree(tmp_path, tiny_tokenizer_dir
         log = run / f"node{node_rank}.txt"
         logs.append(log)
         with open(log, "w") as f:
-            procs.append(subprocess.Popen(launch_cmd("--run-dir", str(run), *COMMON, "train.zero_stage=2",
+            procs.append(subprocess.Popen(launch_cmd("--run-dir", str(run), *COMMON, "train.optimizer=adamw", "train.zero_stage=2",
                                                      nproc=1, launch_flags=flags),
                                           env=env(), stdout=f, stderr=subprocess.STDOUT))
     for proc, log in zip(procs, logs):

@@ -67,7 +67,7 @@ def test_pretrain_config_checks_batch_against_launcher_world_size(monkeypatch):
     with pytest.raises(ConfigError, match="world size \\(3\\)"):
         load_config(PretrainConfig, section="pretrain", preset="tiny")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    cfg = load_config(PretrainConfig, section="pretrain", preset="tiny", overrides=["train.zero_stage=3"])
+    cfg = load_config(PretrainConfig, section="pretrain", preset="tiny", overrides=["train.optimizer=adamw", "train.zero_stage=3"])
     assert cfg.train.zero_stage == 3 and cfg.teacher.preset == "tiny"
     with pytest.raises(ConfigError, match="unknown config key train.zero"):
         load_config(PretrainConfig, section="pretrain", preset="tiny", overrides=["train.zero=3"])
@@ -85,11 +85,32 @@ def test_every_preset_resolves():
             assert (cfg.init_from == "teacher") == (section == "indomain")
 
 
-def test_precision_policy():
+def test_precision_policy(monkeypatch):
+    import launch.distributed as distributed
+
+    monkeypatch.setattr(distributed, "cpu_bf16_speedup", lambda: 4.0)  # an AMX / AVX512-BF16 CPU
+    assert resolve_precision("auto", CPU1) == "bf16"
+    monkeypatch.setattr(distributed, "cpu_bf16_speedup", lambda: 0.003)  # AVX2 only
     assert resolve_precision("auto", CPU1) == "fp32"
     assert resolve_precision("fp32", CPU1) == "fp32"
-    with pytest.raises(ConfigError, match="not supported on CPU"):
-        resolve_precision("bf16", CPU1)
+    assert resolve_precision("bf16", CPU1) == "bf16"
+    with pytest.raises(ConfigError, match="'fp16' is not supported on CPU"):
+        resolve_precision("fp16", CPU1)
+    # bf16 on CPU is torch autocast over fp32 weights, not DeepSpeed's bf16 optimizer.
+    ds = deepspeed_config(TrainConfig(precision="bf16"), CPU1)
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and not ds["bf16"]["enabled"]
+    assert "torch_autocast" not in deepspeed_config(TrainConfig(precision="fp32"), CPU1)
+
+
+def test_cpu_bf16_probe_is_cached_per_machine(tmp_path, monkeypatch):
+    from launch.distributed import cpu_bf16_speedup
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    first = cpu_bf16_speedup(size=64, repeats=2)
+    cache = json.loads((tmp_path / "polyteacher" / "cpu_precision.json").read_text())
+    assert list(cache.values()) == [first] and first > 0
+    assert "threads" in next(iter(cache))
+    assert cpu_bf16_speedup(size=64, repeats=2) == first  # read back, not measured again
 
 
 def test_deepspeed_config_from_train_config():
@@ -329,6 +350,21 @@ def test_adafactor_engine_learns_with_the_schedule(dist):
     assert sum(losses[-4:]) < 0.85 * sum(losses[:4])  # 40 steps on 4 batches of reversed random ids
 
 
+def test_cpu_bf16_engine_autocasts_over_fp32_weights(dist):
+    import torch
+
+    from launch.distributed import build_engine
+
+    cfg = TrainConfig(micro_batch_size=4, global_batch_size=4, max_steps=4, warmup_steps=1, zero_stage=0,
+                      precision="bf16")
+    engine = build_engine(_tiny_t5(), cfg, dist)
+    batches = _batches(4)
+    assert engine(**batches[0]).logits.dtype == torch.bfloat16
+    losses = _train(engine, batches)
+    assert all(math.isfinite(x) for x in losses)
+    assert {p.dtype for p in engine.module.parameters()} == {torch.float32}
+
+
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_export_hf_consolidates_fp32_weights(tmp_path, dist, zero_stage):
     import torch
@@ -337,8 +373,9 @@ def test_export_hf_consolidates_fp32_weights(tmp_path, dist, zero_stage):
     from launch.distributed import build_engine, full_fp32_state_dict
     from launch.training import export_hf
 
+    # fp32: the engine's loss is compared with a plain fp32 forward of the exported model.
     cfg = TrainConfig(micro_batch_size=4, global_batch_size=4, max_steps=3, warmup_steps=0, lr=1e-2,
-                      zero_stage=zero_stage)
+                      zero_stage=zero_stage, precision="fp32")
     model = _tiny_t5(dropout=0.0)
     engine = build_engine(model, cfg, dist)
     _train(engine, _batches(3))
