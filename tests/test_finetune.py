@@ -26,7 +26,6 @@ ONE_PROCESS = DistInfo(rank=0, local_rank=0, world_size=1, device="cpu", backend
 def test_tiny_preset_loads_and_fits_one_or_two_processes():
     cfg = load_config(FinetuneConfig, section="finetune", preset="tiny")
     assert cfg.locales and len(cfg.locales) <= 3
-    assert cfg.train.max_steps <= 300
     for world in (1, 2):
         assert cfg.train.grad_accum_steps(world) >= 1
 
@@ -64,7 +63,7 @@ def test_cli_flags_override_preset_and_overrides():
          "head=seq2seq", "train.max_steps=70"]
     )
     cfg = build_config(args)
-    assert (cfg.init, cfg.head, cfg.train.max_steps, cfg.locales) == ("scratch:tiny", "encoder", 70, ["en-US", "de-DE"])
+    assert (cfg.init, cfg.head, cfg.train.max_steps, cfg.locales) == ("scratch:tiny", "encoder", 70, ["en-US", "de-DE", "ja-JP"])
     with pytest.raises(ConfigError, match="--model"):
         build_config(build_parser().parse_args(["finetune", "--run-dir", "r"]))
 
