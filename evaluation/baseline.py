@@ -12,9 +12,8 @@ It is scored on the ids `evaluate massive` scores (massive.data, locales, split,
 with the same scorer and bootstrap; it predicts intents only, so EM and slot F1 are None.
 
 Output of `evaluate baseline --out DIR [--name NAME]` (NAME defaults to "baseline"):
-- `DIR/NAME.json`: the keys of `evaluate massive`'s JSON (kind "baseline"; em, slot_f1 and their
-  intervals null; records with "id" and "intent_ok" only, for `evaluate compare`), plus
-  "num_train": {locale: int}.
+- `DIR/NAME.json`: the keys of `evaluate massive`'s JSON, with intents only (schema: docs/internals.md,
+  "Evaluation outputs"), plus "num_train": {locale: int}.
 - `DIR/NAME.md`: the same table as `evaluate massive`.
 """
 
@@ -79,9 +78,9 @@ def evaluate_baseline(cfg: Any, out_dir: str | Path, name: str = "baseline") -> 
     """Train per locale, score on the `massive` section's ids; write NAME.json and NAME.md into out_dir."""
     from data_prep.massive import load_massive
     from evaluation.config import section_dict
-    from evaluation.massive import load_split, massive_markdown, score_records, utterance_records
+    from evaluation.massive import load_split, massive_markdown, result_json, score_records, utterance_records
     from launch.config import ConfigError, resolve_data_path
-    from launch.fsutil import atomic_write_json, atomic_write_text
+    from launch.fsutil import atomic_write_text
 
     mcfg = cfg.massive
     if mcfg.split == "train":
@@ -111,7 +110,7 @@ def evaluate_baseline(cfg: Any, out_dir: str | Path, name: str = "baseline") -> 
         "records": records,
     }
     out_dir = Path(out_dir)
-    atomic_write_json(out_dir / f"{name}.json", result)
+    atomic_write_text(out_dir / f"{name}.json", result_json(result))
     train_sizes = ", ".join(f"{loc} {n}" for loc, n in num_train.items())
     atomic_write_text(out_dir / f"{name}.md", massive_markdown(result) + f"\nTrain utterances per locale: {train_sizes}.\n")
     return result

@@ -23,19 +23,10 @@ Scoring (`score(golds, preds)`), equivalent to `eval_preds` of the official MASS
 - Two models scored on the same ids are compared paired (`paired_difference`, `evaluate compare`):
   the difference B - A with a bootstrap interval from the same resampled ids for both.
 
-Output of `evaluate massive --out DIR [--name NAME]` (NAME defaults to "massive"):
-- `DIR/NAME.json`:
-  {"kind": "massive", "model": str, "predictor": str, "split": str, "num_examples": int,
-   "em": float, "intent_acc": float, "slot_f1": float,                 # unweighted mean over locales
-   "em_ci": [lo, hi], "intent_acc_ci": [lo, hi], "slot_f1_ci": [lo, hi],
-   "num_ids": int,                                                      # test ids (per locale)
-   "per_locale": {locale: {"em", "intent_acc", "slot_f1": float, "n": int (utterances),
-                           "num_gold_spans", "num_pred_spans", "num_correct_spans": int,
-                           "em_ci", "intent_acc_ci", "slot_f1_ci": [lo, hi]}},
-   "records": {locale: {"id": [str], "intent_ok", "em": [0|1], "slot_tp", "slot_pred", "slot_gold": [int]}},
-   "ci_method": str, "elapsed_s": float, "config": {...resolved evaluate config...}}
-- `DIR/NAME.md`: the same as a Markdown table; `DIR/NAME_em.png`: EM per locale, sorted, with 95%
-  intervals and the mean marked.
+Output of `evaluate massive --out DIR [--name NAME]` (NAME defaults to "massive"): `DIR/NAME.json`,
+the scores, intervals and per-utterance records with each prediction (schema: docs/internals.md,
+"Evaluation outputs"); `DIR/NAME.md`: the same as a Markdown table; `DIR/NAME_em.png`: EM per
+locale, sorted, with 95% intervals and the mean marked.
 """
 
 from __future__ import annotations
@@ -57,9 +48,14 @@ class Predictor(Protocol):
 
 # ----------------------------------------------------------------------------- scoring
 
-# Columns of utterance_records; an intent classifier has only the first two.
+# Outcome columns of utterance_records; an intent classifier has only the first two.
 INTENT_FIELDS = ("id", "intent_ok")
 RECORD_FIELDS = (*INTENT_FIELDS, "em", "slot_tp", "slot_pred", "slot_gold")
+# The prediction itself, so that two results on the same ids can be checked for identical outputs
+# (`identical_predictions`): the intent, and the slot labels as scored (aligned to the gold words)
+# joined by spaces; one string per utterance keeps a full test partition's JSON small. An intent
+# classifier has only the intent.
+PREDICTION_FIELDS = ("pred_intent", "pred_slots")
 # Each metric and the record columns it is computed from.
 METRIC_FIELDS = {"em": ("em",), "intent_acc": ("intent_ok",), "slot_f1": ("slot_tp", "slot_pred", "slot_gold")}
 
@@ -100,14 +96,15 @@ def micro_f1(tp: Any, pred: Any, gold: Any) -> Any:
 
 
 def utterance_records(golds: Sequence[Any], preds: Sequence[Any]) -> dict[str, dict[str, list]]:
-    """Per-utterance outcomes grouped by gold `.locale`, as columns:
-    {locale: {"id": [str], "intent_ok": [0|1], "em": [0|1], "slot_tp", "slot_pred", "slot_gold": [int]}}.
+    """Per-utterance outcomes and predictions grouped by gold `.locale`, as columns:
+    {locale: {"id": [str], "intent_ok": [0|1], "em": [0|1], "slot_tp", "slot_pred", "slot_gold": [int],
+    "pred_intent": [str], "pred_slots": [str (labels joined by spaces)]}}.
 
     golds: objects with .id, .locale, .intent, .slots (MassiveExample); preds: objects with .intent
     and .slots (NLUPrediction). Predictions without a `slots` attribute (an intent classifier) give
-    only "id" and "intent_ok". Slot counts are spans as seqeval finds them (`get_entities` over each
-    utterance's BIO tags; a span is correct when its label, start and end all match), so their sums
-    give seqeval's micro F1 (`micro_f1`).
+    only "id", "intent_ok" and "pred_intent". Slot counts are spans as seqeval finds them
+    (`get_entities` over each utterance's BIO tags; a span is correct when its label, start and end
+    all match), so their sums give seqeval's micro F1 (`micro_f1`).
     """
     from seqeval.metrics.sequence_labeling import get_entities
 
@@ -116,12 +113,14 @@ def utterance_records(golds: Sequence[Any], preds: Sequence[Any]) -> dict[str, d
     if not golds:
         raise ValueError("cannot score an empty set of examples")
     with_slots = all(hasattr(pred, "slots") for pred in preds)
+    fields = (*RECORD_FIELDS, *PREDICTION_FIELDS) if with_slots else (*INTENT_FIELDS, "pred_intent")
     records: dict[str, dict[str, list]] = {}
     for gold, pred in zip(golds, preds):
-        columns = records.setdefault(gold.locale, {name: [] for name in RECORD_FIELDS if with_slots or name in INTENT_FIELDS})
+        columns = records.setdefault(gold.locale, {name: [] for name in fields})
         intent_ok = pred.intent == gold.intent
         columns["id"].append(str(gold.id))
         columns["intent_ok"].append(int(intent_ok))
+        columns["pred_intent"].append(str(pred.intent))
         if with_slots:
             pred_labels = align_labels(pred.slots, len(gold.slots))
             gold_spans = set(get_entities(to_bio(gold.slots)))
@@ -130,6 +129,7 @@ def utterance_records(golds: Sequence[Any], preds: Sequence[Any]) -> dict[str, d
             columns["slot_tp"].append(len(gold_spans & pred_spans))
             columns["slot_pred"].append(len(pred_spans))
             columns["slot_gold"].append(len(gold_spans))
+            columns["pred_slots"].append(" ".join(pred_labels))
     return records
 
 
@@ -603,13 +603,35 @@ def massive_markdown(result: dict[str, Any]) -> str:
     return title + markdown_table(header, rows)
 
 
+def result_json(result: Mapping[str, Any]) -> str:
+    """A result as indented JSON, except that each column of its "records" takes one line.
+
+    Indenting every element would put each utterance's values on lines of their own: about 1.7 times
+    the size for a full test partition (2974 ids x 3 locales), and a file no one reads that way.
+    """
+    import json
+
+    head = json.dumps({k: v for k, v in result.items() if k != "records"}, indent=2, ensure_ascii=False)
+    if "records" not in result:
+        return head + "\n"
+    locales = []
+    for locale, columns in result["records"].items():
+        lines = [
+            f"      {json.dumps(name)}: {json.dumps(values, ensure_ascii=False, separators=(',', ':'))}"
+            for name, values in columns.items()
+        ]
+        locales.append(f"    {json.dumps(locale, ensure_ascii=False)}: {{\n" + ",\n".join(lines) + "\n    }")
+    # head ends with "\n}": the records go in as its last key.
+    return head[:-2] + ',\n  "records": {\n' + ",\n".join(locales) + "\n  }\n}\n"
+
+
 def write_massive_outputs(result: dict[str, Any], out_dir: Path, name: str) -> list[Path]:
     from evaluation.plots import bar_chart
-    from launch.fsutil import atomic_write_json, atomic_write_text
+    from launch.fsutil import atomic_write_text
 
     per_locale = result["per_locale"]
     return [
-        atomic_write_json(out_dir / f"{name}.json", result),
+        atomic_write_text(out_dir / f"{name}.json", result_json(result)),
         atomic_write_text(out_dir / f"{name}.md", massive_markdown(result)),
         bar_chart(
             {loc: s["em"] for loc, s in per_locale.items()},

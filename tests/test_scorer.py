@@ -3,6 +3,7 @@ the shared sample of test ids, bootstrap intervals over ids, and paired comparis
 
 from __future__ import annotations
 
+import json
 import random
 
 import numpy as np
@@ -16,6 +17,7 @@ from evaluation.massive import (
     load_split,
     micro_f1,
     paired_difference,
+    result_json,
     sample_shared_ids,
     score,
     score_locale,
@@ -350,6 +352,35 @@ def test_paired_difference_of_a_model_with_itself_is_exactly_zero():
     for m in paired["metrics"].values():
         assert m["diff"] == 0.0 and m["diff_ci"] == [0.0, 0.0]
         assert all(v["diff"] == 0.0 and v["diff_ci"] == [0.0, 0.0] for v in m["per_locale"].values())
+
+
+def test_records_keep_each_prediction_as_scored():
+    golds = [gold(["date", "Other", "time"], id="7"), gold(["Other"], intent="play_music", id="8")]
+    # Too many labels are truncated to the gold words, too few padded with Other, as the scorer does.
+    records = utterance_records(golds, [pred(["date", "date", "time", "time"]), pred([], intent="")])["en-US"]
+    assert records["pred_intent"] == ["alarm_set", ""]
+    assert records["pred_slots"] == ["date date time", "Other"]
+    assert (records["em"], records["intent_ok"]) == ([0, 0], [1, 0])
+    intent_only = utterance_records(golds, [IntentOnly("alarm_set"), IntentOnly("x")])["en-US"]
+    assert set(intent_only) == {"id", "intent_ok", "pred_intent"}
+
+
+class IntentOnly:
+    def __init__(self, intent: str) -> None:
+        self.intent = intent
+
+
+def test_result_json_writes_one_line_per_record_column_and_reads_back_the_same():
+    golds = [gold(["date", "Other"], locale=loc, id=str(i)) for loc in ("en-US", "ja-JP") for i in range(50)]
+    records = utterance_records(golds, [pred(["date", "Other"]) for _ in golds])
+    result = {"kind": "massive", "model": "m", "per_locale": {"en-US": {"em": 1.0}}, "records": records}
+    text = result_json(result)
+    assert json.loads(text) == result
+    # 100 utterances x 8 columns, but one line per column and locale.
+    lines = text.splitlines()
+    assert sum(line.startswith('      "pred_slots": ["date Other","date Other"') for line in lines) == 2
+    assert len(lines) < 40 and text.endswith("}\n")
+    assert json.loads(result_json({"kind": "massive"})) == {"kind": "massive"}
 
 
 def test_paired_difference_finds_a_better_model_and_refuses_different_ids():
