@@ -8,12 +8,12 @@ that two models are alike, while the interval of the paired difference, where ut
 right or wrong cancel out, does show whether one is better. Both results must cover the same ids
 (scored with the same massive.seed, max_examples and locales).
 
-Prints a Markdown table; with --out DIR also writes
-- `DIR/NAME.json`: {"a": path, "b": path, "model_a": str, "model_b": str, "samples": int, "seed": int,
-  "confidence": float, "metrics": {metric: {"a", "b", "diff": float, "diff_ci": [lo, hi],
-  "per_locale": {locale: {"a", "b", "diff", "diff_ci"}}}}, "locales": [str], "num_ids": int,
-  "ci_method": str}
-- `DIR/NAME.md`: the table.
+Also the ratio B / A of the means (how much of A's score B keeps) with its interval, and the share
+of utterances on which both predict exactly the same intent and slot labels (when both results
+record their predictions; `evaluation.massive.identical_predictions`).
+
+Prints a Markdown table; with --out DIR also writes `DIR/NAME.json` (schema: docs/internals.md,
+"Evaluation outputs") and `DIR/NAME.md`, the table.
 """
 
 from __future__ import annotations
@@ -63,20 +63,34 @@ def compare_results(path_a: str | Path, path_b: str | Path, *, samples: int, see
 def compare_markdown(result: dict[str, Any]) -> str:
     from evaluation.plots import markdown_table
 
+    def interval(pair: list[float] | None, sign: str = "+") -> str | None:
+        return None if pair is None else f"[{pair[0]:{sign}.4f}, {pair[1]:{sign}.4f}]"
+
     def row(metric: str, locale: str, v: dict[str, Any]) -> list[Any]:
-        low, high = v["diff_ci"]
-        return [metric, locale, v["a"], v["b"], v["diff"], f"[{low:+.4f}, {high:+.4f}]"]
+        return [metric, locale, v["a"], v["b"], v["diff"], interval(v["diff_ci"])]
 
     rows = []
     for metric, m in result["metrics"].items():
-        rows.append(row(metric, "**mean**", m))
-        rows += [row(metric, loc, v) for loc, v in sorted(m["per_locale"].items())]
-    header = ["metric", "locale", "A", "B", "B - A", f"{result['confidence']:.0%} CI of B - A"]
+        # B / A only for the mean over locales: what a claim such as "the student keeps 90% of the
+        # teacher's EM" is about.
+        rows.append([*row(metric, "**mean**", m), m["ratio"], interval(m["ratio_ci"], "")])
+        rows += [[*row(metric, loc, v), "", ""] for loc, v in sorted(m["per_locale"].items())]
+    level = f"{result['confidence']:.0%}"
+    header = ["metric", "locale", "A", "B", "B - A", f"{level} CI of B - A", "B / A", f"{level} CI of B / A"]
     title = (
         f"# Paired comparison on {result['num_ids']} ids\n\nA: {result['model_a']}\n\nB: {result['model_b']}\n\n"
         f"Intervals: {result['ci_method']}.\n\n"
     )
-    return title + markdown_table(header, rows)
+    same = result["identical_predictions"]
+    if same is None:
+        identical = "\nIdentical predictions: n/a (a result without recorded predictions).\n"
+    else:
+        per_locale = ", ".join(f"{loc} {share:.1%}" for loc, share in sorted(same["per_locale"].items()))
+        identical = (
+            f"\nIdentical predictions ({' and '.join(same['compared'])}): {same['share']:.1%} of ids x locales "
+            f"({per_locale}).\n"
+        )
+    return title + markdown_table(header, rows) + identical
 
 
 def register_evaluate(sub: argparse._SubParsersAction) -> None:

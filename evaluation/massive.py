@@ -21,7 +21,8 @@ Scoring (`score(golds, preds)`), equivalent to `eval_preds` of the official MASS
   errors are correlated: an interval for the mean that treated locales as independent would be too
   narrow. The mean over locales is recomputed on each resample.
 - Two models scored on the same ids are compared paired (`paired_difference`, `evaluate compare`):
-  the difference B - A with a bootstrap interval from the same resampled ids for both.
+  the difference B - A with a bootstrap interval from the same resampled ids for both, and how often
+  their predictions are identical (`identical_predictions`, from the predictions the records keep).
 
 Output of `evaluate massive --out DIR [--name NAME]` (NAME defaults to "massive"): `DIR/NAME.json`,
 the scores, intervals and per-utterance records with each prediction (schema: docs/internals.md,
@@ -281,8 +282,10 @@ def paired_difference(
 
     records_a, records_b: `utterance_records(golds, preds)` of two models, or the "records" of two
     `evaluate massive` / `evaluate baseline` results; they must cover the same ids in the same locales.
-    Returns {"metrics": {metric: {"a", "b", "diff", "diff_ci", "per_locale": {locale: {"a", "b", "diff",
-    "diff_ci"}}}}, "locales", "num_ids", "ci_method"}.
+    Also, for the means over locales, the ratio B / A with its interval from the same resamples (how
+    much of A's score B keeps; None when A's score is 0), and `identical_predictions`.
+    Returns {"metrics": {metric: {"a", "b", "diff", "diff_ci", "ratio", "ratio_ci", "per_locale":
+    {locale: {"a", "b", "diff", "diff_ci"}}}}, "identical_predictions", "locales", "num_ids", "ci_method"}.
     """
     import numpy as np
 
@@ -312,11 +315,17 @@ def paired_difference(
     out: dict[str, Any] = {}
     for m, ((point_a, boot_a), (point_b, boot_b)) in values.items():
         diff = boot_b - boot_a
+        mean_a, mean_b = boot_a.mean(axis=1), boot_b.mean(axis=1)
+        # A resample where A scores 0 has no ratio (NaN); the percentiles leave it out.
+        ratio = np.divide(mean_b, mean_a, out=np.full(mean_a.shape, np.nan), where=mean_a > 0)
+        has_ratio = point_a.mean() > 0
         out[m] = {
             "a": float(point_a.mean()),
             "b": float(point_b.mean()),
             "diff": float(point_b.mean() - point_a.mean()),
             "diff_ci": _interval(diff.mean(axis=1), confidence),
+            "ratio": float(point_b.mean() / point_a.mean()) if has_ratio else None,
+            "ratio_ci": _interval(ratio, confidence) if has_ratio else None,
             "per_locale": {
                 loc: {
                     "a": float(point_a[k]),
@@ -327,7 +336,40 @@ def paired_difference(
                 for k, loc in enumerate(records_a)
             },
         }
-    return {"metrics": out, "locales": list(records_a), "num_ids": len(ids), "ci_method": ci_method(samples, confidence)}
+    return {
+        "metrics": out,
+        "identical_predictions": identical_predictions(records_a, records_b),
+        "locales": list(records_a),
+        "num_ids": len(ids),
+        "ci_method": ci_method(samples, confidence),
+    }
+
+
+def identical_predictions(
+    records_a: Mapping[str, Mapping[str, list]], records_b: Mapping[str, Mapping[str, list]]
+) -> dict[str, Any] | None:
+    """How often A and B predict exactly the same thing on the same utterance (an int8 export
+    against its fp32 source, say): the share of ids x locales whose prediction columns all agree.
+
+    Compares the prediction columns both carry (`PREDICTION_FIELDS`: the intent, and the slot labels
+    unless one is an intent classifier); None when either lacks them (a result written before
+    predictions were recorded). The records must cover the same ids per locale, as
+    `paired_difference` checks. Returns {"share": float, "compared": [column], "per_locale": {locale:
+    float}}.
+    """
+    compared = [c for c in PREDICTION_FIELDS if all(c in r for recs in (records_a, records_b) for r in recs.values())]
+    if "pred_intent" not in compared:
+        return None
+    per_locale: dict[str, float] = {}
+    same = total = 0
+    for loc, cols_a in records_a.items():
+        cols_b = records_b[loc]
+        # Matched by id: the two results may list their utterances in different orders.
+        by_id_b = dict(zip(cols_b["id"], zip(*(cols_b[c] for c in compared))))
+        agree = sum(by_id_b[i] == p for i, p in zip(cols_a["id"], zip(*(cols_a[c] for c in compared))))
+        per_locale[loc] = agree / len(cols_a["id"])
+        same, total = same + agree, total + len(cols_a["id"])
+    return {"share": same / total, "compared": compared, "per_locale": per_locale}
 
 
 # ----------------------------------------------------------------------------- predictors

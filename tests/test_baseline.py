@@ -62,7 +62,11 @@ def test_compare_a_result_with_itself_and_with_a_better_model(baseline_json, tmp
     assert set(compared["metrics"]) == {"intent_acc"}  # the only metric the baseline has
     m = compared["metrics"]["intent_acc"]
     assert (m["diff"], m["diff_ci"]) == (0.0, [0.0, 0.0])
-    assert (tmp_path / "compare.md").read_text().startswith("# Paired comparison on 200 ids")
+    # The baseline records its intents: against itself every prediction is identical.
+    assert compared["identical_predictions"] == {"share": 1.0, "compared": ["pred_intent"], "per_locale": {"en-US": 1.0}}
+    table = (tmp_path / "compare.md").read_text()
+    assert table.startswith("# Paired comparison on 200 ids")
+    assert "Identical predictions (pred_intent): 100.0% of ids x locales (en-US 100.0%)." in table
 
     # A model right on every utterance, on the same ids: B - A = 1 - baseline accuracy.
     result = json.loads(baseline_json.read_text())
@@ -73,9 +77,12 @@ def test_compare_a_result_with_itself_and_with_a_better_model(baseline_json, tmp
     (tmp_path / "oracle.json").write_text(json.dumps(oracle))
     assert main(["evaluate", "compare", str(baseline_json), str(tmp_path / "oracle.json"), "--out", str(tmp_path),
                  "--name", "vs-oracle"]) == 0  # fmt: skip
-    m = json.loads((tmp_path / "vs-oracle.json").read_text())["metrics"]["intent_acc"]
+    vs_oracle = json.loads((tmp_path / "vs-oracle.json").read_text())
+    m = vs_oracle["metrics"]["intent_acc"]
     assert m["diff"] == pytest.approx(1.0 - result["intent_acc"])
     assert 0.0 < m["diff_ci"][0] < m["diff"] < m["diff_ci"][1]
+    assert m["ratio"] == pytest.approx(1.0 / result["intent_acc"])
+    assert vs_oracle["identical_predictions"] is None  # the oracle records no predictions
 
 
 def test_compare_refuses_results_on_other_ids_or_without_records(baseline_json, tmp_path, capsys):

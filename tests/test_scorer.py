@@ -14,6 +14,7 @@ from data_prep.massive import MassiveExample, NLUPrediction, parse_annot_utt, pa
 from evaluation.massive import (
     align_labels,
     bootstrap_weights,
+    identical_predictions,
     load_split,
     micro_f1,
     paired_difference,
@@ -351,7 +352,11 @@ def test_paired_difference_of_a_model_with_itself_is_exactly_zero():
     assert set(paired["metrics"]) == {"em", "intent_acc", "slot_f1"}
     for m in paired["metrics"].values():
         assert m["diff"] == 0.0 and m["diff_ci"] == [0.0, 0.0]
+        assert m["ratio"] == 1.0 and m["ratio_ci"] == [1.0, 1.0]
         assert all(v["diff"] == 0.0 and v["diff_ci"] == [0.0, 0.0] for v in m["per_locale"].values())
+    assert paired["identical_predictions"] == {
+        "share": 1.0, "compared": ["pred_intent", "pred_slots"], "per_locale": {"en-US": 1.0, "de-DE": 1.0},
+    }  # fmt: skip
 
 
 def test_records_keep_each_prediction_as_scored():
@@ -368,6 +373,44 @@ def test_records_keep_each_prediction_as_scored():
 class IntentOnly:
     def __init__(self, intent: str) -> None:
         self.intent = intent
+
+
+def test_identical_predictions_counts_utterances_whose_intent_and_slots_all_agree():
+    rng = random.Random(0)
+    golds = [gold(random_slots(rng, 4), locale=loc, id=str(i)) for loc in ("en-US", "de-DE") for i in range(100)]
+    preds = noisy_predictions(golds, 0.7, 0)
+    a = utterance_records(golds, preds)
+    # One changed slot label (en-US, id 3) and one changed intent (de-DE, id 5); the same EM and intent
+    # accuracy can hide them, identical predictions cannot.
+    changed = list(preds)
+    changed[3] = pred([*preds[3].slots[:-1], "changed"], preds[3].intent)
+    changed[105] = pred(preds[105].slots, "changed")
+    b = utterance_records(golds, changed)
+    same = identical_predictions(a, b)
+    assert same["per_locale"] == {"en-US": 0.99, "de-DE": 0.99} and same["share"] == 0.99
+    # Matched by id, not by position: B listing its utterances in another order changes nothing.
+    reversed_b = {loc: {c: list(reversed(v)) for c, v in cols.items()} for loc, cols in b.items()}
+    assert identical_predictions(a, reversed_b) == same
+    # Against an intent classifier only intents are compared; without predictions (an older result) no share.
+    intent_only = {loc: {c: cols[c] for c in ("id", "intent_ok", "pred_intent")} for loc, cols in b.items()}
+    assert identical_predictions(a, intent_only) == {
+        "share": 0.995, "compared": ["pred_intent"], "per_locale": {"en-US": 1.0, "de-DE": 0.99},
+    }  # fmt: skip
+    older = {loc: {c: v for c, v in cols.items() if not c.startswith("pred_")} for loc, cols in b.items()}
+    assert identical_predictions(a, older) is None and paired_difference(a, older)["identical_predictions"] is None
+
+
+def test_ratio_of_means_and_none_when_a_scores_zero():
+    # B is right on about 80% of the utterances A gets right, and nowhere else: B keeps about 80% of A.
+    ok_a = bernoulli(400, 0.5, 0)
+    ok_b = [x * y for x, y in zip(ok_a, bernoulli(400, 0.8, 1))]
+    a, b = intent_records({"en-US": ok_a}), intent_records({"en-US": ok_b})
+    m = paired_difference(a, b, seed=0)["metrics"]["intent_acc"]
+    assert m["ratio"] == pytest.approx(m["b"] / m["a"]) == pytest.approx(0.8, abs=0.05)
+    assert m["ratio_ci"][0] < m["ratio"] < m["ratio_ci"][1] < 1.0
+    zero = intent_records({"en-US": [0] * 400})
+    m = paired_difference(zero, b)["metrics"]["intent_acc"]
+    assert (m["ratio"], m["ratio_ci"]) == (None, None)
 
 
 def test_result_json_writes_one_line_per_record_column_and_reads_back_the_same():
