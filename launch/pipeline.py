@@ -94,7 +94,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("export_nlu", "onnx/nlu-int8", ("student_nlu",), "cli", "ONNX export of the encoder NLU student, int8"),
     Stage("eval_massive", "eval/massive",
           ("teacher_ft", "scratch_ft", "student_ft", "student_kd_ft", "export", "export_nlu"),
-          "cli", "MASSIVE per locale: teacher, student, student int8, ..., and the TF-IDF baseline"),
+          "cli", "MASSIVE per locale: teacher, student, student int8, ..., the TF-IDF baseline, and the paired "
+          "comparisons behind the report's claims"),
     Stage("eval_icl", "eval/icl", ("teacher_indomain",), "cli", "k-shot intent classification by prompting"),
     Stage("eval_translation", "eval/translation", ("teacher_indomain",), "cli", "1-shot FLORES-200 translation"),
     Stage("eval_fairness", "eval/fairness", ("teacher_ft", "student_ft", "student_kd_ft"), "cli",
@@ -105,6 +106,40 @@ STAGES: tuple[Stage, ...] = (
           "internal", "REPORT.md, summary.json and plots"),
 )
 STAGE_BY_NAME = {s.name: s for s in STAGES}
+
+# The models of eval_massive: name (its directory under eval/massive/) -> model directory in the run dir.
+MASSIVE_MODELS: dict[str, str] = {
+    "teacher": "teacher-ft",
+    "scratch": "scratch-ft",
+    "student": "student-ft",
+    "student_int8": "onnx/int8",
+    "student_fp32": "onnx/fp32",
+    "student_kd": "student-kd-ft",
+    "student_nlu_int8": "onnx/nlu-int8",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MassiveComparison:
+    """One claim of the project, tested by `evaluate compare` on two eval_massive results (B - A on the
+    same ids, paired); the report's Claims section has one row per comparison."""
+
+    name: str  # writes eval/massive/compare_<name>.json and .md
+    a: str  # names in MASSIVE_MODELS
+    b: str
+    claim: str  # what the comparison shows, as the report states it
+    ratio: bool = False  # the claim is about the share of A's EM that B keeps (B / A)
+    identical: bool = False  # the claim is about B predicting what A predicts
+
+
+MASSIVE_COMPARISONS: tuple[MassiveComparison, ...] = (
+    MassiveComparison("pretraining", "scratch", "teacher",
+                      "pretraining helps fine-tuning (same size, fine-tuned from random weights vs pretrained)"),
+    MassiveComparison("distillation", "teacher", "student_fp32", "the distilled student keeps the teacher's EM",
+                      ratio=True),
+    MassiveComparison("quantization", "student_fp32", "student_int8", "int8 quantization keeps the student's predictions",
+                      identical=True),
+)
 
 
 def stage_commands(stage: Stage, run_dir: Path, preset: str | None, cfg: PipelineConfig, tmp_out: Path) -> list[list[str]]:
@@ -150,14 +185,15 @@ def stage_commands(stage: Stage, run_dir: Path, preset: str | None, cfg: Pipelin
             cmds.append(["export", "--model", str(run_dir / src), "--out", str(fp32_tmp)])
         return cmds
     if stage.name == "eval_massive":
-        models = {"teacher": run_dir / "teacher-ft", "scratch": run_dir / "scratch-ft", "student": run_dir / "student-ft",
-                  "student_int8": run_dir / "onnx" / "int8", "student_fp32": run_dir / "onnx" / "fp32",
-                  "student_kd": run_dir / "student-kd-ft", "student_nlu_int8": run_dir / "onnx" / "nlu-int8"}
+        models = [["evaluate", "massive", "--model", str(run_dir / d), "--locales", *cfg.massive_locales,
+                   "--max-examples", n_eval, "--out", str(tmp_out / name)] for name, d in MASSIVE_MODELS.items()]
         # The classical reference row of the MASSIVE tables, scored on the same ids as the models.
         baseline = ["evaluate", "baseline", "--locales", *cfg.massive_locales, "--max-examples", n_eval,
                     "--out", str(tmp_out / "baseline_tfidf")]
-        return [["evaluate", "massive", "--model", str(d), "--locales", *cfg.massive_locales,
-                 "--max-examples", n_eval, "--out", str(tmp_out / name)] for name, d in models.items()] + [baseline]
+        # After the models: each comparison reads two of their results (massive.json, the default --name).
+        compares = [["evaluate", "compare", str(tmp_out / c.a / "massive.json"), str(tmp_out / c.b / "massive.json"),
+                     "--out", str(tmp_out), "--name", f"compare_{c.name}"] for c in MASSIVE_COMPARISONS]
+        return [*models, baseline, *compares]
     if stage.name == "eval_icl":
         return [["evaluate", "icl", "--model", str(run_dir / "teacher-indomain"), "--locales", *cfg.icl_locales,
                  "--shots", *map(str, cfg.icl_shots), "--max-examples", str(cfg.icl_max_examples),

@@ -7,7 +7,15 @@ from pathlib import Path
 import pytest
 
 from launch.config import ConfigError, load_config
-from launch.pipeline import STAGE_BY_NAME, STAGES, PipelineConfig, plan_stages, stage_commands
+from launch.pipeline import (
+    MASSIVE_COMPARISONS,
+    MASSIVE_MODELS,
+    STAGE_BY_NAME,
+    STAGES,
+    PipelineConfig,
+    plan_stages,
+    stage_commands,
+)
 
 
 def _complete_all(run_dir: Path) -> None:
@@ -72,3 +80,20 @@ def test_tiny_and_small_pipeline_presets_load():
     for preset in ("tiny", "small"):
         cfg = load_config(PipelineConfig, section="pipeline", preset=preset)
         assert cfg.massive_locales
+
+
+def test_eval_massive_compares_after_evaluating_both_models(tmp_path):
+    tmp_out = tmp_path / ".tmp"
+    cmds = stage_commands(STAGE_BY_NAME["eval_massive"], tmp_path, "tiny", PipelineConfig(), tmp_out)
+    evaluated = {Path(c[c.index("--out") + 1]).name: k for k, c in enumerate(cmds) if c[:2] == ["evaluate", "massive"]}
+    assert set(evaluated) == set(MASSIVE_MODELS)
+    compares = [(k, c) for k, c in enumerate(cmds) if c[:2] == ["evaluate", "compare"]]
+    assert len(compares) == len(MASSIVE_COMPARISONS)
+    for comparison, (k, cmd) in zip(MASSIVE_COMPARISONS, compares):
+        # A and B are results this stage writes, before the comparison reads them.
+        assert cmd[2:4] == [str(tmp_out / comparison.a / "massive.json"), str(tmp_out / comparison.b / "massive.json")]
+        assert evaluated[comparison.a] < k and evaluated[comparison.b] < k
+        assert cmd[4:] == ["--out", str(tmp_out), "--name", f"compare_{comparison.name}"]
+    assert [(c.a, c.b) for c in MASSIVE_COMPARISONS] == [
+        ("scratch", "teacher"), ("teacher", "student_fp32"), ("student_fp32", "student_int8"),
+    ]  # fmt: skip
