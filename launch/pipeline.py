@@ -127,17 +127,17 @@ class MassiveComparison:
     name: str  # writes eval/massive/compare_<name>.json and .md
     a: str  # names in MASSIVE_MODELS
     b: str
-    claim: str  # what the comparison shows, as the report states it
+    question: str  # what the comparison answers, as the report asks it
     ratio: bool = False  # the claim is about the share of A's EM that B keeps (B / A)
     identical: bool = False  # the claim is about B predicting what A predicts
 
 
 MASSIVE_COMPARISONS: tuple[MassiveComparison, ...] = (
     MassiveComparison("pretraining", "scratch", "teacher",
-                      "pretraining helps fine-tuning (same size, fine-tuned from random weights vs pretrained)"),
-    MassiveComparison("distillation", "teacher", "student_fp32", "the distilled student keeps the teacher's EM",
+                      "does pretraining help fine-tuning? (the same size fine-tuned from random weights -> pretrained)"),
+    MassiveComparison("distillation", "teacher", "student_fp32", "what share of the teacher's EM does the student keep?",
                       ratio=True),
-    MassiveComparison("quantization", "student_fp32", "student_int8", "int8 quantization keeps the student's predictions",
+    MassiveComparison("quantization", "student_fp32", "student_int8", "does int8 change the student's predictions?",
                       identical=True),
 )
 

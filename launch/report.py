@@ -1,25 +1,38 @@
 """REPORT.md and summary.json for a pipeline run directory.
 
-Reads what the evaluation commands wrote under `eval/` (their JSON schemas are documented in the
-evaluation modules), the stage timings and the resolved configs, and writes:
+Reads what the evaluation commands wrote under `eval/` (their JSON schemas: docs/internals.md,
+"Evaluation outputs"), the teacher's pretraining records in `metrics.jsonl`, the stage timings and
+the resolved configs, and writes:
 
-- `summary.json`: {"massive": {model: {"em", "intent_acc", "slot_f1", "per_locale": {...}}},
-  "icl": {...}, "translation": {...}, "fairness": {...}, "latency_ms": {model: {"p50", "p95"}},
-  "size_mb": {model: MB}, "stage_seconds": {stage: s}}
-- `REPORT.md`: a summary table, per-locale tables, every evaluation's plots (copied to `plots/`),
-  the resolved configs and the wall time per stage.
+- `summary.json`: {"claims": {"comparisons": [...], "pretraining": [...]} (see `collect_claims`),
+  "massive": {model: {"em", "intent_acc", "slot_f1", "per_locale": {...}}}, "icl": {...},
+  "translation": {...}, "fairness": {...}, "latency_ms": {model: {"p50", "p95"}}, "size_mb": {model:
+  MB}, "stage_seconds": {stage: s}}
+- `REPORT.md`: the claims with their paired evidence, a summary table, per-locale tables, every
+  evaluation's plots (copied to `plots/`), the resolved configs and the wall time per stage.
+
+Whatever a skipped stage did not write is shown as "-" (null in summary.json), never an error.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from launch.fsutil import atomic_write_json, atomic_write_text
+from launch.pipeline import MASSIVE_COMPARISONS, MassiveComparison
 
 MASSIVE_METRICS = ("em", "intent_acc", "slot_f1")
+# The metric every comparison claim is stated in: exact match, the strictest of the three.
+CLAIM_METRIC = "em"
+# The pretraining runs (the "name" of their metrics.jsonl records) checked against the unigram line.
+PRETRAIN_RUNS = ("teacher", "teacher-indomain")
+# A teacher's held-out loss must fall well below the unigram cross-entropy of its data (DESIGN.md,
+# Optimisation); "well below" is taken as under half.
+PRETRAIN_TARGET_RATIO = 0.5
 
 
 def _load_json(path: Path) -> Any:
@@ -40,10 +53,87 @@ def _find_json(directory: Path, must_have: str | None = None) -> dict[str, Any] 
     return None
 
 
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a .jsonl file; none when it is missing, and a line a killed run left
+    unfinished is skipped."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+    records = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def comparison_claim(massive_dir: Path, comparison: MassiveComparison) -> dict[str, Any]:
+    """One row of the claims: `evaluate compare`'s eval/massive/compare_<name>.json reduced to the
+    claim's metric; every value null when the comparison was not run. B / A only for a claim about
+    the share of A's score that B keeps, identical predictions only for one about B predicting what A
+    predicts."""
+    data = _load_json(massive_dir / f"compare_{comparison.name}.json")
+    data = data if isinstance(data, dict) else {}
+    metric = (data.get("metrics") or {}).get(CLAIM_METRIC) or {}
+    diff_ci = metric.get("diff_ci")
+    identical = data.get("identical_predictions") or {}
+    return {
+        "name": comparison.name,
+        "question": comparison.question,
+        "a": comparison.a,
+        "b": comparison.b,
+        "metric": CLAIM_METRIC,
+        "value_a": metric.get("a"),
+        "value_b": metric.get("b"),
+        "diff": metric.get("diff"),
+        "diff_ci": diff_ci,
+        "excludes_zero": None if diff_ci is None else bool(diff_ci[0] > 0 or diff_ci[1] < 0),
+        "ratio": metric.get("ratio") if comparison.ratio else None,
+        "ratio_ci": metric.get("ratio_ci") if comparison.ratio else None,
+        "identical_predictions": identical.get("share") if comparison.identical else None,
+        "confidence": data.get("confidence"),
+        "num_ids": data.get("num_ids"),
+    }
+
+
+def pretraining_claim(records: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    """The pretraining run `name` against the unigram line: its last held-out denoising loss, the
+    held-out unigram cross-entropy it logged at step 0, and their ratio (nulls for what is missing).
+    A run logged twice (a rerun) counts with its latest records."""
+    losses = [r for r in records if r.get("name") == name and "eval_loss_denoise" in r]
+    unigram = [r for r in records if r.get("name") == name and r.get("step") == 0 and "heldout_unigram_ce" in r]
+    loss = losses[-1]["eval_loss_denoise"] if losses else None
+    reference = unigram[-1]["heldout_unigram_ce"] if unigram else None
+    ratio = loss / reference if loss is not None and reference else None
+    return {
+        "name": name,
+        "step": losses[-1].get("step") if losses else None,
+        "eval_loss_denoise": loss,
+        "heldout_unigram_ce": reference,
+        "ratio": ratio,
+        "target_ratio": PRETRAIN_TARGET_RATIO,
+        "meets_target": None if ratio is None else ratio < PRETRAIN_TARGET_RATIO,
+    }
+
+
+def collect_claims(run_dir: Path) -> dict[str, Any]:
+    """{"comparisons": [`comparison_claim` per MASSIVE_COMPARISONS], "pretraining":
+    [`pretraining_claim` per PRETRAIN_RUNS]}."""
+    records = _read_jsonl(run_dir / "metrics.jsonl")
+    return {
+        "comparisons": [comparison_claim(run_dir / "eval" / "massive", c) for c in MASSIVE_COMPARISONS],
+        "pretraining": [pretraining_claim(records, name) for name in PRETRAIN_RUNS],
+    }
+
+
 def collect_summary(run_dir: Path) -> dict[str, Any]:
     eval_dir = run_dir / "eval"
-    summary: dict[str, Any] = {"massive": {}, "icl": {}, "translation": {}, "fairness": {},
-                               "latency_ms": {}, "size_mb": {}, "stage_seconds": {}}
+    summary: dict[str, Any] = {"claims": collect_claims(run_dir), "massive": {}, "icl": {}, "translation": {},
+                               "fairness": {}, "latency_ms": {}, "size_mb": {}, "stage_seconds": {}}
     massive_dir = eval_dir / "massive"
     if massive_dir.is_dir():
         for model_dir in sorted(p for p in massive_dir.iterdir() if p.is_dir()):
@@ -111,9 +201,53 @@ def _flatten(prefix: str, obj: Any, out: list[tuple[str, Any]]) -> None:
         out.append((prefix, obj))
 
 
+def _yes_no(v: bool | None) -> str:
+    return "-" if v is None else ("yes" if v else "no")
+
+
+def _points(v: float | None) -> str:
+    """A difference of two scores in percentage points, signed."""
+    return "-" if v is None else f"{100 * v:+.1f}"
+
+
+def _num(v: float | None, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _interval(pair: list[float] | None, fmt: Callable[[float], str]) -> str:
+    return "-" if pair is None else f"[{fmt(pair[0])}, {fmt(pair[1])}]"
+
+
+def render_claims(claims: dict[str, Any]) -> str:
+    confidence = next((c["confidence"] for c in claims["comparisons"] if c["confidence"] is not None), None)
+    level = "" if confidence is None else f"{confidence:.0%} "
+    rows = []
+    for c in claims["comparisons"]:
+        ratio = "-" if c["ratio"] is None else f"{c['ratio']:.2f} {_interval(c['ratio_ci'], lambda x: f'{x:.2f}')}"
+        rows.append([c["question"], f"{c['a']} -> {c['b']}", _fmt(c["value_a"], True), _fmt(c["value_b"], True),
+                     _points(c["diff"]), _interval(c["diff_ci"], _points), _yes_no(c["excludes_zero"]), ratio,
+                     _fmt(c["identical_predictions"], True)])
+    metric = CLAIM_METRIC.upper()
+    parts = [
+        f"MASSIVE {metric} (mean over locales, %) of A and B on the same test ids; B - A in points with a "
+        f"{level}paired bootstrap interval over ids (details: eval/massive/compare_*.md).\n",
+        _md_table(["question", "A -> B", f"{metric} A %", f"{metric} B %", "B - A", f"{level}CI of B - A",
+                   "CI excludes 0", f"B / A ({level}CI)", "identical predictions %"], rows),
+        f"\nTeacher pretraining: the last held-out denoising loss against the held-out unigram "
+        f"cross-entropy of the data (nats/token); target: ratio below {PRETRAIN_TARGET_RATIO}.\n",
+        _md_table(["run", "step", "eval_loss_denoise", "unigram CE", "ratio", f"below {PRETRAIN_TARGET_RATIO}"],
+                  [[p["name"], _fmt(p["step"]), _num(p["eval_loss_denoise"], ".3f"),
+                    _num(p["heldout_unigram_ce"], ".3f"), _num(p["ratio"], ".2f"), _yes_no(p["meets_target"])]
+                   for p in claims["pretraining"]]),
+    ]
+    return "\n".join(parts)
+
+
 def render_report(run_dir: Path, summary: dict[str, Any], plots: list[Path]) -> str:
     parts: list[str] = [f"# polyteacher run report: `{run_dir.name}`\n"]
-    parts.append("## Summary\n")
+    parts.append("## Claims\n")
+    parts.append(render_claims(summary["claims"]))
+    parts.append("\n## Summary\n")
     rows = []
     for model, vals in summary["massive"].items():
         lat = summary["latency_ms"].get(model, {})

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from launch.config import PRESET_DIR
-from launch.pipeline import STAGE_BY_NAME, STAGES
+from launch.pipeline import MASSIVE_COMPARISONS, STAGE_BY_NAME, STAGES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -109,8 +109,13 @@ def test_pipeline_end_to_end_then_partial_rerun(tmp_path, massive_dir, flores_di
     assert summary["icl"]["accuracy"] and summary["translation"]["per_language"]
     assert set(summary["fairness"]["models"]) == {"teacher", "student_kd", "student_crr"}
     assert set(summary["stage_seconds"]) >= {s.name for s in STAGES if s.name != "report"}
+    # Every comparison behind the claims ran on the models' shared ids.
+    comparisons = summary["claims"]["comparisons"]
+    assert [c["name"] for c in comparisons] == [c.name for c in MASSIVE_COMPARISONS]
+    assert all(c["diff"] is not None and c["num_ids"] == 4 for c in comparisons)
+    assert all(p["heldout_unigram_ce"] > 0 for p in summary["claims"]["pretraining"])
     report = (run_dir / "REPORT.md").read_text()
-    for section in ("## Summary", "## MASSIVE per locale", "## In-context intent classification",
+    for section in ("## Claims", "## Summary", "## MASSIVE per locale", "## In-context intent classification",
                     "## 1-shot FLORES-200 translation", "## Fairness", "## Latency and size", "## Plots",
                     "## Wall time per stage", "## Resolved configuration"):
         assert section in report

@@ -1,0 +1,157 @@
+"""REPORT.md and summary.json (launch/report.py): the Claims section, built from small hand-made
+evaluation results, `evaluate compare` run on them, and a metrics.jsonl; and a run where the stages
+behind it were skipped."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from data_prep.massive import MassiveExample, NLUPrediction
+from evaluation.massive import result_json, score_records, utterance_records
+from launch.cli import main
+from launch.pipeline import MASSIVE_COMPARISONS
+from launch.report import write_report
+
+LOCALES = ("en-US", "de-DE")
+NUM_IDS = 100
+LABELS = ("Other", "Other", "date", "time", "place_name")
+
+
+def golds() -> list[MassiveExample]:
+    rng = random.Random(0)
+    out = []
+    for i in range(NUM_IDS):
+        slots = tuple(rng.choice(LABELS) for _ in range(rng.randint(2, 6)))
+        words = tuple(f"w{k}" for k in range(len(slots)))
+        for loc in LOCALES:
+            out.append(MassiveExample(
+                id=str(i), locale=loc, partition="test", scenario="alarm", intent="alarm_set",
+                utt=" ".join(words), annot_utt=" ".join(words), words=words, slots=slots,
+            ))  # fmt: skip
+    return out
+
+
+def predictions(examples: list[MassiveExample], p_right: float, seed: int) -> list[NLUPrediction]:
+    """Right on the whole utterance with probability p_right, else the intent is wrong."""
+    rng = random.Random(seed)
+    return [NLUPrediction(ex.intent if rng.random() < p_right else "wrong", list(ex.slots)) for ex in examples]
+
+
+def write_result(massive_dir: Path, name: str, examples: list[MassiveExample], preds: list[NLUPrediction]) -> None:
+    """A small `evaluate massive` result, as the pipeline lays it out: eval/massive/NAME/massive.json."""
+    records = utterance_records(examples, preds)
+    result = {"kind": "massive", "model": name, **score_records(records, samples=200), "records": records}
+    (massive_dir / name).mkdir(parents=True)
+    (massive_dir / name / "massive.json").write_text(result_json(result))
+
+
+def write_metrics(run_dir: Path) -> None:
+    records = [
+        {"stage": "pretrain", "name": "teacher", "step": 0, "heldout_unigram_ce": 6.0},
+        {"stage": "pretrain", "name": "teacher", "step": 0, "eval_loss": 9.0, "eval_loss_denoise": 8.0},
+        {"stage": "pretrain", "name": "teacher", "step": 100, "eval_loss": 3.0, "eval_loss_denoise": 2.4},
+        {"stage": "pretrain", "name": "teacher-indomain", "step": 0, "heldout_unigram_ce": 5.0},
+        {"stage": "pretrain", "name": "teacher-indomain", "step": 50, "eval_loss_denoise": 3.0},
+        # Another run's records do not count for the teacher's.
+        {"stage": "finetune", "name": "teacher-ft", "step": 100, "eval_loss_denoise": 0.1},
+    ]
+    lines = [json.dumps(r) for r in records]
+    # A killed run can leave its last line unfinished.
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + '\n{"stage": "pretrain", "name": "tea')
+
+
+@pytest.fixture()
+def run_dir(tmp_path: Path) -> Path:
+    """A run directory with the four models the claims compare, their comparisons, and metrics.jsonl."""
+    run_dir = tmp_path / "run"
+    massive_dir = run_dir / "eval" / "massive"
+    examples = golds()
+    fp32 = predictions(examples, 0.8, 2)
+    # int8 changes two predictions of its fp32 source (one id in each locale, one of them an intent).
+    int8 = list(fp32)
+    int8[0] = NLUPrediction(fp32[0].intent, ["time"] * len(fp32[0].slots))
+    int8[11] = NLUPrediction("changed", fp32[11].slots)
+    for name, preds in (("scratch", predictions(examples, 0.2, 0)), ("teacher", predictions(examples, 0.9, 1)),
+                        ("student_fp32", fp32), ("student_int8", int8)):  # fmt: skip
+        write_result(massive_dir, name, examples, preds)
+    for c in MASSIVE_COMPARISONS:
+        argv = ["evaluate", "compare", str(massive_dir / c.a / "massive.json"), str(massive_dir / c.b / "massive.json"),
+                "--out", str(massive_dir), "--name", f"compare_{c.name}", "--samples", "200"]  # fmt: skip
+        assert main(argv) == 0
+    write_metrics(run_dir)
+    return run_dir
+
+
+def test_claims_state_each_comparison_with_its_paired_evidence(run_dir, capsys):
+    summary = write_report(run_dir)
+    capsys.readouterr()
+    on_disk = json.loads((run_dir / "summary.json").read_text())
+    assert on_disk["claims"] == summary["claims"]
+    rows = {row["name"]: row for row in summary["claims"]["comparisons"]}
+    assert list(rows) == ["pretraining", "distillation", "quantization"]
+    for row in rows.values():
+        # A's and B's EM are those of their own results, on the same ids.
+        assert (row["value_a"], row["value_b"]) == (summary["massive"][row["a"]]["em"], summary["massive"][row["b"]]["em"])
+        assert row["diff"] == pytest.approx(row["value_b"] - row["value_a"])
+        assert row["metric"] == "em" and row["num_ids"] == NUM_IDS and row["confidence"] == 0.95
+
+    pretraining = rows["pretraining"]
+    assert (pretraining["a"], pretraining["b"]) == ("scratch", "teacher")
+    assert 0.0 < pretraining["diff_ci"][0] < pretraining["diff"] and pretraining["excludes_zero"] is True
+    assert pretraining["ratio"] is None and pretraining["identical_predictions"] is None
+
+    distillation = rows["distillation"]
+    assert (distillation["a"], distillation["b"]) == ("teacher", "student_fp32")
+    assert distillation["ratio"] == pytest.approx(distillation["value_b"] / distillation["value_a"])
+    assert distillation["ratio_ci"][0] < distillation["ratio"] < distillation["ratio_ci"][1]
+    assert distillation["identical_predictions"] is None
+
+    quantization = rows["quantization"]
+    assert (quantization["a"], quantization["b"]) == ("student_fp32", "student_int8")
+    # Two of 2 x 100 utterances changed.
+    assert quantization["identical_predictions"] == 0.99 and quantization["ratio"] is None
+    assert quantization["diff_ci"][0] <= quantization["diff"] <= quantization["diff_ci"][1]
+
+    teacher, indomain = summary["claims"]["pretraining"]
+    assert teacher == {"name": "teacher", "step": 100, "eval_loss_denoise": 2.4, "heldout_unigram_ce": 6.0,
+                       "ratio": pytest.approx(0.4), "target_ratio": 0.5, "meets_target": True}  # fmt: skip
+    assert (indomain["name"], indomain["ratio"], indomain["meets_target"]) == ("teacher-indomain", 0.6, False)
+
+    report = (run_dir / "REPORT.md").read_text()
+    assert report.index("## Claims") < report.index("## Summary")
+    claims = report[report.index("## Claims") : report.index("## Summary")]
+    rows_md = [line for line in claims.splitlines() if line.startswith("|") and " -> " in line]
+    assert rows_md[0].startswith("| question | A -> B | EM A % | EM B % | B - A | 95% CI of B - A | CI excludes 0 |")
+    lines = {line.split(" | ")[1]: line for line in rows_md[1:]}
+    assert set(lines) == {"scratch -> teacher", "teacher -> student_fp32", "student_fp32 -> student_int8"}
+    assert "| yes |" in lines["scratch -> teacher"]
+    assert f"| {distillation['ratio']:.2f} [" in lines["teacher -> student_fp32"]
+    assert lines["student_fp32 -> student_int8"].endswith("| - | 99.0 |")
+    assert "| teacher | 100 | 2.400 | 6.000 | 0.40 | yes |" in claims
+    assert "| teacher-indomain | 50 | 3.000 | 5.000 | 0.60 | no |" in claims
+
+
+def test_claims_of_a_run_whose_stages_were_skipped_are_dashes(tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "eval" / "massive").mkdir(parents=True)
+    # A comparison cut short, and a teacher that logged its unigram line but never evaluated.
+    (run_dir / "eval" / "massive" / "compare_quantization.json").write_text('{"metrics": {"em": {"a": 0.')
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"name": "teacher", "step": 0, "heldout_unigram_ce": 6.0}) + "\n")
+    summary = write_report(run_dir)
+    for row in summary["claims"]["comparisons"]:
+        assert all(row[k] is None for k in ("value_a", "value_b", "diff", "diff_ci", "excludes_zero", "ratio",
+                                            "identical_predictions", "num_ids"))  # fmt: skip
+    teacher, indomain = summary["claims"]["pretraining"]
+    assert teacher["heldout_unigram_ce"] == 6.0 and teacher["ratio"] is None and teacher["meets_target"] is None
+    assert indomain["heldout_unigram_ce"] is None
+    report = (run_dir / "REPORT.md").read_text()
+    assert "| scratch -> teacher | - | - | - | - | - | - | - |" in report
+    assert "| teacher | - | - | 6.000 | - | - |" in report
+    # Nothing at all: no eval directory, no metrics.jsonl.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert [row["diff"] for row in write_report(empty)["claims"]["comparisons"]] == [None] * len(MASSIVE_COMPARISONS)
