@@ -88,7 +88,10 @@ def test_prepare_end_to_end_then_reuse(tmp_path, capsys, massive_dir, corpora_di
     assert next(r for r in evaluation if r["locale"] == "ja-JP")["fertility_unit"] == "char"
 
     tok = load_tokenizer(run / "tokenizer")
-    assert len(tok) == 1000 and special_ids(tok).sentinels == list(range(5, 15))
+    # 1000 SentencePiece pieces, then one whole token per MASSIVE label of the train partitions.
+    num_labels = json.loads((run / "tokenizer" / "training.json").read_text())["num_label_tokens"]
+    assert num_labels > 60 and len(tok) == 1000 + num_labels
+    assert special_ids(tok).sentinels == list(range(5, 15))
     stats = json.loads((run / "data" / "stats.json").read_text())
     train = load_packed(run / "data", "train")
     docs = unpack_documents(train["input_ids"], special_ids(tok).sep)

@@ -50,7 +50,7 @@ def test_two_process_distillation_loss_falls(tmp_path, tiny_teacher_dir, tiny_to
         "distill", "--run-dir", str(run), "--teacher", str(tiny_teacher_dir), "--out", "student-crr",
         "--preset", "tiny",
         "cda=two_sided", "perturb=max", "hidden_loss_weight=0.1",
-        "train.max_steps=16", "train.micro_batch_size=4", "train.global_batch_size=8", "train.lr=0.003",
+        "train.max_steps=16", "train.micro_batch_size=4", "train.global_batch_size=8",
         "train.warmup_steps=2", "train.log_every=1", "train.eval_every=8", "train.save_every=8",
         "train.num_eval_batches=1",
     ]

@@ -180,7 +180,7 @@ def test_seq2seq_finetune_end_to_end_then_score_with_the_evaluation_scorer(tmp_p
     _run_finetune(
         run_dir, "--model", str(tiny_teacher_dir), "--preset", "tiny", "--out", "teacher-ft",
         f"massive={massive_dir}", "locales=[en-US,ja-JP]", "num_train_examples=400", "num_eval_examples=16",
-        "train.max_steps=30", "train.eval_every=15", "train.save_every=15", "intent_first=true",
+        "train.max_steps=30", "train.eval_every=15", "train.save_every=15", "train.log_every=10", "intent_first=true",
     )
     # The target order travels with the model, so every predictor parses it the same way.
     assert json.loads((run_dir / "teacher-ft" / "config.json").read_text())["massive_intent_first"] is True
@@ -222,7 +222,7 @@ def test_encoder_finetune_resumes_exactly_from_a_mid_run_checkpoint(tmp_path, ti
     run_dir = tmp_path / "run"
     common = [
         "--model", str(tiny_teacher_dir), "--head", "encoder", "--preset", "tiny", f"massive={massive_dir}",
-        "locales=[en-US,th-TH]", "num_train_examples=200", "num_eval_examples=16", "train.max_steps=12",
+        "locales=[en-US,th-TH]", "num_train_examples=200", "num_eval_examples=16", "train.max_steps=12", "train.warmup_steps=2",
         "train.save_every=6", "train.eval_every=0", "train.log_every=3", "dropout=0.1",
     ]
     _run_finetune(run_dir, *common, "--out", "straight")

@@ -34,6 +34,8 @@ COMMON = [
     f"train.max_steps={MAX_STEPS}", "train.micro_batch_size=4", "train.global_batch_size=8", "train.warmup_steps=2",
     "train.lr=0.003", "train.log_every=1", "train.eval_every=8", "train.num_eval_batches=4", "train.save_every=4",
     "train.keep_checkpoints=3", "teacher.dropout=0.1",
+    # fp32: the exported model's plain forward is compared with the run's held-out loss.
+    "train.precision=fp32",
 ]
 LAUNCH_TIMEOUT_S = 600
 
