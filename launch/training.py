@@ -597,16 +597,18 @@ def progress_bar(total: int, initial: int = 0, desc: str = "", enabled: bool | N
                 disable=not (is_rank0() if enabled is None else enabled))
 
 
-def measure_peak_tflops(num_threads: int | None = None, size: int = 1024, seconds: float = 0.5) -> float:
-    """Best fp32 matmul throughput (TFLOP/s) of this process on CPU with `num_threads` torch threads."""
+def measure_peak_tflops(num_threads: int | None = None, size: int = 1024, seconds: float = 0.5,
+                        dtype: str = "float32") -> float:
+    """Best `dtype` (float32 or bfloat16) matmul throughput (TFLOP/s) of this process on CPU with
+    `num_threads` torch threads."""
     import torch
 
     previous = torch.get_num_threads()
     if num_threads:
         torch.set_num_threads(num_threads)
     try:
-        a = torch.randn(size, size, generator=torch.Generator().manual_seed(0))
-        b = torch.randn(size, size, generator=torch.Generator().manual_seed(1))
+        a = torch.randn(size, size, generator=torch.Generator().manual_seed(0)).to(getattr(torch, dtype))
+        b = torch.randn(size, size, generator=torch.Generator().manual_seed(1)).to(getattr(torch, dtype))
         torch.mm(a, b)  # warm-up: thread pool and caches
         best = 0.0
         deadline = time.perf_counter() + seconds
