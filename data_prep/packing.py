@@ -131,7 +131,7 @@ def write_packed(
 
     sep_id = special_ids(tokenizer).sep
     stats: dict[str, Any] = {"seq_len": cfg.seq_len, "sep_id": sep_id, "splits": {}, **(info or {})}
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, kind="packed-data") as tmp:
         for split, (documents, locales) in splits.items():
             if len(documents) != len(locales):
                 raise ValueError(f"{split}: {len(documents)} documents but {len(locales)} locales")

@@ -93,7 +93,7 @@ def train_tokenizer(
     processor = spm.SentencePieceProcessor(model_proto=model.data)
     fast = _to_fast_tokenizer(processor, cfg.num_sentinels, label_tokens)
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, kind="tokenizer") as tmp:
         fast.save_pretrained(str(tmp))
         (tmp / "spm.model").write_bytes(model.data)
         meta = {

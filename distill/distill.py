@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from distill.config import DistillConfig
 from launch.config import ConfigError, resolve_data_path, save_config, to_dict
-from launch.fsutil import atomic_write_json, safe_path
+from launch.fsutil import atomic_write_json, check_output, safe_path
 from launch.training import LossWindow, is_due
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -430,6 +430,8 @@ def distill(cfg: DistillConfig, run_dir: str | Path, resume: bool = False) -> Pa
 
     # config
     run_dir = Path(run_dir)
+    check_output(safe_path(run_dir, cfg.out), "model", run_dir, flag="--out",
+                 inputs=[resolve_dir(run_dir, cfg.teacher, "teacher")])
     dist_info = init_distributed(cfg.train.num_threads)
     seed_everything(cfg.train.seed)
     grad_accum = cfg.train.grad_accum_steps(dist_info.world_size)

@@ -31,9 +31,9 @@ COMMAND_MODULES = (
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
-    from launch.fsutil import UnsafePathError
+    from launch.fsutil import OutputPathError, UnsafePathError
 
-    types_: list[type[BaseException]] = [UnsafePathError]
+    types_: list[type[BaseException]] = [UnsafePathError, OutputPathError]
     try:
         from data_prep.massive import MassiveError
 

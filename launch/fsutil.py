@@ -2,6 +2,11 @@
 
 Every artifact is written under a temporary name in the same directory and renamed into place, so a
 crash never leaves a half-written file (or directory) under its final name.
+
+A command never deletes what it did not write: every directory `atomic_dir` publishes holds a marker
+file (`ARTIFACT_MARKER`, naming its kind: model, tokenizer, packed-data, onnx, ...), and `atomic_dir`
+replaces an existing directory only when it is empty or carries the marker of the same kind.
+`check_output_dir` makes the same check up front, before a stage spends minutes of work.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +34,60 @@ def _public_mode(is_dir: bool) -> int:
 
 class UnsafePathError(ValueError):
     """A path escapes the directory it must stay in."""
+
+
+class OutputPathError(ValueError):
+    """An output path would replace something this kind of command did not write."""
+
+
+ARTIFACT_MARKER = ".polyteacher-artifact"
+"""File in every directory `atomic_dir` publishes: JSON {"kind": KIND}."""
+
+
+def artifact_kind(path: str | os.PathLike) -> str | None:
+    """The kind recorded in `path`'s marker, or None when there is no readable marker."""
+    try:
+        return str(json.loads((Path(path) / ARTIFACT_MARKER).read_text(encoding="utf-8"))["kind"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def check_output_dir(path: str | os.PathLike, kind: str, flag: str = "the output path") -> None:
+    """Refuse `path` as the output of a `kind` artifact unless it is absent, an empty directory, or a
+    previous `kind` artifact (its marker says so). Raises OutputPathError naming the path."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return
+    if not path.is_dir():
+        raise OutputPathError(f"{flag} {path} is a file, not a directory; choose another output path")
+    if not any(path.iterdir()):
+        return
+    found = artifact_kind(path)
+    if found == kind:
+        return
+    what = f"a polyteacher {found} directory" if found else "not a polyteacher output"
+    raise OutputPathError(
+        f"refusing to replace {path}: it is {what}, not a previous {kind} directory; choose another "
+        f"output path, or move {path} away yourself if its contents can go"
+    )
+
+
+def check_output(out: str | os.PathLike, kind: str, run_dir: str | os.PathLike | None = None,
+                 inputs: Iterable[str | os.PathLike | None] = (), flag: str = "--out") -> None:
+    """Refuse `out` as a stage's output when it is the run directory itself, an input of the stage (or
+    holds one, or lies inside one), or an existing directory that is not a previous `kind` output.
+    Call before any work; raises OutputPathError naming the path."""
+    target = Path(out).resolve()
+    if run_dir is not None and target == Path(run_dir).resolve():
+        raise OutputPathError(f"{flag} {out} is the run directory itself; give the output its own name, e.g. "
+                              f"{flag} {kind}")
+    for source in inputs:
+        if source is None:
+            continue
+        src = Path(source).resolve()
+        if target == src or src in target.parents or target in src.parents:
+            raise OutputPathError(f"{flag} {out} would replace this stage's input {source}; choose another output path")
+    check_output_dir(target, kind, flag=flag)
 
 
 def safe_path(root: str | os.PathLike, relative: str | os.PathLike) -> Path:
@@ -67,20 +126,26 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Pat
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike, kind: str = "model", overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces `path`, on error it is removed.
 
     Use for model directories, tokenizers and Arrow datasets: readers only ever see a complete one.
+    The published directory holds the `kind` marker; an existing `path` is replaced only when it is
+    empty or a previous `kind` artifact (checked before and after the work; see `check_output_dir`),
+    and never when `overwrite` is false.
     """
     final = Path(path)
+    check_output_dir(final, kind)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         yield tmp
+        atomic_write_json(tmp / ARTIFACT_MARKER, {"kind": kind})
         os.chmod(tmp, _public_mode(is_dir=True))
         if final.exists():
             if not overwrite:
                 raise FileExistsError(f"{final} already exists")
+            check_output_dir(final, kind)
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             os.replace(final, old)
             os.replace(tmp, final)

@@ -109,18 +109,19 @@ class ExportConfig:
 # ----------------------------------------------------------------------------- the stage
 
 
-def export(model_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: ExportConfig) -> Path:
+def export(model_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: ExportConfig,
+           run_dir: str | os.PathLike | None = None) -> Path:
     """Export `model_dir` (a HF seq2seq directory, an encoder NLU directory, or an fp32 ONNX export
-    when cfg.int8) to `out_dir`, atomically. Returns out_dir."""
-    from launch.fsutil import atomic_dir
+    when cfg.int8) to `out_dir`, atomically. Returns out_dir. `out_dir` must be new, empty or a
+    previous export (never `run_dir` itself or the model): see launch.fsutil.check_output."""
+    from launch.fsutil import atomic_dir, check_output
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"--model {model_dir}: no such directory")
-    if out_dir.resolve() == model_dir.resolve():
-        raise ValueError(f"--out {out_dir} must differ from --model")
+    check_output(out_dir, "onnx", run_dir, inputs=[model_dir], flag="--out")
     started = time.time()
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, kind="onnx") as tmp:
         if (model_dir / MANIFEST).exists():
             if not cfg.int8:
                 raise ValueError(f"{model_dir} is already an ONNX export; only --int8 can be applied to it")
@@ -757,7 +758,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", required=True, help="model directory (HF seq2seq, encoder NLU, or an fp32 ONNX export)")
-    p.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    p.add_argument("--out", required=True, help="output directory: new, empty, or a previous export (replaced atomically)")
     p.add_argument("--int8", action="store_true", help="quantize weights to int8 (sets int8=true)")
     p.add_argument("--run-dir", default=None, help="run directory: relative --model/--out are resolved inside it")
     p.add_argument("--preset", default=None, help="preset name (launch/presets) or YAML path; section 'export'")
@@ -774,6 +775,6 @@ def run_cli(args: argparse.Namespace) -> int:
 
         model = model if model.is_absolute() else safe_path(args.run_dir, model)
         out = out if out.is_absolute() else safe_path(args.run_dir, out)
-    export(model, out, cfg)
+    export(model, out, cfg, run_dir=args.run_dir)
     print(json.dumps({"out": str(out), "config": to_dict(cfg)}))
     return 0

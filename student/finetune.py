@@ -33,7 +33,7 @@ from launch.distributed import (
     build_engine,
     init_distributed,
 )
-from launch.fsutil import safe_path
+from launch.fsutil import check_output, safe_path
 from launch.training import (
     CheckpointManager,
     LossWindow,
@@ -399,6 +399,9 @@ def finetune(cfg: FinetuneConfig, run_dir: str | Path, resume: bool = False) -> 
     # config
     run_dir = Path(run_dir)
     name = output_name(cfg)
+    # A different-kind directory (tokenizer, data) is refused by its marker; a model input by name.
+    init = None if cfg.scratch_preset or not cfg.init else resolve_dir(run_dir, cfg.init, "init")
+    check_output(safe_path(run_dir, name), "model", run_dir, inputs=[init], flag="--out")
     dist_info = init_distributed(cfg.train.num_threads)
     seed_everything(cfg.train.seed)
     grad_accum = cfg.train.grad_accum_steps(dist_info.world_size)

@@ -22,6 +22,7 @@ from launch.distributed import (
     init_distributed,
     is_rank0,
 )
+from launch.fsutil import check_output
 from launch.training import (
     CheckpointManager,
     MetricsLogger,
@@ -51,6 +52,8 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False) -> 
     cfg.validate()
     paths = resolve_paths(cfg, run_dir)
     check_inputs(paths)
+    check_output(paths.out, "model", paths.run_dir,
+                 inputs=[paths.train_data.parent, paths.tokenizer, paths.init_from], flag="--out")
     dist = init_distributed(cfg.train.num_threads)
     seed_everything(cfg.train.seed)
     cfg_yaml = config_yaml(cfg)

@@ -1,0 +1,100 @@
+"""Output-path guards: a command never replaces a directory it did not write (issue 14, cases 1-2)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from launch.cli import main
+from launch.fsutil import ARTIFACT_MARKER, OutputPathError, artifact_kind, atomic_dir, check_output
+
+
+def _user_dir(path):
+    path.mkdir(parents=True)
+    (path / "notes.txt").write_text("mine")
+    return path
+
+
+def test_atomic_dir_marks_what_it_publishes_and_replaces_only_its_own_kind(tmp_path):
+    with atomic_dir(tmp_path / "m", kind="model") as tmp:
+        (tmp / "w").write_text("1")
+    assert artifact_kind(tmp_path / "m") == "model"
+    with atomic_dir(tmp_path / "m", kind="model") as tmp:  # a previous output of the same kind
+        (tmp / "w").write_text("2")
+    assert (tmp_path / "m" / "w").read_text() == "2"
+    with pytest.raises(OutputPathError, match="not a previous onnx directory"):
+        with atomic_dir(tmp_path / "m", kind="onnx") as tmp:
+            pass
+    assert (tmp_path / "m" / "w").read_text() == "2"
+    (tmp_path / "empty").mkdir()
+    with atomic_dir(tmp_path / "empty", kind="onnx") as tmp:  # an empty directory is free
+        (tmp / "g").write_text("x")
+    assert json.loads((tmp_path / "empty" / ARTIFACT_MARKER).read_text()) == {"kind": "onnx"}
+
+
+def test_atomic_dir_refuses_a_directory_it_did_not_write(tmp_path):
+    user = _user_dir(tmp_path / "u")
+    with pytest.raises(OutputPathError, match=str(user)):
+        with atomic_dir(user, kind="onnx") as tmp:
+            (tmp / "g").write_text("x")
+    assert (user / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["u"]  # no temporary left behind
+
+
+def test_atomic_dir_checks_again_before_replacing(tmp_path):
+    target = tmp_path / "m"
+    with pytest.raises(OutputPathError):
+        with atomic_dir(target, kind="model") as tmp:
+            _user_dir(target)  # appeared while the work ran
+            (tmp / "w").write_text("1")
+    assert (target / "notes.txt").read_text() == "mine"
+
+
+def test_check_output_refuses_the_run_directory_and_inputs(tmp_path):
+    run = _user_dir(tmp_path / "run")
+    (run / "data" / "train").mkdir(parents=True)
+    with pytest.raises(OutputPathError, match="run directory itself"):
+        check_output(run, "model", run)
+    with pytest.raises(OutputPathError, match="input"):
+        check_output(run / "data", "model", run, inputs=[run / "data"])
+    with pytest.raises(OutputPathError, match="input"):
+        check_output(run / "data" / "train" / "x", "model", run, inputs=[run / "data"])
+    check_output(run / "teacher", "model", run, inputs=[run / "data"])  # new: fine
+
+
+def _fake_run_dir(tmp_path):
+    """Just enough of a prepared run directory for pretrain's and export's checks (they refuse
+    before any real work)."""
+    run = tmp_path / "R"
+    for d in ("data/train", "data/heldout", "tokenizer", "checkpoints/teacher"):
+        (run / d).mkdir(parents=True)
+    (run / "teacher").mkdir()
+    (run / "teacher" / "config.json").write_text("{}")
+    (run / "metrics.jsonl").write_text("{}\n")
+    return run
+
+
+def _tree(path):
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+@pytest.mark.parametrize("out", [".", "data", "data/train", "tokenizer", "checkpoints"])
+def test_pretrain_out_never_replaces_the_run_directory_or_an_input(tmp_path, capsys, out):
+    run = _fake_run_dir(tmp_path)
+    before = _tree(run)
+    assert main(["pretrain", "--run-dir", str(run), "--preset", "tiny", "--out", out]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("polyteacher: OutputPathError:") and "\n" not in err
+    assert _tree(run) == before
+
+
+@pytest.mark.parametrize("out", [".", "teacher", "U"])
+def test_export_out_never_replaces_what_it_did_not_write(tmp_path, capsys, out):
+    run = _fake_run_dir(tmp_path)
+    _user_dir(run / "U")
+    before = _tree(run)
+    assert main(["export", "--run-dir", str(run), "--model", "teacher", "--out", out, "--int8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("polyteacher: OutputPathError:") and "\n" not in err
+    assert _tree(run) == before
