@@ -31,9 +31,11 @@ COMMAND_MODULES = (
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
+    from launch.distributed import UnsafeCheckpointError
     from launch.fsutil import OutputPathError, UnsafePathError
+    from launch.training import CheckpointError
 
-    types_: list[type[BaseException]] = [UnsafePathError, OutputPathError]
+    types_: list[type[BaseException]] = [UnsafePathError, OutputPathError, UnsafeCheckpointError, CheckpointError]
     try:
         from data_prep.massive import MassiveError
 

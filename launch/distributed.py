@@ -475,3 +475,49 @@ def full_fp32_state_dict(engine: Any, model: Any) -> dict[str, Any] | None:
         else:  # buffers: never partitioned
             out[name] = tensor.detach().to("cpu").clone()
     return out
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint file needs more than tensors and plain containers to load (it could run code)."""
+
+
+def _checkpoint_safe_globals() -> list[Any]:
+    """The few DeepSpeed classes its own checkpoints pickle (loss scalers, the ZeRO stage enum, tensor
+    fragment addresses): plain data, rebuilt by torch's weights-only unpickler without running code."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def weights_only_loads() -> Any:
+    """Inside the block every `torch.load` (DeepSpeed's checkpoint engine and ZeRO's own loads) is a
+    weights-only load with `_checkpoint_safe_globals` allowed, whatever `weights_only` the caller
+    passed: a pickle that names any other global is refused with UnsafeCheckpointError instead of
+    being executed."""
+    import pickle
+
+    import torch
+
+    original = torch.load
+    allowed = _checkpoint_safe_globals()
+
+    def load(f: Any, *args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return original(f, *args, **kwargs)
+        except pickle.UnpicklingError as e:
+            detail = next((line.strip() for line in str(e).splitlines() if "Unsupported" in line), str(e).strip())
+            raise UnsafeCheckpointError(
+                f"refusing to load {f}: it is not a plain-tensor checkpoint ({detail.splitlines()[0][:200]}); "
+                "polyteacher never unpickles code from checkpoints; resume only from checkpoints it wrote"
+            ) from None
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original

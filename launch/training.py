@@ -6,7 +6,8 @@
 - `ResumableSampler`: a deterministic permutation per (seed, epoch), sharded by rank, resumable
   from the checkpointed data position.
 - `CheckpointManager`: DeepSpeed checkpoints + every rank's RNG states + state.json + config, with
-  a COMPLETE marker written last; incomplete checkpoints (a crash mid-write) are ignored.
+  a COMPLETE marker written last (holding the SHA-256 of every file); incomplete checkpoints (a
+  crash mid-write) are ignored, and resume verifies the digests and loads weights-only (below).
 - `MetricsLogger`: metrics.jsonl + TensorBoard on rank 0.
 - `NonFiniteLossError`, `check_finite`: stop on NaN/inf before the optimizer applies it.
 - `refuse_to_start_over`, `restore_or_start`, `is_due`, `config_yaml`, `LossWindow`: the set-up and
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -348,6 +350,15 @@ class CheckpointManager:
     A checkpoint holds DeepSpeed's files (model, optimizer, LR scheduler; one shard per rank under
     ZeRO), `rng/rank_%05d.json` per rank, `state.json` (TrainState), optionally `config.yaml`, and
     `COMPLETE`, written by rank 0 after every rank has finished: a directory without it is ignored.
+    COMPLETE is JSON, {"step": N, "sha256": {relative path: digest}} over every other file.
+
+    Safe resume: DeepSpeed's files are pickles, and unpickling runs whatever code a pickle names. `load`
+    therefore (1) checks every file against the digests in COMPLETE (a corrupted or swapped file is
+    refused; a checkpoint whose COMPLETE has no digests, from before they were recorded, is accepted
+    with a note) and (2) loads inside `weights_only_loads()`, so a pickle naming anything beyond
+    tensors, plain containers and DeepSpeed's own loss-scaler/ZeRO records is refused, not run. A
+    checkpoint copied in from elsewhere can carry its own matching COMPLETE: the weights-only load is
+    the guard against code, the digests against damage.
     """
 
     def __init__(self, run_dir: str | os.PathLike, name: str, keep: int = 2) -> None:
@@ -394,7 +405,8 @@ class CheckpointManager:
             atomic_write_json(path / "state.json", state.to_dict())
             if config_yaml is not None:
                 atomic_write_text(path / "config.yaml", config_yaml)
-            atomic_write_text(path / COMPLETE_MARKER, f"step {state.step}\n")
+            marker = {"step": state.step, "sha256": checkpoint_digests(path)}
+            atomic_write_text(path / COMPLETE_MARKER, json.dumps(marker, indent=1) + "\n")
             self._prune()
         barrier()
         return path
@@ -417,9 +429,13 @@ class CheckpointManager:
             raise FileNotFoundError(f"no complete checkpoint under {self.root}")
         if not (path / COMPLETE_MARKER).is_file():
             raise FileNotFoundError(f"checkpoint {path} is incomplete (no {COMPLETE_MARKER} marker)")
-        loaded, _ = engine.load_checkpoint(
-            str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
+        verify_checkpoint(path)
+        from launch.distributed import weights_only_loads
+
+        with weights_only_loads():
+            loaded, _ = engine.load_checkpoint(
+                str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
         if loaded is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
         rank = get_rank()
@@ -431,6 +447,47 @@ class CheckpointManager:
             )
         set_rng_state(json.loads(rng_file.read_text()))
         return TrainState.from_dict(json.loads((path / "state.json").read_text()))
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint's files do not match the digests its COMPLETE marker recorded."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_digests(path: Path) -> dict[str, str]:
+    """SHA-256 of every file under the checkpoint directory `path` but COMPLETE, by relative path."""
+    return {
+        f.relative_to(path).as_posix(): _sha256(f)
+        for f in sorted(path.rglob("*"))
+        if f.is_file() and f.name != COMPLETE_MARKER and not f.name.startswith(".")
+    }
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Raise CheckpointError when a file of `path` is missing, added or changed against COMPLETE's
+    digests. A marker without digests (an older polyteacher's `step N`) passes, with a note."""
+    try:
+        recorded = json.loads((path / COMPLETE_MARKER).read_text())["sha256"]
+    except (ValueError, KeyError, TypeError):
+        if is_rank0():
+            print(f"note: {path / COMPLETE_MARKER} records no digests (written before they were); loading it "
+                  "weights-only without a digest check", file=sys.stderr, flush=True)
+        return
+    found = checkpoint_digests(path)
+    for name in sorted(set(recorded) | set(found)):
+        if recorded.get(name) != found.get(name):
+            what = "is missing" if name not in found else "is not part of it" if name not in recorded else "changed"
+            raise CheckpointError(
+                f"checkpoint {path}: {name} {what} since it was written (digests in {COMPLETE_MARKER}); "
+                "refusing to resume from it: remove this step directory to resume from the one before"
+            )
 
 
 # ----------------------------------------------------------------------------- metrics, NaN guard

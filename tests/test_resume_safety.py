@@ -1,0 +1,93 @@
+"""Safe resume (issue 14, case 5): checkpoints are digest-checked and loaded weights-only, so a
+crafted pickle copied into a run directory is refused instead of run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_training import _batches, _tiny_t5, _train
+
+from launch.distributed import UnsafeCheckpointError
+from launch.training import COMPLETE_MARKER, CheckpointError, CheckpointManager, TrainConfig, TrainState
+
+
+@pytest.fixture(scope="module")
+def dist():
+    from launch.distributed import init_distributed
+
+    return init_distributed(num_threads=1)
+
+
+class _Payload:
+    """Unpickling this creates the file `target`: what a malicious checkpoint would do."""
+
+    def __init__(self, target):
+        self.target = str(target)
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def _saved(tmp_path, dist, zero_stage=0):
+    from launch.distributed import build_engine
+
+    cfg = TrainConfig(micro_batch_size=4, global_batch_size=4, max_steps=4, warmup_steps=1, lr=1e-2,
+                      zero_stage=zero_stage)
+    engine = build_engine(_tiny_t5(), cfg, dist)
+    _train(engine, _batches(2))
+    manager = CheckpointManager(tmp_path, "t")
+    path = manager.save(engine, TrainState(step=2))
+    return cfg, manager, path
+
+
+def test_complete_marker_records_a_digest_of_every_file(tmp_path, dist):
+    _, _, path = _saved(tmp_path, dist)
+    marker = json.loads((path / COMPLETE_MARKER).read_text())
+    assert marker["step"] == 2
+    assert "state.json" in marker["sha256"] and "rng/rank_00000.json" in marker["sha256"]
+    assert any(name.endswith(".pt") for name in marker["sha256"])
+
+
+def test_resume_refuses_a_file_changed_after_it_was_written(tmp_path, dist):
+    from launch.distributed import build_engine
+
+    cfg, manager, path = _saved(tmp_path, dist)
+    (path / "state.json").write_text(json.dumps(TrainState(step=99).to_dict()))
+    with pytest.raises(CheckpointError, match="state.json changed"):
+        manager.load(build_engine(_tiny_t5(), cfg, dist))
+
+
+def test_resume_never_runs_a_pickle_even_with_matching_digests(tmp_path, dist):
+    import torch
+
+    from launch.distributed import build_engine
+    from launch.training import checkpoint_digests
+
+    cfg, manager, path = _saved(tmp_path, dist)
+    ran = tmp_path / "code-ran"
+    model_file = next(path.glob("*model_states.pt"))
+    state = torch.load(model_file, map_location="cpu", weights_only=False)
+    state["payload"] = _Payload(ran)
+    torch.save(state, model_file)
+    # A crafted checkpoint brings its own COMPLETE: digests cannot tell; the weights-only load must.
+    (path / COMPLETE_MARKER).write_text(json.dumps({"step": 2, "sha256": checkpoint_digests(path)}))
+    with pytest.raises(UnsafeCheckpointError, match="refusing to load"):
+        manager.load(build_engine(_tiny_t5(), cfg, dist))
+    assert not ran.exists()
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_resume_loads_zero_checkpoints_weights_only(tmp_path, dist, zero_stage):
+    from launch.distributed import build_engine
+
+    cfg, manager, _ = _saved(tmp_path, dist, zero_stage)
+    assert manager.load(build_engine(_tiny_t5(seed=3), cfg, dist)).step == 2
+
+
+def test_legacy_marker_without_digests_still_loads(tmp_path, dist):
+    from launch.distributed import build_engine
+
+    cfg, manager, path = _saved(tmp_path, dist)
+    (path / COMPLETE_MARKER).write_text("step 2\n")
+    assert manager.load(build_engine(_tiny_t5(), cfg, dist)).step == 2
