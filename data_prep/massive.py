@@ -15,6 +15,8 @@ slot-free `annot_utt` that differs from `utt`, an id repeated within a partition
 `MassiveFormatError` naming the file and line; with `on_bad_row="skip"` it is skipped, counted per
 reason in `MassiveData.report` and a summary is logged. Rows of partitions that were not asked for are counted but not parsed (their
 `"partition"` value is read from the raw line; a line without a readable one is fully checked).
+A file that cannot be decompressed is a `MassiveSourceError` naming it, in both modes; a locale file
+without any row is one too, and with "skip" a counted `empty_file` skip (FILE_REASONS) instead.
 
 Words and slots follow the official baseline (alexa/massive, scripts/create_hf_dataset.py): one
 slot label per whitespace-separated word, `Other` outside spans. ja-JP, zh-CN and zh-TW are split
@@ -48,6 +50,7 @@ import tarfile
 import tempfile
 import urllib.parse
 import urllib.request
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -104,6 +107,9 @@ BAD_ROW_REASONS: dict[str, str] = {
     "duplicate_id": "an id seen earlier in the same file",
 }
 """Why a row is bad (the keys of MassiveReport.skipped)."""
+
+FILE_REASONS: dict[str, str] = {"empty_file": "the locale file holds no rows"}
+"""Why a whole file is skipped with on_bad_row="skip" (also keys of MassiveReport.skipped)."""
 
 # At most this many bad-row messages are kept per reason in the report (all are counted).
 _MAX_MESSAGES_PER_REASON = 20
@@ -755,7 +761,8 @@ class MassiveData:
         for reason, n in sorted(r.skipped.items()):
             example = next((b for b in r.bad_rows if b.reason == reason), None)
             where = f" (first: {example.path}:{example.line}: {example.message})" if example else ""
-            lines.append(f"  skipped {n} {reason}: {BAD_ROW_REASONS.get(reason, reason)}{where}")
+            what = BAD_ROW_REASONS.get(reason) or FILE_REASONS.get(reason, reason)
+            lines.append(f"  skipped {n} {reason}: {what}{where}")
         return "\n".join(lines)
 
 
@@ -944,7 +951,14 @@ def _parse_stream(
         requested = set(parser.partitions)
         counts = parser.partition_rows
         search = _PARTITION_RE.search
-        for line_no, raw in enumerate(stream.read().split(b"\n"), start=1):
+        try:
+            data = stream.read()
+        except (EOFError, OSError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+            raise MassiveSourceError(
+                f"{path}: cannot be read as {'gzip' if '.gz' in path else 'a file'} ({type(e).__name__}: {e}); "
+                "the file is truncated or corrupt: copy or download it again"
+            ) from None
+        for line_no, raw in enumerate(data.split(b"\n"), start=1):
             m = search(raw)
             if m is None:
                 parser.add_line(line_no, raw, None)
@@ -956,6 +970,11 @@ def _parse_stream(
             if line_no % 1024 == 0:  # bar.update per row would cost as much as the parsing
                 bar.update(1024)
         bar.update(line_no % 1024)
+    if not parser.partition_rows and not parser.file_bad and not any(parser.split_bad.values()):
+        message = "the file holds no rows (expected one JSON object per line)"
+        if on_bad_row == "error":
+            raise MassiveSourceError(f"{path}: {message}; remove it or replace it with the locale's real file")
+        parser.file_bad.append(BadRow(path, 1, "empty_file", message))
     return parser
 
 

@@ -11,6 +11,7 @@ import http.server
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -733,3 +734,35 @@ def test_data_root_prefix(massive_dir: Path) -> None:
     via_prefix = load_massive("@data/massive/data", locales=["en-US"], partitions="dev", progress=False)
     direct = load_massive(massive_dir, locales=["en-US"], partitions="dev", progress=False)
     assert len(via_prefix) == 2033 and _summary(via_prefix) == _summary(direct)
+
+
+# ----------------------------------------------------------------------------- unreadable and empty files
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupt"])
+@pytest.mark.parametrize("on_bad_row", ["error", "skip"])
+def test_unreadable_gzip_names_the_file(tmp_path: Path, sample_rows, damage, on_bad_row) -> None:
+    lines = [json.dumps(r, ensure_ascii=False) for r in sample_rows["en-US"]]
+    path = write_jsonl(tmp_path / "src" / "en-US.jsonl.gz", lines)
+    data = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        path.write_bytes(data[:10] + bytes(b ^ 0x5A for b in data[10:40]) + data[40:])
+    with pytest.raises(massive.MassiveSourceError, match=re.escape(str(path)) + ": cannot be read as gzip") as info:
+        load_massive(path.parent, on_bad_row=on_bad_row, progress=False)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("content", ["", "\n\n"])
+def test_empty_locale_file_is_an_error_or_a_counted_skip(tmp_path: Path, sample_rows, content) -> None:
+    src = tmp_path / "src"
+    write_jsonl(src / "de-DE.jsonl", [json.dumps(r, ensure_ascii=False) for r in sample_rows["de-DE"][:5]])
+    empty = src / "en-US.jsonl.gz"
+    empty.write_bytes(gzip.compress(content.encode()))
+    with pytest.raises(massive.MassiveSourceError, match=re.escape(str(empty)) + ": the file holds no rows"):
+        load_massive(src, progress=False)
+    data = load_massive(src, on_bad_row="skip", progress=False)
+    assert data.report.skipped == {"empty_file": 1}
+    assert "skipped 1 empty_file: the locale file holds no rows" in data.summary_table()
+    assert str(empty) in data.summary_table()
