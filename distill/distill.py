@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from distill.config import DistillConfig
 from launch.config import ConfigError, resolve_data_path, save_config, to_dict
 from launch.fsutil import atomic_write_json, check_output, safe_path
+from launch.modeldir import check_model_dir
 from launch.training import LossWindow, is_due
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -63,10 +64,11 @@ def load_teacher(teacher_dir: Path, device: str, precision: str = "fp32") -> Any
     """The frozen teacher: eval mode, requires_grad False, in the training precision (safetensors, no
     remote code). Every rank holds a full replica (it is only run forward)."""
     import torch
-    from transformers import AutoModelForSeq2SeqLM
+
+    from launch.modeldir import load_seq2seq_model
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    teacher = AutoModelForSeq2SeqLM.from_pretrained(teacher_dir, use_safetensors=True, dtype=dtype)
+    teacher = load_seq2seq_model(teacher_dir, "distill.teacher", dtype=dtype)
     teacher.eval().requires_grad_(False)
     return teacher.to(device)
 
@@ -430,8 +432,8 @@ def distill(cfg: DistillConfig, run_dir: str | Path, resume: bool = False) -> Pa
 
     # config
     run_dir = Path(run_dir)
-    check_output(safe_path(run_dir, cfg.out), "model", run_dir, flag="--out",
-                 inputs=[resolve_dir(run_dir, cfg.teacher, "teacher")])
+    teacher_dir = check_model_dir(resolve_dir(run_dir, cfg.teacher, "teacher"), "distill.teacher")
+    check_output(safe_path(run_dir, cfg.out), "model", run_dir, inputs=[teacher_dir], flag="--out")
     dist_info = init_distributed(cfg.train.num_threads)
     seed_everything(cfg.train.seed)
     grad_accum = cfg.train.grad_accum_steps(dist_info.world_size)

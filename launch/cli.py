@@ -33,9 +33,11 @@ COMMAND_MODULES = (
 def _user_error_types() -> tuple[type[BaseException], ...]:
     from launch.distributed import UnsafeCheckpointError
     from launch.fsutil import OutputPathError, UnsafePathError
+    from launch.modeldir import ModelDirError
     from launch.training import CheckpointError
 
-    types_: list[type[BaseException]] = [UnsafePathError, OutputPathError, UnsafeCheckpointError, CheckpointError]
+    types_: list[type[BaseException]] = [UnsafePathError, OutputPathError, UnsafeCheckpointError, CheckpointError,
+                                           ModelDirError]
     try:
         from data_prep.massive import MassiveError
 

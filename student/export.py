@@ -115,10 +115,11 @@ def export(model_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Export
     when cfg.int8) to `out_dir`, atomically. Returns out_dir. `out_dir` must be new, empty or a
     previous export (never `run_dir` itself or the model): see launch.fsutil.check_output."""
     from launch.fsutil import atomic_dir, check_output
+    from launch.modeldir import check_model_dir
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"--model {model_dir}: no such directory")
+    if not (model_dir / MANIFEST).is_file():  # an fp32 ONNX export is the other input --int8 takes
+        check_model_dir(model_dir, "--model")
     check_output(out_dir, "onnx", run_dir, inputs=[model_dir], flag="--out")
     started = time.time()
     with atomic_dir(out_dir, kind="onnx") as tmp:
@@ -227,9 +228,9 @@ def quantize_export(fp32_dir: Path, out: Path, cfg: ExportConfig) -> dict[str, A
 
 def load_seq2seq(model_dir: Path) -> Any:
     """The HF seq2seq model in fp32 eval mode (safetensors; never remote code)."""
-    from transformers import AutoModelForSeq2SeqLM
+    from launch.modeldir import load_seq2seq_model
 
-    model = AutoModelForSeq2SeqLM.from_pretrained(model_dir, trust_remote_code=False, dtype="float32")
+    model = load_seq2seq_model(model_dir, "--model", dtype="float32")
     model.eval()
     for attr in ("encoder", "decoder"):
         if not hasattr(model, attr):

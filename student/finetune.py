@@ -34,6 +34,7 @@ from launch.distributed import (
     init_distributed,
 )
 from launch.fsutil import check_output, safe_path
+from launch.modeldir import check_model_dir
 from launch.training import (
     CheckpointManager,
     LossWindow,
@@ -228,10 +229,9 @@ def build_seq2seq(cfg: FinetuneConfig, run_dir: Path, tokenizer: Any) -> Any:
 
         model = build_model(dataclasses.replace(cfg.model, preset=cfg.scratch_preset), tokenizer, seed=cfg.train.seed)
     else:
-        from transformers import AutoModelForSeq2SeqLM
+        from launch.modeldir import load_seq2seq_model
 
-        model_dir = resolve_dir(run_dir, cfg.init, "init")
-        model = AutoModelForSeq2SeqLM.from_pretrained(str(model_dir), trust_remote_code=False, dtype="float32")
+        model = load_seq2seq_model(resolve_dir(run_dir, cfg.init, "init"), "finetune.init", dtype="float32")
     if cfg.dropout is not None:
         _set_dropout(model, cfg.dropout)
     if cfg.head == "seq2seq":
@@ -401,6 +401,8 @@ def finetune(cfg: FinetuneConfig, run_dir: str | Path, resume: bool = False) -> 
     name = output_name(cfg)
     # A different-kind directory (tokenizer, data) is refused by its marker; a model input by name.
     init = None if cfg.scratch_preset or not cfg.init else resolve_dir(run_dir, cfg.init, "init")
+    if init is not None:
+        check_model_dir(init, "finetune.init")
     check_output(safe_path(run_dir, name), "model", run_dir, inputs=[init], flag="--out")
     dist_info = init_distributed(cfg.train.num_threads)
     seed_everything(cfg.train.seed)

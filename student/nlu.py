@@ -229,7 +229,9 @@ class EncoderNLUModel(nn.Module):
         from safetensors.torch import load_model
         from transformers import AutoConfig, AutoTokenizer
 
-        model_dir = Path(model_dir)
+        from launch.modeldir import check_model_dir
+
+        model_dir = check_model_dir(model_dir, "NLU model directory")
         labels = NLULabels.read(model_dir)
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)

@@ -23,6 +23,7 @@ from launch.distributed import (
     is_rank0,
 )
 from launch.fsutil import check_output
+from launch.modeldir import check_model_dir
 from launch.training import (
     CheckpointManager,
     MetricsLogger,
@@ -118,6 +119,8 @@ def check_inputs(paths: PretrainPaths) -> None:
                 f"{what} not found at {path}; run `polyteacher data prepare --run-dir {paths.run_dir}` (and the "
                 "stage that writes init_from) first, or set data=/tokenizer=/init_from= to the right directory"
             )
+    if paths.init_from is not None:
+        check_model_dir(paths.init_from, "init_from")
 
 
 def load_data(paths: PretrainPaths) -> tuple[Any, Any, Any]:
@@ -148,9 +151,9 @@ def load_or_build_model(cfg: PretrainConfig, paths: PretrainPaths, tokenizer: An
         from teacher.presets import build_model
 
         return build_model(cfg.teacher, tokenizer, seed=cfg.train.seed)
-    from transformers import AutoModelForSeq2SeqLM
+    from launch.modeldir import load_seq2seq_model
 
-    model = AutoModelForSeq2SeqLM.from_pretrained(paths.init_from)
+    model = load_seq2seq_model(paths.init_from, "init_from")
     if model.config.vocab_size < len(tokenizer):
         raise ConfigError(f"init_from model has {model.config.vocab_size} embedding rows, tokenizer {len(tokenizer)}")
     return model

@@ -1,0 +1,49 @@
+"""The one rule for loading a model directory, with the same messages in every command.
+
+A model directory is a Hugging Face `save_pretrained` directory with `config.json` and safetensors
+weights (`model.safetensors`, or a sharded `model.safetensors.index.json`). Pickle weights
+(`pytorch_model.bin`) are refused everywhere: unpickling a file can run code, and a directory that
+loads in one command but not in another is worse than one clear refusal. The message says how to
+convert such a directory once, for a user who trusts its source.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")
+
+
+class ModelDirError(ValueError):
+    """A model directory that is missing, incomplete or in a format polyteacher does not load."""
+
+
+def check_model_dir(path: str | os.PathLike, what: str = "model directory") -> Path:
+    """`path` when it is a loadable model directory, else ModelDirError (one line, naming it)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelDirError(f"{what} {path}: no such directory")
+    if not (path / "config.json").is_file():
+        raise ModelDirError(f"{what} {path}: not a model directory (no config.json)")
+    if any((path / name).is_file() for name in SAFETENSORS_FILES):
+        return path
+    pickles = sorted(p.name for p in path.glob("pytorch_model*.bin"))
+    if pickles:
+        raise ModelDirError(
+            f"{what} {path}: its weights are a pickle ({pickles[0]}), which polyteacher does not load "
+            "(unpickling can run code); if you trust its source, convert it to safetensors once: python -c "
+            "\"import sys; from transformers import AutoModelForSeq2SeqLM as M; "
+            "M.from_pretrained(sys.argv[1], use_safetensors=False).save_pretrained(sys.argv[1])\" "
+            f"{path}  (then remove {pickles[0]})"
+        )
+    raise ModelDirError(f"{what} {path}: no weights (model.safetensors); the directory is incomplete")
+
+
+def load_seq2seq_model(path: str | os.PathLike, what: str = "model directory", **kwargs: Any) -> Any:
+    """`AutoModelForSeq2SeqLM.from_pretrained` of a checked directory: safetensors only, no remote code."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    path = check_model_dir(path, what)
+    return AutoModelForSeq2SeqLM.from_pretrained(str(path), use_safetensors=True, trust_remote_code=False, **kwargs)
