@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="rebuild outputs even when they exist (needed when the settings changed)",
     )
-    prep.set_defaults(func=cmd_prepare)
+    prep.set_defaults(func=cmd_prepare, lock_run_dir="run_dir")
 
     mas = _stage_parser(
         data_sub,
@@ -52,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "also written to RUN_DIR/massive_report.json and parsed splits are cached there.",
         run_dir_required=False,
     )
-    mas.set_defaults(func=cmd_massive)
+    mas.set_defaults(func=cmd_massive, lock_run_dir="run_dir")
 
     tok = _stage_parser(
         data_sub,
@@ -69,7 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="only evaluate the tokenizer in DIR (a tokenizer or model directory); no training",
     )
     tok.add_argument("--force", action="store_true", help="retrain even when RUN_DIR/tokenizer exists")
-    tok.set_defaults(func=cmd_tokenizer)
+    tok.set_defaults(func=cmd_tokenizer, lock_run_dir="run_dir")
 
     pack = _stage_parser(
         data_sub,
@@ -79,7 +79,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "sampled mixture, packs it into packing.seq_len rows joined by <sep> and writes Arrow shards.",
     )
     pack.add_argument("--force", action="store_true", help="repack even when the outputs exist")
-    pack.set_defaults(func=cmd_pack)
+    pack.set_defaults(func=cmd_pack, lock_run_dir="run_dir")
 
 
 def _stage_parser(

@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", default=None, help="preset name (launch/presets) or YAML path for the distill section")
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint of <out>")
     p.add_argument("overrides", nargs="*", help="dotted overrides of the distill section, e.g. alpha=0.7")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, lock_run_dir="run_dir")
 
 
 def run(args: argparse.Namespace) -> int:

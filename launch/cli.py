@@ -1,18 +1,22 @@
 """The `polyteacher` command.
 
 Each stage module that owns subcommands exposes `register(subparsers)`, which adds its parsers and
-sets `func` (called with the parsed args; returns an exit code or None). Those modules import heavy
+sets `func` (called with the parsed args; returns an exit code or None). A command that writes into
+a run directory also sets `lock_run_dir` to the name of the argument holding it: `main` runs it under
+`launch.fsutil.run_dir_lock`, so one writer holds a run directory at a time. Those modules import heavy
 libraries (torch, deepspeed) inside their functions so that `polyteacher --help` stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
 from collections.abc import Iterable
 
 from launch.config import ConfigError
+from launch.fsutil import run_dir_lock
 
 # Modules that contribute subcommands, in the order they appear in --help.
 COMMAND_MODULES = (
@@ -32,12 +36,12 @@ COMMAND_MODULES = (
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
     from launch.distributed import UnsafeCheckpointError
-    from launch.fsutil import OutputPathError, UnsafePathError
+    from launch.fsutil import OutputPathError, RunDirLockedError, UnsafePathError
     from launch.modeldir import ModelDirError
     from launch.training import CheckpointError
 
     types_: list[type[BaseException]] = [UnsafePathError, OutputPathError, UnsafeCheckpointError, CheckpointError,
-                                           ModelDirError]
+                                           ModelDirError, RunDirLockedError]
     try:
         from data_prep.massive import MassiveError
 
@@ -90,8 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    lock_dir = getattr(args, getattr(args, "lock_run_dir", None) or "", None)
     try:
-        code = args.func(args)
+        with run_dir_lock(lock_dir, " ".join(["polyteacher", *(sys.argv[1:] if argv is None else argv)])[:300]) \
+                if lock_dir else contextlib.nullcontext():
+            code = args.func(args)
     except ConfigError as e:
         print(f"polyteacher: config error: {e}", file=sys.stderr)
         return 2

@@ -179,3 +179,119 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
             except json.JSONDecodeError:
                 break
     return out
+
+
+# ----------------------------------------------------------------------------- the run-directory lock
+
+LOCK_FILE = ".polyteacher.lock"
+"""In the run directory while a writing command runs: JSON {pid, host, start, command, token}."""
+LOCK_ENV = "POLYTEACHER_RUN_LOCK"
+"""The holder's token, inherited by the processes it starts (pipeline stages, launched ranks), which
+then run under their parent's lock instead of waiting for it."""
+
+
+class RunDirLockedError(RuntimeError):
+    """Another live process holds the run directory."""
+
+
+def _process_start(pid: int) -> str | None:
+    """The kernel's start time of `pid` (clock ticks since boot; tells a reused pid apart), if known."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _alive(holder: dict[str, Any]) -> bool:
+    """Whether the lock's holder still runs (unknowable for another host: assumed alive)."""
+    import socket
+
+    if holder.get("host") != socket.gethostname():
+        return True
+    pid = int(holder.get("pid", 0))
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    start = holder.get("start")
+    return start is None or _process_start(pid) in (None, start)
+
+
+def _read_lock(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}  # being written, or damaged: treated as a holder that is gone once it is old
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: str | os.PathLike, command: str) -> Iterator[None]:
+    """Hold `run_dir` for one writing command: a second one fails at once with RunDirLockedError
+    naming the holder. A lock whose process is gone (same host) is stale and taken over. Only
+    rank 0 of a launched run takes it; processes started under a holder (LOCK_ENV) share it."""
+    import socket
+    import time
+
+    run = Path(run_dir)
+    path = run / LOCK_FILE
+    if run.exists() and not run.is_dir():
+        raise OutputPathError(f"run directory {run} is a file, not a directory; give --run-dir a directory")
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    inherited = os.environ.get(LOCK_ENV)
+    holder = _read_lock(path)
+    if inherited and holder and holder.get("token") == inherited:
+        yield
+        return
+    created = not run.exists()  # removed again on release if the command left it empty
+    run.mkdir(parents=True, exist_ok=True)
+    token = f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}"
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "start": _process_start(os.getpid()),
+              "command": command, "since": time.strftime("%Y-%m-%d %H:%M:%S"), "token": token}
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            holder = _read_lock(path)
+            if holder is None:
+                continue  # released meanwhile
+            if holder == {} and time.time() - path.stat().st_mtime < 5:
+                time.sleep(0.2)  # being written right now
+                continue
+            if holder and _alive(holder):
+                raise RunDirLockedError(
+                    f"run directory {run} is in use by `{holder.get('command')}` (pid {holder.get('pid')} on "
+                    f"{holder.get('host')}, since {holder.get('since')}); wait for it to finish, or remove "
+                    f"{path} if that process is gone"
+                ) from None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(record, f)
+        break
+    else:
+        raise RunDirLockedError(f"could not take the lock {path}; another command is starting in {run}")
+    previous = os.environ.get(LOCK_ENV)
+    os.environ[LOCK_ENV] = token
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(LOCK_ENV, None)
+        else:
+            os.environ[LOCK_ENV] = previous
+        if (_read_lock(path) or {}).get("token") == token:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        if created:
+            with contextlib.suppress(OSError):
+                run.rmdir()

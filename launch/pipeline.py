@@ -323,7 +323,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", nargs="*", default=[], metavar="STAGE", help="rerun these stages (and what depends on them)")
     p.add_argument("--list-stages", action="store_true", help="print the stages, their outputs and dependencies, then exit")
     p.add_argument("overrides", nargs="*", help="pipeline.* overrides without the prefix, e.g. num_train_procs=1")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, lock_run_dir="out")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -53,7 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="continue from the latest complete checkpoint of checkpoints/<out>/ (exactly: same data "
                    "order, RNG and optimizer state); starts fresh when there is none")
     p.add_argument("overrides", nargs="*", help="dotted config overrides (listed below), e.g. train.max_steps=200")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, lock_run_dir="run_dir")
 
 
 def build_config(args: argparse.Namespace) -> FinetuneConfig:

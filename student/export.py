@@ -764,7 +764,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run-dir", default=None, help="run directory: relative --model/--out are resolved inside it")
     p.add_argument("--preset", default=None, help="preset name (launch/presets) or YAML path; section 'export'")
     p.add_argument("overrides", nargs="*", help="dotted overrides of the export config, e.g. opset=17 per_channel=true")
-    p.set_defaults(func=run_cli)
+    p.set_defaults(func=run_cli, lock_run_dir="run_dir")
 
 
 def run_cli(args: argparse.Namespace) -> int:

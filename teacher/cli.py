@@ -54,7 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "optimizer, LR schedule, data position, RNG); starts fresh when there is none. Without it, "
                    "existing checkpoints are an error")
     p.add_argument("overrides", nargs="*", help="dotted config overrides (listed below), e.g. train.max_steps=200")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, lock_run_dir="run_dir")
 
 
 def build_config(args: argparse.Namespace) -> PretrainConfig:
