@@ -234,6 +234,7 @@ def main() -> None:
     auto = "bf16" if cpu_bf16_speedup() >= BF16_MIN_SPEEDUP else "fp32"
     results = []
     tmp = Path(args.out).with_suffix(".part.json")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
     for precision in precisions:
         for mode in modes:
             print(f"running {mode} {precision} ...", file=sys.stderr, flush=True)
