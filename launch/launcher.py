@@ -17,6 +17,10 @@ environment (`launch.distributed.init_distributed`). Ways to start them:
 Without a GPU the processes use DeepSpeed's CPU accelerator (DS_ACCELERATOR=cpu) and gloo, each with
 cores / K threads (OMP_NUM_THREADS); with GPUs NCCL, one GPU per process. `--dry-run` prints the
 command and environment instead of running them.
+
+SIGINT and SIGTERM to `polyteacher launch` reach every process it started (`run_process_tree`): the
+launcher and its ranks run as one process group, which gets the signal, and `launch` returns only
+when all of them have exited (128 + the signal number).
 """
 
 from __future__ import annotations
@@ -241,14 +245,70 @@ def run_launch(opts: LaunchOptions, dry_run: bool = False) -> int:
         print(" ".join(f"{k}={shlex.quote(v)}" for k, v in changed.items()) + " " + shlex.join(argv))
         return 0
     print(f"polyteacher launch: {shlex.join(argv)}", file=sys.stderr, flush=True)
-    proc = subprocess.Popen(argv, env=env)
+    return run_process_tree(argv, env)
+
+
+# Seconds the processes get to exit after a forwarded signal (or after the launcher itself exited)
+# before the rest of the tree is killed.
+SHUTDOWN_GRACE_S = 30.0
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def run_process_tree(argv: list[str], env: dict[str, str], grace_s: float | None = None) -> int:
+    """Run `argv` (a process launcher) and everything it starts as one process group, and wait for all.
+
+    The launcher runs in a new session, so its ranks share a process group of their own. SIGINT and
+    SIGTERM sent to this process (Ctrl-C, `kill`, SLURM preemption) go to that whole group, not only
+    to the launcher: DeepSpeed's runner dies on SIGTERM without passing it on, which used to leave the
+    ranks training (and writing) on their own. After the launcher exits, ranks still running get
+    SIGTERM, and whatever is left `grace_s` later SIGKILL. Returns the launcher's exit code, or 128 +
+    the signal number when a signal stopped the run.
+    """
+    import time
+
+    grace_s = SHUTDOWN_GRACE_S if grace_s is None else grace_s
+    proc = subprocess.Popen(argv, env=env, start_new_session=True)
+    pgid = proc.pid
+    received: list[int] = []
 
     def forward(signum: int, _frame: object) -> None:
-        proc.send_signal(signum)
+        received.append(signum)
+        _signal_group(pgid, signum)
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, forward)
-    return proc.wait()
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = proc.wait()
+        if _group_alive(pgid):
+            _signal_group(pgid, signal.SIGTERM)
+            deadline = time.monotonic() + grace_s
+            while _group_alive(pgid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if _group_alive(pgid):
+                _signal_group(pgid, signal.SIGKILL)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        print(f"polyteacher launch: stopped by {signal.Signals(received[0]).name}; every process of the run has "
+              "exited", file=sys.stderr, flush=True)
+        return 128 + received[0]
+    return code
 
 
 def register(sub: argparse._SubParsersAction) -> None:
