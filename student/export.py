@@ -120,6 +120,7 @@ def export(model_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Export
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if not (model_dir / MANIFEST).is_file():  # an fp32 ONNX export is the other input --int8 takes
         check_model_dir(model_dir, "--model")
+        check_has_tokenizer(model_dir)
     check_output(out_dir, "onnx", run_dir, inputs=[model_dir], flag="--out")
     started = time.time()
     with atomic_dir(out_dir, kind="onnx") as tmp:
@@ -659,6 +660,22 @@ def weights_sha256(model_dir: Path) -> dict[str, Any]:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
     return {"sha256": digest.hexdigest(), "files": [p.name for p in files]}
+
+
+# A model directory's own tokenizer: one of these must exist, else transformers would make one up
+# from the model type (a default T5 tokenizer with nothing in common with the model's vocabulary).
+TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "spiece.model")
+
+
+def check_has_tokenizer(model_dir: Path) -> None:
+    """Refuse a model directory without its tokenizer (ModelDirError, one line) before any export work."""
+    from launch.modeldir import ModelDirError
+
+    if not any((model_dir / name).is_file() for name in TOKENIZER_MARKERS):
+        raise ModelDirError(
+            f"--model {model_dir}: no tokenizer (none of {', '.join(TOKENIZER_MARKERS)}); an export serves the "
+            "model's own tokenizer: save it into the directory first (tokenizer.save_pretrained)"
+        )
 
 
 def copy_tokenizer(model_dir: Path, out: Path) -> None:

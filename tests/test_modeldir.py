@@ -62,3 +62,12 @@ def test_every_command_refuses_the_same_model_directories_in_one_line(tmp_path, 
     assert code == 2
     assert "\n" not in err and err.startswith("polyteacher") and str(model) in err, err
     assert re.search(message, err), err
+
+
+def test_export_refuses_a_model_directory_without_its_tokenizer(tmp_path, capsys):
+    # Issue 14, case 9: export used to make up a default T5 tokenizer and exit 0.
+    model = _model_dir(tmp_path / "M", "model.safetensors")
+    assert main(["export", "--model", str(model), "--out", str(tmp_path / "onnx")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "no tokenizer" in err and str(model) in err
+    assert not (tmp_path / "onnx").exists()
