@@ -1185,7 +1185,7 @@ def load_massive(
             if temporary:
                 shutil.rmtree(local.parent, ignore_errors=True)
     else:
-        from launch.config import resolve_data_path
+        from launch.config import describe_data_root, resolve_data_path
 
         path = resolve_data_path(source_str)  # `@data/...` is under the data root
         loader.report.source = str(path)
@@ -1194,9 +1194,10 @@ def load_massive(
         elif path.is_file():
             _load_tarball(path, str(path), wanted, loader)
         else:
-            raise MassiveSourceError(
-                f"MASSIVE source {source_str!r} is neither a directory, a tarball, an http(s)/file URL nor 'hub'"
-            )
+            where = f" = {path}, under the data root {describe_data_root()}" if source_str.startswith("@data/") else ""
+            missing = "" if path.exists() else " (it does not exist)"
+            raise MassiveSourceError(f"MASSIVE source {source_str!r}{where} is neither a directory, a tarball, an "
+                                     f"http(s)/file URL nor 'hub'{missing}")
 
     data = MassiveData(loader.splits, loader.report)
     if data.report.num_skipped:

@@ -57,6 +57,13 @@ def data_root(explicit: str | os.PathLike | None = None) -> Path:
     return (REPO_ROOT.parent / "shared").resolve()
 
 
+def describe_data_root(explicit: str | os.PathLike | None = None) -> str:
+    """The data root and where it came from, for messages: `/x (from POLYTEACHER_DATA)`."""
+    origin = ("given explicitly" if explicit else "from POLYTEACHER_DATA" if os.environ.get("POLYTEACHER_DATA")
+              else "the default; set POLYTEACHER_DATA to change it")
+    return f"{data_root(explicit)} ({origin})"
+
+
 def resolve_data_path(value: str, root: str | os.PathLike | None = None) -> Path:
     """Resolve a config path that may start with `@data/` (meaning: under the data root)."""
     if value.startswith("@data/"):

@@ -766,3 +766,13 @@ def test_empty_locale_file_is_an_error_or_a_counted_skip(tmp_path: Path, sample_
     assert data.report.skipped == {"empty_file": 1}
     assert "skipped 1 empty_file: the locale file holds no rows" in data.summary_table()
     assert str(empty) in data.summary_table()
+
+
+def test_missing_data_root_shows_the_resolved_path(tmp_path: Path, monkeypatch) -> None:
+    # Issue 14, case 10: POLYTEACHER_DATA=/nonexistent named only '@data/massive/data'.
+    monkeypatch.setenv("POLYTEACHER_DATA", str(tmp_path / "nonexistent"))
+    with pytest.raises(MassiveSourceError) as info:
+        load_massive("@data/massive/data", progress=False)
+    message = str(info.value)
+    assert str(tmp_path / "nonexistent" / "massive" / "data") in message and "from POLYTEACHER_DATA" in message
+    assert "does not exist" in message
