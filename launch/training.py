@@ -430,12 +430,24 @@ class CheckpointManager:
         if not (path / COMPLETE_MARKER).is_file():
             raise FileNotFoundError(f"checkpoint {path} is incomplete (no {COMPLETE_MARKER} marker)")
         verify_checkpoint(path)
-        from launch.distributed import weights_only_loads
+        from launch.distributed import UnsafeCheckpointError, weights_only_loads
 
-        with weights_only_loads():
-            loaded, _ = engine.load_checkpoint(
-                str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
-            )
+        try:
+            with weights_only_loads():
+                loaded, _ = engine.load_checkpoint(
+                    str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
+                )
+        except (RuntimeError, KeyError, ValueError) as e:
+            if isinstance(e, (CheckpointError, UnsafeCheckpointError)):
+                raise
+            first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            config = path / "config.yaml"
+            seen = f"its config is {config}" if config.is_file() else "it records no config.yaml"
+            raise CheckpointError(
+                f"checkpoint {path} does not fit this run's model or optimizer ({first[:200]}); it was written with "
+                f"different settings ({seen}): resume with the same model, optimizer and ZeRO settings, or "
+                "start a new run under another out= name"
+            ) from None
         if loaded is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
         rank = get_rank()

@@ -91,3 +91,24 @@ def test_legacy_marker_without_digests_still_loads(tmp_path, dist):
     cfg, manager, path = _saved(tmp_path, dist)
     (path / COMPLETE_MARKER).write_text("step 2\n")
     assert manager.load(build_engine(_tiny_t5(), cfg, dist)).step == 2
+
+
+def test_resume_into_a_different_model_shape_names_the_checkpoint_config(tmp_path, dist):
+    # Issue 14, case 10: a changed model shape gave DeepSpeed's size-mismatch traceback with no hint.
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from launch.distributed import build_engine
+    from launch.training import checkpoint_digests
+
+    cfg, manager, path = _saved(tmp_path, dist)
+    (path / "config.yaml").write_text("teacher:\n  d_model: 32\n")  # as a stage saves it
+
+    (path / COMPLETE_MARKER).write_text(json.dumps({"step": 2, "sha256": checkpoint_digests(path)}))
+    torch.manual_seed(0)
+    wider = T5ForConditionalGeneration(T5Config(vocab_size=128, d_model=48, d_kv=8, d_ff=64, num_layers=1,
+                                                num_decoder_layers=1, num_heads=4, pad_token_id=0, eos_token_id=1,
+                                                decoder_start_token_id=0))
+    with pytest.raises(CheckpointError, match="does not fit this run's model") as info:
+        manager.load(build_engine(wider, cfg, dist))
+    assert str(path / "config.yaml") in str(info.value) and "\n" not in str(info.value)
