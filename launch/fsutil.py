@@ -32,6 +32,19 @@ def _public_mode(is_dir: bool) -> int:
     return (0o777 if is_dir else 0o666) & ~_umask()
 
 
+def _publish_modes(root: Path) -> None:
+    """Give `root` and everything in it the umask-based modes: writers that go through a private
+    temporary file (safetensors' model.safetensors: 0600) must not leave one file unreadable."""
+    os.chmod(root, _public_mode(is_dir=True))
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            os.chmod(os.path.join(dirpath, name), _public_mode(is_dir=True))
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                os.chmod(path, _public_mode(is_dir=False))
+
+
 class UnsafePathError(ValueError):
     """A path escapes the directory it must stay in."""
 
@@ -125,6 +138,47 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Pat
     return atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False, sort_keys=False) + "\n")
 
 
+def _owner() -> str:
+    """`host-pid` of this process: temporaries carry it, so a later run can tell an abandoned one."""
+    import socket
+
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(final: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries `atomic_dir(final)` left when its process was killed (`.NAME.HOST-PID.*.tmp`
+    and `.NAME.HOST-PID.old`, this host, PID no longer running); returns what was removed."""
+    import re
+    import socket
+
+    final = Path(final)
+    pattern = re.compile(rf"^\.{re.escape(final.name)}\.(?P<host>.+)-(?P<pid>\d+)\.(?:.*\.tmp|old)$")
+    removed = []
+    if not final.parent.is_dir():
+        return removed
+    for entry in final.parent.iterdir():
+        match = pattern.match(entry.name)
+        if not match or match["host"] != socket.gethostname() or _pid_alive(int(match["pid"])):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+        removed.append(entry)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, kind: str = "model", overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces `path`, on error it is removed.
@@ -137,16 +191,17 @@ def atomic_dir(path: str | os.PathLike, kind: str = "model", overwrite: bool = T
     final = Path(path)
     check_output_dir(final, kind)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    remove_stale_temporaries(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{_owner()}.", suffix=".tmp", dir=final.parent))
     try:
         yield tmp
         atomic_write_json(tmp / ARTIFACT_MARKER, {"kind": kind})
-        os.chmod(tmp, _public_mode(is_dir=True))
+        _publish_modes(tmp)
         if final.exists():
             if not overwrite:
                 raise FileExistsError(f"{final} already exists")
             check_output_dir(final, kind)
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            old = final.with_name(f".{final.name}.{_owner()}.old")
             os.replace(final, old)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -100,3 +101,44 @@ def test_export_out_never_replaces_what_it_did_not_write(tmp_path, capsys, out):
     err = capsys.readouterr().err.strip()
     assert err.startswith("polyteacher: OutputPathError:") and "\n" not in err
     assert _tree(run) == before
+
+
+def test_published_files_get_umask_modes_even_when_written_private(tmp_path):
+    # Issue 14, case 11: model.safetensors came out 0600 beside 0644 files.
+    mask = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "m") as tmp:
+            (tmp / "model.safetensors").write_bytes(b"x")
+            os.chmod(tmp / "model.safetensors", 0o600)
+            (tmp / "sub").mkdir(mode=0o700)
+            (tmp / "sub" / "f").write_text("y")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "m" / "model.safetensors").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "m" / "sub").stat().st_mode & 0o777 == 0o755
+
+
+def test_a_killed_writers_temporary_is_removed_by_the_next_one(tmp_path):
+    # Issue 14, case 11: the .tmp left by a killed `data prepare` stayed forever.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = ("import os, sys, time\nfrom launch.fsutil import atomic_dir\n"
+              "with atomic_dir(sys.argv[1], kind='packed-data') as tmp:\n"
+              "    (tmp / 'half').write_text('x'); print(tmp, flush=True); time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "data")], cwd=root,
+                            env={**os.environ, "PYTHONPATH": str(root)}, stdout=subprocess.PIPE, text=True)
+    left = Path(proc.stdout.readline().strip())
+    other = tmp_path / ".data.not-ours.tmp"  # not named by a process of this host: kept
+    other.mkdir()
+    with atomic_dir(tmp_path / "data", kind="packed-data") as tmp:  # the writer is alive: its temporary stays
+        (tmp / "x").write_text("1")
+    assert left.is_dir()
+    proc.kill()
+    proc.wait()
+    with atomic_dir(tmp_path / "data", kind="packed-data") as tmp:
+        (tmp / "x").write_text("2")
+    assert not left.exists() and other.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".data.not-ours.tmp", "data"]
