@@ -319,7 +319,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "every stage after it that depends on it run again.",
     )
     p.add_argument("--preset", default="tiny", help="preset for every stage (launch/presets/NAME/); default tiny")
-    p.add_argument("--out", required=True, help="run directory, e.g. runs/demo")
+    p.add_argument("--out", default=None, help="run directory, e.g. runs/demo (required unless --list-stages)")
     p.add_argument("--force", nargs="*", default=[], metavar="STAGE", help="rerun these stages (and what depends on them)")
     p.add_argument("--list-stages", action="store_true", help="print the stages, their outputs and dependencies, then exit")
     p.add_argument("overrides", nargs="*", help="pipeline.* overrides without the prefix, e.g. num_train_procs=1")
@@ -331,6 +331,8 @@ def run(args: argparse.Namespace) -> int:
         for s in STAGES:
             print(f"{s.name:18s} -> {s.output:20s} after: {', '.join(s.deps) or '-'}\n{'':22s}{s.what}")
         return 0
+    if not args.out:
+        raise ConfigError("--out: the run directory is required (e.g. --out runs/demo)")
     cfg = load_config(PipelineConfig, section="pipeline", preset=args.preset, overrides=args.overrides)
     unknown = [s for s in args.force if s not in STAGE_BY_NAME]
     if unknown:
