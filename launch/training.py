@@ -576,12 +576,18 @@ def refuse_to_start_over(checkpoints: CheckpointManager, resume: bool, hint: str
 
 def restore_or_start(checkpoints: CheckpointManager, engine: Any, resume: bool, stage: str) -> TrainState:
     """With --resume, the latest complete checkpoint's engine, RNG and TrainState; else a fresh state.
-    Rank 0 says which on stderr, prefixed with `stage`."""
+    Rank 0 says which on stderr, prefixed with `stage`, and records a resume in metrics.jsonl
+    (`{"stage", "name", "step", "time", "event": "resumed", "checkpoint"}`): the step records after it
+    replace those the interrupted run logged after that step."""
     latest = checkpoints.latest_complete()
     if resume and latest is not None:
         state = checkpoints.load(engine, latest)
         if is_rank0():
             print(f"{stage}: resumed from {latest} (step {state.step})", file=sys.stderr, flush=True)
+            append_jsonl(checkpoints.root.parent.parent / "metrics.jsonl", {
+                "stage": stage, "name": checkpoints.root.name, "step": state.step, "time": round(time.time(), 3),
+                "event": "resumed", "checkpoint": latest.name,
+            })
         return state
     if resume and is_rank0():
         print(f"{stage}: --resume but no complete checkpoint under {checkpoints.root}; starting at step 0",

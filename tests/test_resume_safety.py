@@ -112,3 +112,17 @@ def test_resume_into_a_different_model_shape_names_the_checkpoint_config(tmp_pat
     with pytest.raises(CheckpointError, match="does not fit this run's model") as info:
         manager.load(build_engine(wider, cfg, dist))
     assert str(path / "config.yaml") in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_resume_is_recorded_in_metrics(tmp_path, dist):
+    # Issue 14, case 11: a resumed run repeated steps in metrics.jsonl with no record of the resume.
+    from launch.distributed import build_engine
+    from launch.fsutil import read_jsonl
+    from launch.training import restore_or_start
+
+    cfg, manager, path = _saved(tmp_path, dist)
+    state = restore_or_start(manager, build_engine(_tiny_t5(), cfg, dist), resume=True, stage="pretrain")
+    assert state.step == 2
+    [record] = read_jsonl(tmp_path / "metrics.jsonl")
+    assert record["event"] == "resumed" and record["step"] == 2 and record["name"] == "t"
+    assert record["stage"] == "pretrain" and record["checkpoint"] == path.name
