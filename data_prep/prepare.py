@@ -1,7 +1,7 @@
 """The data_prep stage: corpus -> tokenizer -> packed data -> in-domain data.
 
 `prepare(cfg, run_dir)` writes into the run directory:
-    config.yaml                 the resolved DataConfig
+    config.yaml                 the resolved DataConfig (also configs/data.yaml, which later stages keep)
     tokenizer/                  HF fast tokenizer (+ spm.model, training.json)
     tokenizer_eval.json / .md   per-locale fertility, unknown rate, round trip on MASSIVE test
     data/train/ data/heldout/ data/stats.json            general-domain pretraining data
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from data_prep.config import DataConfig
-from launch.config import ConfigError, save_config, to_dict
+from launch.config import ConfigError, save_stage_config, to_dict
 from launch.fsutil import atomic_write_json, atomic_write_text
 
 TOKENIZER_DIR = "tokenizer"
@@ -58,7 +58,7 @@ def prepare(
 ) -> dict[str, Any]:
     """Run the whole data_prep stage in `run_dir`; returns a summary (also printed)."""
     run_dir = Path(run_dir)
-    save_config(cfg, run_dir / "config.yaml")
+    save_stage_config(cfg, run_dir, "data")
     if not force and is_complete(run_dir, cfg):
         say(f"data_prep: {run_dir} already holds tokenizer/, {DATA_DIR}/ and {INDOMAIN_DIR}/ for this config")
         return summary(run_dir)

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from distill.config import DistillConfig
-from launch.config import ConfigError, resolve_data_path, save_config, to_dict
+from launch.config import ConfigError, resolve_data_path, save_stage_config, to_dict
 from launch.fsutil import atomic_write_json, check_output, safe_path
 from launch.modeldir import check_model_dir
 from launch.training import LossWindow, is_due
@@ -438,7 +438,7 @@ def distill(cfg: DistillConfig, run_dir: str | Path, resume: bool = False) -> Pa
     seed_everything(cfg.train.seed)
     grad_accum = cfg.train.grad_accum_steps(dist_info.world_size)
     if dist_info.is_rank0:
-        save_config(cfg, run_dir / "config.yaml")
+        save_stage_config(cfg, run_dir, "distill", cfg.out)
 
     # teacher, tokenizer, data
     teacher_dir = resolve_dir(run_dir, cfg.teacher, "teacher")

@@ -339,7 +339,7 @@ def load_config(
 
 
 # Sections a preset may hold: one per stage config, plus the pipeline's own settings.
-KNOWN_SECTIONS = ("data", "pretrain", "indomain", "distill", "finetune", "export", "evaluate", "pipeline")
+KNOWN_SECTIONS = ("data", "pretrain", "indomain", "distill", "taskdistill", "finetune", "export", "evaluate", "pipeline")
 
 
 def save_config(cfg: Any, path: str | os.PathLike) -> Path:
@@ -347,6 +347,16 @@ def save_config(cfg: Any, path: str | os.PathLike) -> Path:
     from launch.fsutil import atomic_write_text
 
     return atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
+
+
+def save_stage_config(cfg: Any, run_dir: str | os.PathLike, stage: str, name: str | None = None) -> Path:
+    """Write a stage's resolved config twice: RUN_DIR/configs/<stage>[-<name>].yaml, kept for every
+    stage that ran (a later stage never overwrites it), and RUN_DIR/config.yaml, the latest stage's.
+    Returns the per-stage file."""
+    run_dir = Path(run_dir)
+    own = save_config(cfg, run_dir / "configs" / (f"{stage}-{name}.yaml" if name and name != stage else f"{stage}.yaml"))
+    save_config(cfg, run_dir / "config.yaml")
+    return own
 
 
 def load_saved_config(cls: type[T], path: str | os.PathLike) -> T:

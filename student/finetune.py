@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from launch.config import ConfigError, resolve_data_path, save_config
+from launch.config import ConfigError, resolve_data_path, save_stage_config
 from launch.distributed import (
     DistInfo,
     all_reduce_mean,
@@ -410,7 +410,7 @@ def finetune(cfg: FinetuneConfig, run_dir: str | Path, resume: bool = False) -> 
     checkpoints = CheckpointManager(run_dir, name, keep=cfg.train.keep_checkpoints)
     refuse_to_start_over(checkpoints, resume)
     if dist_info.is_rank0:
-        save_config(cfg, run_dir / "config.yaml")
+        save_stage_config(cfg, run_dir, "finetune", name)
 
     # data
     tokenizer = load_finetune_tokenizer(cfg, run_dir)

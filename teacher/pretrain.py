@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from launch.config import ConfigError, save_config
+from launch.config import ConfigError, save_stage_config
 from launch.distributed import (
     DistInfo,
     all_reduce_mean,
@@ -59,7 +59,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False) -> 
     seed_everything(cfg.train.seed)
     cfg_yaml = config_yaml(cfg)
     if dist.is_rank0:
-        save_config(cfg, paths.run_dir / "config.yaml")
+        save_stage_config(cfg, paths.run_dir, STAGE, cfg.out)
 
     # -- data
     tokenizer, train_data, heldout_data = load_data(paths)

@@ -146,3 +146,14 @@ def test_float_literals_without_a_dot_are_numbers():
     assert load_config(Outer, overrides=["tokenizer.alpha=1e30"]).tokenizer.alpha == 1e30
     with pytest.raises(ConfigError, match="expected a number"):
         load_config(Outer, overrides=["tokenizer.alpha=fast"])
+
+
+def test_each_stage_keeps_its_own_config(tmp_path):
+    # Issue 14, case 11: each stage overwrote config.yaml, so the data stage's config was lost.
+    from launch.config import load_saved_config, save_stage_config
+
+    first = save_stage_config(Outer(), tmp_path, "data")
+    second = save_stage_config(load_config(Outer, overrides=["tokenizer.alpha=0.5"]), tmp_path, "pretrain", "teacher")
+    assert first == tmp_path / "configs" / "data.yaml" and second == tmp_path / "configs" / "pretrain-teacher.yaml"
+    assert load_saved_config(Outer, first) == Outer()
+    assert load_saved_config(Outer, tmp_path / "config.yaml").tokenizer.alpha == 0.5  # the latest stage's
