@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from launch.config import config_help, load_config
+from launch.config import ConfigError, config_help, load_config
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,6 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--teacher", default=None, help="teacher model directory (absolute or run-relative); default: distill.teacher")
     p.add_argument("--out", default=None, help="student name: run_dir/<out>/ and checkpoints/<out>/; default: distill.out")
     p.add_argument("--preset", default=None, help="preset name (launch/presets) or YAML path for the distill section")
+    p.add_argument("--section", choices=["distill", "taskdistill"], default="distill",
+                   help="which preset section to read: distill (task-agnostic, on the pretraining mixture; default) "
+                        "or taskdistill (MASSIVE from a fine-tuned teacher, task=massive)")
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint of <out>")
     p.add_argument("overrides", nargs="*", help="dotted overrides of the distill section, e.g. alpha=0.7")
     p.set_defaults(func=run, lock_run_dir="run_dir")
@@ -41,7 +44,10 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"teacher={args.teacher}")
     if args.out:
         overrides.append(f"out={args.out}")
-    cfg = load_config(DistillConfig, section="distill", preset=args.preset, overrides=overrides)
+    cfg = load_config(DistillConfig, section=args.section, preset=args.preset, overrides=overrides)
+    if args.section == "taskdistill" and cfg.task != "massive":
+        raise ConfigError(f"--section taskdistill distils MASSIVE from a fine-tuned teacher: set task=massive "
+                          f"(the preset {args.preset!r} gives task={cfg.task!r})")
     from distill.distill import distill
 
     out_dir = distill(cfg, args.run_dir, resume=args.resume)

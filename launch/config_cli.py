@@ -15,6 +15,7 @@ STAGE_CONFIGS = {
     "pretrain": "teacher.config:PretrainConfig",
     "indomain": "teacher.config:PretrainConfig",
     "distill": "distill.config:DistillConfig",
+    "taskdistill": "distill.config:DistillConfig",
     "finetune": "student.config:FinetuneConfig",
     "export": "student.export:ExportConfig",
     "evaluate": "evaluation.config:EvalConfig",

@@ -81,13 +81,14 @@ STAGES: tuple[Stage, ...] = (
     Stage("data", "data/train", (), "cli", "tokenizer, packed general-domain and in-domain data"),
     Stage("teacher", "teacher", ("data",), "launch", "teacher pretraining (denoising + CLM)"),
     Stage("teacher_indomain", "teacher-indomain", ("teacher",), "launch", "stage-2 in-domain pretraining"),
-    Stage("student", "student", ("teacher_indomain",), "launch", "distillation with CRR (CDA + perturbation)"),
-    Stage("student_kd", "student-kd", ("teacher_indomain",), "launch", "plain-KD distillation (no CRR)"),
+    Stage("student", "student", ("teacher_indomain",), "launch",
+          "task-agnostic distillation with CRR (CDA + perturbation), the NLU student's start"),
     Stage("teacher_ft", "teacher-ft", ("teacher_indomain",), "launch", "MASSIVE fine-tuning of the teacher"),
     Stage("scratch_ft", "scratch-ft", ("data",), "launch",
           "MASSIVE fine-tuning of a teacher-size model from random weights (what pretraining adds)"),
-    Stage("student_ft", "student-ft", ("student",), "launch", "MASSIVE fine-tuning of the CRR student"),
-    Stage("student_kd_ft", "student-kd-ft", ("student_kd",), "launch", "MASSIVE fine-tuning of the plain-KD student"),
+    Stage("student_ft", "student-ft", ("teacher_ft",), "launch",
+          "task distillation with CRR: the student learns MASSIVE from the fine-tuned teacher"),
+    Stage("student_kd_ft", "student-kd-ft", ("teacher_ft",), "launch", "task distillation, plain KD (no CRR)"),
     Stage("student_nlu", "student-nlu", ("student",), "launch", "encoder-only NLU fine-tuning of the CRR student"),
     Stage("export", "onnx/int8", ("student_ft",), "cli", "ONNX export of the student, fp32 and int8"),
     Stage("export_teacher", "onnx/teacher-int8", ("teacher_ft",), "cli", "ONNX export of the teacher, int8"),
@@ -163,13 +164,13 @@ def stage_commands(stage: Stage, run_dir: Path, preset: str | None, cfg: Pipelin
     if stage.name == "student":
         return [launch(n_other, "distill", "--run-dir", r, "--teacher", str(run_dir / "teacher-indomain"),
                        "--out", "student", *p)]
-    if stage.name == "student_kd":
-        return [launch(n_other, "distill", "--run-dir", r, "--teacher", str(run_dir / "teacher-indomain"),
-                       "--out", "student-kd", *p, "cda=none", "perturb=none")]
+    task_distill = {"student_ft": ("student-ft", []), "student_kd_ft": ("student-kd-ft", ["cda=none", "perturb=none"])}
+    if stage.name in task_distill:
+        out, ablation = task_distill[stage.name]
+        return [launch(n_other, "distill", "--run-dir", r, "--section", "taskdistill",
+                       "--teacher", str(run_dir / "teacher-ft"), "--out", out, *p, f"locales=[{locales}]", *ablation)]
     ft = {"teacher_ft": ("teacher-indomain", "teacher-ft", "seq2seq"),
           "scratch_ft": (f"scratch:{cfg.scratch_size}", "scratch-ft", "seq2seq"),
-          "student_ft": ("student", "student-ft", "seq2seq"),
-          "student_kd_ft": ("student-kd", "student-kd-ft", "seq2seq"),
           "student_nlu": ("student", "student-nlu", "encoder")}
     if stage.name in ft:
         src, out, head = ft[stage.name]
