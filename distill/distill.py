@@ -421,9 +421,11 @@ def distill(cfg: DistillConfig, run_dir: str | Path, resume: bool = False) -> Pa
         CheckpointManager,
         MetricsLogger,
         ResumableSampler,
+        StopOnSignal,
         check_finite,
         config_yaml,
         export_hf,
+        maybe_stop,
         progress_bar,
         restore_or_start,
         seed_everything,
@@ -479,6 +481,7 @@ def distill(cfg: DistillConfig, run_dir: str | Path, resume: bool = False) -> Pa
     window = LossWindow()
     bar = progress_bar(cfg.train.max_steps, initial=state.step, desc=f"distill {cfg.out}")
     segment_start = time.perf_counter() - state.wall_time_s
+    stop = StopOnSignal()
     while state.step < cfg.train.max_steps:
         step_loss, step_tokens = 0.0, 0
         parts: dict[str, float] = {}
@@ -503,6 +506,8 @@ def distill(cfg: DistillConfig, run_dir: str | Path, resume: bool = False) -> Pa
         maybe_log(metrics, state, window, engine, cfg, bar)
         maybe_eval(metrics, state, engine, teacher, data, cfg, dist_info)
         maybe_save(checkpoints, engine, state, cfg, cfg_yaml)
+        maybe_stop(stop, checkpoints, engine, state, cfg.train.max_steps, cfg_yaml)
+    stop.close()
     bar.close()
 
     # export

@@ -103,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"polyteacher: config error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
+        from launch.training import TrainingStopped
+
+        if isinstance(e, TrainingStopped):  # SIGTERM/SIGINT: a checkpoint was saved first
+            print(f"polyteacher {args.command}: {e}", file=sys.stderr)
+            return e.exit_code
         # Bad input the user can fix (malformed data, unsafe paths) is one line, not a traceback.
         if isinstance(e, _user_error_types()):
             print(f"polyteacher: {type(e).__name__}: {e}", file=sys.stderr)

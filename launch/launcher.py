@@ -248,9 +248,9 @@ def run_launch(opts: LaunchOptions, dry_run: bool = False) -> int:
     return run_process_tree(argv, env)
 
 
-# Seconds the processes get to exit after a forwarded signal (or after the launcher itself exited)
-# before the rest of the tree is killed.
-SHUTDOWN_GRACE_S = 30.0
+# Seconds the processes get to exit after the launcher itself exited (they save a checkpoint at the
+# next step boundary on SIGTERM/SIGINT) before the rest of the tree is killed.
+SHUTDOWN_GRACE_S = 120.0
 
 
 def _group_alive(pgid: int) -> bool:

@@ -10,6 +10,8 @@
   crash mid-write) are ignored, and resume verifies the digests and loads weights-only (below).
 - `MetricsLogger`: metrics.jsonl + TensorBoard on rank 0.
 - `NonFiniteLossError`, `check_finite`: stop on NaN/inf before the optimizer applies it.
+- `StopOnSignal`, `maybe_stop`, `TrainingStopped`: SIGTERM (preemption) or SIGINT stops a loop at the
+  next step boundary, every rank at the same step, after a checkpoint.
 - `refuse_to_start_over`, `restore_or_start`, `is_due`, `config_yaml`, `LossWindow`: the set-up and
   bookkeeping the stages' loops share (each stage keeps its own explicit loop).
 - `export_hf`: a Hugging Face save_pretrained directory (safetensors, fp32, ZeRO-3 consolidated).
@@ -29,13 +31,22 @@ import os
 import random
 import re
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any, Literal
 
 from launch.config import ConfigError, to_dict
-from launch.distributed import DistInfo, all_reduce_mean, barrier, full_fp32_state_dict, get_rank, is_rank0
+from launch.distributed import (
+    DistInfo,
+    all_reduce_mean,
+    all_reduce_sum,
+    barrier,
+    full_fp32_state_dict,
+    get_rank,
+    is_rank0,
+)
 from launch.fsutil import append_jsonl, atomic_dir, atomic_write_json, atomic_write_text
 
 # ----------------------------------------------------------------------------- config
@@ -593,6 +604,83 @@ def restore_or_start(checkpoints: CheckpointManager, engine: Any, resume: bool, 
         print(f"{stage}: --resume but no complete checkpoint under {checkpoints.root}; starting at step 0",
               file=sys.stderr, flush=True)
     return TrainState()
+
+
+class TrainingStopped(Exception):
+    """A loop stopped early on a signal, after saving a checkpoint; `exit_code` is 128 + the signal."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path) -> None:
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        self.exit_code = 128 + signum
+        super().__init__(f"stopped by {signal_name(signum)} at step {step} after saving the checkpoint {checkpoint}; "
+                         "rerun the same command with --resume to continue")
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+class StopOnSignal:
+    """While installed, SIGTERM and SIGINT only ask the training loop to stop; a second SIGINT (Ctrl-C
+    pressed again) stops the process at once. Repeated SIGTERMs are expected (every launcher layer
+    passes one on) and change nothing. `agreed()`, called by every rank at each step boundary, returns the signal when
+    any rank got one: ranks receive a signal at slightly different times, and a checkpoint is a
+    collective that all must enter at the same step."""
+
+    SIGNALS = ("SIGTERM", "SIGINT")
+
+    def __init__(self) -> None:
+        import threading
+
+        self.signum = 0
+        self._previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                sig = getattr(signal, name)
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.signum and signum == self.signum == signal.SIGINT:
+            self.close()  # Ctrl-C twice: no checkpoint, stop now
+            signal.raise_signal(signum)
+            return
+        if self.signum:
+            return
+        self.signum = signum
+        if is_rank0():
+            again = " (Ctrl-C again: stop at once)" if signum == signal.SIGINT else ""
+            print(f"\n{signal_name(signum)}: stopping after this step with a checkpoint{again}",
+                  file=sys.stderr, flush=True)
+
+    def agreed(self) -> int:
+        """The signal any rank received (0: none); a collective."""
+        got = all_reduce_sum([float(self.signum)])[0]
+        return self.signum or (int(signal.SIGTERM) if got else 0)
+
+    def close(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
+def maybe_stop(stop: StopOnSignal, checkpoints: CheckpointManager, engine: Any, state: TrainState,
+               max_steps: int, config_yaml: str | None = None) -> None:
+    """At a step boundary: when a signal arrived on any rank, save a checkpoint of this step (unless
+    one was just saved) and raise TrainingStopped on every rank. After the last step the run is left
+    to finish (export) instead."""
+    if state.step >= max_steps:
+        return
+    signum = stop.agreed()
+    if not signum:
+        return
+    path = checkpoints.path_for(state.step)
+    if checkpoints.latest_complete() != path:
+        path = checkpoints.save(engine, state, config_yaml)
+    stop.close()
+    raise TrainingStopped(signum, state.step, path)
 
 
 def is_due(step: int, every: int, max_steps: int) -> bool:

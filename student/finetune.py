@@ -40,11 +40,13 @@ from launch.training import (
     LossWindow,
     MetricsLogger,
     ResumableSampler,
+    StopOnSignal,
     TrainState,
     check_finite,
     config_yaml,
     export_hf,
     is_due,
+    maybe_stop,
     progress_bar,
     refuse_to_start_over,
     restore_or_start,
@@ -450,6 +452,7 @@ def finetune(cfg: FinetuneConfig, run_dir: str | Path, resume: bool = False) -> 
     window = LossWindow()
     bar = progress_bar(cfg.train.max_steps, initial=state.step, desc=f"finetune {name}")
     segment_start = time.perf_counter() - state.wall_time_s
+    stop = StopOnSignal()
     while state.step < cfg.train.max_steps:
         batches = [
             collate_seq2seq([train_pairs[i] for i in indices], tokenizer.pad_token_id)
@@ -464,6 +467,8 @@ def finetune(cfg: FinetuneConfig, run_dir: str | Path, resume: bool = False) -> 
         maybe_log(metrics, state, window, engine, cfg, bar)
         maybe_eval(metrics, state, engine, model, tokenizer, data, dev_pairs, cfg, dist_info)
         maybe_save(checkpoints, engine, state, cfg, cfg_yaml)
+        maybe_stop(stop, checkpoints, engine, state, cfg.train.max_steps, cfg_yaml)
+    stop.close()
     bar.close()
 
     # export

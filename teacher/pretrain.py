@@ -28,6 +28,7 @@ from launch.training import (
     CheckpointManager,
     MetricsLogger,
     ResumableSampler,
+    StopOnSignal,
     TrainState,
     check_finite,
     config_yaml,
@@ -35,6 +36,7 @@ from launch.training import (
     eval_micro_batches,
     export_hf,
     is_due,
+    maybe_stop,
     progress_bar,
     refuse_to_start_over,
     restore_or_start,
@@ -89,6 +91,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False) -> 
         log_unigram_reference(tokenizer, train_data, heldout_data, metrics)
     maybe_eval(cfg, state, engine, collator, heldout_data, eval_batches, metrics)
     engine.train()
+    stop = StopOnSignal()
     while state.step < cfg.train.max_steps:
         step_loss = train_step(engine, collator, train_data, sampler, state, spec, window, checkpoints)
         bar.update(1)
@@ -96,6 +99,8 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False) -> 
         maybe_log(cfg, state, engine, window, metrics, peak_tflops, dist)
         maybe_eval(cfg, state, engine, collator, heldout_data, eval_batches, metrics)
         maybe_save(cfg, state, engine, checkpoints, cfg_yaml)
+        maybe_stop(stop, checkpoints, engine, state, cfg.train.max_steps, cfg_yaml)
+    stop.close()
     bar.close()
 
     # -- export

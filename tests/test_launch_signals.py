@@ -1,10 +1,12 @@
 """Clean shutdown of `polyteacher launch` (issue 14, case 3): a signal to the launch process reaches
 every process of the run. Real processes: a stand-in launcher that starts two ranks and, like
-DeepSpeed's runner, dies on SIGTERM without passing it on; and a real 2-rank CPU launch."""
+DeepSpeed's runner, dies on SIGTERM without passing it on; and a real 2-rank CPU launch, whose ranks
+save a checkpoint at the next step boundary and stop."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -92,7 +94,7 @@ def _descendants(pid: int) -> set[int]:
 
 
 @pytest.mark.slow
-def test_sigterm_to_a_two_rank_launch_stops_both_ranks_before_they_write(tmp_path, tiny_tokenizer_dir, tiny_packed_dir):
+def test_sigterm_to_a_two_rank_launch_checkpoints_then_stops_every_rank(tmp_path, tiny_tokenizer_dir, tiny_packed_dir):
     from test_pretrain import env, launch_cmd, make_run_dir
 
     run = make_run_dir(tmp_path / "run", tiny_tokenizer_dir, tiny_packed_dir)
@@ -113,8 +115,13 @@ def test_sigterm_to_a_two_rank_launch_stops_both_ranks_before_they_write(tmp_pat
             assert _wait_for(lambda: not any(_alive(pid) for pid in tree), 10), "a rank outlived the launch"
             written = metrics.read_text()
             time.sleep(2)
-            assert metrics.read_text() == written
-            assert not (run / "teacher").exists() and not list(run.glob("checkpoints/teacher/step_*/COMPLETE"))
+            assert metrics.read_text() == written  # nothing writes after the launch returned
+            # Both ranks stopped at the same step boundary, after a checkpoint; no model was exported.
+            log_text = (run / "log.txt").read_text()
+            stopped = sorted(set(re.findall(r"stopped by SIGTERM at step (\d+)", log_text)))
+            assert len(stopped) == 1, log_text[-3000:]
+            assert (run / "checkpoints" / "teacher" / f"step_{int(stopped[0]):08d}" / "COMPLETE").is_file()
+            assert not (run / "teacher").exists()
         finally:
             if launch.poll() is None:
                 os.killpg(launch.pid, signal.SIGKILL)

@@ -126,3 +126,29 @@ def test_a_resume_is_recorded_in_metrics(tmp_path, dist):
     [record] = read_jsonl(tmp_path / "metrics.jsonl")
     assert record["event"] == "resumed" and record["step"] == 2 and record["name"] == "t"
     assert record["stage"] == "pretrain" and record["checkpoint"] == path.name
+
+
+def test_sigterm_stops_at_the_step_boundary_after_a_checkpoint(tmp_path, dist):
+    # Issue 14, clean shutdown: SIGTERM (preemption) or SIGINT saves a checkpoint, then stops.
+    import os
+    import signal
+
+    from launch.distributed import build_engine
+    from launch.training import StopOnSignal, TrainingStopped, maybe_stop
+
+    cfg, manager, _ = _saved(tmp_path, dist)
+    engine = build_engine(_tiny_t5(), cfg, dist)
+    stop = StopOnSignal()
+    try:
+        state = TrainState(step=3)
+        maybe_stop(stop, manager, engine, state, max_steps=10)  # no signal: nothing happens
+        assert manager.latest_complete() == manager.path_for(2)
+        os.kill(os.getpid(), signal.SIGTERM)  # only sets the flag
+        maybe_stop(stop, manager, engine, TrainState(step=10), max_steps=10)  # the last step: let it finish
+        with pytest.raises(TrainingStopped, match="stopped by SIGTERM at step 3") as info:
+            maybe_stop(stop, manager, engine, state, max_steps=10)
+        assert info.value.exit_code == 128 + signal.SIGTERM
+        assert manager.latest_complete() == manager.path_for(3)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers given back
+    finally:
+        stop.close()
