@@ -86,10 +86,12 @@ def check_output_dir(path: str | os.PathLike, kind: str, flag: str = "the output
 
 
 def check_output(out: str | os.PathLike, kind: str, run_dir: str | os.PathLike | None = None,
-                 inputs: Iterable[str | os.PathLike | None] = (), flag: str = "--out") -> None:
+                 inputs: Iterable[str | os.PathLike | None] = (), flag: str = "--out",
+                 replace_any: bool = False) -> None:
     """Refuse `out` as a stage's output when it is the run directory itself, an input of the stage (or
-    holds one, or lies inside one), or an existing directory that is not a previous `kind` output.
-    Call before any work; raises OutputPathError naming the path."""
+    holds one, or lies inside one), or an existing directory that is not a previous `kind` output
+    (allowed with `replace_any`, the user's --overwrite). Call before any work; raises
+    OutputPathError naming the path."""
     target = Path(out).resolve()
     if run_dir is not None and target == Path(run_dir).resolve():
         raise OutputPathError(f"{flag} {out} is the run directory itself; give the output its own name, e.g. "
@@ -100,6 +102,8 @@ def check_output(out: str | os.PathLike, kind: str, run_dir: str | os.PathLike |
         src = Path(source).resolve()
         if target == src or src in target.parents or target in src.parents:
             raise OutputPathError(f"{flag} {out} would replace this stage's input {source}; choose another output path")
+    if replace_any and target.is_dir():
+        return
     check_output_dir(target, kind, flag=flag)
 
 
@@ -180,16 +184,18 @@ def remove_stale_temporaries(final: str | os.PathLike) -> list[Path]:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike, kind: str = "model", overwrite: bool = True) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike, kind: str = "model", overwrite: bool = True,
+               replace_any: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces `path`, on error it is removed.
 
     Use for model directories, tokenizers and Arrow datasets: readers only ever see a complete one.
     The published directory holds the `kind` marker; an existing `path` is replaced only when it is
     empty or a previous `kind` artifact (checked before and after the work; see `check_output_dir`),
-    and never when `overwrite` is false.
+    and never when `overwrite` is false. `replace_any` (the user's --overwrite) replaces any directory.
     """
     final = Path(path)
-    check_output_dir(final, kind)
+    if not replace_any:
+        check_output_dir(final, kind)
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{_owner()}.", suffix=".tmp", dir=final.parent))
@@ -200,7 +206,8 @@ def atomic_dir(path: str | os.PathLike, kind: str = "model", overwrite: bool = T
         if final.exists():
             if not overwrite:
                 raise FileExistsError(f"{final} already exists")
-            check_output_dir(final, kind)
+            if not replace_any:
+                check_output_dir(final, kind)
             old = final.with_name(f".{final.name}.{_owner()}.old")
             os.replace(final, old)
             os.replace(tmp, final)

@@ -110,10 +110,11 @@ class ExportConfig:
 
 
 def export(model_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: ExportConfig,
-           run_dir: str | os.PathLike | None = None) -> Path:
+           run_dir: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
     """Export `model_dir` (a HF seq2seq directory, an encoder NLU directory, or an fp32 ONNX export
     when cfg.int8) to `out_dir`, atomically. Returns out_dir. `out_dir` must be new, empty or a
-    previous export (never `run_dir` itself or the model): see launch.fsutil.check_output."""
+    previous export (any directory with `overwrite`; never `run_dir` itself or the model): see
+    launch.fsutil.check_output."""
     from launch.fsutil import atomic_dir, check_output
     from launch.modeldir import check_model_dir
 
@@ -121,9 +122,9 @@ def export(model_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Export
     if not (model_dir / MANIFEST).is_file():  # an fp32 ONNX export is the other input --int8 takes
         check_model_dir(model_dir, "--model")
         check_has_tokenizer(model_dir)
-    check_output(out_dir, "onnx", run_dir, inputs=[model_dir], flag="--out")
+    check_output(out_dir, "onnx", run_dir, inputs=[model_dir], flag="--out", replace_any=overwrite)
     started = time.time()
-    with atomic_dir(out_dir, kind="onnx") as tmp:
+    with atomic_dir(out_dir, kind="onnx", replace_any=overwrite) as tmp:
         if (model_dir / MANIFEST).exists():
             if not cfg.int8:
                 raise ValueError(f"{model_dir} is already an ONNX export; only --int8 can be applied to it")
@@ -777,6 +778,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", required=True, help="model directory (HF seq2seq, encoder NLU, or an fp32 ONNX export)")
     p.add_argument("--out", required=True, help="output directory: new, empty, or a previous export (replaced atomically)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out even when it is not a previous export (never the run directory or --model)")
     p.add_argument("--int8", action="store_true", help="quantize weights to int8 (sets int8=true)")
     p.add_argument("--run-dir", default=None, help="run directory: relative --model/--out are resolved inside it")
     p.add_argument("--preset", default=None, help="preset name (launch/presets) or YAML path; section 'export'")
@@ -793,6 +796,6 @@ def run_cli(args: argparse.Namespace) -> int:
 
         model = model if model.is_absolute() else safe_path(args.run_dir, model)
         out = out if out.is_absolute() else safe_path(args.run_dir, out)
-    export(model, out, cfg, run_dir=args.run_dir)
+    export(model, out, cfg, run_dir=args.run_dir, overwrite=args.overwrite)
     print(json.dumps({"out": str(out), "config": to_dict(cfg)}))
     return 0

@@ -142,3 +142,17 @@ def test_a_killed_writers_temporary_is_removed_by_the_next_one(tmp_path):
         (tmp / "x").write_text("2")
     assert not left.exists() and other.is_dir()
     assert sorted(p.name for p in tmp_path.iterdir()) == [".data.not-ours.tmp", "data"]
+
+
+def test_overwrite_replaces_a_foreign_directory_but_never_the_run_directory(tmp_path, capsys):
+    user = _user_dir(tmp_path / "u")
+    check_output(user, "onnx", replace_any=True)
+    with atomic_dir(user, kind="onnx", replace_any=True) as tmp:
+        (tmp / "g").write_text("x")
+    assert sorted(p.name for p in user.iterdir()) == [ARTIFACT_MARKER, "g"]
+    run = _fake_run_dir(tmp_path)
+    before = _tree(run)
+    for out in (".", "teacher"):
+        assert main(["export", "--run-dir", str(run), "--model", "teacher", "--out", out, "--overwrite"]) == 2
+        assert "polyteacher: OutputPathError:" in capsys.readouterr().err
+    assert _tree(run) == before
