@@ -847,7 +847,9 @@ class _Cache:
                 if old != entry and old.is_dir():
                     shutil.rmtree(old, ignore_errors=True)
             for p, ds in splits.items():
-                with atomic_dir(entry / p, kind="massive-cache") as tmp, _no_datasets_bars():
+                # The cache owns its entries (named by a digest of the source): an entry of an older
+                # version without the artifact marker is replaced like any other.
+                with atomic_dir(entry / p, kind="massive-cache", replace_any=True) as tmp, _no_datasets_bars():
                     if len(ds):
                         ds.save_to_disk(str(tmp / "rows"))
                     report = {"num_rows": len(ds), "bad_rows": _bad_to_json(parser.split_bad[p])}
@@ -919,7 +921,7 @@ def _download(url: str, cache_dir: Path | None, progress: bool) -> tuple[Path, b
         target_dir = Path(tempfile.mkdtemp(prefix="massive-download-"))
     try:
         with contextlib.ExitStack() as stack:
-            out_dir = stack.enter_context(atomic_dir(target_dir, kind="download")) if cache_dir is not None else target_dir
+            out_dir = stack.enter_context(atomic_dir(target_dir, kind="download", replace_any=True)) if cache_dir is not None else target_dir
             response = stack.enter_context(urllib.request.urlopen(url, timeout=60))
             total = int(response.headers.get("Content-Length") or 0) or None
             bar = stack.enter_context(

@@ -776,3 +776,20 @@ def test_missing_data_root_shows_the_resolved_path(tmp_path: Path, monkeypatch) 
     message = str(info.value)
     assert str(tmp_path / "nonexistent" / "massive" / "data") in message and "from POLYTEACHER_DATA" in message
     assert "does not exist" in message
+
+
+def test_cache_entries_of_an_older_version_are_replaced(tmp_path: Path, small_dir: Path) -> None:
+    # The cache owns its entries: one without the artifact marker (written before markers existed) must
+    # not make the output-path guard fail a load.
+    from launch.fsutil import ARTIFACT_MARKER
+
+    cache = tmp_path / "cache"
+    load_massive(small_dir, locales=["en-US"], cache_dir=cache, progress=False)
+    markers = list(cache.rglob(ARTIFACT_MARKER))
+    assert markers
+    for marker in markers:
+        marker.unlink()
+    for info in cache.rglob("file.json"):
+        info.unlink()  # forces a rewrite of the entry
+    data = load_massive(small_dir, locales=["en-US"], cache_dir=cache, progress=False)
+    assert len(data) > 0 and list(cache.rglob(ARTIFACT_MARKER))
