@@ -57,6 +57,15 @@ ARTIFACT_MARKER = ".polyteacher-artifact"
 """File in every directory `atomic_dir` publishes: JSON {"kind": KIND}."""
 
 
+LEGACY_FINGERPRINTS: dict[str, tuple[str, ...]] = {
+    "tokenizer": ("tokenizer.json", "training.json", "spm.model"),
+    "packed-data": ("stats.json", "train"),
+}
+"""Files that identify an unmarked directory as one polyteacher wrote before it marked its outputs
+(kinds whose files no other tool writes together; a model directory is any Hugging Face model, so it
+has none and an unmarked one is refused)."""
+
+
 def artifact_kind(path: str | os.PathLike) -> str | None:
     """The kind recorded in `path`'s marker, or None when there is no readable marker."""
     try:
@@ -78,10 +87,12 @@ def check_output_dir(path: str | os.PathLike, kind: str, flag: str = "the output
     found = artifact_kind(path)
     if found == kind:
         return
-    what = f"a polyteacher {found} directory" if found else "not a polyteacher output"
+    if found is None and kind in LEGACY_FINGERPRINTS and all((path / f).exists() for f in LEGACY_FINGERPRINTS[kind]):
+        return  # written by polyteacher before outputs carried the marker
+    what = f"a polyteacher {found} directory" if found else f"not marked as a polyteacher output ({ARTIFACT_MARKER})"
     raise OutputPathError(
-        f"refusing to replace {path}: it is {what}, not a previous {kind} directory; choose another "
-        f"output path, or move {path} away yourself if its contents can go"
+        f"refusing to replace {path}: it holds files and is {what}, not a previous {kind} directory; choose "
+        f"another output path, or move {path} away yourself if its contents can go"
     )
 
 

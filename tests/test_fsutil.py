@@ -156,3 +156,19 @@ def test_overwrite_replaces_a_foreign_directory_but_never_the_run_directory(tmp_
         assert main(["export", "--run-dir", str(run), "--model", "teacher", "--out", out, "--overwrite"]) == 2
         assert "polyteacher: OutputPathError:" in capsys.readouterr().err
     assert _tree(run) == before
+
+
+def test_unmarked_tokenizer_and_data_of_an_older_run_are_still_replaced(tmp_path):
+    tok = tmp_path / "tokenizer"
+    tok.mkdir()
+    for name in ("tokenizer.json", "training.json", "spm.model"):
+        (tok / name).write_text("{}")
+    with atomic_dir(tok, kind="tokenizer") as tmp:
+        (tmp / "tokenizer.json").write_text("new")
+    assert (tok / "tokenizer.json").read_text() == "new"
+    data = tmp_path / "data"
+    (data / "train").mkdir(parents=True)
+    (data / "stats.json").write_text("{}")
+    check_output(data, "packed-data")
+    with pytest.raises(OutputPathError, match="not a previous model directory"):
+        check_output(data, "model")  # a fingerprint only speaks for its own kind
