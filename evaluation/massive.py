@@ -393,10 +393,9 @@ def load_seq2seq(model_dir: str | Path, device: str = "auto", dtype: str = "floa
     from transformers import AutoModelForSeq2SeqLM
 
     from data_prep.tokenizer import load_tokenizer
+    from launch.modeldir import check_model_dir
 
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir}: not a model directory (no config.json)")
+    model_dir = check_model_dir(model_dir, "--model")  # the loading rule every command shares
     tokenizer = load_tokenizer(model_dir)
     model = AutoModelForSeq2SeqLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), use_safetensors=True)
     model.to(torch_device(device)).eval()
@@ -589,6 +588,10 @@ def evaluate_massive(cfg, model_dir: str | Path, out_dir: str | Path, name: str 
 
     mcfg = cfg.massive
     started = time.perf_counter()
+    if not (Path(model_dir) / "manifest.json").is_file():  # refuse a bad model before loading any data
+        from launch.modeldir import check_model_dir
+
+        check_model_dir(model_dir, "--model")
     data, per_locale = load_split(mcfg.data, mcfg.locales, mcfg.split, mcfg.max_examples, mcfg.seed)
     predictor = load_predictor(
         model_dir,

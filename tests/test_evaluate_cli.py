@@ -103,7 +103,9 @@ def test_load_predictor_refuses_a_missing_directory(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_predictor(tmp_path / "missing")
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    from launch.modeldir import ModelDirError
+
+    with pytest.raises(ModelDirError, match="no config.json"):
         load_predictor(tmp_path)
 
 

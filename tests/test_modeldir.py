@@ -46,6 +46,7 @@ COMMANDS = {
     "distill": ["distill", "--run-dir", "{run}", "--teacher", "{model}", "--out", "st"],
     "pretrain": ["pretrain", "--run-dir", "{run}", "--section", "indomain", "--init-from", "{model}",
                  "--out", "teacher-indomain"],
+    "evaluate": ["evaluate", "massive", "--model", "{model}", "--locales", "en-US", "--out", "{tmp}/eval"],
 }
 
 
