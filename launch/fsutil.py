@@ -283,14 +283,8 @@ def _alive(holder: dict[str, Any]) -> bool:
     if holder.get("host") != socket.gethostname():
         return True
     pid = int(holder.get("pid", 0))
-    if pid <= 0:
+    if pid <= 0 or not _pid_alive(pid):
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     start = holder.get("start")
     return start is None or _process_start(pid) in (None, start)
 
