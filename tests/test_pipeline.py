@@ -36,6 +36,9 @@ MICRO = {
                            "num_eval_batches": 1, "save_every": 2}},
     "distill": {"train": {"micro_batch_size": 2, "global_batch_size": 4, "max_steps": 2, "warmup_steps": 1,
                           "log_every": 1, "eval_every": 2, "num_eval_batches": 1, "save_every": 2}},
+    "taskdistill": {"num_train_examples": 16, "num_eval_examples": 2, "train": {
+        "micro_batch_size": 4, "global_batch_size": 4, "max_steps": 2, "warmup_steps": 1, "log_every": 1,
+        "eval_every": 2, "num_eval_batches": 1, "save_every": 2}},
     "finetune": {"num_train_examples": 16, "num_eval_examples": 4, "train": {
         "micro_batch_size": 4, "global_batch_size": 4, "max_steps": 3, "warmup_steps": 1, "log_every": 1,
         "eval_every": 3, "save_every": 3}},
