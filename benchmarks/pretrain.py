@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -179,15 +178,9 @@ def measure_peak(threads: int, dtype: str = "float32") -> float:
 
 def cpu_record() -> dict:
     """The CPU model and the instruction-set flags that decide its fp32 and bf16 speed."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
+    from launch.distributed import cpu_info
+
+    model, flags = cpu_info()
     return {"cpu": model, "cpu_flags": [f for f in CPU_FLAGS if f in flags]}
 
 

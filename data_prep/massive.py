@@ -387,10 +387,9 @@ def has_label_tokens(tokenizer: Any) -> bool:
 
 def num_word_sentinels(tokenizer: Any) -> int:
     """How many `<extra_id_i>` sentinels `tokenizer` has, counted from 0 (they mark words)."""
-    vocab = tokenizer.get_vocab()
-    count = 0
-    while f"<extra_id_{count}>" in vocab:
-        count += 1
+    from data_prep.tokenizer import sentinel_ids
+
+    count = len(sentinel_ids(tokenizer.get_vocab()))
     if not count:
         raise ValueError("finetune.sentinels=true needs a tokenizer with <extra_id_0>, <extra_id_1>, ... sentinels")
     return count

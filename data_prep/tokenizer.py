@@ -227,6 +227,14 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
     return tok
 
 
+def sentinel_ids(vocab: dict[str, int]) -> list[int]:
+    """Ids of `<extra_id_0>`, `<extra_id_1>`, ... in `vocab`, up to the first one missing."""
+    ids = []
+    while f"<extra_id_{len(ids)}>" in vocab:
+        ids.append(vocab[f"<extra_id_{len(ids)}>"])
+    return ids
+
+
 def special_ids(tokenizer: Any) -> SpecialIds:
     """The reserved ids of `tokenizer`; raises ValueError when one is missing or misplaced."""
     vocab = tokenizer.get_vocab()
@@ -238,11 +246,7 @@ def special_ids(tokenizer: Any) -> SpecialIds:
         raise ValueError(
             f"tokenizer has <pad>, </s>, <unk> at {ids[PAD]}, {ids[EOS]}, {ids[UNK]}; expected 0, 1, 2"
         )
-    sentinels = []
-    i = 0
-    while f"<extra_id_{i}>" in vocab:
-        sentinels.append(vocab[f"<extra_id_{i}>"])
-        i += 1
+    sentinels = sentinel_ids(vocab)
     return SpecialIds(
         pad=ids[PAD], eos=ids[EOS], unk=ids[UNK], clm=ids[CLM], sep=ids[SEP], sentinels=sentinels
     )

@@ -240,13 +240,12 @@ def cpu_bf16_speedup(size: int = 512, repeats: int = 8) -> float:
     ~/.cache/polyteacher/cpu_precision.json; every rank of a job gets the smallest value of all ranks,
     so they all choose alike."""
     import json
-    import platform
     import time
 
     import torch
 
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "polyteacher" / "cpu_precision.json"
-    key = f"{_cpu_model() or platform.processor()}|torch {torch.__version__}|{torch.get_num_threads()} threads"
+    key = f"{cpu_info()[0]}|torch {torch.__version__}|{torch.get_num_threads()} threads"
     try:
         known = json.loads(cache.read_text())
     except (OSError, ValueError):
@@ -278,14 +277,21 @@ def cpu_bf16_speedup(size: int = 512, repeats: int = 8) -> float:
     return speedup
 
 
-def _cpu_model() -> str | None:
+def cpu_info() -> tuple[str, set[str]]:
+    """(CPU model name, instruction-set flags) from /proc/cpuinfo; platform's processor name and no
+    flags where that file is absent."""
+    import platform
+
+    model, flags = platform.processor() or platform.machine(), set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return None
+    return model, flags
 
 
 def deepspeed_config(train_cfg: TrainConfig, dist_info: DistInfo) -> dict[str, Any]:
