@@ -157,11 +157,25 @@ class MassiveExample:
 
 
 @dataclass(frozen=True)
+class GenerationCheck:
+    """How well-formed one generated text-to-text target is, before `parse_target` repairs it."""
+
+    stopped: bool
+    """Generation emitted the end-of-sequence token within its token budget."""
+    label_count_ok: bool
+    """The target holds exactly one label per word plus the intent."""
+    known_intent: bool
+    """The intent position (first with intent-first, else last) holds a known intent name."""
+
+
+@dataclass(frozen=True)
 class NLUPrediction:
     """An intent and one slot label per word: what every MASSIVE predictor returns."""
 
     intent: str
     slots: list[str]
+    generation: GenerationCheck | None = None
+    """For generated predictions: how well-formed the raw target was (None for classifiers)."""
 
 
 @dataclass(frozen=True)
@@ -475,6 +489,27 @@ def parse_target(
             tokens = tokens[1:] if intent_first else tokens[:-1]
     slots = tokens[:num_words] + [OTHER] * max(0, num_words - len(tokens))
     return NLUPrediction(intent=intent, slots=slots)
+
+
+def check_generation(
+    text: str, num_words: int, intents: Iterable[str], *, intent_first: bool = False, stopped: bool = True
+) -> GenerationCheck:
+    """Whether a generated target is well-formed: it stopped, it has `num_words` slot labels plus one
+    intent, and its intent position holds one of `intents` (read as `parse_target` reads it)."""
+    tokens = (_LABEL_TOKEN_RE.findall(text) or text.split()) if text else []
+    candidate = tokens[0 if intent_first else -1] if tokens else ""
+    return GenerationCheck(
+        stopped=bool(stopped), label_count_ok=len(tokens) == num_words + 1, known_intent=candidate in set(intents)
+    )
+
+
+def parse_generated(
+    text: str, num_words: int, intents: Iterable[str], *, intent_first: bool = False, stopped: bool = True
+) -> NLUPrediction:
+    """`parse_target` (unchanged scoring) with the target's `GenerationCheck` attached."""
+    pred = parse_target(text, num_words, intent_first=intent_first)
+    check = check_generation(text, num_words, intents, intent_first=intent_first, stopped=stopped)
+    return NLUPrediction(intent=pred.intent, slots=pred.slots, generation=check)
 
 
 # ----------------------------------------------------------------------------- row checks

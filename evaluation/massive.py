@@ -58,7 +58,16 @@ RECORD_FIELDS = (*INTENT_FIELDS, "em", "slot_tp", "slot_pred", "slot_gold")
 # classifier has only the intent.
 PREDICTION_FIELDS = ("pred_intent", "pred_slots")
 # Each metric and the record columns it is computed from.
-METRIC_FIELDS = {"em": ("em",), "intent_acc": ("intent_ok",), "slot_f1": ("slot_tp", "slot_pred", "slot_gold")}
+METRIC_FIELDS = {
+    "em": ("em",),
+    "intent_acc": ("intent_ok",),
+    "slot_f1": ("slot_tp", "slot_pred", "slot_gold"),
+    # Well-formedness of generated targets (`data_prep.massive.GenerationCheck`); None for classifiers.
+    "stop_rate": ("stopped",),
+    "label_count_rate": ("label_count_ok",),
+    "known_intent_rate": ("known_intent",),
+}
+GENERATION_FIELDS = ("stopped", "label_count_ok", "known_intent")
 
 
 def align_labels(pred_slots: Sequence[str], num_words: int, pad: str = OUTSIDE) -> list[str]:
@@ -99,7 +108,8 @@ def micro_f1(tp: Any, pred: Any, gold: Any) -> Any:
 def utterance_records(golds: Sequence[Any], preds: Sequence[Any]) -> dict[str, dict[str, list]]:
     """Per-utterance outcomes and predictions grouped by gold `.locale`, as columns:
     {locale: {"id": [str], "intent_ok": [0|1], "em": [0|1], "slot_tp", "slot_pred", "slot_gold": [int],
-    "pred_intent": [str], "pred_slots": [str (labels joined by spaces)]}}.
+    "pred_intent": [str], "pred_slots": [str (labels joined by spaces)]}}, plus "stopped",
+    "label_count_ok", "known_intent" ([0|1]) when every prediction carries a `generation` check.
 
     golds: objects with .id, .locale, .intent, .slots (MassiveExample); preds: objects with .intent
     and .slots (NLUPrediction). Predictions without a `slots` attribute (an intent classifier) give
@@ -115,6 +125,9 @@ def utterance_records(golds: Sequence[Any], preds: Sequence[Any]) -> dict[str, d
         raise ValueError("cannot score an empty set of examples")
     with_slots = all(hasattr(pred, "slots") for pred in preds)
     fields = (*RECORD_FIELDS, *PREDICTION_FIELDS) if with_slots else (*INTENT_FIELDS, "pred_intent")
+    generated = all(getattr(pred, "generation", None) is not None for pred in preds)
+    if generated:
+        fields = (*fields, *GENERATION_FIELDS)
     records: dict[str, dict[str, list]] = {}
     for gold, pred in zip(golds, preds):
         columns = records.setdefault(gold.locale, {name: [] for name in fields})
@@ -131,6 +144,9 @@ def utterance_records(golds: Sequence[Any], preds: Sequence[Any]) -> dict[str, d
             columns["slot_pred"].append(len(pred_spans))
             columns["slot_gold"].append(len(gold_spans))
             columns["pred_slots"].append(" ".join(pred_labels))
+        if generated:
+            for name in GENERATION_FIELDS:
+                columns[name].append(int(getattr(pred.generation, name)))
     return records
 
 
@@ -448,6 +464,7 @@ class Seq2SeqPredictor:
         self.tokens_per_word = longest([spell(x) for x in [OUTSIDE, *slot_labels]], 4)
         self.intent_tokens = longest([spell(x) for x in intents], 8)
         self.margin = max_new_tokens_margin
+        self.intents = list(intents)
         self.intent_first = model_intent_first(self.model.config)
         self.sentinels = model_sentinels(self.model.config)
         if self.sentinels:  # each label follows its word's sentinel
@@ -456,7 +473,7 @@ class Seq2SeqPredictor:
     def predict_words(self, batch: list[list[str]]) -> list[Any]:
         import torch
 
-        from data_prep.massive import parse_target, t2t_source
+        from data_prep.massive import parse_generated, parse_target, t2t_source
 
         sources = [t2t_source(words, self.sentinels) for words in batch]
         encoded = self.tokenizer(sources, padding=True, return_tensors="pt").to(self.model.device)
@@ -465,7 +482,18 @@ class Seq2SeqPredictor:
         with torch.inference_mode():
             output = self.model.generate(**encoded, max_new_tokens=max_new_tokens, num_beams=1, do_sample=False)
         texts = self.tokenizer.batch_decode(output, skip_special_tokens=True)
-        return [parse_target(text, len(words), intent_first=self.intent_first) for text, words in zip(texts, batch)]
+        if not self.intents:  # nothing to check the intent against
+            return [parse_target(text, len(words), intent_first=self.intent_first) for text, words in zip(texts, batch)]
+        stopped = generation_stopped(output, self.tokenizer.eos_token_id)
+        return [
+            parse_generated(text, len(words), self.intents, intent_first=self.intent_first, stopped=done)
+            for text, words, done in zip(texts, batch, stopped)
+        ]
+
+
+def generation_stopped(output: Any, eos_id: int) -> list[bool]:
+    """Per generated sequence ([B, L] ids, decoder start first): whether it holds the eos token."""
+    return (output[:, 1:] == eos_id).any(dim=-1).tolist()
 
 
 def load_predictor(
@@ -645,7 +673,17 @@ def massive_markdown(result: dict[str, Any]) -> str:
     level = f"{result['config']['confidence']:.0%}"
     header = ["locale", "n", "EM", f"EM {level} CI", "intent acc", f"intent {level} CI", "slot F1", f"slot F1 {level} CI"]
     title = f"# MASSIVE {result['split']}: {result['model']}\n\nPredictor: {result['predictor']}. Intervals: {result['ci_method']}.\n\n"
-    return title + markdown_table(header, rows)
+    text = title + markdown_table(header, rows)
+    if result.get("stop_rate") is not None:
+        names = list(METRIC_FIELDS)[3:]
+        generation_rows = [[loc, *(s[m] for m in names)] for loc, s in sorted(result["per_locale"].items())]
+        generation_rows.append(["**mean**", *(result[m] for m in names)])
+        text += (
+            "\n\n## Generated targets\n\nShare of utterances whose generated target stopped (eos within "
+            "the budget), has one label per word plus the intent, and carries a known intent, before "
+            "parsing repairs it.\n\n" + markdown_table(["locale", "stopped", "label count right", "known intent"], generation_rows)
+        )
+    return text
 
 
 def result_json(result: Mapping[str, Any]) -> str:

@@ -26,6 +26,9 @@ from launch.fsutil import atomic_write_json, atomic_write_text
 from launch.pipeline import MASSIVE_COMPARISONS, MassiveComparison
 
 MASSIVE_METRICS = ("em", "intent_acc", "slot_f1")
+# How well-formed a text-to-text model's generated targets are (None for classifiers and ONNX).
+GENERATION_METRICS = ("stop_rate", "label_count_rate", "known_intent_rate")
+METRIC_TITLES = {"em": "exact match", "intent_acc": "intent accuracy", "slot_f1": "slot F1"}
 # The metric every comparison claim is stated in: exact match, the strictest of the three.
 CLAIM_METRIC = "em"
 # The pretraining runs (the "name" of their metrics.jsonl records) checked against the unigram line.
@@ -141,7 +144,7 @@ def collect_summary(run_dir: Path) -> dict[str, Any]:
             if data is None:
                 continue
             summary["massive"][model_dir.name] = {
-                **{m: data.get(m) for m in MASSIVE_METRICS},
+                **{m: data.get(m) for m in (*MASSIVE_METRICS, *GENERATION_METRICS)},
                 "per_locale": {
                     loc: {m: vals.get(m) for m in MASSIVE_METRICS}
                     for loc, vals in sorted(data.get("per_locale", {}).items())
@@ -181,12 +184,41 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def plot_massive_by_locale(summary: dict[str, Any], plots_dir: Path) -> list[Path]:
+    """One figure per MASSIVE metric with every model side by side in each locale and in the mean
+    (the TF-IDF reference among them where it has the metric): plots/massive_<metric>_by_locale.png."""
+    from evaluation.plots import grouped_bar_chart
+
+    models = summary["massive"]
+    written = []
+    for metric in MASSIVE_METRICS:
+        scored = [m for m, vals in models.items() if vals.get(metric) is not None]
+        if not scored:
+            continue
+        locales = sorted({loc for m in scored for loc in models[m]["per_locale"]})
+        groups: dict[str, dict[str, float]] = {
+            loc: {m: models[m]["per_locale"][loc][metric] for m in scored
+                  if models[m]["per_locale"].get(loc, {}).get(metric) is not None}
+            for loc in locales
+        }
+        groups["mean"] = {m: models[m][metric] for m in scored}
+        written.append(grouped_bar_chart(
+            groups, plots_dir / f"massive_{metric}_by_locale.png", title=f"MASSIVE {METRIC_TITLES[metric]} per locale",
+            ylabel=METRIC_TITLES[metric], series_order=scored, ylim=(0.0, 1.0),
+        ))
+    return written
+
+
 def _copy_plots(run_dir: Path) -> list[Path]:
+    """The evaluation plots under plots/, except the per-model MASSIVE bars that
+    `plot_massive_by_locale` puts side by side in one figure per metric."""
     plots_dir = run_dir / "plots"
     plots_dir.mkdir(exist_ok=True)
     copied = []
     for png in sorted((run_dir / "eval").rglob("*.png")):
         rel = png.relative_to(run_dir / "eval")
+        if rel.parts[0] == "massive" and png.name.endswith("_em.png"):
+            continue
         target = plots_dir / "_".join(rel.parts)
         shutil.copyfile(png, target)
         copied.append(target)
@@ -267,6 +299,13 @@ def render_report(run_dir: Path, summary: dict[str, Any], plots: list[Path]) -> 
             row.append(" / ".join(_fmt(v.get(k), True) for k in MASSIVE_METRICS))
         loc_rows.append(row)
     parts.append(_md_table(["locale", *models], loc_rows) if loc_rows else "_none_")
+    generating = [m for m in models if summary["massive"][m].get("stop_rate") is not None]
+    if generating:
+        parts.append("\n## Generated targets of the text-to-text models (%, before parsing repairs them)\n")
+        parts.append(_md_table(
+            ["model", "stopped", "one label per word + intent", "known intent"],
+            [[m, *(_fmt(summary["massive"][m][k], True) for k in GENERATION_METRICS)] for m in generating],
+        ))
     for key, title in (("icl", "In-context intent classification"), ("translation", "1-shot FLORES-200 translation"),
                        ("fairness", "Fairness")):
         parts.append(f"\n## {title}\n")
@@ -306,6 +345,7 @@ def write_report(run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     summary = collect_summary(run_dir)
     plots = _copy_plots(run_dir)
+    plots = plot_massive_by_locale(summary, run_dir / "plots") + plots
     atomic_write_json(run_dir / "summary.json", summary)
     atomic_write_text(run_dir / "REPORT.md", render_report(run_dir, summary, plots))
     return summary

@@ -309,15 +309,19 @@ def evaluate(
     dev_pairs: list[tuple[list[int], list[int]]] | None,
     cfg: FinetuneConfig,
     dist_info: DistInfo,
+    intents: list[str] | None = None,
 ) -> dict[str, float]:
-    """Dev loss, exact match, intent accuracy and slot F1 on the dev subset, over all ranks.
+    """Dev loss, exact match, intent accuracy and slot F1 on the dev subset, over all ranks; for the
+    text-to-text head with `intents` given, also the shares of generated targets that stop, have the
+    right label count and carry a known intent (`dev_stop_rate`, `dev_label_count_rate`,
+    `dev_known_intent_rate`).
 
     Each rank scores an equal share (the subset is cut to a multiple of the world size so every
     rank runs the same number of forward passes, which ZeRO-3 needs); counts are summed over ranks.
     """
     import torch
 
-    from evaluation.massive import score_locale
+    from evaluation.massive import GENERATION_FIELDS, score_locale
 
     world, rank = dist_info.world_size, dist_info.rank
     usable = len(dev) // world * world
@@ -339,7 +343,7 @@ def evaluate(
                 )
                 loss_sum += float(token_losses)
                 loss_count += float((batch["labels"] != -100).sum())
-                preds.extend(generate_predictions(model, tokenizer, batch, examples, cfg, synced))
+                preds.extend(generate_predictions(model, tokenizer, batch, examples, cfg, synced, intents))
             else:
                 from student.nlu import decode_predictions, nlu_loss
 
@@ -360,26 +364,34 @@ def evaluate(
     golds = [dev[i] for i in mine]
     s = score_locale(golds, preds) if golds else {"em": 0, "intent_acc": 0, "n": 0, "num_gold_spans": 0,
                                                     "num_pred_spans": 0, "num_correct_spans": 0}
+    checks = [p.generation for p in preds if getattr(p, "generation", None) is not None]
+    generation = [float(sum(getattr(c, name) for c in checks)) for name in GENERATION_FIELDS]
     totals = all_reduce_sum([
         loss_sum, loss_count, s["em"] * s["n"], s["intent_acc"] * s["n"], s["n"],
-        s["num_gold_spans"], s["num_pred_spans"], s["num_correct_spans"],
+        s["num_gold_spans"], s["num_pred_spans"], s["num_correct_spans"], float(len(checks)), *generation,
     ])
-    t_loss, t_count, t_exact, t_intent, t_n, t_gold, t_pred, t_correct = totals
-    return {
+    t_loss, t_count, t_exact, t_intent, t_n, t_gold, t_pred, t_correct, t_checked = totals[:9]
+    result = {
         "dev_loss": t_loss / max(t_count, 1.0),
         "dev_em": t_exact / max(t_n, 1.0),
         "dev_intent_acc": t_intent / max(t_n, 1.0),
         "dev_slot_f1": 2 * t_correct / (t_gold + t_pred) if t_gold + t_pred else 0.0,
         "dev_examples": int(t_n),
     }
+    if t_checked:
+        for name, count in zip(("stop_rate", "label_count_rate", "known_intent_rate"), totals[9:]):
+            result[f"dev_{name}"] = count / t_checked
+    return result
 
 
 def generate_predictions(
     model: Any, tokenizer: Any, batch: dict[str, torch.Tensor], examples: list[MassiveExample],
-    cfg: FinetuneConfig, synced: bool,
+    cfg: FinetuneConfig, synced: bool, intents: list[str] | None = None,
 ) -> list[NLUPrediction]:
-    """Greedy generation of the text-to-text target, parsed into intent + per-word slots."""
-    from data_prep.massive import parse_target
+    """Greedy generation of the text-to-text target, parsed into intent + per-word slots (with its
+    `GenerationCheck` when `intents` is given)."""
+    from data_prep.massive import parse_generated, parse_target
+    from evaluation.massive import generation_stopped
 
     output = model.generate(
         input_ids=batch["input_ids"],
@@ -390,7 +402,13 @@ def generate_predictions(
         synced_gpus=synced,
     )
     texts = tokenizer.batch_decode(output, skip_special_tokens=True)
-    return [parse_target(text, len(ex.words), intent_first=cfg.intent_first) for text, ex in zip(texts, examples)]
+    if not intents:
+        return [parse_target(text, len(ex.words), intent_first=cfg.intent_first) for text, ex in zip(texts, examples)]
+    stopped = generation_stopped(output, tokenizer.eos_token_id)
+    return [
+        parse_generated(text, len(ex.words), intents, intent_first=cfg.intent_first, stopped=done)
+        for text, ex, done in zip(texts, examples, stopped)
+    ]
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -524,14 +542,19 @@ def maybe_eval(
 ) -> dict[str, float] | None:
     if not data.dev or not is_due(state.step, cfg.train.eval_every, cfg.train.max_steps):
         return None
-    result = evaluate(engine, model, tokenizer, data.dev, dev_pairs, cfg, dist_info)
+    result = evaluate(engine, model, tokenizer, data.dev, dev_pairs, cfg, dist_info, data.intents)
     if state.best_eval_loss is None or result["dev_loss"] < state.best_eval_loss:
         state.best_eval_loss = result["dev_loss"]
     metrics.log(state.step, result)
     if dist_info.is_rank0:
         print(
             f"step {state.step}: dev_loss {result['dev_loss']:.4f} em {result['dev_em']:.3f} "
-            f"intent_acc {result['dev_intent_acc']:.3f} slot_f1 {result['dev_slot_f1']:.3f}",
+            f"intent_acc {result['dev_intent_acc']:.3f} slot_f1 {result['dev_slot_f1']:.3f}"
+            + (
+                f" | generated: stopped {result['dev_stop_rate']:.3f} label count right "
+                f"{result['dev_label_count_rate']:.3f} known intent {result['dev_known_intent_rate']:.3f}"
+                if "dev_stop_rate" in result else ""
+            ),
             flush=True,
         )
     return result

@@ -188,6 +188,10 @@ def test_seq2seq_finetune_end_to_end_then_score_with_the_evaluation_scorer(tmp_p
     assert [r["step"] for r in evals] == [15, 30]
     assert evals[1]["dev_loss"] < evals[0]["dev_loss"]
     assert all(0.0 <= r[k] <= 1.0 for r in evals for k in ("dev_em", "dev_intent_acc", "dev_slot_f1"))
+    # Generated dev targets are checked for form (stop, label count, known intent), as shares.
+    generation = ("dev_stop_rate", "dev_label_count_rate", "dev_known_intent_rate")
+    assert all(0.0 <= r[k] <= 1.0 for r in evals for k in generation)
+    assert all(r["dev_known_intent_rate"] >= r["dev_intent_acc"] for r in evals)
     losses = [r["loss"] for r in _records(run_dir, "teacher-ft", "lr")]
     assert len(losses) == 3 and losses[-1] < losses[0]
     assert (run_dir / "checkpoints" / "teacher-ft" / "step_00000030" / "COMPLETE").is_file()

@@ -155,3 +155,23 @@ def test_claims_of_a_run_whose_stages_were_skipped_are_dashes(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert [row["diff"] for row in write_report(empty)["claims"]["comparisons"]] == [None] * len(MASSIVE_COMPARISONS)
+
+
+def test_models_side_by_side_per_locale_in_one_figure_per_metric(run_dir):
+    # A classifier reference: intent only, no EM or slot F1.
+    examples = golds()
+    write_result(run_dir / "eval" / "massive", "baseline_tfidf", examples,
+                 [type("Intent", (), {"intent": ex.intent})() for ex in examples])  # fmt: skip
+    (run_dir / "eval" / "massive" / "teacher" / "massive_em.png").write_bytes(b"\x89PNG per-model bars")
+    summary = write_report(run_dir)
+    plots = run_dir / "plots"
+    for metric in ("em", "intent_acc", "slot_f1"):
+        png = plots / f"massive_{metric}_by_locale.png"
+        assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 5000
+    # The per-model bars are replaced by the side-by-side figures in the report.
+    assert not (plots / "massive_teacher_massive_em.png").exists()
+    report = (run_dir / "REPORT.md").read_text()
+    assert "plots/massive_intent_acc_by_locale.png" in report and "massive_em.png" not in report
+    # The reference has intent accuracy only; the models have all three.
+    assert summary["massive"]["baseline_tfidf"]["em"] is None
+    assert summary["massive"]["baseline_tfidf"]["intent_acc"] == 1.0

@@ -448,3 +448,60 @@ def test_paired_difference_finds_a_better_model_and_refuses_different_ids():
         paired_difference(a, shifted)
     with pytest.raises(ValueError, match="locales"):
         paired_difference(a, {"en-US": b["en-US"]})
+
+
+# ----------------------------------------------------------------------------- generated targets
+
+
+def test_check_generation_reads_the_raw_target() -> None:
+    from data_prep.massive import check_generation, parse_generated
+
+    intents = ["alarm_set", "weather_query"]
+    # Well-formed: two labels for two words, then a known intent, and it stopped.
+    ok = check_generation("<time><Other><alarm_set>", 2, intents, stopped=True)
+    assert (ok.stopped, ok.label_count_ok, ok.known_intent) == (True, True, True)
+    # Looping on Other up to the budget: no eos, too many labels, no intent at the end.
+    loop = check_generation("Other " * 9, 2, intents, stopped=False)
+    assert (loop.stopped, loop.label_count_ok, loop.known_intent) == (False, False, False)
+    # Intent first: the first token is the intent; a slot name there is not a known intent.
+    first = check_generation("time Other alarm_set", 2, intents, intent_first=True)
+    assert (first.label_count_ok, first.known_intent) == (True, False)
+    assert check_generation("", 0, intents).label_count_ok is False
+    # parse_generated scores exactly as parse_target does, with the check attached.
+    pred = parse_generated("time alarm_set", 2, intents, stopped=False)
+    assert (pred.intent, pred.slots) == (parse_target("time alarm_set", 2).intent, parse_target("time alarm_set", 2).slots)
+    assert (pred.generation.stopped, pred.generation.label_count_ok, pred.generation.known_intent) == (False, False, True)
+
+
+def test_generation_rates_in_records_and_scores() -> None:
+    from data_prep.massive import GenerationCheck
+
+    golds = [gold(["Other"], id="1"), gold(["Other"], id="2"), gold(["Other"], id="3"), gold(["Other"], id="4")]
+    checks = [GenerationCheck(True, True, True), GenerationCheck(True, False, True),
+              GenerationCheck(False, False, False), GenerationCheck(True, True, False)]  # fmt: skip
+    preds = [NLUPrediction("alarm_set", ["Other"], generation=c) for c in checks]
+    records = utterance_records(golds, preds)
+    assert records["en-US"]["stopped"] == [1, 1, 0, 1]
+    assert records["en-US"]["label_count_ok"] == [1, 0, 0, 1]
+    result = score_records(records, samples=200, seed=0)
+    assert result["stop_rate"] == pytest.approx(0.75)
+    assert result["label_count_rate"] == pytest.approx(0.5)
+    assert result["known_intent_rate"] == pytest.approx(0.5)
+    lo, hi = result["stop_rate_ci"]
+    assert 0.0 <= lo <= 0.75 <= hi <= 1.0
+    # Predictions without a check (a classifier, the ONNX runtime): the rates are None, EM unchanged.
+    plain = score([*golds], [NLUPrediction("alarm_set", ["Other"])] * 4, samples=50)
+    assert plain["stop_rate"] is None and plain["em"] == 1.0
+
+
+def test_massive_markdown_lists_generation_rates() -> None:
+    from data_prep.massive import GenerationCheck
+    from evaluation.massive import massive_markdown
+
+    golds = [gold(["Other"], id=str(i)) for i in range(3)]
+    preds = [NLUPrediction("alarm_set", ["Other"], generation=GenerationCheck(i > 0, True, True)) for i in range(3)]
+    result = {"model": "m", "split": "test", "predictor": "Seq2SeqPredictor", "config": {"confidence": 0.95},
+              **score(golds, preds, samples=50)}  # fmt: skip
+    text = massive_markdown(result)
+    assert "## Generated targets" in text
+    assert "| en-US | 0.6667 | 1.0000 | 1.0000 |" in text
