@@ -103,9 +103,23 @@ class ICLConfig:
     normalize: Literal["mean", "sum"] = "mean"
     """How a label's token log-probs are combined: length-normalised mean (default; labels have 1-5
     tokens and a sum favours short ones) or plain sum."""
-    label_eos: bool = True
-    """Score the end-of-sequence token after the label too (the label ends the prompt's text), so a
-    label that is a prefix of a longer continuation is not favoured."""
+    label_eos: bool = False
+    """Score the end-of-sequence token after the label too. Off by default: pretraining never shows a
+    label followed by eos (a demonstration's label is followed by a newline and the next one), so the
+    eos probability measures the model's guess about where the text ends, not the label. On, a label
+    that is a prefix of a longer continuation ("play" vs "play music") is not favoured."""
+    calibration: Literal["none", "contextual"] = "none"
+    """`contextual`: contextual calibration (Zhao et al. 2021, "Calibrate Before Use"). Every prompt
+    is scored once more with the same demonstrations and a content-free query (`content_free`), and
+    labels are ranked by log p(label | prompt) - log p_cf(label), where p_cf is that prompt's label
+    distribution (the scores softmaxed over labels; the mean of the distributions when there are
+    several content-free strings). This removes the label prior that the template and the
+    demonstrations induce (majority and recency labels, common label words). It costs one more
+    encoder pass per prompt (one per locale at k=0); the uncalibrated accuracy is reported beside
+    the calibrated one. `none`: rank by the scores themselves."""
+    content_free: list[str] = field(default_factory=lambda: ["N/A"])
+    """Content-free queries for `calibration: contextual`, put in the prompt template in place of the
+    utterance; several (e.g. ["N/A", "", "[MASK]"], as in Zhao et al.) are averaged in probability."""
     max_prompt_tokens: int = 512
     """Longer prompts lose their oldest demonstration tokens (the query and [CLM] are kept)."""
     batch_size: int = 8
@@ -127,6 +141,8 @@ class ICLConfig:
         if self.max_examples is not None and self.max_examples < 0:
             raise ConfigError(f"icl.max_examples must be >= 0 (0 = all) or null, got {self.max_examples}")
         _check_locales("icl.locales", self.locales)
+        if self.calibration == "contextual" and not self.content_free:
+            raise ConfigError("icl.content_free must hold at least one string when icl.calibration is 'contextual'")
 
 
 @dataclass

@@ -3,9 +3,12 @@
 For each query utterance and each k in `icl.shots`, the prompt is k labelled demonstrations plus the
 query (`prompt_template`, `demo_template`), optionally prefixed with the `[CLM]` token so a teacher
 pretrained with the causal-LM objective continues the text. The encoder reads the prompt once; the
-decoder scores every intent's label text ("alarm_set" -> "alarm set", plus eos when `label_eos`) with
-teacher forcing, and the prediction is the label with the highest mean (default) or summed token
-log-prob. The queries of every locale are the same seeded sample of test ids
+decoder scores every intent's label text ("alarm_set" -> "alarm set"; followed by eos only when
+`label_eos`, off by default: pretraining never shows eos after a label) with teacher forcing, and the
+prediction is the label with the highest mean (default) or summed token log-prob. With
+`calibration: contextual` (Zhao et al. 2021) every prompt is also scored with its demonstrations and a
+content-free query ("N/A"), and labels are ranked by log p(label | prompt) - log p_cf(label)
+(`contextual_calibration`); the uncalibrated accuracy is reported beside the calibrated one. The queries of every locale are the same seeded sample of test ids
 (`evaluation.massive.sample_shared_ids`), and intervals are a bootstrap over those ids, as for
 `evaluate massive`. Demonstrations come from the train partition of the query's locale
 (`demo_source: same`) or of en-US (`demo_source: en-US`); they are drawn with a seed derived from
@@ -16,20 +19,28 @@ or its text.
 Output of `evaluate icl --out DIR [--name NAME]` (NAME defaults to "icl"):
 - `DIR/NAME.json`:
   {"kind": "icl", "model": str, "split": str, "demo_source": str, "normalize": "mean"|"sum",
-   "clm_prompt": bool, "num_labels": int, "chance": float, "shots": [int],
-   "accuracy": {"<k>": float},            # unweighted mean over locales
+   "clm_prompt": bool, "label_eos": bool, "calibration": "none"|"contextual",
+   "content_free": [str] | null,          # the content-free queries (contextual calibration only)
+   "num_labels": int, "chance": float, "shots": [int],
+   "accuracy": {"<k>": float},            # unweighted mean over locales (calibrated when calibration is on)
    "accuracy_ci": {"<k>": [lo, hi]},
+   "accuracy_uncalibrated": {"<k>": float}, "accuracy_uncalibrated_ci": {"<k>": [lo, hi]},  # contextual only
    "per_locale": {locale: {"n": int, "accuracy": {"<k>": float}, "accuracy_ci": {"<k>": [lo, hi]},
-                           "top_prediction": {"<k>": [intent, fraction of queries]}}},
+                           "top_prediction": {"<k>": [intent, fraction of queries]},
+                           # contextual only: the same three for the uncalibrated ranking
+                           "accuracy_uncalibrated": ..., "accuracy_uncalibrated_ci": ...,
+                           "top_prediction_uncalibrated": ...}},
    "example_prompts": {locale: str},      # the largest-k prompt of the first query (in id order)
    "ci_method": str, "elapsed_s": float, "config": {...}}
-- `DIR/NAME.md`: accuracy per locale and k; `DIR/NAME.png`: accuracy per locale, one bar per k,
+- `DIR/NAME.md`: accuracy per locale and k (calibrated and uncalibrated side by side when calibration
+  is on); `DIR/NAME.png`: accuracy per locale, one bar per k,
   with chance marked.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import sys
 import time
@@ -168,6 +179,36 @@ def score_candidates(
     return scores
 
 
+def contextual_calibration(scores, content_free_scores):
+    """Contextual calibration (Zhao et al. 2021): label scores [P, C] ranked against each prompt's
+    content-free label distribution; returns calibrated log-scores [P, C] (higher is better).
+
+    scores: log-scores of C labels for P prompts (`score_candidates`). content_free_scores: [P, C],
+    or [N, P, C] for N content-free queries, each row scored with the same demonstrations as the
+    matching prompt. Each content-free row is softmaxed over the labels into p_cf (N distributions are
+    averaged in probability), and the result is log_softmax(scores) - log p_cf: in probability space,
+    p(label | prompt) / p_cf(label), Zhao et al.'s diagonal W = diag(p_cf)^-1 with b = 0. A label the
+    template or the demonstrations favour whatever the query says is discounted by exactly that
+    preference; a uniform p_cf changes nothing.
+    """
+    import math
+
+    import torch
+
+    scores = torch.as_tensor(scores, dtype=torch.float32)
+    cf = torch.as_tensor(content_free_scores, dtype=torch.float32)
+    if cf.dim() == 2:
+        cf = cf[None]
+    if scores.dim() != 2 or cf.dim() != 3 or cf.shape[1:] != scores.shape:
+        raise ValueError(
+            f"content-free scores of shape {tuple(cf.shape)} do not match label scores of shape "
+            f"{tuple(scores.shape)}; expected [P, C] or [N, P, C]"
+        )
+    # log of the mean of the N distributions, in log space: no underflow to log(0).
+    log_p_cf = torch.logsumexp(cf.log_softmax(-1), dim=0) - math.log(cf.shape[0])
+    return scores.log_softmax(-1) - log_p_cf
+
+
 def label_token_ids(tokenizer, labels: Sequence[str], eos_id: int | None) -> list[list[int]]:
     """Token ids of each label text (no special tokens), followed by eos when eos_id is given."""
     out = []
@@ -189,6 +230,7 @@ def _available_locales(source: Path, locales: Sequence[str]) -> list[str]:
 
 def evaluate_icl(cfg, model_dir: str | Path, out_dir: str | Path, name: str = "icl") -> dict[str, Any]:
     """k-shot intent accuracy per locale; writes NAME.json, NAME.md and NAME.png into out_dir."""
+    import torch
     from tqdm.auto import tqdm
 
     from data_prep.massive import load_massive
@@ -218,16 +260,36 @@ def evaluate_icl(cfg, model_dir: str | Path, out_dir: str | Path, name: str = "i
     split_examples = {loc: data.examples(locale=loc, partition=icfg.split) for loc in locales}
     query_ids = sample_shared_ids(split_examples, icfg.max_examples, icfg.seed)
 
+    calibrate = icfg.calibration == "contextual"
+    # The rankings scored: the headline one (calibrated when calibration is on) is reported under
+    # "accuracy", the other one under "accuracy_uncalibrated". Suffix of each ranking's JSON keys:
+    rankings = {"calibrated": "", "uncalibrated": "_uncalibrated"} if calibrate else {"uncalibrated": ""}
+
+    def score(texts: Sequence[str]):
+        prompts = [encode_prompt(tokenizer, t, clm_id, icfg.max_prompt_tokens) for t in texts]
+        return score_candidates(
+            model,
+            prompts,
+            candidates,
+            pad_id=ids.pad,
+            decoder_start_id=decoder_start,
+            normalize=icfg.normalize,
+            score_batch_size=icfg.score_batch_size,
+        )
+
     per_locale: dict[str, Any] = {}
-    # Per k, the scorer's per-utterance columns: the intervals come from the same bootstrap over ids.
-    records: dict[int, dict[str, dict[str, list]]] = {k: {} for k in shots}
+    # Per ranking and k, the scorer's per-utterance columns: the intervals come from the same
+    # bootstrap over ids.
+    records: dict[str, dict[int, dict[str, dict[str, list]]]] = {r: {k: {} for k in shots} for r in rankings}
     example_prompts: dict[str, str] = {}
     for loc in locales:
         queries = select_ids(split_examples[loc], query_ids)
         pool = data.examples(locale=loc if icfg.demo_source == "same" else "en-US", partition="train")
-        intent_ok: dict[int, list[int]] = {k: [] for k in shots}
+        intent_ok: dict[str, dict[int, list[int]]] = {r: {k: [] for k in shots} for r in rankings}
         # How often each intent is predicted: a degenerate model predicts one label for everything.
-        predicted_counts: dict[int, Counter[str]] = {k: Counter() for k in shots}
+        predicted_counts: dict[str, dict[int, Counter[str]]] = {r: {k: Counter() for k in shots} for r in rankings}
+        # Content-free prompt -> label scores; at k=0 every query of the locale shares one prompt.
+        content_free_cache: dict[str, Any] = {}
         bar = tqdm(total=len(queries) * len(shots), desc=f"icl {loc}", unit="prompt", file=sys.stderr)
         for start in range(0, len(queries), icfg.batch_size):
             batch = queries[start : start + icfg.batch_size]
@@ -236,40 +298,47 @@ def evaluate_icl(cfg, model_dir: str | Path, out_dir: str | Path, name: str = "i
                 texts = [build_prompt(q.utt, d[:k], icfg.prompt_template, icfg.demo_template) for q, d in zip(batch, demos)]
                 if loc not in example_prompts and k == max(shots):
                     example_prompts[loc] = texts[0]
-                prompts = [encode_prompt(tokenizer, t, clm_id, icfg.max_prompt_tokens) for t in texts]
-                scores = score_candidates(
-                    model,
-                    prompts,
-                    candidates,
-                    pad_id=ids.pad,
-                    decoder_start_id=decoder_start,
-                    normalize=icfg.normalize,
-                    score_batch_size=icfg.score_batch_size,
-                )
-                predicted = scores.argmax(-1).tolist()
-                intent_ok[k] += [int(intents[p] == q.intent) for p, q in zip(predicted, batch)]
-                predicted_counts[k].update(intents[p] for p in predicted)
+                ranked = {"uncalibrated": score(texts)}
+                if calibrate:
+                    cf_texts = [
+                        build_prompt(cf, d[:k], icfg.prompt_template, icfg.demo_template)
+                        for cf in icfg.content_free
+                        for d in demos
+                    ]
+                    missing = sorted(set(cf_texts) - content_free_cache.keys())
+                    for i in range(0, len(missing), icfg.batch_size):
+                        chunk = missing[i : i + icfg.batch_size]
+                        content_free_cache.update(zip(chunk, score(chunk)))
+                    cf_scores = torch.stack([content_free_cache[t] for t in cf_texts])
+                    cf_scores = cf_scores.view(len(icfg.content_free), len(batch), len(intents))
+                    ranked["calibrated"] = contextual_calibration(ranked["uncalibrated"], cf_scores)
+                for r, scores in ranked.items():
+                    predicted = scores.argmax(-1).tolist()
+                    intent_ok[r][k] += [int(intents[p] == q.intent) for p, q in zip(predicted, batch)]
+                    predicted_counts[r][k].update(intents[p] for p in predicted)
                 bar.update(len(batch))
         bar.close()
         n = len(queries)
-        for k in shots:
-            records[k][loc] = {"id": [q.id for q in queries], "intent_ok": intent_ok[k]}
-        per_locale[loc] = {
-            "n": n,
-            "accuracy": {},
-            "accuracy_ci": {},
-            "top_prediction": {
-                str(k): [intent, count / n] for k in shots for intent, count in predicted_counts[k].most_common(1)
-            },
-        }
+        per_locale[loc] = {"n": n}
+        for r, suffix in rankings.items():
+            for k in shots:
+                records[r][k][loc] = {"id": [q.id for q in queries], "intent_ok": intent_ok[r][k]}
+            per_locale[loc][f"accuracy{suffix}"] = {}
+            per_locale[loc][f"accuracy{suffix}_ci"] = {}
+            per_locale[loc][f"top_prediction{suffix}"] = {
+                str(k): [intent, count / n] for k in shots for intent, count in predicted_counts[r][k].most_common(1)
+            }
 
-    mean_accuracy, mean_ci = {}, {}
-    for k in shots:
-        scored = score_records(records[k], samples=cfg.bootstrap_samples, seed=icfg.seed, confidence=cfg.confidence)
-        for loc, s in scored["per_locale"].items():
-            per_locale[loc]["accuracy"][str(k)] = s["intent_acc"]
-            per_locale[loc]["accuracy_ci"][str(k)] = s["intent_acc_ci"]
-        mean_accuracy[str(k)], mean_ci[str(k)] = scored["intent_acc"], scored["intent_acc_ci"]
+    mean_accuracy: dict[str, dict[str, Any]] = {}
+    for r, suffix in rankings.items():
+        mean_accuracy[f"accuracy{suffix}"], mean_accuracy[f"accuracy{suffix}_ci"] = {}, {}
+        for k in shots:
+            scored = score_records(records[r][k], samples=cfg.bootstrap_samples, seed=icfg.seed, confidence=cfg.confidence)
+            for loc, s in scored["per_locale"].items():
+                per_locale[loc][f"accuracy{suffix}"][str(k)] = s["intent_acc"]
+                per_locale[loc][f"accuracy{suffix}_ci"][str(k)] = s["intent_acc_ci"]
+            mean_accuracy[f"accuracy{suffix}"][str(k)] = scored["intent_acc"]
+            mean_accuracy[f"accuracy{suffix}_ci"][str(k)] = scored["intent_acc_ci"]
     result = {
         "kind": "icl",
         "model": str(model_dir),
@@ -277,11 +346,13 @@ def evaluate_icl(cfg, model_dir: str | Path, out_dir: str | Path, name: str = "i
         "demo_source": icfg.demo_source,
         "normalize": icfg.normalize,
         "clm_prompt": icfg.clm_prompt,
+        "label_eos": icfg.label_eos,
+        "calibration": icfg.calibration,
+        "content_free": list(icfg.content_free) if calibrate else None,
         "num_labels": len(intents),
         "chance": 1.0 / len(intents),
         "shots": shots,
-        "accuracy": mean_accuracy,
-        "accuracy_ci": mean_ci,
+        **mean_accuracy,
         "per_locale": per_locale,
         "example_prompts": example_prompts,
         "ci_method": ci_method(cfg.bootstrap_samples, cfg.confidence),
@@ -297,18 +368,31 @@ def icl_markdown(result: dict[str, Any]) -> str:
 
     shots = [str(k) for k in result["shots"]]
     last = shots[-1]
-    header = ["locale", "n"] + [f"acc k={k}" for k in shots] + [f"most predicted (k={last})"]
+    # Older results lack the calibration keys: they were uncalibrated.
+    calibrated = result.get("calibration", "none") != "none"
+    # (JSON key, column label) per k: calibrated and uncalibrated side by side when calibration is on.
+    columns = [("accuracy", "acc k={}"), ("accuracy_uncalibrated", "uncal. k={}")] if calibrated else [("accuracy", "acc k={}")]
+    header = ["locale", "n"] + [label.format(k) for k in shots for _, label in columns] + [f"most predicted (k={last})"]
 
     def top(s: dict[str, Any]) -> str:
         intent, fraction = s["top_prediction"][last]
         return f"{intent} ({fraction:.0%})"
 
-    rows = [[loc, s["n"]] + [s["accuracy"][k] for k in shots] + [top(s)] for loc, s in sorted(result["per_locale"].items())]
-    rows.append(["**mean**", sum(s["n"] for s in result["per_locale"].values())] + [result["accuracy"][k] for k in shots] + [""])
+    def accs(s: dict[str, Any]) -> list[float]:
+        return [s[key][k] for k in shots for key, _ in columns]
+
+    rows = [[loc, s["n"], *accs(s), top(s)] for loc, s in sorted(result["per_locale"].items())]
+    rows.append(["**mean**", sum(s["n"] for s in result["per_locale"].values()), *accs(result), ""])
+    if calibrated:
+        content_free = ", ".join(json.dumps(t, ensure_ascii=False) for t in result["content_free"])
+        calibration = f"contextual calibration against the content-free query {content_free} (acc: calibrated; uncal.: the raw scores)"
+    else:
+        calibration = "no calibration"
     title = (
         f"# In-context intent classification: {result['model']}\n\n"
         f"Rank classification over {result['num_labels']} intents (chance {result['chance']:.4f}); "
-        f"demos from {result['demo_source']}; scores: {result['normalize']} token log-prob; "
+        f"demos from {result['demo_source']}; scores: {result['normalize']} token log-prob of the label"
+        f"{' and eos' if result.get('label_eos') else ''}; {calibration}; "
         f"[CLM] prompt: {result['clm_prompt']}.\n\n"
     )
     return title + markdown_table(header, rows)
@@ -326,7 +410,8 @@ def write_icl_outputs(result: dict[str, Any], out_dir: Path, name: str) -> list[
         grouped_bar_chart(
             groups,
             out_dir / f"{name}.png",
-            title=f"k-shot intent accuracy ({result['demo_source']} demos): {Path(result['model']).name}",
+            title=f"k-shot intent accuracy ({result['demo_source']} demos"
+            f"{', calibrated' if result.get('calibration', 'none') != 'none' else ''}): {Path(result['model']).name}",
             ylabel="accuracy",
             series_order=[f"k={k}" for k in result["shots"]],
             hlines={"chance": result["chance"]},
@@ -352,6 +437,13 @@ def register_evaluate(sub: argparse._SubParsersAction) -> None:
         "--max-examples", type=int, default=None, help="query ids, a seeded sample shared by every locale (default 200; 0 = all)"
     )
     p.add_argument("--no-clm", action="store_true", help="plain prompt without the [CLM] prefix")
+    p.add_argument(
+        "--calibration",
+        choices=["none", "contextual"],
+        default=None,
+        help="contextual: rank labels against a content-free query's label distribution (Zhao et al. 2021); "
+        "the uncalibrated accuracy is reported beside it (default: icl.calibration)",
+    )
     p.set_defaults(func=run_icl)
 
 
@@ -364,10 +456,14 @@ def run_icl(args: argparse.Namespace) -> int:
         "demo_source": args.demo_source,
         "max_examples": args.max_examples,
         "clm_prompt": False if args.no_clm else None,
+        "calibration": args.calibration,
     }
 
     def summary(result: dict[str, Any]) -> str:
         accs = "  ".join(f"k={k}: {acc:.4f}" for k, acc in result["accuracy"].items())
+        if "accuracy_uncalibrated" in result:
+            uncal = "  ".join(f"k={k}: {acc:.4f}" for k, acc in result["accuracy_uncalibrated"].items())
+            accs = f"calibrated {accs}; uncalibrated {uncal}"
         return f"ICL intent accuracy (mean over {len(result['per_locale'])} locales; chance {result['chance']:.4f}): {accs}"
 
     return run_common(args, "icl", flags, evaluate_icl, summary)

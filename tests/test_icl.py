@@ -1,5 +1,6 @@
 """In-context learning: rank-classification scoring (toy model with known log-probs, tiny T5),
-prompt construction, demonstration sampling, and an end-to-end run on the tiny teacher."""
+contextual calibration, prompt construction, demonstration sampling, an end-to-end run on the tiny
+teacher, and the harness proven on a small T5 trained on a task only demonstrations can solve."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 
 from evaluation.icl import (
     build_prompt,
+    contextual_calibration,
     encode_prompt,
     intent_label_text,
     label_token_ids,
@@ -109,6 +111,61 @@ def test_bad_arguments_fail_loudly():
         score_candidates(ToyModel(), [[2]], CANDIDATES, pad_id=0, decoder_start_id=0, normalize="max")
     with pytest.raises(ValueError, match="at least one token"):
         score_candidates(ToyModel(), [[2]], [[2], []], pad_id=0, decoder_start_id=0)
+
+
+# ----------------------------------------------------------------------------- contextual calibration
+
+
+def test_contextual_calibration_removes_a_strong_label_prior():
+    # Three labels; the template and demos make the model favour label 0 (prior 0.90, 0.07, 0.03)
+    # whatever the query; the query itself carries a weaker signal: likelihood 0.6 for its true label,
+    # 0.2 for the others. Scores are log p(label | prompt) up to a per-prompt constant.
+    prior = torch.tensor([0.90, 0.07, 0.03])
+    truth = torch.tensor([0, 1, 2, 1, 2, 0, 2, 1])
+    likelihood = torch.full((len(truth), 3), 0.2)
+    likelihood[torch.arange(len(truth)), truth] = 0.6
+    scores = (prior * likelihood).log() + torch.arange(len(truth)).float()[:, None]  # any row offset
+    assert (scores.argmax(-1) == 0).all()  # uncalibrated: label 0 everywhere, accuracy 3/8
+    # The content-free query "N/A" with the same demos carries no signal: p_cf is the prior.
+    content_free = prior.log().expand(len(truth), 3) - 5.0
+    calibrated = contextual_calibration(scores, content_free)
+    assert torch.equal(calibrated.argmax(-1), truth)  # calibrated: 8/8
+    # The values: log p(label | prompt) - log p_cf(label), both normalised over the labels.
+    expected = (prior * likelihood / (prior * likelihood).sum(-1, keepdim=True)).log() - prior.log()
+    assert torch.allclose(calibrated, expected, atol=1e-5)
+
+
+def test_contextual_calibration_uniform_reference_and_several_content_free_queries():
+    scores = torch.tensor([[-1.0, -2.0, -0.5], [-3.0, -0.1, -0.2]])
+    # A uniform content-free distribution changes no ranking: the result is log_softmax + log C.
+    uniform = torch.zeros(2, 3)
+    assert torch.allclose(contextual_calibration(scores, uniform), scores.log_softmax(-1) + math.log(3), atol=1e-6)
+    # Several content-free queries (Zhao et al.: "N/A", "", "[MASK]") are averaged in probability:
+    # [0.8, 0.1, 0.1] and [0.4, 0.3, 0.3] give p_cf = [0.6, 0.2, 0.2].
+    cf = torch.tensor([[0.8, 0.1, 0.1], [0.4, 0.3, 0.3]]).log()[:, None, :].expand(2, 2, 3) + 7.0
+    expected = scores.log_softmax(-1) - torch.tensor([0.6, 0.2, 0.2]).log()
+    assert torch.allclose(contextual_calibration(scores, cf), expected, atol=1e-5)
+    # A content-free distribution far below float range in probability does not turn into log(0).
+    extreme = torch.tensor([[0.0, -2000.0, -2000.0]]).expand(2, 3)
+    assert torch.isfinite(contextual_calibration(scores, extreme)).all()
+    with pytest.raises(ValueError, match="do not match"):
+        contextual_calibration(scores, torch.zeros(3, 3))
+    with pytest.raises(ValueError, match="do not match"):
+        contextual_calibration(scores, torch.zeros(2, 1, 3))
+
+
+def test_icl_config_calibration_and_label_eos_defaults():
+    from evaluation.config import EvalConfig
+    from launch.config import ConfigError, load_config
+
+    cfg = load_config(EvalConfig)
+    assert cfg.icl.label_eos is False and cfg.icl.calibration == "none" and cfg.icl.content_free == ["N/A"]
+    cfg = load_config(EvalConfig, overrides=["icl.calibration=contextual", 'icl.content_free=["N/A", "", "[MASK]"]'])
+    assert cfg.icl.calibration == "contextual" and cfg.icl.content_free == ["N/A", "", "[MASK]"]
+    with pytest.raises(ConfigError, match="content_free"):
+        load_config(EvalConfig, overrides=["icl.calibration=contextual", "icl.content_free=[]"])
+    with pytest.raises(ConfigError, match="calibration"):
+        load_config(EvalConfig, overrides=["icl.calibration=platt"])
 
 
 # ----------------------------------------------------------------------------- prompts and demos
@@ -241,6 +298,160 @@ def test_evaluate_icl_on_the_tiny_teacher_writes_results(tiny_teacher_dir, massi
     prompt = saved["example_prompts"]["en-US"]
     assert prompt.count("Utterance:") == 3 and prompt.endswith(f"Utterance: {queries['en-US'][0].utt} Intent:")
     assert saved["config"]["icl"]["normalize"] == "mean" and saved["clm_prompt"] is True
+    assert saved["label_eos"] is False and saved["calibration"] == "none" and "accuracy_uncalibrated" not in saved
     assert result["accuracy"] == saved["accuracy"]
     assert (tmp_path / "icl-tiny.md").read_text().count("\n| ") >= 3
     assert (tmp_path / "icl-tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------- the harness proven on a task only demos solve
+
+# Every utterance of a locale carries that locale's one intent; utterances are random nonsense words
+# drawn the same way in every locale. Nothing in a query tells its locale, so without demonstrations
+# the label can only be guessed, while any one demonstration reveals it.
+SYNTHETIC_LOCALES = ["en-US", "de-DE", "fr-FR", "es-ES", "it-IT", "nl-NL"]
+# One-word intents (label text = the intent), the first six that are one token of the tiny tokenizer
+# (whose 2000 pieces hold few whole words), so that a label is a single scored token.
+SYNTHETIC_LABEL_WORDS = ["the", "you", "and", "for", "that", "what", "with", "not", "was", "von", "und", "les"]
+SYNTHETIC_TRAIN, SYNTHETIC_TEST = 120, 40  # ids per locale, the same ids in every locale
+SYNTHETIC_SHOTS = [0, 1, 2, 3]
+SYNTHETIC_STEPS = 300
+
+
+def _nonsense_utterance(rng) -> str:
+    syllables = [c + v for c in "bdfgkmnprstvz" for v in "aeiou"]
+    return " ".join("".join(rng.choices(syllables, k=rng.randint(1, 2))) for _ in range(rng.randint(2, 3)))
+
+
+def write_synthetic_massive(out_dir, tokenizer) -> dict[str, str]:
+    """MASSIVE-format <locale>.jsonl files of the synthetic task; returns {locale: intent}."""
+    import random
+
+    labels = [w for w in SYNTHETIC_LABEL_WORDS if len(tokenizer(w, add_special_tokens=False)["input_ids"]) == 1]
+    assert len(labels) >= len(SYNTHETIC_LOCALES), labels
+    intent_of = dict(zip(SYNTHETIC_LOCALES, labels))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for loc, intent in intent_of.items():
+        rng = random.Random(f"synthetic:{loc}")
+        utts: list[str] = []
+        while len(utts) < SYNTHETIC_TRAIN + SYNTHETIC_TEST:
+            utt = _nonsense_utterance(rng)
+            if utt not in utts:
+                utts.append(utt)
+        with open(out_dir / f"{loc}.jsonl", "w", encoding="utf-8") as f:
+            for i, utt in enumerate(utts):
+                row = {"id": str(i), "locale": loc, "partition": "train" if i < SYNTHETIC_TRAIN else "test",
+                       "scenario": intent, "intent": intent, "utt": utt, "annot_utt": utt}
+                f.write(json.dumps(row) + "\n")
+    return intent_of
+
+
+def train_synthetic_icl_model(out, tokenizer, data_dir, icfg):
+    """A small T5 trained on the harness's own prompts (`build_prompt`, `encode_prompt`, k in 0..3
+    demos from `sample_demos`) with the label text (no eos, as `label_eos: false` scores it) as target."""
+    import random
+
+    from fixtures_models import save_model_dir
+
+    from data_prep.massive import load_massive
+    from data_prep.tokenizer import special_ids
+    from evaluation.massive import pad_right
+    from teacher.presets import ModelConfig, build_model
+
+    data = load_massive(str(data_dir), locales=SYNTHETIC_LOCALES, partitions=("train",), progress=False)
+    pools = {loc: data.examples(locale=loc, partition="train") for loc in SYNTHETIC_LOCALES}
+    clm_id = special_ids(tokenizer).clm if icfg.clm_prompt else None
+    model = build_model(ModelConfig(preset="tiny", d_model=64, d_ff=256, num_heads=4, d_kv=16), tokenizer, seed=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rng = random.Random(0)
+    model.train()
+    for step in range(SYNTHETIC_STEPS):
+        sources, targets = [], []
+        for _ in range(32):
+            loc = rng.choice(SYNTHETIC_LOCALES)
+            query = rng.choice(pools[loc])
+            demos = sample_demos(pools[loc], query, rng.choice(SYNTHETIC_SHOTS), seed=step, locale=loc)
+            text = build_prompt(query.utt, demos, icfg.prompt_template, icfg.demo_template)
+            sources.append(encode_prompt(tokenizer, text, clm_id, icfg.max_prompt_tokens))
+            targets.append(label_token_ids(tokenizer, [intent_label_text(query.intent)], None)[0])
+        input_ids, attention_mask = pad_right(sources, tokenizer.pad_token_id)
+        labels, label_mask = pad_right(targets, tokenizer.pad_token_id)
+        labels = labels.masked_fill(label_mask == 0, -100)
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    return save_model_dir(model, tokenizer, out)
+
+
+@pytest.fixture(scope="module")
+def synthetic_icl(tiny_tokenizer_dir, tmp_path_factory):
+    """(data directory, trained model directory, {locale: intent}) of the synthetic task."""
+    from data_prep.tokenizer import load_tokenizer
+    from evaluation.config import ICLConfig
+
+    tokenizer = load_tokenizer(tiny_tokenizer_dir)
+    root = tmp_path_factory.mktemp("synthetic_icl")
+    intent_of = write_synthetic_massive(root / "data", tokenizer)
+    model_dir = train_synthetic_icl_model(root / "model", tokenizer, root / "data", ICLConfig())
+    return root / "data", model_dir, intent_of
+
+
+@pytest.mark.slow
+def test_harness_solves_a_task_only_demonstrations_reveal(synthetic_icl, tmp_path):
+    from evaluation.config import EvalConfig
+    from evaluation.icl import evaluate_icl
+    from launch.config import load_config
+
+    data_dir, model_dir, intent_of = synthetic_icl
+    cfg = load_config(EvalConfig, overrides=[
+        f"icl.data={data_dir}", f"icl.locales=[{', '.join(SYNTHETIC_LOCALES)}]", f"icl.shots={SYNTHETIC_SHOTS}",
+        "icl.max_examples=0", "device=cpu", "bootstrap_samples=200",
+    ])
+    result = evaluate_icl(cfg, model_dir, tmp_path, name="synthetic")
+    print("synthetic ICL accuracy per k:", result["accuracy"])
+    assert result["num_labels"] == len(SYNTHETIC_LOCALES) and result["chance"] == pytest.approx(1 / 6)
+    assert result["label_eos"] is False and result["calibration"] == "none" and "accuracy_uncalibrated" not in result
+    assert all(s["n"] == SYNTHETIC_TEST for s in result["per_locale"].values())
+    # k = 0: the query says nothing about the label, so the model can only guess (chance 1/6).
+    assert result["accuracy"]["0"] < 0.5
+    # k >= 1: one demonstration names the label, and the harness reads it off.
+    for k in ("1", "2", "3"):
+        assert result["accuracy"][k] > 0.9, (k, result["accuracy"])
+        assert all(s["top_prediction"][k][0] == intent_of[loc] for loc, s in result["per_locale"].items())
+
+
+@pytest.mark.slow
+def test_contextual_calibration_through_the_cli_on_the_synthetic_model(synthetic_icl, tmp_path, capsys):
+    from launch.cli import main
+
+    data_dir, model_dir, _ = synthetic_icl
+    common = ["evaluate", "icl", "--model", str(model_dir), "--locales", *SYNTHETIC_LOCALES,
+              "--shots", *map(str, SYNTHETIC_SHOTS), "--max-examples", "0",
+              f"icl.data={data_dir}", "device=cpu", "bootstrap_samples=200"]
+    assert main([*common, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*common, "--out", str(tmp_path / "cal"), "--calibration", "contextual",
+                 'icl.content_free=["N/A", "", "[MASK]"]']) == 0
+    assert "calibrated k=0" in capsys.readouterr().out
+    plain = json.loads((tmp_path / "plain" / "icl.json").read_text())
+    cal = json.loads((tmp_path / "cal" / "icl.json").read_text())
+    print("calibrated:", cal["accuracy"], "uncalibrated:", cal["accuracy_uncalibrated"])
+    assert cal["calibration"] == "contextual" and cal["content_free"] == ["N/A", "", "[MASK]"]
+    assert plain["calibration"] == "none" and plain["content_free"] is None
+    # The uncalibrated ranking of the calibrated run is the plain run, value for value.
+    assert cal["accuracy_uncalibrated"] == plain["accuracy"]
+    assert cal["accuracy_uncalibrated_ci"] == plain["accuracy_ci"]
+    for loc, s in cal["per_locale"].items():
+        assert s["accuracy_uncalibrated"] == plain["per_locale"][loc]["accuracy"]
+        assert s["top_prediction_uncalibrated"] == plain["per_locale"][loc]["top_prediction"]
+    # Contextual calibration assumes the label prior comes from the prompt and the label from the query.
+    # Here the demonstrations alone give the label, so the content-free query with the same demos
+    # predicts it just as surely, and dividing by p_cf cancels the signal: that is why calibration is
+    # opt-in (icl.calibration: none by default) and always reported beside the raw scores.
+    assert cal["accuracy"]["0"] < 0.5  # still nothing to go on at k=0
+    for k in ("1", "2", "3"):
+        assert cal["accuracy"][k] < plain["accuracy"][k] - 0.3, (k, cal["accuracy"], plain["accuracy"])
+    md = (tmp_path / "cal" / "icl.md").read_text()
+    assert "| acc k=0 | uncal. k=0 | acc k=1 | uncal. k=1 |" in md
+    assert 'content-free query "N/A", "", "[MASK]"' in md and "uncal." not in (tmp_path / "plain" / "icl.md").read_text()
