@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from launch.bigmodel import ModelLoadConfig
 from launch.config import ConfigError
 from launch.training import TrainConfig
 from student.presets import StudentConfig
@@ -21,6 +22,12 @@ class DistillConfig:
 
     teacher: str = "teacher"
     """Teacher model directory (HF save_pretrained + tokenizer): absolute, or relative to the run directory."""
+    teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Teacher weights: auto = the training precision on GPU (bf16/fp16; fp32 when training in fp32) and float32 on CPU, where bf16 training runs the teacher under the student's bf16 autocast."""
+    teacher_shard: Literal["none", "zero3"] = "none"
+    """none: every rank holds the whole teacher (or places it with teacher_load); zero3: the teacher is sharded over all ranks by a ZeRO-3 engine without optimizer (P / world_size of its weights per rank, each layer gathered for its forward)."""
+    teacher_load: ModelLoadConfig = dataclasses.field(default_factory=ModelLoadConfig)
+    """Big teachers in one process per rank: accelerate's device_map, max_memory per device and offload_folder (relative: inside the run directory)."""
     out: str = "student"
     """Name of the student: its model directory run_dir/<out>, checkpoints under checkpoints/<out>/."""
     data: str = "data"
@@ -71,6 +78,11 @@ class DistillConfig:
             raise ConfigError(f"distill.hidden_loss_weight: must be >= 0, got {self.hidden_loss_weight}")
         if not 0.0 <= self.cda_prob <= 1.0:
             raise ConfigError(f"distill.cda_prob: must be in [0, 1], got {self.cda_prob}")
+        if self.teacher_shard == "zero3" and self.teacher_load.device_map != "none":
+            raise ConfigError(
+                "distill.teacher_shard=zero3 and distill.teacher_load.device_map=auto are two ways of placing the "
+                "teacher; choose one (zero3 shards it over the ranks, device_map spreads it over one process's devices)"
+            )
         if not self.out or "/" in self.out or self.out in (".", ".."):
             raise ConfigError(f"distill.out: {self.out!r} must be a plain directory name")
         from distill.counterfactual import available_languages

@@ -60,17 +60,54 @@ def resolve_dir(run_dir: Path, value: str, key: str) -> Path:
     return candidate
 
 
-def load_teacher(teacher_dir: Path, device: str, precision: str = "fp32") -> Any:
-    """The frozen teacher: eval mode, requires_grad False, in the training precision (safetensors, no
-    remote code). Every rank holds a full replica (it is only run forward)."""
+def load_teacher(teacher_dir: Path, cfg: DistillConfig, run_dir: Path, dist_info: DistInfo, precision: str) -> Any:
+    """The frozen teacher (eval mode, requires_grad False; safetensors, no remote code) placed as
+    configured (`launch.bigmodel`): a replica on every rank, accelerate's device map with CPU/disk
+    offload (teacher_load), or sharded over the ranks by ZeRO-3 (teacher_shard=zero3)."""
+    import dataclasses as dc
+
     import torch
 
-    from launch.modeldir import load_seq2seq_model
+    from launch import bigmodel
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    teacher = load_seq2seq_model(teacher_dir, "distill.teacher", dtype=dtype)
-    teacher.eval().requires_grad_(False)
-    return teacher.to(device)
+    if cfg.teacher_dtype != "auto":
+        dtype = bigmodel.resolve_dtype(cfg.teacher_dtype, dist_info.on_gpu)
+    elif dist_info.on_gpu:
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    else:
+        dtype = torch.float32
+    if cfg.teacher_shard == "zero3":
+        teacher = bigmodel.shard_zero3(teacher_dir, "distill.teacher", dtype, dist_info)
+    else:
+        load = cfg.teacher_load
+        if load.device_map != "none" and dist_info.on_gpu and dist_info.world_size > 1:
+            raise ConfigError("distill.teacher_load.device_map=auto runs in one process; with several ranks on GPUs "
+                              "shard the teacher with teacher_shard=zero3")
+        folder = bigmodel.resolve_offload_folder(load.offload_folder, run_dir)
+        if folder and dist_info.world_size > 1:
+            folder = str(Path(folder) / f"rank{dist_info.rank}")  # one copy per rank, never two writers
+        teacher = bigmodel.load_model(teacher_dir, "distill.teacher", device=dist_info.device, dtype=dtype,
+                                      load=dc.replace(load, offload_folder=folder))
+    if not dist_info.on_gpu and precision == "bf16" and dtype == torch.float32:
+        bigmodel.autocast_forward(teacher, torch.bfloat16)  # as the student's engine runs on CPU
+    return teacher
+
+
+def student_init_source(teacher_dir: Path, teacher: Any, cfg: DistillConfig) -> Any:
+    """What build_student copies layers from: the teacher itself when its weights are all in memory;
+    for an offloaded or sharded teacher, its model with only the tensors a student may copy read
+    from the safetensors (embeddings, output layer, final norms, the mapped layers and layer 0)."""
+    from launch.bigmodel import is_materialized, load_subset
+    from student.presets import layer_map, student_config
+
+    if is_materialized(teacher):
+        return teacher
+    config = student_config(teacher.config, cfg.student)
+    prefixes = ["shared.", "lm_head.", "encoder.final_layer_norm.", "decoder.final_layer_norm."]
+    for stack, total, kept in (("encoder", teacher.config.num_layers, config.num_layers),
+                               ("decoder", teacher.config.num_decoder_layers, config.num_decoder_layers)):
+        prefixes += [f"{stack}.block.{i}." for i in sorted({0, *layer_map(total, kept)})]
+    return load_subset(teacher_dir, prefixes)
 
 
 def load_checked_tokenizer(cfg: DistillConfig, run_dir: Path, teacher_dir: Path, teacher: Any) -> Any:
@@ -444,7 +481,7 @@ def distill(cfg: DistillConfig, run_dir: str | Path, resume: bool = False) -> Pa
 
     # teacher, tokenizer, data
     teacher_dir = resolve_dir(run_dir, cfg.teacher, "teacher")
-    teacher = load_teacher(teacher_dir, dist_info.device, resolve_precision(cfg.train.precision, dist_info))
+    teacher = load_teacher(teacher_dir, cfg, run_dir, dist_info, resolve_precision(cfg.train.precision, dist_info))
     tokenizer = load_checked_tokenizer(cfg, run_dir, teacher_dir, teacher)
     # The teacher's MASSIVE text-to-text format, for task=massive.
     intent_first, sentinels = model_intent_first(teacher.config), model_sentinels(teacher.config)
@@ -454,7 +491,7 @@ def distill(cfg: DistillConfig, run_dir: str | Path, resume: bool = False) -> Pa
                                dist_info.world_size, cfg.train.seed)
 
     # student and engine
-    student, init_info = build_student(teacher, cfg.student, seed=cfg.train.seed)
+    student, init_info = build_student(student_init_source(teacher_dir, teacher, cfg), cfg.student, seed=cfg.train.seed)
     # A student distilled on MASSIVE targets emits them in the teacher's order.
     setattr(student.config, INTENT_FIRST_KEY, intent_first)
     setattr(student.config, SENTINELS_KEY, sentinels)

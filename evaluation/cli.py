@@ -57,7 +57,45 @@ def add_common_arguments(p: argparse.ArgumentParser, default_name: str) -> None:
         default=default_name,
         help=f"base name of the output files (default {default_name!r}); use one per model to keep several in one --out",
     )
+    add_load_arguments(p)
     p.add_argument("overrides", nargs="*", help="dotted overrides of the evaluate section, e.g. icl.shots=[0,1]")
+
+
+def add_load_arguments(p: argparse.ArgumentParser) -> None:
+    """--device-map, --max-memory, --offload-folder: big-model placement (config keys load.*)."""
+    p.add_argument("--device-map", choices=["none", "auto"], default=None,
+                   help="auto: spread a model too big for one device over the GPUs, the CPU and the disk "
+                   "(accelerate); sets load.device_map (default none)")
+    p.add_argument("--max-memory", default=None, metavar="DEVICE=SIZE,...",
+                   help="with --device-map auto: the most each device holds, e.g. 0=70GiB,1=70GiB,cpu=200GiB; "
+                   "sets load.max_memory")
+    p.add_argument("--offload-folder", default=None, metavar="DIR",
+                   help="with --device-map auto: directory for weights offloaded to the disk (relative: inside "
+                   "--run-dir, else inside --out); sets load.offload_folder")
+
+
+def load_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The `load` section set by --device-map, --max-memory, --offload-folder (None: not given)."""
+    from launch.bigmodel import parse_max_memory_flag
+
+    max_memory = getattr(args, "max_memory", None)
+    return {
+        "device_map": getattr(args, "device_map", None),
+        "max_memory": parse_max_memory_flag(max_memory) if max_memory is not None else None,
+        "offload_folder": getattr(args, "offload_folder", None),
+    }
+
+
+def load_from_args(args: argparse.Namespace, root: str | Path) -> Any:
+    """The `launch.bigmodel.ModelLoadConfig` of --device-map, --max-memory, --offload-folder for a
+    command without the evaluate config (fairness); a relative offload folder lies inside `root`."""
+    import dataclasses
+
+    from launch.bigmodel import ModelLoadConfig, resolve_offload_folder
+    from launch.config import from_dict
+
+    load = from_dict(ModelLoadConfig, {k: v for k, v in load_flags(args).items() if v is not None})
+    return dataclasses.replace(load, offload_folder=resolve_offload_folder(load.offload_folder, root))
 
 
 def resolve_config(args: argparse.Namespace, flags: dict[str, dict[str, Any]]) -> Any:
@@ -90,7 +128,7 @@ def resolve_common(args: argparse.Namespace, section: str, flags: dict[str, Any]
     from launch.config import ConfigError
     from launch.fsutil import safe_path
 
-    cfg = resolve_config(args, {section: flags})
+    cfg = resolve_config(args, {section: flags, "load": load_flags(args)})
     if args.run_dir:
         run_dir = Path(args.run_dir)
         model_dir = Path(args.model) if Path(args.model).is_absolute() else safe_path(run_dir, args.model)
@@ -103,6 +141,13 @@ def resolve_common(args: argparse.Namespace, section: str, flags: dict[str, Any]
         model_dir, out_dir = Path(args.model), Path(args.out)
     if not model_dir.is_dir():
         raise ConfigError(f"--model: {model_dir} is not a directory")
+    if cfg.load.offload_folder:
+        import dataclasses
+
+        from launch.bigmodel import resolve_offload_folder
+
+        folder = resolve_offload_folder(cfg.load.offload_folder, args.run_dir or out_dir)
+        cfg = dataclasses.replace(cfg, load=dataclasses.replace(cfg.load, offload_folder=folder))
     return cfg, model_dir, out_dir
 
 

@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from launch.bigmodel import ModelLoadConfig
 from launch.config import ConfigError
 
 # Placeholders each template must contain, checked at start-up.
@@ -206,8 +207,10 @@ class BaselineConfig:
 class EvalConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where PyTorch models run; auto picks cuda when available."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Weights dtype of PyTorch models (float32 on CPU: bf16 matmuls are very slow there)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights dtype of PyTorch models; auto: bf16 on GPUs that support it (else fp16), float32 on CPU (bf16 matmuls are very slow on most CPUs)."""
+    load: ModelLoadConfig = field(default_factory=ModelLoadConfig)
+    """Big models (seq2seq PyTorch models): accelerate's device_map, max_memory per device and offload_folder; `--device-map`, `--max-memory`, `--offload-folder` set them."""
     confidence: float = 0.95
     """Coverage of every interval: the (1 - c)/2 and (1 + c)/2 percentiles of the bootstrap values."""
     bootstrap_samples: int = 1000
@@ -236,5 +239,6 @@ def section_dict(cfg: EvalConfig, section: str) -> dict:
     """The resolved config of one evaluation (plus the shared keys), for the output JSON."""
     from launch.config import to_dict
 
-    shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in SECTIONS}
-    return {**shared, section: to_dict(getattr(cfg, section))}
+    full = to_dict(cfg)
+    shared = {f.name: full[f.name] for f in dataclasses.fields(cfg) if f.name not in SECTIONS}
+    return {**shared, section: full[section]}

@@ -31,6 +31,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from launch.bigmodel import input_device
+
 # Prompt pairs (male subject, female subject) per lexicon language, written out in full so that
 # articles and possessives agree.
 TEMPLATES: dict[str, list[tuple[str, str]]] = {
@@ -177,7 +179,7 @@ def score_continuations(model: Any, tokenizer: Any, prompts: Sequence[str], cont
     cont_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in conts]
     prefix = [ids.clm] if clm_prompt else []
     scores = np.zeros((len(prompts), len(conts)))
-    device = next(model.parameters()).device
+    device = input_device(model)  # a device-mapped model may hold its first weights on the disk
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
         sources = [prefix + prompt_ids[i] + [ids.eos] for i, _ in chunk]
@@ -232,7 +234,7 @@ def is_seq2seq_dir(model_dir: Path) -> bool:
 def evaluate_fairness(models: dict[str, Path], locales: Sequence[str], out_dir: Path, *, data: str,
                       split: str = "test", max_examples: int | None = None, seed: int = 0, batch_size: int = 32,
                       device: str = "auto", metrics: Sequence[str] = ("consistency", "disparity"),
-                      clm_prompt: bool = True, name: str = "fairness") -> dict[str, Any]:
+                      clm_prompt: bool = True, name: str = "fairness", load: Any = None) -> dict[str, Any]:
     """Both metrics for every model; writes NAME.json and NAME.md into out_dir (atomically)."""
     from distill.counterfactual import lexicon_language
     from evaluation.massive import load_predictor, load_seq2seq, load_split
@@ -251,11 +253,11 @@ def evaluate_fairness(models: dict[str, Path], locales: Sequence[str], out_dir: 
         entry: dict[str, Any] = {"dir": str(model_dir)}
         if "consistency" in metrics and per_locale:
             predictor = load_predictor(model_dir, device=device, slot_labels=massive.slot_types,
-                                       intents=massive.intents)
+                                       intents=massive.intents, load=load)
             entry["consistency"] = counterfactual_consistency(predictor, per_locale, batch_size, max_examples, seed)
             del predictor
         if "disparity" in metrics and is_seq2seq_dir(model_dir):
-            model, tokenizer = load_seq2seq(model_dir, device)
+            model, tokenizer = load_seq2seq(model_dir, device, load=load)
             entry["disparity"] = generation_disparity(model, tokenizer, languages, batch_size=64,
                                                       clm_prompt=clm_prompt)
             del model
@@ -312,6 +314,8 @@ def fairness_markdown(result: dict[str, Any]) -> str:
 
 
 def register_evaluate(sub: argparse._SubParsersAction) -> None:
+    from evaluation.cli import add_load_arguments
+
     p = sub.add_parser(
         "fairness",
         help="counterfactual consistency on MASSIVE and generation disparity, several models side by side",
@@ -331,6 +335,7 @@ def register_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the sample of utterances (default 0)")
     p.add_argument("--batch-size", type=int, default=32, help="utterances per predictor call")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="torch device")
+    add_load_arguments(p)
     p.add_argument("--metrics", nargs="+", choices=["consistency", "disparity"],
                    default=["consistency", "disparity"], help="which measurements (default both)")
     p.add_argument("--no-clm-prompt", action="store_true",
@@ -340,12 +345,13 @@ def register_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def run_fairness(args: argparse.Namespace) -> int:
-    from evaluation.cli import parse_models
+    from evaluation.cli import load_from_args, parse_models
 
     models = parse_models(args.models)
     result = evaluate_fairness(models, args.locales, Path(args.out), data=args.data, split=args.split,
                                max_examples=args.max_examples or None, seed=args.seed, batch_size=args.batch_size,
                                device=args.device, metrics=args.metrics, clm_prompt=not args.no_clm_prompt,
+                               load=load_from_args(args, args.out),
                                name=args.name)
     print(result["markdown"])
     print(f"wrote {Path(args.out) / (args.name + '.json')}")

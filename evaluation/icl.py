@@ -128,12 +128,13 @@ def score_candidates(
     from transformers.modeling_outputs import BaseModelOutput
 
     from evaluation.massive import pad_right
+    from launch.bigmodel import input_device
 
     if normalize not in ("mean", "sum"):
         raise ValueError(f"normalize must be 'mean' or 'sum', got {normalize!r}")
     if any(len(c) == 0 for c in candidates):
         raise ValueError("every candidate needs at least one token")
-    device = next(model.parameters()).device
+    device = input_device(model)
     num_prompts, num_cands = len(prompts), len(candidates)
 
     input_ids, attention_mask = pad_right(prompts, pad_id)
@@ -249,7 +250,7 @@ def evaluate_icl(cfg, model_dir: str | Path, out_dir: str | Path, name: str = "i
     data = load_massive(str(source), locales=demo_locales, partitions=("train", icfg.split))
     intents = list(data.intents)
 
-    model, tokenizer = load_seq2seq(model_dir, cfg.device, cfg.dtype)
+    model, tokenizer = load_seq2seq(model_dir, cfg.device, cfg.dtype, cfg.load)
     ids = special_ids(tokenizer)
     clm_id = ids.clm if icfg.clm_prompt else None
     candidates = label_token_ids(tokenizer, [intent_label_text(i) for i in intents], ids.eos if icfg.label_eos else None)

@@ -403,18 +403,20 @@ def torch_device(name: str):
     return torch.device(name)
 
 
-def load_seq2seq(model_dir: str | Path, device: str = "auto", dtype: str = "float32"):
-    """(model in eval mode on the device, tokenizer) from a Hugging Face seq2seq directory."""
-    import torch
-    from transformers import AutoModelForSeq2SeqLM
-
+def load_seq2seq(model_dir: str | Path, device: str = "auto", dtype: str = "float32", load: Any = None):
+    """(model in eval mode, tokenizer) from a Hugging Face seq2seq directory: on the device, or placed
+    by accelerate's device map with CPU/disk offload when `load` (a `launch.bigmodel.ModelLoadConfig`)
+    says device_map=auto. dtype "auto": bf16/fp16 on GPU, float32 on CPU. Feed inputs on
+    `launch.bigmodel.input_device(model)`."""
     from data_prep.tokenizer import load_tokenizer
+    from launch.bigmodel import load_model, resolve_dtype
     from launch.modeldir import check_model_dir
 
     model_dir = check_model_dir(model_dir, "--model")  # the loading rule every command shares
     tokenizer = load_tokenizer(model_dir)
-    model = AutoModelForSeq2SeqLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), use_safetensors=True)
-    model.to(torch_device(device)).eval()
+    target = torch_device(device)
+    model = load_model(model_dir, "--model", device=str(target), dtype=resolve_dtype(dtype, target.type == "cuda"),
+                       load=load)
     return model, tokenizer
 
 
@@ -447,12 +449,13 @@ class Seq2SeqPredictor:
         intents: Sequence[str] = (),
         max_new_tokens_margin: int = 4,
         max_new_tokens: int | None = None,
+        load: Any = None,
     ) -> None:
         """`max_new_tokens`: a fixed generation budget (latency timing); None bounds each batch by
-        its longest well-formed target instead."""
+        its longest well-formed target instead. `load`: big-model placement (see `load_seq2seq`)."""
         from data_prep.massive import has_label_tokens, label_token, model_intent_first, model_sentinels
 
-        self.model, self.tokenizer = load_seq2seq(model_dir, device, dtype)
+        self.model, self.tokenizer = load_seq2seq(model_dir, device, dtype, load)
         self.max_new_tokens = max_new_tokens
 
         def longest(labels: Sequence[str], default: int) -> int:
@@ -476,7 +479,9 @@ class Seq2SeqPredictor:
         from data_prep.massive import parse_generated, parse_target, t2t_source
 
         sources = [t2t_source(words, self.sentinels) for words in batch]
-        encoded = self.tokenizer(sources, padding=True, return_tensors="pt").to(self.model.device)
+        from launch.bigmodel import input_device
+
+        encoded = self.tokenizer(sources, padding=True, return_tensors="pt").to(input_device(self.model))
         max_words = max(len(words) for words in batch)
         max_new_tokens = self.max_new_tokens or max_words * self.tokens_per_word + self.intent_tokens + 1 + self.margin
         with torch.inference_mode():
@@ -505,6 +510,7 @@ def load_predictor(
     slot_labels: Sequence[str] = (),
     intents: Sequence[str] = (),
     max_new_tokens_margin: int = 4,
+    load: Any = None,
 ) -> Predictor:
     """The predictor for a model directory: ONNX export (manifest.json) -> student.runtime.OnnxPredictor;
     encoder NLU (nlu_labels.json) -> student.nlu; otherwise a seq2seq PyTorch model."""
@@ -524,6 +530,7 @@ def load_predictor(
         slot_labels=slot_labels,
         intents=intents,
         max_new_tokens_margin=max_new_tokens_margin,
+        load=load,
     )
 
 
@@ -629,6 +636,7 @@ def evaluate_massive(cfg, model_dir: str | Path, out_dir: str | Path, name: str 
         slot_labels=data.slot_types,
         intents=data.intents,
         max_new_tokens_margin=mcfg.max_new_tokens_margin,
+        load=cfg.load,
     )
     golds = [ex for examples in per_locale.values() for ex in examples]
     preds = predict_all(predictor, golds, mcfg.batch_size, desc=f"massive {Path(model_dir).name}")

@@ -144,6 +144,7 @@ def generate(
 
     from evaluation.icl import encode_prompt
     from evaluation.massive import pad_right
+    from launch.bigmodel import input_device
 
     pad_id = tokenizer.pad_token_id
     encoded = [encode_prompt(tokenizer, p, clm_id, max_prompt_tokens) for p in prompts]
@@ -154,8 +155,8 @@ def generate(
         input_ids, attention_mask = pad_right([encoded[i] for i in idx], pad_id)
         with torch.inference_mode():
             generated = model.generate(
-                input_ids=input_ids.to(model.device),
-                attention_mask=attention_mask.to(model.device),
+                input_ids=input_ids.to(input_device(model)),
+                attention_mask=attention_mask.to(input_device(model)),
                 max_new_tokens=max_new_tokens,
                 num_beams=1,
                 do_sample=False,
@@ -193,7 +194,7 @@ def evaluate_translation(cfg, model_dir: str | Path, out_dir: str | Path, name: 
     eval_lines = list(range(tcfg.num_demo_lines, FLORES_DEV_LINES))[: tcfg.max_examples or None]
 
     spbleu_ok, spbleu_note = spbleu_status(tcfg.spbleu_tokenize)
-    model, tokenizer = load_seq2seq(model_dir, cfg.device, cfg.dtype)
+    model, tokenizer = load_seq2seq(model_dir, cfg.device, cfg.dtype, cfg.load)
     clm_id = special_ids(tokenizer).clm if tcfg.clm_prompt else None
 
     per_language: dict[str, Any] = {}

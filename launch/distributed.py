@@ -1,9 +1,10 @@
 """Process groups, ranks and the DeepSpeed engine.
 
-This module and `launch/training.py` are the only places that import DeepSpeed or
-torch.distributed. Training loops call `init_distributed()` once, build their model, and get an
-engine from `build_engine(model, train_cfg, dist)`; afterwards they touch the engine only through
-forward, backward, step, save_checkpoint and load_checkpoint.
+This module, `launch/training.py` and `launch/bigmodel.py` (the ZeRO-3 engine of a sharded frozen
+teacher) are the only places that import DeepSpeed or torch.distributed. Training loops call
+`init_distributed()` once, build their model, and get an engine from `build_engine(model, train_cfg,
+dist)`; afterwards they touch the engine only through forward, backward, step, save_checkpoint and
+load_checkpoint.
 
 Without a GPU DeepSpeed runs on its CPU accelerator (DS_ACCELERATOR=cpu, which must be set before
 deepspeed is first imported) with the gloo backend; with GPUs it uses NCCL. A single plain process

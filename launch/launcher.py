@@ -18,6 +18,14 @@ Without a GPU the processes use DeepSpeed's CPU accelerator (DS_ACCELERATOR=cpu)
 cores / K threads (OMP_NUM_THREADS); with GPUs NCCL, one GPU per process. `--dry-run` prints the
 command and environment instead of running them.
 
+`--nproc-per-node auto` chooses processes x threads by measurement (`resolve_layout`): one process per
+GPU; on CPU the pretraining benchmark's table for this CPU model and core count when
+benchmarks/results/ has one (tokens/s of its DeepSpeed modes), else a probe in which each candidate
+layout P x T (P * T = cores) runs P processes timing a matmul in the run's precision together for ~1 s
+(cached per machine). Within 10% of the fastest the fewest processes win. The choice and every
+candidate's number are printed, passed to the processes ($POLYTEACHER_LAYOUT) and appended to
+RUN_DIR/launch.jsonl. One process still runs on the DeepSpeed engine.
+
 SIGINT and SIGTERM to `polyteacher launch` reach every process it started (`run_process_tree`): the
 launcher and its ranks run as one process group, which gets the signal, and `launch` returns only
 when all of them have exited (128 + the signal number).
@@ -35,8 +43,9 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from launch.config import ConfigError
 
@@ -52,7 +61,8 @@ class LaunchOptions:
     command: list[str]
     """The training subcommand and its arguments, e.g. ["pretrain", "--run-dir", "runs/x"]."""
     nproc_per_node: int = 1
-    """Processes per node (GPUs per node, or CPU processes)."""
+    """Processes per node (GPUs per node, or CPU processes); 0 (AUTO_NPROC, `--nproc-per-node auto`) = every
+    GPU, or on CPU the layout chosen by measurement (`resolve_layout`)."""
     nnodes: int = 1
     """Number of nodes."""
     node_rank: int = 0
@@ -85,8 +95,11 @@ class LaunchOptions:
             raise ConfigError(
                 f"launch: {self.command[0]!r} is not a training subcommand; allowed: {', '.join(TRAINING_COMMANDS)}"
             )
-        if self.nproc_per_node < 1 or self.nnodes < 1:
-            raise ConfigError("launch: --nproc-per-node and --nnodes must be >= 1")
+        if self.nproc_per_node < 0 or self.nnodes < 1:
+            raise ConfigError("launch: --nproc-per-node must be >= 1 or auto, and --nnodes >= 1")
+        if self.nproc_per_node == AUTO_NPROC and (self.nnodes > 1 or self.slurm or self.hostfile):
+            raise ConfigError("launch: --nproc-per-node auto measures this machine only; give a number with "
+                              "--nnodes > 1, --hostfile or --slurm")
         if not 0 <= self.node_rank < self.nnodes:
             raise ConfigError(f"launch: --node-rank {self.node_rank} must be in [0, {self.nnodes - 1}] for --nnodes {self.nnodes}")
         if self.launcher not in ("deepspeed", "torchrun"):
@@ -108,6 +121,246 @@ class LaunchOptions:
     def module_command(self) -> list[str]:
         """What each process runs after `python`: the CLI as a module plus the subcommand."""
         return ["-m", "launch.cli", *self.command]
+
+
+# ----------------------------------------------------------------------------- process layout (auto)
+
+AUTO_NPROC = 0
+"""`--nproc-per-node auto`: LaunchOptions.nproc_per_node is this until `resolve_layout` replaces it."""
+LAYOUT_TOLERANCE = 0.10
+"""Layouts within this fraction of the best measured throughput count as equal; the one with the fewest
+processes wins (one copy of the model and optimizer, no gradient all-reduce)."""
+LAYOUT_MAX_PROCESSES = 16
+"""Largest process count the probe tries on one node."""
+LAYOUT_ENV = "POLYTEACHER_LAYOUT"
+"""Environment variable carrying the chosen layout (JSON) to the training processes."""
+BENCHMARK_RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Processes x threads per process on one CPU node, and why they were chosen."""
+
+    processes: int
+    """Processes per node."""
+    threads: int
+    """torch intra-op threads per process (OMP_NUM_THREADS)."""
+    precision: str
+    """The precision whose throughput decided it (fp32 or bf16)."""
+    source: str
+    """Where the numbers came from: "probe", "probe (cached)" or "benchmark <json path>"."""
+    reason: str
+    """One line: every candidate's number and the rule that picked this one."""
+    measured: dict[str, float] = dataclasses.field(default_factory=dict)
+    """"PxT" -> aggregate throughput (matmul GFLOP/s for the probe, tokens/s for a benchmark)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def candidate_layouts(cores: int, max_processes: int = LAYOUT_MAX_PROCESSES) -> list[tuple[int, int]]:
+    """Every (processes, threads) with processes x threads == cores and processes <= max_processes."""
+    return [(p, cores // p) for p in range(1, min(cores, max_processes) + 1) if cores % p == 0]
+
+
+def choose_layout(rates: dict[tuple[int, int], float], tolerance: float = LAYOUT_TOLERANCE,
+                  unit: str = "GFLOP/s") -> tuple[tuple[int, int], str]:
+    """The layout to run from measured aggregate throughputs {(processes, threads): rate}: the fewest
+    processes among those within `tolerance` of the best. Returns ((processes, threads), reason)."""
+    if not rates:
+        raise ValueError("choose_layout: no measured layouts")
+    best = max(rates.values())
+    if best <= 0:
+        raise ValueError(f"choose_layout: no layout has a positive throughput: {rates}")
+    eligible = [layout for layout, rate in rates.items() if rate >= (1.0 - tolerance) * best]
+    chosen = min(eligible, key=lambda layout: (layout[0], -rates[layout]))
+    parts = ", ".join(f"{p} x {t}: {rates[(p, t)]:,.0f} {unit} ({rates[(p, t)] / best:.2f})"
+                      for p, t in sorted(rates))
+    rule = ("the fastest" if rates[chosen] == best
+            else f"the fewest processes within {tolerance:.0%} of the fastest")
+    return chosen, f"{parts}; {chosen[0]} x {chosen[1]} is {rule}"
+
+
+def run_precision(command: list[str]) -> str:
+    """The train.precision the subcommand was given as an override (auto when none)."""
+    value = "auto"
+    for arg in command:
+        if arg.startswith("train.precision="):
+            value = arg.split("=", 1)[1].strip().strip("'\"")
+    return value if value in ("fp32", "bf16") else "auto"
+
+
+def _auto_picks(fp32: float, bf16: float) -> str:
+    from launch.distributed import BF16_MIN_SPEEDUP
+
+    return "bf16" if bf16 >= BF16_MIN_SPEEDUP * fp32 else "fp32"
+
+
+def layout_from_report(report: dict[str, Any], cpu: str, cores: int, precision: str
+                       ) -> Optional[tuple[dict[tuple[int, int], float], str]]:
+    """Tokens/s per layout of the DeepSpeed modes of a `benchmarks/pretrain.py` report measured on this
+    CPU model with this many cores, in `precision` (auto: what the report says auto picks here), best
+    mode per layout. None when the report is for another machine or measured fewer than two layouts."""
+    if report.get("benchmark") != "pretrain" or report.get("cpu") != cpu or report.get("cores") != cores:
+        return None
+    if precision == "auto":
+        precision = report.get("precision_auto_picks") or "fp32"
+    rates: dict[tuple[int, int], float] = {}
+    for r in report.get("results", []):
+        if r.get("zero_stage") is None or r.get("precision") != precision:
+            continue  # the plain loop is not what `launch` runs
+        layout = (int(r["processes"]), int(r["threads_per_process"]))
+        if layout[0] * layout[1] == cores:
+            rates[layout] = max(rates.get(layout, 0.0), float(r["tokens_per_s"]))
+    return (rates, precision) if len(rates) >= 2 else None
+
+
+def layout_from_benchmarks(cpu: str, cores: int, precision: str, results_dir: Optional[Path] = None) -> Optional[Layout]:
+    """A layout from the newest pretraining benchmark JSON under `results_dir` measured on this machine
+    type (env POLYTEACHER_BENCHMARK_RESULTS, else benchmarks/results/), or None."""
+    results_dir = Path(results_dir or os.environ.get("POLYTEACHER_BENCHMARK_RESULTS") or BENCHMARK_RESULTS)
+    files = sorted(results_dir.glob("pretrain*.json"), key=lambda f: f.stat().st_mtime, reverse=True) \
+        if results_dir.is_dir() else []
+    for path in files:
+        try:
+            report = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        found = layout_from_report(report, cpu, cores, precision) if isinstance(report, dict) else None
+        if found:
+            rates, used = found
+            (p, t), reason = choose_layout(rates, unit="tokens/s")
+            return Layout(p, t, used, f"benchmark {path}", reason, {f"{a}x{b}": v for (a, b), v in rates.items()})
+    return None
+
+
+def _probe_worker(threads: int, dtypes: list[str], size: int, seconds: float, barrier: Any, queue: Any) -> None:
+    """One process of a probed layout: `threads` torch threads timing a size x size matmul per dtype,
+    started together with the layout's other processes (barrier); puts {dtype: GFLOP/s}."""
+    import torch
+
+    torch.set_num_threads(threads)
+    out = {}
+    for name in dtypes:
+        dtype = getattr(torch, name)
+        a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+        a @ b  # warm-up: thread pool, kernel choice, first touch
+        barrier.wait()
+        count, start = 0, time.perf_counter()
+        while True:
+            a @ b
+            count += 1
+            elapsed = time.perf_counter() - start
+            if elapsed >= seconds:
+                break
+        out[name] = count * 2 * size**3 / elapsed / 1e9
+    queue.put(out)
+
+
+def probe_layouts(cores: int, dtypes: list[str], size: int = 1024, seconds: float = 1.0,
+                  max_processes: int = LAYOUT_MAX_PROCESSES) -> dict[str, dict[tuple[int, int], float]]:
+    """{dtype: {(processes, threads): aggregate GFLOP/s}}: for each candidate layout its processes time a
+    representative matmul (size x size, T5-small-like activations x weights) concurrently for `seconds`
+    per dtype, and their rates are summed."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold an OpenMP pool
+    rates: dict[str, dict[tuple[int, int], float]] = {d: {} for d in dtypes}
+    for procs, threads in candidate_layouts(cores, max_processes):
+        barrier, queue = ctx.Barrier(procs), ctx.Queue()
+        workers = [ctx.Process(target=_probe_worker, args=(threads, dtypes, size, seconds, barrier, queue))
+                   for _ in range(procs)]
+        for w in workers:
+            w.start()
+        results = [queue.get(timeout=300) for _ in workers]
+        for w in workers:
+            w.join()
+        for d in dtypes:
+            rates[d][(procs, threads)] = sum(r[d] for r in results)
+    return rates
+
+
+def _layout_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "polyteacher" / "cpu_layout.json"
+
+
+def probe_layout(cpu: str, cores: int, precision: str, size: int = 1024, seconds: float = 1.0) -> Layout:
+    """The layout from `probe_layouts` in the run's precision (auto: per layout, bf16 where it is
+    BF16_MIN_SPEEDUP faster than fp32 there), cached per CPU model, cores, torch version and matmul size
+    in ~/.cache/polyteacher/cpu_layout.json."""
+    from importlib.metadata import version
+
+    dtypes = {"fp32": ["float32"], "bf16": ["bfloat16"]}.get(precision, ["float32", "bfloat16"])
+    cache = _layout_cache()
+    key = f"{cpu}|{cores} cores|torch {version('torch')}|matmul {size}"
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    entry = known.get(key, {})
+    source = "probe (cached)"
+    if any(d not in entry for d in dtypes):
+        source = "probe"
+        for d, rates in probe_layouts(cores, dtypes, size, seconds).items():
+            entry[d] = {f"{p}x{t}": v for (p, t), v in rates.items()}
+        known[key] = entry
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(known, indent=1))
+            tmp.replace(cache)
+        except OSError:
+            pass  # a read-only home only costs the probe again next time
+
+    def parsed(d: str) -> dict[tuple[int, int], float]:
+        return {(int(k.split("x")[0]), int(k.split("x")[1])): float(v) for k, v in entry[d].items()}
+
+    if precision == "auto":
+        fp32, bf16 = parsed("float32"), parsed("bfloat16")
+        picks = {lay: _auto_picks(fp32[lay], bf16[lay]) for lay in fp32}
+        rates = {lay: (bf16 if picks[lay] == "bf16" else fp32)[lay] for lay in fp32}
+        used = "bf16" if all(v == "bf16" for v in picks.values()) else \
+            "fp32" if all(v == "fp32" for v in picks.values()) else "mixed"
+    else:
+        rates = parsed(dtypes[0])
+        used = precision
+    (p, t), reason = choose_layout(rates)
+    reason = f"{size}x{size} matmul, {'auto precision' if precision == 'auto' else precision}: {reason}"
+    return Layout(p, t, used, source, reason, {f"{a}x{b}": v for (a, b), v in rates.items()})
+
+
+def resolve_layout(opts: LaunchOptions, gpu: bool) -> Optional[Layout]:
+    """Replace `--nproc-per-node auto`: one process per GPU; on CPU the layout of the benchmark table for
+    this machine, else the (cached) probe. None when a number was given."""
+    if opts.nproc_per_node != AUTO_NPROC:
+        return None
+    if gpu:
+        import torch
+
+        opts.nproc_per_node = max(1, torch.cuda.device_count())
+        return None
+    from launch.distributed import cpu_info
+
+    cpu, cores, precision = cpu_info()[0], cores_available(), run_precision(opts.command)
+    layout = layout_from_benchmarks(cpu, cores, precision) or probe_layout(cpu, cores, precision)
+    opts.nproc_per_node = layout.processes
+    return layout
+
+
+def record_layout(opts: LaunchOptions, layout: Layout) -> Optional[Path]:
+    """Append the chosen layout to RUN_DIR/launch.jsonl when the subcommand names a --run-dir."""
+    from launch.fsutil import append_jsonl
+
+    command = opts.command
+    run_dir = next((command[i + 1] for i, a in enumerate(command[:-1]) if a == "--run-dir"), None)
+    run_dir = run_dir or next((a.split("=", 1)[1] for a in command if a.startswith("--run-dir=")), None)
+    if not run_dir:
+        return None
+    path = Path(run_dir) / "launch.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    append_jsonl(path, {"time": round(time.time(), 3), "event": "layout", "command": command,
+                        **layout.to_dict()})
+    return path
 
 
 def use_gpu(accelerator: str) -> bool:
@@ -133,9 +386,13 @@ def cores_available() -> int:
         return os.cpu_count() or 1
 
 
-def process_env(opts: LaunchOptions, gpu: bool, base: Optional[dict[str, str]] = None) -> dict[str, str]:
-    """Environment for the launcher (inherited by every process)."""
+def process_env(opts: LaunchOptions, gpu: bool, base: Optional[dict[str, str]] = None,
+                layout: Optional[Layout] = None) -> dict[str, str]:
+    """Environment for the launcher (inherited by every process); a measured `layout` sets the threads."""
     env = dict(os.environ if base is None else base)
+    if layout is not None and not gpu:
+        env["OMP_NUM_THREADS"] = str(layout.threads)
+        env[LAYOUT_ENV] = json.dumps(layout.to_dict())
     if gpu:
         if env.get("DS_ACCELERATOR") == "cpu":  # left over from a CPU shell; GPUs were asked for
             del env["DS_ACCELERATOR"]
@@ -238,12 +495,18 @@ def run_launch(opts: LaunchOptions, dry_run: bool = False) -> int:
         os.chmod(path, 0o755)
         print(f"wrote {path}; submit it with: sbatch {shlex.quote(str(path))}")
         return 0
+    layout = resolve_layout(opts, gpu)
+    if layout is not None:
+        print(f"polyteacher launch: {layout.processes} process(es) x {layout.threads} thread(s), chosen by "
+              f"{layout.source}: {layout.reason}", file=sys.stderr, flush=True)
     argv = launcher_argv(opts, resolve_port(opts))
-    env = process_env(opts, gpu)
+    env = process_env(opts, gpu, layout=layout)
     if dry_run:
         changed = {k: env[k] for k in ("DS_ACCELERATOR", "OMP_NUM_THREADS") if k in env}
         print(" ".join(f"{k}={shlex.quote(v)}" for k, v in changed.items()) + " " + shlex.join(argv))
         return 0
+    if layout is not None:
+        record_layout(opts, layout)
     print(f"polyteacher launch: {shlex.join(argv)}", file=sys.stderr, flush=True)
     return run_process_tree(argv, env)
 
@@ -280,8 +543,6 @@ def run_process_tree(argv: list[str], env: dict[str, str], grace_s: float | None
     SIGTERM, and whatever is left `grace_s` later SIGKILL. Returns the launcher's exit code, or 128 +
     the signal number when a signal stopped the run.
     """
-    import time
-
     grace_s = SHUTDOWN_GRACE_S if grace_s is None else grace_s
     proc = subprocess.Popen(argv, env=env, start_new_session=True)
     pgid = proc.pid
@@ -320,6 +581,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=(
             "examples:\n"
             "  polyteacher launch --nproc-per-node 2 -- pretrain --run-dir runs/demo --preset tiny\n"
+            "  polyteacher launch --nproc-per-node auto -- pretrain --run-dir runs/demo --preset small\n"
             "  polyteacher launch --nproc-per-node 8 --hostfile hosts -- pretrain --run-dir runs/big --preset xl\n"
             "  polyteacher launch --nproc-per-node 8 --nnodes 2 --node-rank 0 --master-addr 10.0.0.1 "
             "--master-port 29500 -- pretrain ...\n"
@@ -328,7 +590,11 @@ def register(sub: argparse._SubParsersAction) -> None:
             "--slurm-out pretrain.sbatch -- pretrain --run-dir runs/big --preset alexatm-20b\n"
         ),
     )
-    p.add_argument("--nproc-per-node", type=int, default=1, help="processes per node (GPUs per node, or CPU processes)")
+    p.add_argument("--nproc-per-node", type=_nproc, default=1,
+                   help="processes per node (GPUs per node, or CPU processes), or auto: every GPU; on CPU the "
+                   "processes x threads that measured fastest here (this CPU's benchmarks/results/pretrain*.json, "
+                   "else a ~1 s matmul probe per layout, cached in ~/.cache/polyteacher/cpu_layout.json; within "
+                   "10%% the fewest processes); the choice is logged and appended to RUN_DIR/launch.jsonl")
     p.add_argument("--hostfile", default=None,
                    help="DeepSpeed hostfile, one 'host slots=K' line per node; DeepSpeed's launcher starts all nodes "
                    "over pdsh/ssh from this one command")
@@ -351,6 +617,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("command", nargs=argparse.REMAINDER,
                    help=f"-- then the training subcommand and its arguments ({', '.join(TRAINING_COMMANDS)})")
     p.set_defaults(func=run)
+
+
+def _nproc(text: str) -> int:
+    if text.strip().lower() == "auto":
+        return AUTO_NPROC
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a number >= 1 or auto")
+    return value
 
 
 def options_from_args(args: argparse.Namespace) -> LaunchOptions:

@@ -18,6 +18,13 @@ The rest follows the ZeRO paper and DeepSpeed's documentation:
   largest layer gathered (4 x its parameters, as DeepSpeed's estimator), each node's NVMe holds
   18 P / num_nodes, and its CPU the pinned staging buffers (4 x largest layer x GPUs per node x 1.5).
 
+Teacher inference for distillation (`teacher_inference`): the frozen teacher is run forward only, so
+it needs its 16-bit weights (2 P; GPU teachers are bf16/fp16) and no gradients or optimizer states, per
+placement (`launch.bigmodel.inference_memory_rows`): a replica on every rank; sharded over all GPUs by
+ZeRO-3 (`distill.teacher_shard=zero3`: 2 P / N plus the layer being gathered and the one prefetched);
+accelerate's device map over one node's GPUs (one process per node, `teacher_load.device_map=auto`);
+or streamed from the CPU layer by layer. Activations come on top.
+
 Throughput: the training FLOPs per text token come from `teacher.presets.model_flops_per_example`
 averaged over the objective mixture (`teacher.objectives.expected_lengths`, default mixture) for
 packed rows of `--seq-len` tokens; tokens/s = budget / time; GPUs = FLOPs/s / (peak x MFU).
@@ -31,6 +38,7 @@ import json
 import sys
 from typing import Any
 
+from launch.bigmodel import inference_memory_rows
 from launch.config import ConfigError
 
 GIB = 1024**3
@@ -177,7 +185,8 @@ def make_plan(
             "needed_gpus": needed_tokens_per_s * per_token / gpu_flops,
         })
     memory = memory_rows(count.total, count.largest_layer, nodes, gpus_per_node)
-    for row in memory:
+    teacher_inference = inference_memory_rows(count.total, count.largest_layer, nodes, gpus_per_node)
+    for row in memory + teacher_inference:
         row["fits_gpu"] = row["gpu_bytes"] <= gpu_memory_gib * GIB
     return {
         "preset": preset,
@@ -199,6 +208,7 @@ def make_plan(
         "cluster": {"nodes": nodes, "gpus_per_node": gpus_per_node, "num_gpus": num_gpus,
                     "gpu_memory_gib": gpu_memory_gib},
         "memory": memory,
+        "teacher_inference": teacher_inference,
         "throughput": throughput,
     }
 
@@ -251,6 +261,17 @@ def format_plan(plan: dict[str, Any]) -> str:
         ),
         "CPU per node: DeepSpeed's figures. For ZeRO-1/2 they include a full fp32 copy of the model per\n"
         "process at start-up (x1.5; with offload max(4P x all GPUs, 16P) x 1.5); ZeRO-3 assumes zero_init.",
+        "",
+        "teacher inference memory per GPU for distillation (frozen teacher, bf16/fp16 weights only; activations "
+        "not included):",
+        _table(
+            ["placement", "per GPU", f"fits {c['gpu_memory_gib']:g} GiB", "CPU per node", "how"],
+            [
+                [r["placement"], _gib(r["gpu_bytes"]), "yes" if r["fits_gpu"] else "no", _gib(r["cpu_bytes_per_node"]),
+                 r["note"]]
+                for r in plan["teacher_inference"]
+            ],
+        ),
         "",
         f"throughput (rows of {t['seq_len']} tokens, default objective mixture; "
         f"{t['train_flops_per_token'] / 1e9:,.1f} GFLOP per text token for training):",

@@ -1,4 +1,5 @@
-"""`polyteacher launch`: command lines for every launch mode, the SLURM script, errors (no processes run)."""
+"""`polyteacher launch`: command lines for every launch mode, the SLURM script, errors, and the measured
+process layout of `--nproc-per-node auto` (its choice rule fed measured numbers, one real probe)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,21 @@ import pytest
 
 from launch.cli import main
 from launch.config import ConfigError
-from launch.launcher import LaunchOptions, launcher_argv, process_env, slurm_script
+from launch.distributed import cpu_info
+from launch.launcher import (
+    LaunchOptions,
+    Layout,
+    candidate_layouts,
+    choose_layout,
+    cores_available,
+    launcher_argv,
+    layout_from_report,
+    probe_layout,
+    process_env,
+    record_layout,
+    run_precision,
+    slurm_script,
+)
 
 PRETRAIN = ["pretrain", "--run-dir", "runs/a b", "--preset", "tiny", "train.max_steps=10"]
 
@@ -129,3 +144,98 @@ def test_help_is_fast_and_documents_options():
     probe = "import sys, launch.cli; launch.cli.build_parser(); print(sorted(m for m in ('torch', 'deepspeed', 'transformers') if m in sys.modules))"
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
     assert loaded == "[]"
+
+
+# Measured on the development machines (issue 16 and benchmarks/results/pretrain_small.json): tokens/s
+# of DeepSpeed training per layout, and matmul GFLOP/s of the probe.
+EPYC_AVX512_BF16 = {(1, 2): 5591.0, (2, 1): 5088.0}  # small preset, bf16: ds1-zero0 vs ds2-zero0
+EPYC_AVX2_FP32 = {(1, 2): 1441.0, (2, 1): 4035.0}  # 1 process with 2 threads was 2.8x slower
+
+
+def test_layout_choice_prefers_the_fastest_and_fewer_processes_within_ten_percent():
+    assert candidate_layouts(2) == [(1, 2), (2, 1)]
+    assert candidate_layouts(6) == [(1, 6), (2, 3), (3, 2), (6, 1)]
+    assert candidate_layouts(64, max_processes=8) == [(1, 64), (2, 32), (4, 16), (8, 8)]
+    layout, reason = choose_layout(EPYC_AVX512_BF16, unit="tokens/s")
+    assert layout == (1, 2) and "1 x 2 is the fastest" in reason and "2 x 1: 5,088 tokens/s (0.91)" in reason
+    assert choose_layout(EPYC_AVX2_FP32)[0] == (2, 1)
+    # 1 x 2 is 7% slower than 2 x 1: one process (no all-reduce, one model copy) still wins ...
+    layout, reason = choose_layout({(1, 2): 930.0, (2, 1): 1000.0})
+    assert layout == (1, 2) and "fewest processes within 10% of the fastest" in reason
+    # ... but not at 12% slower, nor with a tolerance of 5%.
+    assert choose_layout({(1, 2): 880.0, (2, 1): 1000.0})[0] == (2, 1)
+    assert choose_layout({(1, 2): 930.0, (2, 1): 1000.0}, tolerance=0.05)[0] == (2, 1)
+    # 4 cores: 4 x 1 is fastest, 2 x 2 within 10% and fewer processes; 1 x 4 is far behind.
+    assert choose_layout({(1, 4): 150.0, (2, 2): 370.0, (4, 1): 400.0})[0] == (2, 2)
+    with pytest.raises(ValueError, match="no measured layouts"):
+        choose_layout({})
+
+
+def pretrain_report(cpu: str, cores: int, results: list[tuple[str, int, int, object, float]]) -> dict:
+    return {"benchmark": "pretrain", "cpu": cpu, "cores": cores, "precision_auto_picks": "bf16",
+            "results": [{"precision": prec, "processes": p, "threads_per_process": t, "zero_stage": z,
+                         "tokens_per_s": tps} for prec, p, t, z, tps in results]}
+
+
+def test_layout_from_the_benchmark_table_of_this_machine():
+    report = pretrain_report("AMD EPYC", 2, [
+        ("fp32", 1, 2, None, 9000.0),  # the plain loop is not what launch runs: ignored
+        ("fp32", 1, 2, 0, 3290.0), ("fp32", 2, 1, 0, 3900.0), ("fp32", 2, 1, 2, 3500.0),
+        ("bf16", 1, 2, 0, 5591.0), ("bf16", 2, 1, 0, 5088.0), ("bf16", 2, 1, 2, 4750.0),
+    ])
+    assert layout_from_report(report, "AMD EPYC", 2, "fp32") == ({(1, 2): 3290.0, (2, 1): 3900.0}, "fp32")
+    assert layout_from_report(report, "AMD EPYC", 2, "auto") == ({(1, 2): 5591.0, (2, 1): 5088.0}, "bf16")
+    assert layout_from_report(report, "Intel Xeon", 2, "fp32") is None  # another CPU
+    assert layout_from_report(report, "AMD EPYC", 4, "fp32") is None  # another core count
+    one_layout = pretrain_report("AMD EPYC", 2, [("fp32", 1, 2, 0, 3290.0)])
+    assert layout_from_report(one_layout, "AMD EPYC", 2, "fp32") is None  # nothing to choose between
+    assert run_precision(["pretrain", "train.precision=fp32"]) == "fp32"
+    assert run_precision(["pretrain", "--preset", "tiny"]) == "auto"
+
+
+def test_auto_uses_the_benchmark_table_and_records_the_choice(tmp_path, monkeypatch, capsys):
+    cores = cores_available()
+    results = [("fp32", 1, cores, 0, 1000.0), ("fp32", cores, 1, 0, 950.0)] if cores > 1 else []
+    report = pretrain_report(cpu_info()[0], cores, results)
+    (tmp_path / "pretrain_here.json").write_text(json.dumps(report))
+    monkeypatch.setenv("POLYTEACHER_BENCHMARK_RESULTS", str(tmp_path))
+    if cores == 1:
+        pytest.skip("one core: only one layout exists")
+    assert main(["launch", "--accelerator", "cpu", "--dry-run", "--nproc-per-node", "auto", "--", *PRETRAIN,
+                 "train.precision=fp32"]) == 0
+    out, err = capsys.readouterr()
+    command = shlex.split(out)
+    assert f"OMP_NUM_THREADS={cores}" in command
+    runner = command.index("deepspeed.launcher.runner")
+    assert command[runner + 1 : runner + 3] == ["--num_gpus", "1"]
+    assert "1 process(es)" in err and "pretrain_here.json" in err
+    with pytest.raises(ConfigError, match="auto measures this machine only"):
+        LaunchOptions(command=PRETRAIN, nproc_per_node=0, nnodes=2).validate()
+    with pytest.raises(SystemExit):
+        main(["launch", "--nproc-per-node", "0", "--", *PRETRAIN])
+    assert "a number >= 1 or auto" in capsys.readouterr().err
+
+
+def test_chosen_layout_reaches_the_processes_and_the_run_directory(tmp_path):
+    layout = Layout(1, 2, "bf16", "probe", "1 x 2: 900 GFLOP/s (1.00), 2 x 1: 850 GFLOP/s (0.94); ...",
+                    {"1x2": 900.0, "2x1": 850.0})
+    opts = LaunchOptions(command=["pretrain", "--run-dir", str(tmp_path / "run"), "--preset", "tiny"])
+    env = process_env(opts, gpu=False, base={"OMP_NUM_THREADS": "7"}, layout=layout)
+    assert env["OMP_NUM_THREADS"] == "2" and json.loads(env["POLYTEACHER_LAYOUT"])["processes"] == 1
+    path = record_layout(opts, layout)
+    [record] = [json.loads(line) for line in path.read_text().splitlines()]
+    assert path == tmp_path / "run" / "launch.jsonl"
+    assert record["event"] == "layout" and record["threads"] == 2 and record["measured"]["2x1"] == 850.0
+    assert record_layout(LaunchOptions(command=["pretrain", "--preset", "tiny"]), layout) is None
+
+
+def test_layout_probe_runs_processes_together_and_is_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    layout = probe_layout("test-cpu", 2, "fp32", size=128, seconds=0.1)
+    assert layout.source == "probe" and layout.precision == "fp32"
+    assert set(layout.measured) == {"1x2", "2x1"} and all(v > 0 for v in layout.measured.values())
+    assert (layout.processes, layout.threads) in [(1, 2), (2, 1)] and "128x128 matmul" in layout.reason
+    again = probe_layout("test-cpu", 2, "fp32", size=128, seconds=0.1)
+    assert again.source == "probe (cached)" and again.measured == layout.measured
+    cached = json.loads((tmp_path / "polyteacher" / "cpu_layout.json").read_text())
+    assert list(cached) == [next(k for k in cached if k.startswith("test-cpu|2 cores|torch "))]

@@ -101,3 +101,16 @@ def test_cli_errors_and_help(capsys):
     for option in ("--nodes", "--gpus-per-node", "--vocab-size", "--seq-len", "--token-budget", "--days",
                    "--peak-tflops", "--mfu", "--json"):
         assert option in help_text
+
+
+def test_teacher_inference_memory_for_distillation(alexatm_plan, capsys):
+    rows = {r["placement"]: r for r in alexatm_plan["teacher_inference"]}
+    total, largest = alexatm_plan["parameters"]["total"], alexatm_plan["parameters"]["largest_layer"]
+    assert rows["replica per rank"]["gpu_bytes"] == 2 * total  # bf16 weights, no grads or optimizer states
+    assert rows["ZeRO-3 over 128 GPUs"]["gpu_bytes"] == 2 * total // 128 + 2 * 2 * largest
+    assert rows["device_map=auto over 8 GPUs"]["gpu_bytes"] == -(-2 * total // 8) + 2 * largest
+    assert rows["device_map=auto, CPU offload"]["cpu_bytes_per_node"] == 2 * total
+    assert all(r["fits_gpu"] == (r["gpu_bytes"] <= 80 * 1024**3) for r in rows.values())
+    assert main(["plan", "--preset", "alexatm-20b", "--nodes", "16", "--gpus-per-node", "8"]) == 0
+    text = capsys.readouterr().out
+    assert "teacher inference memory per GPU for distillation" in text and "teacher_shard=zero3" in text
