@@ -238,10 +238,22 @@ class ResumableSampler:
     consumes the next `global_batch_size` indices of it: micro-step i of rank r takes the slice
     [(i * world_size + r) * micro_batch_size, ... + micro_batch_size) of that block. A trailing block
     smaller than a global batch is dropped so every rank runs the same number of steps.
+
+    With `lengths` (one per example, e.g. tokens), batches are grouped by length: each run of
+    `group_batches` global batches of the permutation is sorted by length, cut into global batches,
+    and those are put back in a seeded random order. A batch then pads to a length close to that of
+    each of its examples, and every rank's micro-batch has about the same length, so no rank waits
+    for a long one; the epoch still visits every example once in a random batch order.
     """
 
     def __init__(self, num_examples: int, micro_batch_size: int, grad_accum_steps: int, rank: int,
-                 world_size: int, seed: int) -> None:
+                 world_size: int, seed: int, lengths: Any = None, group_batches: int = 64) -> None:
+        if lengths is not None and len(lengths) != num_examples:
+            raise ValueError(f"lengths has {len(lengths)} entries for {num_examples} examples")
+        if group_batches < 1:
+            raise ValueError(f"group_batches must be >= 1, got {group_batches}")
+        self.lengths = lengths
+        self.group_batches = group_batches
         self.num_examples = num_examples
         self.micro_batch_size = micro_batch_size
         self.grad_accum_steps = grad_accum_steps
@@ -262,8 +274,26 @@ class ResumableSampler:
         if self._cached is None or self._cached[0] != epoch:
             import numpy as np
 
-            self._cached = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.num_examples))
+            rng = np.random.default_rng([self.seed, epoch])
+            order = rng.permutation(self.num_examples)
+            if self.lengths is not None:
+                order = self._group_by_length(order, rng)
+            self._cached = (epoch, order)
         return self._cached[1]
+
+    def _group_by_length(self, order: Any, rng: Any) -> Any:
+        import numpy as np
+
+        lengths = np.asarray(self.lengths)
+        batch = self.global_batch_size
+        used = self.steps_per_epoch * batch  # the trailing partial batch stays at the end, dropped
+        out = [order[used:]]
+        for start in range(0, used, batch * self.group_batches):
+            chunk = order[start : min(start + batch * self.group_batches, used)]
+            chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+            blocks = chunk.reshape(-1, batch)
+            out.insert(-1, blocks[rng.permutation(len(blocks))].reshape(-1))
+        return np.concatenate(out)
 
     def micro_batches(self, epoch: int, position: int) -> list[list[int]]:
         """This rank's grad_accum_steps micro-batches (lists of dataset indices) for the step at `position`."""

@@ -56,6 +56,8 @@ class FinetuneConfig:
     data root), a release tarball, or `hub`."""
     num_train_examples: int = 0
     """Keep at most this many train examples per locale (a seeded random subset); 0 keeps all 11,514."""
+    cda: Literal["none", "one_sided", "two_sided"] = "none"
+    """Counterfactual data augmentation of the train examples (locales with a lexicon in distill/lexicons): none; one_sided (every gendered utterance replaced by its gender-swapped counterfactual, slot labels carried word by word); two_sided (both)."""
     num_eval_examples: int = 256
     """Size of the dev subset scored at each evaluation (dev loss and exact match), split evenly
     across the evaluation locales and drawn once with the seed; 0 skips evaluation."""
@@ -82,6 +84,9 @@ class FinetuneConfig:
     dropout: float | None = None
     """Dropout rate in every block during fine-tuning (and of the heads); null keeps the model's
     own rate (0.0 for our pretrained presets)."""
+    group_by_length: bool = True
+    """Batch utterances of similar length together (sorted within runs of 64 global batches, the
+    batches then shuffled), so batches pad little and ranks finish their micro-batches together."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """scratch: only: per-field size overrides (e.g. model.num_layers=2); model.preset is taken
     from init (scratch:<preset>)."""

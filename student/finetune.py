@@ -446,8 +446,11 @@ def finetune(cfg: FinetuneConfig, run_dir: str | Path, resume: bool = False) -> 
                 f"max_target_len={cfg.max_target_len} tokens; they are cut (eos kept)",
                 file=sys.stderr, flush=True,
             )
+    lengths = None
+    if cfg.group_by_length:  # tokens for text-to-text, words for the encoder (it tokenizes per batch)
+        lengths = [len(s) + len(t) for s, t in train_pairs] if train_pairs else [len(ex.words) for ex in data.train]
     sampler = ResumableSampler(len(data.train), cfg.train.micro_batch_size, grad_accum, dist_info.rank,
-                               dist_info.world_size, cfg.train.seed)
+                               dist_info.world_size, cfg.train.seed, lengths=lengths)
 
     # model and engine
     model = build_finetune_model(cfg, run_dir, tokenizer, data)

@@ -168,6 +168,43 @@ def test_sampler_is_deterministic_and_sharded():
     assert sorted(flat) == sorted(order[24:48].tolist())
 
 
+def test_sampler_groups_batches_by_length():
+    import numpy as np
+
+    n, micro, accum, world = 1000, 4, 2, 2  # global batch 16, 62 steps per epoch
+    lengths = np.random.default_rng(0).integers(3, 60, size=n)
+    grouped = ResumableSampler(n, micro, accum, 0, world, seed=5, lengths=lengths, group_batches=8)
+    plain = ResumableSampler(n, micro, accum, 0, world, seed=5)
+    order = grouped.epoch_order(0)
+    # Still a permutation, deterministic, with the partial batch left at the end (dropped).
+    assert sorted(order.tolist()) == list(range(n))
+    assert grouped.epoch_order(0).tolist() == ResumableSampler(n, micro, accum, 0, world, seed=5,
+                                                               lengths=lengths, group_batches=8).epoch_order(0).tolist()
+
+    def padding(sampler: ResumableSampler) -> int:
+        """Padding tokens of one epoch when every micro-batch pads to its longest example."""
+        total = 0
+        for step in range(sampler.steps_per_epoch):
+            for rank in range(world):
+                rank_sampler = ResumableSampler(n, micro, accum, rank, world, seed=5, lengths=sampler.lengths,
+                                                group_batches=sampler.group_batches)
+                for batch in rank_sampler.micro_batches(0, step * sampler.global_batch_size):
+                    total += int(lengths[batch].max() * len(batch) - lengths[batch].sum())
+        return total
+
+    assert padding(grouped) < 0.2 * padding(plain)
+    # The ranks of one step get micro-batches of about the same length (nobody waits long).
+    step = [ResumableSampler(n, micro, accum, r, world, seed=5, lengths=lengths, group_batches=8).micro_batches(0, 160)
+            for r in range(world)]
+    longest = [int(lengths[b].max()) for rank_batches in step for b in rank_batches]
+    assert max(longest) - min(longest) <= 10  # a random batch of 16 spans most of 3..60
+    # Batches come in a shuffled order, not sorted by length over the epoch.
+    firsts = [int(lengths[order[k * 16 : (k + 1) * 16]].max()) for k in range(8)]
+    assert firsts != sorted(firsts)
+    with pytest.raises(ValueError, match="lengths"):
+        ResumableSampler(n, micro, accum, 0, world, seed=5, lengths=lengths[:10])
+
+
 def test_sampler_resume_gives_the_same_stream():
     sampler = ResumableSampler(50, 2, 2, rank=1, world_size=2, seed=3)  # 8 per step, 6 steps per epoch
     state = TrainState()
