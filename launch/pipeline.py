@@ -26,10 +26,12 @@ from launch.fsutil import atomic_write_json, safe_path
 
 @dataclasses.dataclass
 class PipelineConfig:
-    num_train_procs: int = 2
-    """Processes per node for teacher pretraining (DeepSpeed launcher; CPU processes without a GPU)."""
-    num_procs_other: int = 1
-    """Processes for the other training stages (stage 2, distillation, fine-tuning)."""
+    num_train_procs: int = 0
+    """Processes per node for teacher pretraining (DeepSpeed launcher; CPU processes without a GPU);
+    0 = chosen by measurement (`polyteacher launch --nproc-per-node auto`: every GPU, or on CPU the
+    processes x threads that measured fastest on this machine)."""
+    num_procs_other: int = 0
+    """Processes for the other training stages (stage 2, distillation, fine-tuning); 0 = auto, as above."""
     skip: list[str] = dataclasses.field(default_factory=list)
     """Stage names to leave out (see `polyteacher pipeline --list-stages`); stages needing them are left out too (the report never)."""
     massive_locales: list[str] = dataclasses.field(default_factory=lambda: ["en-US", "de-DE", "ja-JP"])
@@ -59,8 +61,8 @@ class PipelineConfig:
     """Wall-clock limit per stage; a stage that runs longer is stopped and reported."""
 
     def validate(self) -> None:
-        if self.num_train_procs < 1 or self.num_procs_other < 1:
-            raise ConfigError("pipeline.num_train_procs and pipeline.num_procs_other must be >= 1")
+        if self.num_train_procs < 0 or self.num_procs_other < 0:
+            raise ConfigError("pipeline.num_train_procs and pipeline.num_procs_other must be >= 1, or 0 (auto)")
         unknown = [s for s in self.skip if s not in {st.name for st in STAGES}]
         if unknown:
             raise ConfigError(
@@ -151,7 +153,7 @@ def stage_commands(stage: Stage, run_dir: Path, preset: str | None, cfg: Pipelin
     n_eval = str(cfg.eval_max_examples)
 
     def launch(nproc: int, *args: str) -> list[str]:
-        return ["launch", "--nproc-per-node", str(nproc), "--", *args]
+        return ["launch", "--nproc-per-node", str(nproc) if nproc else "auto", "--", *args]
 
     n_other = cfg.num_procs_other
     if stage.name == "data":
