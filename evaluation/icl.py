@@ -386,7 +386,8 @@ def icl_markdown(result: dict[str, Any]) -> str:
     rows.append(["**mean**", sum(s["n"] for s in result["per_locale"].values()), *accs(result), ""])
     if calibrated:
         content_free = ", ".join(json.dumps(t, ensure_ascii=False) for t in result["content_free"])
-        calibration = f"contextual calibration against the content-free query {content_free} (acc: calibrated; uncal.: the raw scores)"
+        queries = "queries" if len(result["content_free"]) > 1 else "query"
+        calibration = f"contextual calibration against the content-free {queries} {content_free} (acc: calibrated; uncal.: the raw scores)"
     else:
         calibration = "no calibration"
     title = (

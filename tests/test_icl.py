@@ -454,4 +454,4 @@ def test_contextual_calibration_through_the_cli_on_the_synthetic_model(synthetic
         assert cal["accuracy"][k] < plain["accuracy"][k] - 0.3, (k, cal["accuracy"], plain["accuracy"])
     md = (tmp_path / "cal" / "icl.md").read_text()
     assert "| acc k=0 | uncal. k=0 | acc k=1 | uncal. k=1 |" in md
-    assert 'content-free query "N/A", "", "[MASK]"' in md and "uncal." not in (tmp_path / "plain" / "icl.md").read_text()
+    assert 'content-free queries "N/A", "", "[MASK]"' in md and "uncal." not in (tmp_path / "plain" / "icl.md").read_text()
