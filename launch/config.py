@@ -321,7 +321,11 @@ def load_config(
     overrides: list[str] | tuple[str, ...] = (),
     base: dict[str, Any] | None = None,
 ) -> T:
-    """Defaults <- preset[section] (or the whole preset when section is None) <- base <- overrides."""
+    """Defaults <- preset[section] (or the whole preset when section is None) <- base <- overrides.
+
+    A section listed in SECTION_BASES starts from its base section of the same preset: defaults <-
+    preset[base] <- preset[section] <- base <- overrides.
+    """
     preset_data = read_preset(preset)
     if section is not None:
         unknown_sections = [k for k in preset_data if k not in KNOWN_SECTIONS]
@@ -330,16 +334,25 @@ def load_config(
                 f"preset {preset}: unknown section(s) {', '.join(unknown_sections)}; "
                 f"allowed sections: {', '.join(KNOWN_SECTIONS)}"
             )
-        preset_data = preset_data.get(section) or {}
+        parent = SECTION_BASES.get(section)
+        layers = [preset_data.get(parent) or {}] if parent else []
+        layers.append(preset_data.get(section) or {})
+    else:
+        layers = [preset_data]
     cfg = cls()
-    cfg = merge(cfg, preset_data)
+    for layer in layers:
+        cfg = merge(cfg, layer)
     cfg = merge(cfg, base or {})
     cfg = merge(cfg, parse_overrides(list(overrides)))
     return validate(cfg)
 
 
 # Sections a preset may hold: one per stage config, plus the pipeline's own settings.
-KNOWN_SECTIONS = ("data", "pretrain", "indomain", "distill", "taskdistill", "finetune", "export", "evaluate", "pipeline")
+KNOWN_SECTIONS = ("data", "pretrain", "indomain", "distill", "taskdistill", "finetune", "nlu", "export", "evaluate",
+                  "pipeline")
+# Sections that hold only what differs from another section: the encoder NLU fine-tuning (`finetune
+# --section nlu`) is the MASSIVE fine-tuning with its own steps and regularisation.
+SECTION_BASES = {"nlu": "finetune"}
 
 
 def save_config(cfg: Any, path: str | os.PathLike) -> Path:

@@ -17,6 +17,7 @@ STAGE_CONFIGS = {
     "distill": "distill.config:DistillConfig",
     "taskdistill": "distill.config:DistillConfig",
     "finetune": "student.config:FinetuneConfig",
+    "nlu": "student.config:FinetuneConfig",
     "export": "student.export:ExportConfig",
     "evaluate": "evaluation.config:EvalConfig",
     "pipeline": "launch.pipeline:PipelineConfig",

@@ -177,8 +177,9 @@ def stage_commands(stage: Stage, run_dir: Path, preset: str | None, cfg: Pipelin
     if stage.name in ft:
         src, out, head = ft[stage.name]
         model = src if src.startswith("scratch:") else str(run_dir / src)
+        section = ["--section", "nlu"] if head == "encoder" else []
         return [launch(n_other, "finetune", "--run-dir", r, "--model", model, "--out", out,
-                       "--head", head, *p, f"locales=[{locales}]")]
+                       "--head", head, *section, *p, f"locales=[{locales}]")]
     exports = {"export": ("student-ft", True), "export_teacher": ("teacher-ft", False), "export_nlu": ("student-nlu", False)}
     if stage.name in exports:
         src, with_fp32 = exports[stage.name]

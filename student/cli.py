@@ -49,6 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--head", choices=["seq2seq", "encoder"], default=None,
                    help="seq2seq: text-to-text; encoder: encoder + intent and slot heads; sets config key head")
     p.add_argument("--preset", default=None, help="preset name (launch/presets/<name>/finetune.yaml) or YAML path")
+    p.add_argument("--section", choices=["finetune", "nlu"], default="finetune",
+                   help="preset section to read: finetune (default) or nlu, the encoder NLU fine-tuning "
+                   "(nlu.yaml holds only what differs from finetune.yaml: steps, dropout, head)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest complete checkpoint of checkpoints/<out>/ (exactly: same data "
                    "order, RNG and optimizer state); starts fresh when there is none")
@@ -59,7 +62,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def build_config(args: argparse.Namespace) -> FinetuneConfig:
     """Defaults <- preset <- overrides <- the explicit flags (--model, --out, --head)."""
     flags = flag_overrides(init=args.model, out=args.out, head=args.head)
-    cfg = load_config(FinetuneConfig, section="finetune", preset=args.preset, overrides=[*args.overrides, *flags])
+    section = getattr(args, "section", "finetune")
+    cfg = load_config(FinetuneConfig, section=section, preset=args.preset, overrides=[*args.overrides, *flags])
     if not cfg.init:
         from launch.config import ConfigError
 

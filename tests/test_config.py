@@ -96,6 +96,25 @@ def test_preset_section_and_roundtrip(tmp_path):
         load_config(Outer, section="data", preset="no-such-preset")
 
 
+def test_nlu_section_starts_from_the_finetune_section(tmp_path):
+    from student.config import FinetuneConfig
+
+    preset = tmp_path / "p.yaml"
+    preset.write_text(yaml.safe_dump({
+        "finetune": {"dropout": 0.0, "intent_first": True, "train": {"max_steps": 100, "lr": 0.01}},
+        "nlu": {"head": "encoder", "dropout": 0.1, "train": {"max_steps": 3000}},
+    }))
+    nlu = load_config(FinetuneConfig, section="nlu", preset=preset, overrides=["train.lr=0.02"])
+    # nlu's own keys win, finetune's others carry over, overrides come last.
+    assert (nlu.head, nlu.dropout, nlu.train.max_steps) == ("encoder", 0.1, 3000)
+    assert nlu.intent_first is True and nlu.train.lr == 0.02
+    ft = load_config(FinetuneConfig, section="finetune", preset=preset)
+    assert (ft.head, ft.dropout, ft.train.max_steps) == ("seq2seq", 0.0, 100)
+    # The demo preset's nlu section resolves the same way.
+    tiny = load_config(FinetuneConfig, section="nlu", preset="tiny")
+    assert tiny.head == "encoder" and tiny.locales == load_config(FinetuneConfig, section="finetune", preset="tiny").locales
+
+
 def test_parse_overrides_nests():
     assert parse_overrides(["a.b.c=1", "a.d=x"]) == {"a": {"b": {"c": 1}, "d": "x"}}
 
