@@ -43,11 +43,13 @@ class DistillConfig:
     hidden_loss_weight: float = 0.0
     """Weight of the MSE between the student's final encoder and decoder hidden states (through a learned projection) and the teacher's; 0 = off."""
     cda: Literal["none", "one_sided", "two_sided"] = "two_sided"
-    """Counterfactual data augmentation: none, one_sided (x replaced by its gender-swapped x~ with probability cda_prob) or two_sided (train on x and x~)."""
-    cda_prob: float = 0.5
-    """Probability of replacing x by x~ for cda=one_sided."""
+    """Counterfactual data augmentation: none, one_sided (every gendered x replaced by its gender-swapped x~, the paper's one-sided variant; see cda_prob) or two_sided (train on x and x~)."""
+    cda_prob: float = 1.0
+    """cda=one_sided: probability of replacing a gendered x by x~ (1.0 = counterfactual only, as in the paper)."""
     perturb: Literal["none", "max", "mean"] = "max"
-    """Teacher-prediction perturbation: for tokens of gendered pairs p^(w) = f(p(w|x), p(sigma(w)|x~)), f = max or mean, renormalised; none = plain teacher."""
+    """Teacher-prediction perturbation: p^(w) = f(p(w|x), p(sigma(w)|x~)) at target positions aligned with the counterfactual's, f = max or mean, renormalised; none = plain teacher."""
+    perturb_tokens: Literal["gendered", "all"] = "gendered"
+    """Which tokens p^ changes: gendered (the row language's token-level sigma, as in the paper) or all (every token, sigma extended by the identity: the teacher's label distributions on x and x~ are combined; for task=massive, whose targets hold no gendered words)."""
     lexicon_languages: list[str] = dataclasses.field(default_factory=list)
     """Lexicon languages used for swaps and the token map (empty = every lexicon in distill/lexicons)."""
     task: Literal["agnostic", "massive"] = "agnostic"

@@ -5,7 +5,8 @@ Lexicons
 `distill/lexicons/<lang>.tsv`, one per language (en de fr es it pt nl sv da nb), a header line and the
 columns `male  female  category  direction  notes`:
 
-- category: pronoun | kinship | title | role | person (generic person nouns: man/woman, boy/girl);
+- category: pronoun | kinship | title | role | person (generic person nouns: man/woman, boy/girl) |
+  agreement (determiners and possessives that follow a swapped noun, rule 5);
 - direction (optional, empty = both): `both` swaps either way; `to_female` only male -> female,
   `to_male` only female -> male. One-way rows exist for words that are ambiguous in one direction
   (German "sie" is also "they" and formal "Sie", so "er" -> "sie" but "sie" is left alone);
@@ -26,26 +27,45 @@ Rules of sigma (`Lexicon.swap`), stated once here:
 4. Entries written capitalised (German nouns: "Junge", "Mann") match only capitalised or UPPER words
    in cased text, so the adjective "junge" is not swapped; in all-lowercase text (MASSIVE utterances
    are lowercased) every entry matches regardless of case.
-5. Grammatical agreement (articles, adjectives: French "ma fille" -> "ma garçon") is NOT repaired:
-   sigma swaps only lexicon words. Ambiguous function words are left out rather than mis-swapped:
-   French/Italian unstressed "lui"/"gli"/"le" (to him/to her), German bare "sein" (also "to be"),
-   Dutch "zijn" (also "to be"), Swedish "man" (also the pronoun "one") as a source word.
+5. Grammatical agreement: rows of category `agreement` (determiners and possessive adjectives:
+   French le/la, mon/ma; German ein/eine, mein/meine, dem/der; Spanish, Italian, Portuguese) are never
+   swapped on their own. When sigma swaps a noun (not a pronoun), up to two agreement words right
+   before it follow the noun's new gender ("ma fille" -> "mon garçon", "la mia ragazza" -> "il mio
+   ragazzo"), in the row's direction only: German is one-way (mein -> meine, but meine -> mein/meinen
+   depends on the case). What cannot be repaired is counted (`SwapResult.conflicts`): a determiner of
+   the other gender left in place ("meine Vater"), an elided l' before a consonant ("l'tante"), a full
+   article before a vowel ("le oncle"). German plural "meine Brüder" -> "meine Schwestern" is right,
+   but the reverse counts a conflict too (the lexicon does not know number). Bare German "der"
+   (masculine nominative or feminine dative) and the Dutch/Scandinavian articles are left out.
+   Ambiguous function words are left out rather than mis-swapped: French/Italian unstressed "lui"/"gli"/
+   "le" (to him/to her), German bare "sein" (also "to be"), Dutch "zijn" (also "to be"), Swedish "man"
+   (also the pronoun "one") as a source word.
 
-Teacher perturbation (`TokenSwapMap`, `perturb_probs`)
--------------------------------------------------------
-A lexicon pair (a, b) becomes a token pair when both words are single tokens of the tokenizer, checked
-in the forms lower/Title/UPPER, each with and without the leading-space marker "▁": every form in
-which both sides are single tokens adds the token pair (both directions, whatever the text direction;
-the first pair that claims a source token wins). Words that are several tokens are SKIPPED (their first
-pieces are usually shared stems, e.g. "▁wait"+"ress"/"er", so perturbing them would move mass between
-unrelated continuations); `TokenSwapMap.stats` counts them per language.
+Teacher perturbation (`build_token_map`, `plan_row`, `perturb_rows`)
+---------------------------------------------------------------------
+The token-level sigma is built per language (`TokenSigma`) and a row uses only its own language's
+(MASSIVE: the locale; packed rows: the guessed language of the swapped documents), so German "er"
+never touches Danish "er" (is), French "il" never the Italian article. For every direction that text
+sigma takes (first row wins, `direction` honoured: German "sie" is never a source), in the forms
+lower/Title/UPPER and, for French/Italian nouns, the elisions l'/L', both words are encoded as words
+(the word-start piece "▁" first) and compared piece by piece: the pair is the first pair of pieces
+where they diverge, after their shared pieces (the context: "▁wait" for waiter/waitress, "▁l" "'"
+"act" for l'acteur/l'actrice). Skipped and counted (`TokenMap.stats`): one word is the other plus
+pieces (Lehrer/Lehrerin: there is no piece to swap), a side diverges at the bare "▁", an <unk>.
+Pieces never come from inside a word: a pair starts at a word-start piece or after its context.
 
-For target position t, p^(w) = f(p(w | x), p(sigma(w) | x~)) for every w with a token pair, the other
-tokens keep p(w | x), and p^ is renormalised. Positions are aligned by the TARGET sequence: the teacher
-is teacher-forced on y for x and on y~ = sigma(y) for x~, and position t of one is position t of the
-other. That holds exactly when y~ has as many tokens as y (every swapped word has as many tokens as
-its counterpart, and for MASSIVE text-to-text the target of x~ is y itself); rows where the lengths
-differ fall back to p (no perturbation) and are counted by the caller.
+A pair of one-piece words (▁he/▁she) holds at every aligned position, as in the paper. Any other
+pair's source piece also starts or continues other words ("▁wo" of woman, "er" of H|er), so it holds
+only at a position where the two teacher-forced targets really diverge with it.
+
+Positions: the teacher is forced on y for x and on y~ for x~, and a token diff of y and y~
+(`align_positions`) pairs their positions: equal runs one to one, a replaced run at its first piece
+(the diverging piece), inserted pieces with nothing. At an aligned position t ~ t',
+p^(w) = f(p(w | x, y<t), p(sigma(w) | x~, y~<t')) for the pairs that hold there (every token with
+tokens="all", sigma extended by the identity: for MASSIVE targets, which hold labels only), the other
+tokens keep p(w | x, y<t), and p^ is renormalised; other positions keep p. Target tokens copied from
+a visible source span (`copied_positions`: MASSIVE word sentinels) are left alone: the teacher does not
+predict them.
 """
 
 from __future__ import annotations
@@ -61,13 +81,20 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 LEXICON_DIR = Path(__file__).parent / "lexicons"
-CATEGORIES = ("pronoun", "kinship", "title", "role", "person")
+CATEGORIES = ("pronoun", "kinship", "title", "role", "person", "agreement")
+# Categories of the words sigma swaps on their own; "agreement" rows are determiners and possessive
+# adjectives, changed only in front of a swapped noun (rule 5).
+WORD_CATEGORIES = ("pronoun", "kinship", "title", "role", "person")
+# Languages whose articles elide before a vowel (l'homme): rule 5's elision check.
+_ELIDING = ("fr", "it")
 DIRECTIONS = ("both", "to_female", "to_male")
 HEADER = ("male", "female", "category", "direction", "notes")
 CDAMode = Literal["none", "one_sided", "two_sided"]
 CDA_MODES = ("none", "one_sided", "two_sided")
 PerturbMode = Literal["none", "max", "mean"]
 PERTURB_MODES = ("none", "max", "mean")
+PerturbTokens = Literal["gendered", "all"]
+PERTURB_TOKENS = ("gendered", "all")
 
 # MASSIVE locale -> lexicon language; other locales have no lexicon (counterfactuals are identities).
 LOCALE_TO_LANGUAGE = {
@@ -155,6 +182,20 @@ def read_lexicon_file(path: str | Path) -> list[LexiconEntry]:
     return entries
 
 
+@dataclasses.dataclass(frozen=True)
+class SwapResult:
+    """sigma(text) with what it did."""
+
+    text: str
+    count: int
+    """Lexicon words replaced."""
+    repaired: int
+    """Determiners and possessives changed to agree with a swapped noun (rule 5)."""
+    conflicts: int
+    """Places left without agreement: a determiner of the other gender, or an elision (l') or full
+    article that no longer fits the swapped noun's first sound (rule 5)."""
+
+
 class Lexicon:
     """The gendered word pairs of one language and the swap sigma built from them."""
 
@@ -162,22 +203,43 @@ class Lexicon:
         self.lang = lang
         self.path = path
         self.entries = list(entries)
-        # casefolded source word -> (target in lexicon spelling, source written capitalised)
-        self._map: dict[str, tuple[str, bool]] = {}
-        for e in self.entries:
+        words = [e for e in self.entries if e.category != "agreement"]
+        # casefolded source word -> (target in lexicon spelling, source written capitalised,
+        # gender of the target, the row's category)
+        self._map: dict[str, tuple[str, bool, str, str]] = {}
+        for e in words:
             if e.direction in ("both", "to_female"):
-                self._map.setdefault(e.male.casefold(), (e.female, e.male[:1].isupper()))
+                self._map.setdefault(e.male.casefold(), (e.female, e.male[:1].isupper(), "female", e.category))
             if e.direction in ("both", "to_male"):
-                self._map.setdefault(e.female.casefold(), (e.male, e.female[:1].isupper()))
-        words = sorted({w for e in self.entries for w in (e.male, e.female)}, key=lambda w: (-len(w), w))
-        words = [w for w in words if w.casefold() in self._map]
-        alternation = "|".join(re.escape(w).replace(r"\ ", r"\s+") for w in words)
-        self._regex = re.compile(rf"(?<!\w)(?:{alternation})(?!\w)", re.IGNORECASE)
+                self._map.setdefault(e.female.casefold(), (e.male, e.female[:1].isupper(), "male", e.category))
+        # Agreement (rule 5): new gender -> {casefolded determiner: counterpart}; a determiner's own gender
+        # where it belongs to one column only.
+        self._agree: dict[str, dict[str, str]] = {"female": {}, "male": {}}
+        columns: dict[str, set[str]] = {}
+        for e in self.entries:
+            if e.category != "agreement":
+                continue
+            if e.direction in ("both", "to_female"):
+                self._agree["female"].setdefault(e.male.casefold(), e.female)
+            if e.direction in ("both", "to_male"):
+                self._agree["male"].setdefault(e.female.casefold(), e.male)
+            columns.setdefault(e.male.casefold(), set()).add("male")
+            columns.setdefault(e.female.casefold(), set()).add("female")
+        self._det_gender = {w: g.pop() for w, g in columns.items() if len(g) == 1}
+        self.has_agreement = bool(columns)
+        alternation = _alternation(w for w in {x for e in words for x in (e.male, e.female)}
+                                   if w.casefold() in self._map)
+        determiners = _alternation({x for e in self.entries if e.category == "agreement" for x in (e.male, e.female)})
+        prefix = ""
+        if determiners:
+            prefix = rf"(?:(?P<d1>{determiners})(?P<s1>\s+))?(?:(?P<d2>{determiners})(?P<s2>\s+))?"
+        elision = r"(?P<el>[lL]['’])?" if lang in _ELIDING else ""
+        self._regex = re.compile(rf"(?<!\w){prefix}{elision}(?P<w>{alternation})(?!\w)", re.IGNORECASE)
 
     def __repr__(self) -> str:
         return f"Lexicon({self.lang!r}, {len(self.entries)} pairs)"
 
-    def pairs(self, categories: Sequence[str] = CATEGORIES) -> list[tuple[str, str]]:
+    def pairs(self, categories: Sequence[str] = WORD_CATEGORIES) -> list[tuple[str, str]]:
         """(male, female) of every row in the given categories, whatever its direction."""
         return [(e.male, e.female) for e in self.entries if e.category in categories]
 
@@ -186,29 +248,69 @@ class Lexicon:
         hit = self._map.get(" ".join(word.split()).casefold())
         return _match_case(word, hit[0]) if hit else None
 
-    def swap_with_count(self, text: str) -> tuple[str, int]:
-        """(sigma(text), number of words replaced)."""
+    def swap_result(self, text: str) -> SwapResult:
+        """sigma(text) and its counts (rules in the module doc)."""
         cased = any(c.isupper() for c in text)
-        count = 0
+        counts = {"count": 0, "repaired": 0, "conflicts": 0}
 
         def replace(match: re.Match[str]) -> str:
-            nonlocal count
-            word = match.group(0)
-            target, capitalised_only = self._map[" ".join(word.split()).casefold()]
+            word = match.group("w")
+            target, capitalised_only, gender, category = self._map[" ".join(word.split()).casefold()]
             if capitalised_only and cased and not word[:1].isupper():
-                return word
-            count += 1
-            return _match_case(word, target)
+                return match.group(0)
+            counts["count"] += 1
+            new = _match_case(word, target)
+            out = []
+            for d, space in (("d1", "s1"), ("d2", "s2")):
+                det = match.groupdict().get(d)
+                if det is None:
+                    continue
+                if category != "pronoun":
+                    det = self._agree_determiner(det, gender, counts)
+                out += [det, match.group(space)]
+            elision = match.groupdict().get("el")
+            if elision:
+                out.append(elision)
+                if not _vowel_initial(new):
+                    counts["conflicts"] += 1
+            elif out and self.lang in _ELIDING and category != "pronoun" and _vowel_initial(new) \
+                    and out[-2].casefold() in ("le", "la", "il", "lo"):
+                counts["conflicts"] += 1  # "la amica": the article should elide
+            return "".join(out) + new
 
-        return self._regex.sub(replace, text), count
+        swapped = self._regex.sub(replace, text)
+        return SwapResult(swapped, counts["count"], counts["repaired"], counts["conflicts"])
+
+    def _agree_determiner(self, det: str, gender: str, counts: dict[str, int]) -> str:
+        key = det.casefold()
+        if key in self._agree[gender]:
+            counts["repaired"] += 1
+            return _match_case(det, self._agree[gender][key])
+        if self._det_gender.get(key, gender) != gender:
+            counts["conflicts"] += 1
+        return det
+
+    def swap_with_count(self, text: str) -> tuple[str, int]:
+        """(sigma(text), number of words replaced)."""
+        result = self.swap_result(text)
+        return result.text, result.count
 
     def swap(self, text: str) -> str:
         """sigma(text): every gendered word replaced by its counterpart (rules in the module doc)."""
-        return self.swap_with_count(text)[0]
+        return self.swap_result(text).text
 
     def contains(self, text: str) -> bool:
         """Whether sigma changes `text`."""
-        return self.swap_with_count(text)[1] > 0
+        return self.swap_result(text).count > 0
+
+
+def _alternation(words: Any) -> str:
+    ordered = sorted(set(words), key=lambda w: (-len(w), w))
+    return "|".join(re.escape(w).replace(r"\ ", r"\s+") for w in ordered)
+
+
+def _vowel_initial(word: str) -> bool:
+    return word[:1].casefold() in "aeiouhàâäéèêëîïôöùûüœæ"
 
 
 def _match_case(source: str, target: str) -> str:
@@ -264,11 +366,24 @@ def swap_words(words: Sequence[str], lang: str) -> list[str]:
     Multi-word lexicon entries apply only when the swapped sentence keeps its word count; otherwise
     each word is swapped on its own.
     """
-    joined = swap(" ".join(words), lang)
-    out = joined.split(" ")
+    return swap_words_result(words, lang)[0]
+
+
+def swap_words_result(words: Sequence[str], lang: str) -> tuple[list[str], SwapResult]:
+    """`swap_words` and what sigma did (words replaced, determiners repaired, agreement conflicts)."""
+    code = lexicon_language(lang)
+    joined = " ".join(words)
+    if code is None:
+        return list(words), SwapResult(joined, 0, 0, 0)
+    lexicon = load_lexicon(code)
+    result = lexicon.swap_result(joined)
+    out = result.text.split(" ")
     if len(out) == len(words):
-        return out
-    return [swap(w, lang) for w in words]
+        return out, result
+    parts = [lexicon.swap_result(w) for w in words]
+    out = [r.text for r in parts]
+    return out, SwapResult(" ".join(out), sum(r.count for r in parts), sum(r.repaired for r in parts),
+                           sum(r.conflicts for r in parts))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,14 +401,15 @@ class CDAItem:
 
 
 def cda_items(originals: Sequence[Any], counterfactuals: Sequence[Any], mode: str = "two_sided",
-              p: float = 0.5, rng: Any = None) -> list[CDAItem]:
+              p: float = 1.0, rng: Any = None) -> list[CDAItem]:
     """CDA over precomputed counterfactuals (x_i, x~_i); an item counts as changed when x~ != x.
 
     - "none": every x as is;
-    - "one_sided": x replaced by x~ with probability p (unchanged items stay);
+    - "one_sided": x replaced by x~ with probability p (1.0, the default: counterfactual only, the
+      paper's one-sided variant; unchanged items stay);
     - "two_sided": x and, when it changed, x~ too (right after x; unchanged items are not doubled).
 
-    `rng` has `.random()` (random.Random or numpy Generator); required for one_sided.
+    `rng` has `.random()` (random.Random or numpy Generator); required for one_sided with p < 1.
     """
     if mode not in CDA_MODES:
         raise ValueError(f"cda mode {mode!r} is not allowed; allowed values: {', '.join(CDA_MODES)}")
@@ -301,12 +417,12 @@ def cda_items(originals: Sequence[Any], counterfactuals: Sequence[Any], mode: st
         raise ValueError(f"cda probability {p} must be in [0, 1]")
     if len(originals) != len(counterfactuals):
         raise ValueError(f"{len(originals)} originals but {len(counterfactuals)} counterfactuals")
-    if mode == "one_sided" and rng is None:
+    if mode == "one_sided" and rng is None and p < 1.0:
         raise ValueError("one_sided CDA needs an rng")
     out: list[CDAItem] = []
     for i, (x, cf) in enumerate(zip(originals, counterfactuals)):
         changed = bool(cf != x) if not hasattr(cf, "shape") else not _array_equal(cf, x)
-        if mode == "one_sided" and changed and rng.random() < p:
+        if mode == "one_sided" and changed and (p >= 1.0 or rng.random() < p):
             out.append(CDAItem(cf, x, True, i))
             continue
         out.append(CDAItem(x, cf, False, i))
@@ -322,7 +438,7 @@ def _array_equal(a: Any, b: Any) -> bool:
 def augment(
     texts: Sequence[str],
     mode: str = "two_sided",
-    p: float = 0.5,
+    p: float = 1.0,
     rng: Any = None,
     lang: str | Sequence[str] = "auto",
 ) -> list[CDAItem]:
@@ -340,63 +456,336 @@ def augment(
 # ----------------------------------------------------------------------------- teacher perturbation
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenPair:
+    """One entry of the token-level sigma: after `context`, piece `src` stands for piece `dst`."""
+
+    context: tuple[int, ...]
+    """Pieces both words share before they diverge (the first one starts the word); () = word-initial."""
+    src: int
+    dst: int
+    word: str
+    """The source word form the pair comes from (diagnostics)."""
+    counterpart: str
+    """sigma(word), the form `dst` comes from."""
+    whole: bool
+    """Both words are one piece each: the pair holds at every aligned position (the paper's vocabulary
+    pairs). Otherwise a piece ("▁wo" of "woman", "er" of "H|er") also starts or continues other words,
+    and the pair holds only where the two targets diverge with it."""
+
+
+_SIGMA_STATS = ("pairs", "rows_mapped", "single_piece", "multi_piece", "prefix", "bare_marker", "unknown",
+                "shadowed", "conflicts", "token_pairs")
+
+
+class TokenSigma:
+    """sigma on the vocabulary for one language (see "Teacher perturbation" in the module doc)."""
+
+    def __init__(self, lang: str, pairs: Sequence[TokenPair], stats: dict[str, int]) -> None:
+        self.lang = lang
+        self.pairs = list(pairs)
+        self.stats = stats
+        self._whole: dict[tuple[int, ...], dict[int, int]] = {}
+        self._any: dict[tuple[tuple[int, ...], int], int] = {}
+        for pair in self.pairs:
+            self._any[(pair.context, pair.src)] = pair.dst
+            if pair.whole:
+                self._whole.setdefault(pair.context, {})[pair.src] = pair.dst
+        self._context_lengths = sorted({len(c) for c in self._whole if c})
+        self._any_lengths = sorted({len(c) for c, _ in self._any})
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __repr__(self) -> str:
+        return f"TokenSigma({self.lang!r}, {len(self.pairs)} token pairs)"
+
+    def at(self, prefix: Sequence[int]) -> dict[int, int]:
+        """src -> dst of the whole-word pairs for the prediction that follows the teacher-forced `prefix`:
+        the word-initial ones, and those whose shared context is the end of `prefix`."""
+        out = dict(self._whole.get((), {}))
+        for k in self._context_lengths:
+            if k <= len(prefix):
+                hit = self._whole.get(tuple(int(i) for i in prefix[len(prefix) - k:]))
+                if hit:
+                    out.update(hit)
+        return out
+
+    def lookup(self, prefix: Sequence[int], src: int) -> int | None:
+        """sigma(src) after `prefix` over every pair (whole or not), or None."""
+        src = int(src)
+        for k in self._any_lengths:
+            if k <= len(prefix):
+                dst = self._any.get((tuple(int(i) for i in prefix[len(prefix) - k:]), src))
+                if dst is not None:
+                    return dst
+        return None
+
+    def fires(self, ids: Sequence[int]) -> list[tuple[int, int, int]]:
+        """(position, src, dst) for each token of `ids` that is the source of any pair (whole or not)
+        where it stands: the places sigma could touch in a target."""
+        return [(t, int(ids[t]), dst) for t in range(len(ids)) if (dst := self.lookup(ids[:t], ids[t])) is not None]
+
+
+@dataclasses.dataclass
+class TokenMap:
+    """The token-level sigma of every configured language; a row uses its own language's only."""
+
+    languages: dict[str, TokenSigma]
+
+    def __len__(self) -> int:
+        return sum(len(sigma) for sigma in self.languages.values())
+
+    def get(self, lang: str | None) -> TokenSigma | None:
+        code = lexicon_language(lang) if lang else None
+        return self.languages.get(code) if code else None
+
+    @property
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Per language: pairs (lexicon rows), rows_mapped (rows with at least one token pair),
+        single_piece / multi_piece (token pairs whose words are one piece each / that diverge after or
+        within several pieces), prefix (forms skipped: one word is the other plus pieces, "Lehrer" /
+        "Lehrer"+"in"), bare_marker (skipped: a side diverges at the bare word-start piece), unknown
+        (skipped: a form encodes to <unk>), shadowed (directions left out because an earlier row claims
+        the source word, as in text sigma), conflicts (token pairs whose (context, src) was claimed),
+        token_pairs."""
+        return {lang: sigma.stats for lang, sigma in self.languages.items()}
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def build_token_sigma(tokenizer: Any, lang: str) -> TokenSigma:
+    """The token-level sigma of one language (rules in the module doc)."""
+    lexicon = load_lexicon(lang)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    stats = dict.fromkeys(_SIGMA_STATS, 0)
+    pairs: list[TokenPair] = []
+    claimed: set[tuple[tuple[int, ...], int]] = set()
+
+    def piece(i: int) -> str:
+        return tokenizer.convert_ids_to_tokens(i)
+
+    for e in lexicon.entries:
+        if e.category == "agreement":
+            continue
+        stats["pairs"] += 1
+        mapped = False
+        directions = [(e.male, e.female)] * (e.direction in ("both", "to_female"))
+        directions += [(e.female, e.male)] * (e.direction in ("both", "to_male"))
+        for source, target in directions:
+            if (lexicon.counterpart(source) or "").casefold() != target.casefold():
+                stats["shadowed"] += 1
+                continue
+            for a, b in _case_forms(source, target) + _elided_forms(lexicon.lang, e.category, source, target):
+                ia, ib = _encode(tokenizer, a), _encode(tokenizer, b)
+                if not ia or not ib or unk in ia or unk in ib:
+                    stats["unknown"] += 1
+                    continue
+                if not piece(ia[0]).startswith("▁") or not piece(ib[0]).startswith("▁"):
+                    stats["unknown"] += 1  # not encoded as a word start: no safe position
+                    continue
+                k = 0
+                while k < min(len(ia), len(ib)) and ia[k] == ib[k]:
+                    k += 1
+                if k == len(ia) or k == len(ib):
+                    stats["prefix"] += 1
+                    continue
+                if piece(ia[k]) == "▁" or piece(ib[k]) == "▁":
+                    stats["bare_marker"] += 1
+                    continue
+                key = (tuple(ia[:k]), ia[k])
+                if key in claimed:
+                    stats["conflicts"] += 1
+                    continue
+                claimed.add(key)
+                pairs.append(TokenPair(tuple(ia[:k]), ia[k], ib[k], a, b, len(ia) == len(ib) == 1))
+                stats["single_piece" if len(ia) == len(ib) == 1 else "multi_piece"] += 1
+                mapped = True
+        stats["rows_mapped"] += mapped
+    stats["token_pairs"] = len(pairs)
+    return TokenSigma(lexicon.lang, pairs, stats)
+
+
+def build_token_map(tokenizer: Any, languages: Sequence[str] | None = None) -> TokenMap:
+    """The token-level sigma of each of `languages` (default: every lexicon)."""
+    return TokenMap({load_lexicon(lang).lang: build_token_sigma(tokenizer, lang)
+                     for lang in (languages or available_languages())})
+
+
+def _case_forms(source: str, target: str) -> list[tuple[str, str]]:
+    forms = []
+    for fn in (str.lower, lambda w: w[:1].upper() + w[1:].lower(), str.upper):
+        pair = (fn(source), fn(target))
+        if pair not in forms:
+            forms.append(pair)
+    return forms
+
+
+def _elided_forms(lang: str, category: str, source: str, target: str) -> list[tuple[str, str]]:
+    """l'acteur / l'actrice: the explicit elisions of French and Italian, for nouns that both take them."""
+    if lang not in _ELIDING or category == "pronoun" or not (_vowel_initial(source) and _vowel_initial(target)) or " " in source:
+        return []
+    return [(f"{article}{source.lower()}", f"{article}{target.lower()}") for article in ("l'", "L'")]
+
+
+def align_positions(target: Sequence[int], cf_target: Sequence[int]) -> list[int]:
+    """For each position of `target`, the position of `cf_target` it corresponds to, or -1.
+
+    A token diff: positions in equal runs correspond one to one; a replaced run corresponds at its
+    first position only (the piece where the two words diverge); inserted or deleted pieces and the
+    rest of a replaced run correspond to nothing.
+    """
+    import difflib
+
+    out = [-1] * len(target)
+    matcher = difflib.SequenceMatcher(None, [int(i) for i in target], [int(i) for i in cf_target], autojunk=False)
+    for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+        if tag == "equal":
+            out[i1:i2] = range(j1, j2)
+        elif tag == "replace":
+            out[i1] = j1
+    return out
+
+
+def copied_positions(source: Sequence[int], target: Sequence[int], min_run: int = 1,
+                     never: Sequence[int] = ()) -> set[int]:
+    """Target positions inside a run of at least `min_run` tokens that also occurs contiguously in the
+    source: tokens the model copies from what it sees. Tokens in `never` (eos, pad) never count."""
+    if min_run < 1:
+        return set()
+    src, tgt, skip = [int(i) for i in source], [int(i) for i in target], {int(i) for i in never}
+    if min_run == 1:
+        visible = set(src)
+        return {t for t, tok in enumerate(tgt) if tok in visible and tok not in skip}
+    # back[t][s] / fwd[t][s]: lengths of the common runs ending / starting at (t, s).
+    n, m = len(tgt), len(src)
+    back = [[0] * (m + 1) for _ in range(n + 1)]
+    fwd = [[0] * (m + 1) for _ in range(n + 1)]
+    for t in range(n):
+        for j in range(m):
+            if tgt[t] == src[j] and tgt[t] not in skip:
+                back[t + 1][j + 1] = back[t][j] + 1
+    for t in range(n - 1, -1, -1):
+        for j in range(m - 1, -1, -1):
+            if tgt[t] == src[j] and tgt[t] not in skip:
+                fwd[t][j] = fwd[t + 1][j + 1] + 1
+    return {t for t in range(n) if any(back[t + 1][j + 1] + fwd[t][j] - 1 >= min_run for j in range(m))}
+
+
+@dataclasses.dataclass
+class RowPlan:
+    """Where one row's teacher distribution is perturbed, and with which token pairs."""
+
+    positions: list[int]
+    """Target positions t of the training item."""
+    cf_positions: list[int]
+    """The corresponding positions t' of the partner's target."""
+    src: list[list[int]]
+    """Per position: the token ids w with a counterpart there."""
+    dst: list[list[int]]
+    """Per position: sigma(w)."""
+    copied: int = 0
+    """Aligned positions left alone because the target copies them from the source."""
+    unaligned: int = 0
+    """Positions with no counterpart in the partner's target."""
+
+    @property
+    def num_swapped_positions(self) -> int:
+        return sum(bool(s) for s in self.src)
+
+
+def plan_row(target: Sequence[int], cf_target: Sequence[int], sigma: TokenSigma | None, tokens: str = "gendered",
+             source: Sequence[int] = (), copy_min_run: int = 0, never_copied: Sequence[int] = ()) -> RowPlan:
+    """The perturbation plan of one row: the training item's target, its partner's, the row language's
+    sigma (None: no gendered pairs), which tokens to perturb ("gendered": sigma's sources only;
+    "all": every token, sigma extended by the identity), and the copy rule (`copied_positions`)."""
+    if tokens not in PERTURB_TOKENS:
+        raise ValueError(f"perturb tokens {tokens!r} is not allowed; allowed values: {', '.join(PERTURB_TOKENS)}")
+    align = align_positions(target, cf_target)
+    copied = copied_positions(source, target, copy_min_run, never_copied) if copy_min_run else set()
+    plan = RowPlan([], [], [], [])
+    for t, t2 in enumerate(align):
+        if t2 < 0:
+            plan.unaligned += 1
+            continue
+        if t in copied:
+            plan.copied += 1
+            continue
+        pairs = sigma.at(target[:t]) if sigma is not None else {}
+        a, b = int(target[t]), int(cf_target[t2])
+        if sigma is not None and a != b:
+            # The two words diverge here: the pair (and its way back, if sigma has it) holds here.
+            for x, y in ((a, b), (b, a)):
+                if sigma.lookup(target[:t], x) == y:
+                    pairs[x] = y
+        if not pairs and tokens == "gendered":
+            continue
+        plan.positions.append(t)
+        plan.cf_positions.append(t2)
+        plan.src.append(list(pairs))
+        plan.dst.append(list(pairs.values()))
+    return plan
+
+
+def _combine(own: torch.Tensor, other: torch.Tensor, mode: str) -> torch.Tensor:
+    import torch
+
+    return torch.maximum(own, other) if mode == "max" else 0.5 * (own + other)
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in PERTURB_MODES:
+        raise ValueError(f"perturb mode {mode!r} is not allowed; allowed values: {', '.join(PERTURB_MODES)}")
+
+
+def perturb_rows(probs: torch.Tensor, counterfactual_probs: torch.Tensor, plans: Sequence[RowPlan | None],
+                 mode: str = "max", tokens: str = "gendered") -> torch.Tensor:
+    """p^ of each row from its plan: probs [B, T, V] (teacher on the training items), counterfactual_probs
+    [B, T', V] (on their partners, T' >= every cf position). At a planned position t with partner
+    position t': p^(w) = f(p(w | x, y<t), p(sigma(w) | x~, y~<t')) for the planned w (every w when
+    tokens="all", sigma = identity outside the pairs), p(w | x, y<t) elsewhere, renormalised. Other
+    positions, and rows whose plan is None, keep probs."""
+    import torch
+
+    _check_mode(mode)
+    if mode == "none":
+        return probs
+    out = probs.clone()
+    vocab = probs.shape[-1]
+    for row, plan in enumerate(plans):
+        if plan is None or not plan.positions:
+            continue
+        pos = torch.as_tensor(plan.positions, device=probs.device)
+        cf_pos = torch.as_tensor(plan.cf_positions, device=probs.device)
+        own = probs[row, pos]
+        index = torch.arange(vocab, device=probs.device).repeat(len(plan.positions), 1)
+        mask = torch.full_like(own, tokens == "all", dtype=torch.bool)
+        for i, (src, dst) in enumerate(zip(plan.src, plan.dst)):
+            if src:
+                s = torch.as_tensor(src, device=probs.device)
+                index[i, s] = torch.as_tensor(dst, device=probs.device)
+                mask[i, s] = True
+        other = counterfactual_probs[row, cf_pos].gather(-1, index)
+        new = torch.where(mask, _combine(own, other, mode), own)
+        out[row, pos] = new / new.sum(-1, keepdim=True).clamp_min(torch.finfo(new.dtype).tiny)
+    return out
+
+
 @dataclasses.dataclass
 class TokenSwapMap:
-    """sigma on the vocabulary: source token ids and their counterparts' ids (sources unique)."""
+    """A fixed set of token pairs applied at every position (the vocabulary-level core of p^)."""
 
     src_ids: list[int]
     dst_ids: list[int]
-    stats: dict[str, dict[str, int]]
-    """Per language: pairs (lexicon rows), single_token (rows with at least one single-token form pair),
-    multi_token (rows skipped: a side is several tokens in every form), token_pairs (id pairs added),
-    conflicts (form pairs whose source token was already claimed)."""
+    stats: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.src_ids)
 
     def as_dict(self) -> dict[int, int]:
         return dict(zip(self.src_ids, self.dst_ids))
-
-
-def build_token_map(tokenizer: Any, languages: Sequence[str] | None = None) -> TokenSwapMap:
-    """The token-level sigma for `languages` (default: every lexicon), see the module doc."""
-    vocab = tokenizer.get_vocab()
-    src: list[int] = []
-    dst: list[int] = []
-    claimed: set[int] = set()
-    stats: dict[str, dict[str, int]] = {}
-    for lang in languages or available_languages():
-        lexicon = load_lexicon(lang)
-        s = {"pairs": 0, "single_token": 0, "multi_token": 0, "token_pairs": 0, "conflicts": 0}
-        for male, female in lexicon.pairs():
-            s["pairs"] += 1
-            found = False
-            for a, b in _case_forms(male, female):
-                for prefix in ("▁", ""):
-                    ia, ib = vocab.get(prefix + a), vocab.get(prefix + b)
-                    if ia is None or ib is None or ia == ib:
-                        continue
-                    found = True
-                    for x, y in ((ia, ib), (ib, ia)):
-                        if x in claimed:
-                            s["conflicts"] += 1
-                            continue
-                        claimed.add(x)
-                        src.append(x)
-                        dst.append(y)
-                        s["token_pairs"] += 1
-            s["single_token" if found else "multi_token"] += 1
-        stats[lexicon.lang] = s
-    return TokenSwapMap(src, dst, stats)
-
-
-def _case_forms(male: str, female: str) -> list[tuple[str, str]]:
-    forms = []
-    for fn in (str.lower, lambda w: w[:1].upper() + w[1:].lower(), str.upper):
-        pair = (fn(male).replace(" ", "▁"), fn(female).replace(" ", "▁"))
-        if pair not in forms:
-            forms.append(pair)
-    return forms
 
 
 def perturb_probs(
@@ -406,26 +795,22 @@ def perturb_probs(
     mode: str = "max",
     valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """p^ from the teacher's distributions on x (`probs`) and x~ (`counterfactual_probs`), aligned by
-    target position: both [..., V] (e.g. [batch, target_len, V]).
+    """p^ with one fixed set of pairs at every position, both [..., V] aligned position by position.
 
     p^(w) = f(p(w | x), p(sigma(w) | x~)) for the map's source tokens w, p(w | x) elsewhere,
     renormalised over V. f = max or mean; mode "none" returns `probs`. `valid` ([batch] bool, optional)
-    marks the rows whose positions align; the others keep `probs`.
+    marks the rows to perturb; the others keep `probs`. Training uses `perturb_rows`.
     """
     import torch
 
     if mode == "none" or len(token_map) == 0:
         return probs
-    if mode not in PERTURB_MODES:
-        raise ValueError(f"perturb mode {mode!r} is not allowed; allowed values: {', '.join(PERTURB_MODES)}")
+    _check_mode(mode)
     if probs.shape != counterfactual_probs.shape:
         raise ValueError(f"probability shapes differ: {tuple(probs.shape)} vs {tuple(counterfactual_probs.shape)}")
     src = torch.as_tensor(token_map.src_ids, device=probs.device, dtype=torch.long)
     dst = torch.as_tensor(token_map.dst_ids, device=probs.device, dtype=torch.long)
-    own = probs.index_select(-1, src)
-    other = counterfactual_probs.index_select(-1, dst)
-    combined = torch.maximum(own, other) if mode == "max" else 0.5 * (own + other)
+    combined = _combine(probs.index_select(-1, src), counterfactual_probs.index_select(-1, dst), mode)
     out = probs.clone()
     out[..., src] = combined
     out = out / out.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(out.dtype).tiny)

@@ -15,8 +15,10 @@ One training micro-batch:
    seeded by i, so x and x~ of the same length get the same spans and CLM split) or the MASSIVE
    text-to-text pair;
 4. the teacher (eval mode, frozen, on every rank, under torch.inference_mode) runs on the items and on
-   their partners; p_T = softmax(z / T); with perturbation p^ = perturb_probs(p_T(x), p_T(x~)) on rows
-   whose target lengths agree (the others keep p_T(x): `perturb_aligned` in the metrics);
+   their partners; p_T = softmax(z / T); with perturbation p^ = perturb_rows(p_T(x), p_T(x~)) at the
+   target positions the token diff aligns, with the row language's token sigma, copied tokens left
+   alone (`perturb_aligned`: rows perturbed somewhere; `perturb_swapped_positions`: positions with
+   gendered pairs);
 5. the student's loss alpha T^2 KL(p^ || q_T) + (1 - alpha) CE [+ w * hidden MSE] through the engine.
 
 Held-out evaluation: the student's and the teacher's token cross-entropy on the held-out rows (MASSIVE
@@ -42,7 +44,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
     import torch
 
-    from distill.counterfactual import TokenSwapMap
+    from distill.counterfactual import TokenMap
     from launch.distributed import DistInfo
     from launch.training import CheckpointManager, MetricsLogger, TrainState
     from teacher.objectives import Example
@@ -136,6 +138,10 @@ class Pair:
     """The training item is a counterfactual."""
     changed: bool
     """sigma changed the original (it has gendered words)."""
+    lang: str | None = None
+    """Lexicon language of the row: only its token-level sigma perturbs the teacher here."""
+    conflict: bool = False
+    """sigma left an agreement conflict in the counterfactual (distill.counterfactual, rule 5)."""
 
 
 class Swapper:
@@ -155,18 +161,27 @@ class Swapper:
         return load_lexicon(code).swap(text)
 
     def words(self, words: list[str], locale: str) -> list[str]:
-        from distill.counterfactual import lexicon_language, swap_words
+        return self.words_result(words, locale)[0]
+
+    def words_result(self, words: list[str], locale: str) -> tuple[list[str], int]:
+        """(sigma(words), agreement conflicts left), words swapped one for one."""
+        from distill.counterfactual import lexicon_language, swap_words_result
 
         code = lexicon_language(locale)
         if code is None or code not in self.languages:
-            return list(words)
-        return swap_words(words, code)
+            return list(words), 0
+        out, result = swap_words_result(words, code)
+        return out, result.conflicts
 
 
-def counterfactual_row(row: np.ndarray, tokenizer: Any, sep_id: int, swapper: Swapper) -> np.ndarray:
+def counterfactual_row(row: np.ndarray, tokenizer: Any, sep_id: int, swapper: Swapper,
+                       languages: list[tuple[str | None, int, bool]] | None = None) -> np.ndarray:
     """sigma of a packed row: each document between <sep> markers decoded, swapped (language guessed),
-    and re-encoded only when it changed (unchanged documents keep their exact ids)."""
+    and re-encoded only when it changed (unchanged documents keep their exact ids). `languages`, when
+    given, receives (guessed language, tokens, changed) per document."""
     import numpy as np
+
+    from distill.counterfactual import guess_language
 
     bounds = np.flatnonzero(row == sep_id)
     pieces: list[np.ndarray] = []
@@ -176,6 +191,8 @@ def counterfactual_row(row: np.ndarray, tokenizer: Any, sep_id: int, swapper: Sw
         if segment.size:
             text = tokenizer.decode(segment.tolist(), skip_special_tokens=False)
             swapped = swapper.text(text)
+            if languages is not None:
+                languages.append((guess_language(text), int(segment.size), swapped != text))
             if swapped != text:
                 segment = np.asarray(tokenizer(swapped, add_special_tokens=False)["input_ids"], dtype=np.int64)
         pieces.append(segment)
@@ -185,8 +202,21 @@ def counterfactual_row(row: np.ndarray, tokenizer: Any, sep_id: int, swapper: Sw
     return np.concatenate(pieces) if pieces else row
 
 
+def row_language(docs: list[tuple[str | None, int, bool]]) -> str | None:
+    """The language whose token-level sigma a packed row uses: that of its swapped documents (most
+    tokens first), else that of its longest document with a guessed language."""
+    for changed_only in (True, False):
+        known = [(size, lang) for lang, size, changed in docs if lang and (changed or not changed_only)]
+        if known:
+            return max(known)[1]
+    return None
+
+
 class AgnosticData:
     """Packed pretraining rows (datasets Arrow, column input_ids) with the pretraining collator."""
+
+    copy_min_run = 0
+    """Targets are masked spans or continuations, never visible in the source: nothing is copied."""
 
     def __init__(self, cfg: DistillConfig, run_dir: Path, tokenizer: Any) -> None:
         import datasets
@@ -222,14 +252,15 @@ class AgnosticData:
 
         rows = [np.asarray(self.train[i]["input_ids"], dtype=np.int64) for i in indices]
         stream = [epoch * self.num_train + i for i in indices]
-        swapped_rows = [counterfactual_row(r, self.tokenizer, self.sep, self.swapper) for r in rows]
+        docs: list[list[tuple[str | None, int, bool]]] = [[] for _ in rows]
+        swapped_rows = [counterfactual_row(r, self.tokenizer, self.sep, self.swapper, d) for r, d in zip(rows, docs)]
         rng = np.random.default_rng([self.cfg.train.seed, 0xCDA, *stream])
         out = []
         for item in cda_items(rows, swapped_rows, self.cfg.cda, self.cfg.cda_prob, rng):
             index = stream[item.source_index]
             changed = not np.array_equal(rows[item.source_index], swapped_rows[item.source_index])
             out.append(Pair(self.collator.example(item.text, index), self.collator.example(item.counterfactual, index),
-                            item.swapped, changed))
+                            item.swapped, changed, row_language(docs[item.source_index])))
         return out
 
     def eval_examples(self, indices: list[int]) -> list[Example]:
@@ -242,6 +273,10 @@ class AgnosticData:
 
 class MassiveDistillData:
     """MASSIVE text-to-text examples for task-specific distillation (teacher fine-tuned on MASSIVE)."""
+
+    copy_min_run = 1
+    """Targets hold labels and word sentinels only: a target token that the source shows (a sentinel)
+    is copied, not predicted, and keeps the teacher's distribution."""
 
     def __init__(self, cfg: DistillConfig, tokenizer: Any, intent_first: bool = False, sentinels: int = 0) -> None:
         from data_prep.massive import has_label_tokens, load_massive
@@ -290,18 +325,21 @@ class MassiveDistillData:
     def pairs(self, indices: list[int], epoch: int) -> list[Pair]:
         import numpy as np
 
-        from distill.counterfactual import cda_items
+        from distill.counterfactual import cda_items, lexicon_language
 
         examples = [self.train[i] for i in indices]
         words = [list(ex.words) for ex in examples]
-        swapped = [self.swapper.words(w, ex.locale) for w, ex in zip(words, examples)]
+        results = [self.swapper.words_result(w, ex.locale) for w, ex in zip(words, examples)]
+        swapped = [r[0] for r in results]
         rng = np.random.default_rng([self.cfg.train.seed, 0xCDA, *[epoch * self.num_train + i for i in indices]])
         out = []
         for item in cda_items(words, swapped, self.cfg.cda, self.cfg.cda_prob, rng):
-            ex = examples[item.source_index]
+            ex, k = examples[item.source_index], item.source_index
+            # Slot labels carry over word by word: sigma keeps the word count, and a gendered word inside
+            # a slot value is swapped in the source and keeps its label.
             out.append(Pair(self._example(item.text, ex.slots, ex.intent),
                             self._example(item.counterfactual, ex.slots, ex.intent),
-                            item.swapped, words[item.source_index] != swapped[item.source_index]))
+                            item.swapped, words[k] != swapped[k], lexicon_language(ex.locale), results[k][1] > 0))
         return out
 
     def eval_examples(self, indices: list[int]) -> list[Example]:
@@ -350,11 +388,9 @@ def teacher_forward(teacher: Any, batch: dict[str, torch.Tensor], hidden: bool) 
 
 
 def distill_step(engine: Any, teacher: Any, pairs: list[Pair], data: Any, cfg: DistillConfig,
-                 token_map: TokenSwapMap, hidden_loss: Any, device: str) -> StepOutput:
+                 token_map: TokenMap, hidden_loss: Any, device: str) -> StepOutput:
     """Loss of one micro-batch (see the module doc, steps 3-5)."""
-    import torch
-
-    from distill.counterfactual import perturb_probs
+    from distill.counterfactual import perturb_rows, plan_row
     from distill.losses import kd_loss, teacher_probs
 
     n = len(pairs)
@@ -370,14 +406,21 @@ def distill_step(engine: Any, teacher: Any, pairs: list[Pair], data: Any, cfg: D
         "rows": float(n),
         "rows_swapped": float(sum(p.swapped for p in pairs)),
         "rows_gendered": float(sum(p.changed for p in pairs)),
+        "rows_conflict": float(sum(p.conflict for p in pairs)),
     }
     if perturb:
-        aligned = torch.tensor([p.partner.target.size == p.train.target.size for p in pairs], device=device)
-        cf_probs = teacher_probs(t_out.logits[n:, :tgt_len], cfg.temperature)
-        perturbed = perturb_probs(probs, cf_probs, token_map, cfg.perturb, valid=aligned)
+        # Positions aligned by a token diff of the two targets, the row language's sigma only, copied
+        # target tokens left alone (distill.counterfactual, "Teacher perturbation").
+        never = [i for i in (data.tokenizer.eos_token_id, data.tokenizer.pad_token_id) if i is not None]
+        plans = [plan_row(p.train.target, p.partner.target, token_map.get(p.lang), cfg.perturb_tokens,
+                          p.train.source, data.copy_min_run, never) for p in pairs]
+        cf_probs = teacher_probs(t_out.logits[n:], cfg.temperature)
+        perturbed = perturb_rows(probs, cf_probs, plans, cfg.perturb, cfg.perturb_tokens)
         mask = (batch["labels"] != -100).float()
         moved = ((perturbed - probs).abs().sum(-1) * mask).sum() / mask.sum().clamp_min(1.0)
-        parts["perturb_aligned"] = float(aligned.sum())
+        parts["perturb_aligned"] = float(sum(bool(plan.positions) for plan in plans))
+        parts["perturb_positions"] = float(sum(len(plan.positions) for plan in plans))
+        parts["perturb_swapped_positions"] = float(sum(plan.num_swapped_positions for plan in plans))
         parts["perturb_l1"] = float(moved)
         probs = perturbed
     out = engine(
@@ -563,10 +606,8 @@ def distill(cfg: DistillConfig, run_dir: str | Path, resume: bool = False) -> Pa
     return out_dir
 
 
-def _token_map_summary(token_map: TokenSwapMap) -> str:
-    return ", ".join(
-        f"{lang} {s['single_token']}/{s['pairs']} single-token" for lang, s in token_map.stats.items()
-    )
+def _token_map_summary(token_map: TokenMap) -> str:
+    return ", ".join(f"{lang} {s['rows_mapped']}/{s['pairs']} rows" for lang, s in token_map.stats.items())
 
 
 # ----------------------------------------------------------------------------- log / eval / save
@@ -574,7 +615,7 @@ def _token_map_summary(token_map: TokenSwapMap) -> str:
 
 # Per-micro-batch means; the row counters become fractions of the training rows.
 _MEAN_PARTS = ("kd", "ce", "hidden", "perturb_l1")
-_ROW_PARTS = ("rows_swapped", "rows_gendered", "perturb_aligned")
+_ROW_PARTS = ("rows_swapped", "rows_gendered", "rows_conflict", "perturb_aligned")
 
 
 def maybe_log(metrics: MetricsLogger, state: TrainState, window: LossWindow, engine: Any, cfg: DistillConfig,

@@ -139,6 +139,10 @@ def load_finetune_data(cfg: FinetuneConfig, run_dir: Path, dist_info: DistInfo) 
         if cfg.num_train_examples and len(examples) > cfg.num_train_examples:
             examples = rng.sample(examples, cfg.num_train_examples)
         train.extend(examples)
+    if cfg.cda != "none":
+        from data_prep.massive import cda_examples
+
+        train = cda_examples(train, cfg.cda, seed=cfg.train.seed)
     dev: list[MassiveExample] = []
     if cfg.num_eval_examples:
         per_locale = -(-cfg.num_eval_examples // len(eval_locales))

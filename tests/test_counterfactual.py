@@ -12,17 +12,24 @@ from hypothesis import strategies as st
 from distill.counterfactual import (
     CATEGORIES,
     LexiconError,
+    TokenPair,
+    TokenSigma,
     TokenSwapMap,
+    align_positions,
     augment,
     available_languages,
     build_token_map,
+    copied_positions,
     guess_language,
     lexicon_language,
     load_lexicon,
     perturb_probs,
+    perturb_rows,
+    plan_row,
     read_lexicon_file,
     swap,
     swap_words,
+    swap_words_result,
 )
 
 # ----------------------------------------------------------------------------- lexicons
@@ -75,35 +82,35 @@ CASES = {
         ("call mom and tell dad", "call dad and tell mom"),
     ],
     "de": [
-        ("Er ist mein Vater.", "Sie ist mein Mutter."),  # "mein" is not repaired (agreement rule 5)
+        ("Er ist mein Vater.", "Sie ist meine Mutter."),  # mein -> meine before the swapped noun (rule 5)
         ("Der junge Mann und sein Sohn", "Der junge Frau und sein Tochter"),
         ("ruf meine frau an", "ruf meine mann an"),
         ("Sie kommt morgen", "Sie kommt morgen"),  # sie is ambiguous: never swapped back
         ("Der König sprach mit seiner Tochter", "Der Königin sprach mit ihrer Sohn"),
     ],
     "fr": [
-        ("Il est le frère de mon père.", "Elle est le sœur de mon mère."),
-        ("l'acteur parle à sa grand-mère", "l'actrice parle à sa grand-père"),
-        ("Mon petit ami est serveur", "Mon petite amie est serveuse"),
+        ("Il est le frère de mon père.", "Elle est la sœur de ma mère."),
+        ("l'acteur parle à sa grand-mère", "l'actrice parle à son grand-père"),
+        ("Mon petit ami est serveur", "Ma petite amie est serveuse"),
         ("appelle maman", "appelle papa"),
     ],
     "es": [
         ("él es mi padre", "ella es mi madre"),
-        ("el rey y su hijo", "el reina y su hija"),  # 'el' (article) untouched
+        ("el rey y su hijo", "la reina y su hija"),  # the article agrees; 'él' is the pronoun
         ("Mi novia es profesora", "Mi novio es profesor"),
         ("llama a mi hermano", "llama a mi hermana"),
     ],
     "it": [
-        ("lui è mio padre", "lei è mio madre"),
-        ("La ragazza e suo fratello", "La ragazzo e suo sorella"),
-        ("chiama la mamma", "chiama la papà"),
-        ("Il re e la regina", "Il regina e la re"),
+        ("lui è mio padre", "lei è mia madre"),
+        ("La ragazza e suo fratello", "Il ragazzo e sua sorella"),
+        ("chiama la mamma", "chiama il papà"),
+        ("Il re e la regina", "La regina e il re"),
     ],
     "pt": [
-        ("ele é o meu pai", "ela é o meu mãe"),
-        ("Liga ao meu irmão e à minha irmã", "Liga ao meu irmã e à minha irmão"),
+        ("ele é o meu pai", "ela é a minha mãe"),
+        ("Liga ao meu irmão e à minha irmã", "Liga à minha irmã e ao meu irmão"),
         ("o livro dele", "o livro dela"),
-        ("O Rei falou com o filho", "O Rainha falou com o filha"),
+        ("O Rei falou com o filho", "A Rainha falou com a filha"),
     ],
     "nl": [
         ("Hij is mijn vader", "Zij is mijn moeder"),
@@ -180,7 +187,8 @@ def test_guess_language_and_auto_swap():
     assert guess_language("der Mann ist nicht hier und die Frau auch") == "de"
     assert guess_language("the man is not here and the woman is") == "en"
     assert guess_language("12345") is None
-    assert swap("Il est le père de la fille", "auto") == "Elle est le mère de la garçon"
+    assert swap("Il est le père de la fille", "auto") == "Elle est la mère du garçon" or \
+        swap("Il est le père de la fille", "auto") == "Elle est la mère de le garçon"
 
 
 # ----------------------------------------------------------------------------- CDA
@@ -218,48 +226,188 @@ def test_augment_rejects_bad_mode():
         augment(["x"], mode="both")
 
 
-# ----------------------------------------------------------------------------- token map
+# ----------------------------------------------------------------------------- agreement (rule 5)
 
 
-def _word_tokenizer(words: list[str]):
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from transformers import PreTrainedTokenizerFast
+def test_agreement_repairs_determiners_and_counts_conflicts():
+    fr = load_lexicon("fr")
+    r = fr.swap_result("Mon père et le frère")
+    assert (r.text, r.count, r.repaired, r.conflicts) == ("Ma mère et la sœur", 2, 2, 0)
+    r = fr.swap_result("appelle l'oncle")  # l' before the consonant of "tante": left, counted
+    assert (r.text, r.conflicts) == ("appelle l'tante", 1)
+    r = fr.swap_result("la tante")  # "le oncle" would need l': counted
+    assert (r.text, r.conflicts) == ("le oncle", 1)
+    de = load_lexicon("de")
+    r = de.swap_result("Mein Vater und ein Sohn")
+    assert (r.text, r.repaired, r.conflicts) == ("Meine Mutter und eine Tochter", 2, 0)
+    r = de.swap_result("meine Mutter")  # meine -> mein/meinen depends on the case: one-way, counted
+    assert (r.text, r.repaired, r.conflicts) == ("meine Vater", 0, 1)
+    it = load_lexicon("it")
+    assert it.swap("la mia ragazza") == "il mio ragazzo"  # two agreeing words before the noun
+    pt = load_lexicon("pt")
+    assert pt.swap("falei a ele") == "falei a ela"  # pronouns never move a determiner
+    assert pt.swap("o meu pai") == "a minha mãe"
+    words, result = swap_words_result(["liga", "ao", "meu", "irmão"], "pt-PT")
+    assert words == ["liga", "à", "minha", "irmã"] and result.conflicts == 0
+    # Agreement words are never swapped on their own.
+    assert swap("le chat et la maison", "fr") == "le chat et la maison"
+    assert all(e.category != "agreement" for e in load_lexicon("fr").entries if (e.male, e.female) in
+               load_lexicon("fr").pairs())
 
-    vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>", *words])}
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="<unk>")))
+
+# ----------------------------------------------------------------------------- token-level sigma
+
+LANGS = ("da", "de", "en", "es", "fr", "it", "nb", "nl", "pt", "sv")
 
 
-def test_token_map_single_and_multi_token_pairs():
-    tok = _word_tokenizer(["▁he", "▁she", "He", "She", "▁king", "▁queen", "▁actor", "▁wait", "ress"])
-    token_map = build_token_map(tok, ["en"])
-    vocab = tok.get_vocab()
-    mapping = token_map.as_dict()
-    assert mapping[vocab["▁he"]] == vocab["▁she"] and mapping[vocab["▁she"]] == vocab["▁he"]
-    assert mapping[vocab["He"]] == vocab["She"]  # Title form without the space marker
-    assert mapping[vocab["▁king"]] == vocab["▁queen"]
-    assert vocab["▁actor"] not in mapping  # "actress" is not a single token: skipped
-    stats = token_map.stats["en"]
-    assert stats["single_token"] == 2  # he/she and king/queen rows
-    assert stats["multi_token"] == stats["pairs"] - 2
-    assert len(set(token_map.src_ids)) == len(token_map.src_ids)
-
-
-def test_token_map_on_trained_tokenizer(tiny_tokenizer_dir):
+@pytest.fixture(scope="module")
+def tok(multilingual_tokenizer_dir):
     from data_prep.tokenizer import load_tokenizer
 
-    tok = load_tokenizer(tiny_tokenizer_dir)
-    token_map = build_token_map(tok, ["en", "de", "fr"])
-    # A 2000-piece vocabulary for ten languages keeps few whole gendered words ("she" is "▁ s he"):
-    # the counts must add up and every mapped pair must be a lexicon pair.
-    for stats in token_map.stats.values():
-        assert stats["single_token"] + stats["multi_token"] == stats["pairs"]
-    assert len(token_map) == sum(s["token_pairs"] for s in token_map.stats.values())
-    lexicon_words = {w.lower() for lang in ("en", "de", "fr") for pair in load_lexicon(lang).pairs() for w in pair}
-    for src, dst in zip(token_map.src_ids, token_map.dst_ids):
-        a = tok.convert_ids_to_tokens(src).lstrip("▁").lower()
-        b = tok.convert_ids_to_tokens(dst).lstrip("▁").lower()
-        assert a in lexicon_words and b in lexicon_words and a != b
+    return load_tokenizer(multilingual_tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def token_map(tok):
+    return build_token_map(tok)
+
+
+def _ids(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_every_lexicon_language_has_a_token_sigma(token_map):
+    assert set(token_map.languages) == set(LANGS) == set(available_languages())
+    for lang, stats in token_map.stats.items():
+        assert stats["rows_mapped"] > 0 and stats["token_pairs"] == len(token_map.get(lang)), lang
+        assert stats["multi_piece"] > 0, lang
+    assert token_map.get("da-DK") is token_map.get("da") and token_map.get("ja-JP") is None
+
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_token_pairs_start_at_word_starts(tok, token_map, lang):
+    sigma = token_map.get(lang)
+    for pair in sigma.pairs:
+        first = pair.context[0] if pair.context else pair.src
+        assert tok.convert_ids_to_tokens(first).startswith("▁"), (lang, pair)
+        if not pair.context:
+            assert tok.convert_ids_to_tokens(pair.dst).startswith("▁"), (lang, pair)
+
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_no_word_internal_swap(tok, token_map, lang):
+    # Every source word of the lexicon inside a longer word (digits start no lexicon word): sigma
+    # touches none of its pieces.
+    sigma = token_map.get(lang)
+    lexicon = load_lexicon(lang)
+    sources = {w for pair in lexicon.pairs() for w in pair if lexicon.counterpart(w) and " " not in w}
+    for word in sorted(sources):
+        for text in (f"7{word.lower()}7", f"42{word}"):
+            assert sigma.fires(_ids(tok, text)) == [], (lang, text)
+
+
+def test_known_word_internal_cases(tok, token_map):
+    # weat|her, Ger|man, avr|il, nouv|elle: the inner pieces never fire; a word-initial piece of a
+    # multi-piece word ("▁G" of "Girl" at the start of "Germany") is a source only where two targets
+    # diverge with it (`plan_row`), never inside a word.
+    for lang, text in [("en", "the weather in Germany"), ("en", "Sherlock and Hermione"),
+                       ("de", "Germanistik"), ("fr", "avril et la nouvelle"), ("it", "aprile e il profilo")]:
+        ids = _ids(tok, text)
+        for t, src, _ in token_map.get(lang).fires(ids):
+            pair = next(p for p in token_map.get(lang).pairs if p.src == src and
+                        tuple(ids[t - len(p.context):t]) == p.context)
+            start = pair.context[0] if pair.context else src
+            assert tok.convert_ids_to_tokens(start).startswith("▁"), (lang, text, pair)
+            assert not pair.whole, (lang, text, pair)
+    fired = token_map.get("en").fires(_ids(tok, "tell her"))
+    assert [tok.convert_ids_to_tokens(src) for _, src, _ in fired] == ["▁her"]  # the positive control
+
+
+@pytest.mark.parametrize("lang,text", [
+    ("da", "jeg er her i dag"), ("nb", "jeg er her nå"), ("nl", "er is niets hier"),
+    ("it", "il treno parte alle otto"), ("de", "man kann es nicht wissen"),
+])
+def test_no_swap_fires_on_other_languages_words(tok, token_map, lang, text):
+    # da/nb "er" (is) and "her" (here), nl "er" (there), it "il" (the), de "man" (one): the text swap
+    # leaves them alone, and the teacher's distribution is never changed on their tokens, at any position
+    # of the row. (Danish "▁her" does start "her|re" (gentleman), a pair that holds only where two
+    # targets diverge with "▁her" / "▁da": never here.)
+    ids = _ids(tok, text)
+    assert swap(text, lang) == text
+    words = {"er", "her", "il", "man"}
+    word_ids = {i for w in words for i in _ids(tok, w)[:1]} | {i for w in words for i in _ids(tok, w.title())[:1]}
+    plan = plan_row(ids + [1], ids + [1], token_map.get(lang), "gendered")
+    assert not word_ids & {s for src in plan.src for s in src}, (lang, text)
+    assert not [p for p in token_map.get(lang).pairs if p.whole and p.src in word_ids]
+
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_one_way_pairs_stay_one_way(token_map, lang):
+    lexicon = load_lexicon(lang)
+    for pair in token_map.get(lang).pairs:
+        # Every token pair follows text sigma: its source word is swapped, and to this counterpart.
+        word, counterpart = pair.word.split("'")[-1], pair.counterpart.split("'")[-1]  # l'acteur
+        assert (lexicon.counterpart(word) or "").casefold() == counterpart.casefold(), (lang, pair)
+    never = {"de": {"sie", "ihr", "ihre"}, "nl": {"zij", "haar"}, "sv": {"man"}}.get(lang, set())
+    assert not [p for p in token_map.get(lang).pairs if p.word.lower().removeprefix("l'") in never]
+
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_multi_piece_pairs_perturbed_at_the_diverging_piece(tok, token_map, lang):
+    sigma = token_map.get(lang)
+    multi = [p for p in sigma.pairs if p.context]
+    assert multi, lang
+    for pair in multi:
+        a, b = _ids(tok, pair.word), _ids(tok, pair.counterpart)
+        k = len(pair.context)
+        assert a[:k] == b[:k] == list(pair.context) and (a[k], b[k]) == (pair.src, pair.dst), (lang, pair)
+    pair = multi[0]
+    target, cf_target = _ids(tok, f"{pair.word} ok"), _ids(tok, f"{pair.counterpart} ok")
+    k = len(pair.context)
+    plan = plan_row(target, cf_target, sigma, "gendered")
+    at = dict(zip(plan.positions, zip(plan.cf_positions, plan.src, plan.dst)))
+    assert k in at and at[k][0] == k and pair.src in at[k][1]
+    assert at[k][2][at[k][1].index(pair.src)] == pair.dst
+    # Before the divergence only whole-word pairs apply (none of which is the word's own piece).
+    for t in range(k):
+        assert t not in at or target[t] not in at[t][1]
+    # The teacher's mass moves there: x puts it on src, x~ on dst.
+    vocab = len(tok)
+    probs = torch.full((1, len(target), vocab), 1.0 / vocab, dtype=torch.float64)
+    cf = torch.full((1, len(cf_target), vocab), 1.0 / vocab, dtype=torch.float64)
+    cf[0, k, pair.dst] = 10.0
+    cf = cf / cf.sum(-1, keepdim=True)
+    out = perturb_rows(probs, cf, [plan], "max")
+    assert out[0, k, pair.src] > 5 * probs[0, k, pair.src]
+    assert torch.allclose(out.sum(-1), torch.ones(1, len(target), dtype=torch.float64))
+    untouched = [t for t in range(len(target)) if t not in at]
+    assert torch.equal(out[0, untouched], probs[0, untouched])
+
+
+def test_alignment_and_copy_rule():
+    assert align_positions([1, 2, 3, 4], [1, 2, 3, 4]) == [0, 1, 2, 3]
+    assert align_positions([1, 5, 3, 4], [1, 6, 7, 3, 4]) == [0, 1, 3, 4]  # replaced run: its first piece
+    assert align_positions([1, 5, 4], [1, 5, 9, 4]) == [0, 1, 3]  # inserted piece: nothing maps to it
+    assert copied_positions([7, 8, 9, 1], [8, 9, 2, 1], 1, never=[1]) == {0, 1}
+    assert copied_positions([7, 8, 9, 1], [8, 9, 2, 8], 2) == {0, 1}
+    assert copied_positions([7, 8], [8], 0) == set()
+    sigma = TokenSigma("xx", [TokenPair((), 8, 9, "a", "b", True)], {})
+    plan = plan_row([8, 8, 2], [9, 8, 2], sigma, "gendered", source=[5, 8], copy_min_run=1)
+    assert plan.copied == 2 and plan.positions == [2] and plan.src == [[8]]
+    with pytest.raises(ValueError, match="allowed values: gendered, all"):
+        plan_row([1], [1], sigma, "some")
+
+
+def test_perturb_all_tokens_symmetrises_label_distributions():
+    # tokens="all": sigma is the identity outside the pairs, so with mean p^ is the average of the
+    # teacher's distributions on x and x~ at aligned positions (labels are gender-neutral).
+    p = torch.softmax(torch.randn(1, 3, 6, dtype=torch.float64), -1)
+    q = torch.softmax(torch.randn(1, 3, 6, dtype=torch.float64), -1)
+    plan = plan_row([1, 2, 3], [1, 2, 3], None, "all")
+    out = perturb_rows(p, q, [plan], "mean", "all")
+    assert torch.allclose(out, 0.5 * (p + q))
+    assert torch.equal(perturb_rows(p, q, [None], "mean", "all"), p)
+    assert perturb_rows(p, q, [plan], "none") is p
 
 
 # ----------------------------------------------------------------------------- perturbation properties
@@ -328,3 +476,25 @@ def test_perturb_max_hand_case_and_invalid_rows():
     kept = perturb_probs(p, p_cf, token_map, "max", valid=torch.tensor([False]))
     assert torch.equal(kept, p)
     assert perturb_probs(p, p_cf, token_map, "none") is p
+
+
+# ----------------------------------------------------------------------------- CDA on MASSIVE
+
+
+def test_massive_counterfactual_carries_slot_labels_word_by_word():
+    from data_prep.massive import MassiveExample, cda_examples, counterfactual_example
+
+    ex = MassiveExample("7", "de-DE", "train", "calendar", "calendar_set", "", "",
+                        ("erinnere", "meinen", "vater", "an", "sein", "treffen"),
+                        ("Other", "person", "person", "Other", "Other", "event_name"))
+    cf = counterfactual_example(ex)
+    # The slot value "meinen vater" is swapped inside the span, determiner included; labels stay.
+    assert cf.words == ("erinnere", "meine", "mutter", "an", "sein", "treffen")
+    assert cf.slots == ex.slots and cf.intent == ex.intent and cf.id == "7~"
+    assert cf.annot_utt == "erinnere [person : meine mutter] an sein [event_name : treffen]"
+    plain = MassiveExample("8", "de-DE", "train", "alarm", "alarm_set", "", "", ("weck", "mich"), ("Other", "Other"))
+    assert counterfactual_example(plain) is None
+    assert counterfactual_example(MassiveExample("9", "ja-JP", "train", "a", "b", "", "", ("彼",), ("Other",))) is None
+    assert [e.id for e in cda_examples([ex, plain], "two_sided")] == ["7", "7~", "8"]
+    assert [e.id for e in cda_examples([ex, plain], "one_sided")] == ["7~", "8"]  # counterfactual only
+    assert [e.id for e in cda_examples([ex, plain], "none")] == ["7", "8"]
