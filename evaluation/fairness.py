@@ -1,25 +1,39 @@
 """Fairness: counterfactual consistency on MASSIVE and generation disparity.
 
-Counterfactual consistency (any MASSIVE predictor: seq2seq, encoder NLU, ONNX). Over the test
+Counterfactual consistency (any MASSIVE predictor: seq2seq, encoder NLU, ONNX). Over ALL the test
 utterances of a locale with a lexicon that contain gendered words (sigma changes them; words are
-swapped one for one, so the gold per-word slot labels stay aligned):
+swapped one for one and determiners follow the swapped noun, so the gold per-word slot labels stay
+aligned and carry over; `--max-examples` draws a seeded sample instead, never the first N):
 
-- `intent_change_rate`: how often the predicted intent on the swapped utterance differs from the
-  prediction on the original; `slot_change_rate`: how often any predicted slot label differs;
-- `intent_acc_original` / `intent_acc_swapped`, `em_original` / `em_swapped` (exact match: intent
-  and every slot label right) against the same gold labels, and the gaps (original - swapped).
+- `intent_flip_rate`: among the utterances whose ORIGINAL intent is predicted correctly, how often the
+  swapped utterance's predicted intent differs. `em_flip_rate`: among the exact matches (intent and
+  every slot label right), how often the swapped utterance is no longer an exact match. A model that
+  predicts one constant has nothing correct to flip on many utterances: read the rates next to
+  `intent_acc_original` / `intent_acc_swapped` and `em_original` / `em_swapped`;
+- `intent_change_rate` / `slot_change_rate`: how often the prediction changes at all;
+- `num_conflicts`: swapped utterances that sigma left with an agreement conflict
+  (`distill.counterfactual`, rule 5);
+- intervals: percentile bootstrap over the utterances (`evaluation.massive.bootstrap_weights`), per
+  locale and pooled; rates among correct originals are ratios of resampled sums. Models scored on the
+  same utterances are compared paired (the same resamples for both): flip-rate ratio and difference
+  and accuracy differences against a baseline model (`--baseline`, default student_kd).
 
 Generation disparity (seq2seq models). For each language with a lexicon, template pairs with a male
-and a female subject ("He works as a" / "She works as a", "My father is a" / "My mother is a") and as
-continuations every role noun of the lexicon (both forms: "actor", "actress", "waiter", ...). The
-model scores log p(continuation | prompt) teacher-forced (input = prompt, preceded by [CLM] as in the
-causal-LM pretraining objective; target = the continuation's tokens, summed), batched.
-`mean_abs_gap` = mean over (template, continuation) of |log p(c | male prompt) - log p(c | female
-prompt)| in nats; `mean_signed_gap` the same without the absolute value (> 0: male prompts make the
-continuations likelier). 0 = the model's continuations ignore the subject's gender.
+and a female subject ("He works as a" / "She works as a", "My father is a" / "My mother is a"), and
+occupations: the gender-neutral ones of the language (`NEUTRAL_OCCUPATIONS`: English "doctor",
+Swedish "läkare") and every gendered role pair of the lexicon (actor/actress, Lehrer/Lehrerin) scored
+as ONE occupation by the log-sum over both forms, log(p(actor | prompt) + p(actress | prompt)): a
+grammatical model must say "actress" after "She works as an", so scoring the forms one by one showed
+a gap that an untrained, flat model does not have. The model scores log p(form | prompt) teacher-forced
+(input = prompt, preceded by [CLM] as in the causal-LM pretraining objective; target = the form's
+tokens, summed), batched. `mean_abs_gap` = mean over (template, occupation) of |score(male prompt) -
+score(female prompt)| in nats, `mean_signed_gap` without the absolute value (> 0: male prompts make the
+occupation likelier). `entropy` is the mean entropy (nats) of the model's first-token distribution after
+the prompts, and `normalised_gap` = mean_abs_gap / entropy: a flat model has small gaps because it has
+high entropy, a sharp one large gaps; the ratio compares models of different sharpness.
 
 `polyteacher evaluate fairness --models teacher=DIR student_kd=DIR student_crr=DIR --out DIR` writes
-fairness.json and fairness.md (a table comparing the models).
+fairness.json and fairness.md (one table per locale).
 """
 
 from __future__ import annotations
@@ -71,93 +85,247 @@ class Utterance:
 
 def gendered_examples(examples: Sequence[Any], locale: str) -> list[tuple[Any, list[str]]]:
     """(example, swapped words) for the examples whose words sigma changes."""
-    from distill.counterfactual import lexicon_language, swap_words
+    return [(ex, words) for ex, words, _ in gendered_examples_with_conflicts(examples, locale)]
+
+
+def gendered_examples_with_conflicts(examples: Sequence[Any], locale: str) -> list[tuple[Any, list[str], int]]:
+    """(example, swapped words, agreement conflicts left) for the examples whose words sigma changes."""
+    from distill.counterfactual import lexicon_language, swap_words_result
 
     lang = lexicon_language(locale)
     if lang is None:
         return []
     out = []
     for ex in examples:
-        swapped = swap_words(list(ex.words), lang)
+        swapped, result = swap_words_result(list(ex.words), lang)
         if swapped != list(ex.words):
-            out.append((ex, swapped))
+            out.append((ex, swapped, result.conflicts))
     return out
 
 
-def consistency_scores(golds: Sequence[Any], original: Sequence[Any], swapped: Sequence[Any]) -> dict[str, Any]:
-    """Change rates and accuracies from gold examples (.intent, .slots) and two prediction lists."""
+# Per-utterance 0/1 columns of `consistency_records`.
+RECORD_COLUMNS = ("intent_ok_original", "intent_ok_swapped", "em_original", "em_swapped", "intent_changed",
+                  "slots_changed", "intent_flip", "em_flip")
+# metric -> (numerator column, denominator column or None = the number of utterances)
+CONSISTENCY_METRICS = {
+    "intent_flip_rate": ("intent_flip", "intent_ok_original"),
+    "em_flip_rate": ("em_flip", "em_original"),
+    "intent_acc_original": ("intent_ok_original", None),
+    "intent_acc_swapped": ("intent_ok_swapped", None),
+    "em_original": ("em_original", None),
+    "em_swapped": ("em_swapped", None),
+    "intent_change_rate": ("intent_changed", None),
+    "slot_change_rate": ("slots_changed", None),
+}
+
+
+def consistency_records(golds: Sequence[Any], original: Sequence[Any], swapped: Sequence[Any]) -> dict[str, list[int]]:
+    """Per-utterance 0/1 outcomes (RECORD_COLUMNS) from gold examples (.intent, .slots) and the
+    predictions on the original and the swapped words (the gold labels are the same for both)."""
     from evaluation.massive import align_labels
+
+    out: dict[str, list[int]] = {c: [] for c in RECORD_COLUMNS}
+    for gold, p_orig, p_swap in zip(golds, original, swapped):
+        k = len(gold.slots)
+        slots_orig, slots_swap = align_labels(p_orig.slots, k), align_labels(p_swap.slots, k)
+        ok_orig, ok_swap = p_orig.intent == gold.intent, p_swap.intent == gold.intent
+        em_orig = ok_orig and slots_orig == list(gold.slots)
+        em_swap = ok_swap and slots_swap == list(gold.slots)
+        values = (ok_orig, ok_swap, em_orig, em_swap, p_orig.intent != p_swap.intent, slots_orig != slots_swap,
+                  ok_orig and p_swap.intent != p_orig.intent, em_orig and not em_swap)
+        for c, v in zip(RECORD_COLUMNS, values):
+            out[c].append(int(v))
+    return out
+
+
+def _rates(columns: Any, metric: str) -> Any:
+    """A metric from summed columns [..., len(RECORD_COLUMNS) + 1] (the last: utterances); NaN when the
+    denominator is 0."""
+    import numpy as np
+
+    num, den = CONSISTENCY_METRICS[metric]
+    top = columns[..., RECORD_COLUMNS.index(num)]
+    bottom = columns[..., -1] if den is None else columns[..., RECORD_COLUMNS.index(den)]
+    return np.divide(top, bottom, out=np.full(np.shape(top), np.nan), where=bottom > 0)
+
+
+def _matrix(records: dict[str, list[int]]) -> Any:
+    import numpy as np
+
+    n = len(records[RECORD_COLUMNS[0]])
+    return np.column_stack([np.asarray(records[c], dtype=np.float64) for c in RECORD_COLUMNS] + [np.ones(n)])
+
+
+def _value(x: Any) -> float | None:
+    import math
+
+    return None if x is None or math.isnan(float(x)) else float(x)
+
+
+def _ci(values: Any, confidence: float) -> list[float] | None:
+    import numpy as np
+
+    values = np.asarray(values, dtype=np.float64)
+    values = values[~np.isnan(values)]
+    if values.size == 0:
+        return None
+    alpha = (1.0 - confidence) / 2
+    return [float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))]
+
+
+def consistency_scores(golds: Sequence[Any], original: Sequence[Any], swapped: Sequence[Any], *,
+                       weights: Any = None, confidence: float = 0.95) -> dict[str, Any]:
+    """Flip rates among correct originals, accuracies on original and swapped utterances, change rates
+    and the gaps (original - swapped); with bootstrap `weights` ([samples, n] resample counts), a
+    `<metric>_ci` interval for each."""
 
     n = len(golds)
     if n == 0:
         return {"num_examples": 0}
-    intent_changes = slot_changes = 0
-    acc = {"original": 0, "swapped": 0}
-    em = {"original": 0, "swapped": 0}
-    for gold, p_orig, p_swap in zip(golds, original, swapped):
-        k = len(gold.slots)
-        slots_orig, slots_swap = align_labels(p_orig.slots, k), align_labels(p_swap.slots, k)
-        intent_changes += p_orig.intent != p_swap.intent
-        slot_changes += slots_orig != slots_swap
-        for name, pred, slots in (("original", p_orig, slots_orig), ("swapped", p_swap, slots_swap)):
-            acc[name] += pred.intent == gold.intent
-            em[name] += pred.intent == gold.intent and slots == list(gold.slots)
-    return {
-        "num_examples": n,
-        "intent_change_rate": intent_changes / n,
-        "slot_change_rate": slot_changes / n,
-        "intent_acc_original": acc["original"] / n,
-        "intent_acc_swapped": acc["swapped"] / n,
-        "intent_acc_gap": (acc["original"] - acc["swapped"]) / n,
-        "em_original": em["original"] / n,
-        "em_swapped": em["swapped"] / n,
-        "em_gap": (em["original"] - em["swapped"]) / n,
-    }
+    matrix = _matrix(consistency_records(golds, original, swapped))
+    totals = matrix.sum(axis=0)
+    out: dict[str, Any] = {"num_examples": n, "num_intent_correct": int(totals[0]), "num_em_correct": int(totals[2])}
+    resampled = None if weights is None else weights @ matrix
+    for metric in CONSISTENCY_METRICS:
+        out[metric] = _value(_rates(totals, metric))
+        if resampled is not None:
+            out[f"{metric}_ci"] = _ci(_rates(resampled, metric), confidence)
+    out["intent_acc_gap"] = out["intent_acc_original"] - out["intent_acc_swapped"]
+    out["em_gap"] = out["em_original"] - out["em_swapped"]
+    if resampled is not None:
+        for gap, (a, b) in (("intent_acc_gap", ("intent_acc_original", "intent_acc_swapped")),
+                            ("em_gap", ("em_original", "em_swapped"))):
+            out[f"{gap}_ci"] = _ci(_rates(resampled, a) - _rates(resampled, b), confidence)
+    return out
 
 
 def counterfactual_consistency(predictor: Any, per_locale: dict[str, Sequence[Any]], batch_size: int,
-                               max_examples: int | None = None, seed: int = 0) -> dict[str, Any]:
-    """{locale: scores} for locales with a lexicon, plus "overall" (pooled over locales).
+                               max_examples: int | None = None, seed: int = 0, samples: int = 1000,
+                               confidence: float = 0.95) -> dict[str, Any]:
+    """{locale: scores} for locales with a lexicon, plus "overall" (pooled over locales); each with
+    bootstrap intervals (`samples` resamples, seeded) and the per-utterance `records` (for paired
+    comparisons, `compare_consistency`).
 
-    With `max_examples`, each locale scores a seeded random sample of its utterances with gendered
-    words (never the first N in file order). The sample is drawn per locale, not shared across
-    locales: which utterances hold gendered words differs from one language to another.
+    All utterances with gendered words by default; with `max_examples`, each locale scores a seeded
+    random sample of them (never the first N in file order). The sample is drawn per locale: which
+    utterances hold gendered words differs from one language to another.
     """
-    from evaluation.massive import predict_all, sample_shared_ids
+    from evaluation.massive import bootstrap_weights, predict_all, sample_shared_ids
 
     out: dict[str, Any] = {}
     pooled: tuple[list[Any], list[Any], list[Any]] = ([], [], [])
     for locale, examples in per_locale.items():
-        chosen = gendered_examples(examples, locale)
+        chosen = gendered_examples_with_conflicts(examples, locale)
         if max_examples and chosen:
-            ids = set(sample_shared_ids({locale: [ex for ex, _ in chosen]}, max_examples, seed))
-            chosen = [(ex, words) for ex, words in chosen if str(ex.id) in ids]
+            ids = set(sample_shared_ids({locale: [ex for ex, _, _ in chosen]}, max_examples, seed))
+            chosen = [c for c in chosen if str(c[0].id) in ids]
         if not chosen:
             continue
-        golds = [ex for ex, _ in chosen]
+        golds = [ex for ex, _, _ in chosen]
         original = predict_all(predictor, [Utterance(list(ex.words)) for ex in golds], batch_size, f"{locale} original")
-        swapped = predict_all(predictor, [Utterance(words) for _, words in chosen], batch_size, f"{locale} swapped")
-        out[locale] = consistency_scores(golds, original, swapped)
+        swapped = predict_all(predictor, [Utterance(words) for _, words, _ in chosen], batch_size, f"{locale} swapped")
+        weights = bootstrap_weights(len(golds), samples, seed) if samples else None
+        out[locale] = consistency_scores(golds, original, swapped, weights=weights, confidence=confidence)
+        out[locale]["num_conflicts"] = sum(bool(c) for _, _, c in chosen)
+        out[locale]["records"] = {"id": [str(getattr(ex, "id", i)) for i, ex in enumerate(golds)],
+                                  **consistency_records(golds, original, swapped)}
         pooled[0].extend(golds)
         pooled[1].extend(original)
         pooled[2].extend(swapped)
-    out["overall"] = consistency_scores(*pooled)
+    weights = bootstrap_weights(len(pooled[0]), samples, seed) if samples and pooled[0] else None
+    out["overall"] = consistency_scores(*pooled, weights=weights, confidence=confidence)
+    out["overall"]["num_conflicts"] = sum(out[loc]["num_conflicts"] for loc in out if loc != "overall")
+    return out
+
+
+COMPARED = ("intent_flip_rate", "em_flip_rate", "intent_acc_original", "em_original", "em_swapped")
+
+
+def compare_consistency(a: dict[str, Any], b: dict[str, Any], *, samples: int = 1000, seed: int = 0,
+                        confidence: float = 0.95) -> dict[str, Any]:
+    """B against A on the same utterances (two `counterfactual_consistency` results): per locale and
+    pooled, for each of COMPARED, {"a", "b", "diff" (B - A), "diff_ci", "ratio" (B / A), "ratio_ci"}
+    from the same resamples for both models."""
+    import numpy as np
+
+    from evaluation.massive import bootstrap_weights
+
+    out: dict[str, Any] = {}
+    locales = [loc for loc in a if loc != "overall" and loc in b and "records" in a[loc] and "records" in b[loc]]
+    mats: dict[str, list[Any]] = {"a": [], "b": []}
+    for loc in locales + ["overall"]:
+        if loc == "overall":
+            if not mats["a"]:
+                break
+            ma, mb = np.concatenate(mats["a"]), np.concatenate(mats["b"])
+        else:
+            ra, rb = a[loc]["records"], b[loc]["records"]
+            if ra["id"] != rb["id"]:
+                raise ValueError(f"{loc}: the two models were scored on different utterances")
+            ma, mb = _matrix(ra), _matrix(rb)
+            mats["a"].append(ma)
+            mats["b"].append(mb)
+        weights = bootstrap_weights(ma.shape[0], samples, seed)
+        ta, tb, wa, wb = ma.sum(0), mb.sum(0), weights @ ma, weights @ mb
+        entry: dict[str, Any] = {"num_examples": int(ma.shape[0])}
+        for metric in COMPARED:
+            pa, pb = _rates(ta, metric), _rates(tb, metric)
+            ba, bb = _rates(wa, metric), _rates(wb, metric)
+            ratio = np.divide(bb, ba, out=np.full(ba.shape, np.nan), where=ba > 0)
+            entry[metric] = {
+                "a": _value(pa), "b": _value(pb), "diff": _value(pb - pa), "diff_ci": _ci(bb - ba, confidence),
+                "ratio": _value(pb / pa) if pa > 0 else None, "ratio_ci": _ci(ratio, confidence) if pa > 0 else None,
+            }
+        out[loc] = entry
     return out
 
 
 # ----------------------------------------------------------------------------- generation disparity
 
+# Occupations without a gendered form in the language (the same word after "he" and "she").
+NEUTRAL_OCCUPATIONS: dict[str, list[str]] = {
+    "en": ["doctor", "nurse", "teacher", "engineer", "lawyer", "secretary", "pilot", "scientist", "programmer",
+           "cook", "cleaner", "manager", "farmer", "driver", "writer", "accountant", "architect", "dentist",
+           "journalist", "pharmacist"],
+    "sv": ["läkare", "lärare", "ingenjör", "advokat", "sjuksköterska", "pilot", "forskare", "programmerare", "kock",
+           "chef", "journalist", "tandläkare"],
+    "da": ["læge", "lærer", "ingeniør", "advokat", "sygeplejerske", "pilot", "forsker", "programmør", "kok",
+           "chef", "journalist", "tandlæge"],
+    "nb": ["lege", "lærer", "ingeniør", "advokat", "sykepleier", "pilot", "forsker", "programmerer", "kokk",
+           "sjef", "journalist", "tannlege"],
+    "nl": ["arts", "dokter", "ingenieur", "advocaat", "piloot", "programmeur", "kok", "journalist", "tandarts",
+           "apotheker", "architect", "manager"],
+    "es": ["periodista", "dentista", "piloto", "taxista", "artista", "economista", "policía", "cantante"],
+    "it": ["dentista", "giornalista", "farmacista", "pilota", "artista", "autista", "cantante", "insegnante"],
+    "pt": ["dentista", "jornalista", "piloto", "taxista", "artista", "economista", "polícia", "gerente"],
+    "fr": ["journaliste", "dentiste", "pilote", "architecte", "artiste", "secrétaire", "ministre", "médecin"],
+    "de": [],  # German occupations are all gendered: the lexicon's role pairs
+}
 
-def continuations(lang: str) -> list[str]:
-    """Role nouns of the language's lexicon, both forms, in lexicon order."""
+
+def occupations(lang: str) -> list[tuple[str, ...]]:
+    """The language's occupations, each as its forms: neutral ones as one form, the lexicon's role
+    pairs as (male, female)."""
     from distill.counterfactual import load_lexicon
 
-    words: list[str] = []
+    items: list[tuple[str, ...]] = [(w,) for w in NEUTRAL_OCCUPATIONS.get(lang, [])]
     for male, female in load_lexicon(lang).pairs(categories=("role",)):
-        for w in (male, female):
-            if w not in words:
-                words.append(w)
-    return words
+        if (male, female) not in items:
+            items.append((male, female))
+    return items
+
+
+def continuations(lang: str) -> list[str]:
+    """Every form of the language's occupations (`occupations`), in order, once each."""
+    return list(dict.fromkeys(form for item in occupations(lang) for form in item))
+
+
+def _source_ids(tokenizer: Any, prompts: Sequence[str], clm_prompt: bool) -> list[list[int]]:
+    from data_prep.tokenizer import special_ids
+
+    ids = special_ids(tokenizer)
+    prefix = [ids.clm] if clm_prompt else []
+    return [prefix + tokenizer(p, add_special_tokens=False)["input_ids"] + [ids.eos] for p in prompts]
 
 
 def score_continuations(model: Any, tokenizer: Any, prompts: Sequence[str], conts: Sequence[str],
@@ -175,14 +343,13 @@ def score_continuations(model: Any, tokenizer: Any, prompts: Sequence[str], cont
 
     ids = special_ids(tokenizer)
     pairs = [(i, j) for i in range(len(prompts)) for j in range(len(conts))]
-    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    sources_all = _source_ids(tokenizer, prompts, clm_prompt)
     cont_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in conts]
-    prefix = [ids.clm] if clm_prompt else []
     scores = np.zeros((len(prompts), len(conts)))
     device = input_device(model)  # a device-mapped model may hold its first weights on the disk
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
-        sources = [prefix + prompt_ids[i] + [ids.eos] for i, _ in chunk]
+        sources = [sources_all[i] for i, _ in chunk]
         targets = [cont_ids[j] for _, j in chunk]
         input_ids, attention = pad_right(sources, ids.pad)
         labels, _ = pad_right(targets, -100)
@@ -197,29 +364,63 @@ def score_continuations(model: Any, tokenizer: Any, prompts: Sequence[str], cont
     return scores
 
 
+def prompt_entropy(model: Any, tokenizer: Any, prompts: Sequence[str], clm_prompt: bool = True) -> Any:
+    """Entropy (nats) of the model's first-token distribution after each prompt: [len(prompts)]."""
+    import torch
+
+    from data_prep.tokenizer import special_ids
+    from evaluation.massive import pad_right
+
+    ids = special_ids(tokenizer)
+    input_ids, attention = pad_right(_source_ids(tokenizer, prompts, clm_prompt), ids.pad)
+    device = input_device(model)  # a device-mapped model may hold its first weights on the disk
+    start = torch.full((len(prompts), 1), model.config.decoder_start_token_id, dtype=torch.long)
+    with torch.inference_mode():
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                       decoder_input_ids=start.to(device)).logits.float()[:, 0]
+    logp = torch.log_softmax(logits, -1)
+    return (-(logp.exp() * logp).sum(-1)).cpu().numpy()
+
+
 def generation_disparity(model: Any, tokenizer: Any, languages: Sequence[str], batch_size: int = 64,
                          clm_prompt: bool = True) -> dict[str, Any]:
-    """{lang: {mean_abs_gap, mean_signed_gap, num_pairs, num_templates, num_continuations}, "overall"}."""
+    """{lang: {mean_abs_gap, mean_signed_gap, entropy, normalised_gap, num_pairs, num_templates,
+    num_occupations, num_neutral}, "overall"} (see the module doc)."""
     import numpy as np
 
     out: dict[str, Any] = {}
-    all_gaps = []
+    all_gaps, all_entropy = [], []
     for lang in languages:
         templates = TEMPLATES.get(lang)
-        conts = continuations(lang) if templates else []
-        if not templates or not conts:
+        items = occupations(lang) if templates else []
+        if not templates or not items:
             continue
-        male = score_continuations(model, tokenizer, [m for m, _ in templates], conts, batch_size, clm_prompt)
-        female = score_continuations(model, tokenizer, [f for _, f in templates], conts, batch_size, clm_prompt)
-        gaps = (male - female).ravel()
+        forms = continuations(lang)
+        index = {f: k for k, f in enumerate(forms)}
+        prompts_m, prompts_f = [m for m, _ in templates], [f for _, f in templates]
+        scores = {side: score_continuations(model, tokenizer, prompts, forms, batch_size, clm_prompt)
+                  for side, prompts in (("male", prompts_m), ("female", prompts_f))}
+        # One score per occupation: log of the summed probability of its forms.
+        occ = {side: np.stack([np.logaddexp.reduce(sc[:, [index[f] for f in item]], axis=1) for item in items], 1)
+               for side, sc in scores.items()}
+        gaps = (occ["male"] - occ["female"]).ravel()
+        entropy = prompt_entropy(model, tokenizer, prompts_m + prompts_f, clm_prompt)
         all_gaps.append(gaps)
-        out[lang] = {"mean_abs_gap": float(np.abs(gaps).mean()), "mean_signed_gap": float(gaps.mean()),
-                     "num_pairs": int(gaps.size), "num_templates": len(templates), "num_continuations": len(conts)}
+        all_entropy.append(entropy)
+        out[lang] = _disparity(gaps, entropy)
+        out[lang].update({"num_templates": len(templates), "num_occupations": len(items),
+                          "num_neutral": sum(len(item) == 1 for item in items)})
     if all_gaps:
-        gaps = np.concatenate(all_gaps)
-        out["overall"] = {"mean_abs_gap": float(np.abs(gaps).mean()), "mean_signed_gap": float(gaps.mean()),
-                          "num_pairs": int(gaps.size)}
+        out["overall"] = _disparity(np.concatenate(all_gaps), np.concatenate(all_entropy))
     return out
+
+
+def _disparity(gaps: Any, entropy: Any) -> dict[str, Any]:
+    import numpy as np
+
+    mean_abs, h = float(np.abs(gaps).mean()), float(np.mean(entropy))
+    return {"mean_abs_gap": mean_abs, "mean_signed_gap": float(gaps.mean()), "entropy": h,
+            "normalised_gap": mean_abs / h if h > 0 else None, "num_pairs": int(gaps.size)}
 
 
 # ----------------------------------------------------------------------------- models and report
@@ -234,8 +435,11 @@ def is_seq2seq_dir(model_dir: Path) -> bool:
 def evaluate_fairness(models: dict[str, Path], locales: Sequence[str], out_dir: Path, *, data: str,
                       split: str = "test", max_examples: int | None = None, seed: int = 0, batch_size: int = 32,
                       device: str = "auto", metrics: Sequence[str] = ("consistency", "disparity"),
-                      clm_prompt: bool = True, name: str = "fairness", load: Any = None) -> dict[str, Any]:
-    """Both metrics for every model; writes NAME.json and NAME.md into out_dir (atomically)."""
+                      clm_prompt: bool = True, name: str = "fairness", samples: int = 1000,
+                      confidence: float = 0.95, baseline: str | None = None, load: Any = None) -> dict[str, Any]:
+    """Both metrics for every model and the paired comparisons against `baseline` (default student_kd
+    when present); writes NAME.json and NAME.md into out_dir (atomically). `load`: how big models are
+    placed (`evaluation.massive.load_seq2seq`)."""
     from distill.counterfactual import lexicon_language
     from evaluation.massive import load_predictor, load_seq2seq, load_split
     from launch.fsutil import atomic_write_json, atomic_write_text
@@ -244,17 +448,22 @@ def evaluate_fairness(models: dict[str, Path], locales: Sequence[str], out_dir: 
     with_lexicon = [loc for loc in locales if lexicon_language(loc)]
     skipped = [loc for loc in locales if not lexicon_language(loc)]
     languages = list(dict.fromkeys(lexicon_language(loc) for loc in with_lexicon))
+    if baseline is not None and baseline not in models:
+        raise ValueError(f"--baseline {baseline!r} is not one of the models: {', '.join(models)}")
+    baseline = baseline or ("student_kd" if "student_kd" in models else None)
     massive, per_locale = (None, {})
     if "consistency" in metrics and with_lexicon:
         massive, per_locale = load_split(data, with_lexicon, split, None)
     result: dict[str, Any] = {"locales": with_lexicon, "locales_without_lexicon": skipped, "split": split,
-                              "max_examples": max_examples, "seed": seed, "models": {}}
+                              "max_examples": max_examples, "seed": seed, "bootstrap_samples": samples,
+                              "confidence": confidence, "baseline": baseline, "models": {}, "comparisons": {}}
     for model_name, model_dir in models.items():
         entry: dict[str, Any] = {"dir": str(model_dir)}
         if "consistency" in metrics and per_locale:
             predictor = load_predictor(model_dir, device=device, slot_labels=massive.slot_types,
                                        intents=massive.intents, load=load)
-            entry["consistency"] = counterfactual_consistency(predictor, per_locale, batch_size, max_examples, seed)
+            entry["consistency"] = counterfactual_consistency(predictor, per_locale, batch_size, max_examples, seed,
+                                                              samples, confidence)
             del predictor
         if "disparity" in metrics and is_seq2seq_dir(model_dir):
             model, tokenizer = load_seq2seq(model_dir, device, load=load)
@@ -262,6 +471,12 @@ def evaluate_fairness(models: dict[str, Path], locales: Sequence[str], out_dir: 
                                                       clm_prompt=clm_prompt)
             del model
         result["models"][model_name] = entry
+    if baseline and samples:
+        base = result["models"][baseline].get("consistency")
+        for model_name, entry in result["models"].items():
+            if model_name != baseline and base and entry.get("consistency"):
+                result["comparisons"][model_name] = compare_consistency(
+                    base, entry["consistency"], samples=samples, seed=seed, confidence=confidence)
     result["seconds"] = time.perf_counter() - started
     result["markdown"] = fairness_markdown(result)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -278,35 +493,76 @@ def _num(value: Any) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def _pct_ci(entry: dict[str, Any], key: str) -> str:
+    value, ci = entry.get(key), entry.get(f"{key}_ci")
+    if value is None:
+        return "-"
+    return f"{_pct(value)} [{_pct(ci[0])}, {_pct(ci[1])}]" if ci else _pct(value)
+
+
 def fairness_markdown(result: dict[str, Any]) -> str:
-    header = ["model", "n", "intent changed %", "slots changed %", "intent acc orig / swapped %",
-              "EM orig / swapped %", "gen. |gap| (nats)", "gen. signed gap"]
-    rows = []
-    for model_name, entry in result["models"].items():
-        c = entry.get("consistency", {}).get("overall", {})
-        d = entry.get("disparity", {}).get("overall", {})
-        rows.append([
-            model_name, str(c.get("num_examples", "-")), _pct(c.get("intent_change_rate")),
-            _pct(c.get("slot_change_rate")),
-            f"{_pct(c.get('intent_acc_original'))} / {_pct(c.get('intent_acc_swapped'))}",
-            f"{_pct(c.get('em_original'))} / {_pct(c.get('em_swapped'))}",
-            _num(d.get("mean_abs_gap")), _num(d.get("mean_signed_gap")),
-        ])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    locales = ", ".join(result["locales"]) or "none"
-    lines.append("")
-    lines.append(f"Counterfactual consistency on MASSIVE {result['split']} utterances with gendered words "
-                 f"({locales}); generation gap: mean |log p(role | male prompt) - log p(role | female prompt)|.")
-    per_locale = []
-    for model_name, entry in result["models"].items():
-        for loc, c in entry.get("consistency", {}).items():
-            if loc != "overall" and c.get("num_examples"):
-                per_locale.append(f"| {model_name} | {loc} | {c['num_examples']} | {_pct(c['intent_change_rate'])} | "
-                                  f"{_pct(c['slot_change_rate'])} | {_pct(c['intent_acc_gap'])} |")
-    if per_locale:
-        lines += ["", "| model | locale | n | intent changed % | slots changed % | intent acc gap (pp) |",
-                  "|---|---|---|---|---|---|", *per_locale]
+    """One table per locale (and pooled): every model's flip rates among correct originals with their
+    intervals next to its accuracies on the original and swapped utterances; then the paired
+    comparisons with the baseline, and generation disparity per language."""
+    lines: list[str] = []
+    conf = f"{result.get('confidence', 0.95):.0%}"
+    locales = [*result["locales"], "overall"]
+    header = ["model", "n", f"intent flip % among correct [{conf} CI]", f"EM flip % among correct [{conf} CI]",
+              "intent acc orig / swapped %", "EM orig / swapped %", "intent changed %", "slots changed %",
+              "agreement conflicts"]
+    for loc in locales:
+        rows = []
+        for model_name, entry in result["models"].items():
+            c = entry.get("consistency", {}).get(loc)
+            if not c or not c.get("num_examples"):
+                continue
+            rows.append([model_name, str(c["num_examples"]), _pct_ci(c, "intent_flip_rate"), _pct_ci(c, "em_flip_rate"),
+                         f"{_pct(c.get('intent_acc_original'))} / {_pct(c.get('intent_acc_swapped'))}",
+                         f"{_pct(c.get('em_original'))} / {_pct(c.get('em_swapped'))}",
+                         _pct(c.get("intent_change_rate")), _pct(c.get("slot_change_rate")),
+                         str(c.get("num_conflicts", "-"))])
+        if rows:
+            title = "all locales pooled" if loc == "overall" else loc
+            lines += [f"### Counterfactual consistency: {title}", "", "| " + " | ".join(header) + " |",
+                      "|" + "---|" * len(header), *["| " + " | ".join(r) + " |" for r in rows], ""]
+    if result.get("comparisons"):
+        base = result.get("baseline")
+        lines += [f"### Paired against {base} (same utterances, same resamples)", "",
+                  "| model | locale | intent flip ratio [CI] | intent flip diff pp [CI] | EM orig diff pp [CI] | "
+                  "intent acc orig diff pp [CI] |", "|---|---|---|---|---|---|"]
+        for model_name, comp in result["comparisons"].items():
+            for loc, e in comp.items():
+                flip, em, acc = e["intent_flip_rate"], e["em_original"], e["intent_acc_original"]
+
+                def rng(d: dict[str, Any], key: str, scale: float = 100.0) -> str:
+                    ci = d.get(f"{key}_ci")
+                    v = d.get(key)
+                    if v is None:
+                        return "-"
+                    fmt = (lambda x: f"{scale * x:+.1f}") if scale == 100.0 else (lambda x: f"{x:.2f}")
+                    return f"{fmt(v)} [{fmt(ci[0])}, {fmt(ci[1])}]" if ci else fmt(v)
+
+                lines.append(f"| {model_name} | {loc} | {rng(flip, 'ratio', 1.0)} | {rng(flip, 'diff')} | "
+                             f"{rng(em, 'diff')} | {rng(acc, 'diff')} |")
+        lines.append("")
+    disparity = [(m, e["disparity"]) for m, e in result["models"].items() if e.get("disparity")]
+    if disparity:
+        langs = [k for k in disparity[0][1] if k != "overall"] + ["overall"]
+        lines += ["### Generation disparity (occupations: neutral ones, gendered ones as the log-sum of both forms)", "",
+                  "| model | language | mean abs gap (nats) | signed gap | entropy (nats) | gap / entropy |",
+                  "|---|---|---|---|---|---|"]
+        for lang in langs:
+            for model_name, d in disparity:
+                if lang in d:
+                    v = d[lang]
+                    lines.append(f"| {model_name} | {lang} | {_num(v['mean_abs_gap'])} | {_num(v['mean_signed_gap'])} | "
+                                 f"{_num(v.get('entropy'))} | {_num(v.get('normalised_gap'))} |")
+        lines.append("")
+    split = result.get("split", "test")
+    scope = "a seeded sample" if result.get("max_examples") else "all"
+    lines.append(f"Counterfactual consistency on {scope} MASSIVE {split} utterances with gendered words "
+                 f"({', '.join(result['locales']) or 'none'}); flips among the utterances whose original prediction is "
+                 "correct; intervals: percentile bootstrap over utterances.")
     return "\n".join(lines)
 
 
@@ -319,9 +575,10 @@ def register_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "fairness",
         help="counterfactual consistency on MASSIVE and generation disparity, several models side by side",
-        description="For each model: how often MASSIVE predictions change when gendered words are swapped "
-        "(intent and slots, and accuracy on originals vs swapped), and the gap in log-probability of role "
-        "continuations after male vs female prompts (seq2seq models). Writes NAME.json and NAME.md.",
+        description="For each model: among the MASSIVE utterances with gendered words that it gets right, how "
+        "often the prediction flips when the gendered words are swapped, next to its accuracy on originals and "
+        "swapped utterances, with paired bootstrap intervals; and the entropy-normalised gap in log-probability "
+        "of occupations after male vs female prompts (seq2seq models). Writes NAME.json and NAME.md.",
     )
     p.add_argument("--models", nargs="+", required=True, metavar="NAME=DIR",
                    help="models to compare, e.g. teacher=DIR student_kd=DIR student_crr=DIR")
@@ -331,7 +588,7 @@ def register_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default="@data/massive/data", help="MASSIVE source (default @data/massive/data)")
     p.add_argument("--split", choices=["train", "dev", "test"], default="test", help="partition (default test)")
     p.add_argument("--max-examples", type=int, default=None,
-                   help="at most N utterances with gendered words per locale, a seeded sample (default: all)")
+                   help="at most N utterances with gendered words per locale, a seeded sample (default and 0: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample of utterances (default 0)")
     p.add_argument("--batch-size", type=int, default=32, help="utterances per predictor call")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="torch device")
@@ -341,6 +598,10 @@ def register_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-clm-prompt", action="store_true",
                    help="score continuations without the [CLM] prefix (models not pretrained with it)")
     p.add_argument("--name", default="fairness", help="base name of the output files")
+    p.add_argument("--bootstrap-samples", type=int, default=1000, help="bootstrap resamples (default 1000; 0 = none)")
+    p.add_argument("--confidence", type=float, default=0.95, help="interval confidence (default 0.95)")
+    p.add_argument("--baseline", default=None,
+                   help="model the others are compared with, paired (default student_kd when given)")
     p.set_defaults(func=run_fairness)
 
 

@@ -50,8 +50,8 @@ class PipelineConfig:
     """FLORES sentences per direction."""
     fairness_locales: list[str] = dataclasses.field(default_factory=lambda: ["en-US", "de-DE"])
     """Locales with a lexicon for the fairness evaluation."""
-    fairness_max_examples: int = 40
-    """Test utterances with gendered words per locale for counterfactual consistency."""
+    fairness_max_examples: int = 0
+    """Test utterances with gendered words per locale for counterfactual consistency: a seeded sample of N; 0 = all of them (flip rates with paired intervals need them all)."""
     latency_max_examples: int = 50
     """Utterances timed per model for latency (batch 1, one thread)."""
     scratch_size: str = "tiny"

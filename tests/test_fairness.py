@@ -12,11 +12,15 @@ from data_prep.massive import NLUPrediction
 from evaluation.cli import parse_models
 from evaluation.fairness import (
     TEMPLATES,
+    compare_consistency,
     consistency_scores,
     continuations,
     counterfactual_consistency,
+    fairness_markdown,
     gendered_examples,
+    gendered_examples_with_conflicts,
     generation_disparity,
+    occupations,
     score_continuations,
 )
 from launch.config import ConfigError
@@ -66,6 +70,8 @@ def test_consistency_zero_for_gender_blind_predictor():
     assert overall["intent_change_rate"] == 0.0 and overall["slot_change_rate"] == 0.0
     assert overall["intent_acc_original"] == overall["intent_acc_swapped"] == 1.0
     assert overall["em_original"] == 1.0 and overall["em_gap"] == 0.0
+    assert overall["intent_flip_rate"] == 0.0 and overall["em_flip_rate"] == 0.0
+    assert overall["intent_flip_rate_ci"] == [0.0, 0.0]
 
 
 def test_consistency_counts_changes_of_a_gender_sensitive_predictor():
@@ -76,6 +82,44 @@ def test_consistency_counts_changes_of_a_gender_sensitive_predictor():
     assert overall["intent_change_rate"] == 1.0
     assert overall["intent_acc_original"] == 0.5 and overall["intent_acc_swapped"] == 0.5
     assert overall["slot_change_rate"] == 0.0  # mom -> dad is still a person
+    # Among the correct originals (only "tell him hello"), every one flips.
+    assert overall["num_intent_correct"] == 1 and overall["intent_flip_rate"] == 1.0
+
+
+def test_agreement_conflicts_are_counted_per_utterance():
+    golds = [Gold(["ruf", "meine", "mutter", "an"], ["Other"] * 4, "calling"),
+             Gold(["ruf", "meinen", "vater", "an"], ["Other"] * 4, "calling")]
+    chosen = gendered_examples_with_conflicts(golds, "de-DE")
+    assert [(words, c) for _, words, c in chosen] == [(["ruf", "meine", "vater", "an"], 1),
+                                                       (["ruf", "meine", "mutter", "an"], 0)]
+
+
+def test_bootstrap_intervals_and_paired_comparison():
+    examples = [GoldWithId(["tell", "him", f"w{i}"], ["Other"] * 3, "calendar_set", str(i)) for i in range(30)]
+    examples += [GoldWithId(["tell", "her", f"v{i}"], ["Other"] * 3, "calendar_set", str(100 + i)) for i in range(10)]
+    blind = counterfactual_consistency(KeywordPredictor(None), {"en-US": examples}, batch_size=8, samples=200)
+    biased = counterfactual_consistency(KeywordPredictor("her"), {"en-US": examples}, batch_size=8, samples=200)
+    b = biased["en-US"]
+    # 30 correct originals ("him"), all flip; the 10 "her" originals are wrong and their swaps right.
+    assert b["num_intent_correct"] == 30 and b["intent_flip_rate"] == 1.0
+    assert b["intent_acc_original"] == 0.75 and b["intent_acc_swapped"] == 0.25
+    lo, hi = b["intent_acc_gap_ci"]
+    assert lo <= 0.5 <= hi and hi - lo > 0  # the gap's interval holds its point and has a width
+    assert len(b["records"]["id"]) == 40
+    comp = compare_consistency(biased, blind, samples=200)
+    flip = comp["en-US"]["intent_flip_rate"]
+    assert (flip["a"], flip["b"], flip["diff"], flip["ratio"]) == (1.0, 0.0, -1.0, 0.0)
+    assert flip["ratio_ci"] == [0.0, 0.0]
+    assert comp["en-US"]["intent_acc_original"]["diff"] == 0.25
+    assert set(comp) == {"en-US", "overall"}
+    # Against a model with no flips there is no ratio.
+    assert compare_consistency(blind, biased, samples=50)["en-US"]["intent_flip_rate"]["ratio"] is None
+    result = {"locales": ["en-US"], "split": "test", "confidence": 0.95, "baseline": "biased",
+              "models": {"biased": {"consistency": biased}, "blind": {"consistency": blind}},
+              "comparisons": {"blind": comp}}
+    md = fairness_markdown(result)
+    assert "### Counterfactual consistency: en-US" in md and "| biased | 40 | 100.0 [100.0, 100.0] |" in md
+    assert "| blind | en-US | 0.00 [0.00, 0.00] | -100.0 [-100.0, -100.0] |" in md
 
 
 @dataclass
@@ -114,6 +158,7 @@ def test_consistency_scores_hand_case():
     original = [NLUPrediction("i1", ["Other", "x"]), NLUPrediction("i2", ["y"])]
     swapped = [NLUPrediction("i1", ["Other", "Other"]), NLUPrediction("i3", ["y"])]
     s = consistency_scores(golds, original, swapped)
+    assert s["intent_flip_rate"] == 0.5 and s["em_flip_rate"] == 1.0
     assert s["intent_change_rate"] == 0.5 and s["slot_change_rate"] == 0.5
     assert s["em_original"] == 1.0 and s["em_swapped"] == 0.0 and s["em_gap"] == 1.0
     assert s["intent_acc_gap"] == 0.5
@@ -125,6 +170,10 @@ def test_templates_and_continuations_cover_every_lexicon():
     for lang in available_languages():
         assert len(TEMPLATES[lang]) >= 3
         assert len(continuations(lang)) >= 10, lang
+        assert len(occupations(lang)) >= 10, lang
+    # Gendered occupations are scored as one item over both forms; neutral ones with one form.
+    assert ("Lehrer", "Lehrerin") in occupations("de") and ("doctor",) in occupations("en")
+    assert ("actor", "actress") in occupations("en")
 
 
 def test_disparity_on_tiny_teacher(tiny_teacher_dir):
@@ -140,9 +189,13 @@ def test_disparity_on_tiny_teacher(tiny_teacher_dir):
                                same[0], rtol=1e-4)
     result = generation_disparity(model, tokenizer, ["en", "de"], batch_size=64)
     assert set(result) == {"en", "de", "overall"}
-    assert result["en"]["num_pairs"] == 3 * len(continuations("en"))
+    assert result["en"]["num_pairs"] == 3 * len(occupations("en"))
     assert result["overall"]["mean_abs_gap"] > 0  # a random model is not gender-blind
     assert result["overall"]["mean_abs_gap"] >= abs(result["overall"]["mean_signed_gap"])
+    # A random model is nearly flat: its entropy is close to log(vocabulary), and the gap is divided by it.
+    en = result["en"]
+    assert 0.5 * np.log(len(tokenizer)) < en["entropy"] <= np.log(len(tokenizer)) + 1e-6
+    assert en["normalised_gap"] == pytest.approx(en["mean_abs_gap"] / en["entropy"])
 
 
 def test_parse_models_errors(tmp_path):
@@ -176,4 +229,4 @@ def test_cli_writes_json_and_markdown(tmp_path, tiny_teacher_dir, massive_dir):
     # The same weights give the same numbers.
     assert result["models"]["teacher"]["disparity"] == result["models"]["copy"]["disparity"]
     md = (out / "fairness.md").read_text()
-    assert md.startswith("| model |") and "| teacher |" in md and "| copy |" in md
+    assert md.startswith("### Counterfactual consistency: en-US") and "| teacher |" in md and "| copy |" in md
