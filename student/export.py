@@ -1,40 +1,42 @@
-"""ONNX export of students (and teachers), int8 dynamic quantization, and `polyteacher export`.
+"""ONNX export of students (and teachers), int8 quantization, and `polyteacher export`.
 
 Two kinds of model directory are exported:
 
-- text-to-text (`seq2seq`): a Hugging Face T5-family directory. Three graphs, so that greedy
-  decoding in onnxruntime runs the encoder once and then one decoder step per token over a
-  key/value cache:
-    encoder.onnx            input_ids, attention_mask [B, S] -> encoder_hidden_states [B, S, D]
-    decoder_init.onnx       decoder_input_ids [B, 1], encoder_hidden_states, encoder_attention_mask
-                            -> logits [B, 1, V], present.{i}.self.{key,value} [B, H, 1, Dk],
-                               present.{i}.cross.{key,value} [B, H, S, Dk]
-    decoder_with_past.onnx  decoder_input_ids [B, 1], encoder_attention_mask, past.{i}.self.* [B, H, P, Dk],
-                            past.{i}.cross.* [B, H, S, Dk] -> logits [B, 1, V], present.{i}.self.* [B, H, P+1, Dk]
-  The cross-attention keys/values are computed once by decoder_init and fed back unchanged.
+- text-to-text (`seq2seq`): a Hugging Face T5-family directory. Two graphs, so that greedy decoding
+  in onnxruntime runs the encoder once and then one decoder step per token over a key/value cache:
+    encoder.onnx   input_ids, attention_mask [B, S] -> cross.{i}.key, cross.{i}.value [B, H, S, Dk]
+                   (every decoder layer's cross-attention keys/values, projected from the encoder states)
+    decoder.onnx   decoder_input_ids [B, 1], encoder_attention_mask [B, S], per layer
+                   past.{i}.self.key, .value [B, H, P, Dk] and cross.{i}.key, .value [B, H, S, Dk]
+                   -> logits [B, 1, V], present.{i}.self.key, .value [B, H, P+1, Dk]
+  The first step feeds an empty self-attention cache (P = 0), so one decoder graph serves every step.
 - encoder-only NLU (`encoder_nlu`, a directory with nlu_labels.json, see student/nlu.py): one graph
-    model.onnx              input_ids, attention_mask [B, T] -> intent_logits [B, I], slot_logits [B, T, S]
+    model.onnx     input_ids, attention_mask [B, T] -> intent_logits [B, I], slot_logits [B, T, S]
 
-Every export directory holds the graphs, the tokenizer (tokenizer.json, read at run time by the
-`tokenizers` library alone) and manifest.json (see `build_manifest`). student/runtime.py serves it.
+Every export directory holds the graphs, their weights (weights.bin: one external data file that
+all graphs read, each distinct tensor stored once, see `store_weights_once`), the tokenizer
+(tokenizer.json, read at run time by the `tokenizers` library alone) and manifest.json (see
+`build_manifest`). student/runtime.py serves it.
 
 Exporter: torch.onnx.export with the TorchScript tracer (dynamo=False). The dynamo exporter of
 torch 2.13 fails on T5 attention with symbolic batch/length ("Cannot view a tensor with shape
 [s0, s1, H, Dk] ... as [s0, s1, -1]" during decomposition); `exporter=dynamo` is kept for newer
 versions. Tracing records one path through data-dependent Python branches, so the example inputs are
 chosen to take the general path: a batch of 2 with a padded row (the attention-mask branch of
-transformers' mask builders) and one decoder token per step.
+transformers' mask builders) and one decoder token over a one-token cache.
 
 transformers 5 seq2seq models keep their key/value cache in `EncoderDecoderCache` objects; the
 wrapper modules below build one from flat tensors and return flat tensors, so the graphs' inputs and
 outputs are plain tensors with stable names.
 
-int8: `onnxruntime.quantization.quantize_dynamic` (weights int8, activations quantized per call).
-Two passes run before it (see `prepare_for_quantization`): a Transpose of an initializer feeding a
-MatMul (how a tied lm_head can appear) is folded into a new, already transposed initializer, because
-the quantizer only quantizes MatMul weights that are initializers; otherwise that weight stays fp32
-and the Transpose runs on every decoding step. And value_info entries that name initializers (stale
-after folding) are dropped: they break ONNX shape inference, which the quantizer relies on.
+int8 (`quantize_export`): onnxruntime's `quant_pre_process` prepares each fp32 graph, then
+- weight_only + weight_compute=float (the default): each 2-D weight becomes int8 codes and fp32
+  block scales plus a constant Cast/Mul/Reshape subgraph that onnxruntime folds when the session
+  loads: 8-bit weights on disk, fp32 activations and compute (`quantize_weights_stored`);
+- weight_only + weight_compute=int8: MatMulNBits (onnxruntime's MatMulNBitsQuantizer, 8 bits) and
+  GatherBlockQuantized, the tied lm_head sharing the embedding's codes (`quantize_weight_only`);
+- dynamic: onnxruntime's quantize_dynamic (MatMulInteger, per tensor or per channel).
+benchmarks/export.py measures all of them against fp32 (size, latency, identical predictions).
 """
 
 from __future__ import annotations
@@ -53,18 +55,27 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from launch.config import ConfigError, load_config, to_dict
-from student.runtime import MANIFEST, read_manifest
+from student.runtime import FORMAT_VERSION, MANIFEST, read_manifest
 
 if TYPE_CHECKING:
     import onnx
     import torch
 
-FORMAT_VERSION = 1
 # Files of a tokenizer directory the export copies (tokenizer.json is the one the runtime reads).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
-SEQ2SEQ_GRAPHS = ("encoder", "decoder_init", "decoder_with_past")
+SEQ2SEQ_GRAPHS = ("encoder", "decoder")
 NLU_GRAPHS = ("model",)
+# The external data file every graph of an export reads its weights from (each content stored once).
+WEIGHTS_FILE = "weights.bin"
+# Initializers smaller than this stay inside their graph; offsets in WEIGHTS_FILE are aligned to WEIGHTS_ALIGNMENT.
+MIN_SHARED_BYTES = 1024
+WEIGHTS_ALIGNMENT = 64
+# Embedding tables with fewer elements stay fp32 in weight-only int8 (e.g. T5's relative position bias).
+MIN_QUANTIZED_ELEMENTS = 4096
+# MatMulNBits compute type for weight_compute=int8: 4 = int8 dot products (accuracy levels 0/1, fp32
+# compute, dequantize the whole weight on every call: ~7x slower than fp32 on the tiny student).
+INT8_ACCURACY_LEVEL = 4
 # Ops whose weights quantize_dynamic quantizes (MatMul -> MatMulInteger, Gather on an int8 table).
 QUANTIZED_OP_TYPES = ("MatMul", "Gather")
 
@@ -79,13 +90,28 @@ class ExportConfig:
     """torch.onnx.export path: torchscript (dynamo=False, works with transformers 5 T5 on torch 2.13) or
     dynamo (torch.export based; fails on T5 attention with dynamic shapes as of torch 2.13)."""
     int8: bool = False
-    """Quantize the exported graphs' weights to int8 (dynamic quantization); `--int8` sets it."""
+    """Quantize the exported graphs' weights to int8; `--int8` sets it."""
+    quantization: Literal["weight_only", "dynamic"] = "weight_only"
+    """int8 method. weight_only: weights stored as 8-bit codes in blocks of block_size with one fp32
+    scale per block; how they are computed with is weight_compute. dynamic: onnxruntime
+    quantize_dynamic (MatMulInteger; activations quantized per tensor on every call; per_channel,
+    weight_type and reduce_range apply). benchmarks/export.py compares them on predictions."""
+    block_size: int = 128
+    """weight_only: weights per quantization block (a power of 2 >= 16), each with one fp32 scale (128:
+    +3% over the codes, 32: +12.5%). A weight whose blocked dimension is not a multiple of it gets
+    one block per row. benchmarks/export.py measured 128 at least as close to fp32 as 32."""
+    weight_compute: Literal["float", "int8"] = "float"
+    """weight_only: float: the codes are dequantized by constant subgraphs (Cast, Mul, Reshape) that
+    onnxruntime folds when the session loads, so activations stay fp32 and only weight rounding
+    differs from fp32 (int8 on disk, fp32 in memory). int8: MatMulNBits (onnxruntime's
+    MatMulNBitsQuantizer, bits 8, accuracy_level 4: activations quantized per block inside the
+    kernel, int8 in memory) and GatherBlockQuantized for embeddings, sharing the tied lm_head's codes."""
     weight_type: Literal["qint8", "quint8"] = "qint8"
-    """int8 weight type: qint8 (signed, symmetric; fast on x86 with VNNI and on ARM) or quint8."""
+    """dynamic: int8 weight type, qint8 (signed, symmetric; fast on x86 with VNNI and on ARM) or quint8."""
     per_channel: bool = False
-    """Quantize weights per output channel instead of per tensor (a bit more accurate, a bit larger)."""
+    """dynamic: quantize weights per output channel instead of per tensor."""
     reduce_range: bool = False
-    """Quantize weights to 7 bits (avoids saturation on x86 CPUs without VNNI)."""
+    """dynamic: quantize weights to 7 bits (avoids saturation on x86 CPUs without VNNI)."""
     max_source_length: int = 128
     """Maximum encoder input length in tokens (eos included); longer utterances are truncated at run time."""
     max_target_length: int = 128
@@ -102,6 +128,8 @@ class ExportConfig:
         for key in ("max_source_length", "max_target_length"):
             if getattr(self, key) < 2:
                 raise ConfigError(f"export.{key}: must be >= 2, got {getattr(self, key)}")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"export.block_size: must be a power of 2 >= 16, got {self.block_size}")
         if self.parity_tolerance <= 0:
             raise ConfigError(f"export.parity_tolerance: must be > 0, got {self.parity_tolerance}")
 
@@ -177,52 +205,79 @@ def export_fp32(model_dir: Path, out: Path, cfg: ExportConfig) -> dict[str, Any]
             }
             # The NLU model was trained with its own maximum input length; keep it.
             cfg = _replace(cfg, max_source_length=labels.max_length)
+    weights = store_weights_once(out, [g["file"] for g in graphs.values()])
+    graphs = {name: describe_graph(out / g["file"]) for name, g in graphs.items()}
     copy_tokenizer(model_dir, out)
     manifest = build_manifest(
-        out, kind=kind, precision="fp32", graphs=graphs, cfg=cfg, source_dir=model_dir, parity=parity, **extra
+        out, kind=kind, precision="fp32", graphs=graphs, cfg=cfg, source_dir=model_dir, parity=parity,
+        weights=weights, **extra
     )
     write_manifest(out, manifest)
     return manifest
 
 
 def quantize_export(fp32_dir: Path, out: Path, cfg: ExportConfig) -> dict[str, Any]:
-    """int8 copy of an fp32 export directory: quantized graphs, same tokenizer, updated manifest."""
+    """int8 copy of an fp32 export directory: quantized graphs (weights stored once), same tokenizer,
+    updated manifest."""
     import onnx
 
     source = read_manifest(fp32_dir)
-    stats = {"folded_transposes": 0, "dropped_value_info": 0}
+    stats: dict[str, int] = {}
+    files = []
     for info in source["graphs"].values():
-        proto = onnx.load(str(fp32_dir / info["file"]))
-        folded, dropped = prepare_for_quantization(proto)
-        stats["folded_transposes"] += folded
-        stats["dropped_value_info"] += dropped
         with tempfile.TemporaryDirectory(dir=out) as work:
             prepared = Path(work) / info["file"]
-            onnx.save(proto, str(prepared))
-            quantize_graph(prepared, out / info["file"], cfg)
-        onnx.checker.check_model(str(out / info["file"]))
+            preprocess_graph(fp32_dir / info["file"], prepared)
+            if cfg.quantization == "weight_only":
+                proto = onnx.load(str(prepared))
+                if cfg.weight_compute == "float":
+                    # The pre-processing folded the tied lm_head into a transposed copy: tie it again
+                    # first, so that the embedding is quantized (and stored) once.
+                    _add_counts(stats, {"tied_transposes": tie_transposed_copies(proto)})
+                    _add_counts(stats, quantize_weights_stored(proto, cfg.block_size))
+                else:
+                    _add_counts(stats, quantize_weight_only(proto, cfg))
+            else:
+                quantize_dynamic_graph(prepared, Path(work) / "quantized.onnx", cfg)
+                proto = onnx.load(str(Path(work) / "quantized.onnx"))
+            compact_graph(proto)
+            onnx.save(proto, str(out / info["file"]))
+        files.append(info["file"])
+    weights = store_weights_once(out, files)
+    for fname in files:
+        onnx.checker.check_model(str(out / fname))
     for fname in TOKENIZER_FILES:
         if (fp32_dir / fname).exists():
             shutil.copy2(fp32_dir / fname, out / fname)
     graphs = {name: describe_graph(out / info["file"]) for name, info in source["graphs"].items()}
     manifest = dict(source)
+    if cfg.quantization == "weight_only":
+        method = {"method": "weight_only", "bits": 8, "block_size": cfg.block_size, "symmetric": True,
+                  "weight_compute": cfg.weight_compute, **stats}
+    else:
+        method = {"method": "dynamic", "weight_type": cfg.weight_type, "per_channel": cfg.per_channel,
+                  "reduce_range": cfg.reduce_range, "op_types": list(QUANTIZED_OP_TYPES)}
     manifest.update(
         precision="int8",
         graphs=graphs,
-        size_bytes=sum(g["size_bytes"] for g in graphs.values()),
+        weights=weights,
+        size_bytes=export_size_bytes(graphs, weights),
         fp32_size_bytes=source["size_bytes"],
-        quantization={
-            "method": "onnxruntime.quantization.quantize_dynamic",
-            "weight_type": cfg.weight_type,
-            "per_channel": cfg.per_channel,
-            "reduce_range": cfg.reduce_range,
-            "op_types": list(QUANTIZED_OP_TYPES),
-            **stats,
-        },
+        quantization={"preprocess": "onnxruntime.quantization.shape_inference.quant_pre_process", **method},
         created=_created(),
     )
     write_manifest(out, manifest)
     return manifest
+
+
+def _add_counts(total: dict[str, int], counts: dict[str, int]) -> None:
+    for key, value in counts.items():
+        total[key] = total.get(key, 0) + value
+
+
+def export_size_bytes(graphs: dict[str, dict[str, Any]], weights: dict[str, Any] | None) -> int:
+    """Bytes on disk of an export's model: its graph files plus the shared weights file."""
+    return sum(g["size_bytes"] for g in graphs.values()) + (weights["size_bytes"] if weights else 0)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -269,7 +324,7 @@ def _model_config_summary(config: Any) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- wrappers
 
 
-def _wrappers() -> tuple[type, type, type]:
+def _wrappers() -> tuple[type, type]:
     """The wrapper module classes (built lazily: torch is imported only when exporting)."""
     import torch
     from transformers.cache_utils import DynamicCache, EncoderDecoderCache
@@ -298,28 +353,25 @@ def _wrappers() -> tuple[type, type, type]:
         return flat
 
     class EncoderGraph(torch.nn.Module):
-        def __init__(self, model: Any) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-            return self.model.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-
-    class DecoderInitGraph(torch.nn.Module):
-        """First decoder step: self-attention cache starts empty, cross-attention K/V are computed."""
+        """The encoder, and from its states every decoder layer's cross-attention keys and values."""
 
         def __init__(self, model: Any) -> None:
             super().__init__()
             self.model = model
-            self.num_layers = model.config.num_decoder_layers
 
-        def forward(self, decoder_input_ids, encoder_hidden_states, encoder_attention_mask):  # noqa: ANN001
-            cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-            out = decoder_step(self.model, decoder_input_ids, encoder_hidden_states, encoder_attention_mask, cache)
-            return (out.logits, *flat_cache(out.past_key_values, self.num_layers, cross=True))
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            states = self.model.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            cross = []
+            for block in self.model.decoder.block:
+                attention = block.layer[1].EncDecAttention
+                kv_shape = (*states.shape[:-1], -1, attention.key_value_proj_dim)
+                cross += [attention.k(states).view(kv_shape).transpose(1, 2),
+                          attention.v(states).view(kv_shape).transpose(1, 2)]
+            return tuple(cross)
 
-    class DecoderWithPastGraph(torch.nn.Module):
-        """One decoder step over the cache: past.{i}.self.key, .value, past.{i}.cross.key, .value per layer."""
+    class DecoderGraph(torch.nn.Module):
+        """One decoder step over the self-attention cache (empty on the first step) and the encoder's
+        cross-attention K/V: per layer past.{i}.self.key, .value, cross.{i}.key, .value."""
 
         def __init__(self, model: Any) -> None:
             super().__init__()
@@ -342,13 +394,23 @@ def _wrappers() -> tuple[type, type, type]:
             out = decoder_step(self.model, decoder_input_ids, encoder_states, encoder_attention_mask, cache)
             return (out.logits, *flat_cache(out.past_key_values, self.num_layers, cross=False))
 
-    return EncoderGraph, DecoderInitGraph, DecoderWithPastGraph
+    return EncoderGraph, DecoderGraph
 
 
 def past_names(num_layers: int, prefix: str, cross: bool = True) -> list[str]:
-    """Flat cache tensor names in graph order: {prefix}.{i}.self.key, .self.value[, .cross.key, .cross.value]."""
-    kinds = ("self.key", "self.value", "cross.key", "cross.value") if cross else ("self.key", "self.value")
-    return [f"{prefix}.{i}.{k}" for i in range(num_layers) for k in kinds]
+    """Flat cache tensor names in the decoder's input order: {prefix}.{i}.self.key, .self.value[,
+    cross.{i}.key, cross.{i}.value] (the cross-attention K/V the encoder graph outputs)."""
+    names = []
+    for i in range(num_layers):
+        names += [f"{prefix}.{i}.self.key", f"{prefix}.{i}.self.value"]
+        if cross:
+            names += [f"cross.{i}.key", f"cross.{i}.value"]
+    return names
+
+
+def cross_names(num_layers: int) -> list[str]:
+    """The encoder graph's outputs: cross.{i}.key, cross.{i}.value per decoder layer."""
+    return [f"cross.{i}.{k}" for i in range(num_layers) for k in ("key", "value")]
 
 
 def example_seq2seq_inputs(model: Any, batch: int = 2, src_len: int = 7) -> dict[str, Any]:
@@ -368,42 +430,55 @@ def example_seq2seq_inputs(model: Any, batch: int = 2, src_len: int = 7) -> dict
 
 
 def export_seq2seq_graphs(model: Any, out: Path, cfg: ExportConfig) -> dict[str, dict[str, Any]]:
-    """Export encoder, decoder_init and decoder_with_past of a T5-family model into `out`."""
-    EncoderGraph, DecoderInitGraph, DecoderWithPastGraph = _wrappers()
+    """Export the encoder (-> cross-attention K/V) and the decoder step of a T5-family model into `out`.
+
+    The decoder is traced with a one-token self-attention cache and runs with an empty one (length
+    0) on the first step, so one graph serves every step."""
+    EncoderGraph, DecoderGraph = _wrappers()
     num_layers = model.config.num_decoder_layers
     ex = example_seq2seq_inputs(model)
-    encoder, decoder_init, decoder_past = EncoderGraph(model), DecoderInitGraph(model), DecoderWithPastGraph(model)
-    encoder_states = encoder(ex["input_ids"], ex["attention_mask"])
-    init_out = decoder_init(ex["decoder_input_ids"], encoder_states, ex["attention_mask"])
-    next_ids = init_out[0][:, -1].argmax(-1, keepdim=True)
+    encoder, decoder = EncoderGraph(model), DecoderGraph(model)
+    cross = encoder(ex["input_ids"], ex["attention_mask"])
+    heads, d_kv = cross[0].shape[1], cross[0].shape[3]
+    batch = ex["input_ids"].shape[0]
+    generator = torch_generator(1)
+    past = []
+    for i in range(num_layers):
+        past += [_randn((batch, heads, 1, d_kv), generator), _randn((batch, heads, 1, d_kv), generator),
+                 cross[2 * i], cross[2 * i + 1]]
+    next_ids = ex["decoder_input_ids"]
 
     batch_src = {0: "batch", 1: "src_len"}
-    present_init = past_names(num_layers, "present")
     _onnx_export(
         encoder, (ex["input_ids"], ex["attention_mask"]), out / "encoder.onnx", cfg,
-        input_names=["input_ids", "attention_mask"], output_names=["encoder_hidden_states"],
-        dynamic_axes={"input_ids": batch_src, "attention_mask": batch_src, "encoder_hidden_states": batch_src},
-    )
-    kv_axes_init = {n: {0: "batch", 2: "src_len" if ".cross." in n else "one"} for n in present_init}
-    _onnx_export(
-        decoder_init, (ex["decoder_input_ids"], encoder_states, ex["attention_mask"]), out / "decoder_init.onnx", cfg,
-        input_names=["decoder_input_ids", "encoder_hidden_states", "encoder_attention_mask"],
-        output_names=["logits", *present_init],
-        dynamic_axes={"decoder_input_ids": {0: "batch"}, "encoder_hidden_states": batch_src,
-                      "encoder_attention_mask": batch_src, "logits": {0: "batch"}, **kv_axes_init},
+        input_names=["input_ids", "attention_mask"], output_names=cross_names(num_layers),
+        dynamic_axes={"input_ids": batch_src, "attention_mask": batch_src,
+                      **{n: {0: "batch", 2: "src_len"} for n in cross_names(num_layers)}},
     )
     past_in = past_names(num_layers, "past")
     present_out = past_names(num_layers, "present", cross=False)
-    kv_axes_in = {n: {0: "batch", 2: "src_len" if ".cross." in n else "past_len"} for n in past_in}
+    kv_axes_in = {n: {0: "batch", 2: "src_len" if n.startswith("cross.") else "past_len"} for n in past_in}
     kv_axes_out = {n: {0: "batch", 2: "past_len_plus_1"} for n in present_out}
     _onnx_export(
-        decoder_past, (next_ids, ex["attention_mask"], *init_out[1:]), out / "decoder_with_past.onnx", cfg,
+        decoder, (next_ids, ex["attention_mask"], *past), out / "decoder.onnx", cfg,
         input_names=["decoder_input_ids", "encoder_attention_mask", *past_in],
         output_names=["logits", *present_out],
         dynamic_axes={"decoder_input_ids": {0: "batch"}, "encoder_attention_mask": batch_src, "logits": {0: "batch"},
                       **kv_axes_in, **kv_axes_out},
     )
     return {name: describe_graph(out / f"{name}.onnx") for name in SEQ2SEQ_GRAPHS}
+
+
+def torch_generator(seed: int) -> Any:
+    import torch
+
+    return torch.Generator().manual_seed(seed)
+
+
+def _randn(shape: tuple[int, ...], generator: Any) -> Any:
+    import torch
+
+    return torch.randn(shape, generator=generator)
 
 
 def export_nlu_graph(model: Any, out: Path, cfg: ExportConfig) -> dict[str, dict[str, Any]]:
@@ -455,37 +530,48 @@ def _onnx_export(module: Any, args: tuple, path: Path, cfg: ExportConfig, input_
 
 
 def check_seq2seq_parity(model: Any, out: Path, cfg: ExportConfig) -> dict[str, float]:
-    """Max |ONNX - PyTorch| for encoder states and the logits of two greedy steps on a fresh input
-    shape (batch 3, length 11, one padded row); raises if above cfg.parity_tolerance."""
+    """Max |ONNX - PyTorch| of the logits of three greedy steps (the first over an empty cache) on a
+    fresh input shape (batch 3, length 11, one padded row); raises if above cfg.parity_tolerance."""
     import numpy as np
     import torch
 
     sessions = {name: _session(out / f"{name}.onnx") for name in SEQ2SEQ_GRAPHS}
-    num_layers = model.config.num_decoder_layers
     ex = example_seq2seq_inputs(model, batch=3, src_len=11)
     ids, mask = ex["input_ids"].numpy(), ex["attention_mask"].numpy()
-    states = sessions["encoder"].run(None, {"input_ids": ids, "attention_mask": mask})[0]
-    start = ex["decoder_input_ids"].numpy()
-    init = sessions["decoder_init"].run(
-        None, {"decoder_input_ids": start, "encoder_hidden_states": states, "encoder_attention_mask": mask}
-    )
-    step1 = init[0][:, -1].argmax(-1)[:, None].astype(np.int64)
-    feed = {"decoder_input_ids": step1, "encoder_attention_mask": mask}
-    feed.update(dict(zip(past_names(num_layers, "past"), init[1:])))
-    step2 = sessions["decoder_with_past"].run(None, feed)[0]
+    tokens = [ex["decoder_input_ids"].numpy()]
+    logits = seq2seq_steps(sessions, model.config.num_decoder_layers, ids, mask, tokens, steps=3)
     with torch.no_grad():
-        ref = model(
-            input_ids=ex["input_ids"], attention_mask=ex["attention_mask"],
-            decoder_input_ids=torch.cat([ex["decoder_input_ids"], torch.from_numpy(step1)], dim=1),
-        )
-        ref_states = model.encoder(input_ids=ex["input_ids"], attention_mask=ex["attention_mask"]).last_hidden_state
-    diffs = {
-        "encoder_hidden_states": float(np.abs(states - ref_states.numpy()).max()),
-        "decoder_init_logits": float(np.abs(init[0][:, 0] - ref.logits[:, 0].numpy()).max()),
-        "decoder_with_past_logits": float(np.abs(step2[:, 0] - ref.logits[:, 1].numpy()).max()),
-    }
+        ref = model(input_ids=ex["input_ids"], attention_mask=ex["attention_mask"],
+                    decoder_input_ids=torch.from_numpy(np.concatenate(tokens, axis=1))).logits.numpy()
+    diffs = {f"decoder_step{step}_logits": float(np.abs(step_logits - ref[:, step]).max())
+             for step, step_logits in enumerate(logits)}
     _raise_if_above(diffs, cfg.parity_tolerance, out)
     return diffs
+
+
+def seq2seq_steps(sessions: dict[str, Any], num_layers: int, input_ids: Any, attention_mask: Any,
+                  tokens: list[Any], steps: int) -> list[Any]:
+    """Greedy steps with the exported graphs: `tokens` holds the start tokens [B, 1] and is extended
+    with each step's argmax; returns each step's logits [B, V]."""
+    import numpy as np
+
+    cross = sessions["encoder"].run(None, {"input_ids": input_ids, "attention_mask": attention_mask})
+    batch = input_ids.shape[0]
+    heads, d_kv = cross[0].shape[1], cross[0].shape[3]
+    empty = np.zeros((batch, heads, 0, d_kv), dtype=np.float32)
+    cache = {}
+    for i in range(num_layers):
+        cache.update({f"past.{i}.self.key": empty, f"past.{i}.self.value": empty,
+                      f"cross.{i}.key": cross[2 * i], f"cross.{i}.value": cross[2 * i + 1]})
+    logits = []
+    for step in range(steps):
+        if step:
+            tokens.append(logits[-1].argmax(-1)[:, None].astype(np.int64))
+        out = sessions["decoder"].run(None, {"decoder_input_ids": tokens[-1], "encoder_attention_mask": attention_mask,
+                                             **cache})
+        logits.append(out[0][:, 0])
+        cache.update(dict(zip(past_names(num_layers, "past", cross=False), out[1:])))
+    return logits
 
 
 def check_nlu_parity(model: Any, out: Path, cfg: ExportConfig) -> dict[str, float]:
@@ -526,102 +612,289 @@ def _session(path: Path) -> Any:
 # ----------------------------------------------------------------------------- int8
 
 
-def fold_transposed_weights(model: onnx.ModelProto) -> int:
-    """Replace Transpose(initializer) feeding MatMul/Gemm by a transposed initializer; return the count.
+def preprocess_graph(src: Path, dst: Path) -> None:
+    """onnxruntime's quantization pre-processing (quant_pre_process): symbolic shape inference, the
+    basic graph optimizations (constant folding turns Transpose(tied embedding) into the lm_head's
+    own initializer, which the quantizers need) and ONNX shape inference. Inline weights in `dst`."""
+    import logging
 
-    A tied lm_head can be exported as MatMul(x, Transpose(shared_embedding)); quantize_dynamic only
-    quantizes a MatMul whose weight is an initializer, so without folding that (largest) weight stays
-    fp32 and is transposed again on every decoding step.
-    """
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with _quiet(logging.WARNING):
+        quant_pre_process(str(src), str(dst), skip_symbolic_shape=False, auto_merge=True)
+
+
+class _quiet:
+    """Raise the root log level while onnxruntime's quantizers run (they log every node at INFO)."""
+
+    def __init__(self, level: int) -> None:
+        self.level = level
+
+    def __enter__(self) -> None:
+        import logging
+
+        self.saved = logging.getLogger().level
+        self.saved_ort = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").level
+        logging.getLogger().setLevel(max(self.level, logging.ERROR))
+        logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.ERROR)
+
+    def __exit__(self, *exc: object) -> None:
+        import logging
+
+        logging.getLogger().setLevel(self.saved)
+        logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(self.saved_ort)
+
+
+def quantize_blocks(table: Any, block_size: int) -> tuple[Any, Any]:
+    """Symmetric 8-bit blockwise quantization of a 2-D table [N, K] along K: uint8 codes [N, K] with
+    the implicit zero point 128 (MatMulNBits and GatherBlockQuantized read uint8 without zero
+    points as code - 128) and float scales [N, K / block_size] (absmax / 127 per block)."""
     import numpy as np
-    from onnx import numpy_helper
+
+    n, k = table.shape
+    blocks = table.reshape(n, k // block_size, block_size).astype(np.float32)
+    absmax = np.abs(blocks).max(-1)
+    scales = np.where(absmax > 0, absmax / 127.0, 1.0).astype(np.float32)
+    codes = np.clip(np.rint(blocks / scales[..., None]), -127, 127).astype(np.int16) + 128
+    return codes.astype(np.uint8).reshape(n, k), scales
+
+
+def quantize_weights_stored(model: onnx.ModelProto, block_size: int) -> dict[str, int]:
+    """weight_compute=float, in place: every fp32 initializer with at least MIN_QUANTIZED_ELEMENTS
+    elements and 2 dimensions [R, C] becomes int8 codes [R, C / b, b] and fp32 scales [R, C / b, 1]
+    (symmetric, absmax / 127 per block of b = block_size consecutive weights of a row, or of the
+    whole row when C is not a multiple of it) and the subgraph Reshape(Mul(Cast(codes), scales)),
+    which recomputes the weight under its old name. Every input of that subgraph is constant, so
+    onnxruntime's constant folding materializes the fp32 weight once when the session loads: the
+    graph computes in fp32 with weights rounded to 8 bits. Returns {"dequantized_weights": n}."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    targets = [t for t in graph.initializer if t.data_type == TensorProto.FLOAT and len(t.dims) == 2
+               and t.dims[0] * t.dims[1] >= MIN_QUANTIZED_ELEMENTS]
+    nodes, inits = [], []
+    for tensor in targets:
+        weight = numpy_helper.to_array(tensor)
+        rows, cols = weight.shape
+        b = block_size if cols % block_size == 0 else cols
+        blocks = weight.reshape(rows, cols // b, b)
+        absmax = np.abs(blocks).max(-1, keepdims=True)
+        scales = np.where(absmax > 0, absmax / 127.0, 1.0).astype(np.float32)
+        codes = np.clip(np.rint(blocks / scales), -127, 127).astype(np.int8)
+        name = tensor.name
+        inits += [numpy_helper.from_array(codes, f"{name}_q8"), numpy_helper.from_array(scales, f"{name}_q8_scales"),
+                  numpy_helper.from_array(np.array([rows, cols], dtype=np.int64), f"{name}_q8_shape")]
+        nodes += [
+            helper.make_node("Cast", [f"{name}_q8"], [f"{name}_q8_float"], name=f"{name}_q8_cast", to=TensorProto.FLOAT),
+            helper.make_node("Mul", [f"{name}_q8_float", f"{name}_q8_scales"], [f"{name}_q8_blocks"], name=f"{name}_q8_mul"),
+            helper.make_node("Reshape", [f"{name}_q8_blocks", f"{name}_q8_shape"], [name], name=f"{name}_q8_reshape"),
+        ]
+    for tensor in targets:
+        graph.initializer.remove(tensor)
+    graph.initializer.extend(inits)
+    for i, node in enumerate(nodes):
+        graph.node.insert(i, node)
+    return {"dequantized_weights": len(targets)}
+
+
+def quantize_weight_only(model: onnx.ModelProto, cfg: ExportConfig) -> dict[str, int]:
+    """8-bit weight-only quantization in place, weights in blocks of cfg.block_size:
+
+    - an embedding table read by Gather becomes GatherBlockQuantized over uint8 codes;
+    - a MatMul whose weight is the transpose of such a table (the tied lm_head) becomes MatMulNBits
+      over the *same* codes and scales (MatMulNBits stores B as [N, K] blocks, i.e. the table's
+      own layout), so the tied embedding is stored once;
+    - every other MatMul with a constant weight: onnxruntime's MatMulNBitsQuantizer (bits 8,
+      symmetric, accuracy_level INT8_ACCURACY_LEVEL).
+    Small tables (fewer than MIN_QUANTIZED_ELEMENTS) and tables whose width is not a multiple of the
+    block size stay fp32. Returns counts per kind."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
 
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    consumers: dict[str, list[Any]] = {}
+    bs = cfg.block_size
+    tables: dict[str, tuple[Any, Any, Any]] = {}  # name -> (array, codes, scales)
     for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    graph_outputs = {o.name for o in graph.output}
-    folded = 0
-    for node in list(graph.node):
-        if node.op_type != "Transpose" or node.input[0] not in inits:
+        name = node.input[0] if node.op_type == "Gather" else None
+        if name in inits and name not in tables:
+            array = numpy_helper.to_array(inits[name])
+            if array.ndim == 2 and array.size >= MIN_QUANTIZED_ELEMENTS and array.shape[1] % bs == 0 and \
+                    _gather_axis(node) == 0:
+                tables[name] = (array, *quantize_blocks(array, bs))
+    stats = {"gather_block_quantized": 0, "tied_lm_head": 0, "matmul_nbits": 0}
+    new_inits: dict[str, Any] = {}
+
+    def codes_and_scales(name: str) -> tuple[str, str]:
+        _, codes, scales = tables[name]
+        if f"{name}_q8" not in new_inits:
+            new_inits[f"{name}_q8"] = numpy_helper.from_array(codes, f"{name}_q8")
+            new_inits[f"{name}_q8_scales"] = numpy_helper.from_array(scales, f"{name}_q8_scales")
+        return f"{name}_q8", f"{name}_q8_scales"
+
+    nodes = []
+    for node in graph.node:
+        if node.op_type == "Gather" and node.input[0] in tables:
+            codes, scales = codes_and_scales(node.input[0])
+            nodes.append(helper.make_node(
+                "GatherBlockQuantized", [codes, node.input[1], scales], list(node.output), name=f"{node.name}_q8",
+                domain="com.microsoft", bits=8, block_size=bs, gather_axis=0, quantize_axis=1))
+            stats["gather_block_quantized"] += 1
             continue
-        out_name = node.output[0]
-        users = consumers.get(out_name, [])
-        if not users or out_name in graph_outputs or any(u.op_type not in ("MatMul", "Gemm") for u in users):
-            continue
-        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
-        weight = numpy_helper.to_array(inits[node.input[0]])
-        folded_name = _unique_name(f"{node.input[0]}_transposed", inits)
-        new_init = numpy_helper.from_array(np.ascontiguousarray(np.transpose(weight, perm)), folded_name)
-        graph.initializer.append(new_init)
-        inits[folded_name] = new_init
-        for user in users:
-            for i, name in enumerate(user.input):
-                if name == out_name:
-                    user.input[i] = folded_name
-        graph.node.remove(node)
-        consumers[node.input[0]].remove(node)
-        folded += 1
-    # An initializer nothing reads any more (the original of a folded weight) is dead weight on disk.
-    used = {name for node in graph.node for name in node.input} | graph_outputs
+        if node.op_type == "MatMul" and node.input[1] in inits:
+            weight = numpy_helper.to_array(inits[node.input[1]])
+            tied = next((t for t, (array, _, _) in tables.items()
+                         if weight.shape == array.shape[::-1] and np.array_equal(weight, array.T)), None)
+            if tied is not None:
+                v, d = tables[tied][0].shape
+                blob, flat_scales = f"{tied}_q8_blob", f"{tied}_q8_scales_flat"
+                if blob not in new_inits:  # the same bytes as codes/scales: stored once (store_weights_once)
+                    new_inits[blob] = numpy_helper.from_array(tables[tied][1].reshape(v, d // bs, bs), blob)
+                    new_inits[flat_scales] = numpy_helper.from_array(tables[tied][2].reshape(-1), flat_scales)
+                nodes.append(helper.make_node(
+                    "MatMulNBits", [node.input[0], blob, flat_scales], list(node.output), name=f"{node.name}_q8",
+                    domain="com.microsoft", K=d, N=v, bits=8, block_size=bs, accuracy_level=INT8_ACCURACY_LEVEL))
+                stats["tied_lm_head"] += 1
+                continue
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(new_inits.values())
+    used = {name for node in graph.node for name in node.input}
     for init in [t for t in graph.initializer if t.name not in used]:
         graph.initializer.remove(init)
-    return folded
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+
+    config = DefaultWeightOnlyQuantConfig(block_size=bs, is_symmetric=True, accuracy_level=INT8_ACCURACY_LEVEL, bits=8,
+                                          op_types_to_quantize=("MatMul",))
+    quantizer = MatMulNBitsQuantizer(model, algo_config=config)
+    with _quiet(0):
+        quantizer.process()
+    model.CopyFrom(quantizer.model.model)
+    stats["matmul_nbits"] = sum(n.op_type == "MatMulNBits" for n in model.graph.node) - stats["tied_lm_head"]
+    return stats
 
 
-def _unique_name(base: str, taken: dict[str, Any]) -> str:
-    name, n = base, 1
-    while name in taken:
-        name, n = f"{base}_{n}", n + 1
-    return name
+def _gather_axis(node: Any) -> int:
+    return next((a.i for a in node.attribute if a.name == "axis"), 0)
 
 
-def drop_initializer_value_info(model: onnx.ModelProto) -> int:
-    """Remove value_info entries for initializers or for names no node produces; return the count.
-
-    After folding, value_info can describe a tensor with its old (untransposed) shape; ONNX shape
-    inference then fails on the conflict, and the quantizer runs shape inference.
-    """
-    graph = model.graph
-    produced = {name for node in graph.node for name in node.output}
-    inits = {t.name for t in graph.initializer}
-    stale = [vi for vi in graph.value_info if vi.name in inits or vi.name not in produced]
-    for vi in stale:
-        graph.value_info.remove(vi)
-    return len(stale)
-
-
-def prepare_for_quantization(model: onnx.ModelProto) -> tuple[int, int]:
-    """Fold transposed weights, drop stale value_info, check that shape inference succeeds."""
-    import onnx
-
-    folded = fold_transposed_weights(model)
-    dropped = drop_initializer_value_info(model)
-    onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
-    return folded, dropped
-
-
-def quantize_graph(src: Path, dst: Path, cfg: ExportConfig) -> None:
-    """Dynamic int8 quantization of MatMul and Gather weights (activation-activation MatMuls stay fp32)."""
-    import logging
-
+def quantize_dynamic_graph(src: Path, dst: Path, cfg: ExportConfig) -> None:
+    """quantize_dynamic: int8 MatMul and Gather weights (per tensor or per channel), activations
+    quantized per call (MatMulInteger); activation-activation MatMuls stay fp32."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     weight_type = QuantType.QInt8 if cfg.weight_type == "qint8" else QuantType.QUInt8
-    # The quantizer warns that pre-processing (symbolic shape inference) was not run; our graphs
-    # already carry what it needs (prepare_for_quantization checked shape inference).
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
+    with _quiet(0):
         quantize_dynamic(
             str(src), str(dst), weight_type=weight_type, per_channel=cfg.per_channel, reduce_range=cfg.reduce_range,
             op_types_to_quantize=list(QUANTIZED_OP_TYPES), extra_options={"MatMulConstBOnly": True},
         )
-    finally:
-        root.setLevel(level)
+
+
+# ----------------------------------------------------------------------------- one copy of each weight
+
+
+def compact_graph(model: onnx.ModelProto) -> None:
+    """Shrink a graph's own file (what is not weights): drop value_info (onnxruntime infers shapes
+    when it loads the graph) and doc strings, clear node names and give intermediate tensors and
+    initializers short names (t0, t1, ..., w0, w1, ...). Graph inputs and outputs keep their names.
+    A graph with subgraphs (If, Loop) is left as it is."""
+    graph = model.graph
+    if any(a.type in (5, 10) for node in graph.node for a in node.attribute):  # GRAPH, GRAPHS
+        return
+    del graph.value_info[:]
+    keep = {v.name for v in graph.input} | {v.name for v in graph.output}
+    rename = {t.name: f"w{i}" for i, t in enumerate(graph.initializer) if t.name not in keep}
+    for tensor in graph.initializer:
+        tensor.name = rename.get(tensor.name, tensor.name)
+        tensor.doc_string = ""
+    for node in graph.node:
+        node.name, node.doc_string = "", ""
+        for i, name in enumerate(node.input):
+            node.input[i] = rename.get(name, name)
+        for i, name in enumerate(node.output):
+            if name and name not in keep:
+                rename[name] = node.output[i] = f"t{len(rename)}"
+    graph.doc_string = ""
+
+
+
+def tie_transposed_copies(model: onnx.ModelProto, min_elements: int = MIN_SHARED_BYTES // 4) -> int:
+    """Replace each 2-D initializer that is the transpose of another one of the same graph (the
+    exporter's constant folding stores a tied lm_head as a transposed copy of the embedding) by a
+    Transpose node of the original; onnxruntime folds it again in memory when the session loads.
+    Returns the number of copies removed."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    arrays = {t.name: numpy_helper.to_array(t) for t in graph.initializer if len(t.dims) == 2}
+    arrays = {n: a for n, a in arrays.items() if a.size >= min_elements}
+    gathered = {node.input[0] for node in graph.node if node.op_type == "Gather"}
+    removed = []
+    for name, array in arrays.items():
+        if name in removed or name in gathered:  # an embedding table stays: the encoder graph stores it too
+            continue
+        source = next((other for other, a in arrays.items() if other != name and other not in removed
+                       and a.shape == array.shape[::-1] and np.array_equal(a.T, array)), None)
+        if source is None:
+            continue
+        graph.node.insert(0, helper.make_node("Transpose", [source], [name], name=f"{name}_tied", perm=[1, 0]))
+        removed.append(name)
+    for init in [t for t in graph.initializer if t.name in removed]:
+        graph.initializer.remove(init)
+    return len(removed)
+
+
+def store_weights_once(out: Path, files: list[str], weights_file: str = WEIGHTS_FILE) -> dict[str, Any]:
+    """Move the initializers of the graphs `files` (in `out`) into one external data file, each
+    distinct content once: a tensor whose bytes another tensor (of any graph) already stored points
+    at those bytes. A transposed copy of a weight becomes a Transpose node first
+    (`tie_transposed_copies`) and the graphs are compacted (`compact_graph`). Returns {"file",
+    "size_bytes", "tensors", "stored", "deduplicated_bytes", "tied_transposes"}."""
+    import onnx
+    from onnx import TensorProto, numpy_helper
+
+    stored: dict[bytes, tuple[int, int]] = {}
+    count = dedup = tied = 0
+    with open(out / weights_file, "wb") as f:
+        for fname in files:
+            model = onnx.load(str(out / fname))
+            tied += tie_transposed_copies(model)
+            for tensor in model.graph.initializer:
+                data = numpy_helper.to_array(tensor).tobytes()
+                if len(data) < MIN_SHARED_BYTES:
+                    continue
+                key = hashlib.sha256(data).digest()
+                if key in stored:
+                    offset, length = stored[key]
+                    dedup += length
+                else:
+                    pad = -f.tell() % WEIGHTS_ALIGNMENT
+                    f.write(b"\0" * pad)
+                    offset, length = f.tell(), len(data)
+                    f.write(data)
+                    stored[key] = (offset, length)
+                count += 1
+                for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data",
+                              "string_data"):
+                    tensor.ClearField(field)
+                del tensor.external_data[:]
+                for key_name, value in (("location", weights_file), ("offset", offset), ("length", length)):
+                    entry = tensor.external_data.add()
+                    entry.key, entry.value = key_name, str(value)
+                tensor.data_location = TensorProto.EXTERNAL
+            compact_graph(model)
+            onnx.save(model, str(out / fname))
+    return {"file": weights_file, "size_bytes": (out / weights_file).stat().st_size, "tensors": count,
+            "stored": len(stored), "deduplicated_bytes": dedup, "tied_transposes": tied}
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -699,7 +972,8 @@ def copy_tokenizer(model_dir: Path, out: Path) -> None:
 
 def build_manifest(out: Path, kind: str, precision: str, graphs: dict[str, dict[str, Any]], cfg: ExportConfig,
                    source_dir: Path, parity: dict[str, float] | None, special_ids: dict[str, int],
-                   model_config: dict[str, Any], labels: dict[str, list[str]] | None = None) -> dict[str, Any]:
+                   model_config: dict[str, Any], labels: dict[str, list[str]] | None = None,
+                   weights: dict[str, Any] | None = None) -> dict[str, Any]:
     tokenizer_config = out / "tokenizer_config.json"
     unk = None
     if tokenizer_config.exists():
@@ -712,7 +986,8 @@ def build_manifest(out: Path, kind: str, precision: str, graphs: dict[str, dict[
         "opset": cfg.opset,
         "exporter": cfg.exporter,
         "graphs": graphs,
-        "size_bytes": sum(g["size_bytes"] for g in graphs.values()),
+        "weights": weights,
+        "size_bytes": export_size_bytes(graphs, weights),
         "tokenizer": "tokenizer.json",
         "special_ids": special_ids,
         "unk_token": unk,

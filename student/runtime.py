@@ -4,9 +4,10 @@ Serves a directory written by `polyteacher export` (student/export.py): reads ma
 graphs and tokenizer.json. Inference needs only onnxruntime, numpy and the `tokenizers` library:
 this module never imports torch or transformers (tests/test_runtime.py checks it in a fresh process).
 
-- seq2seq exports: `Annotate: w1 w2 ...` -> greedy decoding over the key/value cache (encoder once,
-  decoder_init for the first token, then decoder_with_past one token per step, the whole batch at
-  once; rows that reached eos are fed pad until every row is done) -> `parse_target`.
+- seq2seq exports: `Annotate: w1 w2 ...` -> greedy decoding over the key/value cache (the encoder
+  graph once, giving every decoder layer's cross-attention keys/values; then the decoder graph one
+  token per step, starting from an empty self-attention cache, the whole batch at once; rows that
+  reached eos are fed pad until every row is done) -> `parse_target`.
 - encoder_nlu exports: one graph; the intent is the argmax of intent_logits, a word's slot label the
   argmax of slot_logits at the word's first sub-word (as student/nlu.py).
 
@@ -36,6 +37,8 @@ if TYPE_CHECKING:
     from data_prep.massive import NLUPrediction
 
 MANIFEST = "manifest.json"
+# The manifest format this runtime reads (2: encoder + one decoder graph, weights in one shared file).
+FORMAT_VERSION = 2
 
 
 def read_manifest(export_dir: str | os.PathLike) -> dict[str, Any]:
@@ -54,6 +57,11 @@ def read_manifest(export_dir: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{path}: kind {data['kind']!r} is not one of 'seq2seq', 'encoder_nlu'")
     if data["precision"] not in ("fp32", "int8"):
         raise ValueError(f"{path}: precision {data['precision']!r} is not one of 'fp32', 'int8'")
+    if data.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: format_version {data.get('format_version')!r} is not supported (this runtime reads "
+            f"{FORMAT_VERSION}); export the model again with `polyteacher export`"
+        )
     return data
 
 
@@ -119,9 +127,8 @@ class OnnxPredictor:
         }
         if self.kind == "seq2seq":
             self.num_layers = int(self.manifest["num_decoder_layers"])
-            kinds = ("self.key", "self.value", "cross.key", "cross.value")
-            self._present_init = [f"present.{i}.{k}" for i in range(self.num_layers) for k in kinds]
-            self._present_self = [f"present.{i}.{k}" for i in range(self.num_layers) for k in kinds[:2]]
+            self._cross = [f"cross.{i}.{k}" for i in range(self.num_layers) for k in ("key", "value")]
+            self._past = [f"past.{i}.self.{k}" for i in range(self.num_layers) for k in ("key", "value")]
             # The target order the model was fine-tuned on (data_prep.massive.INTENT_FIRST_KEY).
             self.intent_first = model_intent_first(self.manifest.get("model_config") or {})
             self.sentinels = model_sentinels(self.manifest.get("model_config") or {})
@@ -165,30 +172,26 @@ class OnnxPredictor:
 
         max_new_tokens = max_new_tokens or self.max_target_length
         batch = input_ids.shape[0]
-        states = self.sessions["encoder"].run(None, {"input_ids": input_ids, "attention_mask": attention_mask})[0]
-        start = np.full((batch, 1), self.decoder_start_id, dtype=np.int64)
-        outputs = self.sessions["decoder_init"].run(
-            None, {"decoder_input_ids": start, "encoder_hidden_states": states, "encoder_attention_mask": attention_mask}
-        )
-        init = dict(zip(self._present_init, outputs[1:]))
-        # Cross-attention K/V are fixed for the whole utterance; the self-attention cache grows by one per step.
-        cross = {n.replace("present.", "past.", 1): v for n, v in init.items() if ".cross." in n}
-        past = {n.replace("present.", "past.", 1): v for n, v in init.items() if ".self." in n}
-        logits = outputs[0][:, -1]
+        cross = dict(zip(self._cross, self.sessions["encoder"].run(
+            None, {"input_ids": input_ids, "attention_mask": attention_mask})))
+        # Cross-attention K/V are fixed for the whole utterance; the self-attention cache starts empty
+        # and grows by one per step.
+        first = next(iter(cross.values()))
+        empty = np.zeros((batch, first.shape[1], 0, first.shape[3]), dtype=first.dtype)
+        past = dict.fromkeys(self._past, empty)
+        next_ids = np.full(batch, self.decoder_start_id, dtype=np.int64)
         generated = np.full((batch, max_new_tokens), self.pad_id, dtype=np.int64)
         finished = np.zeros(batch, dtype=bool)
         for step in range(max_new_tokens):
-            next_ids = np.where(finished, self.pad_id, logits.argmax(-1))
+            outputs = self.sessions["decoder"].run(
+                None, {"decoder_input_ids": next_ids[:, None], "encoder_attention_mask": attention_mask, **past, **cross}
+            )
+            next_ids = np.where(finished, self.pad_id, outputs[0][:, -1].argmax(-1)).astype(np.int64)
             generated[:, step] = next_ids
             finished |= next_ids == self.eos_id
-            if finished.all() or step == max_new_tokens - 1:
+            if finished.all():
                 break
-            outputs = self.sessions["decoder_with_past"].run(
-                None, {"decoder_input_ids": next_ids[:, None].astype(np.int64), "encoder_attention_mask": attention_mask,
-                       **past, **cross}
-            )
-            logits = outputs[0][:, -1]
-            past = {n.replace("present.", "past.", 1): v for n, v in zip(self._present_self, outputs[1:])}
+            past = dict(zip(self._past, outputs[1:]))
         out = []
         for row in generated.tolist():
             cut = row.index(self.eos_id) + 1 if self.eos_id in row else len(row)

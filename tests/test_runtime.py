@@ -136,6 +136,12 @@ def test_read_manifest_errors(tmp_path: Path):
                                                         "size_bytes": 0, "special_ids": {}, "max_source_length": 8}))
     with pytest.raises(ValueError, match="'seq2seq', 'encoder_nlu'"):
         read_manifest(tmp_path)
+    # An export of the earlier three-graph format: a clear request to export again.
+    (tmp_path / "manifest.json").write_text(json.dumps({"format_version": 1, "kind": "seq2seq", "precision": "int8",
+                                                        "graphs": {}, "size_bytes": 0, "special_ids": {},
+                                                        "max_source_length": 8}))
+    with pytest.raises(ValueError, match="format_version 1 is not supported.*polyteacher export"):
+        read_manifest(tmp_path)
 
 
 def test_cli_predict_prints_json(trained_int8: Path):

@@ -1,0 +1,310 @@
+"""Export benchmark: size, latency and agreement of fp32 and int8 ONNX exports with their PyTorch model.
+
+    .venv/bin/python benchmarks/export.py --student RUN/student-ft --nlu RUN/student-nlu
+    .venv/bin/python benchmarks/export.py --student RUN/student-ft --variants wo32 dyn_tensor   # fewer int8 variants
+
+For each trained model (a seq2seq student and an encoder NLU student) it exports fp32 ONNX and every
+int8 variant (`VARIANTS`: weight-only 8-bit codes in blocks of 32 or 128 weights computed in fp32
+(wo) or by MatMulNBits int8 kernels (nbits), and onnxruntime's dynamic quantization per tensor and
+per channel), then reports:
+
+- size: bytes of the export's graphs and weights file against the PyTorch safetensors (seq2seq)
+  or the fp32 export (NLU);
+- agreement: on --max-examples MASSIVE test ids shared by --locales, the share of utterances whose
+  prediction (intent and slot sequence) is identical to the fp32 export's (and PyTorch's), and EM
+  of each model (`evaluation.massive.utterance_records`, `identical_predictions`);
+- latency: p50/p95 at batch 1 on one thread over --latency-examples utterances per locale
+  (tokenize, model, parse; the models take turns on each utterance), and the speed-up over
+  PyTorch generate.
+
+Sizes are also reported for a `small` student built from its presets (teacher preset small,
+student preset half_depth, random weights: size does not depend on training) with --small.
+The int8 variant the export config uses by default (`ExportConfig`) is marked "default".
+
+Prints tables and the acceptance checks, writes benchmarks/results/export.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+RESULTS = REPO / "benchmarks" / "results"
+# int8 variants: export config overrides.
+VARIANTS: dict[str, list[str]] = {
+    "wo32": ["quantization=weight_only", "weight_compute=float", "block_size=32"],
+    "wo128": ["quantization=weight_only", "weight_compute=float", "block_size=128"],
+    "nbits32": ["quantization=weight_only", "weight_compute=int8", "block_size=32"],
+    "nbits128": ["quantization=weight_only", "weight_compute=int8", "block_size=128"],
+    "dyn_tensor": ["quantization=dynamic", "per_channel=false"],
+    "dyn_channel": ["quantization=dynamic", "per_channel=true"],
+}
+SIZE_LIMIT = 0.30  # int8 export / PyTorch fp32 (seq2seq) or / fp32 export (NLU)
+MIN_IDENTICAL = 0.99
+MAX_EM_DIFF = 0.5  # points
+MIN_SPEEDUP = 6.0
+
+
+def safetensors_bytes(model_dir: Path) -> int:
+    return sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+
+
+def default_variant() -> str:
+    """The name of the VARIANTS entry that ExportConfig's defaults give."""
+    from student.export import ExportConfig
+
+    cfg = ExportConfig()
+    if cfg.quantization == "weight_only":
+        return f"{'wo' if cfg.weight_compute == 'float' else 'nbits'}{cfg.block_size}"
+    return "dyn_channel" if cfg.per_channel else "dyn_tensor"
+
+
+def export_all(model_dir: Path, work: Path, variants: list[str]) -> dict[str, Path]:
+    """fp32 export and the int8 `variants` of `model_dir` under `work` (rebuilt every run)."""
+    from launch.config import load_config
+    from student.export import ExportConfig, export
+
+    out = {"fp32": work / "fp32"}
+    if out["fp32"].exists():
+        shutil.rmtree(out["fp32"])
+    export(model_dir, out["fp32"], load_config(ExportConfig, section="export"))
+    for name in variants:
+        out[name] = work / f"int8-{name}"
+        if out[name].exists():
+            shutil.rmtree(out[name])
+        export(out["fp32"], out[name], load_config(ExportConfig, section="export", overrides=["int8=true", *VARIANTS[name]]))
+    return out
+
+
+def predictions(model_dir: Path, examples: list[Any], batch_size: int) -> list[Any]:
+    from evaluation.massive import load_predictor, predict_all
+
+    predictor = load_predictor(model_dir, device="cpu", num_threads=2)
+    return predict_all(predictor, examples, batch_size, desc=f"predict {model_dir.name}")
+
+
+def agreement_rows(models: dict[str, Path], golds: list[Any], batch_size: int) -> dict[str, dict[str, Any]]:
+    """Per model: EM (mean over locales, points), per-locale EM, identical predictions with fp32 ONNX
+    and with PyTorch, EM difference to fp32 ONNX (points)."""
+    from evaluation.massive import identical_predictions, utterance_records
+
+    records = {name: utterance_records(golds, predictions(d, golds, batch_size)) for name, d in models.items()}
+
+    def em(recs: dict[str, dict[str, list]]) -> dict[str, float]:
+        per = {loc: 100.0 * sum(c["em"]) / len(c["em"]) for loc, c in recs.items()}
+        return {"mean": sum(per.values()) / len(per), **per}
+
+    rows = {}
+    for name, recs in records.items():
+        same_fp32 = identical_predictions(records["fp32"], recs)
+        same_pt = identical_predictions(records["pytorch"], recs)
+        scores = em(recs)
+        rows[name] = {
+            "em": scores["mean"],
+            "em_per_locale": {k: v for k, v in scores.items() if k != "mean"},
+            "em_diff_vs_fp32": scores["mean"] - em(records["fp32"])["mean"],
+            "identical_vs_fp32": same_fp32["share"],
+            "identical_vs_fp32_per_locale": same_fp32["per_locale"],
+            "identical_vs_pytorch": same_pt["share"],
+        }
+    return rows
+
+
+def latency_rows(models: dict[str, Path], utterances: list[list[str]], max_new_tokens: int,
+                 warmup: int = 3) -> dict[str, dict[str, Any]]:
+    """p50/p95/mean (ms) per model at batch 1, one thread (`evaluation.latency.load_timed_predictor`:
+    tokenize, model, parse). The models take turns on each utterance, so that load from other
+    processes on the machine falls on all of them alike and the speed-ups stay comparable."""
+    import statistics
+
+    from evaluation.latency import load_timed_predictor, percentile
+
+    predictors = {name: load_timed_predictor(d, num_threads=1, max_new_tokens=max_new_tokens)
+                  for name, d in models.items()}
+    for predictor in predictors.values():
+        for words in utterances[:warmup]:
+            predictor.predict_words([words])
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for words in utterances:
+        for name, predictor in predictors.items():
+            start = time.perf_counter()
+            predictor.predict_words([words])
+            times[name].append((time.perf_counter() - start) * 1000.0)
+    return {name: {"p50": percentile(t, 50), "p95": percentile(t, 95), "mean": statistics.fmean(t)}
+            for name, t in times.items()}
+
+
+def size_rows(models: dict[str, Path], reference_bytes: int) -> dict[str, dict[str, Any]]:
+    from evaluation.latency import model_size_bytes
+
+    rows = {}
+    for name, d in models.items():
+        size = safetensors_bytes(d) if name == "pytorch" else model_size_bytes(d)
+        rows[name] = {"size_bytes": size, "size_mb": size / 1e6, "fraction_of_reference": size / reference_bytes}
+    return rows
+
+
+def build_small_student(work: Path, tokenizer_dir: Path) -> Path:
+    """A `small`-preset student (teacher preset small, student preset half_depth, 16000-token
+    vocabulary as the small data preset, random weights) saved in fp32 with a tokenizer."""
+    import torch
+
+    from launch.fsutil import atomic_dir
+    from student.presets import StudentConfig, build_student
+    from teacher.presets import ModelConfig, build_model
+
+    out = work / "small-student"
+    if out.exists():
+        return out
+    teacher = build_model(ModelConfig(preset="small"), 16000, seed=0)
+    student, _ = build_student(teacher, StudentConfig(preset="half_depth"), seed=0)
+    with atomic_dir(out) as tmp:
+        student.to(torch.float32).save_pretrained(tmp)
+        for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if (tokenizer_dir / f).exists():
+                shutil.copy2(tokenizer_dir / f, tmp / f)
+    return out
+
+
+def table(rows: dict[str, dict[str, Any]], default: str, reference: str) -> str:
+    lines = [f"| model | size MB | / {reference} | p50 ms | p95 ms | speed-up vs PyTorch | EM | EM - fp32 | "
+             "identical to fp32 | identical to PyTorch |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+
+    def f(value: Any, fmt: str) -> str:
+        return "-" if value is None else format(value, fmt)
+
+    for name, r in rows.items():
+        label = f"int8 {name} (default)" if name == default else (name if name in ("pytorch", "fp32") else f"int8 {name}")
+        lines.append(
+            f"| {label} | {f(r.get('size_mb'), '.2f')} | {f(r.get('fraction_of_reference'), '.3f')} | "
+            f"{f(r.get('p50'), '.2f')} | {f(r.get('p95'), '.2f')} | {f(r.get('speedup'), '.1f')} | "
+            f"{f(r.get('em'), '.2f')} | {f(r.get('em_diff_vs_fp32'), '+.2f')} | "
+            f"{f(100 * r['identical_vs_fp32'] if 'identical_vs_fp32' in r else None, '.1f')}% | "
+            f"{f(100 * r['identical_vs_pytorch'] if 'identical_vs_pytorch' in r else None, '.1f')}% |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def run_model(kind: str, model_dir: Path, work: Path, variants: list[str], golds: list[Any],
+              utterances: list[list[str]], args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    exports = export_all(model_dir, work / kind, variants)
+    models = {"pytorch": model_dir, **exports}
+    reference = safetensors_bytes(model_dir) if kind == "seq2seq" else None
+    sizes = size_rows(models, reference or int(size_rows({"fp32": exports["fp32"]}, 1)["fp32"]["size_bytes"]))
+    agree = agreement_rows(models, golds, args.batch_size)
+    latency = latency_rows(models, utterances, args.new_tokens)
+    rows = {}
+    for name in models:
+        lat = latency[name]
+        rows[name] = {**sizes[name], **agree[name], "p50": lat["p50"], "p95": lat["p95"],
+                      "speedup": latency["pytorch"]["p50"] / lat["p50"], "export_dir": str(models[name])}
+    return rows
+
+
+def checks(seq2seq: dict | None, nlu: dict | None, small: dict | None, default: str) -> list[dict[str, Any]]:
+    rows: list[tuple[str, Any, str, float]] = []
+    if seq2seq:
+        d = seq2seq[default]
+        rows += [
+            ("tiny seq2seq int8 size / PyTorch fp32 safetensors", d["fraction_of_reference"], "<=", SIZE_LIMIT),
+            ("seq2seq int8 identical predictions to fp32 ONNX", d["identical_vs_fp32"], ">=", MIN_IDENTICAL),
+            ("seq2seq int8 |EM - fp32 EM| (points)", abs(d["em_diff_vs_fp32"]), "<=", MAX_EM_DIFF),
+            ("seq2seq int8 speed-up over PyTorch generate (p50, batch 1, 1 thread)", d["speedup"], ">=", MIN_SPEEDUP),
+        ]
+    if small:
+        rows.append(("small seq2seq int8 size / PyTorch fp32 safetensors", small["int8"]["fraction_of_reference"], "<=",
+                     SIZE_LIMIT))
+    if nlu:
+        d = nlu[default]
+        rows += [
+            ("NLU int8 size / fp32 export", d["fraction_of_reference"], "<=", SIZE_LIMIT),
+            ("NLU int8 identical predictions to fp32 ONNX", d["identical_vs_fp32"], ">=", MIN_IDENTICAL),
+            ("NLU int8 |EM - fp32 EM| (points)", abs(d["em_diff_vs_fp32"]), "<=", MAX_EM_DIFF),
+        ]
+    return [{"check": f"{text} {op} {target:g}", "value": value,
+             "met": value >= target if op == ">=" else value <= target} for text, value, op, target in rows]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from evaluation.latency import massive_utterances
+    from evaluation.massive import load_split
+    from launch.fsutil import atomic_write_json
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--student", default=None, help="trained seq2seq student directory (e.g. RUN/student-ft)")
+    p.add_argument("--nlu", default=None, help="trained encoder NLU student directory (e.g. RUN/student-nlu)")
+    p.add_argument("--small", action="store_true", help="also export a small-preset student (random weights) for size")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory for the small student (default: --student's)")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), help="int8 variants")
+    p.add_argument("--locales", nargs="+", default=["en-US", "de-DE", "ja-JP"], help="MASSIVE test locales")
+    p.add_argument("--max-examples", type=int, default=300, help="shared test ids per locale for agreement (default 300)")
+    p.add_argument("--latency-examples", type=int, default=30, help="utterances per locale timed (default 30)")
+    p.add_argument("--new-tokens", type=int, default=64, help="decoding cap per utterance for latency (default 64)")
+    p.add_argument("--batch-size", type=int, default=32, help="utterances per call when predicting for agreement")
+    p.add_argument("--work", default="/tmp/polyteacher-export-bench", help="where exports are written")
+    p.add_argument("--out", default=str(RESULTS / "export.json"), help="JSON output path")
+    args = p.parse_args(argv)
+    if not (args.student or args.nlu or args.small):
+        p.error("nothing to measure: give --student, --nlu and/or --small")
+
+    started = time.time()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    default = default_variant()
+    variants = list(dict.fromkeys([default, *args.variants]))
+    _, per_locale = load_split("@data/massive/data", args.locales, "test", args.max_examples, seed=0)
+    golds = [e for examples in per_locale.values() for e in examples]
+    utterances = massive_utterances("@data/massive/data", args.locales, "test", args.latency_examples)
+    result: dict[str, Any] = {
+        "settings": {"locales": args.locales, "max_examples": args.max_examples, "num_utterances": len(golds),
+                     "latency_utterances": len(utterances), "threads": 1, "batch": 1, "new_tokens": args.new_tokens,
+                     "variants": {v: VARIANTS[v] for v in variants}, "default_variant": default,
+                     "student": args.student, "nlu": args.nlu},
+    }
+    if args.student:
+        result["seq2seq"] = run_model("seq2seq", Path(args.student), work, variants, golds, utterances, args)
+        print(f"\nseq2seq student {args.student}: {len(golds)} test utterances ({', '.join(args.locales)}), "
+              f"latency on {len(utterances)} at batch 1, 1 thread\n")
+        print(table(result["seq2seq"], default, "PyTorch fp32"))
+    if args.nlu:
+        result["nlu"] = run_model("nlu", Path(args.nlu), work, variants, golds, utterances, args)
+        print(f"\nencoder NLU student {args.nlu}\n")
+        print(table(result["nlu"], default, "fp32 ONNX"))
+    if args.small:
+        tokenizer_dir = Path(args.tokenizer or args.student or "")
+        small_dir = build_small_student(work, tokenizer_dir)
+        from student.export import ExportConfig, export
+
+        fp32, int8 = work / "small" / "fp32", work / "small" / "int8"
+        for path in (fp32, int8):
+            if path.exists():
+                shutil.rmtree(path)
+        export(small_dir, fp32, ExportConfig(check_parity=False))
+        export(fp32, int8, ExportConfig(int8=True))
+        result["small"] = size_rows({"pytorch": small_dir, "fp32": fp32, "int8": int8}, safetensors_bytes(small_dir))
+        print("\nsmall student (random weights), sizes:\n")
+        for name, r in result["small"].items():
+            print(f"- {name}: {r['size_mb']:.2f} MB ({r['fraction_of_reference']:.3f} of PyTorch fp32)")
+    result["checks"] = checks(result.get("seq2seq"), result.get("nlu"), result.get("small"), default)
+    print()
+    for row in result["checks"]:
+        print(f"- {row['check']}: {row['value']:.4g} -> {'met' if row['met'] else 'NOT met'}")
+    result["settings"]["seconds"] = time.time() - started
+    atomic_write_json(args.out, result)
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
