@@ -136,6 +136,7 @@ def init_distributed(num_threads: int = 0, timeout_minutes: float = 30.0) -> Dis
         # Oversubscribed cores make every rank wait for the slowest one in each all-reduce.
         env_threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
         torch.set_num_threads(num_threads or env_threads or cpu_threads_per_process(local_world))
+        _release_shm_allreduce_buffer(dist.get_rank(), dist.get_world_size())
     return DistInfo(
         rank=dist.get_rank(),
         local_rank=local_rank,
@@ -144,6 +145,30 @@ def init_distributed(num_threads: int = 0, timeout_minutes: float = 30.0) -> Dis
         backend=backend,
         local_world_size=local_world,
     )
+
+
+def shm_allreduce_buffer(rank: int) -> Path:
+    """The /dev/shm file of DeepSpeed's CPU shared-memory all-reduce for `rank` of this job (named by uid,
+    MASTER_ADDR and MASTER_PORT; created when every rank of the job is on this node)."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def _release_shm_allreduce_buffer(rank: int, world_size: int) -> None:
+    """Remove this rank's shared-memory all-reduce buffer name once every rank has mapped every buffer.
+
+    DeepSpeed maps one ~66 MB /dev/shm buffer per rank at start-up and never unlinks it, so every CPU
+    job left them behind in RAM until reboot (16 GB of them filled a 24 GB machine). After the
+    barrier each rank holds its mappings; they stay valid without the names and vanish with the
+    processes."""
+    import torch.distributed as dist
+
+    if world_size > 1:
+        dist.barrier()
+    try:
+        shm_allreduce_buffer(rank).unlink(missing_ok=True)
+    except OSError:
+        pass  # not ours to remove (another user's job on the same port): leave it
 
 
 def _dist_ready() -> bool:
@@ -295,15 +320,48 @@ def cpu_info() -> tuple[str, set[str]]:
     return model, flags
 
 
+CPU_BUCKET_SIZE = int(5e8)
+"""ZeRO reduce/all-gather bucket (elements) on CPU when train.reduce_bucket_size is 0."""
+CPU_OVERLAP_COMM = False
+"""overlap_comm on CPU when train.overlap_comm is unset."""
+CPU_ADAMW_IMPL = "foreach"
+"""AdamW kernel on CPU when train.adamw_impl is auto."""
+GPU_BUCKET_SIZE = int(5e8)
+"""DeepSpeed's own default bucket."""
+
+
+def zero_comm_config(train_cfg: TrainConfig, dist_info: DistInfo) -> dict[str, Any]:
+    """The ZeRO communication keys (buckets, overlap, contiguous gradients, reduce-scatter) of the
+    zero_optimization section: train.* where set, else the device's measured default (CPU_*).
+    On CPU the defaults come from benchmarks/pretrain.py --tune (benchmarks/results/pretrain_zero_tuning.json):
+    gloo has no streams to overlap on, so overlap_comm only adds copies there."""
+    on_gpu = dist_info.on_gpu
+    reduce_bucket = train_cfg.reduce_bucket_size or (GPU_BUCKET_SIZE if on_gpu else CPU_BUCKET_SIZE)
+    overlap = train_cfg.overlap_comm if train_cfg.overlap_comm is not None else (True if on_gpu else CPU_OVERLAP_COMM)
+    return {
+        "reduce_bucket_size": int(reduce_bucket),
+        "allgather_bucket_size": int(train_cfg.allgather_bucket_size or reduce_bucket),
+        "overlap_comm": bool(overlap),
+        "contiguous_gradients": bool(train_cfg.contiguous_gradients),
+        "reduce_scatter": bool(train_cfg.reduce_scatter),
+    }
+
+
+def adamw_impl(train_cfg: TrainConfig, dist_info: DistInfo) -> str:
+    """The AdamW kernel: train.adamw_impl, or auto = fused on GPU (not with offload: the states are on
+    the CPU then), CPU_ADAMW_IMPL on CPU."""
+    if train_cfg.adamw_impl != "auto":
+        return train_cfg.adamw_impl
+    if dist_info.on_gpu:
+        return "fused" if train_cfg.offload == "none" else "foreach"
+    return CPU_ADAMW_IMPL
+
+
 def deepspeed_config(train_cfg: TrainConfig, dist_info: DistInfo) -> dict[str, Any]:
     """The DeepSpeed config dict for `train_cfg` on this job (validated against the world size)."""
     grad_accum = train_cfg.grad_accum_steps(dist_info.world_size)
     precision = resolve_precision(train_cfg.precision, dist_info)
-    zero: dict[str, Any] = {"stage": train_cfg.zero_stage, "contiguous_gradients": True}
-    if dist_info.on_gpu:
-        # Overlapping the gradient reduce with backward pays off with NCCL streams; on gloo/CPU it
-        # only adds copies.
-        zero["overlap_comm"] = True
+    zero: dict[str, Any] = {"stage": train_cfg.zero_stage, **zero_comm_config(train_cfg, dist_info)}
     if train_cfg.zero_stage == 3:
         # Lets export_hf gather full weights on rank 0 layer by layer.
         zero["stage3_gather_16bit_weights_on_model_save"] = True
@@ -392,12 +450,14 @@ def build_optimizer(groups: list[dict[str, Any]], train_cfg: TrainConfig, dist_i
             groups, lr=train_cfg.lr, scale_parameter=True, relative_step=False, warmup_init=False,
             clip_threshold=1.0, beta1=None,
         )
+    impl = adamw_impl(train_cfg, dist_info)
     return torch.optim.AdamW(
         groups,
         lr=train_cfg.lr,
         betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
         eps=train_cfg.adam_eps,
-        fused=dist_info.on_gpu and train_cfg.offload == "none",
+        fused=impl == "fused",
+        foreach=impl == "foreach",
     )
 
 
@@ -437,6 +497,9 @@ def build_engine(model: Any, train_cfg: TrainConfig, dist_info: DistInfo, extra_
         config=ds_config,
         dist_init_required=False,
     )
+    if train_cfg.compile:
+        # In place (module.compile()): parameter names, checkpoints and exports stay those of the model.
+        engine.compile()
     return engine
 
 

@@ -98,6 +98,28 @@ class TrainConfig:
     """Also offload parameters (ZeRO-Infinity; needs zero_stage 3 and offload != none)."""
     nvme_path: str = "/local_nvme"
     """Directory on a fast local NVMe drive for offload=nvme."""
+    reduce_bucket_size: int = 0
+    """Gradient elements per ZeRO 1/2 reduce bucket (and per all-reduce bucket of ZeRO-0); 0 = the default
+    of the device: on CPU CPU_BUCKET_SIZE (launch.distributed), on GPU DeepSpeed's 5e8."""
+    allgather_bucket_size: int = 0
+    """Parameter elements per ZeRO 1/2 all-gather bucket after the optimizer step; 0 = as reduce_bucket_size."""
+    overlap_comm: bool | None = None
+    """Overlap ZeRO's gradient reduction with backward (DeepSpeed overlap_comm); None = on GPU (NCCL
+    streams) and off on CPU (gloo has no streams; measured in benchmarks/results/pretrain_zero_tuning.json)."""
+    contiguous_gradients: bool = True
+    """ZeRO copies gradients into one contiguous buffer as they are produced (less fragmentation, one
+    copy per gradient)."""
+    reduce_scatter: bool = True
+    """ZeRO 1/2 reduce gradients with one reduce per owning rank's slice (True) instead of a full
+    all-reduce of each bucket (False)."""
+    adamw_impl: Literal["auto", "foreach", "fused", "for-loop"] = "auto"
+    """torch AdamW kernel: foreach (one batched op per step over all tensors), fused (one C++ kernel,
+    GPU and recent CPU builds), for-loop (one op per tensor); auto = fused on GPU, on CPU the one
+    CPU_ADAMW_IMPL (launch.distributed) measured fastest."""
+    compile: bool = False
+    """torch.compile the model before DeepSpeed wraps it (inductor; compiles on the first steps).
+    Off by default: on CPU it did not gain the 1.2x that would justify the compile time
+    (benchmarks/results/pretrain_compile.json)."""
     activation_checkpointing: bool = False
     """Recompute activations in backward (model.gradient_checkpointing_enable()): less memory, ~30% more
     compute."""
@@ -158,6 +180,12 @@ class TrainConfig:
                 "optimizer flat partitions without the matrix shapes Adafactor scales by; use "
                 "train.optimizer=adamw for ZeRO"
             )
+        for name in ("reduce_bucket_size", "allgather_bucket_size"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 0 (0 = the device's default)")
+        if self.adamw_impl not in ("auto", "foreach", "fused", "for-loop"):
+            raise ConfigError(f"train.adamw_impl={self.adamw_impl!r} is not allowed; allowed values: auto, foreach, "
+                              "fused, for-loop")
         if self.offload_params and (self.zero_stage != 3 or self.offload == "none"):
             raise ConfigError("train.offload_params=true needs train.zero_stage=3 and train.offload 'cpu' or 'nvme'")
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +22,7 @@ from launch.launcher import (
     candidate_layouts,
     choose_layout,
     cores_available,
+    free_port,
     launcher_argv,
     layout_from_report,
     probe_layout,
@@ -239,3 +242,35 @@ def test_layout_probe_runs_processes_together_and_is_cached(tmp_path, monkeypatc
     assert again.source == "probe (cached)" and again.measured == layout.measured
     cached = json.loads((tmp_path / "polyteacher" / "cpu_layout.json").read_text())
     assert list(cached) == [next(k for k in cached if k.startswith("test-cpu|2 cores|torch "))]
+
+
+JOB = """
+import json, sys
+sys.path.insert(0, {repo!r})
+import torch
+from launch.distributed import init_distributed, shm_allreduce_buffer
+info = init_distributed(num_threads=1)
+import deepspeed.comm as ds_comm
+import torch.distributed as dist
+t = torch.full((4096,), float(info.rank + 1))
+ds_comm.inference_all_reduce(t)  # DeepSpeed's shared-memory all-reduce: still mapped after the unlink
+g = torch.tensor([float(info.rank + 1)])
+dist.all_reduce(g)  # gloo, what training uses
+left = [str(shm_allreduce_buffer(r)) for r in range(info.world_size) if shm_allreduce_buffer(r).exists()]
+dist.barrier()
+if info.rank == 0:
+    open({out!r}, "w").write(json.dumps({{"shm": float(t[0]), "gloo": float(g[0]), "left": left}}))
+"""
+
+
+def test_cpu_ranks_leave_no_shared_memory_buffers_behind(tmp_path):
+    # DeepSpeed's CPU all-reduce buffers (~66 MB of /dev/shm per rank) used to outlive every job.
+    script, out = tmp_path / "job.py", tmp_path / "out.json"
+    script.write_text(JOB.format(repo=str(Path(__file__).resolve().parent.parent), out=str(out)))
+    port = str(free_port())
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", port,
+                    "--no_local_rank", str(script)], env=env, check=True, capture_output=True, timeout=600)
+    result = json.loads(out.read_text())
+    assert result == {"shm": 3.0, "gloo": 3.0, "left": []}
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))

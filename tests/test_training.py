@@ -129,6 +129,37 @@ def test_deepspeed_config_from_train_config():
     assert deepspeed_config(TrainConfig(precision="bf16"), gpu)["bf16"]["enabled"]
 
 
+def test_zero_communication_keys_and_adamw_kernel_per_device():
+    from launch.distributed import CPU_ADAMW_IMPL, CPU_BUCKET_SIZE, CPU_OVERLAP_COMM, adamw_impl
+
+    two = DistInfo(rank=0, local_rank=0, world_size=2, device="cpu", backend="gloo", local_world_size=2)
+    gpu = DistInfo(rank=0, local_rank=0, world_size=1, device="cuda:0", backend="nccl")
+    zero = deepspeed_config(TrainConfig(micro_batch_size=4, global_batch_size=8), two)["zero_optimization"]
+    assert zero == {"stage": 2, "reduce_bucket_size": CPU_BUCKET_SIZE, "allgather_bucket_size": CPU_BUCKET_SIZE,
+                    "overlap_comm": CPU_OVERLAP_COMM, "contiguous_gradients": True, "reduce_scatter": True}
+    zero = deepspeed_config(TrainConfig(), gpu)["zero_optimization"]
+    assert zero["overlap_comm"] is True and zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == int(5e8)
+    # Every key can be set; the all-gather bucket follows the reduce bucket unless given.
+    cfg = load_config(TrainConfig, overrides=["reduce_bucket_size=2000000", "overlap_comm=true",
+                                              "contiguous_gradients=false", "reduce_scatter=false"])
+    zero = deepspeed_config(cfg, two)["zero_optimization"]
+    assert (zero["reduce_bucket_size"], zero["allgather_bucket_size"]) == (2_000_000, 2_000_000)
+    assert zero["overlap_comm"] and not zero["contiguous_gradients"] and not zero["reduce_scatter"]
+    cfg = TrainConfig(reduce_bucket_size=1000, allgather_bucket_size=3000, overlap_comm=False)
+    zero = deepspeed_config(cfg, gpu)["zero_optimization"]
+    assert (zero["reduce_bucket_size"], zero["allgather_bucket_size"], zero["overlap_comm"]) == (1000, 3000, False)
+    assert adamw_impl(TrainConfig(), CPU1) == CPU_ADAMW_IMPL
+    assert adamw_impl(TrainConfig(), gpu) == "fused"
+    assert adamw_impl(TrainConfig(zero_stage=2, offload="cpu"), gpu) == "foreach"  # states on the CPU
+    assert adamw_impl(TrainConfig(adamw_impl="for-loop"), gpu) == "for-loop"
+    with pytest.raises(ConfigError, match="reduce_bucket_size=-1 must be >= 0"):
+        TrainConfig(reduce_bucket_size=-1).validate()
+    with pytest.raises(ConfigError, match="adamw_impl: 'apex' is not allowed"):
+        load_config(TrainConfig, overrides=["adamw_impl=apex"])
+    with pytest.raises(ConfigError, match="allowed values: auto, foreach, fused, for-loop"):
+        TrainConfig(adamw_impl="apex").validate()
+
+
 # ----------------------------------------------------------------------------- schedule
 
 
@@ -400,6 +431,35 @@ def test_cpu_bf16_engine_autocasts_over_fp32_weights(dist):
     losses = _train(engine, batches)
     assert all(math.isfinite(x) for x in losses)
     assert {p.dtype for p in engine.module.parameters()} == {torch.float32}
+
+
+@pytest.mark.parametrize("impl", ["foreach", "fused", "for-loop"])
+def test_zero2_engine_with_small_buckets_and_each_adamw_kernel_learns(dist, impl):
+    from launch.distributed import build_engine
+
+    cfg = TrainConfig(micro_batch_size=4, global_batch_size=4, max_steps=30, warmup_steps=2, lr=1e-2, zero_stage=2,
+                      reduce_bucket_size=5000, allgather_bucket_size=7000, reduce_scatter=False, adamw_impl=impl)
+    engine = build_engine(_tiny_t5(dropout=0.0), cfg, dist)
+    assert (engine.zero_reduce_bucket_size(), engine.zero_allgather_bucket_size()) == (5000, 7000)
+    assert not engine.zero_overlap_comm() and engine.zero_contiguous_gradients()
+    defaults = engine.basic_optimizer.defaults
+    assert (defaults["foreach"], defaults["fused"]) == (impl == "foreach", impl == "fused")
+    losses = _train(engine, _batches(2) * 15)
+    assert sum(losses[-2:]) < 0.85 * sum(losses[:2])
+
+
+@pytest.mark.slow
+def test_compiled_engine_trains_and_keeps_parameter_names(dist):
+    from launch.distributed import build_engine
+
+    model = _tiny_t5(dropout=0.0)
+    names = [n for n, _ in model.named_parameters()]
+    cfg = TrainConfig(micro_batch_size=4, global_batch_size=4, max_steps=8, warmup_steps=1, zero_stage=0, compile=True)
+    engine = build_engine(model, cfg, dist)
+    assert engine.is_compiled
+    losses = _train(engine, _batches(2) * 4)
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    assert [n for n, _ in engine.module.named_parameters()] == names  # checkpoints and exports unchanged
 
 
 @pytest.mark.parametrize("zero_stage", [2, 3])
