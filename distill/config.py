@@ -68,6 +68,9 @@ class DistillConfig:
     """task=massive: source tokens kept (truncated beyond)."""
     max_target_len: int = 64
     """task=massive: target tokens kept (truncated beyond)."""
+    group_by_length: bool = True
+    """task=massive: batch utterances of similar length together (as finetune.group_by_length), so
+    batches pad little and ranks finish together; packed rows (task=agnostic) all have one length."""
     train: TrainConfig = dataclasses.field(default_factory=_default_train)
     """Batch sizes, steps, optimiser, ZeRO stage, logging/eval/save intervals, seed."""
 

@@ -311,6 +311,11 @@ class MassiveDistillData:
     def num_eval(self) -> int:
         return len(self.dev)
 
+    @property
+    def train_lengths(self) -> list[int]:
+        """Words per training utterance: source and target lengths both follow it."""
+        return [len(ex.words) for ex in self.train]
+
     def _example(self, words: list[str], slots: list[str], intent: str) -> Example:
         import numpy as np
 
@@ -530,8 +535,9 @@ def distill(cfg: DistillConfig, run_dir: str | Path, resume: bool = False) -> Pa
     intent_first, sentinels = model_intent_first(teacher.config), model_sentinels(teacher.config)
     data = load_distill_data(cfg, run_dir, tokenizer, intent_first=intent_first, sentinels=sentinels)
     token_map = build_token_map(tokenizer, cfg.lexicon_languages or None)
+    lengths = getattr(data, "train_lengths", None) if cfg.group_by_length else None
     sampler = ResumableSampler(data.num_train, cfg.train.micro_batch_size, grad_accum, dist_info.rank,
-                               dist_info.world_size, cfg.train.seed)
+                               dist_info.world_size, cfg.train.seed, lengths=lengths)
 
     # student and engine
     student, init_info = build_student(student_init_source(teacher_dir, teacher, cfg), cfg.student, seed=cfg.train.seed)

@@ -81,3 +81,43 @@ def test_two_process_distillation_loss_falls(tmp_path, tiny_teacher_dir, tiny_to
     summary = json.loads((run / "student-crr" / "distillation.json").read_text())
     assert summary["final_step"] == 16 and summary["student_init"]["from_teacher"]
     assert (run / "checkpoints" / "student-crr" / "step_00000016" / "COMPLETE").is_file()
+
+
+@pytest.mark.slow
+def test_task_distillation_on_massive_with_length_grouped_batches(tmp_path, tiny_teacher_dir, massive_dir):
+    """`distill --section taskdistill`: MASSIVE pairs from the fine-tuned teacher, one process, batches
+    grouped by length; the loss falls and the student is a seq2seq model with half the layers."""
+    from data_prep.tokenizer import load_tokenizer
+    from distill.config import DistillConfig
+    from distill.distill import MassiveDistillData
+    from launch.config import load_config
+    from launch.training import ResumableSampler
+
+    cfg = load_config(DistillConfig, section="taskdistill", preset="tiny",
+                      overrides=[f"massive_data={massive_dir}", "locales=[en-US]", "num_train_examples=256"])
+    data = MassiveDistillData(cfg, load_tokenizer(tiny_teacher_dir))
+    assert cfg.group_by_length and len(data.train_lengths) == data.num_train == 256
+    sampler = ResumableSampler(data.num_train, 8, 1, 0, 1, seed=0, lengths=data.train_lengths)
+    spans = [max(data.train_lengths[i] for i in b) - min(data.train_lengths[i] for i in b)
+             for step in range(8) for b in sampler.micro_batches(0, step * 8)]
+    assert max(spans) <= 3  # 256 utterances of 1-20 words, sorted in runs of 64 batches
+
+    run = tmp_path / "run"
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [
+        sys.executable, "-m", "launch.cli", "distill", "--run-dir", str(run), "--section", "taskdistill",
+        "--teacher", str(tiny_teacher_dir), "--out", "student-task", "--preset", "tiny",
+        f"massive_data={massive_dir}", "locales=[en-US]", "num_train_examples=256", "num_eval_examples=8",
+        "train.max_steps=12", "train.micro_batch_size=8", "train.global_batch_size=8", "train.warmup_steps=1",
+        "train.log_every=1", "train.eval_every=12", "train.save_every=12", "train.num_eval_batches=1",
+    ]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["stage"] == "distill" and "loss" in r]
+    assert [r["step"] for r in train] == list(range(1, 13))
+    assert np.mean([r["loss"] for r in train[-3:]]) < np.mean([r["loss"] for r in train[:3]])
+    from transformers import AutoModelForSeq2SeqLM
+
+    student = AutoModelForSeq2SeqLM.from_pretrained(run / "student-task")
+    assert student.config.num_layers == max(1, AutoModelForSeq2SeqLM.from_pretrained(tiny_teacher_dir).config.num_layers // 2)
