@@ -25,6 +25,7 @@ import dataclasses
 import datetime
 import os
 import socket
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -392,6 +393,32 @@ def deepspeed_config(train_cfg: TrainConfig, dist_info: DistInfo) -> dict[str, A
     }
 
 
+def describe_setup(train_cfg: TrainConfig, dist_info: DistInfo, ds_config: dict[str, Any]) -> str:
+    """One line: processes x threads (and who chose them: `polyteacher launch --nproc-per-node auto` passes
+    its choice in $POLYTEACHER_LAYOUT), precision and why, ZeRO stage and AdamW kernel."""
+    import json
+
+    import torch
+
+    precision = "bf16" if ds_config.get("torch_autocast") or ds_config["bf16"]["enabled"] else \
+        "fp16" if ds_config["fp16"]["enabled"] else "fp32"
+    why = "set"
+    if train_cfg.precision == "auto":
+        why = "auto: bf16 supported on this GPU" if dist_info.on_gpu else \
+            f"auto: bf16 matmul {cpu_bf16_speedup():.1f}x fp32 here, bf16 from {BF16_MIN_SPEEDUP}x"
+    layout = f"{dist_info.world_size} process(es)"
+    if not dist_info.on_gpu:
+        layout += f" x {torch.get_num_threads()} thread(s)"
+        try:
+            chosen = json.loads(os.environ.get("POLYTEACHER_LAYOUT", ""))
+            layout += f" (chosen by {chosen['source']})"
+        except (ValueError, KeyError, TypeError):
+            pass
+    optimizer = "adafactor" if train_cfg.optimizer == "adafactor" else f"adamw {adamw_impl(train_cfg, dist_info)}"
+    return (f"{layout}; precision {precision} ({why}); ZeRO-{train_cfg.zero_stage}; {optimizer}"
+            + ("; torch.compile" if train_cfg.compile else ""))
+
+
 def _wrap_extras(model: Any, extra_params: Iterable[Any]) -> Any:
     """Put extra trainable modules/parameters beside the model in one nn.Module.
 
@@ -474,6 +501,8 @@ def build_engine(model: Any, train_cfg: TrainConfig, dist_info: DistInfo, extra_
     from launch.training import lr_multiplier
 
     ds_config = deepspeed_config(train_cfg, dist_info)
+    if dist_info.is_rank0:
+        print(f"polyteacher: {describe_setup(train_cfg, dist_info, ds_config)}", file=sys.stderr, flush=True)
     if train_cfg.activation_checkpointing:
         if not hasattr(model, "gradient_checkpointing_enable"):
             raise ConfigError(

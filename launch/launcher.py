@@ -207,8 +207,8 @@ def layout_from_report(report: dict[str, Any], cpu: str, cores: int, precision: 
         precision = report.get("precision_auto_picks") or "fp32"
     rates: dict[tuple[int, int], float] = {}
     for r in report.get("results", []):
-        if r.get("zero_stage") is None or r.get("precision") != precision:
-            continue  # the plain loop is not what `launch` runs
+        if r.get("zero_stage") is None or r.get("precision") != precision or r.get("variant", "default") != "default":
+            continue  # the plain loop is not what `launch` runs; other train.* settings are not the run's
         layout = (int(r["processes"]), int(r["threads_per_process"]))
         if layout[0] * layout[1] == cores:
             rates[layout] = max(rates.get(layout, 0.0), float(r["tokens_per_s"]))
