@@ -1042,11 +1042,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "export",
         help="export a model directory to ONNX (fp32, or int8 with --int8) with its tokenizer and a manifest",
         description=(
-            "Export a text-to-text model directory (encoder, first decoder step, decoder step with KV cache) "
-            "or an encoder NLU directory (one graph: intent and slot logits) to ONNX, optionally quantized to "
-            "int8 (dynamic quantization of weights). --model may also be an fp32 export directory, which "
-            "--int8 quantizes. The output directory is written atomically and holds the graphs, "
-            "tokenizer.json and manifest.json; serve it with `polyteacher predict`.\n\nconfig keys (export):\n"
+            "Export a text-to-text model directory (encoder -> cross-attention keys/values, and one decoder "
+            "step over the KV cache) or an encoder NLU directory (one graph: intent and slot logits) to ONNX, "
+            "optionally with int8 weights (default: weight-only, 8-bit codes in blocks with fp32 scales). "
+            "--model may also be an fp32 export directory, which --int8 quantizes. The output directory is "
+            "written atomically and holds the graphs, weights.bin (every weight once), tokenizer.json and "
+            "manifest.json; serve it with `polyteacher predict`.\n\nconfig keys (export):\n"
             + config_help(ExportConfig)
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -1055,7 +1056,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output directory: new, empty, or a previous export (replaced atomically)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out even when it is not a previous export (never the run directory or --model)")
-    p.add_argument("--int8", action="store_true", help="quantize weights to int8 (sets int8=true)")
+    p.add_argument("--int8", action="store_true",
+                   help="store weights as int8 (sets int8=true; see quantization, block_size, weight_compute)")
     p.add_argument("--run-dir", default=None, help="run directory: relative --model/--out are resolved inside it")
     p.add_argument("--preset", default=None, help="preset name (launch/presets) or YAML path; section 'export'")
     p.add_argument("overrides", nargs="*", help="dotted overrides of the export config, e.g. opset=17 per_channel=true")
