@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -88,6 +89,8 @@ def build_models(work: Path, teacher_preset: str) -> dict[str, Path]:
     }
     for name, (src, int8) in exports.items():
         out = work / f"onnx-{name}"
+        if out.exists() and not _current_export(out):  # an export of an earlier format: redo it
+            shutil.rmtree(out)
         if not out.exists():
             fp32_out = work / f"onnx-{name.replace('int8', 'fp32')}"
             export(fp32_out if int8 and fp32_out.exists() else src, out, ExportConfig(int8=int8))
@@ -95,6 +98,18 @@ def build_models(work: Path, teacher_preset: str) -> dict[str, Path]:
     order = ["teacher_pytorch", "teacher_fp32", "teacher_int8", "student_pytorch", "student_fp32", "student_int8",
              "student_nlu_pytorch", "student_nlu_fp32", "student_nlu_int8"]
     return {name: dirs[name] for name in order}
+
+
+def _current_export(export_dir: Path) -> bool:
+    """Whether `export_dir` holds an export the runtime reads (student.runtime.FORMAT_VERSION)."""
+    import json
+
+    from student.runtime import FORMAT_VERSION
+
+    try:
+        return json.loads((export_dir / "manifest.json").read_text())["format_version"] == FORMAT_VERSION
+    except (OSError, ValueError, KeyError):
+        return False
 
 
 def goals(results: dict[str, dict]) -> list[dict]:
