@@ -254,6 +254,9 @@ def test_int8_size_against_pytorch_for_the_tiny_preset(overrides, tmp_path: Path
         assert 0.30 < ratio < 0.5, ratio
     for info in m8["graphs"].values():
         assert (int8 / info["file"]).stat().st_size == info["size_bytes"]
+    # Every variant serves (random weights: its tokens are not compared; the trained model's are).
+    result = OnnxPredictor(int8, max_new_tokens=6).predict("wake me up at five am", "en-US")
+    assert len(result["labels"]) == 6 and isinstance(result["intent"], str)
 
 
 def _tied_head_graph(vocab: int = 256, dim: int = 64, folded: bool = False):
