@@ -175,3 +175,24 @@ def test_models_side_by_side_per_locale_in_one_figure_per_metric(run_dir):
     # The reference has intent accuracy only; the models have all three.
     assert summary["massive"]["baseline_tfidf"]["em"] is None
     assert summary["massive"]["baseline_tfidf"]["intent_acc"] == 1.0
+
+
+def test_quality_benchmark_holds_a_run_to_the_acceptance_lines(run_dir, tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quality", Path(__file__).resolve().parent.parent / "benchmarks" / "quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    write_report(run_dir)
+    out = tmp_path / "q.json"
+    assert quality.main(["--run-dir", str(run_dir), "--out", str(out)]) == 0
+    rows = {r["criterion"]: r for r in json.loads(out.read_text())["criteria"]}
+    # The fixture: teacher 0.9 vs scratch 0.2 right; int8 changes 2 of 200 fp32 predictions.
+    assert rows["(a) stage-2 teacher - scratch, EM diff and CI"]["holds"] is True
+    assert rows["(b) student / teacher EM"]["holds"] is False  # fp32 student 0.8 of a 0.9 teacher
+    assert rows["(c) identical int8 / fp32 predictions"]["value"] == pytest.approx(0.99)
+    assert rows["(c) identical int8 / fp32 predictions"]["holds"] is True
+    assert rows["teacher: held-out denoising / unigram CE"]["value"] == pytest.approx(0.4)
+    assert rows["teacher: held-out denoising / unigram CE"]["holds"] is True
+    assert rows["NLU int8 intent accuracy vs TF-IDF"]["holds"] is None  # not in this run
+    assert "| (b) student / teacher EM" in capsys.readouterr().out
