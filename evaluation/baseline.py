@@ -20,6 +20,7 @@ Output of `evaluate baseline --out DIR [--name NAME]` (NAME defaults to "baselin
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import time
 from collections.abc import Sequence
@@ -76,6 +77,8 @@ def train_intent_classifier(examples: Sequence[Any], max_train: int | None, seed
 
 def evaluate_baseline(cfg: Any, out_dir: str | Path, name: str = "baseline") -> dict[str, Any]:
     """Train per locale, score on the `massive` section's ids; write NAME.json and NAME.md into out_dir."""
+    from joblib import Parallel, delayed
+
     from data_prep.massive import load_massive
     from evaluation.config import section_dict
     from evaluation.massive import load_split, massive_markdown, result_json, score_records, utterance_records
@@ -91,10 +94,13 @@ def evaluate_baseline(cfg: Any, out_dir: str | Path, name: str = "baseline") -> 
     golds: list[Any] = []
     preds: list[Any] = []
     num_train: dict[str, int] = {}
-    for loc, examples in per_locale.items():
-        classifier, num_train[loc] = train_intent_classifier(
-            train.examples(locale=loc, partition="train"), cfg.baseline.max_train, mcfg.seed
-        )
+    # One classifier per locale, trained side by side (each fit is single-threaded).
+    fitted = Parallel(n_jobs=min(len(per_locale), os.cpu_count() or 1))(
+        delayed(train_intent_classifier)(train.examples(locale=loc, partition="train"), cfg.baseline.max_train, mcfg.seed)
+        for loc in per_locale
+    )
+    for (loc, examples), (classifier, count) in zip(per_locale.items(), fitted):
+        num_train[loc] = count
         golds += examples
         preds += [IntentPrediction(str(i)) for i in classifier.predict([classifier_text(ex) for ex in examples])]
     records = utterance_records(golds, preds)
