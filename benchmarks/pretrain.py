@@ -315,38 +315,53 @@ def main() -> None:
     tmp.parent.mkdir(parents=True, exist_ok=True)
     runs = [(m, pr, v) for pr in precisions for m in modes for v in variants if applies(v, m)]
     measured: dict[tuple, dict] = {}
+    failures: list[dict] = []
+
+    def write_report() -> dict:
+        """The JSON so far (rewritten after every run: a crash or a kill keeps what was measured)."""
+        results = [dict(measured[k]) for k in runs if k in measured]
+        for r in results:
+            r["mfu"] = r["tflops"] / peaks[r["precision"]]
+        add_ratios(results)
+        report = {
+            "benchmark": "pretrain",
+            "command": " ".join(["benchmarks/pretrain.py", *sys.argv[1:]]),
+            "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "model": args.model, "parameters": count_parameters(args.model, args.vocab_size).total,
+            "vocab_size": args.vocab_size, "src_len": args.src_len, "tgt_len": args.tgt_len,
+            "micro_batch_size": args.micro_batch_size, "global_batch_size": args.global_batch_size,
+            "steps": args.steps, "repeats": args.repeats, "device": "cpu", **cpu_record(),
+            "cores": len(os.sched_getaffinity(0)),
+            "peak_tflops_fp32_2threads": peak_2, "peak_tflops_fp32_1thread": peak_1,
+            "peak_tflops_bf16_2threads": peaks["bf16"], "precision_auto_picks": auto,
+            "load_avg_start": load_start, "load_avg_end": load_average(),
+            "results": results, "failures": failures,
+            "note": "shared machine: other jobs compete for the cores; see load_avg_* (1/5/15 min) and each row's "
+                    "load_avg_before/after; with --repeats the best run is kept and all are listed",
+        }
+        atomic_write_json(out, report)
+        return report
+
     for rep in range(args.repeats):
         for mode, precision, variant in runs:
             print(f"running {mode} {precision} {variant} ({rep + 1}/{args.repeats}) ...", file=sys.stderr, flush=True)
-            r = run_mode(mode, precision, args, tmp, variant)
+            try:
+                r = run_mode(mode, precision, args, tmp, variant)
+            except RuntimeError as e:  # one crashed run (a rank killed by the OOM killer) must not lose the rest
+                print(f"  failed: {str(e).splitlines()[0]}", file=sys.stderr, flush=True)
+                failures.append({"mode": mode, "precision": precision, "variant": variant, "repeat": rep + 1,
+                                 "error": str(e)[-1500:]})
+                continue
             key = (mode, precision, variant)
             r["repeats"] = [*measured.get(key, {}).get("repeats", []), round(r["tokens_per_s"], 1)]
             if key not in measured or r["tokens_per_s"] > measured[key]["tokens_per_s"]:
                 measured[key] = r
             else:
                 measured[key]["repeats"] = r["repeats"]
+            write_report()
     tmp.unlink(missing_ok=True)
-    results = [measured[k] for k in runs]
-    for r in results:
-        r["mfu"] = r["tflops"] / peaks[r["precision"]]
-    add_ratios(results)
-    report = {
-        "benchmark": "pretrain",
-        "command": " ".join(["benchmarks/pretrain.py", *sys.argv[1:]]),
-        "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "model": args.model, "parameters": count_parameters(args.model, args.vocab_size).total,
-        "vocab_size": args.vocab_size, "src_len": args.src_len, "tgt_len": args.tgt_len,
-        "micro_batch_size": args.micro_batch_size, "global_batch_size": args.global_batch_size,
-        "steps": args.steps, "repeats": args.repeats, "device": "cpu", **cpu_record(),
-        "cores": len(os.sched_getaffinity(0)),
-        "peak_tflops_fp32_2threads": peak_2, "peak_tflops_fp32_1thread": peak_1,
-        "peak_tflops_bf16_2threads": peaks["bf16"], "precision_auto_picks": auto,
-        "load_avg_start": load_start, "load_avg_end": load_average(),
-        "results": results,
-        "note": "shared machine: other jobs compete for the cores; see load_avg_* (1/5/15 min) and each row's "
-                "load_avg_before/after; with --repeats the best run is kept and all are listed",
-    }
-    atomic_write_json(out, report)
+    report = write_report()
+    results = report["results"]
     print(f"\n{report['cpu']} ({', '.join(report['cpu_flags']) or 'no AVX2'}), {report['cores']} cores; {args.model} "
           f"({report['parameters'] / 1e6:.1f} M params), batch {args.global_batch_size} x ({args.src_len}+{args.tgt_len}) "
           f"tokens; peak matmul fp32 {peak_2 * 1e3:.1f} GFLOP/s (2 threads), {peak_1 * 1e3:.1f} (1 thread), "
@@ -357,6 +372,8 @@ def main() -> None:
         if r.get("gradient_allreduce_s"):
             print(f"{r['mode']} {r['precision']} {r['variant']}: one fp32 gradient all-reduce over gloo takes "
                   f"{r['gradient_allreduce_s']:.3f} s ({r['gradient_allreduce_s'] / r['step_seconds']:.1%} of a step)")
+    for f in report["failures"]:
+        print(f"failed: {f['mode']} {f['precision']} {f['variant']} (repeat {f['repeat']}); see 'failures' in the JSON")
     print(f"wrote {out}")
 
 

@@ -498,7 +498,7 @@ def run_launch(opts: LaunchOptions, dry_run: bool = False) -> int:
     layout = resolve_layout(opts, gpu)
     if layout is not None:
         print(f"polyteacher launch: {layout.processes} process(es) x {layout.threads} thread(s), chosen by "
-              f"{layout.source}: {layout.reason}", file=sys.stderr, flush=True)
+              f"{layout.source} ({layout.precision}): {layout.reason}", file=sys.stderr, flush=True)
     argv = launcher_argv(opts, resolve_port(opts))
     env = process_env(opts, gpu, layout=layout)
     if dry_run:
