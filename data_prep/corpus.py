@@ -86,11 +86,6 @@ def languages_table(root: str | os.PathLike | None = None) -> dict[str, str]:
     return out
 
 
-def source_path(source: SourceConfig, locale: str, flores_codes: dict[str, str] | None = None) -> str:
-    """The source's path (or HF config) pattern filled in for `locale`."""
-    return _fill(source.path, locale, flores_codes)
-
-
 def _fill(pattern: str, locale: str, flores_codes: dict[str, str] | None) -> str:
     values = {"locale": locale, "lang": locale.split("-")[0]}
     if "{flores}" in pattern:

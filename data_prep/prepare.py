@@ -18,7 +18,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -356,7 +355,3 @@ def massive_cache_dir(cfg: DataConfig, run_dir: Path) -> Path:
 
 def say(msg: str) -> None:
     print(msg, flush=True)
-
-
-def eprint(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)

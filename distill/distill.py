@@ -28,7 +28,6 @@ dev for task=massive) and KL(teacher_T || student_T) there, without augmentation
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -660,8 +659,3 @@ def maybe_save(checkpoints: CheckpointManager, engine: Any, state: TrainState, c
                config_yaml: str) -> None:
     if is_due(state.step, cfg.train.save_every, cfg.train.max_steps):
         checkpoints.save(engine, state, config_yaml)
-
-
-def read_summary(student_dir: str | Path) -> dict[str, Any]:
-    """The distillation.json written beside an exported student."""
-    return json.loads((Path(student_dir) / "distillation.json").read_text())

@@ -65,7 +65,6 @@ if TYPE_CHECKING:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 SEQ2SEQ_GRAPHS = ("encoder", "decoder")
-NLU_GRAPHS = ("model",)
 # The external data file every graph of an export reads its weights from (each content stored once).
 WEIGHTS_FILE = "weights.bin"
 # Initializers smaller than this stay inside their graph; offsets in WEIGHTS_FILE are aligned to WEIGHTS_ALIGNMENT.

@@ -248,10 +248,6 @@ class ParameterCount:
     def total(self) -> int:
         return self.embeddings + self.lm_head + self.encoder + self.decoder
 
-    @property
-    def non_embedding(self) -> int:
-        return self.encoder + self.decoder
-
 
 def _ffn_params(spec: ModelSpec) -> int:
     # wi (or wi_0 and wi_1 when gated): d_model x d_ff each; wo: d_ff x d_model; no biases in T5.
@@ -441,15 +437,3 @@ def untie_lm_head(model: Any) -> None:
     tied = getattr(model, "all_tied_weights_keys", None)
     if isinstance(tied, dict):
         tied.pop("lm_head.weight", None)
-
-
-def describe(model_cfg: ModelConfig | ModelSpec | str, vocab_size: Optional[int] = None) -> str:
-    """One line: the preset's shape and its parameter count."""
-    spec = _spec(model_cfg)
-    count = count_parameters(spec, vocab_size)
-    tie = "tied" if spec.tie_word_embeddings else "untied"
-    return (
-        f"{spec.name}: {spec.num_layers}+{spec.num_decoder_layers} layers, d_model {spec.d_model}, "
-        f"{spec.num_heads}x{spec.d_kv} heads, d_ff {spec.d_ff} {spec.feed_forward_proj}, {tie} embeddings, "
-        f"vocab {count.vocab_size}: {count.total / 1e6:,.1f} M parameters"
-    )
