@@ -154,6 +154,9 @@ def collect_summary(run_dir: Path) -> dict[str, Any]:
         data = _find_json(eval_dir / key)
         if data is not None:
             summary[key] = data
+    for entry in summary["fairness"].get("models", {}).values():
+        for scores in entry.get("consistency", {}).values():
+            scores.pop("records", None)  # per-utterance outcomes stay in eval/fairness/*.json
     latency = _find_json(eval_dir / "latency")
     if latency:
         models = latency.get("models", latency)
