@@ -8,11 +8,10 @@ Light on imports: the CLI imports this module at start-up.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from launch.config import ConfigError
+from launch.config import LOCALE_RE, ConfigError
 
 # The 48 MASSIVE locales provided under the data root (MASSIVE 1.1 has 52; cy-GB, ka-GE, km-KH and
 # sw-KE are not provided). Any MASSIVE locale name is accepted; these are the default.
@@ -187,7 +186,6 @@ class DataConfig:
         _validate_data_config(self)
 
 
-_LOCALE_RE = re.compile(r"^[a-z]{2,3}-[A-Z]{2}$")
 
 
 def _known_locales() -> tuple[str, ...]:
@@ -203,7 +201,7 @@ def _validate_data_config(cfg: DataConfig) -> None:
         raise ConfigError("locales: the list is empty; give at least one MASSIVE locale, e.g. en-US")
     known = _known_locales()
     for i, loc in enumerate(cfg.locales):
-        if not _LOCALE_RE.match(loc) or (known and loc not in known):
+        if not LOCALE_RE.match(loc) or (known and loc not in known):
             allowed = ", ".join(known) if known else "names like en-US"
             raise ConfigError(f"locales[{i}]: {loc!r} is not a MASSIVE locale; allowed values: {allowed}")
     if len(set(cfg.locales)) != len(cfg.locales):

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from data_prep.config import RESERVED_TOKENS, TokenizerConfig
+from launch.config import NO_SPACE_LOCALES
 from launch.fsutil import atomic_dir
 
 if TYPE_CHECKING:
@@ -262,8 +263,6 @@ def is_complete(out_dir: str | os.PathLike) -> bool:
 
 # ----------------------------------------------------------------------------- evaluation
 
-# Written without spaces between words: fertility is measured per character instead of per word.
-NO_SPACE_LOCALES = frozenset({"ja-JP", "zh-CN", "zh-TW", "th-TH", "my-MM", "km-KH"})
 
 
 def evaluate_tokenizer(tokenizer: Any, texts_by_locale: dict[str, list[str]]) -> list[dict[str, Any]]:

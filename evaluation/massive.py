@@ -40,7 +40,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-OUTSIDE = "Other"
+from data_prep.massive import OTHER
 
 
 class Predictor(Protocol):
@@ -70,13 +70,13 @@ METRIC_FIELDS = {
 GENERATION_FIELDS = ("stopped", "label_count_ok", "known_intent")
 
 
-def align_labels(pred_slots: Sequence[str], num_words: int, pad: str = OUTSIDE) -> list[str]:
+def align_labels(pred_slots: Sequence[str], num_words: int, pad: str = OTHER) -> list[str]:
     """Truncate to `num_words` labels, or pad with `pad` (the official eval's handling)."""
     pred = list(pred_slots)[:num_words]
     return pred + [pad] * (num_words - len(pred))
 
 
-def to_bio(labels: Sequence[str], outside: str = OUTSIDE) -> list[str]:
+def to_bio(labels: Sequence[str], outside: str = OTHER) -> list[str]:
     """Per-word labels -> BIO tags; a run of the same label is one span, `outside` -> O."""
     tags: list[str] = []
     previous = None
@@ -464,7 +464,7 @@ class Seq2SeqPredictor:
 
         # Upper bound of a well-formed target: one label per word plus the intent plus eos.
         spell = label_token if has_label_tokens(self.tokenizer) else str
-        self.tokens_per_word = longest([spell(x) for x in [OUTSIDE, *slot_labels]], 4)
+        self.tokens_per_word = longest([spell(x) for x in [OTHER, *slot_labels]], 4)
         self.intent_tokens = longest([spell(x) for x in intents], 8)
         self.margin = max_new_tokens_margin
         self.intents = list(intents)

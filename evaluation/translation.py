@@ -43,6 +43,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from launch.config import NO_SPACE_LOCALES
+
 PIVOT = "en-US"
 FLORES_DEV_LINES = 997
 
@@ -61,8 +63,6 @@ LANGUAGE_NAMES = {
     "zh-CN": "Chinese", "zh-TW": "Chinese",
 }  # fmt: skip
 
-# Scripts written without spaces between words: word-level BLEU is meaningless there.
-CHAR_BLEU_LOCALES = {"ja-JP", "zh-CN", "zh-TW", "th-TH", "my-MM", "km-KH"}
 
 
 def read_flores(directory: str | os.PathLike, locale: str) -> list[str]:
@@ -122,7 +122,7 @@ def corpus_metrics(hyps: Sequence[str], refs: Sequence[str], tgt_locale: str, sp
     """chrF++, spBLEU (None when `spbleu_tokenize` is None) and the supplementary BLEU of one direction."""
     from sacrebleu.metrics import BLEU, CHRF
 
-    bleu_tokenize = "char" if tgt_locale in CHAR_BLEU_LOCALES else "13a"
+    bleu_tokenize = "char" if tgt_locale in NO_SPACE_LOCALES else "13a"
     out: dict[str, Any] = {
         "chrf++": CHRF(word_order=2).corpus_score(list(hyps), [list(refs)]).score,
         "spbleu": None,

@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import inspect
 import os
+import re
 import textwrap
 import types
 import typing
@@ -345,6 +346,13 @@ def load_config(
     cfg = merge(cfg, base or {})
     cfg = merge(cfg, parse_overrides(list(overrides)))
     return validate(cfg)
+
+
+# MASSIVE locale names: ll-CC (the release also has sl-SL and zh-TW; all fit this shape).
+LOCALE_RE = re.compile(r"^[a-z]{2,3}-[A-Z]{2}$")
+# Locales written without spaces between words: tokenizer fertility is per character there, and
+# translation BLEU is computed on characters (word-level BLEU means nothing for them).
+NO_SPACE_LOCALES = frozenset({"ja-JP", "zh-CN", "zh-TW", "th-TH", "my-MM", "km-KH"})
 
 
 # Sections a preset may hold: one per stage config, plus the pipeline's own settings.

@@ -7,17 +7,14 @@ with intent and slot heads (`head: encoder`). Light on imports: the CLI imports 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from launch.config import ConfigError
+from launch.config import LOCALE_RE, ConfigError
 from launch.training import TrainConfig
 from teacher.presets import PRESETS, ModelConfig
 
 SCRATCH_PREFIX = "scratch:"
-# MASSIVE locale names: ll-CC (the release also has sl-SL and zh-TW; all fit this shape).
-_LOCALE_RE = re.compile(r"^[a-z]{2,3}-[A-Z]{2}$")
 
 
 def _default_train() -> TrainConfig:
@@ -103,10 +100,10 @@ class FinetuneConfig:
             raise ConfigError("finetune.init: scratch: needs a size preset name, e.g. scratch:tiny")
         if self.out and ("/" in self.out or "\\" in self.out or self.out.startswith(".")):
             raise ConfigError(f"finetune.out: {self.out!r} must be a plain directory name inside the run directory")
-        bad = [loc for loc in self.locales if not _LOCALE_RE.match(loc)]
+        bad = [loc for loc in self.locales if not LOCALE_RE.match(loc)]
         if bad:
             raise ConfigError(f"finetune.locales: {bad} are not MASSIVE locale names (like en-US, de-DE)")
-        if not _LOCALE_RE.match(self.zero_shot_locale):
+        if not LOCALE_RE.match(self.zero_shot_locale):
             raise ConfigError(f"finetune.zero_shot_locale: {self.zero_shot_locale!r} is not a locale name like en-US")
         if self.setting == "zero_shot" and self.locales and self.zero_shot_locale not in self.locales:
             raise ConfigError(
