@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_MAX_NEW_TOKENS = 128
-WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -56,7 +55,9 @@ def model_size_bytes(model_dir: Path) -> int:
         from student.runtime import read_manifest
 
         return int(read_manifest(model_dir)["size_bytes"])
-    return sum(p.stat().st_size for p in model_dir.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    from launch.modeldir import weight_files
+
+    return sum(p.stat().st_size for p in weight_files(model_dir))
 
 
 def load_timed_predictor(model_dir: Path, num_threads: int = 1, max_new_tokens: int | None = None) -> Any:

@@ -16,6 +16,12 @@ from typing import Any
 SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")
 
 
+def weight_files(model_dir: str | os.PathLike) -> list[Path]:
+    """The weight files of a model directory in name order: every `*.safetensors` (one file or the
+    shards of a sharded checkpoint), the only weights polyteacher loads."""
+    return sorted(p for p in Path(model_dir).iterdir() if p.is_file() and p.suffix == ".safetensors")
+
+
 class ModelDirError(ValueError):
     """A model directory that is missing, incomplete or in a format polyteacher does not load."""
 

@@ -63,7 +63,6 @@ if TYPE_CHECKING:
 
 # Files of a tokenizer directory the export copies (tokenizer.json is the one the runtime reads).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 SEQ2SEQ_GRAPHS = ("encoder", "decoder")
 # The external data file every graph of an export reads its weights from (each content stored once).
 WEIGHTS_FILE = "weights.bin"
@@ -923,9 +922,11 @@ def describe_graph(path: Path) -> dict[str, Any]:
 
 def weights_sha256(model_dir: Path) -> dict[str, Any]:
     """sha256 over the model directory's weight files (name and bytes, in name order)."""
-    files = sorted(p for p in model_dir.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    from launch.modeldir import weight_files
+
+    files = weight_files(model_dir)
     if not files:
-        raise FileNotFoundError(f"{model_dir}: no weight files ({', '.join(WEIGHT_SUFFIXES)})")
+        raise FileNotFoundError(f"{model_dir}: no weight files (*.safetensors)")
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.name.encode() + b"\0")
