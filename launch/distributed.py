@@ -261,16 +261,24 @@ def resolve_precision(precision: str, dist_info: DistInfo) -> str:
     return precision
 
 
+# This process's agreed value of `cpu_bf16_speedup` (after the all-reduce), by thread count: a second
+# call must not be a collective, since only rank 0 asks again (to log the choice).
+_AGREED_BF16_SPEEDUP: dict[int, float] = {}
+
+
 def cpu_bf16_speedup(size: int = 512, repeats: int = 8) -> float:
     """bf16 / fp32 matmul throughput of this CPU at the current torch thread count (> 1: bf16 is
     faster). Measured once per CPU model, torch version and thread count, then read from
     ~/.cache/polyteacher/cpu_precision.json; every rank of a job gets the smallest value of all ranks,
-    so they all choose alike."""
+    so they all choose alike. The first call in a distributed job is a collective (every rank must
+    make it); later calls return the agreed value without communicating."""
     import json
     import time
 
     import torch
 
+    if _dist_ready() and torch.get_num_threads() in _AGREED_BF16_SPEEDUP:
+        return _AGREED_BF16_SPEEDUP[torch.get_num_threads()]
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "polyteacher" / "cpu_precision.json"
     key = f"{cpu_info()[0]}|torch {torch.__version__}|{torch.get_num_threads()} threads"
     try:
@@ -301,6 +309,7 @@ def cpu_bf16_speedup(size: int = 512, repeats: int = 8) -> float:
         value = torch.tensor([speedup], dtype=torch.float64)
         tdist.all_reduce(value, op=tdist.ReduceOp.MIN)
         speedup = float(value.item())
+        _AGREED_BF16_SPEEDUP[torch.get_num_threads()] = speedup
     return speedup
 
 

@@ -114,6 +114,28 @@ def test_cpu_bf16_probe_is_cached_per_machine(tmp_path, monkeypatch):
     assert cpu_bf16_speedup(size=64, repeats=2) == first  # read back, not measured again
 
 
+def test_cpu_bf16_probe_is_one_collective_per_job(tmp_path, monkeypatch):
+    """Only rank 0 asks again (to log the choice): a second call must not all-reduce, or rank 0 waits
+    for ranks that have moved on (this hung every 2-process CPU run with precision auto)."""
+    import torch.distributed as tdist
+
+    from launch import distributed
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(distributed, "_AGREED_BF16_SPEEDUP", {})
+    monkeypatch.setattr(distributed, "_dist_ready", lambda: True)
+    calls = []
+
+    def all_reduce(tensor, op=None):  # another rank measured a slower bf16
+        calls.append(op)
+        tensor.fill_(0.5)
+
+    monkeypatch.setattr(tdist, "all_reduce", all_reduce)
+    assert distributed.cpu_bf16_speedup(size=64, repeats=2) == 0.5
+    assert distributed.cpu_bf16_speedup(size=64, repeats=2) == 0.5
+    assert len(calls) == 1
+
+
 def test_deepspeed_config_from_train_config():
     two = DistInfo(rank=0, local_rank=0, world_size=2, device="cpu", backend="gloo", local_world_size=2)
     cfg = TrainConfig(micro_batch_size=4, global_batch_size=32, zero_stage=3, offload="cpu", offload_params=True,
