@@ -498,3 +498,35 @@ def test_massive_counterfactual_carries_slot_labels_word_by_word():
     assert [e.id for e in cda_examples([ex, plain], "two_sided")] == ["7", "7~", "8"]
     assert [e.id for e in cda_examples([ex, plain], "one_sided")] == ["7~", "8"]  # counterfactual only
     assert [e.id for e in cda_examples([ex, plain], "none")] == ["7", "8"]
+
+
+def test_packed_row_language_is_that_of_its_swapped_documents():
+    from distill.distill import row_language
+
+    assert row_language([("en", 40, False), ("da", 10, True), ("de", 12, True)]) == "de"
+    assert row_language([("en", 40, False), ("da", 10, False)]) == "en"  # none swapped: the longest
+    assert row_language([(None, 40, False)]) is None
+
+
+def test_massive_distill_pairs_carry_language_and_plan(massive_dir, tiny_tokenizer_dir):
+    from data_prep.tokenizer import load_tokenizer
+    from distill.config import DistillConfig
+    from distill.distill import MassiveDistillData
+
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    cfg = DistillConfig(task="massive", massive_data=str(massive_dir), locales=["de-DE"], num_train_examples=400,
+                        num_eval_examples=4, cda="two_sided")
+    data = MassiveDistillData(cfg, tok)
+    pairs = data.pairs(list(range(400)), 0)
+    swapped = [p for p in pairs if p.swapped]
+    assert swapped and all(p.lang == "de" and p.changed for p in swapped)
+    assert len(pairs) == 400 + len(swapped)  # two-sided: each gendered utterance once more, swapped
+    token_map = build_token_map(tok, ["de"])
+    for p in swapped:
+        # MASSIVE targets are labels: the counterfactual's target is the original's, so every position
+        # aligns, and with tokens="all" each one is perturbed (none is copied from the source here).
+        assert list(p.train.target) == list(p.partner.target)
+        plan = plan_row(p.train.target, p.partner.target, token_map.get(p.lang), "all", p.train.source,
+                        data.copy_min_run, [tok.eos_token_id, tok.pad_token_id])
+        assert plan.positions == [t for t in range(len(p.train.target)) if t not in
+                                  copied_positions(p.train.source, p.train.target, 1, [tok.eos_token_id])]
