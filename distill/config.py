@@ -48,8 +48,14 @@ class DistillConfig:
     """cda=one_sided: probability of replacing a gendered x by x~ (1.0 = counterfactual only, as in the paper)."""
     perturb: Literal["none", "max", "mean"] = "max"
     """Teacher-prediction perturbation: p^(w) = f(p(w|x), p(sigma(w)|x~)) at target positions aligned with the counterfactual's, f = max or mean, renormalised; none = plain teacher."""
-    perturb_tokens: Literal["gendered", "all"] = "gendered"
-    """Which tokens p^ changes: gendered (the row language's token-level sigma, as in the paper) or all (every token, sigma extended by the identity: the teacher's label distributions on x and x~ are combined; for task=massive, whose targets hold no gendered words)."""
+    perturb_tokens: Literal["auto", "gendered", "all"] = "auto"
+    """Which tokens p^ changes: gendered (the row language's token-level sigma, as in the paper); all (every token, sigma extended by the identity: the teacher's label distributions on x and x~ are combined); auto = all for task=massive (its targets hold labels, no gendered word), gendered for task=agnostic."""
+
+    def resolved_perturb_tokens(self) -> str:
+        """perturb_tokens with auto resolved for the task."""
+        if self.perturb_tokens != "auto":
+            return self.perturb_tokens
+        return "all" if self.task == "massive" else "gendered"
     lexicon_languages: list[str] = dataclasses.field(default_factory=list)
     """Lexicon languages used for swaps and the token map (empty = every lexicon in distill/lexicons)."""
     task: Literal["agnostic", "massive"] = "agnostic"

@@ -416,10 +416,11 @@ def distill_step(engine: Any, teacher: Any, pairs: list[Pair], data: Any, cfg: D
         # Positions aligned by a token diff of the two targets, the row language's sigma only, copied
         # target tokens left alone (distill.counterfactual, "Teacher perturbation").
         never = [i for i in (data.tokenizer.eos_token_id, data.tokenizer.pad_token_id) if i is not None]
-        plans = [plan_row(p.train.target, p.partner.target, token_map.get(p.lang), cfg.perturb_tokens,
-                          p.train.source, data.copy_min_run, never) for p in pairs]
+        tokens = cfg.resolved_perturb_tokens()
+        plans = [plan_row(p.train.target, p.partner.target, token_map.get(p.lang), tokens, p.train.source,
+                          data.copy_min_run, never) for p in pairs]
         cf_probs = teacher_probs(t_out.logits[n:], cfg.temperature)
-        perturbed = perturb_rows(probs, cf_probs, plans, cfg.perturb, cfg.perturb_tokens)
+        perturbed = perturb_rows(probs, cf_probs, plans, cfg.perturb, tokens)
         mask = (batch["labels"] != -100).float()
         moved = ((perturbed - probs).abs().sum(-1) * mask).sum() / mask.sum().clamp_min(1.0)
         parts["perturb_aligned"] = float(sum(bool(plan.positions) for plan in plans))
