@@ -168,6 +168,12 @@ def worker(args: argparse.Namespace) -> None:
             "steps_per_s": args.steps / elapsed, "tokens_per_s": examples * (args.src_len + tgt) / elapsed,
             "tflops": flops / elapsed / 1e12, "train_overrides": json.loads(args.train_json),
         }))
+    barrier()
+    if dist.world_size > 1:
+        import torch.distributed as torch_dist
+
+        # Without it gloo's threads can abort the exit ("terminate called without an active exception").
+        torch_dist.destroy_process_group()
 
 
 def run_one(task: str, layout: str, precision: str, args: argparse.Namespace, result: Path) -> dict:

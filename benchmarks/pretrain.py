@@ -151,6 +151,7 @@ def worker(args: argparse.Namespace) -> None:
             torch_dist.all_reduce(grads)
             timings.append(time.perf_counter() - t0)
         allreduce_s = min(timings)
+        torch_dist.barrier()
     if rank == 0:
         examples = args.steps * args.global_batch_size
         flops = examples * model_flops_per_example(model_cfg, args.vocab_size, args.src_len, args.tgt_len)
@@ -165,6 +166,11 @@ def worker(args: argparse.Namespace) -> None:
             "gradient_allreduce_s": allreduce_s,
         }
         Path(args.result).write_text(json.dumps(result))
+    if world > 1:
+        import torch.distributed as torch_dist
+
+        # Without it gloo's threads can abort the exit ("terminate called without an active exception").
+        torch_dist.destroy_process_group()
 
 
 def free_port() -> int:

@@ -135,6 +135,9 @@ LAYOUT_MAX_PROCESSES = 16
 LAYOUT_ENV = "POLYTEACHER_LAYOUT"
 """Environment variable carrying the chosen layout (JSON) to the training processes."""
 BENCHMARK_RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+BENCHMARK_MAX_LOAD = 1.5
+"""A benchmark table whose load average exceeded this many times the cores (other jobs running) does not
+choose the layout: oversubscription punishes multi-threaded processes far more than the machine does."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,9 +203,13 @@ def layout_from_report(report: dict[str, Any], cpu: str, cores: int, precision: 
                        ) -> Optional[tuple[dict[tuple[int, int], float], str]]:
     """Tokens/s per layout of the DeepSpeed modes of a `benchmarks/pretrain.py` report measured on this
     CPU model with this many cores, in `precision` (auto: what the report says auto picks here), best
-    mode per layout. None when the report is for another machine or measured fewer than two layouts."""
+    mode per layout. None when the report is for another machine, was measured under load (above
+    BENCHMARK_MAX_LOAD x cores) or measured fewer than two layouts."""
     if report.get("benchmark") != "pretrain" or report.get("cpu") != cpu or report.get("cores") != cores:
         return None
+    loads = [r.get(k) for r in report.get("results", []) for k in ("load_avg_before", "load_avg_after")]
+    if max((x for x in loads if isinstance(x, (int, float))), default=0.0) > BENCHMARK_MAX_LOAD * cores:
+        return None  # measured while other jobs oversubscribed the cores: not this machine's own numbers
     if precision == "auto":
         precision = report.get("precision_auto_picks") or "fp32"
     rates: dict[tuple[int, int], float] = {}
@@ -287,7 +294,7 @@ def _layout_cache() -> Path:
 def probe_layout(cpu: str, cores: int, precision: str, size: int = 1024, seconds: float = 1.0) -> Layout:
     """The layout from `probe_layouts` in the run's precision (auto: per layout, bf16 where it is
     BF16_MIN_SPEEDUP faster than fp32 there), cached per CPU model, cores, torch version and matmul size
-    in ~/.cache/polyteacher/cpu_layout.json."""
+    in ~/.cache/polyteacher/cpu_layout.json (not when the load average exceeded BENCHMARK_MAX_LOAD x cores)."""
     from importlib.metadata import version
 
     dtypes = {"fp32": ["float32"], "bf16": ["bfloat16"]}.get(precision, ["float32", "bfloat16"])
@@ -300,10 +307,12 @@ def probe_layout(cpu: str, cores: int, precision: str, size: int = 1024, seconds
     entry = known.get(key, {})
     source = "probe (cached)"
     if any(d not in entry for d in dtypes):
-        source = "probe"
+        load = os.getloadavg()[0]
+        source = "probe" if load <= BENCHMARK_MAX_LOAD * cores else f"probe under load {load:.1f} (not cached)"
         for d, rates in probe_layouts(cores, dtypes, size, seconds).items():
             entry[d] = {f"{p}x{t}": v for (p, t), v in rates.items()}
-        known[key] = entry
+        if source == "probe":  # numbers taken while other jobs held the cores are not kept for later runs
+            known[key] = entry
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_suffix(f".{os.getpid()}.tmp")

@@ -192,6 +192,8 @@ def test_layout_from_the_benchmark_table_of_this_machine():
     assert layout_from_report(report, "AMD EPYC", 2, "auto") == ({(1, 2): 5591.0, (2, 1): 5088.0}, "bf16")
     assert layout_from_report(report, "Intel Xeon", 2, "fp32") is None  # another CPU
     assert layout_from_report(report, "AMD EPYC", 4, "fp32") is None  # another core count
+    loaded = {**report, "results": [{**r, "load_avg_before": 6.7} for r in report["results"]]}
+    assert layout_from_report(loaded, "AMD EPYC", 2, "fp32") is None  # other jobs had the cores
     one_layout = pretrain_report("AMD EPYC", 2, [("fp32", 1, 2, 0, 3290.0)])
     assert layout_from_report(one_layout, "AMD EPYC", 2, "fp32") is None  # nothing to choose between
     assert run_precision(["pretrain", "train.precision=fp32"]) == "fp32"
@@ -236,6 +238,7 @@ def test_chosen_layout_reaches_the_processes_and_the_run_directory(tmp_path):
 
 def test_layout_probe_runs_processes_together_and_is_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr("os.getloadavg", lambda: (0.5, 0.5, 0.5))  # a quiet machine: the probe is kept
     layout = probe_layout("test-cpu", 2, "fp32", size=128, seconds=0.1)
     assert layout.source == "probe" and layout.precision == "fp32"
     assert set(layout.measured) == {"1x2", "2x1"} and all(v > 0 for v in layout.measured.values())
