@@ -331,11 +331,16 @@ def cpu_info() -> tuple[str, set[str]]:
 
 
 CPU_BUCKET_SIZE = int(5e8)
-"""ZeRO reduce/all-gather bucket (elements) on CPU when train.reduce_bucket_size is 0."""
+"""ZeRO reduce/all-gather bucket (elements) on CPU when train.reduce_bucket_size is 0: DeepSpeed's own
+(one bucket for models of up to 500 M parameters). 2e6 measured the same (0.97 of the best single
+process against 0.97, small teacher, 2 x 1, bf16: benchmarks/results/pretrain_zero_tuning.json)."""
 CPU_OVERLAP_COMM = False
-"""overlap_comm on CPU when train.overlap_comm is unset."""
+"""overlap_comm on CPU when train.overlap_comm is unset: gloo has no streams to overlap on, and the
+extra copies cost (0.93 of the best single process against 0.97 without, same record)."""
 CPU_ADAMW_IMPL = "foreach"
-"""AdamW kernel on CPU when train.adamw_impl is auto."""
+"""AdamW kernel on CPU when train.adamw_impl is auto: foreach, one batched op per step over all
+tensors (torch defaults to a per-tensor loop on CPU). Not yet separated from noise on a quiet
+machine (benchmarks/pretrain.py --modes ds1-zero0,ds2-zero2 --variants default,adamw-for-loop,adamw-fused)."""
 GPU_BUCKET_SIZE = int(5e8)
 """DeepSpeed's own default bucket."""
 
