@@ -117,9 +117,12 @@ class TrainConfig:
     GPU and recent CPU builds), for-loop (one op per tensor); auto = fused on GPU, on CPU the one
     CPU_ADAMW_IMPL (launch.distributed) measured fastest."""
     compile: bool = False
-    """torch.compile the model before DeepSpeed wraps it (inductor; compiles on the first steps).
-    Off by default: on CPU it did not gain the 1.2x that would justify the compile time
-    (benchmarks/results/pretrain_compile.json)."""
+    """torch.compile the model in place (DeepSpeed's engine.compile(), inductor; parameter names and
+    checkpoints unchanged), compiled during the first steps. Off by default for now: on the small teacher
+    (2 x 1, bf16) it measured 1.4-1.7x the tokens/s, but only with other jobs loading the cores (load
+    4-6), and a cold compile took ~170 s per process; the default switches when a quiet machine confirms
+    >= 1.2x (benchmarks/pretrain.py --modes ds2-zero0 --precisions bf16 --variants default,compile
+    --warmup-steps 3 --repeats 2)."""
     activation_checkpointing: bool = False
     """Recompute activations in backward (model.gradient_checkpointing_enable()): less memory, ~30% more
     compute."""
