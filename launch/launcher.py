@@ -22,7 +22,9 @@ command and environment instead of running them.
 GPU; on CPU the pretraining benchmark's table for this CPU model and core count when
 benchmarks/results/ has one (tokens/s of its DeepSpeed modes), else a probe in which each candidate
 layout P x T (P * T = cores) runs P processes timing a matmul in the run's precision together for ~1 s
-(cached per machine). Within 10% of the fastest the fewest processes win. The choice and every
+(cached per machine); tables and probes taken with the load average above 1.5 x cores are not used
+or kept, and while the machine is that busy a fresh probe decides. Within 10% of the fastest the
+fewest processes win. The choice and every
 candidate's number are printed, passed to the processes ($POLYTEACHER_LAYOUT) and appended to
 RUN_DIR/launch.jsonl. One process still runs on the DeepSpeed engine.
 
@@ -340,7 +342,8 @@ def probe_layout(cpu: str, cores: int, precision: str, size: int = 1024, seconds
 
 def resolve_layout(opts: LaunchOptions, gpu: bool) -> Optional[Layout]:
     """Replace `--nproc-per-node auto`: one process per GPU; on CPU the layout of the benchmark table for
-    this machine, else the (cached) probe. None when a number was given."""
+    this machine, else the (cached) probe; while the load average exceeds BENCHMARK_MAX_LOAD x cores, a
+    fresh probe (what the machine gives now). None when a number was given."""
     if opts.nproc_per_node != AUTO_NPROC:
         return None
     if gpu:
@@ -351,7 +354,10 @@ def resolve_layout(opts: LaunchOptions, gpu: bool) -> Optional[Layout]:
     from launch.distributed import cpu_info
 
     cpu, cores, precision = cpu_info()[0], cores_available(), run_precision(opts.command)
-    layout = layout_from_benchmarks(cpu, cores, precision) or probe_layout(cpu, cores, precision)
+    # With other jobs holding the cores a multi-threaded process stalls at every parallel region (10-30x
+    # slower measured), single-threaded ones do not: a quiet machine's table would mislead, so measure now.
+    busy = os.getloadavg()[0] > BENCHMARK_MAX_LOAD * cores
+    layout = (None if busy else layout_from_benchmarks(cpu, cores, precision)) or probe_layout(cpu, cores, precision)
     opts.nproc_per_node = layout.processes
     return layout
 
