@@ -31,7 +31,6 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,7 +40,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
-from pretrain import cpu_record, free_port, load_average, measure_peak, parse_list  # noqa: E402
+from pretrain import cpu_record, load_average, measure_peak, parse_list, run_worker  # noqa: E402
 
 TASKS = ("finetune", "nlu", "distill")
 LAYOUTS = {"1x2": (1, 2), "2x1": (2, 1)}
@@ -185,18 +184,7 @@ def run_one(task: str, layout: str, precision: str, args: argparse.Namespace, re
                    "--micro-batch-size", str(args.micro_batch_size), "--global-batch-size", str(args.global_batch_size),
                    "--steps", str(args.steps), "--warmup-steps", str(args.warmup_steps),
                    "--train-json", json.dumps(args.train)]
-    if nproc == 1:
-        cmd = [sys.executable, *worker_args]
-    else:
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port",
-               str(free_port()), "--no_local_rank", *worker_args]
-    before = os.getloadavg()[0]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{task} {layout} {precision} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    out = json.loads(result.read_text())
-    out["load_avg_before"], out["load_avg_after"] = before, os.getloadavg()[0]
-    return out
+    return run_worker(worker_args, nproc, env, result, f"{task} {layout} {precision}")
 
 
 def print_table(results: list[dict]) -> None:

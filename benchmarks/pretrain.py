@@ -188,6 +188,12 @@ def run_mode(mode: str, precision: str, args: argparse.Namespace, result: Path, 
                    "--global-batch-size", str(args.global_batch_size), "--steps", str(args.steps),
                    "--warmup-steps", str(args.warmup_steps), "--precision", precision, "--variant", variant,
                    "--train-json", json.dumps([*VARIANTS[variant], *args.train])]
+    return run_worker(worker_args, nproc, env, result, f"mode {mode}/{precision}/{variant}")
+
+
+def run_worker(worker_args: list[str], nproc: int, env: dict, result: Path, what: str) -> dict:
+    """Run a benchmark worker script on `nproc` CPU processes (DeepSpeed's launcher beyond one) and
+    return the JSON it wrote to `result`, with the load average before and after."""
     if nproc == 1:
         cmd = [sys.executable, *worker_args]
     else:
@@ -196,7 +202,7 @@ def run_mode(mode: str, precision: str, args: argparse.Namespace, result: Path, 
     load_before = os.getloadavg()[0]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0:
-        raise RuntimeError(f"mode {mode}/{precision}/{variant} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"{what} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     out = json.loads(result.read_text())
     out["load_avg_before"], out["load_avg_after"] = load_before, os.getloadavg()[0]
     return out
