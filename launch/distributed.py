@@ -261,9 +261,9 @@ def resolve_precision(precision: str, dist_info: DistInfo) -> str:
     return precision
 
 
-# This process's agreed value of `cpu_bf16_speedup` (after the all-reduce), by thread count: a second
-# call must not be a collective, since only rank 0 asks again (to log the choice).
-_AGREED_BF16_SPEEDUP: dict[int, float] = {}
+# This process's agreed value of `cpu_bf16_speedup` (after the all-reduce), by cache file and key: a
+# second call must not be a collective, since only rank 0 asks again (to log the choice).
+_AGREED_BF16_SPEEDUP: dict[tuple[str, str], float] = {}
 
 
 def cpu_bf16_speedup(size: int = 512, repeats: int = 8) -> float:
@@ -277,10 +277,10 @@ def cpu_bf16_speedup(size: int = 512, repeats: int = 8) -> float:
 
     import torch
 
-    if _dist_ready() and torch.get_num_threads() in _AGREED_BF16_SPEEDUP:
-        return _AGREED_BF16_SPEEDUP[torch.get_num_threads()]
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "polyteacher" / "cpu_precision.json"
     key = f"{cpu_info()[0]}|torch {torch.__version__}|{torch.get_num_threads()} threads"
+    if _dist_ready() and (str(cache), key) in _AGREED_BF16_SPEEDUP:
+        return _AGREED_BF16_SPEEDUP[(str(cache), key)]
     try:
         known = json.loads(cache.read_text())
     except (OSError, ValueError):
@@ -309,7 +309,7 @@ def cpu_bf16_speedup(size: int = 512, repeats: int = 8) -> float:
         value = torch.tensor([speedup], dtype=torch.float64)
         tdist.all_reduce(value, op=tdist.ReduceOp.MIN)
         speedup = float(value.item())
-        _AGREED_BF16_SPEEDUP[torch.get_num_threads()] = speedup
+        _AGREED_BF16_SPEEDUP[(str(cache), key)] = speedup
     return speedup
 
 
