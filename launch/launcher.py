@@ -559,7 +559,10 @@ def run_process_tree(argv: list[str], env: dict[str, str], grace_s: float | None
     the signal number when a signal stopped the run.
     """
     grace_s = SHUTDOWN_GRACE_S if grace_s is None else grace_s
-    proc = subprocess.Popen(argv, env=env, start_new_session=True)
+    # A job started in the background by a non-interactive shell inherits SIGINT ignored; the ranks
+    # must still stop (and checkpoint) when a forwarded SIGINT reaches them.
+    proc = subprocess.Popen(argv, env=env, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     pgid = proc.pid
     received: list[int] = []
 
