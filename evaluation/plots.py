@@ -120,7 +120,8 @@ def grouped_bar_chart(
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.set_ylim(*(ylim or _auto_ylim([v for g in groups.values() for v in g.values()] + list((hlines or {}).values()))))
-    ax.legend(fontsize=8)
+    # Beside the axes: inside, it covers the last cluster (the mean) once there are many series.
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
 
