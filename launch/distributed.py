@@ -261,6 +261,31 @@ def resolve_precision(precision: str, dist_info: DistInfo) -> str:
     return precision
 
 
+def read_machine_cache(name: str) -> tuple[Path, dict[str, Any]]:
+    """(path, contents) of a per-machine probe cache, ~/.cache/polyteacher/NAME (under $XDG_CACHE_HOME
+    when set); {} when it is absent or unreadable."""
+    import json
+
+    path = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "polyteacher" / name
+    try:
+        return path, json.loads(path.read_text())
+    except (OSError, ValueError):
+        return path, {}
+
+
+def write_machine_cache(path: Path, data: dict[str, Any]) -> None:
+    """Replace a probe cache atomically; a read-only home only costs the probe again next time."""
+    import json
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.replace(path)
+    except OSError:
+        pass
+
+
 # This process's agreed value of `cpu_bf16_speedup` (after the all-reduce), by cache file and key: a
 # second call must not be a collective, since only rank 0 asks again (to log the choice).
 _AGREED_BF16_SPEEDUP: dict[tuple[str, str], float] = {}
@@ -272,19 +297,14 @@ def cpu_bf16_speedup(size: int = 512, repeats: int = 8) -> float:
     ~/.cache/polyteacher/cpu_precision.json; every rank of a job gets the smallest value of all ranks,
     so they all choose alike. The first call in a distributed job is a collective (every rank must
     make it); later calls return the agreed value without communicating."""
-    import json
     import time
 
     import torch
 
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "polyteacher" / "cpu_precision.json"
+    cache, known = read_machine_cache("cpu_precision.json")
     key = f"{cpu_info()[0]}|torch {torch.__version__}|{torch.get_num_threads()} threads"
     if _dist_ready() and (str(cache), key) in _AGREED_BF16_SPEEDUP:
         return _AGREED_BF16_SPEEDUP[(str(cache), key)]
-    try:
-        known = json.loads(cache.read_text())
-    except (OSError, ValueError):
-        known = {}
     if key not in known:
         rates = {}
         for dtype in (torch.float32, torch.bfloat16):
@@ -295,13 +315,7 @@ def cpu_bf16_speedup(size: int = 512, repeats: int = 8) -> float:
                 a @ b
             rates[dtype] = repeats / max(time.perf_counter() - start, 1e-9)
         known[key] = rates[torch.bfloat16] / rates[torch.float32]
-        try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(known, indent=1))
-            tmp.replace(cache)
-        except OSError:
-            pass  # a read-only home only costs the probe again next time
+        write_machine_cache(cache, known)
     speedup = float(known[key])
     if _dist_ready():
         import torch.distributed as tdist

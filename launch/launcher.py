@@ -289,23 +289,17 @@ def probe_layouts(cores: int, dtypes: list[str], size: int = 1024, seconds: floa
     return rates
 
 
-def _layout_cache() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "polyteacher" / "cpu_layout.json"
-
-
 def probe_layout(cpu: str, cores: int, precision: str, size: int = 1024, seconds: float = 1.0) -> Layout:
     """The layout from `probe_layouts` in the run's precision (auto: per layout, bf16 where it is
     BF16_MIN_SPEEDUP faster than fp32 there), cached per CPU model, cores, torch version and matmul size
     in ~/.cache/polyteacher/cpu_layout.json (not when the load average exceeded BENCHMARK_MAX_LOAD x cores)."""
     from importlib.metadata import version
 
+    from launch.distributed import read_machine_cache, write_machine_cache
+
     dtypes = {"fp32": ["float32"], "bf16": ["bfloat16"]}.get(precision, ["float32", "bfloat16"])
-    cache = _layout_cache()
+    cache, known = read_machine_cache("cpu_layout.json")
     key = f"{cpu}|{cores} cores|torch {version('torch')}|matmul {size}"
-    try:
-        known = json.loads(cache.read_text())
-    except (OSError, ValueError):
-        known = {}
     entry = known.get(key, {})
     source = "probe (cached)"
     if any(d not in entry for d in dtypes):
@@ -315,13 +309,7 @@ def probe_layout(cpu: str, cores: int, precision: str, size: int = 1024, seconds
             entry[d] = {f"{p}x{t}": v for (p, t), v in rates.items()}
         if source == "probe":  # numbers taken while other jobs held the cores are not kept for later runs
             known[key] = entry
-        try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(known, indent=1))
-            tmp.replace(cache)
-        except OSError:
-            pass  # a read-only home only costs the probe again next time
+        write_machine_cache(cache, known)
 
     def parsed(d: str) -> dict[tuple[int, int], float]:
         return {(int(k.split("x")[0]), int(k.split("x")[1])): float(v) for k, v in entry[d].items()}
