@@ -516,7 +516,7 @@ def parse_target(
     """
     if num_words < 0:
         raise ValueError(f"num_words must be >= 0, got {num_words}")
-    tokens = _LABEL_TOKEN_RE.findall(text) or text.split() if text else []
+    tokens = target_tokens(text)
     intent = ""
     if tokens:
         known = None if intents is None else set(intents)
@@ -529,12 +529,17 @@ def parse_target(
     return NLUPrediction(intent=intent, slots=slots)
 
 
+def target_tokens(text: str) -> list[str]:
+    """The labels of a generated target: its whole `<label>` tokens, else its whitespace-separated words."""
+    return (_LABEL_TOKEN_RE.findall(text) or text.split()) if text else []
+
+
 def check_generation(
     text: str, num_words: int, intents: Iterable[str], *, intent_first: bool = False, stopped: bool = True
 ) -> GenerationCheck:
     """Whether a generated target is well-formed: it stopped, it has `num_words` slot labels plus one
     intent, and its intent position holds one of `intents` (read as `parse_target` reads it)."""
-    tokens = (_LABEL_TOKEN_RE.findall(text) or text.split()) if text else []
+    tokens = target_tokens(text)
     candidate = tokens[0 if intent_first else -1] if tokens else ""
     return GenerationCheck(
         stopped=bool(stopped), label_count_ok=len(tokens) == num_words + 1, known_intent=candidate in set(intents)

@@ -68,6 +68,7 @@ METRIC_FIELDS = {
     "known_intent_rate": ("known_intent",),
 }
 GENERATION_FIELDS = ("stopped", "label_count_ok", "known_intent")
+GENERATION_METRICS = tuple(m for m, cols in METRIC_FIELDS.items() if cols[0] in GENERATION_FIELDS)
 
 
 def align_labels(pred_slots: Sequence[str], num_words: int, pad: str = OTHER) -> list[str]:
@@ -476,7 +477,7 @@ class Seq2SeqPredictor:
     def predict_words(self, batch: list[list[str]]) -> list[Any]:
         import torch
 
-        from data_prep.massive import parse_generated, parse_target, t2t_source
+        from data_prep.massive import t2t_source
 
         sources = [t2t_source(words, self.sentinels) for words in batch]
         from launch.bigmodel import input_device
@@ -486,19 +487,23 @@ class Seq2SeqPredictor:
         max_new_tokens = self.max_new_tokens or max_words * self.tokens_per_word + self.intent_tokens + 1 + self.margin
         with torch.inference_mode():
             output = self.model.generate(**encoded, max_new_tokens=max_new_tokens, num_beams=1, do_sample=False)
-        texts = self.tokenizer.batch_decode(output, skip_special_tokens=True)
-        if not self.intents:  # nothing to check the intent against
-            return [parse_target(text, len(words), intent_first=self.intent_first) for text, words in zip(texts, batch)]
-        stopped = generation_stopped(output, self.tokenizer.eos_token_id)
-        return [
-            parse_generated(text, len(words), self.intents, intent_first=self.intent_first, stopped=done)
-            for text, words, done in zip(texts, batch, stopped)
-        ]
+        return parse_generations(output, self.tokenizer, [len(words) for words in batch], self.intents,
+                                 self.intent_first)
 
 
-def generation_stopped(output: Any, eos_id: int) -> list[bool]:
-    """Per generated sequence ([B, L] ids, decoder start first): whether it holds the eos token."""
-    return (output[:, 1:] == eos_id).any(dim=-1).tolist()
+def parse_generations(
+    output: Any, tokenizer: Any, word_counts: Sequence[int], intents: Sequence[str], intent_first: bool
+) -> list[Any]:
+    """Generated ids ([B, L], decoder start first) -> NLUPredictions, each with its GenerationCheck
+    (did it emit eos, label count, known intent) when `intents` is given."""
+    from data_prep.massive import parse_generated, parse_target
+
+    texts = tokenizer.batch_decode(output, skip_special_tokens=True)
+    if not intents:  # nothing to check the intent against
+        return [parse_target(text, n, intent_first=intent_first) for text, n in zip(texts, word_counts)]
+    stopped = (output[:, 1:] == tokenizer.eos_token_id).any(dim=-1).tolist()
+    return [parse_generated(text, n, intents, intent_first=intent_first, stopped=done)
+            for text, n, done in zip(texts, word_counts, stopped)]
 
 
 def load_predictor(
@@ -683,7 +688,7 @@ def massive_markdown(result: dict[str, Any]) -> str:
     title = f"# MASSIVE {result['split']}: {result['model']}\n\nPredictor: {result['predictor']}. Intervals: {result['ci_method']}.\n\n"
     text = title + markdown_table(header, rows)
     if result.get("stop_rate") is not None:
-        names = list(METRIC_FIELDS)[3:]
+        names = GENERATION_METRICS
         generation_rows = [[loc, *(s[m] for m in names)] for loc, s in sorted(result["per_locale"].items())]
         generation_rows.append(["**mean**", *(result[m] for m in names)])
         text += (

@@ -22,12 +22,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from evaluation.massive import GENERATION_METRICS
 from launch.fsutil import atomic_write_json, atomic_write_text
 from launch.pipeline import MASSIVE_COMPARISONS, MassiveComparison
 
 MASSIVE_METRICS = ("em", "intent_acc", "slot_f1")
 # How well-formed a text-to-text model's generated targets are (None for classifiers and ONNX).
-GENERATION_METRICS = ("stop_rate", "label_count_rate", "known_intent_rate")
 METRIC_TITLES = {"em": "exact match", "intent_acc": "intent accuracy", "slot_f1": "slot F1"}
 # The metric every comparison claim is stated in: exact match, the strictest of the three.
 CLAIM_METRIC = "em"

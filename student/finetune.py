@@ -325,7 +325,7 @@ def evaluate(
     """
     import torch
 
-    from evaluation.massive import GENERATION_FIELDS, score_locale
+    from evaluation.massive import GENERATION_FIELDS, GENERATION_METRICS, score_locale
 
     world, rank = dist_info.world_size, dist_info.rank
     usable = len(dev) // world * world
@@ -383,7 +383,7 @@ def evaluate(
         "dev_examples": int(t_n),
     }
     if t_checked:
-        for name, count in zip(("stop_rate", "label_count_rate", "known_intent_rate"), totals[9:]):
+        for name, count in zip(GENERATION_METRICS, totals[9:]):
             result[f"dev_{name}"] = count / t_checked
     return result
 
@@ -394,8 +394,7 @@ def generate_predictions(
 ) -> list[NLUPrediction]:
     """Greedy generation of the text-to-text target, parsed into intent + per-word slots (with its
     `GenerationCheck` when `intents` is given)."""
-    from data_prep.massive import parse_generated, parse_target
-    from evaluation.massive import generation_stopped
+    from evaluation.massive import parse_generations
 
     output = model.generate(
         input_ids=batch["input_ids"],
@@ -405,14 +404,7 @@ def generate_predictions(
         do_sample=False,
         synced_gpus=synced,
     )
-    texts = tokenizer.batch_decode(output, skip_special_tokens=True)
-    if not intents:
-        return [parse_target(text, len(ex.words), intent_first=cfg.intent_first) for text, ex in zip(texts, examples)]
-    stopped = generation_stopped(output, tokenizer.eos_token_id)
-    return [
-        parse_generated(text, len(ex.words), intents, intent_first=cfg.intent_first, stopped=done)
-        for text, ex, done in zip(texts, examples, stopped)
-    ]
+    return parse_generations(output, tokenizer, [len(ex.words) for ex in examples], intents or [], cfg.intent_first)
 
 
 # ----------------------------------------------------------------------------- the loop
