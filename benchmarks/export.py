@@ -27,19 +27,15 @@ Prints tables and the acceptance checks, writes benchmarks/results/export.json.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import RESULTS  # noqa: E402  (sets the thread and DeepSpeed defaults)
 
-RESULTS = REPO / "benchmarks" / "results"
 # int8 variants: export config overrides.
 VARIANTS: dict[str, list[str]] = {
     "wo32": ["quantization=weight_only", "weight_compute=float", "block_size=32"],

@@ -17,19 +17,14 @@ Prints a table and the design goals, writes benchmarks/results/latency.json.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import RESULTS  # noqa: E402  (sets the thread and DeepSpeed defaults)
 
-RESULTS = REPO / "benchmarks" / "results"
 RUN_DIR_MODELS = {
     "teacher_pytorch": "teacher-ft",
     "teacher_int8": "onnx/teacher-int8",

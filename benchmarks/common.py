@@ -1,0 +1,15 @@
+"""What the benchmark scripts set before they import the project: one thread per process unless told
+otherwise, DeepSpeed on CPU, quiet tokenizers; and where their results go. Import it right after
+putting the repository on sys.path: `sys.path.insert(0, str(Path(__file__).resolve().parent.parent))`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
