@@ -20,6 +20,7 @@ master copies and optimizer states stay fp32, matmuls run in bf16. fp16 on CPU i
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import datetime
@@ -138,6 +139,8 @@ def init_distributed(num_threads: int = 0, timeout_minutes: float = 30.0) -> Dis
         env_threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
         torch.set_num_threads(num_threads or env_threads or cpu_threads_per_process(local_world))
         _release_shm_allreduce_buffer(dist.get_rank(), dist.get_world_size())
+    atexit.unregister(_leave_process_group)  # registered once however often this is called
+    atexit.register(_leave_process_group)
     return DistInfo(
         rank=dist.get_rank(),
         local_rank=local_rank,
@@ -146,6 +149,19 @@ def init_distributed(num_threads: int = 0, timeout_minutes: float = 30.0) -> Dis
         backend=backend,
         local_world_size=local_world,
     )
+
+
+def _leave_process_group() -> None:
+    """Tear the process group down before the interpreter does (registered with atexit).
+
+    A gloo group left to the interpreter's shutdown can abort the process (SIGABRT, exit 250 under
+    DeepSpeed's launcher) when a peer closes its sockets first: a finished job then reports failure.
+    Destroying it here closes the connections in order while every module is still alive."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
 
 
 def shm_allreduce_buffer(rank: int) -> Path:

@@ -275,8 +275,9 @@ def test_cpu_ranks_leave_no_shared_memory_buffers_behind(tmp_path):
     script.write_text(JOB.format(repo=str(Path(__file__).resolve().parent.parent), out=str(out)))
     port = str(free_port())
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", port,
-                    "--no_local_rank", str(script)], env=env, check=True, capture_output=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+                           port, "--no_local_rank", str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     result = json.loads(out.read_text())
     assert result == {"shm": 3.0, "gloo": 3.0, "left": []}
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
