@@ -67,7 +67,7 @@ def default_variant() -> str:
 
 def export_all(model_dir: Path, work: Path, variants: list[str]) -> dict[str, Path]:
     """fp32 export and the int8 `variants` of `model_dir` under `work` (rebuilt every run)."""
-    from launch.config import load_config
+    from core.config import load_config
     from student.export import ExportConfig, export
 
     out = {"fp32": work / "fp32"}
@@ -155,7 +155,7 @@ def build_small_student(work: Path, tokenizer_dir: Path) -> Path:
     vocabulary as the small data preset, random weights) saved in fp32 with a tokenizer."""
     import torch
 
-    from launch.fsutil import atomic_dir
+    from core.fsutil import atomic_dir
     from student.presets import StudentConfig, build_student
     from teacher.presets import ModelConfig, build_model
 
@@ -235,7 +235,7 @@ def checks(seq2seq: dict | None, nlu: dict | None, small: dict | None, default: 
 def main(argv: list[str] | None = None) -> int:
     from evaluation.latency import massive_utterances
     from evaluation.massive import load_split
-    from launch.fsutil import atomic_write_json
+    from core.fsutil import atomic_write_json
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--student", default=None, help="trained seq2seq student directory (e.g. RUN/student-ft)")

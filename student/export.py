@@ -54,7 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from launch.config import ConfigError, load_config, to_dict
+from core.config import ConfigError, load_config, to_dict
 from student.runtime import FORMAT_VERSION, MANIFEST, read_manifest
 
 if TYPE_CHECKING:
@@ -140,9 +140,9 @@ def export(model_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Export
     """Export `model_dir` (a HF seq2seq directory, an encoder NLU directory, or an fp32 ONNX export
     when cfg.int8) to `out_dir`, atomically. Returns out_dir. `out_dir` must be new, empty or a
     previous export (any directory with `overwrite`; never `run_dir` itself or the model): see
-    launch.fsutil.check_output."""
-    from launch.fsutil import atomic_dir, check_output
-    from launch.modeldir import check_model_dir
+    core.fsutil.check_output."""
+    from core.fsutil import atomic_dir, check_output
+    from core.modeldir import check_model_dir
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if not (model_dir / MANIFEST).is_file():  # an fp32 ONNX export is the other input --int8 takes
@@ -283,7 +283,7 @@ def export_size_bytes(graphs: dict[str, dict[str, Any]], weights: dict[str, Any]
 
 def load_seq2seq(model_dir: Path) -> Any:
     """The HF seq2seq model in fp32 eval mode (safetensors; never remote code)."""
-    from launch.modeldir import load_seq2seq_model
+    from core.modeldir import load_seq2seq_model
 
     model = load_seq2seq_model(model_dir, "--model", dtype="float32")
     model.eval()
@@ -922,7 +922,7 @@ def describe_graph(path: Path) -> dict[str, Any]:
 
 def weights_sha256(model_dir: Path) -> dict[str, Any]:
     """sha256 over the model directory's weight files (name and bytes, in name order)."""
-    from launch.modeldir import weight_files
+    from core.modeldir import weight_files
 
     files = weight_files(model_dir)
     if not files:
@@ -943,7 +943,7 @@ TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "spiece.model")
 
 def check_has_tokenizer(model_dir: Path) -> None:
     """Refuse a model directory without its tokenizer (ModelDirError, one line) before any export work."""
-    from launch.modeldir import ModelDirError
+    from core.modeldir import ModelDirError
 
     if not any((model_dir / name).is_file() for name in TOKENIZER_MARKERS):
         raise ModelDirError(
@@ -1021,7 +1021,7 @@ def _created() -> dict[str, Any]:
 
 
 def write_manifest(out: Path, manifest: dict[str, Any]) -> None:
-    from launch.fsutil import atomic_write_json
+    from core.fsutil import atomic_write_json
 
     atomic_write_json(out / MANIFEST, manifest)
 
@@ -1036,7 +1036,7 @@ def _replace(cfg: ExportConfig, **changes: Any) -> ExportConfig:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from launch.config import config_help
+    from core.config import config_help
 
     p = sub.add_parser(
         "export",
@@ -1069,7 +1069,7 @@ def run_cli(args: argparse.Namespace) -> int:
     cfg = load_config(ExportConfig, section="export", preset=args.preset, overrides=overrides)
     model, out = Path(args.model), Path(args.out)
     if args.run_dir:
-        from launch.fsutil import safe_path
+        from core.fsutil import safe_path
 
         model = model if model.is_absolute() else safe_path(args.run_dir, model)
         out = out if out.is_absolute() else safe_path(args.run_dir, out)

@@ -292,7 +292,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    from launch.config import ConfigError
+    from core.config import ConfigError
 
     if args.threads < 1:
         raise ConfigError(f"--threads: must be >= 1, got {args.threads}")
