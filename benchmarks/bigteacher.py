@@ -1,4 +1,4 @@
-"""Big-teacher placements (launch/bigmodel.py): memory held, forward time and logit agreement.
+"""Big-teacher placements (core/bigmodel.py): memory held, forward time and logit agreement.
 
 For one teacher directory, on CPU, the frozen teacher's forward on the same batches when it is
 
@@ -72,8 +72,8 @@ ZERO3_WORKER = r"""
 import json, sys, time, torch
 sys.path.insert(0, sys.argv[4])
 from benchmarks.bigteacher import batches, resident_bytes, time_forward
-from launch.bigmodel import shard_zero3
-from launch.distributed import init_distributed
+from core.bigmodel import shard_zero3
+from core.distributed import init_distributed
 teacher, out, settings = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 info = init_distributed(1)
 start = time.perf_counter()
@@ -112,8 +112,8 @@ def run_zero3(teacher: Path, ranks: int, settings: dict, reference: list) -> dic
 
 
 def random_teacher(preset: str, tokenizer_dir: Path, work: Path) -> Path:
+    from core.fsutil import atomic_dir
     from data_prep.tokenizer import load_tokenizer
-    from launch.fsutil import atomic_dir
     from teacher.presets import ModelConfig, build_model
 
     out = work / f"teacher-{preset}"
@@ -145,9 +145,9 @@ def main() -> int:
 
     import torch
 
+    from core.bigmodel import ModelLoadConfig, empty_model, infer_device_map, load_model
+    from core.fsutil import atomic_write_json
     from evaluation.plots import markdown_table
-    from launch.bigmodel import ModelLoadConfig, empty_model, infer_device_map, load_model
-    from launch.fsutil import atomic_write_json
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     if args.teacher:

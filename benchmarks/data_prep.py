@@ -20,9 +20,9 @@ from pathlib import Path
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from core.config import resolve_data_path  # noqa: E402
+from core.fsutil import atomic_write_json  # noqa: E402
 from data_prep.config import DataConfig, TokenizerConfig  # noqa: E402
-from launch.config import resolve_data_path  # noqa: E402
-from launch.fsutil import atomic_write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "data_prep.json"
 DEFAULT_LOCALES = ["en-US", "de-DE", "fr-FR", "es-ES", "ja-JP", "th-TH", "hi-IN", "ar-SA"]

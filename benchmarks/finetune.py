@@ -86,9 +86,9 @@ def worker(args: argparse.Namespace) -> None:
     """One process of one (task, layout, precision): warmup + measured steps; rank 0 writes the result."""
     import torch
 
-    from launch.config import merge, parse_overrides
-    from launch.distributed import barrier, build_engine, init_distributed
-    from launch.training import TrainConfig
+    from core.config import merge, parse_overrides
+    from core.distributed import barrier, build_engine, init_distributed
+    from core.train_config import TrainConfig
     from teacher.presets import ModelConfig, ModelSpec, build_model
 
     nproc, threads = LAYOUTS[args.layout]
@@ -231,8 +231,8 @@ def main() -> None:
 
     import torch
 
-    from launch.distributed import BF16_MIN_SPEEDUP, cpu_bf16_speedup
-    from launch.fsutil import atomic_write_json
+    from core.distributed import BF16_MIN_SPEEDUP, cpu_bf16_speedup
+    from core.fsutil import atomic_write_json
 
     load_start = load_average()
     peaks = {"fp32": measure_peak(2), "bf16": measure_peak(2, "bfloat16")}

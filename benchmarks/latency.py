@@ -40,11 +40,11 @@ def build_models(work: Path, teacher_preset: str) -> dict[str, Path]:
     """Random-weight teacher/student/NLU directories and their exports under `work` (reused when present)."""
     import torch
 
+    from core.config import data_root
+    from core.fsutil import atomic_dir
     from data_prep.config import TokenizerConfig
     from data_prep.massive import load_massive
     from data_prep.tokenizer import load_tokenizer, train_tokenizer
-    from launch.config import data_root
-    from launch.fsutil import atomic_dir
     from student.export import ExportConfig, export
     from student.nlu import EncoderNLUModel, NLULabels
     from teacher.presets import ModelConfig, build_model
@@ -132,8 +132,8 @@ def goals(results: dict[str, dict]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from core.fsutil import atomic_write_json
     from evaluation.latency import latency_table, massive_utterances, measure
-    from launch.fsutil import atomic_write_json
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run-dir", default=None, help="time a pipeline run's models instead of preset-built ones")

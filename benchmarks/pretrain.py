@@ -79,9 +79,9 @@ def worker(args: argparse.Namespace) -> None:
     """One process of one mode: train warmup + measured steps, rank 0 writes the result JSON."""
     import torch
 
-    from launch.config import merge, parse_overrides
-    from launch.distributed import DistInfo, adamw_impl
-    from launch.training import TrainConfig
+    from core.config import merge, parse_overrides
+    from core.distributed import DistInfo, adamw_impl
+    from core.train_config import TrainConfig
     from teacher.presets import ModelConfig, build_model, model_flops_per_example
 
     nproc, threads, zero_stage = MODES[args.mode]
@@ -114,7 +114,7 @@ def worker(args: argparse.Namespace) -> None:
         def sync() -> None:
             pass
     else:
-        from launch.distributed import barrier, build_engine, init_distributed
+        from core.distributed import barrier, build_engine, init_distributed
 
         dist = init_distributed(num_threads=threads)
         rank, world = dist.rank, dist.world_size
@@ -211,7 +211,7 @@ def run_worker(worker_args: list[str], nproc: int, env: dict, result: Path, what
 def measure_peak(threads: int, dtype: str = "float32") -> float:
     import torch
 
-    from launch.training import measure_peak_tflops
+    from core.metrics import measure_peak_tflops
 
     torch.set_num_threads(threads)
     return max(measure_peak_tflops(threads, size=1024, seconds=1.0, dtype=dtype) for _ in range(3))
@@ -219,7 +219,7 @@ def measure_peak(threads: int, dtype: str = "float32") -> float:
 
 def cpu_record() -> dict:
     """The CPU model and the instruction-set flags that decide its fp32 and bf16 speed."""
-    from launch.distributed import cpu_info
+    from core.distributed import cpu_info
 
     model, flags = cpu_info()
     return {"cpu": model, "cpu_flags": [f for f in CPU_FLAGS if f in flags]}
@@ -311,8 +311,8 @@ def main() -> None:
 
     import torch
 
-    from launch.distributed import BF16_MIN_SPEEDUP, cpu_bf16_speedup
-    from launch.fsutil import atomic_write_json
+    from core.distributed import BF16_MIN_SPEEDUP, cpu_bf16_speedup
+    from core.fsutil import atomic_write_json
     from teacher.presets import count_parameters
 
     load_start = load_average()

@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from launch.config import ConfigError, config_help, load_config
+from core.config import ConfigError, config_help, load_config
 
 DESCRIPTION = """\
 The data_prep stage. `prepare` runs it all: read the monolingual corpora and MASSIVE, refuse
@@ -137,9 +137,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_massive(args: argparse.Namespace) -> int:
+    from core.fsutil import atomic_write_json
     from data_prep.massive import load_massive
     from data_prep.prepare import massive_cache_dir
-    from launch.fsutil import atomic_write_json
 
     cfg = _config(args)
     data = load_massive(

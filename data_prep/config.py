@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from launch.config import LOCALE_RE, ConfigError
+from core.config import LOCALE_RE, ConfigError
 
 # The 48 MASSIVE locales provided under the data root (MASSIVE 1.1 has 52; cy-GB, ka-GE, km-KH and
 # sw-KE are not provided). Any MASSIVE locale name is accepted; these are the default.

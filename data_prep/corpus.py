@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from core.config import data_root, resolve_data_path
 from data_prep.config import DataConfig, SourceConfig
-from launch.config import data_root, resolve_data_path
 
 
 class CorpusSourceError(RuntimeError):

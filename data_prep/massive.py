@@ -915,7 +915,7 @@ class _Cache:
     def write(self, entry: Path | None, parser: _Parser, splits: dict[str, datasets.Dataset]) -> None:
         if entry is None:
             return
-        from launch.fsutil import atomic_dir, atomic_write_json
+        from core.fsutil import atomic_dir, atomic_write_json
 
         try:
             # Older entries of the same file and locale (the file changed since) are stale.
@@ -987,7 +987,7 @@ def _download(url: str, cache_dir: Path | None, progress: bool) -> tuple[Path, b
         return Path(urllib.request.url2pathname(parsed.path)), False
     from tqdm.auto import tqdm
 
-    from launch.fsutil import atomic_dir
+    from core.fsutil import atomic_dir
 
     name = Path(parsed.path).name or "massive.tar.gz"
     if cache_dir is not None:
@@ -1231,7 +1231,7 @@ def load_massive(
 ) -> MassiveData:
     """Load MASSIVE from a directory, a release tarball (path or http(s)/file URL) or "hub".
 
-    A path may start with `@data/` (under the data root, launch.config.data_root()).
+    A path may start with `@data/` (under the data root, core.config.data_root()).
 
     locales: MASSIVE locale names (None = every locale the source has). partitions: any of train,
     dev, test. on_bad_row: "error" raises MassiveFormatError at the first bad row; "skip" skips and
@@ -1264,7 +1264,7 @@ def load_massive(
             if temporary:
                 shutil.rmtree(local.parent, ignore_errors=True)
     else:
-        from launch.config import describe_data_root, resolve_data_path
+        from core.config import describe_data_root, resolve_data_path
 
         path = resolve_data_path(source_str)  # `@data/...` is under the data root
         loader.report.source = str(path)

@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from core.fsutil import atomic_dir
 from data_prep.config import PackingConfig
-from launch.fsutil import atomic_dir
 
 if TYPE_CHECKING:
     import datasets

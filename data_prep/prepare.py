@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core.config import ConfigError, save_stage_config, to_dict
+from core.fsutil import atomic_write_json, atomic_write_text
 from data_prep.config import DataConfig
-from launch.config import ConfigError, save_stage_config, to_dict
-from launch.fsutil import atomic_write_json, atomic_write_text
 
 TOKENIZER_DIR = "tokenizer"
 DATA_DIR = "data"

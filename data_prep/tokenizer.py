@@ -25,9 +25,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from core.config import NO_SPACE_LOCALES
+from core.fsutil import atomic_dir
 from data_prep.config import RESERVED_TOKENS, TokenizerConfig
-from launch.config import NO_SPACE_LOCALES
-from launch.fsutil import atomic_dir
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast

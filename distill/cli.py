@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from launch.config import ConfigError, config_help, load_config
+from core.config import ConfigError, config_help, load_config
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from distill.distill import distill
 
     out_dir = distill(cfg, args.run_dir, resume=args.resume)
-    from launch.distributed import is_rank0
+    from core.distributed import is_rank0
 
     if is_rank0():
         print(f"student written to {out_dir}")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from launch.bigmodel import ModelLoadConfig
-from launch.config import ConfigError
-from launch.training import TrainConfig
+from core.bigmodel import ModelLoadConfig
+from core.config import ConfigError
+from core.train_config import TrainConfig
 from student.presets import StudentConfig
 from teacher.objectives import ObjectiveConfig
 

@@ -33,19 +33,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from core.config import ConfigError, resolve_data_path, save_stage_config, to_dict
+from core.fsutil import atomic_write_json, check_output, safe_path
+from core.loop import is_due
+from core.metrics import LossWindow
+from core.modeldir import check_model_dir
 from distill.config import DistillConfig
-from launch.config import ConfigError, resolve_data_path, save_stage_config, to_dict
-from launch.fsutil import atomic_write_json, check_output, safe_path
-from launch.modeldir import check_model_dir
-from launch.training import LossWindow, is_due
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
     import torch
 
+    from core.checkpoint import CheckpointManager, TrainState
+    from core.distributed import DistInfo
+    from core.metrics import MetricsLogger
     from distill.counterfactual import TokenMap
-    from launch.distributed import DistInfo
-    from launch.training import CheckpointManager, MetricsLogger, TrainState
     from teacher.objectives import Example
 
 
@@ -63,13 +65,13 @@ def resolve_dir(run_dir: Path, value: str, key: str) -> Path:
 
 def load_teacher(teacher_dir: Path, cfg: DistillConfig, run_dir: Path, dist_info: DistInfo, precision: str) -> Any:
     """The frozen teacher (eval mode, requires_grad False; safetensors, no remote code) placed as
-    configured (`launch.bigmodel`): a replica on every rank, accelerate's device map with CPU/disk
+    configured (`core.bigmodel`): a replica on every rank, accelerate's device map with CPU/disk
     offload (teacher_load), or sharded over the ranks by ZeRO-3 (teacher_shard=zero3)."""
     import dataclasses as dc
 
     import torch
 
-    from launch import bigmodel
+    from core import bigmodel
 
     if cfg.teacher_dtype != "auto":
         dtype = bigmodel.resolve_dtype(cfg.teacher_dtype, dist_info.on_gpu)
@@ -98,7 +100,7 @@ def student_init_source(teacher_dir: Path, teacher: Any, cfg: DistillConfig) -> 
     """What build_student copies layers from: the teacher itself when its weights are all in memory;
     for an offloaded or sharded teacher, its model with only the tensors a student may copy read
     from the safetensors (embeddings, output layer, final norms, the mapped layers and layer 0)."""
-    from launch.bigmodel import is_materialized, load_subset
+    from core.bigmodel import is_materialized, load_subset
     from student.presets import layer_map, student_config
 
     if is_materialized(teacher):
@@ -458,8 +460,8 @@ def evaluate(engine: Any, teacher: Any, data: Any, cfg: DistillConfig, dist_info
     import torch
     import torch.nn.functional as F
 
-    from launch.distributed import all_reduce_sum
-    from launch.training import eval_micro_batches
+    from core.data import eval_micro_batches
+    from core.distributed import all_reduce_sum
 
     engine.eval()
     sums = [0.0, 0.0, 0.0, 0.0]  # student CE, teacher CE, KL, tokens
@@ -492,29 +494,20 @@ def evaluate(engine: Any, teacher: Any, data: Any, cfg: DistillConfig, dist_info
 
 def distill(cfg: DistillConfig, run_dir: str | Path, resume: bool = False) -> Path:
     """Distil cfg.teacher into a student; returns the exported student directory run_dir/<out>."""
-    from data_prep.massive import INTENT_FIRST_KEY, SENTINELS_KEY, model_intent_first, model_sentinels
-    from distill.counterfactual import build_token_map
-    from distill.losses import HiddenStateLoss
-    from launch.distributed import (
+    from core.checkpoint import CheckpointManager, config_yaml, export_hf, restore_or_start, seed_everything
+    from core.data import ResumableSampler
+    from core.distributed import (
         all_reduce_mean,
         all_reduce_sum,
         build_engine,
         init_distributed,
         resolve_precision,
     )
-    from launch.training import (
-        CheckpointManager,
-        MetricsLogger,
-        ResumableSampler,
-        StopOnSignal,
-        check_finite,
-        config_yaml,
-        export_hf,
-        maybe_stop,
-        progress_bar,
-        restore_or_start,
-        seed_everything,
-    )
+    from core.loop import StopOnSignal, check_finite, maybe_stop
+    from core.metrics import MetricsLogger, progress_bar
+    from data_prep.massive import INTENT_FIRST_KEY, SENTINELS_KEY, model_intent_first, model_sentinels
+    from distill.counterfactual import build_token_map
+    from distill.losses import HiddenStateLoss
     from student.presets import build_student, describe_student
 
     # config

@@ -79,11 +79,11 @@ def evaluate_baseline(cfg: Any, out_dir: str | Path, name: str = "baseline") -> 
     """Train per locale, score on the `massive` section's ids; write NAME.json and NAME.md into out_dir."""
     from joblib import Parallel, delayed
 
+    from core.config import ConfigError, resolve_data_path
+    from core.fsutil import atomic_write_text
     from data_prep.massive import load_massive
     from evaluation.config import section_dict
     from evaluation.massive import load_split, massive_markdown, result_json, score_records, utterance_records
-    from launch.config import ConfigError, resolve_data_path
-    from launch.fsutil import atomic_write_text
 
     mcfg = cfg.massive
     if mcfg.split == "train":

@@ -76,7 +76,7 @@ def add_load_arguments(p: argparse.ArgumentParser) -> None:
 
 def load_flags(args: argparse.Namespace) -> dict[str, Any]:
     """The `load` section set by --device-map, --max-memory, --offload-folder (None: not given)."""
-    from launch.bigmodel import parse_max_memory_flag
+    from core.bigmodel import parse_max_memory_flag
 
     max_memory = getattr(args, "max_memory", None)
     return {
@@ -87,12 +87,12 @@ def load_flags(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def load_from_args(args: argparse.Namespace, root: str | Path) -> Any:
-    """The `launch.bigmodel.ModelLoadConfig` of --device-map, --max-memory, --offload-folder for a
+    """The `core.bigmodel.ModelLoadConfig` of --device-map, --max-memory, --offload-folder for a
     command without the evaluate config (fairness); a relative offload folder lies inside `root`."""
     import dataclasses
 
-    from launch.bigmodel import ModelLoadConfig, resolve_offload_folder
-    from launch.config import from_dict
+    from core.bigmodel import ModelLoadConfig, resolve_offload_folder
+    from core.config import from_dict
 
     load = from_dict(ModelLoadConfig, {k: v for k, v in load_flags(args).items() if v is not None})
     return dataclasses.replace(load, offload_folder=resolve_offload_folder(load.offload_folder, root))
@@ -105,8 +105,8 @@ def resolve_config(args: argparse.Namespace, flags: dict[str, dict[str, Any]]) -
     `flags` holds the command's own options ({section: {config key: value or None}}); they override
     the preset and are overridden by trailing dotted overrides.
     """
+    from core.config import load_config
     from evaluation.config import EvalConfig
-    from launch.config import load_config
 
     base = {section: {key: value for key, value in values.items() if value is not None} for section, values in flags.items()}
     cfg = load_config(EvalConfig, section="evaluate", preset=args.preset, overrides=args.overrides, base=base)
@@ -116,7 +116,7 @@ def resolve_config(args: argparse.Namespace, flags: dict[str, dict[str, Any]]) -
 
 def check_name(name: str) -> None:
     """--name is a base name for files in --out, never a path."""
-    from launch.config import ConfigError
+    from core.config import ConfigError
 
     if "/" in name or name in ("", ".", ".."):
         raise ConfigError(f"--name {name!r} must be a plain file name without '/'")
@@ -125,8 +125,8 @@ def check_name(name: str) -> None:
 def resolve_common(args: argparse.Namespace, section: str, flags: dict[str, Any]) -> tuple[Any, Path, Path]:
     """(EvalConfig, model directory, output directory) from the common options; `flags` are the
     command's own options of config section `section` (see `resolve_config`)."""
-    from launch.config import ConfigError
-    from launch.fsutil import safe_path
+    from core.config import ConfigError
+    from core.fsutil import safe_path
 
     cfg = resolve_config(args, {section: flags, "load": load_flags(args)})
     if args.run_dir:
@@ -144,7 +144,7 @@ def resolve_common(args: argparse.Namespace, section: str, flags: dict[str, Any]
     if cfg.load.offload_folder:
         import dataclasses
 
-        from launch.bigmodel import resolve_offload_folder
+        from core.bigmodel import resolve_offload_folder
 
         folder = resolve_offload_folder(cfg.load.offload_folder, args.run_dir or out_dir)
         cfg = dataclasses.replace(cfg, load=dataclasses.replace(cfg.load, offload_folder=folder))
@@ -173,8 +173,8 @@ def parse_models(items: Sequence[str], run_dir: str | Path | None = None) -> dic
     Names are unique and contain no '/'. With `run_dir`, a relative DIR is taken inside it (never
     escaping it). Every directory must exist.
     """
-    from launch.config import ConfigError
-    from launch.fsutil import safe_path
+    from core.config import ConfigError
+    from core.fsutil import safe_path
 
     models: dict[str, Path] = {}
     for item in items:

@@ -26,7 +26,7 @@ from typing import Any
 
 def read_result(path: str | Path) -> dict[str, Any]:
     """A result JSON with per-utterance records."""
-    from launch.config import ConfigError
+    from core.config import ConfigError
 
     try:
         result = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -40,8 +40,8 @@ def read_result(path: str | Path) -> dict[str, Any]:
 
 
 def compare_results(path_a: str | Path, path_b: str | Path, *, samples: int, seed: int, confidence: float) -> dict[str, Any]:
+    from core.config import ConfigError
     from evaluation.massive import paired_difference
-    from launch.config import ConfigError
 
     a, b = read_result(path_a), read_result(path_b)
     try:
@@ -112,9 +112,9 @@ def register_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def run_compare(args: argparse.Namespace) -> int:
+    from core.fsutil import atomic_write_json, atomic_write_text
     from evaluation.cli import check_name
     from evaluation.config import EvalConfig
-    from launch.fsutil import atomic_write_json, atomic_write_text
 
     # The defaults of every other evaluation; validated as the config validates them.
     cfg = EvalConfig()

@@ -12,8 +12,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from launch.bigmodel import ModelLoadConfig
-from launch.config import ConfigError
+from core.bigmodel import ModelLoadConfig
+from core.config import ConfigError
 
 # Placeholders each template must contain, checked at start-up.
 ICL_PROMPT_FIELDS = ("{demos}", "{utt}")
@@ -237,7 +237,7 @@ SECTIONS = ("massive", "icl", "translation", "baseline")
 
 def section_dict(cfg: EvalConfig, section: str) -> dict:
     """The resolved config of one evaluation (plus the shared keys), for the output JSON."""
-    from launch.config import to_dict
+    from core.config import to_dict
 
     full = to_dict(cfg)
     shared = {f.name: full[f.name] for f in dataclasses.fields(cfg) if f.name not in SECTIONS}

@@ -45,7 +45,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from launch.bigmodel import input_device
+from core.bigmodel import input_device
 
 # Prompt pairs (male subject, female subject) per lexicon language, written out in full so that
 # articles and possessives agree.
@@ -440,9 +440,9 @@ def evaluate_fairness(models: dict[str, Path], locales: Sequence[str], out_dir: 
     """Both metrics for every model and the paired comparisons against `baseline` (default student_kd
     when present); writes NAME.json and NAME.md into out_dir (atomically). `load`: how big models are
     placed (`evaluation.massive.load_seq2seq`)."""
+    from core.fsutil import atomic_write_json, atomic_write_text
     from distill.counterfactual import lexicon_language
     from evaluation.massive import load_predictor, load_seq2seq, load_split
-    from launch.fsutil import atomic_write_json, atomic_write_text
 
     started = time.perf_counter()
     with_lexicon = [loc for loc in locales if lexicon_language(loc)]

@@ -127,8 +127,8 @@ def score_candidates(
     import torch
     from transformers.modeling_outputs import BaseModelOutput
 
+    from core.bigmodel import input_device
     from evaluation.massive import pad_right
-    from launch.bigmodel import input_device
 
     if normalize not in ("mean", "sum"):
         raise ValueError(f"normalize must be 'mean' or 'sum', got {normalize!r}")
@@ -234,11 +234,11 @@ def evaluate_icl(cfg, model_dir: str | Path, out_dir: str | Path, name: str = "i
     import torch
     from tqdm.auto import tqdm
 
+    from core.config import resolve_data_path
     from data_prep.massive import load_massive
     from data_prep.tokenizer import special_ids
     from evaluation.config import section_dict
     from evaluation.massive import ci_method, load_seq2seq, sample_shared_ids, score_records, select_ids
-    from launch.config import resolve_data_path
 
     icfg = cfg.icl
     started = time.perf_counter()
@@ -401,8 +401,8 @@ def icl_markdown(result: dict[str, Any]) -> str:
 
 
 def write_icl_outputs(result: dict[str, Any], out_dir: Path, name: str) -> list[Path]:
+    from core.fsutil import atomic_write_json, atomic_write_text
     from evaluation.plots import grouped_bar_chart
-    from launch.fsutil import atomic_write_json, atomic_write_text
 
     groups = {loc: {f"k={k}": acc for k, acc in s["accuracy"].items()} for loc, s in result["per_locale"].items()}
     groups["mean"] = {f"k={k}": acc for k, acc in result["accuracy"].items()}

@@ -55,7 +55,7 @@ def model_size_bytes(model_dir: Path) -> int:
         from student.runtime import read_manifest
 
         return int(read_manifest(model_dir)["size_bytes"])
-    from launch.modeldir import weight_files
+    from core.modeldir import weight_files
 
     return sum(p.stat().st_size for p in weight_files(model_dir))
 
@@ -127,9 +127,9 @@ def massive_utterances(data: str, locales: list[str], split: str, max_examples: 
     """Word lists of `max_examples` utterances of each locale's `split`: the same sample of ids in
     every locale (`evaluation.massive.sample_shared_ids`, seed 0 so every run times the same
     utterances), whose lengths follow the split's rather than those of the file's first rows."""
+    from core.config import resolve_data_path
     from data_prep.massive import load_massive
     from evaluation.massive import sample_shared_ids, select_ids
-    from launch.config import resolve_data_path
 
     loaded = load_massive(resolve_data_path(data), locales=locales, partitions=(split,), progress=False)
     per_locale = {locale: loaded.examples(locale=locale, partition=split) for locale in locales}
@@ -177,10 +177,10 @@ def register_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    from core.config import ConfigError
+    from core.fsutil import atomic_write_json, atomic_write_text, safe_path
     from data_prep.massive import check_locales
     from evaluation.cli import parse_models
-    from launch.config import ConfigError
-    from launch.fsutil import atomic_write_json, atomic_write_text, safe_path
 
     for flag in ("max_examples", "threads", "max_new_tokens"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:

@@ -398,7 +398,7 @@ def torch_device(name: str):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        from launch.config import ConfigError
+        from core.config import ConfigError
 
         raise ConfigError("device: 'cuda' requested but no CUDA device is available; allowed: auto, cpu, cuda")
     return torch.device(name)
@@ -406,12 +406,12 @@ def torch_device(name: str):
 
 def load_seq2seq(model_dir: str | Path, device: str = "auto", dtype: str = "float32", load: Any = None):
     """(model in eval mode, tokenizer) from a Hugging Face seq2seq directory: on the device, or placed
-    by accelerate's device map with CPU/disk offload when `load` (a `launch.bigmodel.ModelLoadConfig`)
+    by accelerate's device map with CPU/disk offload when `load` (a `core.bigmodel.ModelLoadConfig`)
     says device_map=auto. dtype "auto": bf16/fp16 on GPU, float32 on CPU. Feed inputs on
-    `launch.bigmodel.input_device(model)`."""
+    `core.bigmodel.input_device(model)`."""
+    from core.bigmodel import load_model, resolve_dtype
+    from core.modeldir import check_model_dir
     from data_prep.tokenizer import load_tokenizer
-    from launch.bigmodel import load_model, resolve_dtype
-    from launch.modeldir import check_model_dir
 
     model_dir = check_model_dir(model_dir, "--model")  # the loading rule every command shares
     tokenizer = load_tokenizer(model_dir)
@@ -480,7 +480,7 @@ class Seq2SeqPredictor:
         from data_prep.massive import t2t_source
 
         sources = [t2t_source(words, self.sentinels) for words in batch]
-        from launch.bigmodel import input_device
+        from core.bigmodel import input_device
 
         encoded = self.tokenizer(sources, padding=True, return_tensors="pt").to(input_device(self.model))
         max_words = max(len(words) for words in batch)
@@ -607,8 +607,8 @@ def select_ids(examples: Sequence[Any], ids: Sequence[str]) -> list[Any]:
 def load_split(source: str, locales: Sequence[str], split: str, max_examples: int | None, seed: int = 0):
     """(MassiveData, {locale: examples}): the examples of `split` with the ids of
     `sample_shared_ids(..., max_examples, seed)`, the same ids in every locale, in id order."""
+    from core.config import resolve_data_path
     from data_prep.massive import load_massive
-    from launch.config import resolve_data_path
 
     path = resolve_data_path(source)
     data = load_massive(str(path), locales=list(locales) or None, partitions=(split,))
@@ -629,7 +629,7 @@ def evaluate_massive(cfg, model_dir: str | Path, out_dir: str | Path, name: str 
     mcfg = cfg.massive
     started = time.perf_counter()
     if not (Path(model_dir) / "manifest.json").is_file():  # refuse a bad model before loading any data
-        from launch.modeldir import check_model_dir
+        from core.modeldir import check_model_dir
 
         check_model_dir(model_dir, "--model")
     data, per_locale = load_split(mcfg.data, mcfg.locales, mcfg.split, mcfg.max_examples, mcfg.seed)
@@ -722,8 +722,8 @@ def result_json(result: Mapping[str, Any]) -> str:
 
 
 def write_massive_outputs(result: dict[str, Any], out_dir: Path, name: str) -> list[Path]:
+    from core.fsutil import atomic_write_text
     from evaluation.plots import bar_chart
-    from launch.fsutil import atomic_write_text
 
     per_locale = result["per_locale"]
     return [

@@ -13,7 +13,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from launch.fsutil import atomic_write_bytes
+from core.fsutil import atomic_write_bytes
 
 
 def _pyplot():

@@ -43,7 +43,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from launch.config import NO_SPACE_LOCALES
+from core.config import NO_SPACE_LOCALES
 
 PIVOT = "en-US"
 FLORES_DEV_LINES = 997
@@ -142,9 +142,9 @@ def generate(
     import torch
     from tqdm.auto import tqdm
 
+    from core.bigmodel import input_device
     from evaluation.icl import encode_prompt
     from evaluation.massive import pad_right
-    from launch.bigmodel import input_device
 
     pad_id = tokenizer.pad_token_id
     encoded = [encode_prompt(tokenizer, p, clm_id, max_prompt_tokens) for p in prompts]
@@ -168,10 +168,10 @@ def generate(
 
 def evaluate_translation(cfg, model_dir: str | Path, out_dir: str | Path, name: str = "translation") -> dict[str, Any]:
     """1-shot translation per language and direction; writes NAME.json, NAME.md, NAME.png."""
+    from core.config import resolve_data_path
     from data_prep.tokenizer import special_ids
     from evaluation.config import section_dict
     from evaluation.massive import load_seq2seq
-    from launch.config import resolve_data_path
 
     tcfg = cfg.translation
     started = time.perf_counter()
@@ -187,7 +187,7 @@ def evaluate_translation(cfg, model_dir: str | Path, out_dir: str | Path, name: 
     if not locales:
         raise FileNotFoundError(f"{source}: none of the locales {', '.join(tcfg.locales)} has a FLORES-200 dev file")
     if tcfg.num_demo_lines >= FLORES_DEV_LINES:
-        from launch.config import ConfigError
+        from core.config import ConfigError
 
         raise ConfigError(f"translation.num_demo_lines={tcfg.num_demo_lines} leaves no sentence to evaluate (dev has {FLORES_DEV_LINES})")
     english = read_flores(source, PIVOT)
@@ -278,8 +278,8 @@ def translation_markdown(result: dict[str, Any]) -> str:
 
 
 def write_translation_outputs(result: dict[str, Any], out_dir: Path, name: str) -> list[Path]:
+    from core.fsutil import atomic_write_json, atomic_write_text
     from evaluation.plots import grouped_bar_chart
-    from launch.fsutil import atomic_write_json, atomic_write_text
 
     groups = {loc: {d: m["chrf++"] for d, m in directions.items()} for loc, directions in result["per_language"].items()}
     return [

@@ -3,7 +3,7 @@
 Each stage module that owns subcommands exposes `register(subparsers)`, which adds its parsers and
 sets `func` (called with the parsed args; returns an exit code or None). A command that writes into
 a run directory also sets `lock_run_dir` to the name of the argument holding it: `main` runs it under
-`launch.fsutil.run_dir_lock`, so one writer holds a run directory at a time. Those modules import heavy
+`core.fsutil.run_dir_lock`, so one writer holds a run directory at a time. Those modules import heavy
 libraries (torch, deepspeed) inside their functions so that `polyteacher --help` stays fast.
 """
 
@@ -15,8 +15,8 @@ import importlib
 import sys
 from collections.abc import Iterable
 
-from launch.config import ConfigError
-from launch.fsutil import run_dir_lock
+from core.config import ConfigError
+from core.fsutil import run_dir_lock
 
 # Modules that contribute subcommands, in the order they appear in --help.
 COMMAND_MODULES = (
@@ -35,10 +35,10 @@ COMMAND_MODULES = (
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
-    from launch.distributed import UnsafeCheckpointError
-    from launch.fsutil import OutputPathError, RunDirLockedError, UnsafePathError
-    from launch.modeldir import ModelDirError
-    from launch.training import CheckpointError
+    from core.checkpoint import CheckpointError
+    from core.distributed import UnsafeCheckpointError
+    from core.fsutil import OutputPathError, RunDirLockedError, UnsafePathError
+    from core.modeldir import ModelDirError
 
     types_: list[type[BaseException]] = [UnsafePathError, OutputPathError, UnsafeCheckpointError, CheckpointError,
                                            ModelDirError, RunDirLockedError]
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"polyteacher: config error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
-        from launch.training import TrainingStopped
+        from core.loop import TrainingStopped
 
         if isinstance(e, TrainingStopped):  # SIGTERM/SIGINT: a checkpoint was saved first
             print(f"polyteacher {args.command}: {e}", file=sys.stderr)

@@ -7,7 +7,7 @@ import importlib
 
 import yaml
 
-from launch.config import config_help, load_config, to_dict
+from core.config import config_help, load_config, to_dict
 
 # Preset section -> "module:Class" of the stage's config dataclass.
 STAGE_CONFIGS = {

@@ -3,7 +3,7 @@
     polyteacher launch --nproc-per-node 2 -- pretrain --run-dir runs/demo --preset tiny
 
 Every process runs `python -m launch.cli <subcommand> ...`; the training code reads its rank from the
-environment (`launch.distributed.init_distributed`). Ways to start them:
+environment (`core.distributed.init_distributed`). Ways to start them:
 
 - one node (default): DeepSpeed's launcher (`python -m deepspeed.launcher.runner --num_gpus K`), or
   torchrun with `--launcher torchrun`;
@@ -49,7 +49,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from launch.config import ConfigError
+from core.config import ConfigError
 
 # Subcommands that train (and so can run on several processes).
 TRAINING_COMMANDS = ("pretrain", "distill", "finetune")
@@ -196,7 +196,7 @@ def run_precision(command: list[str]) -> str:
 
 
 def _auto_picks(fp32: float, bf16: float) -> str:
-    from launch.distributed import BF16_MIN_SPEEDUP
+    from core.distributed import BF16_MIN_SPEEDUP
 
     return "bf16" if bf16 >= BF16_MIN_SPEEDUP * fp32 else "fp32"
 
@@ -295,7 +295,7 @@ def probe_layout(cpu: str, cores: int, precision: str, size: int = 1024, seconds
     in ~/.cache/polyteacher/cpu_layout.json (not when the load average exceeded BENCHMARK_MAX_LOAD x cores)."""
     from importlib.metadata import version
 
-    from launch.distributed import read_machine_cache, write_machine_cache
+    from core.distributed import read_machine_cache, write_machine_cache
 
     dtypes = {"fp32": ["float32"], "bf16": ["bfloat16"]}.get(precision, ["float32", "bfloat16"])
     cache, known = read_machine_cache("cpu_layout.json")
@@ -339,7 +339,7 @@ def resolve_layout(opts: LaunchOptions, gpu: bool) -> Optional[Layout]:
 
         opts.nproc_per_node = max(1, torch.cuda.device_count())
         return None
-    from launch.distributed import cpu_info
+    from core.distributed import cpu_info
 
     cpu, cores, precision = cpu_info()[0], cores_available(), run_precision(opts.command)
     # With other jobs holding the cores a multi-threaded process stalls at every parallel region (10-30x
@@ -352,7 +352,7 @@ def resolve_layout(opts: LaunchOptions, gpu: bool) -> Optional[Layout]:
 
 def record_layout(opts: LaunchOptions, layout: Layout) -> Optional[Path]:
     """Append the chosen layout to RUN_DIR/launch.jsonl when the subcommand names a --run-dir."""
-    from launch.fsutil import append_jsonl
+    from core.fsutil import append_jsonl
 
     command = opts.command
     run_dir = next((command[i + 1] for i, a in enumerate(command[:-1]) if a == "--run-dir"), None)
@@ -487,7 +487,7 @@ def run_launch(opts: LaunchOptions, dry_run: bool = False) -> int:
     opts.validate()
     gpu = use_gpu(opts.accelerator)
     if opts.slurm:
-        from launch.fsutil import atomic_write_text
+        from core.fsutil import atomic_write_text
 
         script = slurm_script(opts, gpu)
         path = Path(opts.slurm_out or f"{opts.job_name or 'polyteacher-' + opts.command[0]}.sbatch")

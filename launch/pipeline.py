@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from launch.config import ConfigError, load_config, save_config
-from launch.fsutil import atomic_write_json, safe_path
+from core.config import ConfigError, load_config, save_config
+from core.fsutil import atomic_write_json, safe_path
 
 
 @dataclasses.dataclass

@@ -22,8 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from core.fsutil import atomic_write_json, atomic_write_text
 from evaluation.massive import GENERATION_METRICS
-from launch.fsutil import atomic_write_json, atomic_write_text
 from launch.pipeline import MASSIVE_COMPARISONS, MassiveComparison
 
 MASSIVE_METRICS = ("em", "intent_acc", "slot_f1")

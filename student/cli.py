@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from launch.config import config_help, flag_overrides, load_config
+from core.config import config_help, flag_overrides, load_config
 from student.config import FinetuneConfig
 
 EPILOG = """\
@@ -65,7 +65,7 @@ def build_config(args: argparse.Namespace) -> FinetuneConfig:
     section = getattr(args, "section", "finetune")
     cfg = load_config(FinetuneConfig, section=section, preset=args.preset, overrides=[*args.overrides, *flags])
     if not cfg.init:
-        from launch.config import ConfigError
+        from core.config import ConfigError
 
         raise ConfigError("finetune: no model to start from; pass --model DIR (or scratch:<preset>) or set init=...")
     return cfg
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     from student.finetune import finetune
 
     out = finetune(cfg, args.run_dir, resume=args.resume)
-    from launch.distributed import is_rank0
+    from core.distributed import is_rank0
 
     if is_rank0():
         print(f"finetune: wrote {out}")

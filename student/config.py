@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from launch.config import LOCALE_RE, ConfigError
-from launch.training import TrainConfig
+from core.config import LOCALE_RE, ConfigError
+from core.train_config import TrainConfig
 from teacher.presets import PRESETS, ModelConfig
 
 SCRATCH_PREFIX = "scratch:"

@@ -24,8 +24,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from launch.config import ConfigError, resolve_data_path, save_stage_config
-from launch.distributed import (
+from core.checkpoint import (
+    CheckpointManager,
+    TrainState,
+    config_yaml,
+    export_hf,
+    refuse_to_start_over,
+    restore_or_start,
+    seed_everything,
+)
+from core.config import ConfigError, resolve_data_path, save_stage_config
+from core.data import ResumableSampler
+from core.distributed import (
     DistInfo,
     all_reduce_mean,
     all_reduce_sum,
@@ -33,25 +43,10 @@ from launch.distributed import (
     build_engine,
     init_distributed,
 )
-from launch.fsutil import check_output, safe_path
-from launch.modeldir import check_model_dir
-from launch.training import (
-    CheckpointManager,
-    LossWindow,
-    MetricsLogger,
-    ResumableSampler,
-    StopOnSignal,
-    TrainState,
-    check_finite,
-    config_yaml,
-    export_hf,
-    is_due,
-    maybe_stop,
-    progress_bar,
-    refuse_to_start_over,
-    restore_or_start,
-    seed_everything,
-)
+from core.fsutil import check_output, safe_path
+from core.loop import StopOnSignal, check_finite, is_due, maybe_stop
+from core.metrics import LossWindow, MetricsLogger, progress_bar
+from core.modeldir import check_model_dir
 from student.config import FinetuneConfig
 
 if TYPE_CHECKING:
@@ -235,7 +230,7 @@ def build_seq2seq(cfg: FinetuneConfig, run_dir: Path, tokenizer: Any) -> Any:
 
         model = build_model(dataclasses.replace(cfg.model, preset=cfg.scratch_preset), tokenizer, seed=cfg.train.seed)
     else:
-        from launch.modeldir import load_seq2seq_model
+        from core.modeldir import load_seq2seq_model
 
         model = load_seq2seq_model(resolve_dir(run_dir, cfg.init, "init"), "finetune.init", dtype="float32")
     if cfg.dropout is not None:

@@ -195,11 +195,11 @@ class EncoderNLUModel(nn.Module):
         """Write config.json, model.safetensors, nlu_labels.json and the tokenizer, atomically.
 
         `state_dict` (default: this module's) lets a caller save gathered weights, e.g.
-        launch.training.export_hf with ZeRO-3's consolidated fp32 parameters.
+        core.checkpoint.export_hf with ZeRO-3's consolidated fp32 parameters.
         """
         from safetensors.torch import save_file
 
-        from launch.fsutil import atomic_dir
+        from core.fsutil import atomic_dir
 
         if self.tokenizer is None:
             raise ValueError("EncoderNLUModel.save_pretrained: set model.tokenizer first (the directory must be self-contained)")
@@ -229,7 +229,7 @@ class EncoderNLUModel(nn.Module):
         from safetensors.torch import load_model
         from transformers import AutoConfig, AutoTokenizer
 
-        from launch.modeldir import check_model_dir
+        from core.modeldir import check_model_dir
 
         model_dir = check_model_dir(model_dir, "NLU model directory")
         labels = NLULabels.read(model_dir)

@@ -29,7 +29,7 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Optional
 
-from launch.config import ConfigError
+from core.config import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel, T5Config

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from launch.config import config_help, flag_overrides, load_config
+from core.config import config_help, flag_overrides, load_config
 from teacher.config import PretrainConfig
 
 EPILOG = """\
@@ -65,7 +65,7 @@ def build_config(args: argparse.Namespace) -> PretrainConfig:
 
 def run(args: argparse.Namespace) -> int:
     cfg = build_config(args)
-    from launch.training import NonFiniteLossError
+    from core.loop import NonFiniteLossError
     from teacher.pretrain import pretrain
 
     try:
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     except NonFiniteLossError as e:
         print(f"polyteacher pretrain: {e}", file=sys.stderr)
         return 3
-    from launch.distributed import is_rank0
+    from core.distributed import is_rank0
 
     if is_rank0():
         print(out)

@@ -7,9 +7,9 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from launch.config import ConfigError
-from launch.fsutil import safe_path
-from launch.training import TrainConfig
+from core.config import ConfigError
+from core.fsutil import safe_path
+from core.train_config import TrainConfig
 from teacher.objectives import ObjectiveConfig
 from teacher.presets import ModelConfig
 

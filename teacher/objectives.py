@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 
-from launch.config import ConfigError
+from core.config import ConfigError
 
 if TYPE_CHECKING:
     import torch

@@ -20,7 +20,7 @@ The rest follows the ZeRO paper and DeepSpeed's documentation:
 
 Teacher inference for distillation (`teacher_inference`): the frozen teacher is run forward only, so
 it needs its 16-bit weights (2 P; GPU teachers are bf16/fp16) and no gradients or optimizer states, per
-placement (`launch.bigmodel.inference_memory_rows`): a replica on every rank; sharded over all GPUs by
+placement (`core.bigmodel.inference_memory_rows`): a replica on every rank; sharded over all GPUs by
 ZeRO-3 (`distill.teacher_shard=zero3`: 2 P / N plus the layer being gathered and the one prefetched);
 accelerate's device map over one node's GPUs (one process per node, `teacher_load.device_map=auto`);
 or streamed from the CPU layer by layer. Activations come on top.
@@ -38,8 +38,8 @@ import json
 import sys
 from typing import Any
 
-from launch.bigmodel import inference_memory_rows
-from launch.config import ConfigError
+from core.bigmodel import inference_memory_rows
+from core.config import ConfigError
 
 GIB = 1024**3
 

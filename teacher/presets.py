@@ -46,7 +46,7 @@ import dataclasses
 import math
 from typing import TYPE_CHECKING, Any, Literal, Optional
 
-from launch.config import ConfigError
+from core.config import ConfigError
 
 if TYPE_CHECKING:  # heavy imports stay inside functions: the CLI imports this module at start-up
     from transformers import T5Config, T5ForConditionalGeneration

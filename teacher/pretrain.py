@@ -13,8 +13,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from launch.config import ConfigError, save_stage_config
-from launch.distributed import (
+from core.checkpoint import (
+    CheckpointManager,
+    TrainState,
+    config_yaml,
+    export_hf,
+    refuse_to_start_over,
+    restore_or_start,
+    seed_everything,
+)
+from core.config import ConfigError, save_stage_config
+from core.data import ResumableSampler, eval_micro_batches
+from core.distributed import (
     DistInfo,
     all_reduce_mean,
     all_reduce_sum,
@@ -22,26 +32,10 @@ from launch.distributed import (
     init_distributed,
     is_rank0,
 )
-from launch.fsutil import check_output
-from launch.modeldir import check_model_dir
-from launch.training import (
-    CheckpointManager,
-    MetricsLogger,
-    ResumableSampler,
-    StopOnSignal,
-    TrainState,
-    check_finite,
-    config_yaml,
-    default_peak_tflops,
-    eval_micro_batches,
-    export_hf,
-    is_due,
-    maybe_stop,
-    progress_bar,
-    refuse_to_start_over,
-    restore_or_start,
-    seed_everything,
-)
+from core.fsutil import check_output
+from core.loop import StopOnSignal, check_finite, is_due, maybe_stop
+from core.metrics import MetricsLogger, default_peak_tflops, progress_bar
+from core.modeldir import check_model_dir
 from teacher.config import PretrainConfig, PretrainPaths, resolve_paths
 from teacher.objectives import OBJECTIVE_NAMES, PretrainCollator, loss_by_objective
 from teacher.presets import ModelSpec, model_flops_per_example
@@ -156,7 +150,7 @@ def load_or_build_model(cfg: PretrainConfig, paths: PretrainPaths, tokenizer: An
         from teacher.presets import build_model
 
         return build_model(cfg.teacher, tokenizer, seed=cfg.train.seed)
-    from launch.modeldir import load_seq2seq_model
+    from core.modeldir import load_seq2seq_model
 
     model = load_seq2seq_model(paths.init_from, "init_from")
     if model.config.vocab_size < len(tokenizer):

@@ -1,6 +1,6 @@
 """Shared test fixtures.
 
-The data root comes from POLYTEACHER_DATA or ../shared (launch.config.data_root). Tests that need
+The data root comes from POLYTEACHER_DATA or ../shared (core.config.data_root). Tests that need
 data the root lacks are skipped with the reason, never silently passed.
 """
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.config import data_root
+from core.config import data_root
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

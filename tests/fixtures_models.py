@@ -47,7 +47,7 @@ def tiny_teacher_dir(tmp_path_factory, tiny_tokenizer_dir: Path, tiny_model_cfg)
 
 def save_model_dir(model, tokenizer, out: Path) -> Path:
     """`save_pretrained` of a model and its tokenizer into one new directory, atomically."""
-    from launch.fsutil import atomic_dir
+    from core.fsutil import atomic_dir
 
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)

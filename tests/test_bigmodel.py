@@ -1,4 +1,4 @@
-"""Big teachers (launch/bigmodel.py): a teacher whose weights exceed max_memory loads with CPU + disk
+"""Big teachers (core/bigmodel.py): a teacher whose weights exceed max_memory loads with CPU + disk
 offload where accelerate's device map says, gives the plain load's logits, distils and evaluates; and a
 teacher sharded over 2 real ranks by a ZeRO-3 engine without optimizer (slow) gives the unsharded
 teacher's logits and distils."""
@@ -15,15 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from launch.bigmodel import ModelLoadConfig, parse_max_memory, parse_max_memory_flag, resolve_offload_folder
-from launch.config import ConfigError, load_config
-from launch.fsutil import UnsafePathError
+from core.bigmodel import ModelLoadConfig, parse_max_memory, parse_max_memory_flag, resolve_offload_folder
+from core.config import ConfigError, load_config
+from core.fsutil import UnsafePathError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def _weights_bytes(model_dir: Path) -> int:
-    from launch.bigmodel import empty_model
+    from core.bigmodel import empty_model
 
     model = empty_model(model_dir)
     seen: set[int] = set()
@@ -89,7 +89,7 @@ def test_load_config_values_and_errors(tmp_path):
 def test_resolve_dtype_policy():
     import torch
 
-    from launch.bigmodel import resolve_dtype
+    from core.bigmodel import resolve_dtype
 
     assert resolve_dtype("auto", on_gpu=False) == torch.float32
     assert resolve_dtype("bfloat16", on_gpu=False) == torch.bfloat16
@@ -104,7 +104,7 @@ def test_offloaded_teacher_is_placed_by_the_device_map_and_matches_a_plain_load(
                                                                                 forced_offload):
     import torch
 
-    from launch.bigmodel import infer_device_map, input_device, load_model, placement
+    from core.bigmodel import infer_device_map, input_device, load_model, placement
 
     memory = {"cpu": forced_offload["cpu"]}
     device_map = infer_device_map(tiny_teacher_dir, memory, torch.float32)
@@ -141,9 +141,9 @@ def test_student_init_from_an_offloaded_teacher_equals_the_plain_one(tmp_path, t
     """build_student copies the mapped layers from the safetensors when the teacher is offloaded."""
     import torch
 
+    from core.bigmodel import is_materialized, load_model
     from distill.config import DistillConfig
     from distill.distill import student_init_source
-    from launch.bigmodel import is_materialized, load_model
     from student.presets import build_student
 
     cfg = DistillConfig()
@@ -244,8 +244,8 @@ def test_evaluate_massive_and_icl_accept_the_offload_options(tmp_path, capsys, t
 
 PROBE = r"""
 import json, sys, torch
-from launch.distributed import init_distributed
-from launch.bigmodel import load_model, local_partition_numel, shard_zero3
+from core.distributed import init_distributed
+from core.bigmodel import load_model, local_partition_numel, shard_zero3
 teacher_dir, out = sys.argv[1], sys.argv[2]
 info = init_distributed(1)
 plain = load_model(teacher_dir)

@@ -6,7 +6,7 @@ from typing import Literal, Optional
 import pytest
 import yaml
 
-from launch.config import (
+from core.config import (
     ConfigError,
     config_help,
     field_docs,
@@ -16,7 +16,7 @@ from launch.config import (
     save_config,
     to_dict,
 )
-from launch.fsutil import UnsafePathError, atomic_dir, atomic_write_text, read_jsonl, safe_path
+from core.fsutil import UnsafePathError, atomic_dir, atomic_write_text, read_jsonl, safe_path
 
 
 @dataclasses.dataclass
@@ -169,7 +169,7 @@ def test_float_literals_without_a_dot_are_numbers():
 
 def test_each_stage_keeps_its_own_config(tmp_path):
     # Issue 14, case 11: each stage overwrote config.yaml, so the data stage's config was lost.
-    from launch.config import load_saved_config, save_stage_config
+    from core.config import load_saved_config, save_stage_config
 
     first = save_stage_config(Outer(), tmp_path, "data")
     second = save_stage_config(load_config(Outer, overrides=["tokenizer.alpha=0.5"]), tmp_path, "pretrain", "teacher")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from core.config import ConfigError, merge, validate
 from data_prep.config import DataConfig, SourceConfig
 from data_prep.corpus import (
     CorpusSourceError,
@@ -24,7 +25,6 @@ from data_prep.corpus import (
     sampling_probabilities,
     split_heldout,
 )
-from launch.config import ConfigError, merge, validate
 
 
 def _write_gz(path: Path, lines: list[str]) -> Path:
@@ -239,7 +239,7 @@ def test_flores_code_placeholder(tmp_path):
 
 
 def test_config_validation_names_key_and_allowed_values():
-    from launch.config import load_config
+    from core.config import load_config
 
     with pytest.raises(ConfigError, match="tokenizer.vocab_size: 300 is too small"):
         load_config(DataConfig, section="data", overrides=["tokenizer.vocab_size=300"])

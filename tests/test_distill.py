@@ -87,11 +87,11 @@ def test_two_process_distillation_loss_falls(tmp_path, tiny_teacher_dir, tiny_to
 def test_task_distillation_on_massive_with_length_grouped_batches(tmp_path, tiny_teacher_dir, massive_dir):
     """`distill --section taskdistill`: MASSIVE pairs from the fine-tuned teacher, one process, batches
     grouped by length; the loss falls and the student is a seq2seq model with half the layers."""
+    from core.config import load_config
+    from core.data import ResumableSampler
     from data_prep.tokenizer import load_tokenizer
     from distill.config import DistillConfig
     from distill.distill import MassiveDistillData
-    from launch.config import load_config
-    from launch.training import ResumableSampler
 
     cfg = load_config(DistillConfig, section="taskdistill", preset="tiny",
                       overrides=[f"massive_data={massive_dir}", "locales=[en-US]", "num_train_examples=256"])

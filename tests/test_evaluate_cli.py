@@ -10,10 +10,10 @@ import sys
 
 import pytest
 
+from core.config import ConfigError
+from core.fsutil import UnsafePathError
 from evaluation import cli as eval_cli
 from launch.cli import build_parser, main
-from launch.config import ConfigError
-from launch.fsutil import UnsafePathError
 
 
 def test_help_lists_every_evaluation_and_option():
@@ -103,7 +103,7 @@ def test_load_predictor_refuses_a_missing_directory(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_predictor(tmp_path / "missing")
-    from launch.modeldir import ModelDirError
+    from core.modeldir import ModelDirError
 
     with pytest.raises(ModelDirError, match="no config.json"):
         load_predictor(tmp_path)

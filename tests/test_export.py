@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from fixtures_models import session_export
 
-from launch.config import ConfigError, load_config
+from core.config import ConfigError, load_config
 from student.export import (
     WEIGHTS_FILE,
     ExportConfig,
@@ -239,7 +239,7 @@ def test_int8_size_against_pytorch_for_the_tiny_preset(overrides, tmp_path: Path
     """The tiny preset (tied 2048 x 128 embedding: a third of the weights): weight-only int8 is at
     most 0.30 of the PyTorch safetensors with either compute; dynamic quantization stores the
     embedding twice (Gather table and transposed lm_head) and is larger."""
-    from launch.config import load_config
+    from core.config import load_config
 
     fp32 = export(tiny_teacher_dir, tmp_path / "fp32", ExportConfig(check_parity=False))
     cfg = load_config(ExportConfig, section="export", overrides=["int8=true", *overrides])

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
+from core.config import ConfigError
 from data_prep.massive import NLUPrediction
 from evaluation.cli import parse_models
 from evaluation.fairness import (
@@ -23,7 +24,6 @@ from evaluation.fairness import (
     occupations,
     score_continuations,
 )
-from launch.config import ConfigError
 
 
 @dataclass

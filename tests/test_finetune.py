@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from launch.config import ConfigError, load_config
-from launch.distributed import DistInfo
+from core.config import ConfigError, load_config
+from core.distributed import DistInfo
 from student.config import FinetuneConfig
 from student.finetune import collate_encoder, collate_seq2seq, encode_seq2seq, load_finetune_data, output_name
 
@@ -166,7 +166,7 @@ def _run_finetune(run_dir: Path, *args: str, timeout: int = 300) -> subprocess.C
 
 
 def _records(run_dir: Path, name: str, key: str) -> list[dict]:
-    from launch.fsutil import read_jsonl
+    from core.fsutil import read_jsonl
 
     return [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["stage"] == f"finetune/{name}" and key in r]
 

@@ -7,8 +7,8 @@ import os
 
 import pytest
 
+from core.fsutil import ARTIFACT_MARKER, OutputPathError, artifact_kind, atomic_dir, check_output
 from launch.cli import main
-from launch.fsutil import ARTIFACT_MARKER, OutputPathError, artifact_kind, atomic_dir, check_output
 
 
 def _user_dir(path):
@@ -125,7 +125,7 @@ def test_a_killed_writers_temporary_is_removed_by_the_next_one(tmp_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    script = ("import os, sys, time\nfrom launch.fsutil import atomic_dir\n"
+    script = ("import os, sys, time\nfrom core.fsutil import atomic_dir\n"
               "with atomic_dir(sys.argv[1], kind='packed-data') as tmp:\n"
               "    (tmp / 'half').write_text('x'); print(tmp, flush=True); time.sleep(60)\n")
     proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "data")], cwd=root,

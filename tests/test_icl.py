@@ -155,8 +155,8 @@ def test_contextual_calibration_uniform_reference_and_several_content_free_queri
 
 
 def test_icl_config_calibration_and_label_eos_defaults():
+    from core.config import ConfigError, load_config
     from evaluation.config import EvalConfig
-    from launch.config import ConfigError, load_config
 
     cfg = load_config(EvalConfig)
     assert cfg.icl.label_eos is False and cfg.icl.calibration == "none" and cfg.icl.content_free == ["N/A"]
@@ -272,10 +272,10 @@ def test_t5_sum_score_equals_the_models_own_loss(tiny_t5):
 
 
 def test_evaluate_icl_on_the_tiny_teacher_writes_results(tiny_teacher_dir, massive_dir, tmp_path):
+    from core.config import load_config
     from evaluation.config import EvalConfig
     from evaluation.icl import evaluate_icl
     from evaluation.massive import load_split
-    from launch.config import load_config
 
     cfg = load_config(
         EvalConfig,
@@ -400,9 +400,9 @@ def synthetic_icl(tiny_tokenizer_dir, tmp_path_factory):
 
 @pytest.mark.slow
 def test_harness_solves_a_task_only_demonstrations_reveal(synthetic_icl, tmp_path):
+    from core.config import load_config
     from evaluation.config import EvalConfig
     from evaluation.icl import evaluate_icl
-    from launch.config import load_config
 
     data_dir, model_dir, intent_of = synthetic_icl
     cfg = load_config(EvalConfig, overrides=[

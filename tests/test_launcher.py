@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from core.config import ConfigError
+from core.distributed import cpu_info
 from launch.cli import main
-from launch.config import ConfigError
-from launch.distributed import cpu_info
 from launch.launcher import (
     LaunchOptions,
     Layout,
@@ -254,7 +254,7 @@ JOB = """
 import json, sys
 sys.path.insert(0, {repo!r})
 import torch
-from launch.distributed import init_distributed, shm_allreduce_buffer
+from core.distributed import init_distributed, shm_allreduce_buffer
 info = init_distributed(num_threads=1)
 import deepspeed.comm as ds_comm
 import torch.distributed as dist

@@ -781,7 +781,7 @@ def test_missing_data_root_shows_the_resolved_path(tmp_path: Path, monkeypatch) 
 def test_cache_entries_of_an_older_version_are_replaced(tmp_path: Path, small_dir: Path) -> None:
     # The cache owns its entries: one without the artifact marker (written before markers existed) must
     # not make the output-path guard fail a load.
-    from launch.fsutil import ARTIFACT_MARKER
+    from core.fsutil import ARTIFACT_MARKER
 
     cache = tmp_path / "cache"
     load_massive(small_dir, locales=["en-US"], cache_dir=cache, progress=False)

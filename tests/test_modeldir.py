@@ -7,8 +7,8 @@ import re
 
 import pytest
 
+from core.modeldir import ModelDirError, check_model_dir
 from launch.cli import main
-from launch.modeldir import ModelDirError, check_model_dir
 
 
 def _model_dir(path, weights):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from launch.config import ConfigError, from_dict
+from core.config import ConfigError, from_dict
 from teacher.objectives import (
     CLM,
     DENOISE,

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launch.config import PRESET_DIR
+from core.config import PRESET_DIR
 from launch.pipeline import MASSIVE_COMPARISONS, STAGE_BY_NAME, STAGES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

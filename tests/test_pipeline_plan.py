@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.config import ConfigError, load_config
+from core.config import ConfigError, load_config
 from launch.pipeline import (
     MASSIVE_COMPARISONS,
     MASSIVE_MODELS,

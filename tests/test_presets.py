@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from launch.config import ConfigError, field_docs, from_dict, load_config, to_dict
+from core.config import ConfigError, field_docs, from_dict, load_config, to_dict
 from teacher.presets import (
     PRESETS,
     ModelConfig,

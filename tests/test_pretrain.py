@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.fsutil import read_jsonl
+from core.fsutil import read_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -108,9 +108,9 @@ def test_exported_teacher_loads_generates_and_matches_the_run(zero3_run):
     import torch
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
+    from core.config import load_saved_config
+    from core.data import eval_micro_batches
     from data_prep.packing import load_packed
-    from launch.config import load_saved_config
-    from launch.training import eval_micro_batches
     from teacher.config import PretrainConfig
     from teacher.objectives import OBJECTIVE_NAMES, PretrainCollator, loss_by_objective
 
@@ -199,8 +199,8 @@ def test_two_nodes_on_loopback_rendezvous_and_agree(tmp_path, tiny_tokenizer_dir
 
 
 def test_nan_guard_stops_with_step_and_checkpoint(tmp_path, tiny_tokenizer_dir, tiny_packed_dir):
-    from launch.config import load_config
-    from launch.training import NonFiniteLossError
+    from core.config import load_config
+    from core.loop import NonFiniteLossError
     from teacher.config import PretrainConfig
     from teacher.pretrain import pretrain
 
@@ -216,7 +216,7 @@ def test_nan_guard_stops_with_step_and_checkpoint(tmp_path, tiny_tokenizer_dir, 
 
 def test_stage2_continues_from_the_teacher_on_indomain_data(zero3_run, tmp_path, tiny_tokenizer_dir, tiny_packed_dir):
     """--section indomain: init_from the exported teacher, data-indomain, same loop (in this process)."""
-    from launch.config import load_config
+    from core.config import load_config
     from teacher.config import PretrainConfig
     from teacher.pretrain import pretrain
 
@@ -235,7 +235,7 @@ def test_stage2_continues_from_the_teacher_on_indomain_data(zero3_run, tmp_path,
     assert stage2[0]["eval_loss"] < step_records(zero3_run, "eval_loss")[0] - 0.5
     assert (run / "checkpoints" / "teacher-indomain" / "step_00000004" / "COMPLETE").is_file()
     # Running again without --resume would mix two runs' checkpoints: refused.
-    from launch.config import ConfigError
+    from core.config import ConfigError
 
     with pytest.raises(ConfigError, match="checkpoints already exist .* pass --resume"):
         pretrain(cfg, run)

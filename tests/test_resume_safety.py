@@ -8,13 +8,14 @@ import json
 import pytest
 from test_training import _batches, _tiny_t5, _train
 
-from launch.distributed import UnsafeCheckpointError
-from launch.training import COMPLETE_MARKER, CheckpointError, CheckpointManager, TrainConfig, TrainState
+from core.checkpoint import COMPLETE_MARKER, CheckpointError, CheckpointManager, TrainState
+from core.distributed import UnsafeCheckpointError
+from core.train_config import TrainConfig
 
 
 @pytest.fixture(scope="module")
 def dist():
-    from launch.distributed import init_distributed
+    from core.distributed import init_distributed
 
     return init_distributed(num_threads=1)
 
@@ -30,7 +31,7 @@ class _Payload:
 
 
 def _saved(tmp_path, dist, zero_stage=0):
-    from launch.distributed import build_engine
+    from core.distributed import build_engine
 
     cfg = TrainConfig(micro_batch_size=4, global_batch_size=4, max_steps=4, warmup_steps=1, lr=1e-2,
                       zero_stage=zero_stage)
@@ -50,7 +51,7 @@ def test_complete_marker_records_a_digest_of_every_file(tmp_path, dist):
 
 
 def test_resume_refuses_a_file_changed_after_it_was_written(tmp_path, dist):
-    from launch.distributed import build_engine
+    from core.distributed import build_engine
 
     cfg, manager, path = _saved(tmp_path, dist)
     (path / "state.json").write_text(json.dumps(TrainState(step=99).to_dict()))
@@ -61,8 +62,8 @@ def test_resume_refuses_a_file_changed_after_it_was_written(tmp_path, dist):
 def test_resume_never_runs_a_pickle_even_with_matching_digests(tmp_path, dist):
     import torch
 
-    from launch.distributed import build_engine
-    from launch.training import checkpoint_digests
+    from core.checkpoint import checkpoint_digests
+    from core.distributed import build_engine
 
     cfg, manager, path = _saved(tmp_path, dist)
     ran = tmp_path / "code-ran"
@@ -79,14 +80,14 @@ def test_resume_never_runs_a_pickle_even_with_matching_digests(tmp_path, dist):
 
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_resume_loads_zero_checkpoints_weights_only(tmp_path, dist, zero_stage):
-    from launch.distributed import build_engine
+    from core.distributed import build_engine
 
     cfg, manager, _ = _saved(tmp_path, dist, zero_stage)
     assert manager.load(build_engine(_tiny_t5(seed=3), cfg, dist)).step == 2
 
 
 def test_legacy_marker_without_digests_still_loads(tmp_path, dist):
-    from launch.distributed import build_engine
+    from core.distributed import build_engine
 
     cfg, manager, path = _saved(tmp_path, dist)
     (path / COMPLETE_MARKER).write_text("step 2\n")
@@ -98,8 +99,8 @@ def test_resume_into_a_different_model_shape_names_the_checkpoint_config(tmp_pat
     import torch
     from transformers import T5Config, T5ForConditionalGeneration
 
-    from launch.distributed import build_engine
-    from launch.training import checkpoint_digests
+    from core.checkpoint import checkpoint_digests
+    from core.distributed import build_engine
 
     cfg, manager, path = _saved(tmp_path, dist)
     (path / "config.yaml").write_text("teacher:\n  d_model: 32\n")  # as a stage saves it
@@ -116,9 +117,9 @@ def test_resume_into_a_different_model_shape_names_the_checkpoint_config(tmp_pat
 
 def test_a_resume_is_recorded_in_metrics(tmp_path, dist):
     # Issue 14, case 11: a resumed run repeated steps in metrics.jsonl with no record of the resume.
-    from launch.distributed import build_engine
-    from launch.fsutil import read_jsonl
-    from launch.training import restore_or_start
+    from core.checkpoint import restore_or_start
+    from core.distributed import build_engine
+    from core.fsutil import read_jsonl
 
     cfg, manager, path = _saved(tmp_path, dist)
     state = restore_or_start(manager, build_engine(_tiny_t5(), cfg, dist), resume=True, stage="pretrain")
@@ -133,8 +134,8 @@ def test_sigterm_stops_at_the_step_boundary_after_a_checkpoint(tmp_path, dist):
     import os
     import signal
 
-    from launch.distributed import build_engine
-    from launch.training import StopOnSignal, TrainingStopped, maybe_stop
+    from core.distributed import build_engine
+    from core.loop import StopOnSignal, TrainingStopped, maybe_stop
 
     cfg, manager, _ = _saved(tmp_path, dist)
     engine = build_engine(_tiny_t5(), cfg, dist)

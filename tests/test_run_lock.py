@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from core.fsutil import LOCK_ENV, LOCK_FILE, RunDirLockedError, run_dir_lock
 from launch.cli import main
-from launch.fsutil import LOCK_ENV, LOCK_FILE, RunDirLockedError, run_dir_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 HOLDER = """
 import sys, time
-from launch.fsutil import run_dir_lock
+from core.fsutil import run_dir_lock
 with run_dir_lock(sys.argv[1], "polyteacher pretrain (holder)"):
     print("held", flush=True)
     time.sleep(120)
@@ -76,7 +76,7 @@ def test_lock_is_shared_with_child_processes_and_released(tmp_path, monkeypatch)
         token = json.loads((run / LOCK_FILE).read_text())["token"]
         assert os.environ[LOCK_ENV] == token
         # A stage started by the holder (it inherits the token) runs under the same lock.
-        child = subprocess.run([sys.executable, "-c", "import sys; from launch.fsutil import run_dir_lock\n"
+        child = subprocess.run([sys.executable, "-c", "import sys; from core.fsutil import run_dir_lock\n"
                                 "with run_dir_lock(sys.argv[1], 'stage'): print('ok')", str(run)],
                                cwd=ROOT, env={**_env(), LOCK_ENV: token}, capture_output=True, text=True, timeout=60)
         assert child.stdout.strip() == "ok", child.stderr

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from launch.config import ConfigError, load_config
+from core.config import ConfigError, load_config
 from student.presets import (
     STUDENT_PRESETS,
     StudentConfig,

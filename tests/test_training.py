@@ -1,4 +1,4 @@
-"""Unit tests of the training infrastructure (launch/training.py, launch/distributed.py).
+"""Unit tests of the training infrastructure (core/checkpoint.py, core/loop.py, core/distributed.py).
 
 Engine tests run DeepSpeed in this process (world size 1, gloo, CPU) on a T5 of a few hundred
 thousand parameters; the multi-process runs are in test_pretrain.py.
@@ -14,22 +14,13 @@ import random
 import numpy as np
 import pytest
 
-from launch.config import ConfigError, load_config
-from launch.distributed import DistInfo, deepspeed_config, resolve_precision
-from launch.training import (
-    COMPLETE_MARKER,
-    CheckpointManager,
-    MetricsLogger,
-    NonFiniteLossError,
-    ResumableSampler,
-    TrainConfig,
-    TrainState,
-    check_finite,
-    eval_micro_batches,
-    lr_multiplier,
-    rng_state,
-    set_rng_state,
-)
+from core.checkpoint import COMPLETE_MARKER, CheckpointManager, TrainState, rng_state, set_rng_state
+from core.config import ConfigError, load_config
+from core.data import ResumableSampler, eval_micro_batches
+from core.distributed import DistInfo, deepspeed_config, resolve_precision
+from core.loop import NonFiniteLossError, check_finite
+from core.metrics import MetricsLogger
+from core.train_config import TrainConfig, lr_multiplier
 
 CPU1 = DistInfo(rank=0, local_rank=0, world_size=1, device="cpu", backend="gloo")
 
@@ -87,7 +78,7 @@ def test_every_preset_resolves():
 
 
 def test_precision_policy(monkeypatch):
-    import launch.distributed as distributed
+    import core.distributed as distributed
 
     monkeypatch.setattr(distributed, "cpu_bf16_speedup", lambda: 4.0)  # an AMX / AVX512-BF16 CPU
     assert resolve_precision("auto", CPU1) == "bf16"
@@ -104,7 +95,7 @@ def test_precision_policy(monkeypatch):
 
 
 def test_cpu_bf16_probe_is_cached_per_machine(tmp_path, monkeypatch):
-    from launch.distributed import cpu_bf16_speedup
+    from core.distributed import cpu_bf16_speedup
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     first = cpu_bf16_speedup(size=64, repeats=2)
@@ -119,7 +110,7 @@ def test_cpu_bf16_probe_is_one_collective_per_job(tmp_path, monkeypatch):
     for ranks that have moved on (this hung every 2-process CPU run with precision auto)."""
     import torch.distributed as tdist
 
-    from launch import distributed
+    from core import distributed
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(distributed, "_AGREED_BF16_SPEEDUP", {})
@@ -153,7 +144,7 @@ def test_deepspeed_config_from_train_config():
 
 
 def test_zero_communication_keys_and_adamw_kernel_per_device():
-    from launch.distributed import CPU_ADAMW_IMPL, CPU_BUCKET_SIZE, CPU_OVERLAP_COMM, adamw_impl
+    from core.distributed import CPU_ADAMW_IMPL, CPU_BUCKET_SIZE, CPU_OVERLAP_COMM, adamw_impl
 
     two = DistInfo(rank=0, local_rank=0, world_size=2, device="cpu", backend="gloo", local_world_size=2)
     gpu = DistInfo(rank=0, local_rank=0, world_size=1, device="cuda:0", backend="nccl")
@@ -350,7 +341,7 @@ def test_non_finite_loss_names_step_and_checkpoint(tmp_path):
 
 
 def test_metrics_logger_writes_jsonl_and_tensorboard(tmp_path):
-    from launch.fsutil import read_jsonl
+    from core.fsutil import read_jsonl
 
     logger = MetricsLogger(tmp_path, "pretrain", name="teacher")
     logger.log(5, {"loss": 2.5, "lr": 1e-3, "note": "x"})
@@ -398,14 +389,14 @@ def _train(engine, batches):
 
 @pytest.fixture(scope="module")
 def dist():
-    from launch.distributed import init_distributed
+    from core.distributed import init_distributed
 
     return init_distributed(num_threads=1)
 
 
 @pytest.mark.parametrize("zero_stage", [0, 2, 3])
 def test_engine_schedule_accumulation_and_exact_checkpoint_resume(tmp_path, dist, zero_stage):
-    from launch.distributed import build_engine
+    from core.distributed import build_engine
 
     cfg = TrainConfig(micro_batch_size=4, global_batch_size=8, max_steps=6, warmup_steps=2, lr=1e-2,
                       zero_stage=zero_stage, min_lr_ratio=0.0)
@@ -429,7 +420,7 @@ def test_engine_schedule_accumulation_and_exact_checkpoint_resume(tmp_path, dist
 def test_adafactor_engine_learns_with_the_schedule(dist):
     from transformers.optimization import Adafactor
 
-    from launch.distributed import build_engine
+    from core.distributed import build_engine
 
     cfg = TrainConfig(micro_batch_size=4, global_batch_size=4, max_steps=40, warmup_steps=5, lr=1e-2,
                       zero_stage=0, optimizer="adafactor")
@@ -444,7 +435,7 @@ def test_adafactor_engine_learns_with_the_schedule(dist):
 def test_cpu_bf16_engine_autocasts_over_fp32_weights(dist):
     import torch
 
-    from launch.distributed import build_engine
+    from core.distributed import build_engine
 
     cfg = TrainConfig(micro_batch_size=4, global_batch_size=4, max_steps=4, warmup_steps=1, zero_stage=0,
                       precision="bf16")
@@ -458,7 +449,7 @@ def test_cpu_bf16_engine_autocasts_over_fp32_weights(dist):
 
 @pytest.mark.parametrize("impl", ["foreach", "fused", "for-loop"])
 def test_zero2_engine_with_small_buckets_and_each_adamw_kernel_learns(dist, impl):
-    from launch.distributed import build_engine
+    from core.distributed import build_engine
 
     cfg = TrainConfig(micro_batch_size=4, global_batch_size=4, max_steps=30, warmup_steps=2, lr=1e-2, zero_stage=2,
                       reduce_bucket_size=5000, allgather_bucket_size=7000, reduce_scatter=False, adamw_impl=impl)
@@ -473,7 +464,7 @@ def test_zero2_engine_with_small_buckets_and_each_adamw_kernel_learns(dist, impl
 
 @pytest.mark.slow
 def test_compiled_engine_trains_and_keeps_parameter_names(dist):
-    from launch.distributed import build_engine
+    from core.distributed import build_engine
 
     cfg = TrainConfig(micro_batch_size=4, global_batch_size=4, max_steps=6, warmup_steps=1, lr=1e-2, zero_stage=0)
     eager = _train(build_engine(_tiny_t5(dropout=0.0), cfg, dist), _batches(2) * 3)
@@ -491,8 +482,8 @@ def test_export_hf_consolidates_fp32_weights(tmp_path, dist, zero_stage):
     import torch
     from transformers import AutoModelForSeq2SeqLM
 
-    from launch.distributed import build_engine, full_fp32_state_dict
-    from launch.training import export_hf
+    from core.checkpoint import export_hf
+    from core.distributed import build_engine, full_fp32_state_dict
 
     # fp32: the engine's loss is compared with a plain fp32 forward of the exported model.
     cfg = TrainConfig(micro_batch_size=4, global_batch_size=4, max_steps=3, warmup_steps=0, lr=1e-2,
@@ -517,7 +508,7 @@ def test_export_hf_consolidates_fp32_weights(tmp_path, dist, zero_stage):
 
 
 def test_measure_peak_tflops_is_positive():
-    from launch.training import measure_peak_tflops
+    from core.metrics import measure_peak_tflops
 
     peak = measure_peak_tflops(num_threads=1, size=256, seconds=0.05)
     assert 0.0 < peak < 100.0

@@ -95,9 +95,9 @@ def test_spbleu_is_null_with_a_note_unless_the_model_is_cached(tmp_path, monkeyp
 def test_evaluate_translation_on_the_tiny_teacher(tiny_teacher_dir, flores_dir, tmp_path, monkeypatch):
     import sacrebleu.utils
 
+    from core.config import load_config
     from evaluation.config import EvalConfig
     from evaluation.translation import evaluate_translation
-    from launch.config import load_config
 
     monkeypatch.setattr(sacrebleu.utils, "SACREBLEU_DIR", str(tmp_path / "no-sacrebleu-cache"))
     cfg = load_config(

@@ -1,6 +1,6 @@
 """Process groups, ranks and the DeepSpeed engine.
 
-This module, `launch/training.py` and `launch/bigmodel.py` (the ZeRO-3 engine of a sharded frozen
+This module, the checkpoint code (`core/checkpoint.py`) and `core/bigmodel.py` (the ZeRO-3 engine of a sharded frozen
 teacher) are the only places that import DeepSpeed or torch.distributed. Training loops call
 `init_distributed()` once, build their model, and get an engine from `build_engine(model, train_cfg,
 dist)`; afterwards they touch the engine only through forward, backward, step, save_checkpoint and
@@ -29,12 +29,10 @@ import socket
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from launch.config import ConfigError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from launch.training import TrainConfig
+from core.config import ConfigError
+from core.train_config import TrainConfig, lr_multiplier
 
 
 @dataclasses.dataclass(frozen=True)
@@ -541,8 +539,6 @@ def build_engine(model: Any, train_cfg: TrainConfig, dist_info: DistInfo, extra_
     """
     import deepspeed
     import torch
-
-    from launch.training import lr_multiplier
 
     ds_config = deepspeed_config(train_cfg, dist_info)
     if dist_info.is_rank0:

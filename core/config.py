@@ -30,8 +30,9 @@ import yaml
 
 T = TypeVar("T")
 
-PRESET_DIR = Path(__file__).parent / "presets"
 REPO_ROOT = Path(__file__).resolve().parent.parent
+PRESET_DIR = REPO_ROOT / "launch" / "presets"
+"""The YAML presets (shipped with the `launch` package: the top of the program chooses them)."""
 
 
 class ConfigError(ValueError):
@@ -365,7 +366,7 @@ SECTION_BASES = {"nlu": "finetune"}
 
 def save_config(cfg: Any, path: str | os.PathLike) -> Path:
     """Write the resolved config as YAML, atomically."""
-    from launch.fsutil import atomic_write_text
+    from core.fsutil import atomic_write_text
 
     return atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
 

@@ -15,14 +15,14 @@ Two ways, chosen by config (`ModelLoadConfig` for accelerate, `distill.teacher_s
   partitions) and wrapped in a ZeRO-3 engine without an optimizer: each module's parameters are
   all-gathered just before its forward and released after it, so a rank holds P / world_size of the
   weights plus the layers in flight. The arithmetic is the unsharded model's, so its logits are the
-  same. This module is, with `launch/distributed.py` and `launch/training.py`, the only one that
+  same. This module is, with `core/distributed.py` and the checkpoint code (`core/checkpoint.py`), the only one that
   imports DeepSpeed.
 
 Precision (`resolve_dtype`): "auto" is bf16 on a GPU that supports it (else fp16) and fp32 on CPU
 (fp16 is refused on CPU, as for training; bf16 training on CPU runs the fp32 teacher under the same
 bf16 autocast as the student: `autocast_forward`).
 
-Model directories are checked and loaded by `launch.modeldir`'s one rule: safetensors only, never
+Model directories are checked and loaded by `core.modeldir`'s one rule: safetensors only, never
 remote code.
 """
 
@@ -34,12 +34,12 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from launch.config import ConfigError
+from core.config import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from launch.distributed import DistInfo
+    from core.distributed import DistInfo
 
 # accelerate's size strings (accelerate.utils.convert_file_size_to_int): 10**k for KB/MB/GB, 2**k for
 # KiB/MiB/GiB; a trailing lowercase b means bits.
@@ -104,7 +104,7 @@ def parse_max_memory_flag(text: str) -> dict[str, str]:
 def resolve_offload_folder(value: str, root: str | os.PathLike) -> str:
     """An absolute offload folder: `value` when absolute (a user-given path), else inside `root`
     (refusing paths that escape it, as every run-relative path)."""
-    from launch.fsutil import safe_path
+    from core.fsutil import safe_path
 
     if not value:
         return ""
@@ -136,7 +136,7 @@ def empty_model(model_dir: str | os.PathLike) -> Any:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
-    from launch.modeldir import check_model_dir
+    from core.modeldir import check_model_dir
 
     config = AutoConfig.from_pretrained(str(check_model_dir(model_dir)), trust_remote_code=False)
     with init_empty_weights():
@@ -167,7 +167,7 @@ def load_model(model_dir: str | os.PathLike, what: str = "model directory", *, d
     """
     import torch
 
-    from launch.modeldir import check_model_dir, load_seq2seq_model
+    from core.modeldir import check_model_dir, load_seq2seq_model
 
     load = load or ModelLoadConfig()
     dtype = dtype or torch.float32
@@ -251,7 +251,7 @@ def load_subset(model_dir: str | os.PathLike, prefixes: list[str], dtype: torch.
     from accelerate.utils import set_module_tensor_to_device
     from safetensors import safe_open
 
-    from launch.modeldir import check_model_dir
+    from core.modeldir import check_model_dir
 
     path = check_model_dir(model_dir)
     dtype = dtype or torch.float32
@@ -303,7 +303,7 @@ def shard_zero3(model_dir: str | os.PathLike, what: str, dtype: torch.dtype, dis
     from transformers.integrations import HfDeepSpeedConfig
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-    from launch.modeldir import load_seq2seq_model
+    from core.modeldir import load_seq2seq_model
 
     ds_config = zero3_inference_config(dtype, dist_info)
     # While this object lives, from_pretrained builds the model under deepspeed.zero.Init (each rank
