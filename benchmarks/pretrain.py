@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -173,12 +172,6 @@ def worker(args: argparse.Namespace) -> None:
         torch_dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def run_mode(mode: str, precision: str, args: argparse.Namespace, result: Path, variant: str = "default") -> dict:
     nproc, threads, zero_stage = MODES[mode]
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
@@ -194,6 +187,8 @@ def run_mode(mode: str, precision: str, args: argparse.Namespace, result: Path, 
 def run_worker(worker_args: list[str], nproc: int, env: dict, result: Path, what: str) -> dict:
     """Run a benchmark worker script on `nproc` CPU processes (DeepSpeed's launcher beyond one) and
     return the JSON it wrote to `result`, with the load average before and after."""
+    from core.distributed import free_port
+
     if nproc == 1:
         cmd = [sys.executable, *worker_args]
     else:

@@ -15,6 +15,24 @@ from typing import Any
 
 SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")
 
+ONNX_MANIFEST = "manifest.json"
+"""What marks an ONNX export directory (written by `polyteacher export`, read by student/runtime.py)."""
+NLU_LABELS = "nlu_labels.json"
+"""What marks an encoder NLU model directory (written by student/nlu.py)."""
+
+
+def model_kind(model_dir: str | os.PathLike) -> str | None:
+    """"onnx" (an export directory), "encoder_nlu" (a PyTorch encoder with NLU heads), "seq2seq" (a
+    Hugging Face seq2seq directory), or None (none of these: no manifest, no config.json)."""
+    model_dir = Path(model_dir)
+    if (model_dir / ONNX_MANIFEST).is_file():
+        return "onnx"
+    if (model_dir / NLU_LABELS).is_file():
+        return "encoder_nlu"
+    if (model_dir / "config.json").is_file():
+        return "seq2seq"
+    return None
+
 
 def weight_files(model_dir: str | os.PathLike) -> list[Path]:
     """The weight files of a model directory in name order: every `*.safetensors` (one file or the

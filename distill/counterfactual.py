@@ -89,9 +89,7 @@ WORD_CATEGORIES = ("pronoun", "kinship", "title", "role", "person")
 _ELIDING = ("fr", "it")
 DIRECTIONS = ("both", "to_female", "to_male")
 HEADER = ("male", "female", "category", "direction", "notes")
-CDAMode = Literal["none", "one_sided", "two_sided"]
 CDA_MODES = ("none", "one_sided", "two_sided")
-PerturbMode = Literal["none", "max", "mean"]
 PERTURB_MODES = ("none", "max", "mean")
 PerturbTokens = Literal["gendered", "all"]
 PERTURB_TOKENS = ("gendered", "all")
@@ -298,10 +296,6 @@ class Lexicon:
     def swap(self, text: str) -> str:
         """sigma(text): every gendered word replaced by its counterpart (rules in the module doc)."""
         return self.swap_result(text).text
-
-    def contains(self, text: str) -> bool:
-        """Whether sigma changes `text`."""
-        return self.swap_result(text).count > 0
 
 
 def _alternation(words: Any) -> str:

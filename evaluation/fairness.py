@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from core.bigmodel import input_device
+from core.modeldir import model_kind
 
 # Prompt pairs (male subject, female subject) per lexicon language, written out in full so that
 # articles and possessives agree.
@@ -428,8 +429,7 @@ def _disparity(gaps: Any, entropy: Any) -> dict[str, Any]:
 
 def is_seq2seq_dir(model_dir: Path) -> bool:
     """A Hugging Face seq2seq directory (not an ONNX export, not an encoder NLU model)."""
-    return (model_dir / "config.json").is_file() and not (model_dir / "manifest.json").is_file() \
-        and not (model_dir / "nlu_labels.json").is_file()
+    return model_kind(model_dir) == "seq2seq"
 
 
 def evaluate_fairness(models: dict[str, Path], locales: Sequence[str], out_dir: Path, *, data: str,

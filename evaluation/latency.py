@@ -24,6 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from core import modeldir
+
 DEFAULT_MAX_NEW_TOKENS = 128
 
 
@@ -40,12 +42,9 @@ def percentile(values: list[float], q: float) -> float:
 
 def model_kind(model_dir: Path) -> str:
     """"onnx" (an export directory), "encoder_nlu" (PyTorch) or "seq2seq" (PyTorch)."""
-    if (model_dir / "manifest.json").is_file():
-        return "onnx"
-    if (model_dir / "nlu_labels.json").is_file():
-        return "encoder_nlu"
-    if (model_dir / "config.json").is_file():
-        return "seq2seq"
+    kind = modeldir.model_kind(model_dir)
+    if kind is not None:
+        return kind
     raise FileNotFoundError(f"{model_dir}: neither an ONNX export (manifest.json) nor a model directory (config.json)")
 
 

@@ -40,6 +40,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from core.modeldir import model_kind
 from data_prep.massive import OTHER
 
 
@@ -522,11 +523,12 @@ def load_predictor(
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory {model_dir} does not exist")
-    if (model_dir / "manifest.json").is_file():
+    kind = model_kind(model_dir)
+    if kind == "onnx":
         from student.runtime import OnnxPredictor
 
         return OnnxPredictor(model_dir, num_threads=num_threads)
-    if (model_dir / "nlu_labels.json").is_file():
+    if kind == "encoder_nlu":
         return _load_encoder_nlu(model_dir, device)
     return Seq2SeqPredictor(
         model_dir,

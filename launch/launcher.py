@@ -42,7 +42,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -50,6 +49,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from core.config import ConfigError
+from core.distributed import free_port
 
 # Subcommands that train (and so can run on several processes).
 TRAINING_COMMANDS = ("pretrain", "distill", "finetune")
@@ -374,12 +374,6 @@ def use_gpu(accelerator: str) -> bool:
     import torch  # only here: `polyteacher --help` must not pay for it
 
     return torch.cuda.is_available()
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def cores_available() -> int:

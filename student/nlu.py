@@ -25,13 +25,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from core.modeldir import NLU_LABELS
 from data_prep.massive import OTHER
 from student.alignment import first_subword_indices, word_char_spans  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:
     from data_prep.massive import NLUPrediction
 
-LABELS_FILE = "nlu_labels.json"
+LABELS_FILE = NLU_LABELS
 WEIGHTS_FILE = "model.safetensors"
 # Label id that cross-entropy skips: padding words and words truncated away.
 IGNORE_INDEX = -100

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ import pytest
 
 from core.bigmodel import ModelLoadConfig, parse_max_memory, parse_max_memory_flag, resolve_offload_folder
 from core.config import ConfigError, load_config
+from core.distributed import free_port
 from core.fsutil import UnsafePathError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -264,16 +264,10 @@ json.dump({"max_abs_diff": float((got - expected).abs().max()), "repeat_diff": f
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_rank_zero3_teacher_matches_the_unsharded_one_and_distils(tmp_path, tiny_teacher_dir, tiny_tokenizer_dir,
                                                                       tiny_packed_dir):
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for rank in range(2):
         env = dict(_env(), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from core.config import ConfigError
-from core.distributed import cpu_info
+from core.distributed import cpu_info, free_port
 from launch.cli import main
 from launch.launcher import (
     LaunchOptions,
@@ -22,7 +22,6 @@ from launch.launcher import (
     candidate_layouts,
     choose_layout,
     cores_available,
-    free_port,
     launcher_argv,
     layout_from_report,
     probe_layout,

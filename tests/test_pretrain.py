@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from core.distributed import free_port
 from core.fsutil import read_jsonl
 
 pytestmark = pytest.mark.slow
@@ -70,12 +70,6 @@ def run_launch(cmd: list[str], log: Path) -> subprocess.CompletedProcess:
 def step_records(run: Path, key: str) -> dict[int, float]:
     """{step: value} from metrics.jsonl; a step logged twice (a killed run, then its resume) keeps the last."""
     return {r["step"]: r[key] for r in read_jsonl(run / "metrics.jsonl") if key in r}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
