@@ -46,9 +46,9 @@ def main() -> int:
     args = parser.parse_args()
 
     from data_prep.corpus import build_corpus, draw_mixture, evaluation_text
-    from data_prep.massive import evaluation_utterances, load_massive, massive_utterances
     from data_prep.packing import pack_token_lists, to_dataset, tokenize_documents
     from data_prep.tokenizer import load_tokenizer, train_tokenizer
+    from massive.loader import evaluation_utterances, load_massive, massive_utterances
 
     cfg = DataConfig(locales=args.locales)
     rows = []

@@ -43,8 +43,8 @@ def build_models(work: Path, teacher_preset: str) -> dict[str, Path]:
     from core.config import data_root
     from core.fsutil import atomic_dir
     from data_prep.config import TokenizerConfig
-    from data_prep.massive import load_massive
     from data_prep.tokenizer import load_tokenizer, train_tokenizer
+    from massive.loader import load_massive
     from student.export import ExportConfig, export
     from student.nlu import EncoderNLUModel, NLULabels
     from teacher.presets import ModelConfig, build_model

@@ -138,8 +138,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_massive(args: argparse.Namespace) -> int:
     from core.fsutil import atomic_write_json
-    from data_prep.massive import load_massive
     from data_prep.prepare import massive_cache_dir
+    from massive.loader import load_massive
 
     cfg = _config(args)
     data = load_massive(
@@ -178,8 +178,8 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
 
 
 def _massive_test_utterances(cfg, run_dir: Path, progress: bool) -> dict[str, list[str]]:
-    from data_prep.massive import load_massive, massive_utterances
     from data_prep.prepare import massive_cache_dir
+    from massive.loader import load_massive, massive_utterances
 
     data = load_massive(
         cfg.massive.source,

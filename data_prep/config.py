@@ -190,7 +190,7 @@ class DataConfig:
 
 def _known_locales() -> tuple[str, ...]:
     try:
-        from data_prep.massive import MASSIVE_LOCALES
+        from massive.format import MASSIVE_LOCALES
     except ImportError:  # massive.py not installed in this checkout: accept the well-formed names
         return ()
     return tuple(MASSIVE_LOCALES)

@@ -97,7 +97,7 @@ def is_complete(run_dir: str | os.PathLike, cfg: DataConfig) -> bool:
 def load_inputs(cfg: DataConfig, run_dir: Path, progress: bool = True) -> Inputs:
     """Load MASSIVE, the evaluation text to refuse, the monolingual corpus and the in-domain pools."""
     from data_prep.corpus import build_corpus, evaluation_text, massive_pools
-    from data_prep.massive import evaluation_utterances, load_massive, massive_labels, massive_utterances
+    from massive.loader import evaluation_utterances, load_massive, massive_labels, massive_utterances
 
     source = cfg.massive.source  # load_massive resolves `@data/` and `~` itself (and leaves URLs whole)
     cache_dir = massive_cache_dir(cfg, run_dir)
@@ -144,7 +144,7 @@ def ensure_tokenizer(cfg: DataConfig, inputs: Inputs, run_dir: Path, force: bool
     """Train the tokenizer on a language-sampled mixture unless an up-to-date one exists; load it."""
     from data_prep import tokenizer as tk
     from data_prep.corpus import draw_mixture, merge_pools
-    from data_prep.massive import label_token
+    from massive.format import label_token
 
     out_dir = run_dir / TOKENIZER_DIR
     fp = fingerprint(cfg, "tokenizer")

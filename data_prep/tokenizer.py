@@ -236,6 +236,14 @@ def sentinel_ids(vocab: dict[str, int]) -> list[int]:
     return ids
 
 
+def num_word_sentinels(tokenizer: Any) -> int:
+    """How many `<extra_id_i>` sentinels `tokenizer` has, counted from 0 (they mark words)."""
+    count = len(sentinel_ids(tokenizer.get_vocab()))
+    if not count:
+        raise ValueError("finetune.sentinels=true needs a tokenizer with <extra_id_0>, <extra_id_1>, ... sentinels")
+    return count
+
+
 def special_ids(tokenizer: Any) -> SpecialIds:
     """The reserved ids of `tokenizer`; raises ValueError when one is missing or misplaced."""
     vocab = tokenizer.get_vocab()

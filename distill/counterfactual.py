@@ -77,6 +77,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from massive.format import OTHER, MassiveExample
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
@@ -812,3 +814,37 @@ def perturb_probs(
         shape = (valid.shape[0],) + (1,) * (probs.dim() - 1)
         out = torch.where(valid.view(shape).to(probs.device), out, probs)
     return out
+
+
+def counterfactual_example(example: MassiveExample) -> MassiveExample | None:
+    """The gender-swapped example (distill.counterfactual's sigma in the example's locale), or None when
+    the locale has no lexicon or the utterance no gendered word. Words are swapped one for one, so the
+    slot labels carry over word by word (a gendered word inside a slot value keeps its label: "call
+    [person: mom]" -> "call [person: dad]"); the intent is unchanged; the id gets a "~" suffix."""
+    from dataclasses import replace
+
+    if lexicon_language(example.locale) is None:
+        return None
+    words = swap_words(list(example.words), example.locale)
+    if words == list(example.words):
+        return None
+    spans, i = [], 0
+    while i < len(words):  # annot_utt rebuilt from the swapped words and the same labels
+        j = i
+        while j + 1 < len(words) and example.slots[j + 1] == example.slots[i] != OTHER:
+            j += 1
+        text = " ".join(words[i : j + 1])
+        spans.append(text if example.slots[i] == OTHER else f"[{example.slots[i]} : {text}]")
+        i = j + 1
+    return replace(example, id=f"{example.id}~", utt=" ".join(words), annot_utt=" ".join(spans), words=tuple(words))
+
+
+def cda_examples(examples: Sequence[MassiveExample], mode: str, p: float = 1.0, seed: int = 0) -> list[MassiveExample]:
+    """Counterfactual data augmentation of MASSIVE examples (`distill.counterfactual.cda_items`):
+    none (as is), one_sided (each gendered example replaced by its counterfactual with probability p;
+    1.0 = counterfactual only, the paper's variant) or two_sided (both)."""
+    import random
+
+    counterfactuals = [counterfactual_example(ex) or ex for ex in examples]
+    items = cda_items(list(examples), counterfactuals, mode, p, random.Random(seed))
+    return [item.text for item in items]

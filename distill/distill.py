@@ -280,8 +280,9 @@ class MassiveDistillData:
     is copied, not predicted, and keeps the teacher's distribution."""
 
     def __init__(self, cfg: DistillConfig, tokenizer: Any, intent_first: bool = False, sentinels: int = 0) -> None:
-        from data_prep.massive import has_label_tokens, load_massive
         from data_prep.tokenizer import special_ids
+        from massive.format import has_label_tokens
+        from massive.loader import load_massive
         from teacher.objectives import ObjectiveConfig, PretrainCollator
 
         data = load_massive(str(resolve_data_path(cfg.massive_data)), locales=cfg.locales,
@@ -298,7 +299,7 @@ class MassiveDistillData:
         self.collator = PretrainCollator(ObjectiveConfig(), special_ids(tokenizer))
         self.swapper = Swapper(cfg.lexicon_languages)
         self.cfg = cfg
-        # The target order of the fine-tuned teacher (data_prep.massive.INTENT_FIRST_KEY).
+        # The target order of the fine-tuned teacher (massive.format.INTENT_FIRST_KEY).
         self.intent_first = intent_first
         self.sentinels = sentinels
         self.label_tokens = has_label_tokens(tokenizer)
@@ -320,7 +321,7 @@ class MassiveDistillData:
     def _example(self, words: list[str], slots: list[str], intent: str) -> Example:
         import numpy as np
 
-        from data_prep.massive import to_text_to_text
+        from massive.format import to_text_to_text
         from teacher.objectives import DENOISE, Example
 
         source, target = to_text_to_text(words, slots, intent, self.intent_first, self.label_tokens, self.sentinels)
@@ -505,9 +506,9 @@ def distill(cfg: DistillConfig, run_dir: str | Path, resume: bool = False) -> Pa
     )
     from core.loop import StopOnSignal, check_finite, maybe_stop
     from core.metrics import MetricsLogger, progress_bar
-    from data_prep.massive import INTENT_FIRST_KEY, SENTINELS_KEY, model_intent_first, model_sentinels
     from distill.counterfactual import build_token_map
     from distill.losses import HiddenStateLoss
+    from massive.format import INTENT_FIRST_KEY, SENTINELS_KEY, model_intent_first, model_sentinels
     from student.presets import build_student, describe_student
 
     # config

@@ -81,9 +81,10 @@ def evaluate_baseline(cfg: Any, out_dir: str | Path, name: str = "baseline") -> 
 
     from core.config import ConfigError, resolve_data_path
     from core.fsutil import atomic_write_text
-    from data_prep.massive import load_massive
     from evaluation.config import section_dict
-    from evaluation.massive import load_split, massive_markdown, result_json, score_records, utterance_records
+    from evaluation.massive import load_split, massive_markdown, result_json
+    from massive.loader import load_massive
+    from massive.scoring import score_records, utterance_records
 
     mcfg = cfg.massive
     if mcfg.split == "train":

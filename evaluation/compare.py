@@ -41,7 +41,7 @@ def read_result(path: str | Path) -> dict[str, Any]:
 
 def compare_results(path_a: str | Path, path_b: str | Path, *, samples: int, seed: int, confidence: float) -> dict[str, Any]:
     from core.config import ConfigError
-    from evaluation.massive import paired_difference
+    from massive.scoring import paired_difference
 
     a, b = read_result(path_a), read_result(path_b)
     try:

@@ -36,10 +36,10 @@ def _check_template(key: str, template: str, required: tuple[str, ...]) -> None:
 
 
 def _check_locales(key: str, locales: list[str]) -> None:
-    # Imported here: data_prep.massive is owned by the data stage and pulls in nothing heavy, but the
+    # Imported here: massive.format pulls in nothing heavy, but the
     # config must stay importable on its own.
     try:
-        from data_prep.massive import MASSIVE_LOCALES
+        from massive.format import MASSIVE_LOCALES
     except ModuleNotFoundError:
         return
     unknown = [loc for loc in locales if loc not in MASSIVE_LOCALES]

@@ -123,7 +123,7 @@ CONSISTENCY_METRICS = {
 def consistency_records(golds: Sequence[Any], original: Sequence[Any], swapped: Sequence[Any]) -> dict[str, list[int]]:
     """Per-utterance 0/1 outcomes (RECORD_COLUMNS) from gold examples (.intent, .slots) and the
     predictions on the original and the swapped words (the gold labels are the same for both)."""
-    from evaluation.massive import align_labels
+    from massive.scoring import align_labels
 
     out: dict[str, list[int]] = {c: [] for c in RECORD_COLUMNS}
     for gold, p_orig, p_swap in zip(golds, original, swapped):
@@ -211,7 +211,8 @@ def counterfactual_consistency(predictor: Any, per_locale: dict[str, Sequence[An
     random sample of them (never the first N in file order). The sample is drawn per locale: which
     utterances hold gendered words differs from one language to another.
     """
-    from evaluation.massive import bootstrap_weights, predict_all, sample_shared_ids
+    from evaluation.massive import predict_all
+    from massive.scoring import bootstrap_weights, sample_shared_ids
 
     out: dict[str, Any] = {}
     pooled: tuple[list[Any], list[Any], list[Any]] = ([], [], [])
@@ -249,7 +250,7 @@ def compare_consistency(a: dict[str, Any], b: dict[str, Any], *, samples: int = 
     from the same resamples for both models."""
     import numpy as np
 
-    from evaluation.massive import bootstrap_weights
+    from massive.scoring import bootstrap_weights
 
     out: dict[str, Any] = {}
     locales = [loc for loc in a if loc != "overall" and loc in b and "records" in a[loc] and "records" in b[loc]]

@@ -235,10 +235,11 @@ def evaluate_icl(cfg, model_dir: str | Path, out_dir: str | Path, name: str = "i
     from tqdm.auto import tqdm
 
     from core.config import resolve_data_path
-    from data_prep.massive import load_massive
     from data_prep.tokenizer import special_ids
     from evaluation.config import section_dict
-    from evaluation.massive import ci_method, load_seq2seq, sample_shared_ids, score_records, select_ids
+    from evaluation.massive import load_seq2seq
+    from massive.loader import load_massive
+    from massive.scoring import ci_method, sample_shared_ids, score_records, select_ids
 
     icfg = cfg.icl
     started = time.perf_counter()

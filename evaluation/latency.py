@@ -127,8 +127,8 @@ def massive_utterances(data: str, locales: list[str], split: str, max_examples: 
     every locale (`evaluation.massive.sample_shared_ids`, seed 0 so every run times the same
     utterances), whose lengths follow the split's rather than those of the file's first rows."""
     from core.config import resolve_data_path
-    from data_prep.massive import load_massive
-    from evaluation.massive import sample_shared_ids, select_ids
+    from massive.loader import load_massive
+    from massive.scoring import sample_shared_ids, select_ids
 
     loaded = load_massive(resolve_data_path(data), locales=locales, partitions=(split,), progress=False)
     per_locale = {locale: loaded.examples(locale=locale, partition=split) for locale in locales}
@@ -178,8 +178,8 @@ def register_evaluate(sub: argparse._SubParsersAction) -> None:
 def run_cli(args: argparse.Namespace) -> int:
     from core.config import ConfigError
     from core.fsutil import atomic_write_json, atomic_write_text, safe_path
-    from data_prep.massive import check_locales
     from evaluation.cli import parse_models
+    from massive.loader import check_locales
 
     for flag in ("max_examples", "threads", "max_new_tokens"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:

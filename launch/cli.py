@@ -43,7 +43,7 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     types_: list[type[BaseException]] = [UnsafePathError, OutputPathError, UnsafeCheckpointError, CheckpointError,
                                            ModelDirError, RunDirLockedError]
     try:
-        from data_prep.massive import MassiveError
+        from massive.format import MassiveError
 
         types_.append(MassiveError)
     except ImportError:

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from core.fsutil import atomic_write_json, atomic_write_text
-from evaluation.massive import GENERATION_METRICS
 from launch.pipeline import MASSIVE_COMPARISONS, MassiveComparison
+from massive.scoring import GENERATION_METRICS
 
 MASSIVE_METRICS = ("em", "intent_acc", "slot_f1")
 # How well-formed a text-to-text model's generated targets are (None for classifiers and ONNX).

@@ -3,7 +3,7 @@
 `finetune(cfg, run_dir, resume)` reads like a table of contents: config, data, model, engine, then
 an explicit loop with maybe_log / maybe_eval / maybe_save, and the Hugging Face export at the end.
 
-- seq2seq head: source "Annotate: w1 w2 ...", target "s1 s2 ... intent" (data_prep.massive's
+- seq2seq head: source "Annotate: w1 w2 ...", target "s1 s2 ... intent" (massive/format.py's
   official format); loss = token cross-entropy over the target. Evaluation: teacher-forced dev loss
   and greedy generation parsed with `parse_target`, scored as the official scorer.
 - encoder head: `student.nlu.EncoderNLUModel` on the words; loss = intent CE + slot CE over each
@@ -52,7 +52,7 @@ from student.config import FinetuneConfig
 if TYPE_CHECKING:
     import torch
 
-    from data_prep.massive import MassiveExample, NLUPrediction
+    from massive.format import MassiveExample, NLUPrediction
 
 
 # ----------------------------------------------------------------------------- names and paths
@@ -103,7 +103,7 @@ def load_finetune_data(cfg: FinetuneConfig, run_dir: Path, dist_info: DistInfo) 
     Parsed splits are cached as Arrow under run_dir/.cache/massive; rank 0 parses (and writes the
     cache) first, the other ranks then read it.
     """
-    from data_prep.massive import load_massive
+    from massive.loader import load_massive
 
     source = cfg.massive if cfg.massive == "hub" else str(resolve_data_path(cfg.massive))
     cache_dir = run_dir / ".cache" / "massive"
@@ -135,7 +135,7 @@ def load_finetune_data(cfg: FinetuneConfig, run_dir: Path, dist_info: DistInfo) 
             examples = rng.sample(examples, cfg.num_train_examples)
         train.extend(examples)
     if cfg.cda != "none":
-        from data_prep.massive import cda_examples
+        from distill.counterfactual import cda_examples
 
         train = cda_examples(train, cfg.cda, seed=cfg.train.seed)
     dev: list[MassiveExample] = []
@@ -160,7 +160,8 @@ def encode_seq2seq(
 ) -> tuple[list[tuple[list[int], list[int]]], dict[str, int]]:
     """(source ids, target ids) per example in the official text-to-text format, and how many
     sources/targets were cut to max_source_len/max_target_len (eos kept at the end)."""
-    from data_prep.massive import has_label_tokens, num_word_sentinels, to_text_to_text
+    from data_prep.tokenizer import num_word_sentinels
+    from massive.format import has_label_tokens, to_text_to_text
 
     whole = has_label_tokens(tokenizer)
     sentinels = num_word_sentinels(tokenizer) if cfg.sentinels else 0
@@ -236,7 +237,8 @@ def build_seq2seq(cfg: FinetuneConfig, run_dir: Path, tokenizer: Any) -> Any:
     if cfg.dropout is not None:
         _set_dropout(model, cfg.dropout)
     if cfg.head == "seq2seq":
-        from data_prep.massive import INTENT_FIRST_KEY, SENTINELS_KEY, num_word_sentinels
+        from data_prep.tokenizer import num_word_sentinels
+        from massive.format import INTENT_FIRST_KEY, SENTINELS_KEY
 
         # Saved with the model (config.json, and the export manifest), so every predictor parses
         # the generated target in the order this model was trained on.
@@ -320,7 +322,7 @@ def evaluate(
     """
     import torch
 
-    from evaluation.massive import GENERATION_FIELDS, GENERATION_METRICS, score_locale
+    from massive.scoring import GENERATION_FIELDS, GENERATION_METRICS, score_locale
 
     world, rank = dist_info.world_size, dist_info.rank
     usable = len(dev) // world * world
@@ -389,7 +391,7 @@ def generate_predictions(
 ) -> list[NLUPrediction]:
     """Greedy generation of the text-to-text target, parsed into intent + per-word slots (with its
     `GenerationCheck` when `intents` is given)."""
-    from evaluation.massive import parse_generations
+    from massive.format import parse_generations
 
     output = model.generate(
         input_ids=batch["input_ids"],

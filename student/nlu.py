@@ -26,11 +26,11 @@ import torch
 from torch import nn
 
 from core.modeldir import NLU_LABELS
-from data_prep.massive import OTHER
+from massive.format import OTHER
 from student.alignment import first_subword_indices, word_char_spans  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:
-    from data_prep.massive import NLUPrediction
+    from massive.format import NLUPrediction
 
 LABELS_FILE = NLU_LABELS
 WEIGHTS_FILE = "model.safetensors"
@@ -314,7 +314,7 @@ def decode_predictions(
     labels: NLULabels,
 ) -> list[NLUPrediction]:
     """Argmax intent and per-word slot labels; words truncated away get "Other"."""
-    from data_prep.massive import NLUPrediction
+    from massive.format import NLUPrediction
 
     intent_ids = intent_logits.argmax(dim=-1).tolist()
     slot_ids = gather_word_logits(slot_logits, word_starts).argmax(dim=-1).tolist()

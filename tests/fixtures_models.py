@@ -66,7 +66,7 @@ def _export_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def massive_examples(massive_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, list]:
     """{"train": en-US train examples, "test": en-US + ja-JP test examples}, loaded once per session."""
-    from data_prep.massive import load_massive
+    from massive.loader import load_massive
 
     cache = _export_cache_dir(tmp_path_factory) / "massive-arrow"
     data = load_massive(massive_dir, locales=["en-US", "ja-JP"], partitions=("train", "test"), cache_dir=cache,
@@ -86,8 +86,8 @@ def train_tiny_student(out: Path, tokenizer_dir: Path, train_examples: list) -> 
     """A d_model-64 T5 trained TRAIN_STEPS plain PyTorch steps on short MASSIVE en-US pairs."""
     import torch
 
-    from data_prep.massive import to_text_to_text
     from data_prep.tokenizer import load_tokenizer
+    from massive.format import to_text_to_text
 
     tokenizer = load_tokenizer(tokenizer_dir)
     model = _small_t5(tokenizer, seed=0)

@@ -148,7 +148,7 @@ def test_flores_sentence_planted_in_corpus_is_refused(tmp_path, flores_dir):
 
 
 def test_massive_dev_and_test_utterances_are_refused(tmp_path, massive_dir):
-    from data_prep.massive import evaluation_utterances, load_massive, massive_utterances
+    from massive.loader import evaluation_utterances, load_massive, massive_utterances
 
     data = load_massive(massive_dir, locales=["en-US"], progress=False)
     dev = data.examples("en-US", "dev")[0].utt

@@ -482,7 +482,8 @@ def test_perturb_max_hand_case_and_invalid_rows():
 
 
 def test_massive_counterfactual_carries_slot_labels_word_by_word():
-    from data_prep.massive import MassiveExample, cda_examples, counterfactual_example
+    from distill.counterfactual import cda_examples, counterfactual_example
+    from massive.format import MassiveExample
 
     ex = MassiveExample("7", "de-DE", "train", "calendar", "calendar_set", "", "",
                         ("erinnere", "meinen", "vater", "an", "sein", "treffen"),

@@ -130,7 +130,8 @@ def check_massive_json(path, locales, n):
 
 
 def test_evaluate_massive_seq2seq_end_to_end(tiny_teacher_dir, massive_dir, tmp_path, capsys):
-    from evaluation.massive import Seq2SeqPredictor, load_split, score, utterance_records
+    from evaluation.massive import Seq2SeqPredictor, load_split
+    from massive.scoring import score, utterance_records
 
     out = tmp_path / "eval"
     argv = ["evaluate", "massive", "--model", str(tiny_teacher_dir), "--out", str(out), "--name", "massive-teacher",
@@ -159,8 +160,8 @@ def tiny_nlu_dir(tiny_teacher_dir, massive_dir, tmp_path_factory):
     """An encoder NLU model (random heads) on the tiny teacher's encoder."""
     from transformers import AutoModelForSeq2SeqLM
 
-    from data_prep.massive import load_massive
     from data_prep.tokenizer import load_tokenizer
+    from massive.loader import load_massive
 
     nlu = pytest.importorskip("student.nlu", reason="student/nlu.py (encoder NLU model) is not installed")
     data = load_massive(str(massive_dir), locales=["de-DE"], partitions=("test",))

@@ -63,7 +63,7 @@ def onnx_greedy(export_dir: Path, sources: list[str], max_new_tokens: int, batch
 
 
 def sources_of(examples: list) -> list[str]:
-    from data_prep.massive import to_text_to_text
+    from massive.format import to_text_to_text
 
     return [to_text_to_text(e.words, e.slots, e.intent)[0] for e in examples]
 
@@ -445,7 +445,7 @@ def test_encoder_nlu_export_matches_pytorch(tmp_path_factory, request, export_ex
 def test_manifest_model_config_carries_the_target_order():
     from types import SimpleNamespace
 
-    from data_prep.massive import INTENT_FIRST_KEY, model_intent_first
+    from massive.format import INTENT_FIRST_KEY, model_intent_first
     from student.export import _model_config_summary
 
     first = _model_config_summary(SimpleNamespace(model_type="t5", d_model=8, **{INTENT_FIRST_KEY: True}))

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from core.config import ConfigError
-from data_prep.massive import NLUPrediction
 from evaluation.cli import parse_models
 from evaluation.fairness import (
     TEMPLATES,
@@ -24,6 +23,7 @@ from evaluation.fairness import (
     occupations,
     score_continuations,
 )
+from massive.format import NLUPrediction
 
 
 @dataclass

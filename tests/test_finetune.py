@@ -115,8 +115,8 @@ def test_full_setting_caps_each_locale_with_a_seeded_subset(massive_dir, tmp_pat
 
 
 def test_text_to_text_encoding_truncates_keeping_eos(two_locale_data, tiny_tokenizer_dir):
-    from data_prep.massive import to_text_to_text
     from data_prep.tokenizer import load_tokenizer
+    from massive.format import to_text_to_text
 
     _, data = two_locale_data
     tokenizer = load_tokenizer(tiny_tokenizer_dir)
@@ -173,8 +173,9 @@ def _records(run_dir: Path, name: str, key: str) -> list[dict]:
 
 @pytest.mark.slow
 def test_seq2seq_finetune_end_to_end_then_score_with_the_evaluation_scorer(tmp_path, tiny_teacher_dir, massive_dir):
-    from data_prep.massive import load_massive
-    from evaluation.massive import load_predictor, score
+    from evaluation.massive import load_predictor
+    from massive.loader import load_massive
+    from massive.scoring import score
 
     run_dir = tmp_path / "run"
     _run_finetune(

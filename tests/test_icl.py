@@ -353,9 +353,9 @@ def train_synthetic_icl_model(out, tokenizer, data_dir, icfg):
 
     from fixtures_models import save_model_dir
 
-    from data_prep.massive import load_massive
     from data_prep.tokenizer import special_ids
     from evaluation.massive import pad_right
+    from massive.loader import load_massive
     from teacher.presets import ModelConfig, build_model
 
     data = load_massive(str(data_dir), locales=SYNTHETIC_LOCALES, partitions=("train",), progress=False)

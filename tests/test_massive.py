@@ -20,21 +20,23 @@ from pathlib import Path
 
 import pytest
 
-from data_prep import massive
-from data_prep.massive import (
+from massive import loader
+from massive.format import (
     CHAR_SPLIT_LOCALES,
     MASSIVE_LOCALES,
     OTHER,
     AnnotationError,
-    MassiveFormatError,
-    MassiveSourceError,
     NLUPrediction,
-    evaluation_utterances,
-    load_massive,
-    massive_utterances,
     parse_annot_utt,
     parse_target,
     to_text_to_text,
+)
+from massive.loader import (
+    MassiveFormatError,
+    MassiveSourceError,
+    evaluation_utterances,
+    load_massive,
+    massive_utterances,
 )
 
 X = OTHER  # short for the tables below
@@ -338,7 +340,7 @@ def test_intent_first_format_and_parse() -> None:
 def test_model_intent_first_reads_config_objects_and_dicts() -> None:
     from types import SimpleNamespace
 
-    from data_prep.massive import INTENT_FIRST_KEY, model_intent_first
+    from massive.format import INTENT_FIRST_KEY, model_intent_first
 
     assert model_intent_first(SimpleNamespace(**{INTENT_FIRST_KEY: True}))
     assert not model_intent_first(SimpleNamespace())
@@ -427,7 +429,7 @@ def _bad_lines(good: dict) -> dict[str, str]:
     }
 
 
-BAD_REASONS = list(massive.BAD_ROW_REASONS)
+BAD_REASONS = list(loader.BAD_ROW_REASONS)
 
 
 @pytest.mark.parametrize("reason", BAD_REASONS)
@@ -530,7 +532,7 @@ def test_progress_bar_per_locale(small_dir: Path, capsys) -> None:
 
 
 def test_import_is_light() -> None:
-    code = "import sys, data_prep.massive; print(sorted(m for m in ('datasets', 'pyarrow', 'torch', 'tqdm') if m in sys.modules))"
+    code = "import sys, massive.format, massive.loader, massive.scoring; print(sorted(m for m in ('datasets', 'pyarrow', 'torch', 'tqdm') if m in sys.modules))"
     out = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
@@ -651,7 +653,7 @@ def test_hub_rows_map_class_labels_to_names(sample_rows) -> None:
     table["intent"] = [intents.index(r["intent"]) for r in rows]
     ds = datasets.Dataset.from_dict(table, features=features)
     assert isinstance(ds[0]["intent"], int)
-    mapped = list(massive.hub_rows(ds))
+    mapped = list(loader.hub_rows(ds))
     assert [(m["intent"], m["scenario"], m["utt"]) for m in mapped] == [
         (r["intent"], r["scenario"], r["utt"]) for r in rows
     ]
@@ -663,13 +665,13 @@ def test_hub_rows_map_class_labels_to_names(sample_rows) -> None:
 def test_cache_reused_and_invalidated_by_mtime(tmp_path: Path, small_dir: Path, monkeypatch) -> None:
     cache = tmp_path / "cache"
     parsed: list[str] = []
-    real_parse = massive._parse_stream
+    real_parse = loader._parse_stream
 
     def counting_parse(stream, path, locale, *args, **kwargs):
         parsed.append(locale)
         return real_parse(stream, path, locale, *args, **kwargs)
 
-    monkeypatch.setattr(massive, "_parse_stream", counting_parse)
+    monkeypatch.setattr(loader, "_parse_stream", counting_parse)
     first = load_massive(small_dir, cache_dir=cache, progress=False)
     assert sorted(parsed) == ["de-DE", "en-US"] and first.report.cached_splits == []
     entries = sorted(p.name for p in cache.iterdir())
@@ -749,7 +751,7 @@ def test_unreadable_gzip_names_the_file(tmp_path: Path, sample_rows, damage, on_
         path.write_bytes(data[: len(data) // 2])
     else:
         path.write_bytes(data[:10] + bytes(b ^ 0x5A for b in data[10:40]) + data[40:])
-    with pytest.raises(massive.MassiveSourceError, match=re.escape(str(path)) + ": cannot be read as gzip") as info:
+    with pytest.raises(loader.MassiveSourceError, match=re.escape(str(path)) + ": cannot be read as gzip") as info:
         load_massive(path.parent, on_bad_row=on_bad_row, progress=False)
     assert "\n" not in str(info.value)
 
@@ -760,7 +762,7 @@ def test_empty_locale_file_is_an_error_or_a_counted_skip(tmp_path: Path, sample_
     write_jsonl(src / "de-DE.jsonl", [json.dumps(r, ensure_ascii=False) for r in sample_rows["de-DE"][:5]])
     empty = src / "en-US.jsonl.gz"
     empty.write_bytes(gzip.compress(content.encode()))
-    with pytest.raises(massive.MassiveSourceError, match=re.escape(str(empty)) + ": the file holds no rows"):
+    with pytest.raises(loader.MassiveSourceError, match=re.escape(str(empty)) + ": the file holds no rows"):
         load_massive(src, progress=False)
     data = load_massive(src, on_bad_row="skip", progress=False)
     assert data.report.skipped == {"empty_file": 1}

@@ -26,7 +26,7 @@ SLOTS = ["Other", "time", "date", "place_name"]
 
 LATIN = ["wake", "me", "up", "at", "five", "am", "this", "week"]
 THAI = ["ปลุกฉัน", "ตอน", "ตีห้า", "สัปดาห์นี้"]
-# ja-JP is split into characters, each its own word (data_prep.massive.CHAR_SPLIT_LOCALES).
+# ja-JP is split into characters, each its own word (massive.format.CHAR_SPLIT_LOCALES).
 JAPANESE = list("今週は午前五時に起こして")
 
 

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.massive import MassiveExample, NLUPrediction
-from evaluation.massive import result_json, score_records, utterance_records
+from evaluation.massive import result_json
 from launch.cli import main
 from launch.pipeline import MASSIVE_COMPARISONS
 from launch.report import write_report
+from massive.format import MassiveExample, NLUPrediction
+from massive.scoring import score_records, utterance_records
 
 LOCALES = ("en-US", "de-DE")
 NUM_IDS = 100

@@ -10,15 +10,14 @@ import numpy as np
 import pytest
 from seqeval.metrics import f1_score as seqeval_f1
 
-from data_prep.massive import MassiveExample, NLUPrediction, parse_annot_utt, parse_target
-from evaluation.massive import (
+from evaluation.massive import load_split, result_json
+from massive.format import MassiveExample, NLUPrediction, parse_annot_utt, parse_target
+from massive.scoring import (
     align_labels,
     bootstrap_weights,
     identical_predictions,
-    load_split,
     micro_f1,
     paired_difference,
-    result_json,
     sample_shared_ids,
     score,
     score_locale,
@@ -454,7 +453,7 @@ def test_paired_difference_finds_a_better_model_and_refuses_different_ids():
 
 
 def test_check_generation_reads_the_raw_target() -> None:
-    from data_prep.massive import check_generation, parse_generated
+    from massive.format import check_generation, parse_generated
 
     intents = ["alarm_set", "weather_query"]
     # Well-formed: two labels for two words, then a known intent, and it stopped.
@@ -474,7 +473,7 @@ def test_check_generation_reads_the_raw_target() -> None:
 
 
 def test_generation_rates_in_records_and_scores() -> None:
-    from data_prep.massive import GenerationCheck
+    from massive.format import GenerationCheck
 
     golds = [gold(["Other"], id="1"), gold(["Other"], id="2"), gold(["Other"], id="3"), gold(["Other"], id="4")]
     checks = [GenerationCheck(True, True, True), GenerationCheck(True, False, True),
@@ -495,8 +494,8 @@ def test_generation_rates_in_records_and_scores() -> None:
 
 
 def test_massive_markdown_lists_generation_rates() -> None:
-    from data_prep.massive import GenerationCheck
     from evaluation.massive import massive_markdown
+    from massive.format import GenerationCheck
 
     golds = [gold(["Other"], id=str(i)) for i in range(3)]
     preds = [NLUPrediction("alarm_set", ["Other"], generation=GenerationCheck(i > 0, True, True)) for i in range(3)]

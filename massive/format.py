@@ -1,0 +1,378 @@
+"""The MASSIVE task contract: records, `annot_utt` parsing, and the official text-to-text format.
+
+What every stage that reads or writes MASSIVE predictions agrees on: the locales, the word split
+(`split_words`, `parse_annot_utt`), the text-to-text pair (`to_text_to_text`: `"Annotate: w1 w2 ..."`
+-> `"s1 s2 ... intent"`, optionally intent first, label tokens or word sentinels), the model config
+keys that say which variant a model was trained on (INTENT_FIRST_KEY, SENTINELS_KEY), and the way a
+generated target is read back (`parse_target`, `parse_generated`, `parse_generations`) into an
+`NLUPrediction`.
+
+Words and slots follow the official baseline (alexa/massive, scripts/create_hf_dataset.py): one
+slot label per whitespace-separated word, `Other` outside spans. ja-JP, zh-CN and zh-TW are split
+into characters, whitespace dropped; as in the baseline, a whitespace-separated chunk that is all
+ASCII (code-switched Latin words, digits) stays one word. A word that is glued to a span without a
+space (`l'[city : paris]`) takes the span's label. One deliberate difference: after an ASCII chunk
+that closes a span (`[music_genre : jazz] playlist を再生`) the baseline keeps the span's label for
+the rest of the utterance (1,041 ja/zh rows); here the span ends at its `]`. On all other rows of the
+48 locales the words and labels are the baseline's.
+
+Loading the files is massive/loader.py; scoring is massive/scoring.py. No heavy imports here.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+MASSIVE_LOCALES: tuple[str, ...] = (
+    "af-ZA", "am-ET", "ar-SA", "az-AZ", "bn-BD", "ca-ES", "cy-GB", "da-DK", "de-DE", "el-GR",
+    "en-US", "es-ES", "fa-IR", "fi-FI", "fr-FR", "he-IL", "hi-IN", "hu-HU", "hy-AM", "id-ID",
+    "is-IS", "it-IT", "ja-JP", "jv-ID", "ka-GE", "km-KH", "kn-IN", "ko-KR", "lv-LV", "ml-IN",
+    "mn-MN", "ms-MY", "my-MM", "nb-NO", "nl-NL", "pl-PL", "pt-PT", "ro-RO", "ru-RU", "sl-SL",
+    "sq-AL", "sv-SE", "sw-KE", "ta-IN", "te-IN", "th-TH", "tl-PH", "tr-TR", "ur-PK", "vi-VN",
+    "zh-CN", "zh-TW",
+)  # fmt: skip
+"""All 52 locales of the MASSIVE 1.1 release."""
+
+CHAR_SPLIT_LOCALES = frozenset({"ja-JP", "zh-CN", "zh-TW"})
+"""Locales written without spaces between words: split into characters, as the official baseline."""
+
+PARTITIONS: tuple[str, ...] = ("train", "dev", "test")
+OTHER = "Other"
+"""The slot label of a word outside every span."""
+T2T_PREFIX = "Annotate: "
+"""Input prefix of the official text-to-text baseline."""
+INTENT_FIRST_KEY = "massive_intent_first"
+"""Model config attribute (and export manifest `model_config` key) saying that the model was
+fine-tuned on targets with the intent first; absent or false means the official order."""
+SENTINELS_KEY = "massive_sentinels"
+"""Model config key: the number of word sentinels of the model's text-to-text format (finetune.sentinels);
+absent or 0 means plain words."""
+
+
+
+class MassiveError(ValueError):
+    """Base class of this module's errors."""
+
+
+class AnnotationError(MassiveError):
+    """`parse_annot_utt` could not parse an annotation."""
+
+
+
+@dataclass(frozen=True, slots=True)
+class MassiveExample:
+    id: str
+    locale: str
+    partition: str
+    scenario: str
+    intent: str
+    utt: str
+    annot_utt: str
+    words: tuple[str, ...]
+    """One entry per word (per character for CHAR_SPLIT_LOCALES)."""
+    slots: tuple[str, ...]
+    """One slot label per word; OTHER outside spans."""
+
+
+@dataclass(frozen=True)
+class GenerationCheck:
+    """How well-formed one generated text-to-text target is, before `parse_target` repairs it."""
+
+    stopped: bool
+    """Generation emitted the end-of-sequence token within its token budget."""
+    label_count_ok: bool
+    """The target holds exactly one label per word plus the intent."""
+    known_intent: bool
+    """The intent position (first with intent-first, else last) holds a known intent name."""
+
+
+@dataclass(frozen=True)
+class NLUPrediction:
+    """An intent and one slot label per word: what every MASSIVE predictor returns."""
+
+    intent: str
+    slots: list[str]
+    generation: GenerationCheck | None = None
+    """For generated predictions: how well-formed the raw target was (None for classifiers)."""
+
+
+# `[slot : value]` spans. re.split with the group gives [outside, inner, outside, inner, ..., outside];
+# nesting and stray brackets show up as brackets in an outside piece.
+_SPAN = re.compile(r"\[([^\[\]]*)\]")
+
+
+def _annotation_error(annot_utt: str) -> AnnotationError:
+    """The error for a malformed annotation, with the column of the first problem (slow path)."""
+    pos = 0
+    for m in _SPAN.finditer(annot_utt):
+        outside = annot_utt[pos : m.start()]
+        if "[" in outside or "]" in outside:
+            col = pos + min(i for i in (outside.find("["), outside.find("]")) if i >= 0) + 1
+            return AnnotationError(f"unbalanced or nested bracket at column {col} in {annot_utt!r}")
+        label, colon, value = m.group(1).partition(":")
+        if not colon or not label.strip() or not value.strip() or len(label.split()) != 1:
+            return AnnotationError(
+                f"malformed span {m.group(0)!r} at column {m.start() + 1} in {annot_utt!r} "
+                "(expected [slot_type : value], slot_type without spaces, value not empty)"
+            )
+        pos = m.end()
+    tail = annot_utt[pos:]
+    if "[" in tail or "]" in tail:
+        col = pos + min(i for i in (tail.find("["), tail.find("]")) if i >= 0) + 1
+        return AnnotationError(f"unbalanced bracket at column {col} in {annot_utt!r}")
+    return AnnotationError(f"no words in {annot_utt!r}")
+
+
+def _segments(annot_utt: str) -> list[tuple[str, str]]:
+    """`annot_utt` as (text, label) pieces in order: text outside spans has label OTHER."""
+    if "[" not in annot_utt and "]" not in annot_utt:
+        return [(annot_utt, OTHER)]
+    parts = _SPAN.split(annot_utt)
+    pieces: list[tuple[str, str]] = []
+    for i, part in enumerate(parts):
+        if i % 2 == 0:
+            if "[" in part or "]" in part:
+                raise _annotation_error(annot_utt)
+            if part:
+                pieces.append((part, OTHER))
+            continue
+        label, colon, value = part.partition(":")
+        label, value = label.strip(), value.strip()
+        if not colon or not label or not value or len(label.split()) != 1:
+            raise _annotation_error(annot_utt)
+        # The markup's own spaces (after `:` and before `]`) are not part of the text.
+        pieces.append((value, label))
+    return pieces
+
+
+def _chunks(pieces: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
+    """Whitespace-separated chunks of the slot-free text, each as its (text, label) parts.
+
+    A chunk has several parts only where a span touches other text without a space between them.
+    """
+    chunks: list[list[tuple[str, str]]] = []
+    glue = False  # the previous piece ended inside a chunk (no whitespace at its end)
+    for text, label in pieces:
+        parts = text.split()
+        if not parts:
+            glue = False
+            continue
+        first = 0
+        if glue and not text[0].isspace():
+            chunks[-1].append((parts[0], label))
+            first = 1
+        chunks.extend([(part, label)] for part in parts[first:])
+        glue = not text[-1].isspace()
+    return chunks
+
+
+def _words_and_slots(pieces: list[tuple[str, str]]) -> tuple[list[str], list[str]]:
+    """Space-separated words: a word glued to a span takes the span's label (the first one)."""
+    words: list[str] = []
+    slots: list[str] = []
+    glue = False
+    for text, label in pieces:
+        parts = text.split()
+        if not parts:
+            glue = False
+            continue
+        if glue and not text[0].isspace():
+            words[-1] += parts[0]
+            if slots[-1] == OTHER:
+                slots[-1] = label
+            del parts[0]
+        words.extend(parts)
+        slots.extend([label] * len(parts))
+        glue = not text[-1].isspace()
+    return words, slots
+
+
+def _char_words_and_slots(pieces: list[tuple[str, str]]) -> tuple[list[str], list[str]]:
+    """One word per character of each non-ASCII chunk; an all-ASCII chunk stays one word."""
+    words: list[str] = []
+    slots: list[str] = []
+    for parts in _chunks(pieces):
+        word = "".join(text for text, _ in parts)
+        if word.isascii():
+            words.append(word)
+            slots.append(next((label for _, label in parts if label != OTHER), OTHER))
+        else:
+            for text, label in parts:
+                words.extend(text)
+                slots.extend([label] * len(text))
+    return words, slots
+
+
+def split_words(utterance: str, locale: str | None = None) -> list[str]:
+    """MASSIVE words of a plain utterance (no slot markup), by the same rule as parse_annot_utt."""
+    if locale not in CHAR_SPLIT_LOCALES:
+        return utterance.split()
+    if not utterance.strip():
+        return []
+    return _char_words_and_slots([(utterance, OTHER)])[0]
+
+
+def parse_annot_utt(annot_utt: str, locale: str) -> tuple[list[str], list[str]]:
+    """`[slot : value]` markup -> (words, one slot label per word, OTHER outside spans).
+
+    Words are the whitespace-separated words of the slot-free text; for CHAR_SPLIT_LOCALES every
+    character of a non-ASCII chunk is a word (whitespace dropped), an all-ASCII chunk stays one word,
+    as the official baseline does. Raises AnnotationError for malformed markup or an empty text.
+    """
+    pieces = _segments(annot_utt)
+    if locale in CHAR_SPLIT_LOCALES:
+        words, slots = _char_words_and_slots(pieces)
+    else:
+        words, slots = _words_and_slots(pieces)
+    if not words:
+        raise _annotation_error(annot_utt)
+    return words, slots
+
+
+def _same_text(words: list[str], utt: str, locale: str) -> bool:
+    if locale in CHAR_SPLIT_LOCALES:
+        # annot_utt puts spaces around spans that utt does not have.
+        return "".join(words) == "".join(utt.split())
+    return words == utt.split()
+
+
+
+def label_token(label: str) -> str:
+    """The whole vocabulary token of a MASSIVE label (`<alarm_set>`, `<date>`, `<Other>`).
+
+    The angle brackets keep it from ever matching utterance text ("date" in an utterance stays
+    text); `parse_target` reads labels back from either spelling.
+    """
+    return f"<{label}>"
+
+
+_LABEL_TOKEN_RE = re.compile(r"<([^<>\s]+)>")
+
+
+def has_label_tokens(tokenizer: Any) -> bool:
+    """Whether `tokenizer` holds the whole label tokens (data prep's tokenizer.label_tokens)."""
+    return label_token(OTHER) in tokenizer.get_vocab()
+
+
+def word_sentinel(index: int, num_sentinels: int) -> str:
+    """The sentinel that marks word `index` (`<extra_id_i>`, cycling when words outnumber sentinels)."""
+    return f"<extra_id_{index % num_sentinels}>"
+
+
+def t2t_source(words: Sequence[str], sentinels: int = 0) -> str:
+    """The text-to-text input of an utterance: `"Annotate: w1 w2 ..."` (what predictors feed the model);
+    with `sentinels` (the number the tokenizer has), `"Annotate: <extra_id_0> w1 <extra_id_1> w2 ..."`."""
+    if sentinels:
+        return T2T_PREFIX + " ".join(f"{word_sentinel(i, sentinels)} {w}" for i, w in enumerate(words))
+    return T2T_PREFIX + " ".join(words)
+
+
+def to_text_to_text(
+    words: Sequence[str], slots: Sequence[str], intent: str, intent_first: bool = False, label_tokens: bool = False,
+    sentinels: int = 0,
+) -> tuple[str, str]:
+    """The official text-to-text pair: (`"Annotate: w1 w2 ..."`, `"s1 s2 ... intent"`).
+
+    `intent_first` puts the intent before the slot labels (`"intent s1 s2 ..."`), the MASSIVE
+    repository's `intent_first` option: a small decoder then decides the intent before it has to
+    count words, so a model that has not yet learnt the word count still predicts intents.
+    `label_tokens` spells each label as its whole token (`"<Other><time><alarm_set>"`, no spaces, so
+    a tokenizer with those tokens encodes one id per label and nothing between them).
+    `sentinels` > 0 (the MASSIVE repository's sentinel option) marks each source word and its label
+    in the target with the same sentinel (`"<extra_id_0><Other><extra_id_1><time>"`): the decoder
+    finds the word it labels by matching the sentinel it just wrote, instead of counting words.
+    Sentinels are special tokens, so decoding with skip_special_tokens leaves the plain target.
+    """
+    if len(words) != len(slots):
+        raise ValueError(f"{len(words)} words but {len(slots)} slot labels: {list(words)} / {list(slots)}")
+    source = t2t_source(words, sentinels)
+    spell = label_token if label_tokens else str
+    slot_items = [spell(x) for x in slots]
+    if sentinels:
+        glue = "" if label_tokens else " "
+        slot_items = [f"{word_sentinel(i, sentinels)}{glue}{x}" for i, x in enumerate(slot_items)]
+    items = slot_items if not intent else [spell(intent), *slot_items] if intent_first else [*slot_items, spell(intent)]
+    return source, ("" if label_tokens else " ").join(items)
+
+
+def model_sentinels(config: Any) -> int:
+    """How many word sentinels a model's MASSIVE format uses (SENTINELS_KEY of its HF config object or
+    of a config dict such as an export manifest's `model_config`); 0 = none."""
+    value = config.get(SENTINELS_KEY) if isinstance(config, dict) else getattr(config, SENTINELS_KEY, None)
+    return int(value or 0)
+
+
+def model_intent_first(config: Any) -> bool:
+    """Whether a model (its HF config object, or a config dict such as an export manifest's
+    `model_config`) was fine-tuned on intent-first targets."""
+    value = config.get(INTENT_FIRST_KEY) if isinstance(config, dict) else getattr(config, INTENT_FIRST_KEY, None)
+    return bool(value)
+
+
+def parse_target(
+    text: str, num_words: int, intents: Iterable[str] | None = None, intent_first: bool = False
+) -> NLUPrediction:
+    """A generated target back into an NLUPrediction with exactly `num_words` slot labels.
+
+    The last whitespace-separated token is the intent and the ones before it the slot labels, as
+    in the official baseline (the first token with `intent_first`). Tolerant of garbage: empty text
+    gives intent "" and all OTHER; an intent-position token that is OTHER (or, when `intents` is
+    given, not one of them) is taken as a slot label and the intent is ""; too few labels are padded
+    with OTHER, too many truncated; any whitespace (spaces, tabs, newlines, repeats) separates tokens.
+    Text holding whole label tokens (`"<time><alarm_set>"`) is read as those labels alone.
+    """
+    if num_words < 0:
+        raise ValueError(f"num_words must be >= 0, got {num_words}")
+    tokens = target_tokens(text)
+    intent = ""
+    if tokens:
+        known = None if intents is None else set(intents)
+        position = 0 if intent_first else -1
+        candidate = tokens[position]
+        if candidate != OTHER and (known is None or candidate in known):
+            intent = candidate
+            tokens = tokens[1:] if intent_first else tokens[:-1]
+    slots = tokens[:num_words] + [OTHER] * max(0, num_words - len(tokens))
+    return NLUPrediction(intent=intent, slots=slots)
+
+
+def target_tokens(text: str) -> list[str]:
+    """The labels of a generated target: its whole `<label>` tokens, else its whitespace-separated words."""
+    return (_LABEL_TOKEN_RE.findall(text) or text.split()) if text else []
+
+
+def check_generation(
+    text: str, num_words: int, intents: Iterable[str], *, intent_first: bool = False, stopped: bool = True
+) -> GenerationCheck:
+    """Whether a generated target is well-formed: it stopped, it has `num_words` slot labels plus one
+    intent, and its intent position holds one of `intents` (read as `parse_target` reads it)."""
+    tokens = target_tokens(text)
+    candidate = tokens[0 if intent_first else -1] if tokens else ""
+    return GenerationCheck(
+        stopped=bool(stopped), label_count_ok=len(tokens) == num_words + 1, known_intent=candidate in set(intents)
+    )
+
+
+def parse_generated(
+    text: str, num_words: int, intents: Iterable[str], *, intent_first: bool = False, stopped: bool = True
+) -> NLUPrediction:
+    """`parse_target` (unchanged scoring) with the target's `GenerationCheck` attached."""
+    pred = parse_target(text, num_words, intent_first=intent_first)
+    check = check_generation(text, num_words, intents, intent_first=intent_first, stopped=stopped)
+    return NLUPrediction(intent=pred.intent, slots=pred.slots, generation=check)
+
+
+def parse_generations(
+    output: Any, tokenizer: Any, word_counts: Sequence[int], intents: Sequence[str], intent_first: bool
+) -> list[Any]:
+    """Generated ids ([B, L], decoder start first) -> NLUPredictions, each with its GenerationCheck
+    (did it emit eos, label count, known intent) when `intents` is given."""
+    texts = tokenizer.batch_decode(output, skip_special_tokens=True)
+    if not intents:  # nothing to check the intent against
+        return [parse_target(text, n, intent_first=intent_first) for text, n in zip(texts, word_counts)]
+    stopped = (output[:, 1:] == tokenizer.eos_token_id).any(dim=-1).tolist()
+    return [parse_generated(text, n, intents, intent_first=intent_first, stopped=done)
+            for text, n, done in zip(texts, word_counts, stopped)]
