@@ -92,7 +92,7 @@ def predictions(model_dir: Path, examples: list[Any], batch_size: int) -> list[A
 def agreement_rows(models: dict[str, Path], golds: list[Any], batch_size: int) -> dict[str, dict[str, Any]]:
     """Per model: EM (mean over locales, points), per-locale EM, identical predictions with fp32 ONNX
     and with PyTorch, EM difference to fp32 ONNX (points)."""
-    from evaluation.massive import identical_predictions, utterance_records
+    from massive.scoring import identical_predictions, utterance_records
 
     records = {name: utterance_records(golds, predictions(d, golds, batch_size)) for name, d in models.items()}
 

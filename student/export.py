@@ -312,7 +312,7 @@ def _nlu_special_ids(config: Any) -> dict[str, int]:
 
 
 def _model_config_summary(config: Any) -> dict[str, Any]:
-    from data_prep.massive import INTENT_FIRST_KEY, SENTINELS_KEY
+    from massive.format import INTENT_FIRST_KEY, SENTINELS_KEY
 
     keys = ("model_type", "vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_layers", "num_decoder_layers",
             INTENT_FIRST_KEY, SENTINELS_KEY)

@@ -28,13 +28,13 @@ from typing import TYPE_CHECKING, Any
 
 # A light module (no torch or datasets at import). split_words: MASSIVE words of a raw utterance
 # (whitespace; ja/zh non-ASCII chunks split into characters), re-exported for `predict`.
-from data_prep.massive import OTHER, model_intent_first, model_sentinels, split_words, t2t_source  # noqa: F401
+from massive.format import OTHER, model_intent_first, model_sentinels, split_words, t2t_source  # noqa: F401
 from student.alignment import first_subword_indices, word_char_spans  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from data_prep.massive import NLUPrediction
+    from massive.format import NLUPrediction
 
 MANIFEST = "manifest.json"
 # The manifest format this runtime reads (2: encoder + one decoder graph, weights in one shared file).
@@ -67,7 +67,7 @@ def read_manifest(export_dir: str | os.PathLike) -> dict[str, Any]:
 
 def slot_spans(words: list[str], labels: list[str], locale: str | None = None) -> list[dict[str, Any]]:
     """Runs of the same non-Other label as spans: {"slot", "value", "words", "start", "end"} (end exclusive)."""
-    from data_prep.massive import CHAR_SPLIT_LOCALES
+    from massive.format import CHAR_SPLIT_LOCALES
 
     joiner = "" if locale in CHAR_SPLIT_LOCALES else " "
     spans: list[dict[str, Any]] = []
@@ -199,7 +199,7 @@ class OnnxPredictor:
         return out
 
     def _predict_seq2seq(self, batch: list[list[str]]) -> tuple[list[NLUPrediction], list[bool]]:
-        from data_prep.massive import parse_target
+        from massive.format import parse_target
 
         ids, _, truncated = self.encode([t2t_source(words, self.sentinels) for words in batch])
         input_ids, mask = self.pad(ids)
@@ -216,7 +216,7 @@ class OnnxPredictor:
         return intent, slots
 
     def _predict_nlu(self, batch: list[list[str]]) -> tuple[list[NLUPrediction], list[bool]]:
-        from data_prep.massive import NLUPrediction
+        from massive.format import NLUPrediction
 
         ids, offsets, tokens, truncated = self.encode_with_tokens([" ".join(words) for words in batch])
         input_ids, mask = self.pad(ids)
@@ -297,7 +297,7 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.threads < 1:
         raise ConfigError(f"--threads: must be >= 1, got {args.threads}")
     if args.locale is not None:
-        from data_prep.massive import MASSIVE_LOCALES
+        from massive.format import MASSIVE_LOCALES
 
         if args.locale not in MASSIVE_LOCALES:
             raise ConfigError(f"--locale: unknown locale {args.locale!r}; allowed: {', '.join(MASSIVE_LOCALES)}")
