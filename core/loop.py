@@ -1,5 +1,21 @@
-"""The training loop's shared pieces: NaN guard, stop on signal, due steps.
+"""The one training-loop skeleton that pretraining, distillation and fine-tuning share.
 
+Every stage's entry function reads as the same table of contents: config -> data -> model -> engine
+-> `refuse_to_start_over` + `restore_or_start` -> an explicit loop
+
+    while state.step < cfg.train.max_steps:
+        train_step(engine, micro_batches, forward, state, sampler, window, checkpoints)
+        maybe_log(...)    # the stage's record, when log_due
+        maybe_eval(...)   # the stage's held-out evaluation, when eval_due; keep_best
+        maybe_save(cfg.train, state, engine, checkpoints, cfg_yaml)
+        maybe_stop(stop, checkpoints, engine, state, cfg.train.max_steps, cfg_yaml)
+
+-> export. The stages differ only in the pieces they pass: `forward` (one micro-batch -> MicroStep)
+and what their maybe_log / maybe_eval compute.
+
+- `MicroStep`, `train_step`: one optimizer step over a rank's micro-batches; the NaN guard runs on
+  the rank-mean loss before the last `engine.step()`, the one that applies the update.
+- `maybe_save`, `log_due`, `eval_due`, `keep_best`, `is_due`: when to log, evaluate and checkpoint.
 - `NonFiniteLossError`, `check_finite`: stop on NaN/inf before the optimizer applies the update.
 - `StopOnSignal`, `maybe_stop`, `TrainingStopped`: SIGTERM (preemption) or SIGINT stops a loop at the
   next step boundary, every rank at the same step, after a checkpoint.
@@ -8,17 +24,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import signal
 import sys
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from core.checkpoint import CheckpointManager, TrainState
-from core.distributed import (
-    all_reduce_sum,
-    is_rank0,
-)
+from core.data import ResumableSampler
+from core.distributed import all_reduce_mean, all_reduce_sum, is_rank0
+from core.metrics import LossWindow
+from core.train_config import TrainConfig
 
 
 class NonFiniteLossError(RuntimeError):
@@ -121,3 +140,69 @@ def maybe_stop(stop: StopOnSignal, checkpoints: CheckpointManager, engine: Any, 
 def is_due(step: int, every: int, max_steps: int) -> bool:
     """Every `every` steps and at the last step (every=0: only at the last step)."""
     return step == max_steps or (every > 0 and step % every == 0)
+
+
+def log_due(state: TrainState, train: TrainConfig) -> bool:
+    return is_due(state.step, train.log_every, train.max_steps)
+
+
+def eval_due(state: TrainState, train: TrainConfig) -> bool:
+    return is_due(state.step, train.eval_every, train.max_steps)
+
+
+def keep_best(state: TrainState, eval_loss: float) -> None:
+    """Remember the lowest held-out loss (checkpointed with the state)."""
+    if state.best_eval_loss is None or eval_loss < state.best_eval_loss:
+        state.best_eval_loss = eval_loss
+
+
+# ----------------------------------------------------------------------------- one optimizer step
+
+
+@dataclasses.dataclass
+class MicroStep:
+    """What a stage's `forward` returns for one micro-batch."""
+
+    loss: Any
+    """The differentiable loss of the micro-batch (a scalar tensor)."""
+    parts: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Named numbers for the log line, summed over the step's micro-batches into the window."""
+    tokens: int = 0
+    """Non-pad tokens this rank processed."""
+
+
+def train_step(engine: Any, micro_batches: Sequence[Any], forward: Callable[[Any], MicroStep], state: TrainState,
+               sampler: ResumableSampler, window: LossWindow, checkpoints: CheckpointManager) -> float:
+    """One optimizer step over this rank's micro-batches; returns the loss averaged over micro-batches
+    and ranks.
+
+    DeepSpeed accumulates gradients over `engine.step()` calls and applies the update at the last
+    micro-batch of the step: the loss is checked for NaN/inf before that call, on the rank mean, so
+    every rank stops together and the weights never take a non-finite update.
+    """
+    start = time.perf_counter()
+    micro_losses: list[float] = []
+    parts: dict[str, float] = {}
+    local_tokens = 0
+    for i, batch in enumerate(micro_batches):
+        micro = forward(batch)
+        engine.backward(micro.loss)
+        micro_losses.append(float(micro.loss.detach()))
+        for key, value in micro.parts.items():
+            parts[key] = parts.get(key, 0.0) + value
+        local_tokens += micro.tokens
+        if i == len(micro_batches) - 1:
+            step_loss = all_reduce_mean(sum(micro_losses) / len(micro_losses))
+            check_finite(step_loss, state.step, checkpoints)
+        engine.step()
+    state.step += 1
+    state.tokens_seen += int(all_reduce_sum([float(local_tokens)])[0])
+    sampler.advance(state)
+    window.add(step_loss, parts, len(micro_batches), local_tokens, time.perf_counter() - start)
+    return step_loss
+
+
+def maybe_save(train: TrainConfig, state: TrainState, engine: Any, checkpoints: CheckpointManager,
+               config_yaml: str) -> None:
+    if is_due(state.step, train.save_every, train.max_steps):
+        checkpoints.save(engine, state, config_yaml)

@@ -59,7 +59,9 @@ class MetricsLogger:
 
 @dataclasses.dataclass
 class LossWindow:
-    """Running sums of the training loss and its named parts since the last log line."""
+    """Running sums since the last log line, this rank's: the training loss, its named parts, tokens
+    and time inside train steps. `core.loop.train_step` adds one step at a time; a stage's maybe_log
+    reduces over ranks what it logs and then calls `reset`."""
 
     loss: float = 0.0
     count: int = 0
@@ -69,13 +71,23 @@ class LossWindow:
     parts: dict[str, float] = dataclasses.field(default_factory=dict)
     started: float = dataclasses.field(default_factory=time.perf_counter)
     tokens_at_start: int = 0
+    local_tokens: int = 0
+    """Non-pad tokens this rank processed."""
+    train_seconds: float = 0.0
+    """Time inside train steps only: throughput without evaluation and checkpointing."""
+    last_loss: float = math.nan
+    """The latest step's loss (kept across resets)."""
 
-    def add(self, loss: float, parts: dict[str, float], micro_steps: int = 1) -> None:
+    def add(self, loss: float, parts: dict[str, float], micro_steps: int = 1, local_tokens: int = 0,
+            seconds: float = 0.0) -> None:
         self.loss += loss
         self.count += 1
         self.micro_steps += micro_steps
         for key, value in parts.items():
             self.parts[key] = self.parts.get(key, 0.0) + value
+        self.local_tokens += local_tokens
+        self.train_seconds += seconds
+        self.last_loss = loss
 
     def throughput(self, state: TrainState, lr: float) -> dict[str, Any]:
         """Learning rate, tokens and steps per second since the last reset, and `state.progress()`."""
@@ -89,6 +101,7 @@ class LossWindow:
 
     def reset(self, tokens_seen: int) -> None:
         self.loss, self.count, self.micro_steps, self.parts = 0.0, 0, 0, {}
+        self.local_tokens, self.train_seconds = 0, 0.0
         self.started = time.perf_counter()
         self.tokens_at_start = tokens_seen
 

@@ -1,7 +1,9 @@
 """The distillation stage: a frozen teacher, a compact student on DeepSpeed, counterfactual role reversal.
 
 `distill(cfg, run_dir, resume)` reads like a table of contents: config, data, teacher and student,
-engine, then an explicit loop with maybe_log / maybe_eval / maybe_save, and the Hugging Face export.
+engine, then an explicit loop of train_step / maybe_log / maybe_eval / maybe_save (the skeleton of
+core/loop.py; this stage passes `forward`, its log record and its held-out evaluation), and the
+Hugging Face export.
 
 One training micro-batch:
 
@@ -35,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from core.config import ConfigError, resolve_data_path, save_stage_config, to_dict
 from core.fsutil import atomic_write_json, check_output, safe_path
-from core.loop import is_due
+from core.loop import MicroStep, eval_due, keep_best, log_due
 from core.metrics import LossWindow
 from core.modeldir import check_model_dir
 from distill.config import DistillConfig
@@ -44,7 +46,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
     import torch
 
-    from core.checkpoint import CheckpointManager, TrainState
+    from core.checkpoint import TrainState
     from core.distributed import DistInfo
     from core.metrics import MetricsLogger
     from distill.counterfactual import TokenMap
@@ -367,16 +369,6 @@ def load_distill_data(
 # ----------------------------------------------------------------------------- one step
 
 
-@dataclass
-class StepOutput:
-    loss: torch.Tensor
-    """The differentiable total loss of the micro-batch."""
-    parts: dict[str, float]
-    """kd, ce, hidden, and the CRR counters of the micro-batch."""
-    num_tokens: int
-    """Non-pad source + target tokens the student processed."""
-
-
 def _to(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -395,7 +387,7 @@ def teacher_forward(teacher: Any, batch: dict[str, torch.Tensor], hidden: bool) 
 
 
 def distill_step(engine: Any, teacher: Any, pairs: list[Pair], data: Any, cfg: DistillConfig,
-                 token_map: TokenMap, hidden_loss: Any, device: str) -> StepOutput:
+                 token_map: TokenMap, hidden_loss: Any, device: str) -> MicroStep:
     """Loss of one micro-batch (see the module doc, steps 3-5)."""
     from distill.counterfactual import perturb_rows, plan_row
     from distill.losses import kd_loss, teacher_probs
@@ -450,7 +442,17 @@ def distill_step(engine: Any, teacher: Any, pairs: list[Pair], data: Any, cfg: D
         total = total + cfg.hidden_loss_weight * hidden
         parts["hidden"] = float(hidden.detach())
     tokens = int(batch["attention_mask"].sum()) + losses.num_tokens
-    return StepOutput(total, parts, tokens)
+    return MicroStep(total, parts, tokens)
+
+
+def micro_forward(engine: Any, teacher: Any, data: Any, cfg: DistillConfig, token_map: TokenMap, hidden_loss: Any,
+                  device: str, epoch: int) -> Any:
+    """`forward` for core.loop.train_step: one micro-batch of row indices -> `distill_step` on its pairs."""
+
+    def forward(indices: list[int]) -> MicroStep:
+        return distill_step(engine, teacher, data.pairs(indices, epoch), data, cfg, token_map, hidden_loss, device)
+
+    return forward
 
 
 # ----------------------------------------------------------------------------- held-out loss
@@ -495,16 +497,17 @@ def evaluate(engine: Any, teacher: Any, data: Any, cfg: DistillConfig, dist_info
 
 def distill(cfg: DistillConfig, run_dir: str | Path, resume: bool = False) -> Path:
     """Distil cfg.teacher into a student; returns the exported student directory run_dir/<out>."""
-    from core.checkpoint import CheckpointManager, config_yaml, export_hf, restore_or_start, seed_everything
-    from core.data import ResumableSampler
-    from core.distributed import (
-        all_reduce_mean,
-        all_reduce_sum,
-        build_engine,
-        init_distributed,
-        resolve_precision,
+    from core.checkpoint import (
+        CheckpointManager,
+        config_yaml,
+        export_hf,
+        refuse_to_start_over,
+        restore_or_start,
+        seed_everything,
     )
-    from core.loop import StopOnSignal, check_finite, maybe_stop
+    from core.data import ResumableSampler
+    from core.distributed import build_engine, init_distributed, resolve_precision
+    from core.loop import StopOnSignal, maybe_save, maybe_stop, train_step
     from core.metrics import MetricsLogger, progress_bar
     from distill.counterfactual import build_token_map
     from distill.losses import HiddenStateLoss
@@ -518,6 +521,8 @@ def distill(cfg: DistillConfig, run_dir: str | Path, resume: bool = False) -> Pa
     dist_info = init_distributed(cfg.train.num_threads)
     seed_everything(cfg.train.seed)
     grad_accum = cfg.train.grad_accum_steps(dist_info.world_size)
+    checkpoints = CheckpointManager(run_dir, cfg.out, keep=cfg.train.keep_checkpoints)
+    refuse_to_start_over(checkpoints, resume)
     if dist_info.is_rank0:
         save_stage_config(cfg, run_dir, "distill", cfg.out)
 
@@ -544,7 +549,6 @@ def distill(cfg: DistillConfig, run_dir: str | Path, resume: bool = False) -> Pa
     engine = build_engine(student, cfg.train, dist_info, extra_params=[hidden_loss] if hidden_loss else ())
     if hidden_loss is not None:
         hidden_loss = engine.module.extras[0]
-    checkpoints = CheckpointManager(run_dir, cfg.out, keep=cfg.train.keep_checkpoints)
     state = restore_or_start(checkpoints, engine, resume, "distill")
     metrics = MetricsLogger(run_dir, stage="distill", name=cfg.out)
     cfg_yaml = config_yaml(cfg)
@@ -563,29 +567,15 @@ def distill(cfg: DistillConfig, run_dir: str | Path, resume: bool = False) -> Pa
     segment_start = time.perf_counter() - state.wall_time_s
     stop = StopOnSignal()
     while state.step < cfg.train.max_steps:
-        step_loss, step_tokens = 0.0, 0
-        parts: dict[str, float] = {}
-        for indices in sampler.micro_batches(state.epoch, state.epoch_position):
-            pairs = data.pairs(indices, state.epoch)
-            out = distill_step(engine, teacher, pairs, data, cfg, token_map, hidden_loss, dist_info.device)
-            engine.backward(out.loss)
-            engine.step()
-            step_loss += float(out.loss.detach()) / grad_accum
-            step_tokens += out.num_tokens
-            for key, value in out.parts.items():
-                parts[key] = parts.get(key, 0.0) + value
-        step_loss = all_reduce_mean(step_loss)
-        check_finite(step_loss, state.step, checkpoints)
-        sampler.advance(state)
-        state.step += 1
-        state.tokens_seen += int(all_reduce_sum([float(step_tokens)])[0])
+        forward = micro_forward(engine, teacher, data, cfg, token_map, hidden_loss, dist_info.device, state.epoch)
+        train_step(engine, sampler.micro_batches(state.epoch, state.epoch_position), forward, state, sampler,
+                   window, checkpoints)
         state.wall_time_s = time.perf_counter() - segment_start
-        window.add(step_loss, parts, grad_accum)
         bar.update(1)
 
         maybe_log(metrics, state, window, engine, cfg, bar)
         maybe_eval(metrics, state, engine, teacher, data, cfg, dist_info)
-        maybe_save(checkpoints, engine, state, cfg, cfg_yaml)
+        maybe_save(cfg.train, state, engine, checkpoints, cfg_yaml)
         maybe_stop(stop, checkpoints, engine, state, cfg.train.max_steps, cfg_yaml)
     stop.close()
     bar.close()
@@ -620,7 +610,7 @@ _ROW_PARTS = ("rows_swapped", "rows_gendered", "rows_conflict", "perturb_aligned
 
 def maybe_log(metrics: MetricsLogger, state: TrainState, window: LossWindow, engine: Any, cfg: DistillConfig,
               bar: Any) -> None:
-    if not is_due(state.step, cfg.train.log_every, cfg.train.max_steps) or window.count == 0:
+    if not log_due(state, cfg.train) or window.count == 0:
         return
     rows = max(window.parts.get("rows", 0.0), 1.0)
     record: dict[str, Any] = {"loss": window.loss / window.count}
@@ -635,11 +625,10 @@ def maybe_log(metrics: MetricsLogger, state: TrainState, window: LossWindow, eng
 
 def maybe_eval(metrics: MetricsLogger, state: TrainState, engine: Any, teacher: Any, data: Any,
                cfg: DistillConfig, dist_info: DistInfo) -> dict[str, float] | None:
-    if data.num_eval == 0 or not is_due(state.step, cfg.train.eval_every, cfg.train.max_steps):
+    if data.num_eval == 0 or not eval_due(state, cfg.train):
         return None
     result = evaluate(engine, teacher, data, cfg, dist_info)
-    if state.best_eval_loss is None or result["heldout_student_ce"] < state.best_eval_loss:
-        state.best_eval_loss = result["heldout_student_ce"]
+    keep_best(state, result["heldout_student_ce"])
     metrics.log(state.step, result)
     if dist_info.is_rank0:
         print(
@@ -648,9 +637,3 @@ def maybe_eval(metrics: MetricsLogger, state: TrainState, engine: Any, teacher: 
             flush=True,
         )
     return result
-
-
-def maybe_save(checkpoints: CheckpointManager, engine: Any, state: TrainState, cfg: DistillConfig,
-               config_yaml: str) -> None:
-    if is_due(state.step, cfg.train.save_every, cfg.train.max_steps):
-        checkpoints.save(engine, state, config_yaml)

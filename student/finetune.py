@@ -1,7 +1,8 @@
 """MASSIVE fine-tuning on the DeepSpeed loop: text-to-text (seq2seq) or encoder with NLU heads.
 
 `finetune(cfg, run_dir, resume)` reads like a table of contents: config, data, model, engine, then
-an explicit loop with maybe_log / maybe_eval / maybe_save, and the Hugging Face export at the end.
+an explicit loop of train_step / maybe_log / maybe_eval / maybe_save (the skeleton of core/loop.py;
+this stage passes `forward`, its log record and its dev evaluation), and the Hugging Face export.
 
 - seq2seq head: source "Annotate: w1 w2 ...", target "s1 s2 ... intent" (massive/format.py's
   official format); loss = token cross-entropy over the target. Evaluation: teacher-forced dev loss
@@ -35,18 +36,31 @@ from core.checkpoint import (
 )
 from core.config import ConfigError, resolve_data_path, save_stage_config
 from core.data import ResumableSampler
-from core.distributed import (
-    DistInfo,
-    all_reduce_mean,
-    all_reduce_sum,
-    barrier,
-    build_engine,
-    init_distributed,
-)
+from core.distributed import DistInfo, all_reduce_sum, barrier, build_engine, init_distributed
 from core.fsutil import check_output, safe_path
-from core.loop import StopOnSignal, check_finite, is_due, maybe_stop
+from core.loop import (
+    MicroStep,
+    StopOnSignal,
+    eval_due,
+    keep_best,
+    log_due,
+    maybe_save,
+    maybe_stop,
+    train_step,
+)
 from core.metrics import LossWindow, MetricsLogger, progress_bar
 from core.modeldir import check_model_dir
+from data_prep.tokenizer import num_word_sentinels
+from massive.format import (
+    INTENT_FIRST_KEY,
+    OTHER,
+    SENTINELS_KEY,
+    has_label_tokens,
+    parse_generations,
+    to_text_to_text,
+)
+from massive.loader import load_massive
+from massive.scoring import GENERATION_FIELDS, GENERATION_METRICS, score_locale
 from student.config import FinetuneConfig
 
 if TYPE_CHECKING:
@@ -103,8 +117,6 @@ def load_finetune_data(cfg: FinetuneConfig, run_dir: Path, dist_info: DistInfo) 
     Parsed splits are cached as Arrow under run_dir/.cache/massive; rank 0 parses (and writes the
     cache) first, the other ranks then read it.
     """
-    from massive.loader import load_massive
-
     source = cfg.massive if cfg.massive == "hub" else str(resolve_data_path(cfg.massive))
     cache_dir = run_dir / ".cache" / "massive"
 
@@ -151,7 +163,7 @@ def load_finetune_data(cfg: FinetuneConfig, run_dir: Path, dist_info: DistInfo) 
         train_locales=train_locales,
         eval_locales=eval_locales,
         intents=list(data.intents),
-        slot_labels=["Other", *[s for s in data.slot_types if s != "Other"]],
+        slot_labels=[OTHER, *[s for s in data.slot_types if s != OTHER]],
     )
 
 
@@ -160,9 +172,6 @@ def encode_seq2seq(
 ) -> tuple[list[tuple[list[int], list[int]]], dict[str, int]]:
     """(source ids, target ids) per example in the official text-to-text format, and how many
     sources/targets were cut to max_source_len/max_target_len (eos kept at the end)."""
-    from data_prep.tokenizer import num_word_sentinels
-    from massive.format import has_label_tokens, to_text_to_text
-
     whole = has_label_tokens(tokenizer)
     sentinels = num_word_sentinels(tokenizer) if cfg.sentinels else 0
     pairs = [to_text_to_text(ex.words, ex.slots, ex.intent, cfg.intent_first, whole, sentinels) for ex in examples]
@@ -237,9 +246,6 @@ def build_seq2seq(cfg: FinetuneConfig, run_dir: Path, tokenizer: Any) -> Any:
     if cfg.dropout is not None:
         _set_dropout(model, cfg.dropout)
     if cfg.head == "seq2seq":
-        from data_prep.tokenizer import num_word_sentinels
-        from massive.format import INTENT_FIRST_KEY, SENTINELS_KEY
-
         # Saved with the model (config.json, and the export manifest), so every predictor parses
         # the generated target in the order this model was trained on.
         setattr(model.config, INTENT_FIRST_KEY, cfg.intent_first)
@@ -322,8 +328,6 @@ def evaluate(
     """
     import torch
 
-    from massive.scoring import GENERATION_FIELDS, GENERATION_METRICS, score_locale
-
     world, rank = dist_info.world_size, dist_info.rank
     usable = len(dev) // world * world
     mine = list(range(rank, usable, world))
@@ -391,8 +395,6 @@ def generate_predictions(
 ) -> list[NLUPrediction]:
     """Greedy generation of the text-to-text target, parsed into intent + per-word slots (with its
     `GenerationCheck` when `intents` is given)."""
-    from massive.format import parse_generations
-
     output = model.generate(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
@@ -474,13 +476,14 @@ def finetune(cfg: FinetuneConfig, run_dir: str | Path, resume: bool = False) -> 
             else collate_encoder([data.train[i] for i in indices], tokenizer, model.labels, cfg.max_source_len)
             for indices in sampler.micro_batches(state.epoch, state.epoch_position)
         ]
-        train_step(engine, batches, sampler, state, window, checkpoints, cfg, dist_info)
+        forward = micro_forward(engine, cfg, dist_info.device, len(batches))
+        train_step(engine, batches, forward, state, sampler, window, checkpoints)
         state.wall_time_s = time.perf_counter() - segment_start
         bar.update(1)
 
         maybe_log(metrics, state, window, engine, cfg, bar)
         maybe_eval(metrics, state, engine, model, tokenizer, data, dev_pairs, cfg, dist_info)
-        maybe_save(checkpoints, engine, state, cfg, cfg_yaml)
+        maybe_save(cfg.train, state, engine, checkpoints, cfg_yaml)
         maybe_stop(stop, checkpoints, engine, state, cfg.train.max_steps, cfg_yaml)
     stop.close()
     bar.close()
@@ -492,35 +495,19 @@ def finetune(cfg: FinetuneConfig, run_dir: str | Path, resume: bool = False) -> 
     return out_dir
 
 
-def train_step(
-    engine: Any, batches: list[dict[str, torch.Tensor]], sampler: ResumableSampler, state: TrainState,
-    window: LossWindow, checkpoints: CheckpointManager, cfg: FinetuneConfig, dist_info: DistInfo,
-) -> float:
-    """One optimizer step over this rank's micro-batches; returns the loss averaged over ranks."""
-    micro_losses: list[float] = []
-    parts: dict[str, float] = {}
-    local_tokens = 0
-    for i, batch in enumerate(batches):
-        loss, loss_parts = train_loss(engine, batch, cfg, dist_info.device)
-        engine.backward(loss)
-        micro_losses.append(loss.item())
-        for key, value in loss_parts.items():
-            parts[key] = parts.get(key, 0.0) + value / len(batches)
-        local_tokens += num_tokens(batch)
-        if i == len(batches) - 1:
-            # Checked before the optimizer step applies it, on the rank mean so every rank stops together.
-            step_loss = all_reduce_mean(sum(micro_losses) / len(micro_losses))
-            check_finite(step_loss, state.step, checkpoints)
-        engine.step()
-    state.step += 1
-    state.tokens_seen += int(all_reduce_sum([float(local_tokens)])[0])
-    sampler.advance(state)
-    window.add(step_loss, parts)
-    return step_loss
+def micro_forward(engine: Any, cfg: FinetuneConfig, device: str, num_micro_batches: int) -> Any:
+    """`forward` for core.loop.train_step: one collated micro-batch -> its loss, its loss parts (each a
+    share of the step's mean) and its tokens."""
+
+    def forward(batch: dict[str, torch.Tensor]) -> MicroStep:
+        loss, loss_parts = train_loss(engine, batch, cfg, device)
+        return MicroStep(loss, {k: v / num_micro_batches for k, v in loss_parts.items()}, num_tokens(batch))
+
+    return forward
 
 
 def maybe_log(metrics: MetricsLogger, state: TrainState, window: LossWindow, engine: Any, cfg: FinetuneConfig, bar: Any) -> None:
-    if not is_due(state.step, cfg.train.log_every, cfg.train.max_steps) or window.count == 0:
+    if not log_due(state, cfg.train) or window.count == 0:
         return
     record = {
         "loss": window.loss / window.count,
@@ -536,11 +523,10 @@ def maybe_eval(
     metrics: MetricsLogger, state: TrainState, engine: Any, model: Any, tokenizer: Any, data: FinetuneData,
     dev_pairs: list[tuple[list[int], list[int]]] | None, cfg: FinetuneConfig, dist_info: DistInfo,
 ) -> dict[str, float] | None:
-    if not data.dev or not is_due(state.step, cfg.train.eval_every, cfg.train.max_steps):
+    if not data.dev or not eval_due(state, cfg.train):
         return None
     result = evaluate(engine, model, tokenizer, data.dev, dev_pairs, cfg, dist_info, data.intents)
-    if state.best_eval_loss is None or result["dev_loss"] < state.best_eval_loss:
-        state.best_eval_loss = result["dev_loss"]
+    keep_best(state, result["dev_loss"])
     metrics.log(state.step, result)
     if dist_info.is_rank0:
         print(
@@ -554,8 +540,3 @@ def maybe_eval(
             flush=True,
         )
     return result
-
-
-def maybe_save(checkpoints: CheckpointManager, engine: Any, state: TrainState, cfg: FinetuneConfig, config_yaml: str) -> None:
-    if is_due(state.step, cfg.train.save_every, cfg.train.max_steps):
-        checkpoints.save(engine, state, config_yaml)

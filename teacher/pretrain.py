@@ -1,15 +1,13 @@
 """The teacher pretraining loop (stage 1: general domain; stage 2: in-domain with init_from).
 
 `pretrain(cfg, run_dir, resume)` reads top to bottom: config -> data -> model -> engine -> an explicit
-loop of train_step / maybe_log / maybe_eval / maybe_save -> export of a Hugging Face directory.
+loop of train_step / maybe_log / maybe_eval / maybe_save (the skeleton of core/loop.py; this stage
+passes `forward`, its log record and its held-out loss) -> export of a Hugging Face directory.
 Runs unchanged in one process or under `polyteacher launch` (ranks come from the environment).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +24,23 @@ from core.config import ConfigError, save_stage_config
 from core.data import ResumableSampler, eval_micro_batches
 from core.distributed import (
     DistInfo,
-    all_reduce_mean,
     all_reduce_sum,
     build_engine,
     init_distributed,
     is_rank0,
 )
 from core.fsutil import check_output
-from core.loop import StopOnSignal, check_finite, is_due, maybe_stop
-from core.metrics import MetricsLogger, default_peak_tflops, progress_bar
+from core.loop import (
+    MicroStep,
+    StopOnSignal,
+    eval_due,
+    keep_best,
+    log_due,
+    maybe_save,
+    maybe_stop,
+    train_step,
+)
+from core.metrics import LossWindow, MetricsLogger, default_peak_tflops, progress_bar
 from core.modeldir import check_model_dir
 from teacher.config import PretrainConfig, PretrainPaths, resolve_paths
 from teacher.objectives import OBJECTIVE_NAMES, PretrainCollator, loss_by_objective
@@ -77,7 +83,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False) -> 
     state = restore_or_start(checkpoints, engine, resume, STAGE)
     metrics = MetricsLogger(paths.run_dir, STAGE, name=cfg.out)
     peak_tflops = default_peak_tflops(cfg.train, dist)
-    window = Window()
+    window = LossWindow()
     bar = progress_bar(cfg.train.max_steps, initial=state.step, desc=f"{STAGE} {cfg.out}")
 
     # -- the loop (held-out baselines first, at step 0: the model, and a unigram model of the data)
@@ -87,12 +93,14 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False) -> 
     engine.train()
     stop = StopOnSignal()
     while state.step < cfg.train.max_steps:
-        step_loss = train_step(engine, collator, train_data, sampler, state, spec, window, checkpoints)
+        forward = micro_forward(engine, collator, train_data, spec, stream_offset=state.epoch * len(train_data))
+        step_loss = train_step(engine, sampler.micro_batches(state.epoch, state.epoch_position), forward, state,
+                               sampler, window, checkpoints)
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.4f}")
         maybe_log(cfg, state, engine, window, metrics, peak_tflops, dist)
         maybe_eval(cfg, state, engine, collator, heldout_data, eval_batches, metrics)
-        maybe_save(cfg, state, engine, checkpoints, cfg_yaml)
+        maybe_save(cfg.train, state, engine, checkpoints, cfg_yaml)
         maybe_stop(stop, checkpoints, engine, state, cfg.train.max_steps, cfg_yaml)
     stop.close()
     bar.close()
@@ -173,35 +181,13 @@ def spec_of(model: Any) -> ModelSpec:
 # ----------------------------------------------------------------------------- one optimizer step
 
 
-@dataclasses.dataclass
-class Window:
-    """Sums since the last log line (this rank's, reduced over ranks when logged)."""
+def micro_forward(engine: Any, collator: PretrainCollator, train_data: Any, spec: ModelSpec,
+                  stream_offset: int) -> Any:
+    """`forward` for core.loop.train_step: one micro-batch of row indices -> its loss, the summed
+    per-objective cross-entropy and target tokens, and the model FLOPs behind it."""
 
-    losses: list[float] = dataclasses.field(default_factory=list)
-    objective_loss_sums: list[float] = dataclasses.field(default_factory=lambda: [0.0] * len(OBJECTIVE_NAMES))
-    objective_tokens: list[float] = dataclasses.field(default_factory=lambda: [0.0] * len(OBJECTIVE_NAMES))
-    tokens: float = 0.0
-    flops: float = 0.0
-    train_seconds: float = 0.0
-    """Time inside train_step only: throughput excludes evaluation and checkpointing."""
-    last_loss: float = math.nan
-
-    def reset(self) -> None:
-        last = self.last_loss
-        self.__init__()  # type: ignore[misc]
-        self.last_loss = last
-
-
-def train_step(engine: Any, collator: PretrainCollator, train_data: Any, sampler: ResumableSampler,
-               state: TrainState, spec: ModelSpec, window: Window, checkpoints: CheckpointManager) -> float:
-    """One optimizer step over grad_accum micro-batches; returns the loss averaged over ranks."""
-    start = time.perf_counter()
-    micro_batches = sampler.micro_batches(state.epoch, state.epoch_position)
-    # The stream position seeds each example's noise: later epochs see new noise, resume the same.
-    stream_offset = state.epoch * len(train_data)
-    micro_losses = []
-    local_tokens = 0
-    for i, indices in enumerate(micro_batches):
+    def forward(indices: list[int]) -> MicroStep:
+        # The stream position seeds each example's noise: later epochs see new noise, resume the same.
         rows = train_data[indices]["input_ids"]
         batch = collator.collate(rows, [stream_offset + j for j in indices])
         objective = batch.pop("objective")
@@ -209,41 +195,32 @@ def train_step(engine: Any, collator: PretrainCollator, train_data: Any, sampler
         tgt_lens = batch["decoder_attention_mask"].sum(dim=1).tolist()
         batch = {k: v.to(engine.device) for k, v in batch.items()}
         output = engine(**batch)
-        engine.backward(output.loss)
-        micro_losses.append(output.loss.detach())
-        for k, (loss_sum, count) in enumerate(loss_by_objective(output.logits, batch["labels"], objective.to(engine.device)).values()):
-            window.objective_loss_sums[k] += float(loss_sum)
-            window.objective_tokens[k] += float(count)
-        local_tokens += int(sum(src_lens) + sum(tgt_lens))
-        window.flops += sum(model_flops_per_example(spec, None, s, t) for s, t in zip(src_lens, tgt_lens))
-        if i == len(micro_batches) - 1:
-            # Checked before the optimizer step applies it, on the rank-mean so every rank stops together.
-            step_loss = all_reduce_mean(sum(float(x) for x in micro_losses) / len(micro_losses))
-            check_finite(step_loss, state.step, checkpoints)
-        engine.step()
-    state.step += 1
-    state.tokens_seen += int(all_reduce_sum([float(local_tokens)])[0])
-    sampler.advance(state)
-    window.losses.append(step_loss)
-    window.tokens += local_tokens
-    window.last_loss = step_loss
-    window.train_seconds += time.perf_counter() - start
-    return step_loss
+        parts: dict[str, float] = {}
+        by_objective = loss_by_objective(output.logits, batch["labels"], objective.to(engine.device))
+        for name, (loss_sum, count) in by_objective.items():
+            parts[f"loss_sum_{name}"] = float(loss_sum)
+            parts[f"tokens_{name}"] = float(count)
+        parts["flops"] = sum(model_flops_per_example(spec, None, s, t) for s, t in zip(src_lens, tgt_lens))
+        return MicroStep(output.loss, parts, int(sum(src_lens) + sum(tgt_lens)))
+
+    return forward
 
 
 # ----------------------------------------------------------------------------- log, eval, save
 
 
-def maybe_log(cfg: PretrainConfig, state: TrainState, engine: Any, window: Window, metrics: MetricsLogger,
+def maybe_log(cfg: PretrainConfig, state: TrainState, engine: Any, window: LossWindow, metrics: MetricsLogger,
               peak_tflops: float | None, dist: DistInfo) -> None:
-    if not is_due(state.step, cfg.train.log_every, cfg.train.max_steps):
+    if not log_due(state, cfg.train):
         return
     elapsed = max(window.train_seconds, 1e-9)
     state.wall_time_s += elapsed
-    sums = all_reduce_sum(window.objective_loss_sums + window.objective_tokens + [window.tokens, window.flops])
+    sums = all_reduce_sum([window.parts.get(f"loss_sum_{name}", 0.0) for name in OBJECTIVE_NAMES]
+                          + [window.parts.get(f"tokens_{name}", 0.0) for name in OBJECTIVE_NAMES]
+                          + [float(window.local_tokens), window.parts.get("flops", 0.0)])
     num = len(OBJECTIVE_NAMES)
     loss_sums, token_counts, tokens, flops = sums[:num], sums[num : 2 * num], sums[-2], sums[-1]
-    record: dict[str, Any] = {"loss": sum(window.losses) / max(1, len(window.losses))}
+    record: dict[str, Any] = {"loss": window.loss / max(1, window.count)}
     for name, loss_sum, count in zip(OBJECTIVE_NAMES, loss_sums, token_counts):
         if count:
             record[f"loss_{name}"] = loss_sum / count
@@ -257,16 +234,15 @@ def maybe_log(cfg: PretrainConfig, state: TrainState, engine: Any, window: Windo
         record["mfu"] = record["tflops_per_device"] / peak_tflops
     record.update(state.progress())
     metrics.log(state.step, record)
-    window.reset()
+    window.reset(state.tokens_seen)
 
 
 def maybe_eval(cfg: PretrainConfig, state: TrainState, engine: Any, collator: PretrainCollator, heldout: Any,
                eval_batches: list[list[int]], metrics: MetricsLogger) -> float | None:
-    if not (state.step == 0 or is_due(state.step, cfg.train.eval_every, cfg.train.max_steps)):
+    if not (state.step == 0 or eval_due(state, cfg.train)):
         return None
     result = heldout_loss(engine, collator, heldout, eval_batches)
-    if state.best_eval_loss is None or result["eval_loss"] < state.best_eval_loss:
-        state.best_eval_loss = result["eval_loss"]
+    keep_best(state, result["eval_loss"])
     metrics.log(state.step, result)
     return result["eval_loss"]
 
@@ -297,13 +273,7 @@ def heldout_loss(engine: Any, collator: PretrainCollator, heldout: Any, eval_bat
     return result
 
 
-def maybe_save(cfg: PretrainConfig, state: TrainState, engine: Any, checkpoints: CheckpointManager,
-               config_yaml: str) -> None:
-    if is_due(state.step, cfg.train.save_every, cfg.train.max_steps):
-        checkpoints.save(engine, state, config_yaml=config_yaml)
-
-
-def report_rank_summary(dist: DistInfo, state: TrainState, engine: Any, model: Any, window: Window) -> None:
+def report_rank_summary(dist: DistInfo, state: TrainState, engine: Any, model: Any, window: LossWindow) -> None:
     """One line per rank on stdout; the checksum of the replicated weights (ZeRO 0-2) shows that every
     rank holds the same model."""
     import torch

@@ -522,3 +522,39 @@ def test_pretrain_cli_reports_missing_data_before_starting(tmp_path, capsys):
     assert f"training data not found at {tmp_path.resolve() / 'data' / 'train'}" in err
     assert main(["pretrain", "--run-dir", str(tmp_path), "--preset", "tiny", "train.zero_stage=7"]) == 2
     assert "train.zero_stage=7 is not allowed; allowed values: 0, 1, 2, 3" in capsys.readouterr().err
+
+
+def test_train_step_stops_on_nan_before_the_update_is_applied():
+    """core.loop.train_step, the one step every stage runs: the NaN guard fires before the last
+    engine.step() of the step (the call that applies the accumulated update)."""
+    import math
+
+    import torch
+
+    from core.checkpoint import TrainState
+    from core.data import ResumableSampler
+    from core.loop import MicroStep, NonFiniteLossError, train_step
+    from core.metrics import LossWindow
+
+    class Engine:
+        def __init__(self):
+            self.steps = 0
+
+        def backward(self, loss):
+            pass
+
+        def step(self):
+            self.steps += 1
+
+    sampler = ResumableSampler(8, 2, 2, 0, 1, 0)
+    state, window, engine = TrainState(), LossWindow(), Engine()
+    losses = iter([1.0, 3.0, 1.0, math.nan])
+
+    def forward(indices):
+        return MicroStep(torch.tensor(next(losses)), {"part": 1.0}, tokens=len(indices))
+
+    assert train_step(engine, sampler.micro_batches(0, 0), forward, state, sampler, window, None) == 2.0
+    assert (engine.steps, state.step, state.tokens_seen, window.parts, window.micro_steps) == (2, 1, 4, {"part": 2.0}, 2)
+    with pytest.raises(NonFiniteLossError, match="at step 2"):
+        train_step(engine, sampler.micro_batches(state.epoch, state.epoch_position), forward, state, sampler, window, None)
+    assert engine.steps == 3 and state.step == 1  # the second step's update was never applied
