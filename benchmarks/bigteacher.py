@@ -114,7 +114,7 @@ def run_zero3(teacher: Path, ranks: int, settings: dict, reference: list) -> dic
 def random_teacher(preset: str, tokenizer_dir: Path, work: Path) -> Path:
     from core.fsutil import atomic_dir
     from data_prep.tokenizer import load_tokenizer
-    from teacher.presets import ModelConfig, build_model
+    from teacher.sizes import ModelConfig, build_model
 
     out = work / f"teacher-{preset}"
     if not out.is_dir():

@@ -8,14 +8,14 @@ Tasks (each on MASSIVE-shaped batches: short utterances, short targets, as the p
 - nlu:       the encoder-only NLU student (`finetune --head encoder`, student.nlu.EncoderNLUModel):
              intent + slot heads, `nlu_loss`.
 - distill:   task distillation (`distill --section taskdistill`): a frozen teacher forward under
-             inference mode, then the half-depth student (student.presets.build_student) trained on
+             inference mode, then the half-depth student (distill.student_init.build_student) trained on
              `distill.losses.kd_loss` against the teacher's softened distribution.
 
 Every (task, layout, precision) runs in fresh processes (layouts 1 x 2 and 2 x 1 threads on two
 cores, plain data parallel, ZeRO-0 as the presets use for these stages) and reports tokens/s
 (source + target tokens of the trained model), optimizer steps/s, achieved TFLOP/s and MFU against
 the matmul peak of its precision. Model FLOPs: training = 3 x forward of the trained model
-(teacher.presets.model_flops_per_example); distillation adds the teacher's forward (1/3 of its
+(teacher.sizes.model_flops_per_example); distillation adds the teacher's forward (1/3 of its
 training FLOPs). The record names the CPU, its AMX / AVX-512 / AVX2 flags, both peaks, which
 precision `train.precision=auto` picks, and the load average (the machine may be shared).
 
@@ -49,7 +49,7 @@ NUM_INTENTS, NUM_SLOT_LABELS = 60, 56  # MASSIVE's label inventory
 
 def flops_per_example(task: str, teacher_spec, student_spec, vocab: int, src: int, tgt: int) -> float:
     """Model FLOPs of one training example (see the module doc)."""
-    from teacher.presets import ModelSpec, model_flops_per_example
+    from teacher.sizes import ModelSpec, model_flops_per_example
 
     if task == "finetune":
         return model_flops_per_example(teacher_spec, vocab, src, tgt)
@@ -89,7 +89,7 @@ def worker(args: argparse.Namespace) -> None:
     from core.config import merge, parse_overrides
     from core.distributed import barrier, build_engine, init_distributed
     from core.train_config import TrainConfig
-    from teacher.presets import ModelConfig, ModelSpec, build_model
+    from teacher.sizes import ModelConfig, ModelSpec, build_model
 
     nproc, threads = LAYOUTS[args.layout]
     dist = init_distributed(num_threads=threads)
@@ -110,7 +110,7 @@ def worker(args: argparse.Namespace) -> None:
                            slot_labels=[OTHER, *(f"slot_{i}" for i in range(NUM_SLOT_LABELS - 1))])
         model = EncoderNLUModel.from_seq2seq(teacher, labels)
     else:
-        from student.presets import StudentConfig, build_student
+        from distill.student_init import StudentConfig, build_student
 
         model, _ = build_student(teacher, StudentConfig(), seed=0)
         student_spec = ModelSpec.from_t5_config(model.config, "student")

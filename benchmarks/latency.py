@@ -47,7 +47,7 @@ def build_models(work: Path, teacher_preset: str) -> dict[str, Path]:
     from massive.loader import load_massive
     from student.export import ExportConfig, export
     from student.nlu import EncoderNLUModel, NLULabels
-    from teacher.presets import ModelConfig, build_model
+    from teacher.sizes import ModelConfig, build_model
 
     work.mkdir(parents=True, exist_ok=True)
     tok_dir = work / "tokenizer"

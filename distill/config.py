@@ -8,7 +8,7 @@ from typing import Literal
 from core.bigmodel import ModelLoadConfig
 from core.config import ConfigError
 from core.train_config import TrainConfig
-from student.presets import StudentConfig
+from distill.student_init import StudentConfig
 from teacher.objectives import ObjectiveConfig
 
 

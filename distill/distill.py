@@ -103,7 +103,7 @@ def student_init_source(teacher_dir: Path, teacher: Any, cfg: DistillConfig) -> 
     for an offloaded or sharded teacher, its model with only the tensors a student may copy read
     from the safetensors (embeddings, output layer, final norms, the mapped layers and layer 0)."""
     from core.bigmodel import is_materialized, load_subset
-    from student.presets import layer_map, student_config
+    from distill.student_init import layer_map, student_config
 
     if is_materialized(teacher):
         return teacher
@@ -118,7 +118,7 @@ def student_init_source(teacher_dir: Path, teacher: Any, cfg: DistillConfig) -> 
 def load_checked_tokenizer(cfg: DistillConfig, run_dir: Path, teacher_dir: Path, teacher: Any) -> Any:
     """The teacher's tokenizer; for task=agnostic also checked against the tokenizer of the data."""
     from data_prep.tokenizer import load_tokenizer
-    from student.presets import check_vocabulary
+    from distill.student_init import check_vocabulary
 
     tokenizer = load_tokenizer(teacher_dir)
     if cfg.task == "agnostic" and cfg.tokenizer:
@@ -511,8 +511,8 @@ def distill(cfg: DistillConfig, run_dir: str | Path, resume: bool = False) -> Pa
     from core.metrics import MetricsLogger, progress_bar
     from distill.counterfactual import build_token_map
     from distill.losses import HiddenStateLoss
+    from distill.student_init import build_student, describe_student
     from massive.format import INTENT_FIRST_KEY, SENTINELS_KEY, model_intent_first, model_sentinels
-    from student.presets import build_student, describe_student
 
     # config
     run_dir = Path(run_dir)

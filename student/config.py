@@ -12,7 +12,7 @@ from typing import Literal
 
 from core.config import LOCALE_RE, ConfigError
 from core.train_config import TrainConfig
-from teacher.presets import PRESETS, ModelConfig
+from teacher.sizes import PRESETS, ModelConfig
 
 SCRATCH_PREFIX = "scratch:"
 

@@ -236,7 +236,7 @@ def load_finetune_tokenizer(cfg: FinetuneConfig, run_dir: Path) -> Any:
 def build_seq2seq(cfg: FinetuneConfig, run_dir: Path, tokenizer: Any) -> Any:
     """The seq2seq model to fine-tune: loaded from a directory, or fresh from a size preset."""
     if cfg.scratch_preset:
-        from teacher.presets import build_model
+        from teacher.sizes import build_model
 
         model = build_model(dataclasses.replace(cfg.model, preset=cfg.scratch_preset), tokenizer, seed=cfg.train.seed)
     else:

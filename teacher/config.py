@@ -11,7 +11,7 @@ from core.config import ConfigError
 from core.fsutil import safe_path
 from core.train_config import TrainConfig
 from teacher.objectives import ObjectiveConfig
-from teacher.presets import ModelConfig
+from teacher.sizes import ModelConfig
 
 
 @dataclasses.dataclass

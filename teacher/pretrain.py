@@ -44,7 +44,7 @@ from core.metrics import LossWindow, MetricsLogger, default_peak_tflops, progres
 from core.modeldir import check_model_dir
 from teacher.config import PretrainConfig, PretrainPaths, resolve_paths
 from teacher.objectives import OBJECTIVE_NAMES, PretrainCollator, loss_by_objective
-from teacher.presets import ModelSpec, model_flops_per_example
+from teacher.sizes import ModelSpec, model_flops_per_example
 
 STAGE = "pretrain"
 
@@ -155,7 +155,7 @@ def log_unigram_reference(tokenizer: Any, train_data: Any, heldout_data: Any, me
 def load_or_build_model(cfg: PretrainConfig, paths: PretrainPaths, tokenizer: Any) -> Any:
     """A new teacher from cfg.teacher (seeded), or the init_from directory's weights (stage 2)."""
     if paths.init_from is None:
-        from teacher.presets import build_model
+        from teacher.sizes import build_model
 
         return build_model(cfg.teacher, tokenizer, seed=cfg.train.seed)
     from core.modeldir import load_seq2seq_model

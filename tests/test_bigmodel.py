@@ -144,7 +144,7 @@ def test_student_init_from_an_offloaded_teacher_equals_the_plain_one(tmp_path, t
     from core.bigmodel import is_materialized, load_model
     from distill.config import DistillConfig
     from distill.distill import student_init_source
-    from student.presets import build_student
+    from distill.student_init import build_student
 
     cfg = DistillConfig()
     load = ModelLoadConfig(device_map="auto", max_memory={"cpu": forced_offload["cpu"]},

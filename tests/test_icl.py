@@ -356,7 +356,7 @@ def train_synthetic_icl_model(out, tokenizer, data_dir, icfg):
     from data_prep.tokenizer import special_ids
     from evaluation.massive import pad_right
     from massive.loader import load_massive
-    from teacher.presets import ModelConfig, build_model
+    from teacher.sizes import ModelConfig, build_model
 
     data = load_massive(str(data_dir), locales=SYNTHETIC_LOCALES, partitions=("train",), progress=False)
     pools = {loc: data.examples(locale=loc, partition="train") for loc in SYNTHETIC_LOCALES}

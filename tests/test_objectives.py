@@ -240,7 +240,7 @@ def test_expected_lengths_match_sampled_batches():
 
 def test_batch_trains_tiny_model_and_padding_does_not_leak(tiny_tokenizer_dir):
     from data_prep.tokenizer import load_tokenizer
-    from teacher.presets import build_model
+    from teacher.sizes import build_model
 
     tokenizer = load_tokenizer(tiny_tokenizer_dir)
     model = build_model("tiny", tokenizer, seed=0).eval()

@@ -6,7 +6,7 @@ import pytest
 
 from launch.cli import main
 from teacher.plan import GIB, flops_per_text_token, make_plan
-from teacher.presets import build_model, count_parameters, model_flops_per_example
+from teacher.sizes import build_model, count_parameters, model_flops_per_example
 
 
 @pytest.fixture(scope="module")

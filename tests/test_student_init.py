@@ -1,4 +1,4 @@
-"""Student presets: sizes relative to the teacher, layer mapping, vocabulary check."""
+"""Student initialisation (distill/student_init.py): sizes relative to the teacher, layer mapping, vocabulary check."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from core.config import ConfigError, load_config
-from student.presets import (
+from distill.student_init import (
     STUDENT_PRESETS,
     StudentConfig,
     build_student,
@@ -14,7 +14,7 @@ from student.presets import (
     layer_map,
     student_config,
 )
-from teacher.presets import ModelConfig, build_model
+from teacher.sizes import ModelConfig, build_model
 
 
 @pytest.fixture(scope="module")
