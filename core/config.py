@@ -10,6 +10,11 @@ single YAML file whose top-level keys are the sections. Command-line overrides a
 relative to the stage's config (`tokenizer.vocab_size=16000`); values are parsed as YAML scalars.
 Unknown keys and wrong types raise `ConfigError` naming the key and the allowed keys/values, before
 any work starts.
+
+Precedence, the same in every command (`load_config`): dataclass defaults < preset section <
+trailing dotted overrides < explicit flags (`--out`, `--model`, `--max-examples`, ...). A flag is
+the more specific spelling of a config key, so it wins; a flag that was not given (None) changes
+nothing, which is why no command repeats a config default as an argparse default.
 """
 
 from __future__ import annotations
@@ -279,10 +284,10 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
-def flag_overrides(**values: Any) -> list[str]:
-    """`key=value` overrides for the explicit CLI flags that were given (None = not given), so
-    they apply after (win over) the positional overrides: `flag_overrides(out=args.out)`."""
-    return [f"{key}={value}" for key, value in values.items() if value is not None]
+def given_flags(**values: Any) -> dict[str, Any]:
+    """The explicit CLI flags that were given (None = not given), as `load_config(flags=...)`:
+    `given_flags(out=args.out)`."""
+    return {key: value for key, value in values.items() if value is not None}
 
 
 def read_preset(preset: str | os.PathLike | None) -> dict[str, Any]:
@@ -321,12 +326,13 @@ def load_config(
     section: str | None = None,
     preset: str | os.PathLike | None = None,
     overrides: list[str] | tuple[str, ...] = (),
-    base: dict[str, Any] | None = None,
+    flags: dict[str, Any] | None = None,
 ) -> T:
-    """Defaults <- preset[section] (or the whole preset when section is None) <- base <- overrides.
+    """Defaults <- preset[section] (or the whole preset when section is None) <- dotted overrides <-
+    flags (a nested dict of the explicit command-line flags that were given; see the module doc).
 
     A section listed in SECTION_BASES starts from its base section of the same preset: defaults <-
-    preset[base] <- preset[section] <- base <- overrides.
+    preset[base] <- preset[section] <- overrides <- flags.
     """
     preset_data = read_preset(preset)
     if section is not None:
@@ -344,8 +350,8 @@ def load_config(
     cfg = cls()
     for layer in layers:
         cfg = merge(cfg, layer)
-    cfg = merge(cfg, base or {})
     cfg = merge(cfg, parse_overrides(list(overrides)))
+    cfg = merge(cfg, flags or {})
     return validate(cfg)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from core.config import ConfigError, config_help, load_config
+from core.config import ConfigError, config_help, given_flags, load_config
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,12 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from distill.config import DistillConfig
 
-    overrides = list(args.overrides)
-    if args.teacher:
-        overrides.append(f"teacher={args.teacher}")
-    if args.out:
-        overrides.append(f"out={args.out}")
-    cfg = load_config(DistillConfig, section=args.section, preset=args.preset, overrides=overrides)
+    flags = given_flags(teacher=args.teacher, out=args.out)
+    cfg = load_config(DistillConfig, section=args.section, preset=args.preset, overrides=args.overrides, flags=flags)
     if args.section == "taskdistill" and cfg.task != "massive":
         raise ConfigError(f"--section taskdistill distils MASSIVE from a fine-tuned teacher: set task=massive "
                           f"(the preset {args.preset!r} gives task={cfg.task!r})")

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from launch.cli import register_modules
+from core.commands import register_modules
 
 EVALUATE_MODULES = (
     "evaluation.massive",  # evaluate massive
@@ -103,13 +103,13 @@ def resolve_config(args: argparse.Namespace, flags: dict[str, dict[str, Any]]) -
     checks --name.
 
     `flags` holds the command's own options ({section: {config key: value or None}}); they override
-    the preset and are overridden by trailing dotted overrides.
+    the preset and the trailing dotted overrides (core.config's one precedence rule).
     """
-    from core.config import load_config
+    from core.config import given_flags, load_config
     from evaluation.config import EvalConfig
 
-    base = {section: {key: value for key, value in values.items() if value is not None} for section, values in flags.items()}
-    cfg = load_config(EvalConfig, section="evaluate", preset=args.preset, overrides=args.overrides, base=base)
+    given = {section: given_flags(**values) for section, values in flags.items()}
+    cfg = load_config(EvalConfig, section="evaluate", preset=args.preset, overrides=args.overrides, flags=given)
     check_name(args.name)
     return cfg
 

@@ -1,7 +1,9 @@
 """The `polyteacher` command.
 
-Each stage module that owns subcommands exposes `register(subparsers)`, which adds its parsers and
-sets `func` (called with the parsed args; returns an exit code or None). A command that writes into
+Each package registers its subcommands once, through `register(subparsers)` in its `cli.py`
+(`core.commands`), which adds its parsers and sets `func` (called with the parsed args; returns an
+exit code or None); the `launch` package's own commands (launch, pipeline, config) come last.
+Options follow one precedence rule (`core.config`): defaults < preset < dotted overrides < flags. A command that writes into
 a run directory also sets `lock_run_dir` to the name of the argument holding it: `main` runs it under
 `core.fsutil.run_dir_lock`, so one writer holds a run directory at a time. Those modules import heavy
 libraries (torch, deepspeed) inside their functions so that `polyteacher --help` stays fast.
@@ -11,26 +13,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import sys
-from collections.abc import Iterable
 
+from core.commands import register_modules
 from core.config import ConfigError
 from core.fsutil import run_dir_lock
+from launch import config_cli, launcher, pipeline
 
-# Modules that contribute subcommands, in the order they appear in --help.
+# One registration per package, in the order its subcommands appear in --help.
 COMMAND_MODULES = (
     "data_prep.cli",  # polyteacher data ...
-    "teacher.cli",  # polyteacher pretrain
-    "teacher.plan",  # polyteacher plan
-    "launch.launcher",  # polyteacher launch
+    "teacher.cli",  # polyteacher pretrain, plan
     "distill.cli",  # polyteacher distill
-    "student.cli",  # polyteacher finetune
-    "student.export",  # polyteacher export
-    "student.runtime",  # polyteacher predict
+    "student.cli",  # polyteacher finetune, export, predict
     "evaluation.cli",  # polyteacher evaluate ...
-    "launch.pipeline",  # polyteacher pipeline
-    "launch.config_cli",  # polyteacher config
 )
 
 
@@ -63,22 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     register_modules(sub, COMMAND_MODULES, "register")
+    register(sub)
     return parser
 
 
-def register_modules(sub: argparse._SubParsersAction, names: Iterable[str], function: str) -> None:
-    """Import each module of `names` and call its `function(sub)` to add its subcommands.
-
-    A module that is not part of this install is skipped; any other import error is a real bug and raises.
-    """
-    for name in names:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:
-                continue
-            raise
-        getattr(module, function)(sub)
+def register(sub: argparse._SubParsersAction) -> None:
+    """The launch package's commands: launch, pipeline, config."""
+    launcher.register(sub)
+    pipeline.register(sub)
+    config_cli.register(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

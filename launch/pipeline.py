@@ -22,6 +22,7 @@ from typing import Any
 
 from core.config import ConfigError, load_config, save_config
 from core.fsutil import atomic_write_json, safe_path
+from evaluation.report import MASSIVE_COMPARISONS, write_report
 
 
 @dataclasses.dataclass
@@ -111,6 +112,7 @@ STAGES: tuple[Stage, ...] = (
 STAGE_BY_NAME = {s.name: s for s in STAGES}
 
 # The models of eval_massive: name (its directory under eval/massive/) -> model directory in the run dir.
+# The comparisons between them are the report's claims (evaluation.report.MASSIVE_COMPARISONS).
 MASSIVE_MODELS: dict[str, str] = {
     "teacher": "teacher-ft",
     "scratch": "scratch-ft",
@@ -121,28 +123,6 @@ MASSIVE_MODELS: dict[str, str] = {
     "student_nlu_int8": "onnx/nlu-int8",
 }
 
-
-@dataclasses.dataclass(frozen=True)
-class MassiveComparison:
-    """One claim of the project, tested by `evaluate compare` on two eval_massive results (B - A on the
-    same ids, paired); the report's Claims section has one row per comparison."""
-
-    name: str  # writes eval/massive/compare_<name>.json and .md
-    a: str  # names in MASSIVE_MODELS
-    b: str
-    question: str  # what the comparison answers, as the report asks it
-    ratio: bool = False  # the claim is about the share of A's EM that B keeps (B / A)
-    identical: bool = False  # the claim is about B predicting what A predicts
-
-
-MASSIVE_COMPARISONS: tuple[MassiveComparison, ...] = (
-    MassiveComparison("pretraining", "scratch", "teacher",
-                      "does pretraining help fine-tuning? (the same size fine-tuned from random weights -> pretrained)"),
-    MassiveComparison("distillation", "teacher", "student_fp32", "what share of the teacher's EM does the student keep?",
-                      ratio=True),
-    MassiveComparison("quantization", "student_fp32", "student_int8", "does int8 change the student's predictions?",
-                      identical=True),
-)
 
 
 def stage_commands(stage: Stage, run_dir: Path, preset: str | None, cfg: PipelineConfig, tmp_out: Path) -> list[list[str]]:
@@ -246,8 +226,6 @@ def _fp32_tmp(final: Path) -> Path:
 def run_stage(stage: Stage, run_dir: Path, preset: str | None, cfg: PipelineConfig, log_dir: Path) -> None:
     final = safe_path(run_dir, stage.output)
     if stage.kind == "internal":
-        from launch.report import write_report
-
         write_report(run_dir)
         return
     # Stages whose command writes into a directory we name get a temporary one, renamed when all

@@ -1,4 +1,6 @@
-"""`polyteacher finetune`: MASSIVE fine-tuning of a seq2seq model (text-to-text or encoder NLU heads).
+"""`polyteacher finetune`: MASSIVE fine-tuning of a seq2seq model (text-to-text or encoder NLU heads);
+the student package's one registration, which also adds `polyteacher export` (student/export.py) and
+`polyteacher predict` (student/runtime.py).
 
 Imported by the CLI at start-up: torch, transformers and deepspeed are imported only when the
 command runs (inside student.finetune).
@@ -9,7 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from core.config import config_help, flag_overrides, load_config
+from core.config import config_help, given_flags, load_config
+from student import export, runtime
 from student.config import FinetuneConfig
 
 EPILOG = """\
@@ -57,13 +60,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "order, RNG and optimizer state); starts fresh when there is none")
     p.add_argument("overrides", nargs="*", help="dotted config overrides (listed below), e.g. train.max_steps=200")
     p.set_defaults(func=run, lock_run_dir="run_dir")
+    export.register(sub)
+    runtime.register(sub)
 
 
 def build_config(args: argparse.Namespace) -> FinetuneConfig:
     """Defaults <- preset <- overrides <- the explicit flags (--model, --out, --head)."""
-    flags = flag_overrides(init=args.model, out=args.out, head=args.head)
+    flags = given_flags(init=args.model, out=args.out, head=args.head)
     section = getattr(args, "section", "finetune")
-    cfg = load_config(FinetuneConfig, section=section, preset=args.preset, overrides=[*args.overrides, *flags])
+    cfg = load_config(FinetuneConfig, section=section, preset=args.preset, overrides=args.overrides, flags=flags)
     if not cfg.init:
         from core.config import ConfigError
 

@@ -1,4 +1,5 @@
-"""`polyteacher pretrain`: teacher pretraining (general domain, or stage 2 in-domain with --init-from).
+"""`polyteacher pretrain`: teacher pretraining (general domain, or stage 2 in-domain with --init-from);
+the teacher package's one registration, which also adds `polyteacher plan` (teacher/plan.py).
 
 Imported by the CLI at start-up: torch, transformers and deepspeed are imported only when the
 command runs (inside teacher.pretrain).
@@ -10,7 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from core.config import config_help, flag_overrides, load_config
+from core.config import config_help, given_flags, load_config
+from teacher import plan
 from teacher.config import PretrainConfig
 
 EPILOG = """\
@@ -55,12 +57,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "existing checkpoints are an error")
     p.add_argument("overrides", nargs="*", help="dotted config overrides (listed below), e.g. train.max_steps=200")
     p.set_defaults(func=run, lock_run_dir="run_dir")
+    plan.register(sub)
 
 
 def build_config(args: argparse.Namespace) -> PretrainConfig:
     """Defaults <- preset section <- overrides <- the explicit flags (--out, --init-from)."""
-    flags = flag_overrides(out=args.out, init_from=args.init_from)
-    return load_config(PretrainConfig, section=args.section, preset=args.preset, overrides=[*args.overrides, *flags])
+    flags = given_flags(out=args.out, init_from=args.init_from)
+    return load_config(PretrainConfig, section=args.section, preset=args.preset, overrides=args.overrides, flags=flags)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -19,7 +19,8 @@ import pytest
 import yaml
 
 from core.config import PRESET_DIR
-from launch.pipeline import MASSIVE_COMPARISONS, STAGE_BY_NAME, STAGES
+from evaluation.report import MASSIVE_COMPARISONS
+from launch.pipeline import STAGE_BY_NAME, STAGES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from core.config import ConfigError, load_config
+from evaluation.report import MASSIVE_COMPARISONS
 from launch.pipeline import (
-    MASSIVE_COMPARISONS,
     MASSIVE_MODELS,
     STAGE_BY_NAME,
     STAGES,

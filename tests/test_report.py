@@ -1,4 +1,4 @@
-"""REPORT.md and summary.json (launch/report.py): the Claims section, built from small hand-made
+"""REPORT.md and summary.json (evaluation/report.py): the Claims section, built from small hand-made
 evaluation results, `evaluate compare` run on them, and a metrics.jsonl; and a run where the stages
 behind it were skipped."""
 
@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 
 from evaluation.massive import result_json
+from evaluation.report import MASSIVE_COMPARISONS, write_report
 from launch.cli import main
-from launch.pipeline import MASSIVE_COMPARISONS
-from launch.report import write_report
 from massive.format import MassiveExample, NLUPrediction
 from massive.scoring import score_records, utterance_records
 

@@ -1,4 +1,4 @@
-"""REPORT.md and summary.json for a pipeline run directory.
+"""REPORT.md and summary.json for a pipeline run directory, and the claims the report tests.
 
 Reads what the evaluation commands wrote under `eval/` (their JSON schemas: docs/internals.md,
 "Evaluation outputs"), the teacher's pretraining records in `metrics.jsonl`, the stage timings and
@@ -16,6 +16,7 @@ Whatever a skipped stage did not write is shown as "-" (null in summary.json), n
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from collections.abc import Callable
@@ -23,8 +24,30 @@ from pathlib import Path
 from typing import Any
 
 from core.fsutil import atomic_write_json, atomic_write_text
-from launch.pipeline import MASSIVE_COMPARISONS, MassiveComparison
 from massive.scoring import GENERATION_METRICS
+
+
+@dataclasses.dataclass(frozen=True)
+class MassiveComparison:
+    """One claim of the project, tested by `evaluate compare` on two eval_massive results (B - A on the
+    same ids, paired); the report's Claims section has one row per comparison."""
+
+    name: str  # writes eval/massive/compare_<name>.json and .md
+    a: str  # model names of the pipeline's eval_massive (launch.pipeline.MASSIVE_MODELS)
+    b: str
+    question: str  # what the comparison answers, as the report asks it
+    ratio: bool = False  # the claim is about the share of A's EM that B keeps (B / A)
+    identical: bool = False  # the claim is about B predicting what A predicts
+
+
+MASSIVE_COMPARISONS: tuple[MassiveComparison, ...] = (
+    MassiveComparison("pretraining", "scratch", "teacher",
+                      "does pretraining help fine-tuning? (the same size fine-tuned from random weights -> pretrained)"),
+    MassiveComparison("distillation", "teacher", "student_fp32", "what share of the teacher's EM does the student keep?",
+                      ratio=True),
+    MassiveComparison("quantization", "student_fp32", "student_int8", "does int8 change the student's predictions?",
+                      identical=True),
+)
 
 MASSIVE_METRICS = ("em", "intent_acc", "slot_f1")
 # How well-formed a text-to-text model's generated targets are (None for classifiers and ONNX).
