@@ -23,14 +23,18 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/polyteacher pipeline --preset $(PRESET) --out $(RUN)
 
+# lint-imports checks the layers written in pyproject.toml ([tool.importlinter]) before the tests run.
 test: $(STAMP)
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-quick: $(STAMP)
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 bench: $(STAMP)
 	$(PY) benchmarks/data_prep.py

@@ -147,7 +147,7 @@ def main() -> int:
 
     from core.bigmodel import ModelLoadConfig, empty_model, infer_device_map, load_model
     from core.fsutil import atomic_write_json
-    from evaluation.plots import markdown_table
+    from core.tables import markdown_table
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     if args.teacher:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from core.config import NO_SPACE_LOCALES
 from core.fsutil import atomic_dir
+from core.tables import markdown_table
 from data_prep.config import RESERVED_TOKENS, TokenizerConfig
 
 if TYPE_CHECKING:
@@ -332,9 +333,7 @@ def tokenizer_table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
             ]
         )
     if markdown:
-        lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        lines += ["| " + " | ".join(row) + " |" for row in body]
-        return "\n".join(lines)
+        return markdown_table(cols, body).rstrip("\n")
     widths = [max(len(c), *(len(row[i]) for row in body)) if body else len(c) for i, c in enumerate(cols)]
     fmt = "  ".join(f"{{:<{w}}}" if i in (0, 4) else f"{{:>{w}}}" for i, w in enumerate(widths))
     lines = [fmt.format(*cols), "-" * (sum(widths) + 2 * (len(cols) - 1))]

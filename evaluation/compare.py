@@ -61,7 +61,7 @@ def compare_results(path_a: str | Path, path_b: str | Path, *, samples: int, see
 
 
 def compare_markdown(result: dict[str, Any]) -> str:
-    from evaluation.plots import markdown_table
+    from core.tables import markdown_table
 
     def interval(pair: list[float] | None, sign: str = "+") -> str | None:
         return None if pair is None else f"[{pair[0]:{sign}.4f}, {pair[1]:{sign}.4f}]"

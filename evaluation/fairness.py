@@ -47,6 +47,7 @@ from typing import Any
 
 from core.bigmodel import input_device
 from core.modeldir import model_kind
+from core.tables import markdown_table
 
 # Prompt pairs (male subject, female subject) per lexicon language, written out in full so that
 # articles and possessives agree.
@@ -524,13 +525,10 @@ def fairness_markdown(result: dict[str, Any]) -> str:
                          str(c.get("num_conflicts", "-"))])
         if rows:
             title = "all locales pooled" if loc == "overall" else loc
-            lines += [f"### Counterfactual consistency: {title}", "", "| " + " | ".join(header) + " |",
-                      "|" + "---|" * len(header), *["| " + " | ".join(r) + " |" for r in rows], ""]
+            lines += [f"### Counterfactual consistency: {title}", "", markdown_table(header, rows)]
     if result.get("comparisons"):
         base = result.get("baseline")
-        lines += [f"### Paired against {base} (same utterances, same resamples)", "",
-                  "| model | locale | intent flip ratio [CI] | intent flip diff pp [CI] | EM orig diff pp [CI] | "
-                  "intent acc orig diff pp [CI] |", "|---|---|---|---|---|---|"]
+        paired_rows = []
         for model_name, comp in result["comparisons"].items():
             for loc, e in comp.items():
                 flip, em, acc = e["intent_flip_rate"], e["em_original"], e["intent_acc_original"]
@@ -543,22 +541,24 @@ def fairness_markdown(result: dict[str, Any]) -> str:
                     fmt = (lambda x: f"{scale * x:+.1f}") if scale == 100.0 else (lambda x: f"{x:.2f}")
                     return f"{fmt(v)} [{fmt(ci[0])}, {fmt(ci[1])}]" if ci else fmt(v)
 
-                lines.append(f"| {model_name} | {loc} | {rng(flip, 'ratio', 1.0)} | {rng(flip, 'diff')} | "
-                             f"{rng(em, 'diff')} | {rng(acc, 'diff')} |")
-        lines.append("")
+                paired_rows.append([model_name, loc, rng(flip, "ratio", 1.0), rng(flip, "diff"), rng(em, "diff"),
+                                    rng(acc, "diff")])
+        lines += [f"### Paired against {base} (same utterances, same resamples)", "",
+                  markdown_table(["model", "locale", "intent flip ratio [CI]", "intent flip diff pp [CI]",
+                                  "EM orig diff pp [CI]", "intent acc orig diff pp [CI]"], paired_rows)]
     disparity = [(m, e["disparity"]) for m, e in result["models"].items() if e.get("disparity")]
     if disparity:
         langs = [k for k in disparity[0][1] if k != "overall"] + ["overall"]
-        lines += ["### Generation disparity (occupations: neutral ones, gendered ones as the log-sum of both forms)", "",
-                  "| model | language | mean abs gap (nats) | signed gap | entropy (nats) | gap / entropy |",
-                  "|---|---|---|---|---|---|"]
+        disparity_rows = []
         for lang in langs:
             for model_name, d in disparity:
                 if lang in d:
                     v = d[lang]
-                    lines.append(f"| {model_name} | {lang} | {_num(v['mean_abs_gap'])} | {_num(v['mean_signed_gap'])} | "
-                                 f"{_num(v.get('entropy'))} | {_num(v.get('normalised_gap'))} |")
-        lines.append("")
+                    disparity_rows.append([model_name, lang, _num(v["mean_abs_gap"]), _num(v["mean_signed_gap"]),
+                                           _num(v.get("entropy")), _num(v.get("normalised_gap"))])
+        lines += ["### Generation disparity (occupations: neutral ones, gendered ones as the log-sum of both forms)", "",
+                  markdown_table(["model", "language", "mean abs gap (nats)", "signed gap", "entropy (nats)",
+                                  "gap / entropy"], disparity_rows)]
     split = result.get("split", "test")
     scope = "a seeded sample" if result.get("max_examples") else "all"
     lines.append(f"Counterfactual consistency on {scope} MASSIVE {split} utterances with gendered words "

@@ -366,7 +366,7 @@ def evaluate_icl(cfg, model_dir: str | Path, out_dir: str | Path, name: str = "i
 
 
 def icl_markdown(result: dict[str, Any]) -> str:
-    from evaluation.plots import markdown_table
+    from core.tables import markdown_table
 
     shots = [str(k) for k in result["shots"]]
     last = shots[-1]

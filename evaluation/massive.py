@@ -322,7 +322,7 @@ def evaluate_massive(cfg, model_dir: str | Path, out_dir: str | Path, name: str 
 
 
 def massive_markdown(result: dict[str, Any]) -> str:
-    from evaluation.plots import markdown_table
+    from core.tables import markdown_table
 
     def ci(pair: Sequence[float] | None) -> str | None:
         return None if pair is None else f"[{pair[0]:.3f}, {pair[1]:.3f}]"

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from core.fsutil import atomic_write_json, atomic_write_text
+from core.tables import markdown_table
 from massive.scoring import GENERATION_METRICS
 
 
@@ -204,10 +205,8 @@ def _fmt(v: Any, pct: bool = False) -> str:
     return str(v)
 
 
-def _md_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    return markdown_table(header, rows).rstrip("\n")
 
 
 def plot_massive_by_locale(summary: dict[str, Any], plots_dir: Path) -> list[Path]:
@@ -289,11 +288,11 @@ def render_claims(claims: dict[str, Any]) -> str:
     parts = [
         f"MASSIVE {metric} (mean over locales, %) of A and B on the same test ids; B - A in points with a "
         f"{level}paired bootstrap interval over ids (details: eval/massive/compare_*.md).\n",
-        _md_table(["question", "A -> B", f"{metric} A %", f"{metric} B %", "B - A", f"{level}CI of B - A",
+        _table(["question", "A -> B", f"{metric} A %", f"{metric} B %", "B - A", f"{level}CI of B - A",
                    "CI excludes 0", f"B / A ({level}CI)", "identical predictions %"], rows),
         f"\nTeacher pretraining: the last held-out denoising loss against the held-out unigram "
         f"cross-entropy of the data (nats/token); target: ratio below {PRETRAIN_TARGET_RATIO}.\n",
-        _md_table(["run", "step", "eval_loss_denoise", "unigram CE", "ratio", f"below {PRETRAIN_TARGET_RATIO}"],
+        _table(["run", "step", "eval_loss_denoise", "unigram CE", "ratio", f"below {PRETRAIN_TARGET_RATIO}"],
                   [[p["name"], _fmt(p["step"]), _num(p["eval_loss_denoise"], ".3f"),
                     _num(p["heldout_unigram_ce"], ".3f"), _num(p["ratio"], ".2f"), _yes_no(p["meets_target"])]
                    for p in claims["pretraining"]]),
@@ -312,7 +311,7 @@ def render_report(run_dir: Path, summary: dict[str, Any], plots: list[Path]) -> 
         rows.append([model, _fmt(vals.get("em"), True), _fmt(vals.get("intent_acc"), True),
                      _fmt(vals.get("slot_f1"), True), _fmt(lat.get("p50")), _fmt(lat.get("p95")),
                      _fmt(summary["size_mb"].get(model))])
-    parts.append(_md_table(["model", "EM %", "intent acc %", "slot F1 %", "p50 ms", "p95 ms", "size MB"], rows)
+    parts.append(_table(["model", "EM %", "intent acc %", "slot F1 %", "p50 ms", "p95 ms", "size MB"], rows)
                  if rows else "_No MASSIVE evaluation found._")
     parts.append("\n## MASSIVE per locale (EM / intent accuracy / slot F1, %)\n")
     models = list(summary["massive"])
@@ -324,11 +323,11 @@ def render_report(run_dir: Path, summary: dict[str, Any], plots: list[Path]) -> 
             v = summary["massive"][m]["per_locale"].get(loc, {})
             row.append(" / ".join(_fmt(v.get(k), True) for k in MASSIVE_METRICS))
         loc_rows.append(row)
-    parts.append(_md_table(["locale", *models], loc_rows) if loc_rows else "_none_")
+    parts.append(_table(["locale", *models], loc_rows) if loc_rows else "_none_")
     generating = [m for m in models if summary["massive"][m].get("stop_rate") is not None]
     if generating:
         parts.append("\n## Generated targets of the text-to-text models (%, before parsing repairs them)\n")
-        parts.append(_md_table(
+        parts.append(_table(
             ["model", "stopped", "one label per word + intent", "known intent"],
             [[m, *(_fmt(summary["massive"][m][k], True) for k in GENERATION_METRICS)] for m in generating],
         ))
@@ -344,20 +343,20 @@ def render_report(run_dir: Path, summary: dict[str, Any], plots: list[Path]) -> 
         elif summary[key]:
             flat: list[tuple[str, Any]] = []
             _flatten("", summary[key], flat)
-            parts.append(_md_table(["key", "value"], [[k, _fmt(v)] for k, v in flat[:200]]))
+            parts.append(_table(["key", "value"], [[k, _fmt(v)] for k, v in flat[:200]]))
         else:
             parts.append("_not run_")
     parts.append("\n## Latency and size (batch 1, one thread)\n")
     lat_rows = [[m, _fmt(v.get("p50")), _fmt(v.get("p95")), _fmt(summary["size_mb"].get(m))]
                 for m, v in summary["latency_ms"].items()]
-    parts.append(_md_table(["model", "p50 ms", "p95 ms", "size MB"], lat_rows) if lat_rows else "_not run_")
+    parts.append(_table(["model", "p50 ms", "p95 ms", "size MB"], lat_rows) if lat_rows else "_not run_")
     parts.append("\n## Plots\n")
     for png in plots:
         parts.append(f"![{png.stem}](plots/{png.name})\n")
     if not plots:
         parts.append("_no plots_")
     parts.append("\n## Wall time per stage (s)\n")
-    parts.append(_md_table(["stage", "seconds"], [[k, f"{v:.0f}"] for k, v in summary["stage_seconds"].items()]))
+    parts.append(_table(["stage", "seconds"], [[k, f"{v:.0f}"] for k, v in summary["stage_seconds"].items()]))
     parts.append(f"\nTotal: {sum(summary['stage_seconds'].values()):.0f} s\n")
     parts.append("\n## Resolved configuration\n")
     for cfg_file in [run_dir / "pipeline.yaml", run_dir / "config.yaml", *sorted(run_dir.glob("*/config.yaml"))]:

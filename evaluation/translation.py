@@ -259,7 +259,7 @@ def evaluate_translation(cfg, model_dir: str | Path, out_dir: str | Path, name: 
 
 
 def translation_markdown(result: dict[str, Any]) -> str:
-    from evaluation.plots import markdown_table
+    from core.tables import markdown_table
 
     rows = []
     for loc, directions in sorted(result["per_language"].items()):

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
+from fixtures_data import squash_tables
 
 from core.config import ConfigError
 from evaluation.cli import parse_models
@@ -117,7 +118,7 @@ def test_bootstrap_intervals_and_paired_comparison():
     result = {"locales": ["en-US"], "split": "test", "confidence": 0.95, "baseline": "biased",
               "models": {"biased": {"consistency": biased}, "blind": {"consistency": blind}},
               "comparisons": {"blind": comp}}
-    md = fairness_markdown(result)
+    md = squash_tables(fairness_markdown(result))
     assert "### Counterfactual consistency: en-US" in md and "| biased | 40 | 100.0 [100.0, 100.0] |" in md
     assert "| blind | en-US | 0.00 [0.00, 0.00] | -100.0 [-100.0, -100.0] |" in md
 
@@ -228,5 +229,5 @@ def test_cli_writes_json_and_markdown(tmp_path, tiny_teacher_dir, massive_dir):
         assert entry["disparity"]["en"]["mean_abs_gap"] > 0
     # The same weights give the same numbers.
     assert result["models"]["teacher"]["disparity"] == result["models"]["copy"]["disparity"]
-    md = (out / "fairness.md").read_text()
+    md = squash_tables((out / "fairness.md").read_text())
     assert md.startswith("### Counterfactual consistency: en-US") and "| teacher |" in md and "| copy |" in md
