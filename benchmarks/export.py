@@ -4,9 +4,10 @@
     .venv/bin/python benchmarks/export.py --student RUN/student-ft --variants wo32 dyn_tensor   # fewer int8 variants
 
 For each trained model (a seq2seq student and an encoder NLU student) it exports fp32 ONNX and every
-int8 variant (`VARIANTS`: weight-only 8-bit codes in blocks of 32 or 128 weights computed in fp32
-(wo) or by MatMulNBits int8 kernels (nbits), and onnxruntime's dynamic quantization per tensor and
-per channel), then reports:
+int8 variant (`VARIANTS`: weight-only 8-bit codes in blocks of 32 or 128 weights computed in fp32,
+rounded to nearest (wo) or by GPTQ calibrated on MASSIVE train utterances with the tied embedding's
+candidate rows in fp16 (gptq, blocks of 64 or 128), or computed by MatMulNBits int8 kernels (nbits),
+and onnxruntime's dynamic quantization per tensor and per channel), then reports:
 
 - size: bytes of the export's graphs and weights file against the PyTorch safetensors (seq2seq)
   or the fp32 export (NLU);
@@ -19,7 +20,8 @@ per channel), then reports:
 
 Sizes are also reported for a `small` student built from its presets (teacher preset small,
 student preset half_depth, random weights: size does not depend on training) with --small.
-The int8 variant the export config uses by default (`ExportConfig`) is marked "default".
+The int8 variant of the tiny preset's export config (launch/presets/tiny/export.yaml) is marked
+"default"; the small student is exported with the small preset's.
 
 Prints tables and the acceptance checks, writes benchmarks/results/export.json.
 """
@@ -27,6 +29,7 @@ Prints tables and the acceptance checks, writes benchmarks/results/export.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import sys
 import time
@@ -36,8 +39,13 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import RESULTS  # noqa: E402  (sets the thread and DeepSpeed defaults)
 
-# int8 variants: export config overrides.
+# int8 variants: export config overrides. gptq: calibrated error-feedback rounding of the MatMul
+# weights and the tied embedding's candidate rows in fp16 (ExportConfig.rounding, fp16_candidate_rows).
 VARIANTS: dict[str, list[str]] = {
+    "gptq64": ["quantization=weight_only", "weight_compute=float", "block_size=64", "rounding=gptq",
+               "fp16_candidate_rows=128"],
+    "gptq128": ["quantization=weight_only", "weight_compute=float", "block_size=128", "rounding=gptq",
+                "fp16_candidate_rows=128"],
     "wo32": ["quantization=weight_only", "weight_compute=float", "block_size=32"],
     "wo128": ["quantization=weight_only", "weight_compute=float", "block_size=128"],
     "nbits32": ["quantization=weight_only", "weight_compute=int8", "block_size=32"],
@@ -55,12 +63,20 @@ def safetensors_bytes(model_dir: Path) -> int:
     return sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
 
 
-def default_variant() -> str:
-    """The name of the VARIANTS entry that ExportConfig's defaults give."""
+def preset_config(preset: str = "tiny") -> Any:
+    """The int8 export config of a preset (launch/presets/<preset>/export.yaml)."""
+    from core.config import load_config
     from student.export import ExportConfig
 
-    cfg = ExportConfig()
+    return load_config(ExportConfig, section="export", preset=preset, overrides=["int8=true"])
+
+
+def default_variant(preset: str = "tiny") -> str:
+    """The name of the VARIANTS entry that the preset's export config gives."""
+    cfg = preset_config(preset)
     if cfg.quantization == "weight_only":
+        if cfg.weight_compute == "float" and cfg.rounding == "gptq":
+            return f"gptq{cfg.block_size}"
         return f"{'wo' if cfg.weight_compute == 'float' else 'nbits'}{cfg.block_size}"
     return "dyn_channel" if cfg.per_channel else "dyn_tensor"
 
@@ -233,9 +249,9 @@ def checks(seq2seq: dict | None, nlu: dict | None, small: dict | None, default: 
 
 
 def main(argv: list[str] | None = None) -> int:
+    from core.fsutil import atomic_write_json
     from evaluation.latency import massive_utterances
     from evaluation.massive import load_split
-    from core.fsutil import atomic_write_json
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--student", default=None, help="trained seq2seq student directory (e.g. RUN/student-ft)")
@@ -287,7 +303,12 @@ def main(argv: list[str] | None = None) -> int:
             if path.exists():
                 shutil.rmtree(path)
         export(small_dir, fp32, ExportConfig(check_parity=False))
-        export(fp32, int8, ExportConfig(int8=True))
+        # The small preset's int8 config. Its size does not depend on how many utterances calibrate
+        # (at most fp16_candidate_rows rows are fp16), so a random-weight student calibrates on few.
+        small_cfg = preset_config("small")
+        if small_cfg.rounding == "gptq":
+            small_cfg = dataclasses.replace(small_cfg, calibration_examples=min(small_cfg.calibration_examples, 64))
+        export(fp32, int8, small_cfg)
         result["small"] = size_rows({"pytorch": small_dir, "fp32": fp32, "int8": int8}, safetensors_bytes(small_dir))
         print("\nsmall student (random weights), sizes:\n")
         for name, r in result["small"].items():

@@ -32,7 +32,11 @@ outputs are plain tensors with stable names.
 int8 (`quantize_export`): onnxruntime's `quant_pre_process` prepares each fp32 graph, then
 - weight_only + weight_compute=float (the default): each 2-D weight becomes int8 codes and fp32
   block scales plus a constant Cast/Mul/Reshape subgraph that onnxruntime folds when the session
-  loads: 8-bit weights on disk, fp32 activations and compute (`quantize_weights_stored`);
+  loads: 8-bit weights on disk, fp32 activations and compute (`quantize_weights_stored`). The codes
+  are each weight's nearest (rounding=nearest) or chosen by GPTQ (rounding=gptq, `gptq_round`) from
+  the MatMul inputs' second moments on MASSIVE train utterances (`calibrate`); with
+  fp16_candidate_rows, the rows of the tied embedding that compete for the top logit in calibration
+  are stored in fp16 too (the presets' choice: >= 99% identical predictions to fp32, nearest ~97.6%);
 - weight_only + weight_compute=int8: MatMulNBits (onnxruntime's MatMulNBitsQuantizer, 8 bits) and
   GatherBlockQuantized, the tied lm_head sharing the embedding's codes (`quantize_weight_only`);
 - dynamic: onnxruntime's quantize_dynamic (MatMulInteger, per tensor or per channel).
@@ -50,12 +54,12 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from core.config import ConfigError, load_config, to_dict
-from student.runtime import FORMAT_VERSION, MANIFEST, read_manifest
+from student.runtime import FORMAT_VERSION, MANIFEST, OnnxPredictor, read_manifest
 
 if TYPE_CHECKING:
     import onnx
@@ -104,6 +108,31 @@ class ExportConfig:
     differs from fp32 (int8 on disk, fp32 in memory). int8: MatMulNBits (onnxruntime's
     MatMulNBitsQuantizer, bits 8, accuracy_level 4: activations quantized per block inside the
     kernel, int8 in memory) and GatherBlockQuantized for embeddings, sharing the tied lm_head's codes."""
+    rounding: Literal["nearest", "gptq"] = "nearest"
+    """weight_only with weight_compute=float: how weights become codes. nearest: each weight to its
+    nearest code. gptq: error-feedback rounding (GPTQ, Frantar et al. 2022): a MatMul weight [K, N] is
+    rounded one input row at a time, and each row's rounding error is compensated on the rows not yet
+    rounded, weighted by the second moments of the MatMul's input measured on calibration utterances
+    (calibration_*), so that the layer's outputs rather than its weights stay close to fp32. Embedding
+    tables (read by Gather, and the tied lm_head) are rounded to nearest: a lookup row sees no input
+    to compensate with (see fp16_candidate_rows). Same size and speed as nearest."""
+    calibration_data: str = "@data/massive/data"
+    """rounding=gptq: the MASSIVE data (a directory, or @data/...) whose train utterances calibrate."""
+    calibration_locales: list[str] = field(default_factory=lambda: ["en-US", "de-DE", "ja-JP"])
+    """rounding=gptq: locales of the calibration utterances (train partition)."""
+    calibration_examples: int = 1024
+    """rounding=gptq: calibration utterances, drawn at random (seed 0) from the train partition of
+    calibration_locales. The seq2seq student decodes them greedily in fp32, so the decoder's MatMuls
+    are calibrated on the steps of its own outputs."""
+    gptq_damp: float = 0.01
+    """rounding=gptq: added to the diagonal of each input second-moment matrix, as a fraction of its
+    mean diagonal (GPTQ's dampening; larger is closer to nearest rounding)."""
+    fp16_candidate_rows: int = 0
+    """seq2seq, rounding=gptq: up to this many rows of the tied embedding (which is also the lm_head)
+    stored in fp16 instead of int8: the tokens most often among the two highest logits at the
+    calibration decoding steps (MASSIVE students generate ~100 distinct tokens: intents, slot labels,
+    separators). Their logits decide the near ties where 8-bit rounding of the lm_head flips a
+    prediction; a row costs 2 bytes per dimension instead of 1. 0: every row int8."""
     weight_type: Literal["qint8", "quint8"] = "qint8"
     """dynamic: int8 weight type, qint8 (signed, symmetric; fast on x86 with VNNI and on ARM) or quint8."""
     per_channel: bool = False
@@ -128,6 +157,20 @@ class ExportConfig:
                 raise ConfigError(f"export.{key}: must be >= 2, got {getattr(self, key)}")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise ConfigError(f"export.block_size: must be a power of 2 >= 16, got {self.block_size}")
+        if self.rounding == "gptq" and (self.quantization != "weight_only" or self.weight_compute != "float"):
+            raise ConfigError("export.rounding: gptq needs quantization=weight_only and weight_compute=float, got "
+                              f"quantization={self.quantization} weight_compute={self.weight_compute}")
+        if self.calibration_examples < 1:
+            raise ConfigError(f"export.calibration_examples: must be >= 1, got {self.calibration_examples}")
+        if not self.calibration_locales:
+            raise ConfigError("export.calibration_locales: give at least one locale")
+        if self.gptq_damp <= 0:
+            raise ConfigError(f"export.gptq_damp: must be > 0, got {self.gptq_damp}")
+        if self.fp16_candidate_rows < 0:
+            raise ConfigError(f"export.fp16_candidate_rows: must be >= 0, got {self.fp16_candidate_rows}")
+        if self.fp16_candidate_rows and self.rounding != "gptq":
+            raise ConfigError("export.fp16_candidate_rows: the candidates come from the calibration pass of "
+                              f"rounding=gptq, got rounding={self.rounding}")
         if self.parity_tolerance <= 0:
             raise ConfigError(f"export.parity_tolerance: must be > 0, got {self.parity_tolerance}")
 
@@ -221,26 +264,32 @@ def quantize_export(fp32_dir: Path, out: Path, cfg: ExportConfig) -> dict[str, A
 
     source = read_manifest(fp32_dir)
     stats: dict[str, int] = {}
-    files = []
-    for info in source["graphs"].values():
-        with tempfile.TemporaryDirectory(dir=out) as work:
-            prepared = Path(work) / info["file"]
-            preprocess_graph(fp32_dir / info["file"], prepared)
+    files = [info["file"] for info in source["graphs"].values()]
+    with tempfile.TemporaryDirectory(dir=out) as work:
+        prepared = {fname: Path(work) / fname for fname in files}
+        for fname, path in prepared.items():
+            preprocess_graph(fp32_dir / fname, path)
+        calibration = calibrate(fp32_dir, prepared, cfg) if cfg.rounding == "gptq" else None
+        for fname, path in prepared.items():
             if cfg.quantization == "weight_only":
-                proto = onnx.load(str(prepared))
+                proto = onnx.load(str(path))
                 if cfg.weight_compute == "float":
                     # The pre-processing folded the tied lm_head into a transposed copy: tie it again
                     # first, so that the embedding is quantized (and stored) once.
                     _add_counts(stats, {"tied_transposes": tie_transposed_copies(proto)})
-                    _add_counts(stats, quantize_weights_stored(proto, cfg.block_size))
+                    if calibration is None:
+                        _add_counts(stats, quantize_weights_stored(proto, cfg.block_size))
+                    else:
+                        _add_counts(stats, quantize_weights_stored(
+                            proto, cfg.block_size, moments=calibration.moments[fname], damp=cfg.gptq_damp,
+                            fp16_rows=calibration.candidate_rows(cfg.fp16_candidate_rows)))
                 else:
                     _add_counts(stats, quantize_weight_only(proto, cfg))
             else:
-                quantize_dynamic_graph(prepared, Path(work) / "quantized.onnx", cfg)
+                quantize_dynamic_graph(path, Path(work) / "quantized.onnx", cfg)
                 proto = onnx.load(str(Path(work) / "quantized.onnx"))
             compact_graph(proto)
-            onnx.save(proto, str(out / info["file"]))
-        files.append(info["file"])
+            onnx.save(proto, str(out / fname))
     weights = store_weights_once(out, files)
     for fname in files:
         onnx.checker.check_model(str(out / fname))
@@ -252,6 +301,12 @@ def quantize_export(fp32_dir: Path, out: Path, cfg: ExportConfig) -> dict[str, A
     if cfg.quantization == "weight_only":
         method = {"method": "weight_only", "bits": 8, "block_size": cfg.block_size, "symmetric": True,
                   "weight_compute": cfg.weight_compute, **stats}
+        if cfg.weight_compute == "float":
+            method["rounding"] = cfg.rounding
+        if calibration is not None:
+            rows = calibration.candidate_rows(cfg.fp16_candidate_rows)
+            method.update(calibration=calibration.describe(), gptq_damp=cfg.gptq_damp,
+                          fp16_rows=0 if rows is None else len(rows))
     else:
         method = {"method": "dynamic", "weight_type": cfg.weight_type, "per_channel": cfg.per_channel,
                   "reduce_range": cfg.reduce_range, "op_types": list(QUANTIZED_OP_TYPES)}
@@ -657,43 +712,246 @@ def quantize_blocks(table: Any, block_size: int) -> tuple[Any, Any]:
     return codes.astype(np.uint8).reshape(n, k), scales
 
 
-def quantize_weights_stored(model: onnx.ModelProto, block_size: int) -> dict[str, int]:
+def quantize_weights_stored(model: onnx.ModelProto, block_size: int, moments: dict[str, Any] | None = None,
+                            damp: float = 0.01, fp16_rows: Any = None) -> dict[str, int]:
     """weight_compute=float, in place: every fp32 initializer with at least MIN_QUANTIZED_ELEMENTS
     elements and 2 dimensions [R, C] becomes int8 codes [R, C / b, b] and fp32 scales [R, C / b, 1]
     (symmetric, absmax / 127 per block of b = block_size consecutive weights of a row, or of the
     whole row when C is not a multiple of it) and the subgraph Reshape(Mul(Cast(codes), scales)),
     which recomputes the weight under its old name. Every input of that subgraph is constant, so
     onnxruntime's constant folding materializes the fp32 weight once when the session loads: the
-    graph computes in fp32 with weights rounded to 8 bits. Returns {"dequantized_weights": n}."""
+    graph computes in fp32 with weights rounded to 8 bits.
+
+    moments: {activation name: E[x x^T]} of MatMul inputs (`calibrate`); a weight that only MatMuls
+    with such an input read (as their B) is rounded by `gptq_round` instead of to nearest.
+    fp16_rows: row indices of the embedding tables (weights read by Gather, with more rows than the
+    largest index) stored as fp16 [r, C] too and written over the dequantized table by ScatterND,
+    also folded at load time.
+    Returns {"dequantized_weights": n} and, with moments or fp16_rows, {"gptq_weights": n}."""
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
     graph = model.graph
     targets = [t for t in graph.initializer if t.data_type == TensorProto.FLOAT and len(t.dims) == 2
                and t.dims[0] * t.dims[1] >= MIN_QUANTIZED_ELEMENTS]
+    readers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    gathered = {node.input[0] for node in graph.node if node.op_type == "Gather"}
     nodes, inits = [], []
+    stats = {"dequantized_weights": len(targets), "gptq_weights": 0}
     for tensor in targets:
         weight = numpy_helper.to_array(tensor)
         rows, cols = weight.shape
         b = block_size if cols % block_size == 0 else cols
-        blocks = weight.reshape(rows, cols // b, b)
-        absmax = np.abs(blocks).max(-1, keepdims=True)
-        scales = np.where(absmax > 0, absmax / 127.0, 1.0).astype(np.float32)
-        codes = np.clip(np.rint(blocks / scales), -127, 127).astype(np.int8)
         name = tensor.name
+        inputs = {n.input[0] if n.op_type == "MatMul" and n.input[1] == name else None for n in readers.get(name, [])}
+        if moments is not None and len(inputs) == 1 and next(iter(inputs)) in moments:
+            codes, scales = gptq_round(weight, moments[next(iter(inputs))], b, damp)
+            stats["gptq_weights"] += 1
+        else:
+            codes, scales = round_to_nearest(weight, b)
         inits += [numpy_helper.from_array(codes, f"{name}_q8"), numpy_helper.from_array(scales, f"{name}_q8_scales"),
                   numpy_helper.from_array(np.array([rows, cols], dtype=np.int64), f"{name}_q8_shape")]
+        keep = None
+        if fp16_rows is not None and len(fp16_rows) and name in gathered and rows > int(np.max(fp16_rows)):
+            keep = np.asarray(fp16_rows, dtype=np.int64)
+        dequantized = f"{name}_q8_table" if keep is not None else name
         nodes += [
             helper.make_node("Cast", [f"{name}_q8"], [f"{name}_q8_float"], name=f"{name}_q8_cast", to=TensorProto.FLOAT),
             helper.make_node("Mul", [f"{name}_q8_float", f"{name}_q8_scales"], [f"{name}_q8_blocks"], name=f"{name}_q8_mul"),
-            helper.make_node("Reshape", [f"{name}_q8_blocks", f"{name}_q8_shape"], [name], name=f"{name}_q8_reshape"),
+            helper.make_node("Reshape", [f"{name}_q8_blocks", f"{name}_q8_shape"], [dequantized],
+                             name=f"{name}_q8_reshape"),
         ]
+        if keep is not None:
+            inits += [numpy_helper.from_array(weight[keep].astype(np.float16), f"{name}_f16_rows"),
+                      numpy_helper.from_array(keep[:, None], f"{name}_f16_index")]
+            nodes += [
+                helper.make_node("Cast", [f"{name}_f16_rows"], [f"{name}_f16_float"], name=f"{name}_f16_cast",
+                                 to=TensorProto.FLOAT),
+                helper.make_node("ScatterND", [dequantized, f"{name}_f16_index", f"{name}_f16_float"], [name],
+                                 name=f"{name}_f16_scatter"),
+            ]
     for tensor in targets:
         graph.initializer.remove(tensor)
     graph.initializer.extend(inits)
     for i, node in enumerate(nodes):
         graph.node.insert(i, node)
-    return {"dequantized_weights": len(targets)}
+    if moments is None and fp16_rows is None:
+        return {"dequantized_weights": len(targets)}
+    return stats
+
+
+@dataclass
+class Calibration:
+    """What `calibrate` measured: per graph file, E[x x^T] of the input x of each MatMul with a
+    constant 2-D weight (by activation name), and per vocabulary token how often it was among the
+    two highest logits of a decoding step (seq2seq)."""
+
+    moments: dict[str, dict[str, Any]]
+    top2_counts: Any
+    utterances: int
+    locales: list[str]
+    decoding_steps: int
+
+    def candidate_rows(self, limit: int) -> Any:
+        """Up to `limit` tokens most often among the top 2 (ties: lower id first), sorted; None when
+        limit is 0 or nothing was decoded."""
+        import numpy as np
+
+        if not limit or self.top2_counts is None:
+            return None
+        order = np.argsort(-self.top2_counts, kind="stable")[:limit]
+        return np.sort(order[self.top2_counts[order] > 0])
+
+    def describe(self) -> dict[str, Any]:
+        return {"utterances": self.utterances, "locales": self.locales, "partition": "train",
+                "decoding_steps": self.decoding_steps}
+
+
+def calibrate(fp32_dir: Path, prepared: dict[str, Path], cfg: ExportConfig, batch_size: int = 32,
+              max_steps: int = 64) -> Calibration:
+    """Run the prepared fp32 graphs (`preprocess_graph` outputs, by file name) on cfg.calibration_examples
+    MASSIVE train utterances of cfg.calibration_locales (seed 0), encoded as the runtime encodes them
+    (student.runtime.OnnxPredictor over `fp32_dir`), and accumulate the second moments of every
+    MatMul input whose weight is a constant: over the non-padding tokens of the encoder (or NLU)
+    graph, and over the greedy decoding steps of the decoder graph (up to eos or max_steps)."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
+
+    from core.config import resolve_data_path
+    from massive.format import t2t_source
+    from massive.loader import load_massive
+
+    predictor = OnnxPredictor(fp32_dir, num_threads=1)
+    sessions, taps = {}, {}
+    for fname, path in prepared.items():
+        proto = onnx.load(str(path))
+        consts = {t.name for t in proto.graph.initializer if len(t.dims) == 2}
+        transposed = {n.output[0] for n in proto.graph.node if n.op_type == "Transpose" and n.input[0] in consts}
+        names = sorted({n.input[0] for n in proto.graph.node
+                        if n.op_type == "MatMul" and (n.input[1] in consts or n.input[1] in transposed)})
+        outputs = {o.name for o in proto.graph.output}
+        for name in names:
+            if name not in outputs:
+                proto.graph.output.append(helper.make_empty_tensor_value_info(name))
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        sessions[fname] = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        taps[fname] = names
+    data = load_massive(str(resolve_data_path(cfg.calibration_data)), locales=list(cfg.calibration_locales),
+                        partitions=("train",), progress=False)
+    examples = data.examples(partition="train")
+    if not examples:
+        raise ValueError(f"export.calibration_data: no train utterances of {cfg.calibration_locales} in "
+                         f"{cfg.calibration_data}")
+    rng = np.random.default_rng(0)
+    picked = rng.choice(len(examples), min(cfg.calibration_examples, len(examples)), replace=False)
+    sums: dict[str, dict[str, Any]] = {fname: {} for fname in prepared}
+    counts: dict[str, dict[str, int]] = {fname: {} for fname in prepared}
+
+    def add(fname: str, values: dict[str, Any], keep: Any) -> None:
+        for name in taps[fname]:
+            x = values[name].reshape(*keep.shape, -1)[keep].astype(np.float64)
+            sums[fname][name] = sums[fname].get(name, 0.0) + x.T @ x
+            counts[fname][name] = counts[fname].get(name, 0) + len(x)
+
+    def run(fname: str, feed: dict[str, Any]) -> dict[str, Any]:
+        session = sessions[fname]
+        names = [o.name for o in session.get_outputs()]
+        return dict(zip(names, session.run(names, feed)))
+
+    graphs = {name: info["file"] for name, info in predictor.manifest["graphs"].items()}
+    top2 = None
+    steps = 0
+    for start in range(0, len(picked), batch_size):
+        words = [list(examples[i].words) for i in picked[start:start + batch_size]]
+        if predictor.kind == "seq2seq":
+            ids, _, _ = predictor.encode([t2t_source(w, predictor.sentinels) for w in words])
+        else:
+            ids, _, _ = predictor.encode([" ".join(w) for w in words])
+        input_ids, mask = predictor.pad(ids)
+        if predictor.kind != "seq2seq":
+            add(graphs["model"], run(graphs["model"], {"input_ids": input_ids, "attention_mask": mask}), mask > 0)
+            continue
+        enc = run(graphs["encoder"], {"input_ids": input_ids, "attention_mask": mask})
+        add(graphs["encoder"], enc, mask > 0)
+        cross = {name: enc[name] for name in predictor._cross}
+        first = next(iter(cross.values()))
+        batch = input_ids.shape[0]
+        past = dict.fromkeys(predictor._past, np.zeros((batch, first.shape[1], 0, first.shape[3]), dtype=first.dtype))
+        next_ids = np.full(batch, predictor.decoder_start_id, dtype=np.int64)
+        alive = np.ones(batch, dtype=bool)
+        for _ in range(max_steps):
+            out = run(graphs["decoder"], {"decoder_input_ids": next_ids[:, None], "encoder_attention_mask": mask,
+                                          **past, **cross})
+            add(graphs["decoder"], out, alive[:, None])
+            logits = out["logits"][:, -1]
+            if top2 is None:
+                top2 = np.zeros(logits.shape[-1], dtype=np.int64)
+            np.add.at(top2, np.argsort(-logits[alive], axis=-1)[:, :2].ravel(), 1)
+            steps += int(alive.sum())
+            next_ids = logits.argmax(-1).astype(np.int64)
+            alive &= next_ids != predictor.eos_id
+            if not alive.any():
+                break
+            past = {name: out[name.replace("past.", "present.", 1)] for name in predictor._past}
+    moments = {fname: {name: total / max(counts[fname][name], 1) for name, total in per.items()}
+               for fname, per in sums.items()}
+    return Calibration(moments=moments, top2_counts=top2, utterances=len(picked),
+                       locales=list(cfg.calibration_locales), decoding_steps=steps)
+
+
+def round_to_nearest(weight: Any, block: int) -> tuple[Any, Any]:
+    """Symmetric 8-bit codes [R, C / block, block] (int8) and scales [R, C / block, 1] (fp32, absmax /
+    127 per block) of a 2-D weight [R, C], each weight rounded to its nearest code."""
+    import numpy as np
+
+    rows, cols = weight.shape
+    blocks = weight.reshape(rows, cols // block, block)
+    absmax = np.abs(blocks).max(-1, keepdims=True)
+    scales = np.where(absmax > 0, absmax / 127.0, 1.0).astype(np.float32)
+    codes = np.clip(np.rint(blocks / scales), -127, 127).astype(np.int8)
+    return codes, scales
+
+
+def gptq_round(weight: Any, moment: Any, block: int, damp: float = 0.01) -> tuple[Any, Any]:
+    """GPTQ (Frantar et al. 2022, "Accurate Post-Training Quantization for Generative Pre-trained
+    Transformers") for y = x @ W, W [K, N], with H = E[x x^T] [K, K] from calibration inputs: the rows
+    of W (one per input channel) are rounded one at a time, most active input first (largest
+    H[k, k]); the rounding error of row k, divided by the Cholesky factor of H^-1, is subtracted from
+    the rows not yet rounded, which minimizes E||x @ (W - Q)||^2 greedily. Each row's block scales
+    (absmax / 127, as `round_to_nearest`) are taken when the row is rounded, from its compensated
+    values. damp * mean(diag H) is added to the diagonal. Returns (codes, scales) in
+    `round_to_nearest`'s layout."""
+    import numpy as np
+
+    k_dim, n_dim = weight.shape
+    w = weight.astype(np.float64).copy()
+    h = np.array(moment, dtype=np.float64)
+    dead = np.diag(h) <= 0
+    h[dead, dead] = 1.0
+    order = np.argsort(-np.diag(h), kind="stable")
+    w, h = w[order], h[order][:, order]
+    h += damp * np.mean(np.diag(h)) * np.eye(k_dim)
+    # Upper Cholesky factor of H^-1: row k holds how the error of row k spreads over rows > k.
+    u = np.linalg.cholesky(np.linalg.inv(h)).T
+    codes = np.zeros((k_dim, n_dim // block, block), dtype=np.int8)
+    scales = np.zeros((k_dim, n_dim // block, 1), dtype=np.float32)
+    for k in range(k_dim):
+        row = w[k].reshape(n_dim // block, block)
+        absmax = np.abs(row).max(-1, keepdims=True)
+        scale = np.where(absmax > 0, absmax / 127.0, 1.0).astype(np.float32)
+        code = np.clip(np.rint(row / scale), -127, 127)
+        error = (w[k] - (code * scale).reshape(-1)) / u[k, k]
+        w[k + 1:] -= np.outer(u[k, k + 1:], error)
+        codes[k], scales[k] = code.astype(np.int8), scale
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(k_dim)
+    return codes[inverse], scales[inverse]
 
 
 def quantize_weight_only(model: onnx.ModelProto, cfg: ExportConfig) -> dict[str, int]:

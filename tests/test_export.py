@@ -21,8 +21,10 @@ from student.export import (
     WEIGHTS_FILE,
     ExportConfig,
     export,
+    gptq_round,
     quantize_weight_only,
     quantize_weights_stored,
+    round_to_nearest,
     seq2seq_steps,
     store_weights_once,
     tie_transposed_copies,
@@ -81,6 +83,12 @@ def test_config_validation_names_key_and_allowed_values():
     for preset in ("tiny", "small"):
         cfg = load_config(ExportConfig, section="export", preset=preset)
         assert cfg.exporter == "torchscript" and cfg.max_source_length >= 16
+    with pytest.raises(ConfigError, match="export.rounding: gptq needs quantization=weight_only"):
+        load_config(ExportConfig, section="export", overrides=["rounding=gptq", "quantization=dynamic"])
+    with pytest.raises(ConfigError, match="export.fp16_candidate_rows.*rounding=nearest"):
+        load_config(ExportConfig, section="export", overrides=["fp16_candidate_rows=8"])
+    with pytest.raises(ConfigError, match="export.gptq_damp"):
+        load_config(ExportConfig, section="export", overrides=["rounding=gptq", "gptq_damp=0"])
 
 
 # ----------------------------------------------------------------------------- seq2seq parity
@@ -332,6 +340,79 @@ def test_weight_only_float_computes_with_rounded_weights():
     np.testing.assert_allclose(_run(model, IDS), _run(reference, IDS), rtol=1e-5, atol=1e-5)
     exact = _run(_tied_head_graph(), IDS)
     assert 0 < np.abs(_run(model, IDS) - exact).max() < 0.02 * np.abs(exact).max()
+
+
+def _correlated_inputs(rows: int, dim: int, seed: int = 0) -> np.ndarray:
+    """Activation-like inputs [rows, dim]: a few strong directions (the same for every seed) plus noise."""
+    basis = np.random.default_rng(0).standard_normal((8, dim))
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((rows, 8)) * 3) @ basis + 0.3 * rng.standard_normal((rows, dim))
+
+
+def test_gptq_rounding_reduces_the_layer_output_error():
+    """gptq_round keeps round_to_nearest's layout (int8 codes in [-127, 127], one scale per block of
+    each row) and, on inputs like its calibration inputs but not the same ones, its outputs x @ W are
+    much closer to fp32 than those of nearest rounding."""
+    rng = np.random.default_rng(1)
+    weight = (0.1 * rng.standard_normal((64, 96))).astype(np.float32)
+    calib, held_out = _correlated_inputs(2048, 64, seed=2), _correlated_inputs(512, 64, seed=3)
+    moment = calib.T @ calib / len(calib)
+
+    def output_error(codes: np.ndarray, scales: np.ndarray) -> float:
+        dequantized = (codes.astype(np.float32) * scales).reshape(weight.shape)
+        return float(np.mean((held_out @ (dequantized - weight)) ** 2))
+
+    codes, scales = gptq_round(weight, moment, block=32)
+    near_codes, near_scales = round_to_nearest(weight, 32)
+    assert codes.dtype == np.int8 and codes.shape == near_codes.shape == (64, 3, 32)
+    assert scales.shape == near_scales.shape == (64, 3, 1) and np.abs(codes.astype(int)).max() <= 127
+    assert output_error(codes, scales) < 0.5 * output_error(near_codes, near_scales)
+    # Without information about the inputs (H = I), nothing is compensated: nearest rounding.
+    plain_codes, plain_scales = gptq_round(weight, np.eye(64), block=32)
+    np.testing.assert_array_equal(plain_codes, near_codes)
+    np.testing.assert_allclose(plain_scales, near_scales)
+
+
+def test_weight_only_float_with_calibration_and_fp16_rows():
+    """quantize_weights_stored with input moments rounds the MatMul weight by GPTQ (the embedding,
+    read by Gather and the tied lm_head, stays nearest) and writes the fp16 rows over the table: the
+    graph computes with exactly fp16-rounded rows there."""
+    from onnx import numpy_helper
+
+    model = _tied_head_graph()
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    h0 = weights["shared.weight"][np.random.default_rng(4).integers(0, 256, 512)]
+    rows = np.array([1, 9, 200])
+    stats = quantize_weights_stored(model, block_size=16, moments={"h0": h0.T @ h0 / len(h0)}, fp16_rows=rows)
+    assert stats == {"dequantized_weights": 2, "gptq_weights": 1}
+    assert sorted(n.op_type for n in model.graph.node).count("ScatterND") == 1
+    reference = _tied_head_graph()
+    dense = numpy_helper.to_array(_initializers(reference)["dense.weight"])
+    table = _blockwise(weights["shared.weight"], 16)
+    table[rows] = weights["shared.weight"][rows].astype(np.float16)
+    codes, scales = gptq_round(dense, h0.T @ h0 / len(h0), 16)
+    for t in reference.graph.initializer:
+        value = table if t.name == "shared.weight" else (codes.astype(np.float32) * scales).reshape(dense.shape)
+        t.CopyFrom(numpy_helper.from_array(value.astype(np.float32), t.name))
+    ids = np.array([[1, 9, 200], [3, 0, 255]], dtype=np.int64)
+    np.testing.assert_allclose(_run(model, ids), _run(reference, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_gptq_export_of_the_trained_student(trained_fp32: Path, massive_dir: Path, export_examples, tmp_path: Path):
+    """rounding=gptq end to end: calibration on MASSIVE train utterances, GPTQ for the MatMuls, the
+    candidate rows of the tied embedding in fp16; recorded in the manifest; same size class as
+    nearest rounding; greedy outputs agree with fp32."""
+    cfg = load_config(ExportConfig, section="export", overrides=[
+        "int8=true", "rounding=gptq", f"calibration_data={massive_dir}", "calibration_locales=[en-US]",
+        "calibration_examples=64", "fp16_candidate_rows=16"])
+    int8 = export(trained_fp32, tmp_path / "gptq", cfg)
+    q = read_manifest(int8)["quantization"]
+    assert q["rounding"] == "gptq" and q["gptq_weights"] > 0 and 0 < q["fp16_rows"] <= 16
+    assert q["calibration"]["utterances"] == 64 and q["calibration"]["decoding_steps"] > 64
+    assert read_manifest(int8)["size_bytes"] <= 0.32 * read_manifest(trained_fp32)["size_bytes"]
+    sources = sources_of(export_examples["test"])
+    fp32, ours = onnx_greedy(trained_fp32, sources, 32), onnx_greedy(int8, sources, 32)
+    assert sum(a == b for a, b in zip(fp32, ours)) / len(sources) >= 0.98
 
 
 def test_weight_only_int8_kernels_share_the_embedding_codes(tmp_path: Path):
