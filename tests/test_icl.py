@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from fixtures_data import squash_tables
 
 from evaluation.icl import (
     build_prompt,
@@ -452,6 +453,6 @@ def test_contextual_calibration_through_the_cli_on_the_synthetic_model(synthetic
     assert cal["accuracy"]["0"] < 0.5  # still nothing to go on at k=0
     for k in ("1", "2", "3"):
         assert cal["accuracy"][k] < plain["accuracy"][k] - 0.3, (k, cal["accuracy"], plain["accuracy"])
-    md = (tmp_path / "cal" / "icl.md").read_text()
+    md = squash_tables((tmp_path / "cal" / "icl.md").read_text())
     assert "| acc k=0 | uncal. k=0 | acc k=1 | uncal. k=1 |" in md
     assert 'content-free queries "N/A", "", "[MASK]"' in md and "uncal." not in (tmp_path / "plain" / "icl.md").read_text()
