@@ -35,12 +35,57 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from core import bigmodel
+from core.bigmodel import is_materialized, load_subset
+from core.checkpoint import (
+    CheckpointManager,
+    config_yaml,
+    export_hf,
+    refuse_to_start_over,
+    restore_or_start,
+    seed_everything,
+)
 from core.config import ConfigError, resolve_data_path, save_stage_config, to_dict
+from core.data import ResumableSampler, eval_micro_batches
+from core.distributed import all_reduce_sum, build_engine, init_distributed, resolve_precision
 from core.fsutil import atomic_write_json, check_output, safe_path
-from core.loop import MicroStep, eval_due, keep_best, log_due
-from core.metrics import LossWindow
+from core.loop import (
+    MicroStep,
+    StopOnSignal,
+    eval_due,
+    keep_best,
+    log_due,
+    maybe_save,
+    maybe_stop,
+    train_step,
+)
+from core.metrics import LossWindow, MetricsLogger, progress_bar
 from core.modeldir import check_model_dir
+from data_prep.tokenizer import load_tokenizer, special_ids
 from distill.config import DistillConfig
+from distill.counterfactual import (
+    available_languages,
+    build_token_map,
+    cda_items,
+    guess_language,
+    lexicon_language,
+    load_lexicon,
+    perturb_rows,
+    plan_row,
+    swap_words_result,
+)
+from distill.losses import HiddenStateLoss, kd_loss, teacher_probs
+from distill.student_init import build_student, check_vocabulary, describe_student, layer_map, student_config
+from massive.format import (
+    INTENT_FIRST_KEY,
+    SENTINELS_KEY,
+    has_label_tokens,
+    model_intent_first,
+    model_sentinels,
+    to_text_to_text,
+)
+from massive.loader import load_massive
+from teacher.objectives import DENOISE, Example, ObjectiveConfig, PretrainCollator
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -73,8 +118,6 @@ def load_teacher(teacher_dir: Path, cfg: DistillConfig, run_dir: Path, dist_info
 
     import torch
 
-    from core import bigmodel
-
     if cfg.teacher_dtype != "auto":
         dtype = bigmodel.resolve_dtype(cfg.teacher_dtype, dist_info.on_gpu)
     elif dist_info.on_gpu:
@@ -102,9 +145,6 @@ def student_init_source(teacher_dir: Path, teacher: Any, cfg: DistillConfig) -> 
     """What build_student copies layers from: the teacher itself when its weights are all in memory;
     for an offloaded or sharded teacher, its model with only the tensors a student may copy read
     from the safetensors (embeddings, output layer, final norms, the mapped layers and layer 0)."""
-    from core.bigmodel import is_materialized, load_subset
-    from distill.student_init import layer_map, student_config
-
     if is_materialized(teacher):
         return teacher
     config = student_config(teacher.config, cfg.student)
@@ -117,9 +157,6 @@ def student_init_source(teacher_dir: Path, teacher: Any, cfg: DistillConfig) -> 
 
 def load_checked_tokenizer(cfg: DistillConfig, run_dir: Path, teacher_dir: Path, teacher: Any) -> Any:
     """The teacher's tokenizer; for task=agnostic also checked against the tokenizer of the data."""
-    from data_prep.tokenizer import load_tokenizer
-    from distill.student_init import check_vocabulary
-
     tokenizer = load_tokenizer(teacher_dir)
     if cfg.task == "agnostic" and cfg.tokenizer:
         data_tokenizer_dir = resolve_dir(run_dir, cfg.tokenizer, "tokenizer")
@@ -151,13 +188,9 @@ class Swapper:
     """sigma restricted to the configured lexicon languages."""
 
     def __init__(self, languages: list[str]) -> None:
-        from distill.counterfactual import available_languages
-
         self.languages = set(languages or available_languages())
 
     def text(self, text: str, lang: str = "auto") -> str:
-        from distill.counterfactual import guess_language, lexicon_language, load_lexicon
-
         code = guess_language(text) if lang == "auto" else lexicon_language(lang)
         if code is None or code not in self.languages:
             return text
@@ -168,8 +201,6 @@ class Swapper:
 
     def words_result(self, words: list[str], locale: str) -> tuple[list[str], int]:
         """(sigma(words), agreement conflicts left), words swapped one for one."""
-        from distill.counterfactual import lexicon_language, swap_words_result
-
         code = lexicon_language(locale)
         if code is None or code not in self.languages:
             return list(words), 0
@@ -183,8 +214,6 @@ def counterfactual_row(row: np.ndarray, tokenizer: Any, sep_id: int, swapper: Sw
     and re-encoded only when it changed (unchanged documents keep their exact ids). `languages`, when
     given, receives (guessed language, tokens, changed) per document."""
     import numpy as np
-
-    from distill.counterfactual import guess_language
 
     bounds = np.flatnonzero(row == sep_id)
     pieces: list[np.ndarray] = []
@@ -224,9 +253,6 @@ class AgnosticData:
     def __init__(self, cfg: DistillConfig, run_dir: Path, tokenizer: Any) -> None:
         import datasets
 
-        from data_prep.tokenizer import special_ids
-        from teacher.objectives import PretrainCollator
-
         root = resolve_dir(run_dir, cfg.data, "data")
         for split in ("train", "heldout"):
             if not (root / split).is_dir():
@@ -250,8 +276,6 @@ class AgnosticData:
 
     def pairs(self, indices: list[int], epoch: int) -> list[Pair]:
         import numpy as np
-
-        from distill.counterfactual import cda_items
 
         rows = [np.asarray(self.train[i]["input_ids"], dtype=np.int64) for i in indices]
         stream = [epoch * self.num_train + i for i in indices]
@@ -282,11 +306,6 @@ class MassiveDistillData:
     is copied, not predicted, and keeps the teacher's distribution."""
 
     def __init__(self, cfg: DistillConfig, tokenizer: Any, intent_first: bool = False, sentinels: int = 0) -> None:
-        from data_prep.tokenizer import special_ids
-        from massive.format import has_label_tokens
-        from massive.loader import load_massive
-        from teacher.objectives import ObjectiveConfig, PretrainCollator
-
         data = load_massive(str(resolve_data_path(cfg.massive_data)), locales=cfg.locales,
                             partitions=("train", "dev"))
         self.train, self.dev = [], []
@@ -323,9 +342,6 @@ class MassiveDistillData:
     def _example(self, words: list[str], slots: list[str], intent: str) -> Example:
         import numpy as np
 
-        from massive.format import to_text_to_text
-        from teacher.objectives import DENOISE, Example
-
         source, target = to_text_to_text(words, slots, intent, self.intent_first, self.label_tokens, self.sentinels)
         src = self.tokenizer(source, truncation=True, max_length=self.cfg.max_source_len)["input_ids"]
         tgt = self.tokenizer(target, truncation=True, max_length=self.cfg.max_target_len)["input_ids"]
@@ -333,8 +349,6 @@ class MassiveDistillData:
 
     def pairs(self, indices: list[int], epoch: int) -> list[Pair]:
         import numpy as np
-
-        from distill.counterfactual import cda_items, lexicon_language
 
         examples = [self.train[i] for i in indices]
         words = [list(ex.words) for ex in examples]
@@ -389,9 +403,6 @@ def teacher_forward(teacher: Any, batch: dict[str, torch.Tensor], hidden: bool) 
 def distill_step(engine: Any, teacher: Any, pairs: list[Pair], data: Any, cfg: DistillConfig,
                  token_map: TokenMap, hidden_loss: Any, device: str) -> MicroStep:
     """Loss of one micro-batch (see the module doc, steps 3-5)."""
-    from distill.counterfactual import perturb_rows, plan_row
-    from distill.losses import kd_loss, teacher_probs
-
     n = len(pairs)
     batch = _to(data.pad([p.train for p in pairs]), device)
     tgt_len, src_len = batch["labels"].shape[1], batch["input_ids"].shape[1]
@@ -463,9 +474,6 @@ def evaluate(engine: Any, teacher: Any, data: Any, cfg: DistillConfig, dist_info
     import torch
     import torch.nn.functional as F
 
-    from core.data import eval_micro_batches
-    from core.distributed import all_reduce_sum
-
     engine.eval()
     sums = [0.0, 0.0, 0.0, 0.0]  # student CE, teacher CE, KL, tokens
     batches = eval_micro_batches(data.num_eval, cfg.train.micro_batch_size, cfg.train.num_eval_batches,
@@ -497,23 +505,6 @@ def evaluate(engine: Any, teacher: Any, data: Any, cfg: DistillConfig, dist_info
 
 def distill(cfg: DistillConfig, run_dir: str | Path, resume: bool = False) -> Path:
     """Distil cfg.teacher into a student; returns the exported student directory run_dir/<out>."""
-    from core.checkpoint import (
-        CheckpointManager,
-        config_yaml,
-        export_hf,
-        refuse_to_start_over,
-        restore_or_start,
-        seed_everything,
-    )
-    from core.data import ResumableSampler
-    from core.distributed import build_engine, init_distributed, resolve_precision
-    from core.loop import StopOnSignal, maybe_save, maybe_stop, train_step
-    from core.metrics import MetricsLogger, progress_bar
-    from distill.counterfactual import build_token_map
-    from distill.losses import HiddenStateLoss
-    from distill.student_init import build_student, describe_student
-    from massive.format import INTENT_FIRST_KEY, SENTINELS_KEY, model_intent_first, model_sentinels
-
     # config
     run_dir = Path(run_dir)
     teacher_dir = check_model_dir(resolve_dir(run_dir, cfg.teacher, "teacher"), "distill.teacher")
