@@ -49,8 +49,9 @@ from core.loop import (
     train_step,
 )
 from core.metrics import LossWindow, MetricsLogger, progress_bar
-from core.modeldir import check_model_dir
+from core.modeldir import check_model_dir, load_seq2seq_model
 from data_prep.tokenizer import num_word_sentinels
+from distill.counterfactual import cda_examples
 from massive.format import (
     INTENT_FIRST_KEY,
     OTHER,
@@ -62,6 +63,8 @@ from massive.format import (
 from massive.loader import load_massive
 from massive.scoring import GENERATION_FIELDS, GENERATION_METRICS, score_locale
 from student.config import FinetuneConfig
+from student.nlu import EncoderNLUModel, NLULabels, decode_predictions, encode_words, nlu_loss, slot_label_ids
+from teacher.sizes import build_model
 
 if TYPE_CHECKING:
     import torch
@@ -147,8 +150,6 @@ def load_finetune_data(cfg: FinetuneConfig, run_dir: Path, dist_info: DistInfo) 
             examples = rng.sample(examples, cfg.num_train_examples)
         train.extend(examples)
     if cfg.cda != "none":
-        from distill.counterfactual import cda_examples
-
         train = cda_examples(train, cfg.cda, seed=cfg.train.seed)
     dev: list[MassiveExample] = []
     if cfg.num_eval_examples:
@@ -210,8 +211,6 @@ def collate_encoder(
     """encode_words output plus intent_labels [B] and slot_labels [B, W] (-100 beyond the words)."""
     import torch
 
-    from student.nlu import encode_words, slot_label_ids
-
     batch = encode_words(tokenizer, [ex.words for ex in examples], max_length)
     intent_index = {name: i for i, name in enumerate(labels.intents)}
     batch["intent_labels"] = torch.tensor([intent_index[ex.intent] for ex in examples], dtype=torch.long)
@@ -236,12 +235,8 @@ def load_finetune_tokenizer(cfg: FinetuneConfig, run_dir: Path) -> Any:
 def build_seq2seq(cfg: FinetuneConfig, run_dir: Path, tokenizer: Any) -> Any:
     """The seq2seq model to fine-tune: loaded from a directory, or fresh from a size preset."""
     if cfg.scratch_preset:
-        from teacher.sizes import build_model
-
         model = build_model(dataclasses.replace(cfg.model, preset=cfg.scratch_preset), tokenizer, seed=cfg.train.seed)
     else:
-        from core.modeldir import load_seq2seq_model
-
         model = load_seq2seq_model(resolve_dir(run_dir, cfg.init, "init"), "finetune.init", dtype="float32")
     if cfg.dropout is not None:
         _set_dropout(model, cfg.dropout)
@@ -267,8 +262,6 @@ def build_finetune_model(cfg: FinetuneConfig, run_dir: Path, tokenizer: Any, dat
     seq2seq = build_seq2seq(cfg, run_dir, tokenizer)
     if cfg.head == "seq2seq":
         return seq2seq
-    from student.nlu import EncoderNLUModel, NLULabels
-
     labels = NLULabels(
         intents=data.intents,
         slot_labels=data.slot_labels,
@@ -290,8 +283,6 @@ def train_loss(engine: Any, batch: dict[str, torch.Tensor], cfg: FinetuneConfig,
     if cfg.head == "seq2seq":
         out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
         return out.loss, {}
-    from student.nlu import nlu_loss
-
     intent_logits, slot_logits = engine(batch["input_ids"], batch["attention_mask"])
     loss, parts = nlu_loss(
         intent_logits, slot_logits, batch["word_starts"], batch["intent_labels"], batch["slot_labels"],
@@ -350,8 +341,6 @@ def evaluate(
                 loss_count += float((batch["labels"] != -100).sum())
                 preds.extend(generate_predictions(model, tokenizer, batch, examples, cfg, synced, intents))
             else:
-                from student.nlu import decode_predictions, nlu_loss
-
                 batch = collate_encoder(examples, tokenizer, model.labels, cfg.max_source_len)
                 batch = {k: v.to(dist_info.device) for k, v in batch.items()}
                 intent_logits, slot_logits = engine(batch["input_ids"], batch["attention_mask"])

@@ -41,10 +41,12 @@ from core.loop import (
     train_step,
 )
 from core.metrics import LossWindow, MetricsLogger, default_peak_tflops, progress_bar
-from core.modeldir import check_model_dir
+from core.modeldir import check_model_dir, load_seq2seq_model
+from data_prep.packing import load_packed, unigram_cross_entropy
+from data_prep.tokenizer import load_tokenizer, special_ids
 from teacher.config import PretrainConfig, PretrainPaths, resolve_paths
 from teacher.objectives import OBJECTIVE_NAMES, PretrainCollator, loss_by_objective
-from teacher.sizes import ModelSpec, model_flops_per_example
+from teacher.sizes import ModelSpec, build_model, model_flops_per_example
 
 STAGE = "pretrain"
 
@@ -132,18 +134,12 @@ def check_inputs(paths: PretrainPaths) -> None:
 
 def load_data(paths: PretrainPaths) -> tuple[Any, Any, Any]:
     """(tokenizer, train rows, held-out rows); each dataset has an `input_ids` column."""
-    from data_prep.packing import load_packed
-    from data_prep.tokenizer import load_tokenizer
-
     return load_tokenizer(paths.tokenizer), load_packed(paths.train_data), load_packed(paths.heldout_data)
 
 
 def log_unigram_reference(tokenizer: Any, train_data: Any, heldout_data: Any, metrics: MetricsLogger) -> float:
     """Log (metrics key heldout_unigram_ce) and print the held-out cross-entropy of a unigram model
     of the train rows: the line the held-out loss must fall far below."""
-    from data_prep.packing import unigram_cross_entropy
-    from data_prep.tokenizer import special_ids
-
     ids = special_ids(tokenizer)
     value = unigram_cross_entropy(train_data, heldout_data, len(tokenizer), ignore_ids=[ids.pad, ids.sep])
     metrics.log(0, {"heldout_unigram_ce": value})
@@ -155,11 +151,7 @@ def log_unigram_reference(tokenizer: Any, train_data: Any, heldout_data: Any, me
 def load_or_build_model(cfg: PretrainConfig, paths: PretrainPaths, tokenizer: Any) -> Any:
     """A new teacher from cfg.teacher (seeded), or the init_from directory's weights (stage 2)."""
     if paths.init_from is None:
-        from teacher.sizes import build_model
-
         return build_model(cfg.teacher, tokenizer, seed=cfg.train.seed)
-    from core.modeldir import load_seq2seq_model
-
     model = load_seq2seq_model(paths.init_from, "init_from")
     if model.config.vocab_size < len(tokenizer):
         raise ConfigError(f"init_from model has {model.config.vocab_size} embedding rows, tokenizer {len(tokenizer)}")
