@@ -15,11 +15,11 @@ and what their maybe_log / maybe_eval compute.
 
 - `MicroStep`, `train_step`: one optimizer step over a rank's micro-batches; the NaN guard runs on
   the rank-mean loss before the last `engine.step()`, the one that applies the update.
-- `maybe_save`, `log_due`, `eval_due`, `keep_best`, `is_due`: when to log, evaluate and checkpoint.
+- `maybe_save`, `log_due`, `eval_due`, `keep_best`, `is_due` (every N steps and at the last step):
+  when to log, evaluate and checkpoint.
 - `NonFiniteLossError`, `check_finite`: stop on NaN/inf before the optimizer applies the update.
 - `StopOnSignal`, `maybe_stop`, `TrainingStopped`: SIGTERM (preemption) or SIGINT stops a loop at the
   next step boundary, every rank at the same step, after a checkpoint.
-- `is_due`: every N steps and at the last step.
 """
 
 from __future__ import annotations
