@@ -163,10 +163,12 @@ def stage_commands(stage: Stage, run_dir: Path, preset: str | None, cfg: Pipelin
     exports = {"export": ("student-ft", True), "export_teacher": ("teacher-ft", False), "export_nlu": ("student-nlu", False)}
     if stage.name in exports:
         src, with_fp32 = exports[stage.name]
-        cmds = [["export", "--model", str(run_dir / src), "--out", str(tmp_out), "--int8"]]
+        # The preset's export.yaml chooses the int8 method (tiny/small: GPTQ rounding calibrated on
+        # MASSIVE train utterances), as every other stage takes its section from the preset.
+        cmds = [["export", "--model", str(run_dir / src), "--out", str(tmp_out), "--int8", *p]]
         if with_fp32:
             fp32_tmp = _fp32_tmp(tmp_out.with_name(Path(stage.output).name))
-            cmds.append(["export", "--model", str(run_dir / src), "--out", str(fp32_tmp)])
+            cmds.append(["export", "--model", str(run_dir / src), "--out", str(fp32_tmp), *p])
         return cmds
     if stage.name == "eval_massive":
         models = [["evaluate", "massive", "--model", str(run_dir / d), "--locales", *cfg.massive_locales,

@@ -44,6 +44,7 @@ MICRO = {
         "micro_batch_size": 4, "global_batch_size": 4, "max_steps": 3, "warmup_steps": 1, "log_every": 1,
         "eval_every": 3, "save_every": 3}},
     "nlu": {"train": {"max_steps": 3, "eval_every": 3, "save_every": 3}},
+    "export": {"calibration_examples": 8},
     "pipeline": {"num_train_procs": 2, "num_procs_other": 1, "massive_locales": ["en-US", "ja-JP"],
                  "eval_max_examples": 4, "icl_locales": ["en-US"], "icl_shots": [0, 1], "icl_max_examples": 2,
                  "translation_locales": ["de-DE"], "translation_max_examples": 2, "fairness_locales": ["en-US"],
