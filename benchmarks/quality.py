@@ -31,6 +31,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from core.tables import markdown_table  # noqa: E402
+
 # Wall-time budgets (s) of the presets on 2 CPU cores, from the issue that set them.
 BUDGET_S = {"tiny": 15 * 60, "small": 2 * 3600}
 TEACHER_EM_LINE = {"small": 0.50}
@@ -95,8 +98,6 @@ def _fmt(v: Any) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tabulate import tabulate
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run-dir", type=Path, required=True, help="the pipeline's run directory (its --out)")
     ap.add_argument("--preset", default="tiny", help="the preset the run used (sets the lines and the time budget)")
@@ -117,8 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
     rows = criteria(summary, args.preset, wall_s)
-    print(tabulate([[r["criterion"], _fmt(r["value"]), r["line"], {True: "yes", False: "NO", None: "-"}[r["holds"]]]
-                    for r in rows], headers=["criterion", "measured", "line", "holds"], tablefmt="github"))
+    print(markdown_table(["criterion", "measured", "line", "holds"],
+                         [[r["criterion"], _fmt(r["value"]), r["line"], {True: "yes", False: "NO", None: "-"}[r["holds"]]]
+                          for r in rows]), end="")
     out = args.out or REPO / "benchmarks" / "results" / f"quality_{args.preset}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {"run_dir": str(args.run_dir), "preset": args.preset, "wall_s": wall_s, "criteria": rows,

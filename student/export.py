@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from core.config import ConfigError, load_config, to_dict
+from core.modeldir import model_kind
 from student.runtime import FORMAT_VERSION, MANIFEST, OnnxPredictor, read_manifest
 
 if TYPE_CHECKING:
@@ -216,15 +217,11 @@ def export(model_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Export
     return out_dir
 
 
-def detect_kind(model_dir: Path) -> Literal["seq2seq", "encoder_nlu"]:
-    return "encoder_nlu" if (model_dir / "nlu_labels.json").exists() else "seq2seq"
-
-
 def export_fp32(model_dir: Path, out: Path, cfg: ExportConfig) -> dict[str, Any]:
     """Write fp32 graphs, tokenizer and manifest of `model_dir` into the (empty) directory `out`."""
     import torch
 
-    kind = detect_kind(model_dir)
+    kind = model_kind(model_dir)  # "seq2seq" or "encoder_nlu": export() checked it is a model directory
     torch.manual_seed(0)
     with torch.inference_mode(False), torch.no_grad():
         if kind == "seq2seq":

@@ -26,6 +26,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from core.modeldir import ONNX_MANIFEST
+
 # A light module (no torch or datasets at import). split_words: MASSIVE words of a raw utterance
 # (whitespace; ja/zh non-ASCII chunks split into characters), re-exported for `predict`.
 from massive.format import OTHER, model_intent_first, model_sentinels, split_words, t2t_source  # noqa: F401
@@ -36,7 +38,7 @@ if TYPE_CHECKING:
 
     from massive.format import NLUPrediction
 
-MANIFEST = "manifest.json"
+MANIFEST = ONNX_MANIFEST
 # The manifest format this runtime reads (2: encoder + one decoder graph, weights in one shared file).
 FORMAT_VERSION = 2
 
