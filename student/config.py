@@ -76,6 +76,12 @@ class FinetuneConfig:
     (`Annotate: <extra_id_0> w1 ...` -> `<extra_id_0><Other>...`), the MASSIVE repository's sentinel
     option, so labels align with words by construction. Recorded in config.json (the number of
     sentinels used) for every predictor."""
+    label_init: Literal["keep", "words"] = "words"
+    """seq2seq from a pretrained model whose tokenizer has whole label tokens (`<alarm_set>`): how
+    their embedding rows start. Pretraining never shows these tokens, so every softmax pushes their
+    (tied) rows down, and the longer it runs the further fine-tuning has to bring them back.
+    words: each row starts as the mean of the rows of its label's words ("alarm set"), shared
+    input and output embeddings alike; keep: as pretraining left them. Models from scratch: unused."""
     slot_loss_weight: float = 1.0
     """Encoder head: loss = intent CE + slot_loss_weight * slot CE (over first sub-words)."""
     dropout: float | None = None

@@ -57,6 +57,7 @@ from massive.format import (
     OTHER,
     SENTINELS_KEY,
     has_label_tokens,
+    label_token,
     parse_generations,
     to_text_to_text,
 )
@@ -257,10 +258,40 @@ def _set_dropout(model: Any, rate: float) -> None:
             module.p = rate
 
 
+def init_label_embeddings(model: Any, tokenizer: Any, labels: list[str]) -> list[str]:
+    """Set the embedding row of each label's whole token (`<alarm_set>`) to the mean of the rows of
+    the label's words (`alarm set`), in the input embedding and, when untied, the output layer.
+
+    A label token never occurs in pretraining text, so a pretrained model's softmax has pushed its
+    row down at every position; fine-tuning then spends its first steps undoing that. Starting
+    from its words gives it the scale of a seen token and the meaning of its name. Returns the
+    labels whose token is not in the vocabulary (left as they are)."""
+    import torch
+
+    vocab = tokenizer.get_vocab()
+    tables = [model.get_input_embeddings().weight]
+    output = model.get_output_embeddings()
+    if output is not None and output.weight.data_ptr() != tables[0].data_ptr():
+        tables.append(output.weight)
+    missing = []
+    with torch.no_grad():
+        for label in labels:
+            token_id = vocab.get(label_token(label))
+            piece_ids = tokenizer(label.replace("_", " "), add_special_tokens=False)["input_ids"]
+            if token_id is None or not piece_ids:
+                missing.append(label)
+                continue
+            for table in tables:
+                table[token_id] = table[piece_ids].mean(dim=0)
+    return missing
+
+
 def build_finetune_model(cfg: FinetuneConfig, run_dir: Path, tokenizer: Any, data: FinetuneData) -> Any:
     """The model the engine trains: the seq2seq model, or an EncoderNLUModel from its encoder."""
     seq2seq = build_seq2seq(cfg, run_dir, tokenizer)
     if cfg.head == "seq2seq":
+        if cfg.label_init == "words" and not cfg.scratch_preset and has_label_tokens(tokenizer):
+            init_label_embeddings(seq2seq, tokenizer, [*data.intents, *data.slot_labels])
         return seq2seq
     labels = NLULabels(
         intents=data.intents,

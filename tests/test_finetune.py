@@ -252,3 +252,35 @@ def test_encoder_finetune_resumes_exactly_from_a_mid_run_checkpoint(tmp_path, ti
     assert len(model.labels.intents) == 60 and model.labels.extra["locales"] == ["en-US", "th-TH"]
     preds = model.predict_words([["wake", "me", "up", "at", "nine"], ["ปลุกฉัน", "ตอน", "ตีห้า"]])
     assert [len(p.slots) for p in preds] == [5, 3]
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_label_tokens_start_from_their_words_in_both_embeddings(tmp_path, tied):
+    import torch
+
+    from data_prep.tokenizer import TokenizerConfig, load_tokenizer, train_tokenizer
+    from student.finetune import init_label_embeddings
+    from teacher.sizes import ModelConfig, build_model
+
+    texts = [f"set an alarm at {i} and tell me the date of the party {i % 7}" for i in range(300)]
+    out = train_tokenizer(texts, tmp_path / "t", TokenizerConfig(vocab_size=300, num_sentinels=4),
+                          label_tokens=["<Other>", "<date>", "<alarm_set>"])
+    tok = load_tokenizer(out)
+    model = build_model(ModelConfig(preset="tiny", d_model=32, d_ff=64, num_heads=2, d_kv=16,
+                                    tie_word_embeddings=tied), tok, seed=0)
+    vocab = tok.get_vocab()
+    tables = [model.get_input_embeddings().weight, model.get_output_embeddings().weight]
+    assert (tables[0].data_ptr() == tables[1].data_ptr()) == tied
+    with torch.no_grad():  # what pretraining does to never-seen tokens: rows pushed far from the rest
+        for table in tables:
+            table[vocab["<alarm_set>"]] = -5.0
+
+    missing = init_label_embeddings(model, tok, ["alarm_set", "date", "Other", "weather_query"])
+
+    assert missing == ["weather_query"]  # no whole token for it in this vocabulary: left alone
+    words = tok("alarm set", add_special_tokens=False)["input_ids"]
+    assert len(words) >= 2 and vocab["<alarm_set>"] not in words
+    for table in tables:
+        torch.testing.assert_close(table[vocab["<alarm_set>"]], table[words].mean(dim=0))
+        torch.testing.assert_close(table[vocab["<date>"]],
+                                   table[tok("date", add_special_tokens=False)["input_ids"]].mean(dim=0))
