@@ -1,28 +1,9 @@
-"""MASSIVE scoring as the official scorer does it, predictors, and `polyteacher evaluate massive`.
+"""`polyteacher evaluate massive`: a model's predictions on MASSIVE, scored.
 
-Scoring (`score(golds, preds)`), equivalent to `eval_preds` of the official MASSIVE repository
-(alexa/massive, src/massive/utils/training_utils.py):
-- A prediction's slot labels are truncated to the gold number of words, or padded with `Other`
-  (as the official eval does with `pad='Other'`); `parse_target` already does this for text output.
-- Per-word labels become BIO tags: `Other` -> O; a run of the same label is one span (B- then I-);
-  a different label starts a new span even when adjacent.
-- intent accuracy; slot micro-F1 as seqeval's `f1_score` (default mode) over all utterances of a
-  locale; exact match when the intent and every word's label agree.
-- Every score is computed from per-utterance outcomes (`utterance_records`: intent right, exact match,
-  and the utterance's correct / predicted / gold slot spans, found by seqeval's `get_entities`), so
-  that a resample needs only sums: slot F1 = `micro_f1` of the summed span counts, bit-identical to
-  seqeval's `f1_score` on the same utterances.
-- The mean over locales is the unweighted mean (every locale counts the same, as in the MASSIVE paper).
-- Which utterances: `load_split` scores a seeded random sample of test ids shared by every locale
-  (`sample_shared_ids`; MASSIVE is parallel across locales: the same id is the same utterance
-  translated), never the first N in file order, which would follow the files' ordering.
-- Intervals: percentile bootstrap over ids. Each resample draws ids with replacement and uses the
-  same drawn ids in every locale, because locales are translations of the same utterances and their
-  errors are correlated: an interval for the mean that treated locales as independent would be too
-  narrow. The mean over locales is recomputed on each resample.
-- Two models scored on the same ids are compared paired (`paired_difference`, `evaluate compare`):
-  the difference B - A with a bootstrap interval from the same resampled ids for both, and how often
-  their predictions are identical (`identical_predictions`, from the predictions the records keep).
+The predictors (a PyTorch text-to-text model through `generate`, an encoder NLU model, an ONNX
+export through the torch-free runtime) turn each utterance's words into a prediction; the scoring
+itself (official-equivalent scorer, per-utterance records, bootstrap intervals over ids shared by
+every locale, paired comparison) is `massive.scoring`, whose docstring states its rules.
 
 Output of `evaluate massive --out DIR [--name NAME]` (NAME defaults to "massive"): `DIR/NAME.json`,
 the scores, intervals and per-utterance records with each prediction (schema: docs/internals.md,
