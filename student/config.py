@@ -81,7 +81,8 @@ class FinetuneConfig:
     their embedding rows start. Pretraining never shows these tokens, so every softmax pushes their
     (tied) rows down, and the longer it runs the further fine-tuning has to bring them back.
     words: each row starts as the mean of the rows of its label's words ("alarm set"), shared
-    input and output embeddings alike; keep: as pretraining left them. Models from scratch: unused."""
+    input and output embeddings alike; keep: as pretraining left them. Unused for models from
+    scratch and for models already trained on MASSIVE targets (their config.json records the order)."""
     slot_loss_weight: float = 1.0
     """Encoder head: loss = intent CE + slot_loss_weight * slot CE (over first sub-words)."""
     dropout: float | None = None

@@ -233,14 +233,20 @@ def load_finetune_tokenizer(cfg: FinetuneConfig, run_dir: Path) -> Any:
     return tokenizer
 
 
-def build_seq2seq(cfg: FinetuneConfig, run_dir: Path, tokenizer: Any) -> Any:
-    """The seq2seq model to fine-tune: loaded from a directory, or fresh from a size preset."""
+def build_seq2seq(cfg: FinetuneConfig, run_dir: Path, tokenizer: Any, labels: list[str]) -> Any:
+    """The seq2seq model to fine-tune: loaded from a directory, or fresh from a size preset.
+    `labels`: the intents and slot labels whose whole tokens label_init may set."""
     if cfg.scratch_preset:
         model = build_model(dataclasses.replace(cfg.model, preset=cfg.scratch_preset), tokenizer, seed=cfg.train.seed)
     else:
         model = load_seq2seq_model(resolve_dir(run_dir, cfg.init, "init"), "finetune.init", dtype="float32")
     if cfg.dropout is not None:
         _set_dropout(model, cfg.dropout)
+    # A model already trained on MASSIVE targets (fine-tuned or task-distilled: its config records
+    # the target order) has learnt its label rows; only a pretrained one gets them from their words.
+    pretrained_only = not cfg.scratch_preset and getattr(model.config, INTENT_FIRST_KEY, None) is None
+    if cfg.head == "seq2seq" and cfg.label_init == "words" and pretrained_only and has_label_tokens(tokenizer):
+        init_label_embeddings(model, tokenizer, labels)
     if cfg.head == "seq2seq":
         # Saved with the model (config.json, and the export manifest), so every predictor parses
         # the generated target in the order this model was trained on.
@@ -288,10 +294,8 @@ def init_label_embeddings(model: Any, tokenizer: Any, labels: list[str]) -> list
 
 def build_finetune_model(cfg: FinetuneConfig, run_dir: Path, tokenizer: Any, data: FinetuneData) -> Any:
     """The model the engine trains: the seq2seq model, or an EncoderNLUModel from its encoder."""
-    seq2seq = build_seq2seq(cfg, run_dir, tokenizer)
+    seq2seq = build_seq2seq(cfg, run_dir, tokenizer, [*data.intents, *data.slot_labels])
     if cfg.head == "seq2seq":
-        if cfg.label_init == "words" and not cfg.scratch_preset and has_label_tokens(tokenizer):
-            init_label_embeddings(seq2seq, tokenizer, [*data.intents, *data.slot_labels])
         return seq2seq
     labels = NLULabels(
         intents=data.intents,

@@ -284,3 +284,31 @@ def test_label_tokens_start_from_their_words_in_both_embeddings(tmp_path, tied):
         torch.testing.assert_close(table[vocab["<alarm_set>"]], table[words].mean(dim=0))
         torch.testing.assert_close(table[vocab["<date>"]],
                                    table[tok("date", add_special_tokens=False)["input_ids"]].mean(dim=0))
+
+
+def test_label_rows_are_set_only_for_a_model_not_yet_trained_on_massive_targets(tmp_path):
+    import torch
+
+    from data_prep.tokenizer import TokenizerConfig, load_tokenizer, train_tokenizer
+    from massive.format import INTENT_FIRST_KEY
+    from student.finetune import build_seq2seq
+    from teacher.sizes import ModelConfig, build_model
+    from tests.fixtures_models import save_model_dir
+
+    texts = [f"set an alarm at {i} and tell me the date of the party {i % 7}" for i in range(300)]
+    tok = load_tokenizer(train_tokenizer(texts, tmp_path / "t", TokenizerConfig(vocab_size=300, num_sentinels=4),
+                                         label_tokens=["<Other>", "<alarm_set>"]))
+    row = tok.get_vocab()["<alarm_set>"]
+    words = tok("alarm set", add_special_tokens=False)["input_ids"]
+    loaded = {}
+    for name, trained in (("pretrained", False), ("finetuned", True)):
+        model = build_model(ModelConfig(preset="tiny", d_model=32, d_ff=64, num_heads=2, d_kv=16), tok, seed=0)
+        with torch.no_grad():
+            model.get_input_embeddings().weight[row] = -5.0
+        if trained:
+            setattr(model.config, INTENT_FIRST_KEY, True)
+        cfg = FinetuneConfig(init=str(save_model_dir(model, tok, tmp_path / name)), intent_first=True)
+        loaded[name] = build_seq2seq(cfg, tmp_path, tok, ["alarm_set", "Other"]).get_input_embeddings().weight
+    pretrained, finetuned = loaded["pretrained"], loaded["finetuned"]
+    torch.testing.assert_close(pretrained[row], pretrained[words].mean(dim=0))
+    assert torch.all(finetuned[row] == -5.0)  # learnt label rows are kept
