@@ -702,11 +702,8 @@ def quantize_blocks(table: Any, block_size: int) -> tuple[Any, Any]:
     import numpy as np
 
     n, k = table.shape
-    blocks = table.reshape(n, k // block_size, block_size).astype(np.float32)
-    absmax = np.abs(blocks).max(-1)
-    scales = np.where(absmax > 0, absmax / 127.0, 1.0).astype(np.float32)
-    codes = np.clip(np.rint(blocks / scales[..., None]), -127, 127).astype(np.int16) + 128
-    return codes.astype(np.uint8).reshape(n, k), scales
+    codes, scales = symmetric_codes(table.reshape(n, k // block_size, block_size).astype(np.float32))
+    return (codes.astype(np.int16) + 128).astype(np.uint8).reshape(n, k), scales[..., 0]
 
 
 def quantize_weights_stored(model: onnx.ModelProto, block_size: int, moments: dict[str, Any] | None = None,
@@ -902,17 +899,22 @@ def calibrate(fp32_dir: Path, prepared: dict[str, Path], cfg: ExportConfig, batc
                        locales=list(cfg.calibration_locales), decoding_steps=steps)
 
 
+def symmetric_codes(blocks: Any) -> tuple[Any, Any]:
+    """Blocks [..., b] -> symmetric 8-bit codes [..., b] (int8 in [-127, 127]) and fp32 scales
+    [..., 1] (absmax / 127 per block; 1 for an all-zero block), each value rounded to its nearest code.
+    The one rounding rule of every weight-only path (nearest, GPTQ's rows, the int8 kernels' tables)."""
+    import numpy as np
+
+    absmax = np.abs(blocks).max(-1, keepdims=True)
+    scales = np.where(absmax > 0, absmax / 127.0, 1.0).astype(np.float32)
+    return np.clip(np.rint(blocks / scales), -127, 127).astype(np.int8), scales
+
+
 def round_to_nearest(weight: Any, block: int) -> tuple[Any, Any]:
     """Symmetric 8-bit codes [R, C / block, block] (int8) and scales [R, C / block, 1] (fp32, absmax /
     127 per block) of a 2-D weight [R, C], each weight rounded to its nearest code."""
-    import numpy as np
-
     rows, cols = weight.shape
-    blocks = weight.reshape(rows, cols // block, block)
-    absmax = np.abs(blocks).max(-1, keepdims=True)
-    scales = np.where(absmax > 0, absmax / 127.0, 1.0).astype(np.float32)
-    codes = np.clip(np.rint(blocks / scales), -127, 127).astype(np.int8)
-    return codes, scales
+    return symmetric_codes(weight.reshape(rows, cols // block, block))
 
 
 def gptq_round(weight: Any, moment: Any, block: int, damp: float = 0.01) -> tuple[Any, Any]:
@@ -939,13 +941,10 @@ def gptq_round(weight: Any, moment: Any, block: int, damp: float = 0.01) -> tupl
     codes = np.zeros((k_dim, n_dim // block, block), dtype=np.int8)
     scales = np.zeros((k_dim, n_dim // block, 1), dtype=np.float32)
     for k in range(k_dim):
-        row = w[k].reshape(n_dim // block, block)
-        absmax = np.abs(row).max(-1, keepdims=True)
-        scale = np.where(absmax > 0, absmax / 127.0, 1.0).astype(np.float32)
-        code = np.clip(np.rint(row / scale), -127, 127)
-        error = (w[k] - (code * scale).reshape(-1)) / u[k, k]
+        code, scale = symmetric_codes(w[k].reshape(n_dim // block, block))
+        error = (w[k] - (code.astype(np.float64) * scale).reshape(-1)) / u[k, k]
         w[k + 1:] -= np.outer(u[k, k + 1:], error)
-        codes[k], scales[k] = code.astype(np.int8), scale
+        codes[k], scales[k] = code, scale
     inverse = np.empty_like(order)
     inverse[order] = np.arange(k_dim)
     return codes[inverse], scales[inverse]
