@@ -50,10 +50,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-
-def intent_label_text(intent: str) -> str:
-    """The natural-language label of an intent: "alarm_set" -> "alarm set"."""
-    return intent.replace("_", " ")
+from massive.format import label_text
 
 
 def sample_demos(pool: Sequence[Any], query: Any, k: int, seed: int, locale: str) -> list[Any]:
@@ -86,7 +83,7 @@ def sample_demos(pool: Sequence[Any], query: Any, k: int, seed: int, locale: str
 
 def build_prompt(utt: str, demos: Sequence[Any], prompt_template: str, demo_template: str) -> str:
     """The prompt text for one query (demos are objects with .utt and .intent)."""
-    demo_text = "".join(demo_template.format(utt=d.utt, label=intent_label_text(d.intent)) for d in demos)
+    demo_text = "".join(demo_template.format(utt=d.utt, label=label_text(d.intent)) for d in demos)
     return prompt_template.format(demos=demo_text, utt=utt)
 
 
@@ -254,7 +251,7 @@ def evaluate_icl(cfg, model_dir: str | Path, out_dir: str | Path, name: str = "i
     model, tokenizer = load_seq2seq(model_dir, cfg.device, cfg.dtype, cfg.load)
     ids = special_ids(tokenizer)
     clm_id = ids.clm if icfg.clm_prompt else None
-    candidates = label_token_ids(tokenizer, [intent_label_text(i) for i in intents], ids.eos if icfg.label_eos else None)
+    candidates = label_token_ids(tokenizer, [label_text(i) for i in intents], ids.eos if icfg.label_eos else None)
     decoder_start = model.config.decoder_start_token_id
     if decoder_start is None:
         decoder_start = ids.pad

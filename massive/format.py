@@ -249,6 +249,12 @@ def label_token(label: str) -> str:
     return f"<{label}>"
 
 
+def label_text(label: str) -> str:
+    """The words of a MASSIVE label: "alarm_set" -> "alarm set" (ICL scores intents by these words;
+    fine-tuning starts a label token's embedding from them)."""
+    return label.replace("_", " ")
+
+
 _LABEL_TOKEN_RE = re.compile(r"<([^<>\s]+)>")
 
 

@@ -57,6 +57,7 @@ from massive.format import (
     OTHER,
     SENTINELS_KEY,
     has_label_tokens,
+    label_text,
     label_token,
     parse_generations,
     to_text_to_text,
@@ -283,7 +284,7 @@ def init_label_embeddings(model: Any, tokenizer: Any, labels: list[str]) -> list
     with torch.no_grad():
         for label in labels:
             token_id = vocab.get(label_token(label))
-            piece_ids = tokenizer(label.replace("_", " "), add_special_tokens=False)["input_ids"]
+            piece_ids = tokenizer(label_text(label), add_special_tokens=False)["input_ids"]
             if token_id is None or not piece_ids:
                 missing.append(label)
                 continue

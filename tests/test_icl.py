@@ -16,11 +16,11 @@ from evaluation.icl import (
     build_prompt,
     contextual_calibration,
     encode_prompt,
-    intent_label_text,
     label_token_ids,
     sample_demos,
     score_candidates,
 )
+from massive.format import label_text as intent_label_text
 
 # ----------------------------------------------------------------------------- toy model with known scores
 
