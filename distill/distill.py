@@ -79,9 +79,11 @@ from distill.student_init import build_student, check_vocabulary, describe_stude
 from massive.format import (
     INTENT_FIRST_KEY,
     SENTINELS_KEY,
+    SPANS_KEY,
     has_label_tokens,
     model_intent_first,
     model_sentinels,
+    model_spans,
     to_text_to_text,
 )
 from massive.loader import load_massive
@@ -305,7 +307,8 @@ class MassiveDistillData:
     """Targets hold labels and word sentinels only: a target token that the source shows (a sentinel)
     is copied, not predicted, and keeps the teacher's distribution."""
 
-    def __init__(self, cfg: DistillConfig, tokenizer: Any, intent_first: bool = False, sentinels: int = 0) -> None:
+    def __init__(self, cfg: DistillConfig, tokenizer: Any, intent_first: bool = False, sentinels: int = 0,
+                 spans: bool = False) -> None:
         data = load_massive(str(resolve_data_path(cfg.massive_data)), locales=cfg.locales,
                             partitions=("train", "dev"))
         self.train, self.dev = [], []
@@ -323,6 +326,7 @@ class MassiveDistillData:
         # The target order of the fine-tuned teacher (massive.format.INTENT_FIRST_KEY).
         self.intent_first = intent_first
         self.sentinels = sentinels
+        self.spans = spans
         self.label_tokens = has_label_tokens(tokenizer)
         self.description = f"MASSIVE {', '.join(cfg.locales)}: {len(self.train)} train, {len(self.dev)} dev"
 
@@ -342,7 +346,8 @@ class MassiveDistillData:
     def _example(self, words: list[str], slots: list[str], intent: str) -> Example:
         import numpy as np
 
-        source, target = to_text_to_text(words, slots, intent, self.intent_first, self.label_tokens, self.sentinels)
+        source, target = to_text_to_text(words, slots, intent, self.intent_first, self.label_tokens, self.sentinels,
+                                         self.spans)
         src = self.tokenizer(source, truncation=True, max_length=self.cfg.max_source_len)["input_ids"]
         tgt = self.tokenizer(target, truncation=True, max_length=self.cfg.max_target_len)["input_ids"]
         return Example(np.asarray(src, dtype=np.int64), np.asarray(tgt, dtype=np.int64), DENOISE)
@@ -373,10 +378,11 @@ class MassiveDistillData:
 
 
 def load_distill_data(
-    cfg: DistillConfig, run_dir: Path, tokenizer: Any, intent_first: bool = False, sentinels: int = 0
+    cfg: DistillConfig, run_dir: Path, tokenizer: Any, intent_first: bool = False, sentinels: int = 0,
+    spans: bool = False,
 ) -> AgnosticData | MassiveDistillData:
     if cfg.task == "massive":
-        return MassiveDistillData(cfg, tokenizer, intent_first, sentinels)
+        return MassiveDistillData(cfg, tokenizer, intent_first, sentinels, spans)
     return AgnosticData(cfg, run_dir, tokenizer)
 
 
@@ -523,7 +529,8 @@ def distill(cfg: DistillConfig, run_dir: str | Path, resume: bool = False) -> Pa
     tokenizer = load_checked_tokenizer(cfg, run_dir, teacher_dir, teacher)
     # The teacher's MASSIVE text-to-text format, for task=massive.
     intent_first, sentinels = model_intent_first(teacher.config), model_sentinels(teacher.config)
-    data = load_distill_data(cfg, run_dir, tokenizer, intent_first=intent_first, sentinels=sentinels)
+    spans = model_spans(teacher.config)
+    data = load_distill_data(cfg, run_dir, tokenizer, intent_first=intent_first, sentinels=sentinels, spans=spans)
     token_map = build_token_map(tokenizer, cfg.lexicon_languages or None)
     lengths = getattr(data, "train_lengths", None) if cfg.group_by_length else None
     sampler = ResumableSampler(data.num_train, cfg.train.micro_batch_size, grad_accum, dist_info.rank,
@@ -534,6 +541,7 @@ def distill(cfg: DistillConfig, run_dir: str | Path, resume: bool = False) -> Pa
     # A student distilled on MASSIVE targets emits them in the teacher's order.
     setattr(student.config, INTENT_FIRST_KEY, intent_first)
     setattr(student.config, SENTINELS_KEY, sentinels)
+    setattr(student.config, SPANS_KEY, spans)
     hidden_loss = (
         HiddenStateLoss(student.config.d_model, teacher.config.d_model) if cfg.hidden_loss_weight > 0 else None
     )

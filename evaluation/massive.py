@@ -134,7 +134,7 @@ class Seq2SeqPredictor:
     ) -> None:
         """`max_new_tokens`: a fixed generation budget (latency timing); None bounds each batch by
         its longest well-formed target instead. `load`: big-model placement (see `load_seq2seq`)."""
-        from massive.format import has_label_tokens, label_token, model_intent_first, model_sentinels
+        from massive.format import has_label_tokens, label_token, model_intent_first, model_sentinels, model_spans
 
         self.model, self.tokenizer = load_seq2seq(model_dir, device, dtype, load)
         self.max_new_tokens = max_new_tokens
@@ -153,6 +153,7 @@ class Seq2SeqPredictor:
         self.sentinels = model_sentinels(self.model.config)
         if self.sentinels:  # each label follows its word's sentinel
             self.tokens_per_word += 1
+        self.spans = model_spans(self.model.config)
 
     def predict_words(self, batch: list[list[str]]) -> list[Any]:
         import torch
@@ -164,11 +165,14 @@ class Seq2SeqPredictor:
 
         encoded = self.tokenizer(sources, padding=True, return_tensors="pt").to(input_device(self.model))
         max_words = max(len(words) for words in batch)
-        max_new_tokens = self.max_new_tokens or max_words * self.tokens_per_word + self.intent_tokens + 1 + self.margin
+        if self.spans:  # at most every source piece copied, each word behind its own label token
+            bound = encoded["input_ids"].shape[1] + max_words + self.intent_tokens + 1 + self.margin
+        else:
+            bound = max_words * self.tokens_per_word + self.intent_tokens + 1 + self.margin
+        max_new_tokens = self.max_new_tokens or bound
         with torch.inference_mode():
             output = self.model.generate(**encoded, max_new_tokens=max_new_tokens, num_beams=1, do_sample=False)
-        return parse_generations(output, self.tokenizer, [len(words) for words in batch], self.intents,
-                                 self.intent_first)
+        return parse_generations(output, self.tokenizer, batch, self.intents, self.intent_first, spans=self.spans)
 
 
 

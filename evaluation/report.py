@@ -328,7 +328,7 @@ def render_report(run_dir: Path, summary: dict[str, Any], plots: list[Path]) -> 
     if generating:
         parts.append("\n## Generated targets of the text-to-text models (%, before parsing repairs them)\n")
         parts.append(_table(
-            ["model", "stopped", "one label per word + intent", "known intent"],
+            ["model", "stopped", "labels or spans fit the words", "known intent"],
             [[m, *(_fmt(summary["massive"][m][k], True) for k in GENERATION_METRICS)] for m in generating],
         ))
     for key, title in (("icl", "In-context intent classification"), ("translation", "1-shot FLORES-200 translation"),

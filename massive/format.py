@@ -2,8 +2,8 @@
 
 What every stage that reads or writes MASSIVE predictions agrees on: the locales, the word split
 (`split_words`, `parse_annot_utt`), the text-to-text pair (`to_text_to_text`: `"Annotate: w1 w2 ..."`
--> `"s1 s2 ... intent"`, optionally intent first, label tokens or word sentinels), the model config
-keys that say which variant a model was trained on (INTENT_FIRST_KEY, SENTINELS_KEY), and the way a
+-> `"s1 s2 ... intent"`, optionally intent first, label tokens, word sentinels or slot spans), the model
+config keys that say which variant a model was trained on (INTENT_FIRST_KEY, SENTINELS_KEY, SPANS_KEY), and the way a
 generated target is read back (`parse_target`, `parse_generated`, `parse_generations`) into an
 `NLUPrediction`.
 
@@ -22,6 +22,7 @@ Loading the files is massive/loader.py; scoring is massive/scoring.py. No heavy 
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +51,9 @@ fine-tuned on targets with the intent first; absent or false means the official 
 SENTINELS_KEY = "massive_sentinels"
 """Model config key: the number of word sentinels of the model's text-to-text format (finetune.sentinels);
 absent or 0 means plain words."""
+SPANS_KEY = "massive_spans"
+"""Model config key: the model's targets are slot spans (`<intent><slot> value words...`,
+finetune.spans) instead of one label per word; absent or false means one label per word."""
 
 
 
@@ -84,7 +88,8 @@ class GenerationCheck:
     stopped: bool
     """Generation emitted the end-of-sequence token within its token budget."""
     label_count_ok: bool
-    """The target holds exactly one label per word plus the intent."""
+    """The target holds exactly one label per word plus the intent; for span targets: every span's
+    value is found among the utterance's words (the target's slots can be placed)."""
     known_intent: bool
     """The intent position (first with intent-first, else last) holds a known intent name."""
 
@@ -278,7 +283,7 @@ def t2t_source(words: Sequence[str], sentinels: int = 0) -> str:
 
 def to_text_to_text(
     words: Sequence[str], slots: Sequence[str], intent: str, intent_first: bool = False, label_tokens: bool = False,
-    sentinels: int = 0,
+    sentinels: int = 0, spans: bool = False,
 ) -> tuple[str, str]:
     """The official text-to-text pair: (`"Annotate: w1 w2 ..."`, `"s1 s2 ... intent"`).
 
@@ -291,9 +296,16 @@ def to_text_to_text(
     in the target with the same sentinel (`"<extra_id_0><Other><extra_id_1><time>"`): the decoder
     finds the word it labels by matching the sentinel it just wrote, instead of counting words.
     Sentinels are special tokens, so decoding with skip_special_tokens leaves the plain target.
+    `spans` writes the intent first and then only the slot spans, each as its label token and its
+    words (`"<alarm_set><time>five am"`; `place_spans` puts them back on the words): it needs the
+    label tokens (they delimit the values) and excludes sentinels.
     """
     if len(words) != len(slots):
         raise ValueError(f"{len(words)} words but {len(slots)} slot labels: {list(words)} / {list(slots)}")
+    if spans:
+        if not label_tokens or sentinels:
+            raise ValueError("span targets need whole label tokens and no word sentinels")
+        return t2t_source(words), _span_target(words, slots, intent)
     source = t2t_source(words, sentinels)
     spell = label_token if label_tokens else str
     slot_items = [spell(x) for x in slots]
@@ -302,6 +314,72 @@ def to_text_to_text(
         slot_items = [f"{word_sentinel(i, sentinels)}{glue}{x}" for i, x in enumerate(slot_items)]
     items = slot_items if not intent else [spell(intent), *slot_items] if intent_first else [*slot_items, spell(intent)]
     return source, ("" if label_tokens else " ").join(items)
+
+
+def _span_target(words: Sequence[str], slots: Sequence[str], intent: str) -> str:
+    """`<intent><slot_a>w1 w2<slot_b>w3`: the intent, then each run of words with one slot label
+    (not Other) as its label token followed by the words. Words outside spans are not written: the
+    decoder copies slot values from its source instead of counting words, and targets are short."""
+    parts = [label_token(intent)] if intent else []
+    i = 0
+    while i < len(words):
+        if slots[i] == OTHER:
+            i += 1
+            continue
+        j = i
+        while j < len(words) and slots[j] == slots[i]:
+            j += 1
+        # No space after the label token: the tokenizer starts the value's first word with its own
+        # word-start marker, and a space would cost a lone marker piece.
+        parts.append(f"{label_token(slots[i])}{' '.join(words[i:j])}")
+        i = j
+    return "".join(parts)
+
+
+def _norm(word: str) -> str:
+    # What a tokenizer's normalizer may change (compatibility forms, case) must not break a match.
+    return unicodedata.normalize("NFKC", word).casefold()
+
+
+def place_spans(words: Sequence[str], spans: Sequence[tuple[str, str]]) -> tuple[list[str], bool]:
+    """Per-word slot labels from (label, value text) spans, and whether every span was placed.
+
+    Each span's value words are matched (NFKC, case-folded) to the first run of still unlabelled
+    words at or after the end of the previous span, else anywhere; a span that matches nowhere is
+    dropped. Words no span covers are Other.
+    """
+    labels = [OTHER] * len(words)
+    normed = [_norm(w) for w in words]
+    cursor, all_placed = 0, True
+    for label, value in spans:
+        wanted = [_norm(w) for w in value.split()]
+        if not wanted or label == OTHER:
+            all_placed = all_placed and bool(wanted)
+            continue
+        n = len(wanted)
+        free = [i for i in range(len(words) - n + 1)
+                if normed[i : i + n] == wanted and all(x == OTHER for x in labels[i : i + n])]
+        start = next((i for i in free if i >= cursor), free[0] if free else None)
+        if start is None:
+            all_placed = False
+            continue
+        labels[start : start + n] = [label] * n
+        cursor = start + n
+    return labels, all_placed
+
+
+def _read_spans(text: str) -> list[tuple[str, str]]:
+    """`"<a> x<b> y z"` -> [("a", "x"), ("b", "y z")]: each label token and the text up to the next."""
+    marks = list(_LABEL_TOKEN_RE.finditer(text))
+    return [(m.group(1), text[m.end() : marks[k + 1].start() if k + 1 < len(marks) else len(text)].strip())
+            for k, m in enumerate(marks)]
+
+
+def model_spans(config: Any) -> bool:
+    """Whether a model (HF config object, or a config dict such as an export manifest's
+    `model_config`) was fine-tuned on slot-span targets (SPANS_KEY)."""
+    value = config.get(SPANS_KEY) if isinstance(config, dict) else getattr(config, SPANS_KEY, None)
+    return bool(value)
 
 
 def model_sentinels(config: Any) -> int:
@@ -319,7 +397,8 @@ def model_intent_first(config: Any) -> bool:
 
 
 def parse_target(
-    text: str, num_words: int, intents: Iterable[str] | None = None, intent_first: bool = False
+    text: str, num_words: int, intents: Iterable[str] | None = None, intent_first: bool = False,
+    words: Sequence[str] | None = None,
 ) -> NLUPrediction:
     """A generated target back into an NLUPrediction with exactly `num_words` slot labels.
 
@@ -329,9 +408,21 @@ def parse_target(
     given, not one of them) is taken as a slot label and the intent is ""; too few labels are padded
     with OTHER, too many truncated; any whitespace (spaces, tabs, newlines, repeats) separates tokens.
     Text holding whole label tokens (`"<time><alarm_set>"`) is read as those labels alone.
+    `words` (the utterance's words) reads a span target instead (`"<alarm_set><time>five am"`, see
+    `to_text_to_text`): the first label token is the intent, the spans go back on the words by
+    `place_spans`.
     """
     if num_words < 0:
         raise ValueError(f"num_words must be >= 0, got {num_words}")
+    if words is not None:
+        if len(words) != num_words:
+            raise ValueError(f"num_words is {num_words} but {len(words)} words were given")
+        spans = _read_spans(text)
+        known = None if intents is None else set(intents)
+        intent = ""
+        if spans and spans[0][0] != OTHER and (known is None or spans[0][0] in known):
+            intent, spans = spans[0][0], spans[1:]
+        return NLUPrediction(intent=intent, slots=place_spans(words, spans)[0])
     tokens = target_tokens(text)
     intent = ""
     if tokens:
@@ -351,10 +442,17 @@ def target_tokens(text: str) -> list[str]:
 
 
 def check_generation(
-    text: str, num_words: int, intents: Iterable[str], *, intent_first: bool = False, stopped: bool = True
+    text: str, num_words: int, intents: Iterable[str], *, intent_first: bool = False, stopped: bool = True,
+    words: Sequence[str] | None = None,
 ) -> GenerationCheck:
     """Whether a generated target is well-formed: it stopped, it has `num_words` slot labels plus one
-    intent, and its intent position holds one of `intents` (read as `parse_target` reads it)."""
+    intent, and its intent position holds one of `intents` (read as `parse_target` reads it). With
+    `words` (a span target): it stopped, its first label is a known intent and every span is placed."""
+    if words is not None:
+        spans = _read_spans(text)
+        placed = place_spans(words, spans[1:])[1]
+        return GenerationCheck(stopped=bool(stopped), label_count_ok=bool(spans) and placed,
+                               known_intent=bool(spans) and spans[0][0] in set(intents))
     tokens = target_tokens(text)
     candidate = tokens[0 if intent_first else -1] if tokens else ""
     return GenerationCheck(
@@ -363,22 +461,28 @@ def check_generation(
 
 
 def parse_generated(
-    text: str, num_words: int, intents: Iterable[str], *, intent_first: bool = False, stopped: bool = True
+    text: str, num_words: int, intents: Iterable[str], *, intent_first: bool = False, stopped: bool = True,
+    words: Sequence[str] | None = None,
 ) -> NLUPrediction:
     """`parse_target` (unchanged scoring) with the target's `GenerationCheck` attached."""
-    pred = parse_target(text, num_words, intent_first=intent_first)
-    check = check_generation(text, num_words, intents, intent_first=intent_first, stopped=stopped)
+    pred = parse_target(text, num_words, intent_first=intent_first, words=words)
+    check = check_generation(text, num_words, intents, intent_first=intent_first, stopped=stopped, words=words)
     return NLUPrediction(intent=pred.intent, slots=pred.slots, generation=check)
 
 
 def parse_generations(
-    output: Any, tokenizer: Any, word_counts: Sequence[int], intents: Sequence[str], intent_first: bool
+    output: Any, tokenizer: Any, batch_words: Sequence[Sequence[str]], intents: Sequence[str], intent_first: bool,
+    spans: bool = False,
 ) -> list[Any]:
-    """Generated ids ([B, L], decoder start first) -> NLUPredictions, each with its GenerationCheck
-    (did it emit eos, label count, known intent) when `intents` is given."""
-    texts = tokenizer.batch_decode(output, skip_special_tokens=True)
+    """Generated ids ([B, L], decoder start first) for utterances `batch_words` -> NLUPredictions, each
+    with its GenerationCheck (did it emit eos, label count, known intent) when `intents` is given.
+    `spans`: the model writes span targets (SPANS_KEY)."""
+    # Span values are compared with the utterance's words: no clean-up may move their spaces.
+    texts = tokenizer.batch_decode(output, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    span_words = list(batch_words) if spans else [None] * len(batch_words)
     if not intents:  # nothing to check the intent against
-        return [parse_target(text, n, intent_first=intent_first) for text, n in zip(texts, word_counts)]
+        return [parse_target(text, len(w), intent_first=intent_first, words=sw)
+                for text, w, sw in zip(texts, batch_words, span_words)]
     stopped = (output[:, 1:] == tokenizer.eos_token_id).any(dim=-1).tolist()
-    return [parse_generated(text, n, intents, intent_first=intent_first, stopped=done)
-            for text, n, done in zip(texts, word_counts, stopped)]
+    return [parse_generated(text, len(w), intents, intent_first=intent_first, stopped=done, words=sw)
+            for text, w, sw, done in zip(texts, batch_words, span_words, stopped)]

@@ -76,6 +76,12 @@ class FinetuneConfig:
     (`Annotate: <extra_id_0> w1 ...` -> `<extra_id_0><Other>...`), the MASSIVE repository's sentinel
     option, so labels align with words by construction. Recorded in config.json (the number of
     sentinels used) for every predictor."""
+    spans: bool = False
+    """seq2seq: targets name the intent and then only the slot spans, each as its label token and
+    its words (`<alarm_set><time>five am`), instead of one label per word; predictors put the
+    spans back on the utterance's words (massive.format.place_spans). The decoder copies values
+    (what denoising pretraining teaches) instead of counting words, and targets are shorter. Needs
+    the tokenizer's whole label tokens; excludes sentinels. Recorded in config.json."""
     label_init: Literal["keep", "words"] = "words"
     """seq2seq from a pretrained model whose tokenizer has whole label tokens (`<alarm_set>`): how
     their embedding rows start. Pretraining never shows these tokens, so every softmax pushes their
@@ -85,6 +91,15 @@ class FinetuneConfig:
     scratch and for models already trained on MASSIVE targets (their config.json records the order)."""
     slot_loss_weight: float = 1.0
     """Encoder head: loss = intent CE + slot_loss_weight * slot CE (over first sub-words)."""
+    ngram_buckets: int = 0
+    """Encoder head: hashed token n-gram embeddings (`student.nlu.TokenNgrams`), fastText-style
+    features a small encoder cannot learn in its layers: number of hash buckets (rows of
+    d_model weights each), 0 = none. Saved in nlu_labels.json and exported with the model."""
+    ngram_orders: list[int] = field(default_factory=lambda: [2, 3])
+    """Encoder head: the n-gram lengths (in tokens, each >= 2) hashed into the buckets."""
+    ngram_inputs: bool = False
+    """Encoder head: also add each position's n-gram embeddings to the encoder's input embeddings
+    (otherwise they reach only the intent head, through the pooled vector)."""
     dropout: float | None = None
     """Dropout rate in every block during fine-tuning (and of the heads); null keeps the model's
     own rate (0.0 for our pretrained presets)."""
@@ -128,6 +143,12 @@ class FinetuneConfig:
                 raise ConfigError(f"finetune.{key}: {value} must be >= {low}")
         if self.slot_loss_weight < 0:
             raise ConfigError(f"finetune.slot_loss_weight: {self.slot_loss_weight} must be >= 0")
+        if self.spans and self.sentinels:
+            raise ConfigError("finetune.spans and finetune.sentinels are two target formats; choose one")
+        if self.ngram_buckets < 0:
+            raise ConfigError(f"finetune.ngram_buckets: {self.ngram_buckets} must be >= 0 (0 = no n-gram features)")
+        if self.ngram_buckets and (not self.ngram_orders or min(self.ngram_orders) < 2):
+            raise ConfigError(f"finetune.ngram_orders: {self.ngram_orders} must be n-gram lengths >= 2")
         if self.scratch_preset is not None and self.scratch_preset not in PRESETS:
             raise ConfigError(
                 f"finetune.init: {self.init!r} names no size preset; allowed: "

@@ -56,6 +56,7 @@ from massive.format import (
     INTENT_FIRST_KEY,
     OTHER,
     SENTINELS_KEY,
+    SPANS_KEY,
     has_label_tokens,
     label_text,
     label_token,
@@ -177,7 +178,10 @@ def encode_seq2seq(
     sources/targets were cut to max_source_len/max_target_len (eos kept at the end)."""
     whole = has_label_tokens(tokenizer)
     sentinels = num_word_sentinels(tokenizer) if cfg.sentinels else 0
-    pairs = [to_text_to_text(ex.words, ex.slots, ex.intent, cfg.intent_first, whole, sentinels) for ex in examples]
+    if cfg.spans and not whole:
+        raise ConfigError("finetune.spans needs a tokenizer with whole label tokens (data prep's tokenizer.label_tokens)")
+    pairs = [to_text_to_text(ex.words, ex.slots, ex.intent, cfg.intent_first, whole, sentinels, cfg.spans)
+             for ex in examples]
     sources = tokenizer([s for s, _ in pairs])["input_ids"]
     targets = tokenizer([t for _, t in pairs])["input_ids"]
     eos = tokenizer.eos_token_id
@@ -253,6 +257,7 @@ def build_seq2seq(cfg: FinetuneConfig, run_dir: Path, tokenizer: Any, labels: li
         # the generated target in the order this model was trained on.
         setattr(model.config, INTENT_FIRST_KEY, cfg.intent_first)
         setattr(model.config, SENTINELS_KEY, num_word_sentinels(tokenizer) if cfg.sentinels else 0)
+        setattr(model.config, SPANS_KEY, cfg.spans)
     return model
 
 
@@ -304,6 +309,9 @@ def build_finetune_model(cfg: FinetuneConfig, run_dir: Path, tokenizer: Any, dat
         max_length=cfg.max_source_len,
         source_model=cfg.init,
         extra={"locales": data.train_locales, "setting": cfg.setting},
+        ngram_buckets=cfg.ngram_buckets,
+        ngram_orders=list(cfg.ngram_orders),
+        ngram_inputs=cfg.ngram_inputs,
     )
     model = EncoderNLUModel.from_seq2seq(seq2seq, labels, tokenizer)
     del seq2seq
@@ -428,7 +436,8 @@ def generate_predictions(
         do_sample=False,
         synced_gpus=synced,
     )
-    return parse_generations(output, tokenizer, [len(ex.words) for ex in examples], intents or [], cfg.intent_first)
+    return parse_generations(output, tokenizer, [ex.words for ex in examples], intents or [], cfg.intent_first,
+                             spans=cfg.spans)
 
 
 # ----------------------------------------------------------------------------- the loop

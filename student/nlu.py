@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +52,12 @@ class NLULabels:
     """The seq2seq model (directory or scratch:<preset>) the encoder was taken from."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form provenance (fine-tuning run, step)."""
+    ngram_buckets: int = 0
+    """Hashed token n-gram embeddings (`TokenNgrams`): number of hash buckets, 0 = none."""
+    ngram_orders: list[int] = field(default_factory=lambda: [2, 3])
+    """The n-gram lengths hashed, in tokens (each >= 2: single tokens are the encoder's own embedding)."""
+    ngram_inputs: bool = False
+    """Also add each position's n-gram embeddings (the n-grams ending there) to the encoder's input embeddings."""
 
     def __post_init__(self) -> None:
         if not self.slot_labels or self.slot_labels[0] != OTHER:
@@ -59,6 +65,10 @@ class NLULabels:
         for name, values in (("intents", self.intents), ("slot_labels", self.slot_labels)):
             if len(set(values)) != len(values):
                 raise ValueError(f"{name} has duplicates")
+        if self.ngram_buckets < 0:
+            raise ValueError(f"ngram_buckets must be >= 0 (0 = no n-gram features), got {self.ngram_buckets}")
+        if self.ngram_buckets and (not self.ngram_orders or any(n < 2 for n in self.ngram_orders)):
+            raise ValueError(f"ngram_orders must be n-gram lengths >= 2, got {self.ngram_orders}")
 
     @classmethod
     def read(cls, model_dir: str | os.PathLike) -> NLULabels:
@@ -69,7 +79,7 @@ class NLULabels:
             raise FileNotFoundError(f"{path}: not an encoder NLU model directory (no {LABELS_FILE})") from e
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from e
-        allowed = {"intents", "slot_labels", "max_length", "source_model", "extra"}
+        allowed = {f.name for f in fields(cls)}
         unknown = set(data) - allowed
         if unknown:
             raise ValueError(f"{path}: unknown keys {sorted(unknown)}; allowed keys: {sorted(allowed)}")
@@ -128,6 +138,59 @@ def slot_label_ids(batch_of_slots: list[list[str]], slot_labels: list[str], num_
 
 # ----------------------------------------------------------------------------- model
 
+# Rolling hash of a window of token ids: h = (h * _HASH_BASE + id) mod _HASH_MODULUS, started from
+# the order n. Every intermediate value stays below 2**62, so int64 never overflows and PyTorch and
+# ONNX (Mul, Add, Mod on int64) compute the same buckets.
+_HASH_BASE = 1_000_003
+_HASH_MODULUS = 2_147_483_647  # 2**31 - 1, prime
+
+
+class TokenNgrams(nn.Module):
+    """Embeddings of hashed token n-grams, fastText-style: what a TF-IDF classifier's word and
+    character n-grams give it, for a model too small to learn every combination in its layers.
+
+    A sub-word n-gram (a word pair, or the pieces of a rare word) is hashed into one of `num_buckets`
+    rows; colliding n-grams share a row. `forward(input_ids [B, T], attention_mask [B, T])` returns
+    per-position features [B, T, H] (the sum of the embeddings of the n-grams that end at each
+    position and lie inside the utterance) and their count per utterance [B, 1].
+    """
+
+    def __init__(self, num_buckets: int, orders: list[int], hidden: int) -> None:
+        super().__init__()
+        self.num_buckets = num_buckets
+        self.orders = list(orders)
+        self.embed = nn.Embedding(num_buckets, hidden)
+        # Small start: unseen n-grams (test-time collisions aside) add little noise, as a linear
+        # model's zero weight for a feature never seen in training.
+        nn.init.normal_(self.embed.weight, std=0.1)
+
+    def buckets(self, input_ids: torch.Tensor, order: int) -> torch.Tensor:
+        """[B, T] -> [B, T - order + 1]: the bucket of the n-gram ending at positions order-1 .. T-1."""
+        length = input_ids.shape[1] - order + 1
+        h = torch.full_like(input_ids[:, :length], order)
+        for k in range(order):
+            h = (h * _HASH_BASE + input_ids[:, k : k + length]) % _HASH_MODULUS
+        return h % self.num_buckets
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, seq_len = input_ids.shape
+        features = torch.zeros(batch, seq_len, self.embed.embedding_dim, dtype=self.embed.weight.dtype,
+                               device=input_ids.device)
+        count = torch.zeros(batch, 1, dtype=self.embed.weight.dtype, device=input_ids.device)
+        mask = attention_mask.to(self.embed.weight.dtype)
+        for order in self.orders:
+            if seq_len < order:
+                continue
+            length = seq_len - order + 1
+            inside = mask[:, :length]
+            for k in range(1, order):
+                inside = inside * mask[:, k : k + length]  # [B, length]: every token of the window is real
+            vectors = self.embed(self.buckets(input_ids, order)) * inside.unsqueeze(-1)
+            features = features + nn.functional.pad(vectors, (0, 0, order - 1, 0))
+            count = count + inside.sum(dim=1, keepdim=True)
+        return features, count
+
+
 
 def _encoder_class(model_type: str) -> type:
     import transformers
@@ -156,6 +219,7 @@ class EncoderNLUModel(nn.Module):
         self.dropout = nn.Dropout(getattr(encoder.config, "dropout_rate", 0.1))
         self.intent_head = nn.Linear(hidden, len(labels.intents))
         self.slot_head = nn.Linear(hidden, len(labels.slot_labels))
+        self.ngrams = TokenNgrams(labels.ngram_buckets, labels.ngram_orders, hidden) if labels.ngram_buckets else None
 
     @property
     def config(self) -> Any:
@@ -182,10 +246,20 @@ class EncoderNLUModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """input_ids, attention_mask [B, T] -> intent_logits [B, I], slot_logits [B, T, S]."""
-        states = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, H]
+        if self.ngrams is None:
+            states = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, H]
+        else:
+            ngram_features, ngram_count = self.ngrams(input_ids, attention_mask)  # [B, T, H], [B, 1]
+            if self.labels.ngram_inputs:
+                embeds = self.encoder.get_input_embeddings()(input_ids) + ngram_features
+                states = self.encoder(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+            else:
+                states = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(states.dtype)  # [B, T, 1]
         # Mean over real tokens only; clamp keeps an all-padding row finite instead of NaN.
         pooled = (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)  # [B, H]
+        if self.ngrams is not None:
+            pooled = pooled + ngram_features.sum(dim=1) / ngram_count.clamp(min=1.0)
         intent_logits = self.intent_head(self.dropout(pooled))
         slot_logits = self.slot_head(self.dropout(states))
         return intent_logits, slot_logits

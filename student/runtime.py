@@ -30,7 +30,7 @@ from core.modeldir import ONNX_MANIFEST
 
 # A light module (no torch or datasets at import). split_words: MASSIVE words of a raw utterance
 # (whitespace; ja/zh non-ASCII chunks split into characters), re-exported for `predict`.
-from massive.format import OTHER, model_intent_first, model_sentinels, split_words, t2t_source  # noqa: F401
+from massive.format import OTHER, model_intent_first, model_sentinels, model_spans, split_words, t2t_source  # noqa: F401
 from student.alignment import first_subword_indices, word_char_spans  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:
@@ -134,6 +134,7 @@ class OnnxPredictor:
             # The target order the model was fine-tuned on (data_prep.massive.INTENT_FIRST_KEY).
             self.intent_first = model_intent_first(self.manifest.get("model_config") or {})
             self.sentinels = model_sentinels(self.manifest.get("model_config") or {})
+            self.spans = model_spans(self.manifest.get("model_config") or {})
         else:
             labels = self.manifest["labels"]
             self.intents: list[str] = labels["intents"]
@@ -207,7 +208,7 @@ class OnnxPredictor:
         input_ids, mask = self.pad(ids)
         generated = self.generate(input_ids, mask)
         texts = self.tokenizer.decode_batch(generated, skip_special_tokens=True)
-        return [parse_target(text, len(words), intent_first=self.intent_first)
+        return [parse_target(text, len(words), intent_first=self.intent_first, words=words if self.spans else None)
                 for text, words in zip(texts, batch)], truncated
 
     # ------------------------------------------------------------------ encoder NLU

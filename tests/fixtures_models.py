@@ -117,7 +117,8 @@ def build_random_student(out: Path, tokenizer_dir: Path) -> Path:
 
 
 def build_nlu_dir(out: Path, teacher_dir: Path) -> Path:
-    """An EncoderNLUModel on the tiny teacher's encoder with random heads (5 intents, 4 slot labels)."""
+    """An EncoderNLUModel on the tiny teacher's encoder with random heads (5 intents, 4 slot labels) and
+    hashed token 2- and 3-gram embeddings added to its inputs (the tiny preset's NLU layout)."""
     import torch
     from transformers import AutoModelForSeq2SeqLM
 
@@ -126,7 +127,8 @@ def build_nlu_dir(out: Path, teacher_dir: Path) -> Path:
 
     seq2seq = AutoModelForSeq2SeqLM.from_pretrained(teacher_dir)
     labels = NLULabels(intents=["alarm_set", "alarm_query", "weather_query", "play_music", "datetime_query"],
-                       slot_labels=["Other", "time", "date", "place_name"], max_length=32, source_model=str(teacher_dir))
+                       slot_labels=["Other", "time", "date", "place_name"], max_length=32, source_model=str(teacher_dir),
+                       ngram_buckets=257, ngram_orders=[2, 3], ngram_inputs=True)
     torch.manual_seed(0)
     model = EncoderNLUModel.from_seq2seq(seq2seq, labels, tokenizer=load_tokenizer(teacher_dir)).eval()
     return model.save_pretrained(out)

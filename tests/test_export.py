@@ -526,10 +526,12 @@ def test_encoder_nlu_export_matches_pytorch(tmp_path_factory, request, export_ex
 def test_manifest_model_config_carries_the_target_order():
     from types import SimpleNamespace
 
-    from massive.format import INTENT_FIRST_KEY, model_intent_first
+    from massive.format import INTENT_FIRST_KEY, SPANS_KEY, model_intent_first, model_spans
     from student.export import _model_config_summary
 
     first = _model_config_summary(SimpleNamespace(model_type="t5", d_model=8, **{INTENT_FIRST_KEY: True}))
     assert first == {"model_type": "t5", "d_model": 8, INTENT_FIRST_KEY: True} and model_intent_first(first)
+    spans = _model_config_summary(SimpleNamespace(model_type="t5", **{INTENT_FIRST_KEY: True, SPANS_KEY: True}))
+    assert model_spans(spans) and model_intent_first(spans)
     # Models fine-tuned before the option existed (or encoder exports) read as the official order.
     assert not model_intent_first(_model_config_summary(SimpleNamespace(model_type="t5")))

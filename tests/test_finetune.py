@@ -182,6 +182,7 @@ def test_seq2seq_finetune_end_to_end_then_score_with_the_evaluation_scorer(tmp_p
         run_dir, "--model", str(tiny_teacher_dir), "--preset", "tiny", "--out", "teacher-ft",
         f"massive={massive_dir}", "locales=[en-US,ja-JP]", "num_train_examples=400", "num_eval_examples=16",
         "train.max_steps=30", "train.eval_every=15", "train.save_every=15", "train.log_every=10", "intent_first=true",
+        "spans=false",  # one label per word: the fixture tokenizer has no whole label tokens
     )
     # The target order travels with the model, so every predictor parses it the same way.
     assert json.loads((run_dir / "teacher-ft" / "config.json").read_text())["massive_intent_first"] is True
@@ -216,6 +217,41 @@ def test_seq2seq_finetune_end_to_end_then_score_with_the_evaluation_scorer(tmp_p
         capture_output=True, text=True, cwd=REPO_ROOT, env={**os.environ, "DS_ACCELERATOR": "cpu"}, timeout=300,
     )
     assert env_run.returncode == 2 and "--resume" in env_run.stderr
+
+
+@pytest.mark.slow
+def test_span_targets_finetune_then_predict_through_the_span_parser(tmp_path, massive_dir):
+    from data_prep.config import TokenizerConfig
+    from data_prep.tokenizer import train_tokenizer
+    from evaluation.massive import load_predictor
+    from massive.format import label_token, t2t_source
+    from massive.loader import load_massive
+    from massive.scoring import score
+
+    data = load_massive(str(massive_dir), locales=["en-US", "ja-JP"], partitions=("train", "dev"), progress=False)
+    train = [ex for loc in ("en-US", "ja-JP") for ex in data.examples(locale=loc, partition="train")]
+    labels = sorted({ex.intent for ex in train} | {s for ex in train for s in ex.slots})
+    run_dir = tmp_path / "run"
+    train_tokenizer([t2t_source(ex.words) for ex in train] * 3, run_dir / "tokenizer",
+                    TokenizerConfig(vocab_size=2000, num_sentinels=4), label_tokens=[label_token(x) for x in labels])
+    _run_finetune(
+        run_dir, "--model", "scratch:tiny", "--preset", "tiny", "--out", "ft", f"massive={massive_dir}",
+        "locales=[en-US,ja-JP]", "num_train_examples=200", "num_eval_examples=16", "model.num_layers=1",
+        "model.num_decoder_layers=1", "model.d_model=32", "model.num_heads=2", "model.d_ff=64",
+        "train.max_steps=20", "train.warmup_steps=5", "train.eval_every=20", "train.save_every=20", "train.log_every=10",
+    )
+    # The format travels with the model; its dev targets are checked for form as span targets.
+    assert json.loads((run_dir / "ft" / "config.json").read_text())["massive_spans"] is True
+    evals = _records(run_dir, "ft", "dev_loss")
+    assert [r["step"] for r in evals] == [20]
+    assert all(0.0 <= evals[0][k] <= 1.0 for k in ("dev_em", "dev_stop_rate", "dev_label_count_rate"))
+    predictor = load_predictor(run_dir / "ft", device="cpu")
+    assert predictor.spans
+    golds = data.examples(locale="en-US", partition="dev")[:8] + data.examples(locale="ja-JP", partition="dev")[:8]
+    preds = predictor.predict_words([list(ex.words) for ex in golds])
+    assert [len(p.slots) for p in preds] == [len(ex.words) for ex in golds]
+    result = score(golds, preds)
+    assert 0.0 <= result["em"] <= result["intent_acc"] <= 1.0
 
 
 @pytest.mark.slow

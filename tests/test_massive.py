@@ -27,6 +27,7 @@ from massive.format import (
     OTHER,
     AnnotationError,
     NLUPrediction,
+    check_generation,
     parse_annot_utt,
     parse_target,
     to_text_to_text,
@@ -291,6 +292,50 @@ def test_whole_label_tokens_format_and_parse_back() -> None:
     assert parse_target(target, 5, intent_first=True) == NLUPrediction("alarm_set", slots)
     # Anything between label tokens (a stray piece, a space from decoding) is ignored.
     assert parse_target(" <Other>x <time> <alarm_set>", 2) == NLUPrediction("alarm_set", [X, "time"])
+
+
+def test_span_targets_write_only_slot_values_and_parse_back_onto_the_words() -> None:
+    words = "wake me up at five am tomorrow".split()
+    slots = [X, X, X, X, "time", "time", "date"]
+    source, target = to_text_to_text(words, slots, "alarm_set", label_tokens=True, spans=True)
+    assert source == "Annotate: wake me up at five am tomorrow"
+    assert target == "<alarm_set><time>five am<date>tomorrow"
+    assert parse_target(target, 7, words=words) == NLUPrediction("alarm_set", slots)
+    # Decoded text: spaces around label tokens, other case or compatibility forms still match.
+    assert parse_target("<alarm_set><time> FIVE  am <date> tomorrow", 7, words=words).slots == slots
+    # No slots: the intent alone.
+    assert to_text_to_text(["hi"], [X], "greet", label_tokens=True, spans=True)[1] == "<greet>"
+    with pytest.raises(ValueError, match="whole label tokens"):
+        to_text_to_text(words, slots, "alarm_set", spans=True)
+
+
+def test_place_spans_follows_the_order_of_the_spans_and_drops_what_it_cannot_place() -> None:
+    from massive.format import place_spans
+
+    words = "play the song and then the song again".split()
+    # The second "the song" is placed after the first span, not on top of it.
+    labels, ok = place_spans(words, [("song_name", "the song"), ("song_name", "the song")])
+    assert labels == [X, "song_name", "song_name", X, X, "song_name", "song_name", X] and ok
+    # A span found only before the cursor is still placed there when those words are free.
+    labels, ok = place_spans(words, [("time", "again"), ("artist_name", "play")])
+    assert labels == ["artist_name", X, X, X, X, X, X, "time"] and ok
+    labels, ok = place_spans(words, [("time", "never said"), ("date", "then")])
+    assert labels == [X, X, X, X, "date", X, X, X] and not ok
+    # The first label token is the intent only when it is a known one (or no list is given).
+    pred = parse_target("<time>then", 8, intents={"play_music"}, words=words)
+    assert pred == NLUPrediction("", [X, X, X, X, "time", X, X, X])
+    assert parse_target("", 2, words=["a", "b"]) == NLUPrediction("", [X, X])
+    with pytest.raises(ValueError, match="num_words is 3 but 2 words"):
+        parse_target("<a>", 3, words=["a", "b"])
+
+
+def test_span_generation_check_reports_unplaced_spans() -> None:
+    words = ["wake", "me", "at", "five"]
+    good = check_generation("<alarm_set><time>five", 4, {"alarm_set"}, words=words)
+    assert good.stopped and good.label_count_ok and good.known_intent
+    bad = check_generation("<alarm_set><time>six", 4, {"alarm_set"}, words=words, stopped=False)
+    assert not bad.stopped and not bad.label_count_ok and bad.known_intent
+    assert not check_generation("", 4, {"alarm_set"}, words=words).known_intent
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ from student.nlu import (
     LABELS_FILE,
     EncoderNLUModel,
     NLULabels,
+    TokenNgrams,
     decode_predictions,
     encode_words,
     first_subword_indices,
@@ -185,10 +186,62 @@ def test_loss_backpropagates_into_encoder_and_both_heads(model, tokenizer):
         assert grad is not None and grad.abs().sum() > 0, name
 
 
+# ----------------------------------------------------------------------------- hashed n-grams
+
+
+def _reference_bucket(window: list[int], num_buckets: int) -> int:
+    h = len(window)
+    for token in window:
+        h = (h * 1_000_003 + token) % (2**31 - 1)
+    return h % num_buckets
+
+
+def test_token_ngrams_hash_each_window_inside_the_utterance_once():
+    torch.manual_seed(0)
+    ngrams = TokenNgrams(num_buckets=101, orders=[2, 3], hidden=4)
+    input_ids = torch.tensor([[5, 9, 2, 7, 1], [3, 4, 1, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    assert ngrams.buckets(input_ids, 3)[0].tolist() == [_reference_bucket(input_ids[0, i : i + 3].tolist(), 101)
+                                                         for i in range(3)]
+    features, count = ngrams(input_ids, mask)
+    assert count.squeeze(-1).tolist() == [4 + 3, 2 + 1]  # bigrams + trigrams inside each utterance
+    table = ngrams.embed.weight
+    # Position t holds the n-grams that end at t; the first token ends none.
+    expected = table[_reference_bucket([9, 2], 101)] + table[_reference_bucket([5, 9, 2], 101)]
+    torch.testing.assert_close(features[0, 2], expected)
+    assert torch.equal(features[0, 0], torch.zeros(4))
+    # Windows that reach into the padding contribute nothing.
+    torch.testing.assert_close(features[1, 2], table[_reference_bucket([4, 1], 101)] + table[_reference_bucket([3, 4, 1], 101)])
+    assert torch.equal(features[1, 3:], torch.zeros(2, 4))
+
+
+def test_ngram_features_reach_both_heads_and_ignore_padding(seq2seq, tokenizer):
+    torch.manual_seed(1)
+    labels = NLULabels(intents=INTENTS, slot_labels=SLOTS, max_length=32, ngram_buckets=64, ngram_inputs=True)
+    model = EncoderNLUModel.from_seq2seq(seq2seq, labels, tokenizer).eval()
+    alone = encode_words(tokenizer, [["hi", "there", "friend"]], max_length=32)
+    padded = encode_words(tokenizer, [["hi", "there", "friend"], LATIN], max_length=32)
+    with torch.no_grad():
+        a_intent, a_slots = model(alone["input_ids"], alone["attention_mask"])
+        p_intent, p_slots = model(padded["input_ids"], padded["attention_mask"])
+        torch.testing.assert_close(p_intent[0], a_intent[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(p_slots[0, : a_slots.shape[1]], a_slots[0], atol=1e-5, rtol=1e-5)
+        model.ngrams.embed.weight.add_(1.0)
+        moved_intent, moved_slots = model(alone["input_ids"], alone["attention_mask"])
+    assert not torch.allclose(moved_intent, a_intent) and not torch.allclose(moved_slots, a_slots)
+    with pytest.raises(ValueError, match="ngram_orders"):
+        NLULabels(intents=INTENTS, slot_labels=SLOTS, ngram_buckets=8, ngram_orders=[1, 2])
+
+
 # ----------------------------------------------------------------------------- persistence
 
 
-def test_save_load_round_trip_gives_identical_outputs(model, tokenizer, tmp_path):
+@pytest.mark.parametrize("ngram_buckets", [0, 64], ids=["plain", "ngrams"])
+def test_save_load_round_trip_gives_identical_outputs(model, seq2seq, tokenizer, tmp_path, ngram_buckets):
+    if ngram_buckets:
+        labels = NLULabels(intents=INTENTS, slot_labels=SLOTS, max_length=32, source_model="tiny-test",
+                           ngram_buckets=ngram_buckets, ngram_inputs=True)
+        model = EncoderNLUModel.from_seq2seq(seq2seq, labels, tokenizer).eval()
     out = model.save_pretrained(tmp_path / "nlu")
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", LABELS_FILE, "tokenizer.json"} <= names
