@@ -316,24 +316,30 @@ def to_text_to_text(
     return source, ("" if label_tokens else " ").join(items)
 
 
-def _span_target(words: Sequence[str], slots: Sequence[str], intent: str) -> str:
-    """`<intent><slot_a>w1 w2<slot_b>w3`: the intent, then each run of words with one slot label
-    (not Other) as its label token followed by the words. Words outside spans are not written: the
-    decoder copies slot values from its source instead of counting words, and targets are short."""
-    parts = [label_token(intent)] if intent else []
+def slot_runs(slots: Sequence[str]) -> list[tuple[str, int, int]]:
+    """Each maximal run of words with one slot label other than Other: (label, start, end), end exclusive."""
+    runs = []
     i = 0
-    while i < len(words):
+    while i < len(slots):
         if slots[i] == OTHER:
             i += 1
             continue
         j = i
-        while j < len(words) and slots[j] == slots[i]:
+        while j < len(slots) and slots[j] == slots[i]:
             j += 1
-        # No space after the label token: the tokenizer starts the value's first word with its own
-        # word-start marker, and a space would cost a lone marker piece.
-        parts.append(f"{label_token(slots[i])}{' '.join(words[i:j])}")
+        runs.append((slots[i], i, j))
         i = j
-    return "".join(parts)
+    return runs
+
+
+def _span_target(words: Sequence[str], slots: Sequence[str], intent: str) -> str:
+    """`<intent><slot_a>w1 w2<slot_b>w3`: the intent, then each run of words with one slot label
+    (not Other) as its label token followed by the words. Words outside spans are not written: the
+    decoder copies slot values from its source instead of counting words, and targets are short."""
+    # No space after a label token: the tokenizer starts the value's first word with its own
+    # word-start marker, and a space would cost a lone marker piece.
+    head = label_token(intent) if intent else ""
+    return head + "".join(f"{label_token(label)}{' '.join(words[i:j])}" for label, i, j in slot_runs(slots))
 
 
 def _norm(word: str) -> str:

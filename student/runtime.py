@@ -69,22 +69,11 @@ def read_manifest(export_dir: str | os.PathLike) -> dict[str, Any]:
 
 def slot_spans(words: list[str], labels: list[str], locale: str | None = None) -> list[dict[str, Any]]:
     """Runs of the same non-Other label as spans: {"slot", "value", "words", "start", "end"} (end exclusive)."""
-    from massive.format import CHAR_SPLIT_LOCALES
+    from massive.format import CHAR_SPLIT_LOCALES, slot_runs
 
     joiner = "" if locale in CHAR_SPLIT_LOCALES else " "
-    spans: list[dict[str, Any]] = []
-    i = 0
-    while i < len(labels):
-        if labels[i] == OTHER:
-            i += 1
-            continue
-        j = i
-        while j < len(labels) and labels[j] == labels[i]:
-            j += 1
-        span_words = words[i:j]
-        spans.append({"slot": labels[i], "value": joiner.join(span_words), "words": span_words, "start": i, "end": j})
-        i = j
-    return spans
+    return [{"slot": label, "value": joiner.join(words[i:j]), "words": words[i:j], "start": i, "end": j}
+            for label, i, j in slot_runs(labels)]
 
 
 class OnnxPredictor:
