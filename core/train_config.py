@@ -81,11 +81,10 @@ class TrainConfig:
     CPU_ADAMW_IMPL (core.distributed) measured fastest."""
     compile: bool = False
     """torch.compile the model in place (DeepSpeed's engine.compile(), inductor; parameter names and
-    checkpoints unchanged), compiled during the first steps. Off by default for now: on the small teacher
-    (2 x 1, bf16) it measured 1.4-1.7x the tokens/s, but only with other jobs loading the cores (load
-    4-6), and a cold compile took ~170 s per process; the default switches when a quiet machine confirms
-    >= 1.2x (benchmarks/pretrain.py --modes ds2-zero0 --precisions bf16 --variants default,compile
-    --warmup-steps 3 --repeats 2)."""
+    checkpoints unchanged), compiled during the first steps. Off by default: on a quiet 2-core AMD EPYC
+    the small teacher (2 x 1, bf16) trained 1.17x faster compiled (7,288 against 6,210 tokens/s), below
+    the 1.2x a default needs, and a cold compile costs ~170 s per process (benchmarks/pretrain.py --modes
+    ds2-zero0 --precisions bf16 --variants default,compile --warmup-steps 3)."""
     activation_checkpointing: bool = False
     """Recompute activations in backward (model.gradient_checkpointing_enable()): less memory, ~30% more
     compute."""
