@@ -77,14 +77,8 @@ from distill.counterfactual import (
 from distill.losses import HiddenStateLoss, kd_loss, teacher_probs
 from distill.student_init import build_student, check_vocabulary, describe_student, layer_map, student_config
 from massive.format import (
-    INTENT_FIRST_KEY,
-    SENTINELS_KEY,
-    SPANS_KEY,
+    TargetFormat,
     has_label_tokens,
-    model_intent_first,
-    model_sentinels,
-    model_spans,
-    to_text_to_text,
 )
 from massive.loader import load_massive
 from teacher.objectives import DENOISE, Example, ObjectiveConfig, PretrainCollator
@@ -304,11 +298,11 @@ class MassiveDistillData:
     """MASSIVE text-to-text examples for task-specific distillation (teacher fine-tuned on MASSIVE)."""
 
     copy_min_run = 1
-    """Targets hold labels and word sentinels only: a target token that the source shows (a sentinel)
-    is copied, not predicted, and keeps the teacher's distribution."""
+    """Targets hold labels, word sentinels and, in span targets, slot values: a target token that the
+    source shows (a sentinel, a copied word) is copied, not predicted, and keeps the teacher's
+    distribution."""
 
-    def __init__(self, cfg: DistillConfig, tokenizer: Any, intent_first: bool = False, sentinels: int = 0,
-                 spans: bool = False) -> None:
+    def __init__(self, cfg: DistillConfig, tokenizer: Any, target_format: TargetFormat | None = None) -> None:
         data = load_massive(str(resolve_data_path(cfg.massive_data)), locales=cfg.locales,
                             partitions=("train", "dev"))
         self.train, self.dev = [], []
@@ -323,10 +317,8 @@ class MassiveDistillData:
         self.collator = PretrainCollator(ObjectiveConfig(), special_ids(tokenizer))
         self.swapper = Swapper(cfg.lexicon_languages)
         self.cfg = cfg
-        # The target order of the fine-tuned teacher (massive.format.INTENT_FIRST_KEY).
-        self.intent_first = intent_first
-        self.sentinels = sentinels
-        self.spans = spans
+        # The fine-tuned teacher's text-to-text format (its config records it).
+        self.target_format = target_format or TargetFormat()
         self.label_tokens = has_label_tokens(tokenizer)
         self.description = f"MASSIVE {', '.join(cfg.locales)}: {len(self.train)} train, {len(self.dev)} dev"
 
@@ -346,8 +338,7 @@ class MassiveDistillData:
     def _example(self, words: list[str], slots: list[str], intent: str) -> Example:
         import numpy as np
 
-        source, target = to_text_to_text(words, slots, intent, self.intent_first, self.label_tokens, self.sentinels,
-                                         self.spans)
+        source, target = self.target_format.pair(words, slots, intent, self.label_tokens)
         src = self.tokenizer(source, truncation=True, max_length=self.cfg.max_source_len)["input_ids"]
         tgt = self.tokenizer(target, truncation=True, max_length=self.cfg.max_target_len)["input_ids"]
         return Example(np.asarray(src, dtype=np.int64), np.asarray(tgt, dtype=np.int64), DENOISE)
@@ -378,11 +369,10 @@ class MassiveDistillData:
 
 
 def load_distill_data(
-    cfg: DistillConfig, run_dir: Path, tokenizer: Any, intent_first: bool = False, sentinels: int = 0,
-    spans: bool = False,
+    cfg: DistillConfig, run_dir: Path, tokenizer: Any, target_format: TargetFormat | None = None,
 ) -> AgnosticData | MassiveDistillData:
     if cfg.task == "massive":
-        return MassiveDistillData(cfg, tokenizer, intent_first, sentinels, spans)
+        return MassiveDistillData(cfg, tokenizer, target_format)
     return AgnosticData(cfg, run_dir, tokenizer)
 
 
@@ -528,9 +518,8 @@ def distill(cfg: DistillConfig, run_dir: str | Path, resume: bool = False) -> Pa
     teacher = load_teacher(teacher_dir, cfg, run_dir, dist_info, resolve_precision(cfg.train.precision, dist_info))
     tokenizer = load_checked_tokenizer(cfg, run_dir, teacher_dir, teacher)
     # The teacher's MASSIVE text-to-text format, for task=massive.
-    intent_first, sentinels = model_intent_first(teacher.config), model_sentinels(teacher.config)
-    spans = model_spans(teacher.config)
-    data = load_distill_data(cfg, run_dir, tokenizer, intent_first=intent_first, sentinels=sentinels, spans=spans)
+    target_format = TargetFormat.of(teacher.config)
+    data = load_distill_data(cfg, run_dir, tokenizer, target_format)
     token_map = build_token_map(tokenizer, cfg.lexicon_languages or None)
     lengths = getattr(data, "train_lengths", None) if cfg.group_by_length else None
     sampler = ResumableSampler(data.num_train, cfg.train.micro_batch_size, grad_accum, dist_info.rank,
@@ -539,9 +528,7 @@ def distill(cfg: DistillConfig, run_dir: str | Path, resume: bool = False) -> Pa
     # student and engine
     student, init_info = build_student(student_init_source(teacher_dir, teacher, cfg), cfg.student, seed=cfg.train.seed)
     # A student distilled on MASSIVE targets emits them in the teacher's order.
-    setattr(student.config, INTENT_FIRST_KEY, intent_first)
-    setattr(student.config, SENTINELS_KEY, sentinels)
-    setattr(student.config, SPANS_KEY, spans)
+    target_format.record(student.config)
     hidden_loss = (
         HiddenStateLoss(student.config.d_model, teacher.config.d_model) if cfg.hidden_loss_weight > 0 else None
     )

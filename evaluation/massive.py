@@ -134,7 +134,13 @@ class Seq2SeqPredictor:
     ) -> None:
         """`max_new_tokens`: a fixed generation budget (latency timing); None bounds each batch by
         its longest well-formed target instead. `load`: big-model placement (see `load_seq2seq`)."""
-        from massive.format import has_label_tokens, label_token, model_intent_first, model_sentinels, model_spans
+        from massive.format import (
+            has_label_tokens,
+            label_token,
+            model_intent_first,
+            model_sentinels,
+            model_spans,
+        )
 
         self.model, self.tokenizer = load_seq2seq(model_dir, device, dtype, load)
         self.max_new_tokens = max_new_tokens

@@ -381,25 +381,57 @@ def _read_spans(text: str) -> list[tuple[str, str]]:
             for k, m in enumerate(marks)]
 
 
-def model_spans(config: Any) -> bool:
-    """Whether a model (HF config object, or a config dict such as an export manifest's
-    `model_config`) was fine-tuned on slot-span targets (SPANS_KEY)."""
-    value = config.get(SPANS_KEY) if isinstance(config, dict) else getattr(config, SPANS_KEY, None)
-    return bool(value)
+def _config_value(config: Any, key: str) -> Any:
+    # A model's HF config object, or a config dict such as an export manifest's `model_config`.
+    return config.get(key) if isinstance(config, dict) else getattr(config, key, None)
 
 
 def model_sentinels(config: Any) -> int:
     """How many word sentinels a model's MASSIVE format uses (SENTINELS_KEY of its HF config object or
     of a config dict such as an export manifest's `model_config`); 0 = none."""
-    value = config.get(SENTINELS_KEY) if isinstance(config, dict) else getattr(config, SENTINELS_KEY, None)
-    return int(value or 0)
+    return int(_config_value(config, SENTINELS_KEY) or 0)
 
 
 def model_intent_first(config: Any) -> bool:
     """Whether a model (its HF config object, or a config dict such as an export manifest's
     `model_config`) was fine-tuned on intent-first targets."""
-    value = config.get(INTENT_FIRST_KEY) if isinstance(config, dict) else getattr(config, INTENT_FIRST_KEY, None)
-    return bool(value)
+    return bool(_config_value(config, INTENT_FIRST_KEY))
+
+
+def model_spans(config: Any) -> bool:
+    """Whether a model (HF config object, or a config dict such as an export manifest's
+    `model_config`) was fine-tuned on slot-span targets (SPANS_KEY)."""
+    return bool(_config_value(config, SPANS_KEY))
+
+
+FORMAT_KEYS: tuple[str, ...] = (INTENT_FIRST_KEY, SENTINELS_KEY, SPANS_KEY)
+"""The model config keys that record a model's text-to-text variant (copied into export manifests)."""
+
+
+@dataclass(frozen=True)
+class TargetFormat:
+    """The text-to-text variant a model was trained on: what `to_text_to_text` writes and what its
+    config records (FORMAT_KEYS), read back by every predictor and passed from a teacher to its
+    task-distilled student."""
+
+    intent_first: bool = False
+    sentinels: int = 0
+    spans: bool = False
+
+    @classmethod
+    def of(cls, config: Any) -> TargetFormat:
+        """The format a model's config (object or dict) records; absent keys are the official format."""
+        return cls(model_intent_first(config), model_sentinels(config), model_spans(config))
+
+    def record(self, config: Any) -> None:
+        """Write this format onto a model's config, which saves it in config.json."""
+        setattr(config, INTENT_FIRST_KEY, self.intent_first)
+        setattr(config, SENTINELS_KEY, self.sentinels)
+        setattr(config, SPANS_KEY, self.spans)
+
+    def pair(self, words: Sequence[str], slots: Sequence[str], intent: str, label_tokens: bool) -> tuple[str, str]:
+        """`to_text_to_text` in this format."""
+        return to_text_to_text(words, slots, intent, self.intent_first, label_tokens, self.sentinels, self.spans)
 
 
 def parse_target(

@@ -364,10 +364,10 @@ def _nlu_special_ids(config: Any) -> dict[str, int]:
 
 
 def _model_config_summary(config: Any) -> dict[str, Any]:
-    from massive.format import INTENT_FIRST_KEY, SENTINELS_KEY, SPANS_KEY
+    from massive.format import FORMAT_KEYS
 
     keys = ("model_type", "vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_layers", "num_decoder_layers",
-            INTENT_FIRST_KEY, SENTINELS_KEY, SPANS_KEY)
+            *FORMAT_KEYS)
     return {k: getattr(config, k) for k in keys if hasattr(config, k)}
 
 

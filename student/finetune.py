@@ -55,13 +55,11 @@ from distill.counterfactual import cda_examples
 from massive.format import (
     INTENT_FIRST_KEY,
     OTHER,
-    SENTINELS_KEY,
-    SPANS_KEY,
+    TargetFormat,
     has_label_tokens,
     label_text,
     label_token,
     parse_generations,
-    to_text_to_text,
 )
 from massive.loader import load_massive
 from massive.scoring import GENERATION_FIELDS, GENERATION_METRICS, score_locale
@@ -171,17 +169,21 @@ def load_finetune_data(cfg: FinetuneConfig, run_dir: Path, dist_info: DistInfo) 
     )
 
 
+def target_format(cfg: FinetuneConfig, tokenizer: Any) -> TargetFormat:
+    """The text-to-text format this fine-tuning writes (sentinels: as many as the tokenizer has)."""
+    return TargetFormat(cfg.intent_first, num_word_sentinels(tokenizer) if cfg.sentinels else 0, cfg.spans)
+
+
 def encode_seq2seq(
     tokenizer: Any, examples: list[MassiveExample], cfg: FinetuneConfig
 ) -> tuple[list[tuple[list[int], list[int]]], dict[str, int]]:
     """(source ids, target ids) per example in the official text-to-text format, and how many
     sources/targets were cut to max_source_len/max_target_len (eos kept at the end)."""
     whole = has_label_tokens(tokenizer)
-    sentinels = num_word_sentinels(tokenizer) if cfg.sentinels else 0
     if cfg.spans and not whole:
         raise ConfigError("finetune.spans needs a tokenizer with whole label tokens (data prep's tokenizer.label_tokens)")
-    pairs = [to_text_to_text(ex.words, ex.slots, ex.intent, cfg.intent_first, whole, sentinels, cfg.spans)
-             for ex in examples]
+    fmt = target_format(cfg, tokenizer)
+    pairs = [fmt.pair(ex.words, ex.slots, ex.intent, whole) for ex in examples]
     sources = tokenizer([s for s, _ in pairs])["input_ids"]
     targets = tokenizer([t for _, t in pairs])["input_ids"]
     eos = tokenizer.eos_token_id
@@ -255,9 +257,7 @@ def build_seq2seq(cfg: FinetuneConfig, run_dir: Path, tokenizer: Any, labels: li
     if cfg.head == "seq2seq":
         # Saved with the model (config.json, and the export manifest), so every predictor parses
         # the generated target in the order this model was trained on.
-        setattr(model.config, INTENT_FIRST_KEY, cfg.intent_first)
-        setattr(model.config, SENTINELS_KEY, num_word_sentinels(tokenizer) if cfg.sentinels else 0)
-        setattr(model.config, SPANS_KEY, cfg.spans)
+        target_format(cfg, tokenizer).record(model.config)
     return model
 
 

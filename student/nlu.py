@@ -157,7 +157,6 @@ class TokenNgrams(nn.Module):
 
     def __init__(self, num_buckets: int, orders: list[int], hidden: int) -> None:
         super().__init__()
-        self.num_buckets = num_buckets
         self.orders = list(orders)
         self.embed = nn.Embedding(num_buckets, hidden)
         # Small start: unseen n-grams (test-time collisions aside) add little noise, as a linear
@@ -170,7 +169,7 @@ class TokenNgrams(nn.Module):
         h = torch.full_like(input_ids[:, :length], order)
         for k in range(order):
             h = (h * _HASH_BASE + input_ids[:, k : k + length]) % _HASH_MODULUS
-        return h % self.num_buckets
+        return h % self.embed.num_embeddings
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch, seq_len = input_ids.shape
@@ -246,15 +245,13 @@ class EncoderNLUModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """input_ids, attention_mask [B, T] -> intent_logits [B, I], slot_logits [B, T, S]."""
-        if self.ngrams is None:
-            states = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, H]
-        else:
+        if self.ngrams is not None:
             ngram_features, ngram_count = self.ngrams(input_ids, attention_mask)  # [B, T, H], [B, 1]
-            if self.labels.ngram_inputs:
-                embeds = self.encoder.get_input_embeddings()(input_ids) + ngram_features
-                states = self.encoder(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
-            else:
-                states = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.ngrams is not None and self.labels.ngram_inputs:
+            embeds = self.encoder.get_input_embeddings()(input_ids) + ngram_features
+            states = self.encoder(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+        else:
+            states = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, H]
         mask = attention_mask.unsqueeze(-1).to(states.dtype)  # [B, T, 1]
         # Mean over real tokens only; clamp keeps an all-padding row finite instead of NaN.
         pooled = (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)  # [B, H]
