@@ -9,6 +9,7 @@ convert such a directory once, for a user who trusts its source.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -36,8 +37,25 @@ def model_kind(model_dir: str | os.PathLike) -> str | None:
 
 def weight_files(model_dir: str | os.PathLike) -> list[Path]:
     """The weight files of a model directory in name order: every `*.safetensors` (one file or the
-    shards of a sharded checkpoint), the only weights polyteacher loads."""
-    return sorted(p for p in Path(model_dir).iterdir() if p.is_file() and p.suffix == ".safetensors")
+    shards of a sharded checkpoint), the only weights polyteacher loads; for an NLU ensemble, its
+    members' (member-0/model.safetensors, ...)."""
+    model_dir = Path(model_dir)
+    if is_nlu_ensemble(model_dir):
+        members = json.loads((model_dir / NLU_LABELS).read_text(encoding="utf-8"))["members"]
+        return [f for name in members if (model_dir / name).is_dir() for f in weight_files(model_dir / name)]
+    return sorted(p for p in model_dir.iterdir() if p.is_file() and p.suffix == ".safetensors")
+
+
+def is_nlu_ensemble(model_dir: str | os.PathLike) -> bool:
+    """An encoder NLU ensemble directory (student.nlu.NLUEnsemble): nlu_labels.json lists member
+    sub-directories, which hold the weights (each is checked when it is loaded)."""
+    path = Path(model_dir) / NLU_LABELS
+    if not path.is_file():
+        return False
+    try:
+        return bool(json.loads(path.read_text(encoding="utf-8")).get("members"))
+    except (json.JSONDecodeError, AttributeError):
+        return False
 
 
 class ModelDirError(ValueError):
@@ -51,7 +69,7 @@ def check_model_dir(path: str | os.PathLike, what: str = "model directory") -> P
         raise ModelDirError(f"{what} {path}: no such directory")
     if not (path / "config.json").is_file():
         raise ModelDirError(f"{what} {path}: not a model directory (no config.json)")
-    if any((path / name).is_file() for name in SAFETENSORS_FILES):
+    if any((path / name).is_file() for name in SAFETENSORS_FILES) or is_nlu_ensemble(path):
         return path
     pickles = sorted(p.name for p in path.glob("pytorch_model*.bin"))
     if pickles:

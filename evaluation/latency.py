@@ -5,7 +5,7 @@ model (encoder + greedy decoding, or the encoder NLU graph), detokenization and 
 intent + slots, i.e. the `predict_words` of the predictor the directory gets:
 
 - ONNX export (manifest.json): student.runtime.OnnxPredictor, onnxruntime with 1 intra-op thread;
-- encoder NLU directory (nlu_labels.json): student.nlu.EncoderNLUModel.predict_words in PyTorch;
+- encoder NLU directory (nlu_labels.json): student.nlu.EncoderNLUModel (or NLUEnsemble).predict_words in PyTorch;
 - Hugging Face seq2seq directory: PyTorch greedy `generate` (num_beams 1).
 
 Both seq2seq paths stop at eos or after max_new_tokens (given: the same budget for both; not
@@ -70,9 +70,9 @@ def load_timed_predictor(model_dir: Path, num_threads: int = 1, max_new_tokens: 
 
     torch.set_num_threads(num_threads)
     if kind == "encoder_nlu":
-        from student.nlu import EncoderNLUModel
+        from student.nlu import load_nlu_model
 
-        return EncoderNLUModel.from_pretrained(model_dir)
+        return load_nlu_model(model_dir)
     from evaluation.massive import Seq2SeqPredictor
 
     return Seq2SeqPredictor(model_dir, device="cpu", max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS)

@@ -220,13 +220,13 @@ def load_predictor(
 def _load_encoder_nlu(model_dir: Path, device: str) -> Predictor:
     from student import nlu
 
-    model = nlu.EncoderNLUModel.from_pretrained(model_dir)
+    model = nlu.load_nlu_model(model_dir)
     if hasattr(model, "to"):
         model.to(torch_device(device))
     if hasattr(model, "eval"):
         model.eval()
     if not hasattr(model, "predict_words"):
-        raise TypeError(f"{model_dir}: student.nlu.EncoderNLUModel has no predict_words(batch)")
+        raise TypeError(f"{model_dir}: {type(model).__name__} has no predict_words(batch)")
     return model
 
 

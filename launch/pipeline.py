@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 from core.config import ConfigError, load_config, save_config
 from core.fsutil import atomic_write_json, safe_path
@@ -55,6 +55,12 @@ class PipelineConfig:
     """Test utterances with gendered words per locale for counterfactual consistency: a seeded sample of N; 0 = all of them (flip rates with paired intervals need them all)."""
     latency_max_examples: int = 50
     """Utterances timed per model for latency (batch 1, one thread)."""
+    nlu_members: list[str] = dataclasses.field(default_factory=lambda: ["student"])
+    """Starts of the encoder NLU student (stage student_nlu): run-directory model names (student) or
+    scratch:<size preset>. One start trains one model. Two or more train side by side, one process
+    each with the cores split between them (seeds 0, 1, ...; run directories student-nlu-members/<i>),
+    and `polyteacher ensemble` combines them into one model that averages their predictions: members
+    from different starts make different errors."""
     scratch_size: str = "tiny"
     """Teacher size preset of the from-scratch reference (`finetune --model scratch:SIZE`, the stage
     scratch_ft): the teacher's own size, fine-tuned with the same budget, shows what pretraining adds."""
@@ -64,6 +70,8 @@ class PipelineConfig:
     def validate(self) -> None:
         if self.num_train_procs < 0 or self.num_procs_other < 0:
             raise ConfigError("pipeline.num_train_procs and pipeline.num_procs_other must be >= 1, or 0 (auto)")
+        if not self.nlu_members:
+            raise ConfigError("pipeline.nlu_members: give at least one start (e.g. [student])")
         unknown = [s for s in self.skip if s not in {st.name for st in STAGES}]
         if unknown:
             raise ConfigError(
@@ -78,6 +86,20 @@ class Stage:
     deps: tuple[str, ...]
     kind: str  # "cli" | "launch" | "internal"
     what: str
+    work: str = ""  # a directory under the run dir its commands write on the way; cleared when the stage runs
+
+
+@dataclasses.dataclass(frozen=True)
+class Concurrent:
+    """Commands of a stage that run at the same time, the cores split evenly between them (each gets
+    OMP_NUM_THREADS = cores // len(commands)); each logs to its own file."""
+
+    commands: list[list[str]]
+
+
+# A step of a stage: one command (argv after `polyteacher`), or commands run side by side.
+Step = Union[list[str], Concurrent]
+NLU_MEMBERS_DIR = "student-nlu-members"
 
 
 STAGES: tuple[Stage, ...] = (
@@ -92,7 +114,9 @@ STAGES: tuple[Stage, ...] = (
     Stage("student_ft", "student-ft", ("teacher_ft",), "launch",
           "task distillation with CRR: the student learns MASSIVE from the fine-tuned teacher"),
     Stage("student_kd_ft", "student-kd-ft", ("teacher_ft",), "launch", "task distillation, plain KD (no CRR)"),
-    Stage("student_nlu", "student-nlu", ("student",), "launch", "encoder-only NLU fine-tuning of the CRR student"),
+    Stage("student_nlu", "student-nlu", ("student",), "launch",
+          "encoder-only NLU fine-tuning of the CRR student (and of the other nlu_members, then their ensemble)",
+          work=NLU_MEMBERS_DIR),
     Stage("export", "onnx/int8", ("student_ft",), "cli", "ONNX export of the student, fp32 and int8"),
     Stage("export_teacher", "onnx/teacher-int8", ("teacher_ft",), "cli", "ONNX export of the teacher, int8"),
     Stage("export_nlu", "onnx/nlu-int8", ("student_nlu",), "cli", "ONNX export of the encoder NLU student, int8"),
@@ -125,8 +149,9 @@ MASSIVE_MODELS: dict[str, str] = {
 
 
 
-def stage_commands(stage: Stage, run_dir: Path, preset: str | None, cfg: PipelineConfig, tmp_out: Path) -> list[list[str]]:
-    """The polyteacher command lines (argv after `polyteacher`) that produce one stage's output."""
+def stage_commands(stage: Stage, run_dir: Path, preset: str | None, cfg: PipelineConfig, tmp_out: Path) -> list[Step]:
+    """The polyteacher command lines (argv after `polyteacher`) that produce one stage's output, in
+    order; a `Concurrent` step runs its commands side by side."""
     r = str(run_dir)
     p = ["--preset", preset] if preset else []
     locales = ",".join(cfg.massive_locales)
@@ -154,6 +179,8 @@ def stage_commands(stage: Stage, run_dir: Path, preset: str | None, cfg: Pipelin
     ft = {"teacher_ft": ("teacher-indomain", "teacher-ft", "seq2seq"),
           "scratch_ft": (f"scratch:{cfg.scratch_size}", "scratch-ft", "seq2seq"),
           "student_nlu": ("student", "student-nlu", "encoder")}
+    if stage.name == "student_nlu" and len(cfg.nlu_members) > 1:
+        return nlu_ensemble_commands(run_dir, p, cfg)
     if stage.name in ft:
         src, out, head = ft[stage.name]
         model = src if src.startswith("scratch:") else str(run_dir / src)
@@ -206,6 +233,21 @@ def stage_commands(stage: Stage, run_dir: Path, preset: str | None, cfg: Pipelin
     raise KeyError(stage.name)
 
 
+def nlu_ensemble_commands(run_dir: Path, preset_args: list[str], cfg: PipelineConfig) -> list[Step]:
+    """Train each of cfg.nlu_members in its own run directory, side by side, then combine them."""
+    members_dir = run_dir / NLU_MEMBERS_DIR
+    locales = ",".join(cfg.massive_locales)
+    train = []
+    for i, start in enumerate(cfg.nlu_members):
+        model = start if start.startswith("scratch:") else str(run_dir / start)
+        train.append(["launch", "--nproc-per-node", "1", "--", "finetune", "--run-dir", str(members_dir / str(i)),
+                      "--model", model, "--out", "model", "--head", "encoder", "--section", "nlu", *preset_args,
+                      f"locales=[{locales}]", f"train.seed={i}", f"tokenizer={run_dir / 'tokenizer'}"])
+    combine = ["ensemble", "--members", *(str(members_dir / str(i) / "model") for i in range(len(train))),
+               "--out", str(run_dir / "student-nlu")]
+    return [Concurrent(train), combine]
+
+
 # ----------------------------------------------------------------------------- running
 
 
@@ -241,18 +283,15 @@ def run_stage(stage: Stage, run_dir: Path, preset: str | None, cfg: PipelineConf
     shutil.rmtree(_fp32_tmp(final), ignore_errors=True)
     if final.exists() and stage.kind == "cli" and not stage.name == "data":
         shutil.rmtree(final) if final.is_dir() else final.unlink()
+    if stage.work:
+        shutil.rmtree(safe_path(run_dir, stage.work), ignore_errors=True)  # this stage's own earlier output
     log_path = log_dir / f"{stage.name}.log"
-    for argv in stage_commands(stage, run_dir, preset, cfg, tmp_out):
-        cmd = [sys.executable, "-m", "launch.cli", *argv]
-        with open(log_path, "a", encoding="utf-8") as log:
-            log.write("$ polyteacher " + " ".join(argv) + "\n")
-            log.flush()
-            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=cfg.timeout_minutes * 60,
-                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        if proc.returncode != 0:
-            tail = "".join(log_path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)[-30:])
-            raise StageFailed(f"stage {stage.name} failed (exit {proc.returncode}): polyteacher {' '.join(argv)}\n"
-                              f"last lines of {log_path}:\n{tail}")
+    for step in stage_commands(stage, run_dir, preset, cfg, tmp_out):
+        if isinstance(step, Concurrent):
+            logs = [log_dir / f"{stage.name}.{i}.log" for i in range(len(step.commands))]
+            run_commands(stage, step.commands, logs, cfg.timeout_minutes)
+        else:
+            run_commands(stage, [step], [log_path], cfg.timeout_minutes)
     if tmp_out.exists():
         os.replace(tmp_out, final)
         fp32 = _fp32_tmp(final)
@@ -266,6 +305,41 @@ def run_stage(stage: Stage, run_dir: Path, preset: str | None, cfg: PipelineConf
 
 class StageFailed(RuntimeError):
     pass
+
+
+def run_commands(stage: Stage, commands: list[list[str]], logs: list[Path], timeout_minutes: int) -> None:
+    """Run polyteacher `commands` side by side (one alone runs with the environment as it is; several
+    split the cores: OMP_NUM_THREADS each), appending each one's output to its log; StageFailed
+    naming the first that fails (the others are stopped) or runs past the timeout."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if len(commands) > 1:
+        from launch.launcher import cores_available
+
+        env["OMP_NUM_THREADS"] = str(max(1, cores_available() // len(commands)))
+    procs = []
+    for argv, log_path in zip(commands, logs):
+        with open(log_path, "a", encoding="utf-8") as log:
+            log.write("$ polyteacher " + " ".join(argv) + "\n")
+            log.flush()
+            procs.append(subprocess.Popen([sys.executable, "-m", "launch.cli", *argv], stdout=log,
+                                          stderr=subprocess.STDOUT, env=env))
+    deadline = time.time() + timeout_minutes * 60
+    try:
+        for proc, argv, log_path in zip(procs, commands, logs):
+            try:
+                code = proc.wait(timeout=max(1.0, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                raise StageFailed(f"stage {stage.name}: polyteacher {' '.join(argv)} ran past "
+                                  f"pipeline.timeout_minutes={timeout_minutes}; log: {log_path}") from None
+            if code != 0:
+                tail = "".join(log_path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)[-30:])
+                raise StageFailed(f"stage {stage.name} failed (exit {code}): polyteacher {' '.join(argv)}\n"
+                                  f"last lines of {log_path}:\n{tail}")
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait()
 
 
 def pipeline(run_dir: Path, preset: str | None, cfg: PipelineConfig, force: list[str] = ()) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """`polyteacher finetune`: MASSIVE fine-tuning of a seq2seq model (text-to-text or encoder NLU heads);
-the student package's one registration, which also adds `polyteacher export` (student/export.py) and
-`polyteacher predict` (student/runtime.py).
+the student package's one registration, which also adds `polyteacher ensemble` (encoder NLU models
+combined into one, student/nlu.py), `polyteacher export` (student/export.py) and `polyteacher predict`
+(student/runtime.py).
 
 Imported by the CLI at start-up: torch, transformers and deepspeed are imported only when the
 command runs (inside student.finetune).
@@ -60,6 +61,22 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "order, RNG and optimizer state); starts fresh when there is none")
     p.add_argument("overrides", nargs="*", help="dotted config overrides (listed below), e.g. train.max_steps=200")
     p.set_defaults(func=run, lock_run_dir="run_dir")
+    e = sub.add_parser(
+        "ensemble",
+        help="combine trained encoder NLU models into one model that averages their predictions",
+        description=(
+            "Combine encoder NLU model directories (`finetune --head encoder`) with the same intents, slot "
+            "labels and tokenizer into one model directory whose forward averages the members' "
+            "log-probabilities. It predicts, exports to ONNX (one graph) and quantizes like a single model, "
+            "at the members' total size and latency. The members are copied in."
+        ),
+        epilog="example:\n  polyteacher ensemble --members runs/demo/nlu-0/student-nlu runs/demo/nlu-1/student-nlu "
+        "--out runs/demo/student-nlu",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    e.add_argument("--members", nargs="+", required=True, type=Path, help="encoder NLU model directories (2 or more)")
+    e.add_argument("--out", required=True, type=Path, help="ensemble directory to write (replaced if it is one already)")
+    e.set_defaults(func=run_ensemble)
     export.register(sub)
     runtime.register(sub)
 
@@ -85,4 +102,12 @@ def run(args: argparse.Namespace) -> int:
 
     if is_rank0():
         print(f"finetune: wrote {out}")
+    return 0
+
+
+def run_ensemble(args: argparse.Namespace) -> int:
+    from student.nlu import build_ensemble
+
+    out = build_ensemble(args.members, args.out)
+    print(f"ensemble: wrote {out} ({len(args.members)} members)")
     return 0

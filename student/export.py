@@ -230,9 +230,9 @@ def export_fp32(model_dir: Path, out: Path, cfg: ExportConfig) -> dict[str, Any]
             parity = check_seq2seq_parity(model, out, cfg) if cfg.check_parity else None
             extra = {"model_config": _model_config_summary(model.config), "special_ids": _seq2seq_special_ids(model)}
         else:
-            from student.nlu import EncoderNLUModel
+            from student.nlu import load_nlu_model
 
-            model = EncoderNLUModel.from_pretrained(model_dir).float().eval()
+            model = load_nlu_model(model_dir).float().eval()
             labels = model.labels
             graphs = export_nlu_graph(model, out, cfg)
             parity = check_nlu_parity(model, out, cfg) if cfg.check_parity else None
@@ -532,7 +532,7 @@ def _randn(shape: tuple[int, ...], generator: Any) -> Any:
 
 
 def export_nlu_graph(model: Any, out: Path, cfg: ExportConfig) -> dict[str, dict[str, Any]]:
-    """Export EncoderNLUModel.forward as model.onnx."""
+    """Export the NLU model's forward (EncoderNLUModel, or NLUEnsemble: every member in one graph) as model.onnx."""
     import torch
 
     vocab = model.config.vocab_size
@@ -1183,11 +1183,11 @@ def weights_sha256(model_dir: Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{model_dir}: no weight files (*.safetensors)")
     digest = hashlib.sha256()
     for path in files:
-        digest.update(path.name.encode() + b"\0")
+        digest.update(path.relative_to(model_dir).as_posix().encode() + b"\0")
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
-    return {"sha256": digest.hexdigest(), "files": [p.name for p in files]}
+    return {"sha256": digest.hexdigest(), "files": [p.relative_to(model_dir).as_posix() for p in files]}
 
 
 # A model directory's own tokenizer: one of these must exist, else transformers would make one up

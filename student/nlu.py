@@ -58,6 +58,9 @@ class NLULabels:
     """The n-gram lengths hashed, in tokens (each >= 2: single tokens are the encoder's own embedding)."""
     ngram_inputs: bool = False
     """Also add each position's n-gram embeddings (the n-grams ending there) to the encoder's input embeddings."""
+    members: list[str] = field(default_factory=list)
+    """An ensemble (`NLUEnsemble`): the sub-directories holding its members, each a whole NLU model
+    directory with these intents, slot labels and max_length; empty for a single model."""
 
     def __post_init__(self) -> None:
         if not self.slot_labels or self.slot_labels[0] != OTHER:
@@ -202,7 +205,44 @@ def _encoder_class(model_type: str) -> type:
     return getattr(transformers, classes[model_type])
 
 
-class EncoderNLUModel(nn.Module):
+class WordPredictor:
+    """`predict_words` for a module whose forward is (input_ids, attention_mask) -> (intent_logits,
+    slot_logits), with `labels` and `tokenizer` attributes: EncoderNLUModel and NLUEnsemble."""
+
+    labels: NLULabels
+    tokenizer: Any
+
+    @torch.inference_mode()
+    def predict_words(self, batch: list[list[str]], batch_size: int = 64) -> list[NLUPrediction]:
+        """Intent and one slot label per word for each utterance (a list of words), in order.
+
+        Runs in eval mode (no dropout) and restores the previous mode afterwards.
+        """
+        if self.tokenizer is None:
+            raise ValueError(f"{type(self).__name__}.predict_words needs model.tokenizer")
+        device = next(self.parameters()).device  # type: ignore[attr-defined]
+        was_training = self.training  # type: ignore[attr-defined]
+        self.eval()  # type: ignore[attr-defined]
+        try:
+            return self._predict(batch, batch_size, device)
+        finally:
+            self.train(was_training)  # type: ignore[attr-defined]
+
+    def _predict(self, batch: list[list[str]], batch_size: int, device: torch.device) -> list[NLUPrediction]:
+        out: list[NLUPrediction] = []
+        for i in range(0, len(batch), batch_size):
+            chunk = batch[i : i + batch_size]
+            enc = encode_words(self.tokenizer, chunk, self.labels.max_length)
+            intent_logits, slot_logits = self(enc["input_ids"].to(device), enc["attention_mask"].to(device))  # type: ignore[operator]
+            out.extend(
+                decode_predictions(
+                    intent_logits.cpu(), slot_logits.cpu(), enc["word_starts"], [len(w) for w in chunk], self.labels
+                )
+            )
+        return out
+
+
+class EncoderNLUModel(WordPredictor, nn.Module):
     """T5 encoder + intent head (masked mean pooling) + slot head (per token, read at first sub-words).
 
     `labels` sizes the heads and names their outputs; `tokenizer` (optional until predict_words or
@@ -314,36 +354,105 @@ class EncoderNLUModel(nn.Module):
         model.eval()
         return model
 
-    # ------------------------------------------------------------------ prediction
+class NLUEnsemble(WordPredictor, nn.Module):
+    """Several EncoderNLUModels with the same labels, combined by averaging their log-probabilities
+    (intent [B, I] and slots [B, T, S]); forward has the members' signature, so prediction, ONNX export
+    and int8 quantization treat it as one model (one graph holding every member).
 
-    @torch.inference_mode()
-    def predict_words(self, batch: list[list[str]], batch_size: int = 64) -> list[NLUPrediction]:
-        """Intent and one slot label per word for each utterance (a list of words), in order.
+    Members trained from different starts or seeds make partly different errors, and the average of
+    their distributions is right more often than any one of them, at members x the size and latency.
+    Saved as a directory with nlu_labels.json (`members` lists the sub-directories), the tokenizer,
+    the first member's config.json, and one whole model directory per member.
+    """
 
-        Runs in eval mode (no dropout) and restores the previous mode afterwards.
-        """
+    def __init__(self, members: list[EncoderNLUModel], labels: NLULabels, tokenizer: Any = None) -> None:
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError(f"an NLU ensemble needs at least 2 members, got {len(members)}")
+        for i, member in enumerate(members):
+            mine, theirs = member.labels, labels
+            if (mine.intents, mine.slot_labels, mine.max_length) != (theirs.intents, theirs.slot_labels, theirs.max_length):
+                raise ValueError(f"ensemble member {i} has other intents, slot labels or max_length than member 0")
+            if member.config.vocab_size != members[0].config.vocab_size:
+                raise ValueError(f"ensemble member {i} has vocabulary size {member.config.vocab_size}, "
+                                 f"member 0 {members[0].config.vocab_size}: they must share one tokenizer")
+        self.members = nn.ModuleList(members)
+        self.labels = labels
+        self.tokenizer = tokenizer
+
+    @property
+    def config(self) -> Any:
+        return self.members[0].config
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """input_ids, attention_mask [B, T] -> mean log-probabilities: intent [B, I], slots [B, T, S]."""
+        intents, slots = [], []
+        for member in self.members:
+            intent_logits, slot_logits = member(input_ids, attention_mask)
+            intents.append(intent_logits.float().log_softmax(dim=-1))
+            slots.append(slot_logits.float().log_softmax(dim=-1))
+        return torch.stack(intents).mean(dim=0), torch.stack(slots).mean(dim=0)
+
+    def save_pretrained(self, model_dir: str | os.PathLike) -> Path:
+        """Write the ensemble directory (members as member-0/, member-1/, ...), atomically."""
+        from core.fsutil import atomic_dir
+
         if self.tokenizer is None:
-            raise ValueError("EncoderNLUModel.predict_words needs model.tokenizer")
-        device = next(self.parameters()).device
-        was_training = self.training
-        self.eval()
-        try:
-            return self._predict(batch, batch_size, device)
-        finally:
-            self.train(was_training)
+            raise ValueError("NLUEnsemble.save_pretrained: set model.tokenizer first (the directory must be self-contained)")
+        names = [f"member-{i}" for i in range(len(self.members))]
+        labels = NLULabels(intents=self.labels.intents, slot_labels=self.labels.slot_labels,
+                           max_length=self.labels.max_length, source_model=self.labels.source_model,
+                           extra=self.labels.extra, ngram_buckets=0, members=names)
+        with atomic_dir(model_dir) as tmp:
+            for name, member in zip(names, self.members):
+                member.save_pretrained(tmp / name)
+            self.config.save_pretrained(tmp)
+            (tmp / LABELS_FILE).write_text(json.dumps(asdict(labels), indent=2, ensure_ascii=False) + "\n")
+            self.tokenizer.save_pretrained(str(tmp))
+        return Path(model_dir)
 
-    def _predict(self, batch: list[list[str]], batch_size: int, device: torch.device) -> list[NLUPrediction]:
-        out: list[NLUPrediction] = []
-        for i in range(0, len(batch), batch_size):
-            chunk = batch[i : i + batch_size]
-            enc = encode_words(self.tokenizer, chunk, self.labels.max_length)
-            intent_logits, slot_logits = self(enc["input_ids"].to(device), enc["attention_mask"].to(device))
-            out.extend(
-                decode_predictions(
-                    intent_logits.cpu(), slot_logits.cpu(), enc["word_starts"], [len(w) for w in chunk], self.labels
-                )
-            )
-        return out
+    @classmethod
+    def from_pretrained(cls, model_dir: str | os.PathLike) -> NLUEnsemble:
+        """Load a directory written by save_pretrained, in eval mode; member paths must stay inside it."""
+        from transformers import AutoTokenizer
+
+        from core.fsutil import safe_path
+        from core.modeldir import check_model_dir
+
+        model_dir = check_model_dir(model_dir, "NLU ensemble directory")
+        labels = NLULabels.read(model_dir)
+        if not labels.members:
+            raise ValueError(f"{model_dir / LABELS_FILE}: no members; not an ensemble directory")
+        members = [EncoderNLUModel.from_pretrained(safe_path(model_dir, name)) for name in labels.members]
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+        return cls(members, labels, tokenizer).eval()
+
+
+def load_nlu_model(model_dir: str | os.PathLike) -> EncoderNLUModel | NLUEnsemble:
+    """An encoder NLU directory: a single model, or an ensemble when nlu_labels.json lists members."""
+    from core.modeldir import check_model_dir
+
+    model_dir = check_model_dir(model_dir, "NLU model directory")
+    if NLULabels.read(model_dir).members:
+        return NLUEnsemble.from_pretrained(model_dir)
+    return EncoderNLUModel.from_pretrained(model_dir)
+
+
+def build_ensemble(member_dirs: list[str | os.PathLike], out: str | os.PathLike) -> Path:
+    """Combine trained NLU model directories into one ensemble directory `out` (members copied in)."""
+    if len(member_dirs) < 2:
+        raise ValueError(f"an NLU ensemble needs at least 2 member directories, got {len(member_dirs)}")
+    members = []
+    for d in member_dirs:
+        model = load_nlu_model(d)
+        if isinstance(model, NLUEnsemble):
+            raise ValueError(f"{d}: is itself an ensemble; list its members instead")
+        members.append(model)
+    first = members[0]
+    labels = NLULabels(intents=first.labels.intents, slot_labels=first.labels.slot_labels,
+                       max_length=first.labels.max_length, source_model=first.labels.source_model,
+                       extra={"members_from": [str(d) for d in member_dirs]})
+    return NLUEnsemble(members, labels, first.tokenizer).save_pretrained(out)
 
 
 def nlu_loss(

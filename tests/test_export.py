@@ -523,6 +523,43 @@ def test_encoder_nlu_export_matches_pytorch(tmp_path_factory, request, export_ex
     assert np.abs(slots - ref_slots.numpy()).max() < PARITY_TOL
 
 
+def test_encoder_nlu_ensemble_exports_as_one_graph(tmp_path, tmp_path_factory, request, export_examples):
+    """An NLUEnsemble exports, checks parity and quantizes like one model; the runtime predicts with it."""
+    import torch
+
+    from student.export import ExportConfig, export
+    from student.nlu import EncoderNLUModel, build_ensemble, encode_words, load_nlu_model
+
+    nlu_dir = session_export(tmp_path_factory, request, "nlu")
+    other = EncoderNLUModel.from_pretrained(nlu_dir)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ensemble_dir = build_ensemble([nlu_dir, other.save_pretrained(tmp_path / "other")], tmp_path / "ensemble")
+    fp32 = export(ensemble_dir, tmp_path / "fp32", ExportConfig())
+    int8 = export(fp32, tmp_path / "int8", ExportConfig(int8=True))
+    manifest = read_manifest(fp32)
+    assert manifest["kind"] == "encoder_nlu" and manifest["parity_max_abs_diff"]["intent_logits"] < PARITY_TOL
+
+    model = load_nlu_model(ensemble_dir)
+    batch = [list(e.words) for e in export_examples["test"][:16]]
+    enc = encode_words(model.tokenizer, batch, model.labels.max_length)
+    session = OnnxPredictor(fp32).sessions["model"]
+    intent, slots = session.run(None, {"input_ids": enc["input_ids"].numpy(), "attention_mask": enc["attention_mask"].numpy()})
+    with torch.no_grad():
+        ref_intent, ref_slots = model(enc["input_ids"], enc["attention_mask"])
+    assert np.abs(intent - ref_intent.numpy()).max() < PARITY_TOL
+    assert np.abs(slots - ref_slots.numpy()).max() < PARITY_TOL
+    # Log-probabilities: each row of the averaged intent output sums to at most 1 once exponentiated.
+    assert np.all(np.exp(intent).sum(-1) <= 1 + 1e-5)
+    reference = [p.intent for p in model.predict_words(batch)]
+    for export_dir in (fp32, int8):
+        predicted = [p.intent for p in OnnxPredictor(export_dir).predict_words(batch)]
+        agree = np.mean([a == b for a, b in zip(predicted, reference)])
+        assert agree >= (1.0 if export_dir == fp32 else 0.8), (export_dir, agree)
+
+
 def test_manifest_model_config_carries_the_target_order():
     from types import SimpleNamespace
 

@@ -11,6 +11,7 @@ from student.nlu import (
     IGNORE_INDEX,
     LABELS_FILE,
     EncoderNLUModel,
+    NLUEnsemble,
     NLULabels,
     TokenNgrams,
     decode_predictions,
@@ -18,6 +19,8 @@ from student.nlu import (
     first_subword_indices,
     gather_word_logits,
     nlu_loss,
+    build_ensemble,
+    load_nlu_model,
     slot_label_ids,
     word_char_spans,
 )
@@ -269,6 +272,64 @@ def test_from_pretrained_rejects_broken_directories(model, tmp_path):
     (out / LABELS_FILE).unlink()
     with pytest.raises(FileNotFoundError, match=LABELS_FILE):
         EncoderNLUModel.from_pretrained(out)
+
+
+def _member(seq2seq, tokenizer, seed: int, ngram_buckets: int = 0, slots: list[str] = SLOTS) -> EncoderNLUModel:
+    torch.manual_seed(seed)
+    labels = NLULabels(intents=INTENTS, slot_labels=slots, max_length=32, source_model=f"member-{seed}",
+                       ngram_buckets=ngram_buckets, ngram_inputs=bool(ngram_buckets))
+    member = EncoderNLUModel.from_seq2seq(seq2seq, labels, tokenizer).eval()
+    with torch.no_grad():  # members that differ in their encoders too, not only in their heads
+        for p in member.encoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return member
+
+
+def test_ensemble_averages_member_log_probabilities(seq2seq, tokenizer):
+    members = [_member(seq2seq, tokenizer, 1), _member(seq2seq, tokenizer, 2, ngram_buckets=64)]
+    ensemble = NLUEnsemble(members, members[0].labels, tokenizer).eval()
+    enc = encode_words(tokenizer, [LATIN, THAI, JAPANESE], max_length=32)
+    with torch.no_grad():
+        intent, slots = ensemble(enc["input_ids"], enc["attention_mask"])
+        outs = [m(enc["input_ids"], enc["attention_mask"]) for m in members]
+    expected_intent = (outs[0][0].log_softmax(-1) + outs[1][0].log_softmax(-1)) / 2
+    expected_slots = (outs[0][1].log_softmax(-1) + outs[1][1].log_softmax(-1)) / 2
+    torch.testing.assert_close(intent, expected_intent)
+    torch.testing.assert_close(slots, expected_slots)
+    assert not torch.allclose(outs[0][0], outs[1][0])  # the members really differ
+    preds = ensemble.predict_words([LATIN, JAPANESE])
+    assert [len(p.slots) for p in preds] == [len(LATIN), len(JAPANESE)]
+    assert preds[0].intent == INTENTS[int(intent[0].argmax())]
+
+
+def test_ensemble_directory_round_trip_and_member_checks(seq2seq, tokenizer, tmp_path):
+    dirs = [_member(seq2seq, tokenizer, seed, ngram_buckets=64 * seed).save_pretrained(tmp_path / f"m{seed}")
+            for seed in (0, 1)]
+    out = build_ensemble(dirs, tmp_path / "ensemble")
+    saved = json.loads((out / LABELS_FILE).read_text())
+    assert saved["members"] == ["member-0", "member-1"] and saved["intents"] == INTENTS
+    assert (out / "member-1" / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    loaded = load_nlu_model(out)
+    assert isinstance(loaded, NLUEnsemble) and not loaded.training and len(loaded.members) == 2
+    assert isinstance(load_nlu_model(dirs[0]), EncoderNLUModel)
+    enc = encode_words(loaded.tokenizer, [LATIN, THAI], max_length=32)
+    with torch.no_grad():
+        direct = NLUEnsemble([load_nlu_model(d) for d in dirs], loaded.labels)(enc["input_ids"], enc["attention_mask"])
+        again = loaded(enc["input_ids"], enc["attention_mask"])
+    assert torch.equal(direct[0], again[0]) and torch.equal(direct[1], again[1])
+
+    with pytest.raises(ValueError, match="at least 2"):
+        build_ensemble(dirs[:1], tmp_path / "one")
+    with pytest.raises(ValueError, match="itself an ensemble"):
+        build_ensemble([out, dirs[0]], tmp_path / "nested")
+    other = _member(seq2seq, tokenizer, 3, slots=["Other", "time"]).save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match="member 1 has other intents, slot labels"):
+        build_ensemble([dirs[0], other], tmp_path / "mixed")
+    # A member path that leaves the ensemble directory is refused, not followed.
+    saved["members"] = ["member-0", "../m1"]
+    (out / LABELS_FILE).write_text(json.dumps(saved))
+    with pytest.raises(Exception, match="escapes"):
+        load_nlu_model(out)
 
 
 def test_labels_must_start_with_other_and_be_unique():

@@ -10,10 +10,14 @@ from core.config import ConfigError, load_config
 from evaluation.report import MASSIVE_COMPARISONS
 from launch.pipeline import (
     MASSIVE_MODELS,
+    NLU_MEMBERS_DIR,
     STAGE_BY_NAME,
     STAGES,
+    Concurrent,
     PipelineConfig,
+    StageFailed,
     plan_stages,
+    run_commands,
     stage_commands,
 )
 
@@ -74,6 +78,9 @@ def test_every_stage_has_a_command_or_is_internal(tmp_path):
             continue
         cmds = stage_commands(stage, tmp_path, "tiny", PipelineConfig(), tmp_path / ".tmp")
         assert cmds and all(isinstance(c, list) and c for c in cmds)
+    nlu = stage_commands(STAGE_BY_NAME["student_nlu"], tmp_path, "tiny",
+                         load_config(PipelineConfig, overrides=["nlu_members=[student,scratch:tiny]"]), tmp_path / ".tmp")
+    assert isinstance(nlu[0], Concurrent) and all(isinstance(c, list) and c for c in nlu[0].commands)
 
 
 def test_tiny_and_small_pipeline_presets_load():
@@ -97,3 +104,35 @@ def test_eval_massive_compares_after_evaluating_both_models(tmp_path):
     assert [(c.a, c.b) for c in MASSIVE_COMPARISONS] == [
         ("scratch", "teacher"), ("teacher", "student_fp32"), ("student_fp32", "student_int8"),
     ]  # fmt: skip
+
+
+def test_nlu_members_train_side_by_side_then_combine(tmp_path):
+    cfg = load_config(PipelineConfig, overrides=["nlu_members=[student,scratch:tiny]", "massive_locales=[en-US,ja-JP]"])
+    train, combine = stage_commands(STAGE_BY_NAME["student_nlu"], tmp_path, "tiny", cfg, tmp_path / ".tmp")
+    assert isinstance(train, Concurrent) and len(train.commands) == 2
+    members = tmp_path / NLU_MEMBERS_DIR
+    for i, (cmd, start) in enumerate(zip(train.commands, [str(tmp_path / "student"), "scratch:tiny"])):
+        assert cmd[:4] == ["launch", "--nproc-per-node", "1", "--"]  # one process each: the cores are split
+        args = cmd[4:]
+        assert args[args.index("--run-dir") + 1] == str(members / str(i))  # one run directory (and lock) each
+        assert args[args.index("--model") + 1] == start and f"train.seed={i}" in args
+        assert ["--head", "encoder", "--section", "nlu"] == args[args.index("--head"):args.index("--head") + 4]
+        assert "locales=[en-US,ja-JP]" in args and f"tokenizer={tmp_path / 'tokenizer'}" in args
+    assert combine == ["ensemble", "--members", str(members / "0" / "model"), str(members / "1" / "model"),
+                       "--out", str(tmp_path / "student-nlu")]
+    # One start: the single fine-tuning of before, in the run directory itself.
+    (single,) = stage_commands(STAGE_BY_NAME["student_nlu"], tmp_path, "tiny", PipelineConfig(), tmp_path / ".tmp")
+    assert single[single.index("--run-dir") + 1] == str(tmp_path) and "ensemble" not in single
+    with pytest.raises(ConfigError, match="nlu_members"):
+        load_config(PipelineConfig, overrides=["nlu_members=[]"])
+
+
+def test_run_commands_runs_side_by_side_and_names_the_failure(tmp_path):
+    stage = STAGE_BY_NAME["student_nlu"]
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    # Real polyteacher commands: both run and each writes its own log.
+    run_commands(stage, [["config", "pipeline"], ["config", "export"]], logs, timeout_minutes=5)
+    assert "nlu_members" in logs[0].read_text() and "opset" in logs[1].read_text()
+    assert logs[0].read_text().startswith("$ polyteacher config pipeline")
+    with pytest.raises(StageFailed, match="failed \\(exit 2\\): polyteacher config no-such-stage"):
+        run_commands(stage, [["config", "pipeline"], ["config", "no-such-stage"]], logs, timeout_minutes=5)
