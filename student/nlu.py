@@ -88,6 +88,10 @@ class NLULabels:
             raise ValueError(f"{path}: unknown keys {sorted(unknown)}; allowed keys: {sorted(allowed)}")
         return cls(**data)
 
+    def write(self, model_dir: str | os.PathLike) -> None:
+        """Save as model_dir/nlu_labels.json (what `read` loads)."""
+        (Path(model_dir) / LABELS_FILE).write_text(json.dumps(asdict(self), indent=2, ensure_ascii=False) + "\n")
+
 
 # ----------------------------------------------------------------------------- encoding
 
@@ -331,7 +335,7 @@ class EncoderNLUModel(WordPredictor, nn.Module):
             config.architectures = [type(self.encoder).__name__]
             config.save_pretrained(tmp)
             save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-            (tmp / LABELS_FILE).write_text(json.dumps(asdict(self.labels), indent=2, ensure_ascii=False) + "\n")
+            self.labels.write(tmp)
             self.tokenizer.save_pretrained(str(tmp))
         return Path(model_dir)
 
@@ -407,7 +411,7 @@ class NLUEnsemble(WordPredictor, nn.Module):
             for name, member in zip(names, self.members):
                 member.save_pretrained(tmp / name)
             self.config.save_pretrained(tmp)
-            (tmp / LABELS_FILE).write_text(json.dumps(asdict(labels), indent=2, ensure_ascii=False) + "\n")
+            labels.write(tmp)
             self.tokenizer.save_pretrained(str(tmp))
         return Path(model_dir)
 

@@ -502,25 +502,32 @@ def test_cli_export_int8_and_errors(trained_fp32: Path, tmp_path: Path, capsys):
 
 
 def test_encoder_nlu_export_matches_pytorch(tmp_path_factory, request, export_examples):
-    import torch
-
     from data_prep.tokenizer import load_tokenizer
-    from student.nlu import EncoderNLUModel, encode_words
+    from student.nlu import EncoderNLUModel
 
     nlu_dir = session_export(tmp_path_factory, request, "nlu")
     fp32 = session_export(tmp_path_factory, request, "nlu-fp32")
     m = read_manifest(fp32)
     assert m["kind"] == "encoder_nlu" and m["labels"]["slot_labels"][0] == "Other" and m["max_source_length"] == 32
     model = EncoderNLUModel.from_pretrained(nlu_dir)
-    labels = model.labels
-    batch = [list(e.words) for e in export_examples["test"][:16]]
-    enc = encode_words(load_tokenizer(nlu_dir), batch, labels.max_length)
-    session = OnnxPredictor(fp32).sessions["model"]
+    model.tokenizer = load_tokenizer(nlu_dir)
+    _assert_onnx_matches_pytorch(model, fp32, [list(e.words) for e in export_examples["test"][:16]])
+
+
+def _assert_onnx_matches_pytorch(model, export_dir, batch) -> tuple[np.ndarray, np.ndarray]:
+    """The export's intent and slot outputs on `batch` (lists of words) equal the PyTorch model's."""
+    import torch
+
+    from student.nlu import encode_words
+
+    enc = encode_words(model.tokenizer, batch, model.labels.max_length)
+    session = OnnxPredictor(export_dir).sessions["model"]
     intent, slots = session.run(None, {"input_ids": enc["input_ids"].numpy(), "attention_mask": enc["attention_mask"].numpy()})
     with torch.no_grad():
         ref_intent, ref_slots = model(enc["input_ids"], enc["attention_mask"])
     assert np.abs(intent - ref_intent.numpy()).max() < PARITY_TOL
     assert np.abs(slots - ref_slots.numpy()).max() < PARITY_TOL
+    return intent, slots
 
 
 def test_encoder_nlu_ensemble_exports_as_one_graph(tmp_path, tmp_path_factory, request, export_examples):
@@ -528,7 +535,7 @@ def test_encoder_nlu_ensemble_exports_as_one_graph(tmp_path, tmp_path_factory, r
     import torch
 
     from student.export import ExportConfig, export
-    from student.nlu import EncoderNLUModel, build_ensemble, encode_words, load_nlu_model
+    from student.nlu import EncoderNLUModel, build_ensemble, load_nlu_model
 
     nlu_dir = session_export(tmp_path_factory, request, "nlu")
     other = EncoderNLUModel.from_pretrained(nlu_dir)
@@ -544,13 +551,7 @@ def test_encoder_nlu_ensemble_exports_as_one_graph(tmp_path, tmp_path_factory, r
 
     model = load_nlu_model(ensemble_dir)
     batch = [list(e.words) for e in export_examples["test"][:16]]
-    enc = encode_words(model.tokenizer, batch, model.labels.max_length)
-    session = OnnxPredictor(fp32).sessions["model"]
-    intent, slots = session.run(None, {"input_ids": enc["input_ids"].numpy(), "attention_mask": enc["attention_mask"].numpy()})
-    with torch.no_grad():
-        ref_intent, ref_slots = model(enc["input_ids"], enc["attention_mask"])
-    assert np.abs(intent - ref_intent.numpy()).max() < PARITY_TOL
-    assert np.abs(slots - ref_slots.numpy()).max() < PARITY_TOL
+    intent, _ = _assert_onnx_matches_pytorch(model, fp32, batch)
     # Log-probabilities: each row of the averaged intent output sums to at most 1 once exponentiated.
     assert np.all(np.exp(intent).sum(-1) <= 1 + 1e-5)
     reference = [p.intent for p in model.predict_words(batch)]
