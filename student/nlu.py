@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -404,9 +404,8 @@ class NLUEnsemble(WordPredictor, nn.Module):
         if self.tokenizer is None:
             raise ValueError("NLUEnsemble.save_pretrained: set model.tokenizer first (the directory must be self-contained)")
         names = [f"member-{i}" for i in range(len(self.members))]
-        labels = NLULabels(intents=self.labels.intents, slot_labels=self.labels.slot_labels,
-                           max_length=self.labels.max_length, source_model=self.labels.source_model,
-                           extra=self.labels.extra, ngram_buckets=0, members=names)
+        # The members carry their own n-gram settings; the ensemble's file names them instead.
+        labels = replace(self.labels, ngram_buckets=0, members=names)
         with atomic_dir(model_dir) as tmp:
             for name, member in zip(names, self.members):
                 member.save_pretrained(tmp / name)
@@ -434,10 +433,9 @@ class NLUEnsemble(WordPredictor, nn.Module):
 
 def load_nlu_model(model_dir: str | os.PathLike) -> EncoderNLUModel | NLUEnsemble:
     """An encoder NLU directory: a single model, or an ensemble when nlu_labels.json lists members."""
-    from core.modeldir import check_model_dir
+    from core.modeldir import is_nlu_ensemble
 
-    model_dir = check_model_dir(model_dir, "NLU model directory")
-    if NLULabels.read(model_dir).members:
+    if is_nlu_ensemble(model_dir):
         return NLUEnsemble.from_pretrained(model_dir)
     return EncoderNLUModel.from_pretrained(model_dir)
 
