@@ -46,6 +46,8 @@ class DistillConfig:
     """Counterfactual data augmentation: none, one_sided (every gendered x replaced by its gender-swapped x~, the paper's one-sided variant; see cda_prob) or two_sided (train on x and x~)."""
     cda_prob: float = 1.0
     """cda=one_sided: probability of replacing a gendered x by x~ (1.0 = counterfactual only, as in the paper)."""
+    cda_repeat: int = 1
+    """task=massive, cda != none: each train utterance that sigma changes appears this many times per pass over the data (with two_sided, x and x~ each time; 1 = once). More of the counterfactual signal within the same steps: gendered utterances are a few percent of MASSIVE."""
     perturb: Literal["none", "max", "mean"] = "max"
     """Teacher-prediction perturbation: p^(w) = f(p(w|x), p(sigma(w)|x~)) at target positions aligned with the counterfactual's, f = max or mean, renormalised; none = plain teacher."""
     perturb_tokens: Literal["auto", "gendered", "all"] = "auto"
@@ -89,6 +91,13 @@ class DistillConfig:
             raise ConfigError(f"distill.hidden_loss_weight: must be >= 0, got {self.hidden_loss_weight}")
         if not 0.0 <= self.cda_prob <= 1.0:
             raise ConfigError(f"distill.cda_prob: must be in [0, 1], got {self.cda_prob}")
+        if self.cda_repeat < 1:
+            raise ConfigError(f"distill.cda_repeat: must be >= 1, got {self.cda_repeat}")
+        if self.cda_repeat > 1 and (self.task != "massive" or self.cda == "none"):
+            raise ConfigError(
+                f"distill.cda_repeat={self.cda_repeat} repeats the MASSIVE utterances that sigma changes: it needs "
+                f"task=massive and cda one_sided or two_sided (got task={self.task}, cda={self.cda})"
+            )
         if self.teacher_shard == "zero3" and self.teacher_load.device_map != "none":
             raise ConfigError(
                 "distill.teacher_shard=zero3 and distill.teacher_load.device_map=auto are two ways of placing the "

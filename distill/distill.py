@@ -316,11 +316,16 @@ class MassiveDistillData:
         # Only the padding of the collator is used here.
         self.collator = PretrainCollator(ObjectiveConfig(), special_ids(tokenizer))
         self.swapper = Swapper(cfg.lexicon_languages)
+        gendered = [ex for ex in self.train if self.swapper.words(list(ex.words), ex.locale) != list(ex.words)]
+        repeat = f", repeated x{cfg.cda_repeat}" if cfg.cda != "none" and cfg.cda_repeat > 1 else ""
+        summary = f"{len(self.train)} train ({len(gendered)} changed by sigma{repeat})"
+        if cfg.cda != "none":
+            self.train += gendered * (cfg.cda_repeat - 1)
         self.cfg = cfg
         # The fine-tuned teacher's text-to-text format (its config records it).
         self.target_format = target_format or TargetFormat()
         self.label_tokens = has_label_tokens(tokenizer)
-        self.description = f"MASSIVE {', '.join(cfg.locales)}: {len(self.train)} train, {len(self.dev)} dev"
+        self.description = f"MASSIVE {', '.join(cfg.locales)}: {summary}, {len(self.dev)} dev"
 
     @property
     def num_train(self) -> int:

@@ -61,6 +61,11 @@ class PipelineConfig:
     each with the cores split between them (seeds 0, 1, ...; run directories student-nlu-members/<i>),
     and `polyteacher ensemble` combines them into one model that averages their predictions: members
     from different starts make different errors."""
+    nlu_member_overrides: list[str] = dataclasses.field(default_factory=list)
+    """Extra dotted overrides of each NLU member's fine-tuning (`finetune --section nlu`), one string of
+    space-separated overrides per nlu_members entry ("" = none), e.g. ["", "train.max_steps=6000"];
+    empty list = none. Members train side by side and the stage lasts as long as the slowest, so a
+    faster member (a smaller shape) can take more steps in the same wall time."""
     scratch_size: str = "tiny"
     """Teacher size preset of the from-scratch reference (`finetune --model scratch:SIZE`, the stage
     scratch_ft): the teacher's own size, fine-tuned with the same budget, shows what pretraining adds."""
@@ -72,6 +77,11 @@ class PipelineConfig:
             raise ConfigError("pipeline.num_train_procs and pipeline.num_procs_other must be >= 1, or 0 (auto)")
         if not self.nlu_members:
             raise ConfigError("pipeline.nlu_members: give at least one start (e.g. [student])")
+        if self.nlu_member_overrides and len(self.nlu_member_overrides) != len(self.nlu_members):
+            raise ConfigError(
+                f"pipeline.nlu_member_overrides: {len(self.nlu_member_overrides)} entries for "
+                f"{len(self.nlu_members)} nlu_members; give one string per member (\"\" for none) or none at all"
+            )
         unknown = [s for s in self.skip if s not in {st.name for st in STAGES}]
         if unknown:
             raise ConfigError(
@@ -149,16 +159,19 @@ MASSIVE_MODELS: dict[str, str] = {
 
 
 
-def stage_commands(stage: Stage, run_dir: Path, preset: str | None, cfg: PipelineConfig, tmp_out: Path) -> list[Step]:
+def stage_commands(stage: Stage, run_dir: Path, preset: str | None, cfg: PipelineConfig, tmp_out: Path,
+                   resume: bool = False) -> list[Step]:
     """The polyteacher command lines (argv after `polyteacher`) that produce one stage's output, in
-    order; a `Concurrent` step runs its commands side by side."""
+    order; a `Concurrent` step runs its commands side by side. `resume`: a training stage continues
+    from its latest complete checkpoint (`--resume`), if it has one."""
     r = str(run_dir)
     p = ["--preset", preset] if preset else []
     locales = ",".join(cfg.massive_locales)
     n_eval = str(cfg.eval_max_examples)
 
     def launch(nproc: int, *args: str) -> list[str]:
-        return ["launch", "--nproc-per-node", str(nproc) if nproc else "auto", "--", *args]
+        return ["launch", "--nproc-per-node", str(nproc) if nproc else "auto", "--", *args,
+                *(["--resume"] if resume else [])]
 
     n_other = cfg.num_procs_other
     if stage.name == "data":
@@ -238,11 +251,13 @@ def nlu_ensemble_commands(run_dir: Path, preset_args: list[str], cfg: PipelineCo
     members_dir = run_dir / NLU_MEMBERS_DIR
     locales = ",".join(cfg.massive_locales)
     train = []
-    for i, start in enumerate(cfg.nlu_members):
+    extra = cfg.nlu_member_overrides or [""] * len(cfg.nlu_members)
+    for i, (start, overrides) in enumerate(zip(cfg.nlu_members, extra)):
         model = start if start.startswith("scratch:") else str(run_dir / start)
         train.append(["launch", "--nproc-per-node", "1", "--", "finetune", "--run-dir", str(members_dir / str(i)),
                       "--model", model, "--out", "model", "--head", "encoder", "--section", "nlu", *preset_args,
-                      f"locales=[{locales}]", f"train.seed={i}", f"tokenizer={run_dir / 'tokenizer'}"])
+                      f"locales=[{locales}]", f"train.seed={i}", f"tokenizer={run_dir / 'tokenizer'}",
+                      *overrides.split()])
     combine = ["ensemble", "--members", *(str(members_dir / str(i) / "model") for i in range(len(train))),
                "--out", str(run_dir / "student-nlu")]
     return [Concurrent(train), combine]
@@ -271,7 +286,16 @@ def _fp32_tmp(final: Path) -> Path:
     return final.parent / f".{final.name}-fp32.tmp"
 
 
-def run_stage(stage: Stage, run_dir: Path, preset: str | None, cfg: PipelineConfig, log_dir: Path) -> None:
+def stage_checkpoints(stage: Stage, run_dir: Path) -> Path:
+    """Where a training stage's command keeps its checkpoints (core.checkpoint: checkpoints/<out>)."""
+    return safe_path(run_dir, f"checkpoints/{stage.output}")
+
+
+def run_stage(stage: Stage, run_dir: Path, preset: str | None, cfg: PipelineConfig, log_dir: Path,
+              fresh: bool = True) -> None:
+    """Run one stage's commands. A training stage that runs `fresh` (forced, or an input of it ran
+    again) first removes its own earlier checkpoints; otherwise it resumes from them, so rerunning
+    the pipeline after a crash continues the interrupted training."""
     final = safe_path(run_dir, stage.output)
     if stage.kind == "internal":
         write_report(run_dir)
@@ -285,8 +309,11 @@ def run_stage(stage: Stage, run_dir: Path, preset: str | None, cfg: PipelineConf
         shutil.rmtree(final) if final.is_dir() else final.unlink()
     if stage.work:
         shutil.rmtree(safe_path(run_dir, stage.work), ignore_errors=True)  # this stage's own earlier output
+    if stage.kind == "launch" and fresh:
+        shutil.rmtree(stage_checkpoints(stage, run_dir), ignore_errors=True)
     log_path = log_dir / f"{stage.name}.log"
-    for step in stage_commands(stage, run_dir, preset, cfg, tmp_out):
+    resume = stage.kind == "launch" and not fresh
+    for step in stage_commands(stage, run_dir, preset, cfg, tmp_out, resume=resume):
         if isinstance(step, Concurrent):
             logs = [log_dir / f"{stage.name}.{i}.log" for i in range(len(step.commands))]
             run_commands(stage, step.commands, logs, cfg.timeout_minutes)
@@ -360,7 +387,9 @@ def pipeline(run_dir: Path, preset: str | None, cfg: PipelineConfig, force: list
             continue
         print(f"[pipeline] {stage.name:18s} running: {stage.what} (log: {log_dir / (stage.name + '.log')})", flush=True)
         start = time.time()
-        run_stage(stage, run_dir, preset, cfg, log_dir)
+        # A stage that runs only because its output is missing (a crash) resumes its checkpoints.
+        fresh = stage.name in force or any(decision[d] == "run" for d in stage.deps)
+        run_stage(stage, run_dir, preset, cfg, log_dir, fresh=fresh)
         timings[stage.name] = round(time.time() - start, 1)
         atomic_write_json(timings_path, timings)
         print(f"[pipeline] {stage.name:18s} done in {timings[stage.name]:.0f} s", flush=True)

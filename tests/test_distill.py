@@ -121,3 +121,23 @@ def test_task_distillation_on_massive_with_length_grouped_batches(tmp_path, tiny
 
     student = AutoModelForSeq2SeqLM.from_pretrained(run / "student-task")
     assert student.config.num_layers == max(1, AutoModelForSeq2SeqLM.from_pretrained(tiny_teacher_dir).config.num_layers // 2)
+
+
+def test_cda_repeat_repeats_only_the_utterances_sigma_changes(tiny_teacher_dir, massive_dir):
+    from core.config import ConfigError, load_config
+    from data_prep.tokenizer import load_tokenizer
+    from distill.config import DistillConfig
+    from distill.distill import MassiveDistillData
+
+    tokenizer = load_tokenizer(tiny_teacher_dir)
+    base = [f"massive_data={massive_dir}", "locales=[en-US,de-DE]", "num_train_examples=200"]
+    once = MassiveDistillData(load_config(DistillConfig, section="taskdistill", preset="tiny", overrides=base), tokenizer)
+    thrice = MassiveDistillData(
+        load_config(DistillConfig, section="taskdistill", preset="tiny", overrides=[*base, "cda_repeat=3"]), tokenizer)
+    gendered = [ex for ex in once.train if once.swapper.words(list(ex.words), ex.locale) != list(ex.words)]
+    assert 0 < len(gendered) < len(once.train) == 400
+    assert thrice.train[:400] == once.train and thrice.train[400:] == gendered * 2
+    assert f"{len(gendered)} changed by sigma, repeated x3" in thrice.description
+    for bad, match in (("cda_repeat=0", ">= 1"), ("cda=none", "needs task=massive and cda")):
+        with pytest.raises(ConfigError, match=match):
+            load_config(DistillConfig, section="taskdistill", preset="tiny", overrides=[*base, "cda_repeat=2", bad])

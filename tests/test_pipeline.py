@@ -128,11 +128,18 @@ def test_pipeline_end_to_end_then_partial_rerun(tmp_path, massive_dir, flores_di
     for png in re.findall(r"\(plots/([^)]+\.png)\)", report):
         assert (run_dir / "plots" / png).is_file()
 
-    # Delete one stage's output: only it and what depends on it run again.
+    # Delete one stage's output: only it and what depends on it run again. A training stage whose
+    # output is missing but whose checkpoints are kept (a crash after its last save) resumes them.
     teacher_mtime = (run_dir / "teacher" / "config.json").stat().st_mtime
     shutil.rmtree(run_dir / STAGE_BY_NAME["export"].output)
+    shutil.rmtree(run_dir / STAGE_BY_NAME["student_kd_ft"].output)
+    assert (run_dir / "checkpoints" / STAGE_BY_NAME["student_kd_ft"].output).is_dir()
     second = _run_pipeline(preset, run_dir)
-    assert _ran(second) == _downstream("export")
+    assert _ran(second) == _downstream("export") | _downstream("student_kd_ft")
+    kd_log = (run_dir / "logs" / "student_kd_ft.log").read_text()
+    assert "--resume" in kd_log.split("$ polyteacher")[-1].splitlines()[0]
+    assert re.search(r"resumed from \S+step_0+2 \(step 2\)", kd_log)
+    assert (run_dir / STAGE_BY_NAME["student_kd_ft"].output / "config.json").is_file()
     assert "[pipeline] teacher            skipped (complete)" in second
     assert (run_dir / "teacher" / "config.json").stat().st_mtime == teacher_mtime
     assert (run_dir / STAGE_BY_NAME["export"].output / "manifest.json").is_file()

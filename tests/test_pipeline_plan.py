@@ -83,6 +83,22 @@ def test_every_stage_has_a_command_or_is_internal(tmp_path):
     assert isinstance(nlu[0], Concurrent) and all(isinstance(c, list) and c for c in nlu[0].commands)
 
 
+def test_training_stages_resume_only_when_asked(tmp_path):
+    from core.checkpoint import CheckpointManager
+    from launch.pipeline import stage_checkpoints
+
+    for stage in STAGES:
+        if stage.kind != "launch":
+            continue
+        cfg = PipelineConfig()
+        plain = stage_commands(stage, tmp_path, "tiny", cfg, tmp_path / ".tmp")
+        resumed = stage_commands(stage, tmp_path, "tiny", cfg, tmp_path / ".tmp", resume=True)
+        assert all("--resume" not in c for c in plain)
+        assert [c + ["--resume"] for c in plain] == resumed
+        # The pipeline clears the same directory the training command writes its checkpoints to.
+        assert stage_checkpoints(stage, tmp_path) == CheckpointManager(tmp_path, stage.output).root
+
+
 def test_tiny_and_small_pipeline_presets_load():
     for preset in ("tiny", "small"):
         cfg = load_config(PipelineConfig, section="pipeline", preset=preset)
@@ -125,6 +141,14 @@ def test_nlu_members_train_side_by_side_then_combine(tmp_path):
     assert single[single.index("--run-dir") + 1] == str(tmp_path) and "ensemble" not in single
     with pytest.raises(ConfigError, match="nlu_members"):
         load_config(PipelineConfig, overrides=["nlu_members=[]"])
+    # Per-member overrides go last, after the member's seed and locales, so they win.
+    cfg = load_config(PipelineConfig, overrides=["nlu_members=[student,scratch:tiny]",
+                                                 "nlu_member_overrides=['', 'train.max_steps=9 train.lr=0.1']"])
+    train, _ = stage_commands(STAGE_BY_NAME["student_nlu"], tmp_path, "tiny", cfg, tmp_path / ".tmp")
+    assert train.commands[0][-1] == f"tokenizer={tmp_path / 'tokenizer'}"
+    assert train.commands[1][-3:] == [f"tokenizer={tmp_path / 'tokenizer'}", "train.max_steps=9", "train.lr=0.1"]
+    with pytest.raises(ConfigError, match="one string per member"):
+        load_config(PipelineConfig, overrides=["nlu_members=[student,scratch:tiny]", "nlu_member_overrides=['']"])
 
 
 def test_run_commands_runs_side_by_side_and_names_the_failure(tmp_path):
