@@ -316,10 +316,12 @@ class MassiveDistillData:
         # Only the padding of the collator is used here.
         self.collator = PretrainCollator(ObjectiveConfig(), special_ids(tokenizer))
         self.swapper = Swapper(cfg.lexicon_languages)
-        gendered = [ex for ex in self.train if self.swapper.words(list(ex.words), ex.locale) != list(ex.words)]
-        repeat = f", repeated x{cfg.cda_repeat}" if cfg.cda != "none" and cfg.cda_repeat > 1 else ""
-        summary = f"{len(self.train)} train ({len(gendered)} changed by sigma{repeat})"
+        summary = f"{len(self.train)} train"
         if cfg.cda != "none":
+            # The utterances sigma changes (pairs() swaps each batch again; this pass only counts and repeats).
+            gendered = [ex for ex in self.train if self.swapper.words(list(ex.words), ex.locale) != list(ex.words)]
+            repeat = f", repeated x{cfg.cda_repeat}" if cfg.cda_repeat > 1 else ""
+            summary += f" ({len(gendered)} changed by sigma{repeat})"
             self.train += gendered * (cfg.cda_repeat - 1)
         self.cfg = cfg
         # The fine-tuned teacher's text-to-text format (its config records it).

@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Union
 
@@ -266,6 +267,12 @@ def nlu_ensemble_commands(run_dir: Path, preset_args: list[str], cfg: PipelineCo
 # ----------------------------------------------------------------------------- running
 
 
+def starts_over(stage: Stage, decision: dict[str, str], force: Sequence[str]) -> bool:
+    """The stage was forced, or a stage it depends on runs again: its earlier output (and checkpoints)
+    are stale. A stage that runs otherwise runs only because its output is missing (a crash)."""
+    return stage.name in force or any(decision.get(d) == "run" for d in stage.deps)
+
+
 def plan_stages(run_dir: Path, cfg: PipelineConfig, force: list[str]) -> dict[str, str]:
     """Decide, per stage: "run", "skip" (output complete) or "off" (left out by pipeline.skip)."""
     decision: dict[str, str] = {}
@@ -275,9 +282,8 @@ def plan_stages(run_dir: Path, cfg: PipelineConfig, force: list[str]) -> dict[st
         if stage.name in cfg.skip or needs_off_input:
             decision[stage.name] = "off"
             continue
-        upstream_reruns = any(decision.get(d) == "run" for d in stage.deps)
         complete = (run_dir / stage.output).exists()
-        decision[stage.name] = "run" if (upstream_reruns or not complete or stage.name in force) else "skip"
+        decision[stage.name] = "run" if (starts_over(stage, decision, force) or not complete) else "skip"
     return decision
 
 
@@ -388,8 +394,7 @@ def pipeline(run_dir: Path, preset: str | None, cfg: PipelineConfig, force: list
         print(f"[pipeline] {stage.name:18s} running: {stage.what} (log: {log_dir / (stage.name + '.log')})", flush=True)
         start = time.time()
         # A stage that runs only because its output is missing (a crash) resumes its checkpoints.
-        fresh = stage.name in force or any(decision[d] == "run" for d in stage.deps)
-        run_stage(stage, run_dir, preset, cfg, log_dir, fresh=fresh)
+        run_stage(stage, run_dir, preset, cfg, log_dir, fresh=starts_over(stage, decision, force))
         timings[stage.name] = round(time.time() - start, 1)
         atomic_write_json(timings_path, timings)
         print(f"[pipeline] {stage.name:18s} done in {timings[stage.name]:.0f} s", flush=True)
