@@ -507,17 +507,20 @@ def _param_groups(module: Any, weight_decay: float) -> list[dict[str, Any]]:
     return groups
 
 
-def build_optimizer(groups: list[dict[str, Any]], train_cfg: TrainConfig, dist_info: DistInfo) -> Any:
-    """The torch optimizer of train_cfg.optimizer over `groups` (lr set by the schedule)."""
+def build_optimizer(groups: list[dict[str, Any]], train_cfg: TrainConfig, dist_info: DistInfo,
+                    max_grad_norm: float = 0.0) -> Any:
+    """The torch optimizer of train_cfg.optimizer over `groups` (lr set by the schedule); max_grad_norm
+    > 0: the optimizer clips (Adafactor only: for sparse gradients, which DeepSpeed cannot clip)."""
     import torch
 
     if train_cfg.optimizer == "adafactor":
-        from transformers.optimization import Adafactor
+        from core.optim import RowSparseAdafactor
 
         # relative_step=False: the lr comes from our schedule (warmup, decay), and with
-        # scale_parameter it is multiplied by each tensor's RMS, as in T5's training.
-        return Adafactor(
-            groups, lr=train_cfg.lr, scale_parameter=True, relative_step=False, warmup_init=False,
+        # scale_parameter it is multiplied by each tensor's RMS, as in T5's training. Dense gradients
+        # get transformers' Adafactor; sparse ones (an n-gram table) the same update on their rows.
+        return RowSparseAdafactor(
+            groups, max_grad_norm=max_grad_norm, lr=train_cfg.lr, scale_parameter=True, relative_step=False, warmup_init=False,
             clip_threshold=1.0, beta1=None,
         )
     impl = adamw_impl(train_cfg, dist_info)
@@ -552,7 +555,20 @@ def build_engine(model: Any, train_cfg: TrainConfig, dist_info: DistInfo, extra_
             )
         model.gradient_checkpointing_enable()
     module = _wrap_extras(model, extra_params)
-    optimizer = build_optimizer(_param_groups(module, train_cfg.weight_decay), train_cfg, dist_info)
+    sparse = [name for name, m in module.named_modules() if isinstance(m, torch.nn.Embedding) and m.sparse]
+    if sparse and (train_cfg.optimizer != "adafactor" or train_cfg.zero_stage != 0):
+        raise ConfigError(
+            f"embeddings with sparse gradients ({', '.join(sparse)}) train only with train.optimizer=adafactor "
+            f"and train.zero_stage=0; got {train_cfg.optimizer}, ZeRO-{train_cfg.zero_stage}"
+        )
+    max_grad_norm = 0.0
+    if sparse:
+        # DeepSpeed's clipping leaves sparse gradients unscaled: the optimizer clips instead.
+        max_grad_norm, ds_config["gradient_clipping"] = ds_config["gradient_clipping"], 0.0
+        # DeepSpeed rebuilds sparse gradients from their own (valid) indices; opting out of torch's
+        # invariant checks, as its warning asks, keeps them off and the log quiet.
+        torch.sparse.check_sparse_tensor_invariants.disable()
+    optimizer = build_optimizer(_param_groups(module, train_cfg.weight_decay), train_cfg, dist_info, max_grad_norm)
 
     def make_scheduler(opt: Any) -> Any:
         def multiplier(step: int) -> float:
