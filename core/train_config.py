@@ -34,7 +34,8 @@ class TrainConfig:
     """Learning-rate decay after warmup, down to lr * min_lr_ratio at max_steps."""
     optimizer: Literal["adamw", "adafactor"] = "adamw"
     """adamw: torch AdamW (lr absolute, adam_* and weight_decay apply). adafactor: Adafactor as T5
-    was trained (transformers' implementation, update scaled by each matrix's RMS so lr is a
+    was trained (transformers' implementation, with sparse embedding gradients updated row-wise by
+    core.optim.RowSparseAdafactor; update scaled by each matrix's RMS so lr is a
     relative step of about 1e-2, factored second moments, no first moment, update clipping 1.0).
     adafactor needs zero_stage 0: ZeRO 1-3 hand the optimizer flat partitions, which lose the
     per-matrix shapes that Adafactor factors and scales by."""

@@ -315,12 +315,17 @@ def build_finetune_model(cfg: FinetuneConfig, run_dir: Path, tokenizer: Any, dat
     )
     model = EncoderNLUModel.from_seq2seq(seq2seq, labels, tokenizer)
     del seq2seq
-    if model.ngrams is not None and cfg.train.optimizer == "adafactor" and cfg.train.zero_stage == 0:
-        # A batch touches ~5% of the n-gram table's rows: sparse gradients and Adafactor's update on
-        # those rows (core.optim.RowSparseAdafactor, the dense update exactly) halve the step time.
-        # ZeRO partitions flat dense gradients, and AdamW's moments move untouched rows: dense there.
-        model.ngrams.embed.sparse = True
+    if model.ngrams is not None:
+        model.ngrams.embed.sparse = sparse_ngrams(cfg)
     return model
+
+
+def sparse_ngrams(cfg: FinetuneConfig) -> bool:
+    """Whether the n-gram table trains with sparse gradients. A batch touches ~5% of its rows: sparse
+    gradients and Adafactor's update on those rows (core.optim.RowSparseAdafactor, the dense update
+    exactly) halve an NLU step. AdamW's moments move untouched rows and ZeRO partitions flat dense
+    gradients: dense there."""
+    return cfg.ngram_buckets > 0 and cfg.train.optimizer == "adafactor" and cfg.train.zero_stage == 0
 
 
 # ----------------------------------------------------------------------------- steps

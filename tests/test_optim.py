@@ -89,3 +89,29 @@ def test_engine_trains_a_sparse_table_as_a_dense_one(dist):
     assert isinstance(engines[1].optimizer, RowSparseAdafactor)
     torch.testing.assert_close(sparse.table.weight, dense.table.weight, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(sparse.out.weight, dense.out.weight, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("overrides", [{"optimizer": "adamw"}, {"zero_stage": 1}], ids=["adamw", "zero1"])
+def test_engine_refuses_sparse_tables_it_cannot_update(dist, overrides):
+    from core.config import ConfigError
+    from core.distributed import build_engine
+
+    cfg = TrainConfig(**{"optimizer": "adafactor", "micro_batch_size": 2, "global_batch_size": 2, "max_steps": 2,
+                         "warmup_steps": 1, "zero_stage": 0, **overrides})
+    with pytest.raises(ConfigError, match="sparse gradients"):
+        build_engine(_Bag(sparse=True), cfg, dist)
+
+
+def test_finetune_makes_the_ngram_table_sparse_only_where_the_update_is_exact():
+    from student.config import FinetuneConfig
+    from student.finetune import sparse_ngrams
+
+    assert not sparse_ngrams(FinetuneConfig(head="encoder", ngram_buckets=0))
+    adafactor = FinetuneConfig(head="encoder", ngram_buckets=64)
+    adafactor.train.optimizer, adafactor.train.zero_stage = "adafactor", 0
+    assert sparse_ngrams(adafactor)
+    adafactor.train.zero_stage = 1  # (refused with Adafactor at start-up; dense regardless)
+    assert not sparse_ngrams(adafactor)
+    adafactor.train.zero_stage = 0
+    adafactor.train.optimizer = "adamw"
+    assert not sparse_ngrams(adafactor)
