@@ -40,6 +40,11 @@ Rules of sigma (`Lexicon.swap`), stated once here:
    Ambiguous function words are left out rather than mis-swapped: French/Italian unstressed "lui"/"gli"/
    "le" (to him/to her), German bare "sein" (also "to be"), Dutch "zijn" (also "to be"), Swedish "man"
    (also the pronoun "one") as a source word.
+6. Fixed expressions: `<lang>.fixed` beside the lexicon lists expressions, one per line, inside which
+   nothing is swapped: the impersonal French "il" (il fait beau, quel temps fait-il, il y a, il faut,
+   s'il vous plait), whose "elle" would be ungrammatical. MASSIVE words inside name slots
+   (`*_name`: "burger king" as business_name, a song title) are kept too (`swap_words_result(keep=)`,
+   `name_slot_mask`): an entity's name has no gender to reverse.
 
 Teacher perturbation (`build_token_map`, `plan_row`, `perturb_rows`)
 ---------------------------------------------------------------------
@@ -235,6 +240,10 @@ class Lexicon:
             prefix = rf"(?:(?P<d1>{determiners})(?P<s1>\s+))?(?:(?P<d2>{determiners})(?P<s2>\s+))?"
         elision = r"(?P<el>[lL]['’])?" if lang in _ELIDING else ""
         self._regex = re.compile(rf"(?<!\w){prefix}{elision}(?P<w>{alternation})(?!\w)", re.IGNORECASE)
+        self.fixed = read_fixed_expressions(path.with_suffix(".fixed")) if path is not None else []
+        # Apostrophes written either way; an expression matches as whole words.
+        fixed = "|".join(re.escape(e).replace("'", "['’]") for e in sorted(self.fixed, key=len, reverse=True))
+        self._fixed_regex = re.compile(rf"(?<!\w)(?:{fixed})(?!\w)", re.IGNORECASE) if fixed else None
 
     def __repr__(self) -> str:
         return f"Lexicon({self.lang!r}, {len(self.entries)} pairs)"
@@ -252,9 +261,12 @@ class Lexicon:
         """sigma(text) and its counts (rules in the module doc)."""
         cased = any(c.isupper() for c in text)
         counts = {"count": 0, "repaired": 0, "conflicts": 0}
+        fixed = [m.span() for m in self._fixed_regex.finditer(text)] if self._fixed_regex else []
 
         def replace(match: re.Match[str]) -> str:
             word = match.group("w")
+            if any(start <= match.start("w") < end for start, end in fixed):
+                return match.group(0)
             target, capitalised_only, gender, category = self._map[" ".join(word.split()).casefold()]
             if capitalised_only and cased and not word[:1].isupper():
                 return match.group(0)
@@ -365,8 +377,10 @@ def swap_words(words: Sequence[str], lang: str) -> list[str]:
     return swap_words_result(words, lang)[0]
 
 
-def swap_words_result(words: Sequence[str], lang: str) -> tuple[list[str], SwapResult]:
-    """`swap_words` and what sigma did (words replaced, determiners repaired, agreement conflicts)."""
+def swap_words_result(words: Sequence[str], lang: str, keep: Sequence[bool] | None = None
+                      ) -> tuple[list[str], SwapResult]:
+    """`swap_words` and what sigma did (words replaced, determiners repaired, agreement conflicts).
+    `keep`: one flag per word; flagged words stay as they are (e.g. `name_slot_mask`)."""
     code = lexicon_language(lang)
     joined = " ".join(words)
     if code is None:
@@ -374,12 +388,38 @@ def swap_words_result(words: Sequence[str], lang: str) -> tuple[list[str], SwapR
     lexicon = load_lexicon(code)
     result = lexicon.swap_result(joined)
     out = result.text.split(" ")
-    if len(out) == len(words):
-        return out, result
-    parts = [lexicon.swap_result(w) for w in words]
-    out = [r.text for r in parts]
-    return out, SwapResult(" ".join(out), sum(r.count for r in parts), sum(r.repaired for r in parts),
-                           sum(r.conflicts for r in parts))
+    if len(out) != len(words):
+        parts = [lexicon.swap_result(w) for w in words]
+        out = [r.text for r in parts]
+        result = SwapResult(" ".join(out), sum(r.count for r in parts), sum(r.repaired for r in parts),
+                            sum(r.conflicts for r in parts))
+    if keep is not None:
+        if len(keep) != len(words):
+            raise ValueError(f"keep has {len(keep)} flags for {len(words)} words")
+        kept = [i for i, flag in enumerate(keep) if flag and out[i] != words[i]]
+        if kept:
+            for i in kept:
+                out[i] = words[i]
+            result = dataclasses.replace(result, text=" ".join(out), count=max(0, result.count - len(kept)))
+    return out, result
+
+
+def name_slot_mask(slots: Sequence[str]) -> list[bool]:
+    """Per word: inside a MASSIVE name slot (business_name, song_name, place_name, ...), where sigma
+    keeps the words ("burger king" is a restaurant, not a king)."""
+    return [slot.endswith("_name") for slot in slots]
+
+
+def read_fixed_expressions(path: Path) -> list[str]:
+    """The fixed expressions of a lexicon (rule 6): one per line, # comments; none when the file is absent."""
+    if not path.exists():
+        return []
+    out = []
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        line = " ".join(raw.split("#", 1)[0].split())
+        if line:
+            out.append(line)
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -825,7 +865,7 @@ def counterfactual_example(example: MassiveExample) -> MassiveExample | None:
 
     if lexicon_language(example.locale) is None:
         return None
-    words = swap_words(list(example.words), example.locale)
+    words, _ = swap_words_result(list(example.words), example.locale, keep=name_slot_mask(example.slots))
     if words == list(example.words):
         return None
     spans, i = [], 0

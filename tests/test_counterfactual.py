@@ -501,6 +501,45 @@ def test_massive_counterfactual_carries_slot_labels_word_by_word():
     assert [e.id for e in cda_examples([ex, plain], "none")] == ["7", "8"]
 
 
+@pytest.mark.parametrize("text", [
+    "il fait nuageux aujourd'hui", "quel temps fait-il à paris", "il est temps de partir",
+    "une voiture s'il vous plaît", "s’il te plaît", "est-ce qu'il y a du vent", "il faut acheter du pain",
+    "quelle heure est-il", "Il Pleut",
+])
+def test_impersonal_french_il_is_never_swapped(text):
+    from distill.counterfactual import swap_words_result
+
+    words, result = swap_words_result(text.split(), "fr-FR")
+    assert words == text.split() and result.count == 0
+
+
+def test_personal_french_il_is_still_swapped_next_to_a_fixed_expression():
+    from distill.counterfactual import swap_words_result
+
+    assert swap_words_result("il mange et il pleut".split(), "fr-FR")[0] == "elle mange et il pleut".split()
+    words, result = swap_words_result("dis à mon père qu'il y a un problème".split(), "fr-FR")
+    assert words == "dis à ma mère qu'il y a un problème".split() and result.count == 1
+
+
+def test_words_in_name_slots_are_kept_in_cda_and_in_the_fairness_set():
+    from distill.counterfactual import counterfactual_example, name_slot_mask, swap_words_result
+    from evaluation.fairness import gendered_examples
+    from massive.format import MassiveExample
+
+    slots = ("Other", "Other", "Other", "business_name", "business_name", "Other", "Other", "relation")
+    words = ("tweet", "complaint", "to", "burger", "king", "for", "my", "son")
+    assert name_slot_mask(slots) == [False, False, False, True, True, False, False, False]
+    swapped, result = swap_words_result(list(words), "en-US", keep=name_slot_mask(slots))
+    assert swapped == ["tweet", "complaint", "to", "burger", "king", "for", "my", "daughter"] and result.count == 1
+    ex = MassiveExample("3", "en-US", "test", "social", "social_post", "", "", words, slots)
+    assert counterfactual_example(ex).words == tuple(swapped)
+    assert gendered_examples([ex], "en-US")[0][1] == swapped
+    only_name = MassiveExample("4", "en-US", "test", "social", "social_post", "", "", words[:5], slots[:5])
+    assert counterfactual_example(only_name) is None and gendered_examples([only_name], "en-US") == []
+    with pytest.raises(ValueError, match="flags"):
+        swap_words_result(list(words), "en-US", keep=[True])
+
+
 def test_packed_row_language_is_that_of_its_swapped_documents():
     from distill.distill import row_language
 
