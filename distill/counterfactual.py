@@ -404,6 +404,12 @@ def swap_words_result(words: Sequence[str], lang: str, keep: Sequence[bool] | No
     return out, result
 
 
+def swap_utterance(words: Sequence[str], slots: Sequence[str], locale: str) -> tuple[list[str], SwapResult]:
+    """sigma of a MASSIVE utterance: its words swapped one for one (slot labels stay aligned), the
+    words inside name slots kept (rule 6). The one swap of CDA, task distillation and the fairness set."""
+    return swap_words_result(list(words), locale, keep=name_slot_mask(slots))
+
+
 def name_slot_mask(slots: Sequence[str]) -> list[bool]:
     """Per word: inside a MASSIVE name slot (business_name, song_name, place_name, ...), where sigma
     keeps the words ("burger king" is a restaurant, not a king)."""
@@ -865,7 +871,7 @@ def counterfactual_example(example: MassiveExample) -> MassiveExample | None:
 
     if lexicon_language(example.locale) is None:
         return None
-    words, _ = swap_words_result(list(example.words), example.locale, keep=name_slot_mask(example.slots))
+    words, _ = swap_utterance(example.words, example.slots, example.locale)
     if words == list(example.words):
         return None
     spans, i = [], 0

@@ -72,7 +72,7 @@ from distill.counterfactual import (
     load_lexicon,
     perturb_rows,
     plan_row,
-    swap_words_result,
+    swap_utterance,
 )
 from distill.losses import HiddenStateLoss, kd_loss, teacher_probs
 from distill.student_init import build_student, check_vocabulary, describe_student, layer_map, student_config
@@ -192,15 +192,13 @@ class Swapper:
             return text
         return load_lexicon(code).swap(text)
 
-    def words(self, words: list[str], locale: str) -> list[str]:
-        return self.words_result(words, locale)[0]
-
-    def words_result(self, words: list[str], locale: str) -> tuple[list[str], int]:
-        """(sigma(words), agreement conflicts left), words swapped one for one."""
-        code = lexicon_language(locale)
+    def utterance(self, example: Any) -> tuple[list[str], int]:
+        """(sigma of a MASSIVE example's words, agreement conflicts left): `swap_utterance`, words
+        swapped one for one, name slots kept."""
+        code = lexicon_language(example.locale)
         if code is None or code not in self.languages:
-            return list(words), 0
-        out, result = swap_words_result(words, code)
+            return list(example.words), 0
+        out, result = swap_utterance(example.words, example.slots, code)
         return out, result.conflicts
 
 
@@ -319,7 +317,7 @@ class MassiveDistillData:
         summary = f"{len(self.train)} train"
         if cfg.cda != "none":
             # The utterances sigma changes (pairs() swaps each batch again; this pass only counts and repeats).
-            gendered = [ex for ex in self.train if self.swapper.words(list(ex.words), ex.locale) != list(ex.words)]
+            gendered = [ex for ex in self.train if self.swapper.utterance(ex)[0] != list(ex.words)]
             repeat = f", repeated x{cfg.cda_repeat}" if cfg.cda_repeat > 1 else ""
             summary += f" ({len(gendered)} changed by sigma{repeat})"
             self.train += gendered * (cfg.cda_repeat - 1)
@@ -355,7 +353,7 @@ class MassiveDistillData:
 
         examples = [self.train[i] for i in indices]
         words = [list(ex.words) for ex in examples]
-        results = [self.swapper.words_result(w, ex.locale) for w, ex in zip(words, examples)]
+        results = [self.swapper.utterance(ex) for ex in examples]
         swapped = [r[0] for r in results]
         rng = np.random.default_rng([self.cfg.train.seed, 0xCDA, *[epoch * self.num_train + i for i in indices]])
         out = []

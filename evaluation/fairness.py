@@ -92,14 +92,14 @@ def gendered_examples(examples: Sequence[Any], locale: str) -> list[tuple[Any, l
 
 def gendered_examples_with_conflicts(examples: Sequence[Any], locale: str) -> list[tuple[Any, list[str], int]]:
     """(example, swapped words, agreement conflicts left) for the examples whose words sigma changes."""
-    from distill.counterfactual import lexicon_language, name_slot_mask, swap_words_result
+    from distill.counterfactual import lexicon_language, swap_utterance
 
     lang = lexicon_language(locale)
     if lang is None:
         return []
     out = []
     for ex in examples:
-        swapped, result = swap_words_result(list(ex.words), lang, keep=name_slot_mask(ex.slots))
+        swapped, result = swap_utterance(ex.words, ex.slots, lang)
         if swapped != list(ex.words):
             out.append((ex, swapped, result.conflicts))
     return out

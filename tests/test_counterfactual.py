@@ -534,6 +534,9 @@ def test_words_in_name_slots_are_kept_in_cda_and_in_the_fairness_set():
     ex = MassiveExample("3", "en-US", "test", "social", "social_post", "", "", words, slots)
     assert counterfactual_example(ex).words == tuple(swapped)
     assert gendered_examples([ex], "en-US")[0][1] == swapped
+    from distill.distill import Swapper  # task distillation's CDA swaps the same way
+
+    assert Swapper(["en"]).utterance(ex) == (swapped, 0)
     only_name = MassiveExample("4", "en-US", "test", "social", "social_post", "", "", words[:5], slots[:5])
     assert counterfactual_example(only_name) is None and gendered_examples([only_name], "en-US") == []
     with pytest.raises(ValueError, match="flags"):

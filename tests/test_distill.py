@@ -134,7 +134,7 @@ def test_cda_repeat_repeats_only_the_utterances_sigma_changes(tiny_teacher_dir, 
     once = MassiveDistillData(load_config(DistillConfig, section="taskdistill", preset="tiny", overrides=base), tokenizer)
     thrice = MassiveDistillData(
         load_config(DistillConfig, section="taskdistill", preset="tiny", overrides=[*base, "cda_repeat=3"]), tokenizer)
-    gendered = [ex for ex in once.train if once.swapper.words(list(ex.words), ex.locale) != list(ex.words)]
+    gendered = [ex for ex in once.train if once.swapper.utterance(ex)[0] != list(ex.words)]
     assert 0 < len(gendered) < len(once.train) == 400
     assert thrice.train[:400] == once.train and thrice.train[400:] == gendered * 2
     assert f"{len(gendered)} changed by sigma, repeated x3" in thrice.description
