@@ -559,11 +559,15 @@ def fairness_markdown(result: dict[str, Any]) -> str:
         lines += ["### Generation disparity (occupations: neutral ones, gendered ones as the log-sum of both forms)", "",
                   markdown_table(["model", "language", "mean abs gap (nats)", "signed gap", "entropy (nats)",
                                   "gap / entropy"], disparity_rows)]
-    split = result.get("split", "test")
-    scope = "a seeded sample" if result.get("max_examples") else "all"
-    lines.append(f"Counterfactual consistency on {scope} MASSIVE {split} utterances with gendered words "
-                 f"({', '.join(result['locales']) or 'none'}); flips among the utterances whose original prediction is "
-                 "correct; intervals: percentile bootstrap over utterances.")
+    if disparity:
+        lines.append("Models: " + "; ".join(f"{m} = {Path(result['models'][m]['dir']).name}" for m, _ in disparity)
+                     + ".\n")
+    if any(e.get("consistency") for e in result["models"].values()):
+        split = result.get("split", "test")
+        scope = "a seeded sample" if result.get("max_examples") else "all"
+        lines.append(f"Counterfactual consistency on {scope} MASSIVE {split} utterances with gendered words "
+                     f"({', '.join(result['locales']) or 'none'}); flips among the utterances whose original "
+                     "prediction is correct; intervals: percentile bootstrap over utterances.")
     return "\n".join(lines)
 
 

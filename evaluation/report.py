@@ -174,10 +174,19 @@ def collect_summary(run_dir: Path) -> dict[str, Any]:
                     for loc, vals in sorted(data.get("per_locale", {}).items())
                 },
             }
-    for key in ("icl", "translation", "fairness"):
+    for key in ("icl", "translation"):
         data = _find_json(eval_dir / key)
         if data is not None:
             summary[key] = data
+    # eval/fairness holds fairness.json (flips of the MASSIVE models) and disparity.json (generation
+    # disparity of the task-agnostic models): one entry, the disparity results under "disparity".
+    fairness = _load_json(eval_dir / "fairness" / "fairness.json")
+    if isinstance(fairness, dict):
+        summary["fairness"] = fairness
+    disparity = _load_json(eval_dir / "fairness" / "disparity.json")
+    if isinstance(disparity, dict):
+        summary["fairness"]["disparity"] = {name: entry.get("disparity") for name, entry
+                                            in disparity.get("models", {}).items() if entry.get("disparity")}
     for entry in summary["fairness"].get("models", {}).values():
         for scores in entry.get("consistency", {}).values():
             scores.pop("records", None)  # per-utterance outcomes stay in eval/fairness/*.json
@@ -335,9 +344,10 @@ def render_report(run_dir: Path, summary: dict[str, Any], plots: list[Path]) -> 
                        ("fairness", "Fairness")):
         parts.append(f"\n## {title}\n")
         table = summary[key].get("markdown") if isinstance(summary[key], dict) else None
-        md_file = next(iter(sorted((run_dir / "eval" / key).glob("*.md"))), None) if (run_dir / "eval" / key).is_dir() else None
-        if md_file is not None:
-            parts.append(md_file.read_text(encoding="utf-8").strip())
+        md_files = sorted((run_dir / "eval" / key).glob("*.md"), key=lambda f: f.stem != key) \
+            if (run_dir / "eval" / key).is_dir() else []
+        if md_files:
+            parts.append("\n\n".join(f.read_text(encoding="utf-8").strip() for f in md_files))
         elif table:
             parts.append(table)
         elif summary[key]:

@@ -119,6 +119,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("teacher_indomain", "teacher-indomain", ("teacher",), "launch", "stage-2 in-domain pretraining"),
     Stage("student", "student", ("teacher_indomain",), "launch",
           "task-agnostic distillation with CRR (CDA + perturbation), the NLU student's start"),
+    Stage("student_kd", "student-kd", ("teacher_indomain",), "launch",
+          "task-agnostic distillation, plain KD (no CRR): the reference for generation disparity"),
     Stage("teacher_ft", "teacher-ft", ("teacher_indomain",), "launch", "MASSIVE fine-tuning of the teacher"),
     Stage("scratch_ft", "scratch-ft", ("data",), "launch",
           "MASSIVE fine-tuning of a teacher-size model from random weights (what pretraining adds)"),
@@ -137,8 +139,9 @@ STAGES: tuple[Stage, ...] = (
           "comparisons behind the report's claims"),
     Stage("eval_icl", "eval/icl", ("teacher_indomain",), "cli", "k-shot intent classification by prompting"),
     Stage("eval_translation", "eval/translation", ("teacher_indomain",), "cli", "1-shot FLORES-200 translation"),
-    Stage("eval_fairness", "eval/fairness", ("teacher_ft", "student_ft", "student_kd_ft"), "cli",
-          "counterfactual consistency and generation disparity"),
+    Stage("eval_fairness", "eval/fairness",
+          ("teacher_ft", "student_ft", "student_kd_ft", "teacher_indomain", "student", "student_kd"), "cli",
+          "counterfactual consistency of the MASSIVE models; generation disparity of the task-agnostic ones"),
     Stage("eval_latency", "eval/latency", ("student_ft", "teacher_ft", "export", "export_teacher", "export_nlu"),
           "cli", "latency at batch 1 on one thread, and sizes"),
     Stage("report", "REPORT.md", ("eval_massive", "eval_icl", "eval_translation", "eval_fairness", "eval_latency"),
@@ -182,9 +185,11 @@ def stage_commands(stage: Stage, run_dir: Path, preset: str | None, cfg: Pipelin
     if stage.name == "teacher_indomain":
         return [launch(n_other, "pretrain", "--run-dir", r, "--out", "teacher-indomain", "--section", "indomain",
                        "--init-from", str(run_dir / "teacher"), *p)]
-    if stage.name == "student":
+    generic_distill = {"student": ("student", []), "student_kd": ("student-kd", ["cda=none", "perturb=none"])}
+    if stage.name in generic_distill:
+        out, ablation = generic_distill[stage.name]
         return [launch(n_other, "distill", "--run-dir", r, "--teacher", str(run_dir / "teacher-indomain"),
-                       "--out", "student", *p)]
+                       "--out", out, *p, *ablation)]
     task_distill = {"student_ft": ("student-ft", []), "student_kd_ft": ("student-kd-ft", ["cda=none", "perturb=none"])}
     if stage.name in task_distill:
         out, ablation = task_distill[stage.name]
@@ -234,9 +239,16 @@ def stage_commands(stage: Stage, run_dir: Path, preset: str | None, cfg: Pipelin
                  "--locales", *cfg.translation_locales, "--max-examples", str(cfg.translation_max_examples),
                  "--out", str(tmp_out)]]
     if stage.name == "eval_fairness":
+        # Flips are measured where the task is learnt (the MASSIVE models); generation disparity on the
+        # task-agnostic models, which still generate text (the MASSIVE models generate labels), as in
+        # the CRR paper: the stage-2 teacher and the two students distilled from it.
         return [["evaluate", "fairness", "--models", f"teacher={run_dir / 'teacher-ft'}",
                  f"student_kd={run_dir / 'student-kd-ft'}", f"student_crr={run_dir / 'student-ft'}",
                  "--locales", *cfg.fairness_locales, "--max-examples", str(cfg.fairness_max_examples),
+                 "--metrics", "consistency", "--out", str(tmp_out)],
+                ["evaluate", "fairness", "--models", f"teacher={run_dir / 'teacher-indomain'}",
+                 f"student_kd={run_dir / 'student-kd'}", f"student_crr={run_dir / 'student'}",
+                 "--locales", *cfg.fairness_locales, "--metrics", "disparity", "--name", "disparity",
                  "--out", str(tmp_out)]]
     if stage.name == "eval_latency":
         return [["evaluate", "latency", "--models", f"teacher={run_dir / 'teacher-ft'}",

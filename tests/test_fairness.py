@@ -199,6 +199,18 @@ def test_disparity_on_tiny_teacher(tiny_teacher_dir):
     assert en["normalised_gap"] == pytest.approx(en["mean_abs_gap"] / en["entropy"])
 
 
+
+def test_markdown_of_disparity_only_names_the_models_and_no_consistency():
+    gap = {"mean_abs_gap": 0.5, "mean_signed_gap": 0.1, "entropy": 2.0, "normalised_gap": 0.25, "num_pairs": 3}
+    result = {"locales": ["en-US"], "split": "test", "models": {
+        "teacher": {"dir": "/r/teacher-indomain", "disparity": {"en": gap, "overall": gap}},
+        "student_crr": {"dir": "/r/student", "disparity": {"en": gap, "overall": gap}}}}
+    md = squash_tables(fairness_markdown(result))
+    assert "Counterfactual consistency" not in md
+    assert "| student_crr | overall | 0.500 | 0.100 | 2.000 | 0.250 |" in md
+    assert "Models: teacher = teacher-indomain; student_crr = student." in md
+
+
 def test_parse_models_errors(tmp_path):
     assert parse_models([f"a={tmp_path}"]) == {"a": tmp_path}
     with pytest.raises(ConfigError, match="NAME=DIR"):
