@@ -18,6 +18,11 @@ Criteria (MASSIVE test, means over the run's locales unless per locale):
 - (c) int8 EM within 0.5 points of fp32, with >= 99% identical predictions;
 - the teacher's held-out denoising loss < 0.5 x the held-out unigram cross-entropy;
 - the pipeline's wall time within the preset's budget (when known).
+
+And those of counterfactual role reversal (eval/fairness, pooled over the fairness locales):
+- the CRR student's flip rate among correct originals <= 0.5 x the plain-KD student's (whole parse
+  and intent; paired intervals), at an EM cost of at most 1 point (MASSIVE, paired interval);
+- its generation disparity per nat of entropy below the plain-KD student's (task-agnostic students).
 """
 
 from __future__ import annotations
@@ -78,6 +83,7 @@ def criteria(summary: dict[str, Any], preset: str, wall_s: float | None) -> list
         None if not quant or quant["diff"] is None else abs(quant["diff"]) <= 0.005)
     add("(c) identical int8 / fp32 predictions", quant and quant["identical_predictions"], ">= 0.99",
         None if not quant or quant["identical_predictions"] is None else quant["identical_predictions"] >= 0.99)
+    fairness_criteria(summary, add)
     for p in summary["claims"]["pretraining"]:
         add(f"{p['name']}: held-out denoising / unigram CE", p["ratio"], f"< {p['target_ratio']}", p["meets_target"])
     if wall_s is None and summary.get("stage_seconds"):
@@ -85,6 +91,25 @@ def criteria(summary: dict[str, Any], preset: str, wall_s: float | None) -> list
     if preset in BUDGET_S:
         add("pipeline wall time (s)", wall_s, f"<= {BUDGET_S[preset]}", None if wall_s is None else wall_s <= BUDGET_S[preset])
     return rows
+
+
+def fairness_criteria(summary: dict[str, Any], add: Any) -> None:
+    """The CRR rows: flip-rate ratios against plain KD, the EM cost, generation disparity."""
+    fairness = summary.get("fairness") or {}
+    pooled = (fairness.get("comparisons", {}).get("student_crr") or {}).get("overall")
+    for metric, title in (("em_flip_rate", "whole parse"), ("intent_flip_rate", "intent")):
+        flip = pooled and pooled.get(metric)
+        add(f"CRR / plain-KD flip ratio, {title} (pooled)", flip and [flip["ratio"], flip["ratio_ci"]], "<= 0.5",
+            None if not flip or flip["ratio"] is None else flip["ratio"] <= 0.5)
+    cost = _comparison(summary, "crr")
+    add("CRR - plain-KD student EM (MASSIVE)", cost and [cost["diff"], cost["diff_ci"]], ">= -0.01",
+        None if not cost or cost["diff"] is None else cost["diff"] >= -0.01)
+    # Generation disparity of the task-agnostic students (older runs: of the MASSIVE models).
+    disparity = fairness.get("disparity") or {m: e.get("disparity") for m, e in fairness.get("models", {}).items()}
+    gaps = {m: ((disparity.get(m) or {}).get("overall") or {}).get("normalised_gap") for m in ("student_crr", "student_kd")}
+    known = None not in gaps.values()
+    add("generation gap / entropy, CRR vs plain KD", [gaps["student_crr"], gaps["student_kd"]], "CRR < plain KD",
+        gaps["student_crr"] < gaps["student_kd"] if known else None)
 
 
 def _fmt(v: Any) -> str:

@@ -48,6 +48,7 @@ MASSIVE_COMPARISONS: tuple[MassiveComparison, ...] = (
                       ratio=True),
     MassiveComparison("quantization", "student_fp32", "student_int8", "does int8 change the student's predictions?",
                       identical=True),
+    MassiveComparison("crr", "student_kd", "student", "what does CRR cost in EM? (plain-KD student -> CRR student)"),
 )
 
 MASSIVE_METRICS = ("em", "intent_acc", "slot_f1")

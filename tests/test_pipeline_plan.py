@@ -118,7 +118,7 @@ def test_eval_massive_compares_after_evaluating_both_models(tmp_path):
         assert evaluated[comparison.a] < k and evaluated[comparison.b] < k
         assert cmd[4:] == ["--out", str(tmp_out), "--name", f"compare_{comparison.name}"]
     assert [(c.a, c.b) for c in MASSIVE_COMPARISONS] == [
-        ("scratch", "teacher"), ("teacher", "student_fp32"), ("student_fp32", "student_int8"),
+        ("scratch", "teacher"), ("teacher", "student_fp32"), ("student_fp32", "student_int8"), ("student_kd", "student"),
     ]  # fmt: skip
 
 

@@ -77,7 +77,8 @@ def run_dir(tmp_path: Path) -> Path:
     int8[0] = NLUPrediction(fp32[0].intent, ["time"] * len(fp32[0].slots))
     int8[11] = NLUPrediction("changed", fp32[11].slots)
     for name, preds in (("scratch", predictions(examples, 0.2, 0)), ("teacher", predictions(examples, 0.9, 1)),
-                        ("student_fp32", fp32), ("student_int8", int8)):  # fmt: skip
+                        ("student_fp32", fp32), ("student_int8", int8), ("student", fp32),
+                        ("student_kd", predictions(examples, 0.8, 3))):  # fmt: skip
         write_result(massive_dir, name, examples, preds)
     for c in MASSIVE_COMPARISONS:
         argv = ["evaluate", "compare", str(massive_dir / c.a / "massive.json"), str(massive_dir / c.b / "massive.json"),
@@ -93,7 +94,7 @@ def test_claims_state_each_comparison_with_its_paired_evidence(run_dir, capsys):
     on_disk = json.loads((run_dir / "summary.json").read_text())
     assert on_disk["claims"] == summary["claims"]
     rows = {row["name"]: row for row in summary["claims"]["comparisons"]}
-    assert list(rows) == ["pretraining", "distillation", "quantization"]
+    assert list(rows) == ["pretraining", "distillation", "quantization", "crr"]
     for row in rows.values():
         # A's and B's EM are those of their own results, on the same ids.
         assert (row["value_a"], row["value_b"]) == (summary["massive"][row["a"]]["em"], summary["massive"][row["b"]]["em"])
@@ -128,7 +129,8 @@ def test_claims_state_each_comparison_with_its_paired_evidence(run_dir, capsys):
     rows_md = [line for line in claims.splitlines() if line.startswith("|") and " -> " in line]
     assert rows_md[0].startswith("| question | A -> B | EM A % | EM B % | B - A | 95% CI of B - A | CI excludes 0 |")
     lines = {line.split(" | ")[1]: line for line in rows_md[1:]}
-    assert set(lines) == {"scratch -> teacher", "teacher -> student_fp32", "student_fp32 -> student_int8"}
+    assert set(lines) == {"scratch -> teacher", "teacher -> student_fp32", "student_fp32 -> student_int8",
+                          "student_kd -> student"}
     assert "| yes |" in lines["scratch -> teacher"]
     assert f"| {distillation['ratio']:.2f} [" in lines["teacher -> student_fp32"]
     assert lines["student_fp32 -> student_int8"].endswith("| - | 99.0 |")
@@ -197,3 +199,29 @@ def test_quality_benchmark_holds_a_run_to_the_acceptance_lines(run_dir, tmp_path
     assert rows["teacher: held-out denoising / unigram CE"]["holds"] is True
     assert rows["NLU int8 intent accuracy vs TF-IDF"]["holds"] is None  # not in this run
     assert "| (b) student / teacher EM" in capsys.readouterr().out
+
+
+def test_quality_benchmark_fairness_rows():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quality", Path(__file__).resolve().parent.parent / "benchmarks" / "quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    rows: dict[str, tuple] = {}
+    quality.fairness_criteria({"claims": {"comparisons": []}}, lambda c, v, line, holds: rows.update({c: (v, holds)}))
+    assert rows and all(holds is None for _, holds in rows.values())  # nothing measured, nothing claimed
+    summary = {
+        "claims": {"comparisons": [{"name": "crr", "diff": -0.02, "diff_ci": [-0.03, -0.01]}]},
+        "fairness": {
+            "comparisons": {"student_crr": {"overall": {
+                "em_flip_rate": {"ratio": 0.4, "ratio_ci": [0.2, 0.7]},
+                "intent_flip_rate": {"ratio": 0.6, "ratio_ci": [0.2, 1.2]}}}},
+            "disparity": {"student_crr": {"overall": {"normalised_gap": 0.5}},
+                          "student_kd": {"overall": {"normalised_gap": 0.7}}}},
+    }
+    rows.clear()
+    quality.fairness_criteria(summary, lambda c, v, line, holds: rows.update({c: (v, holds)}))
+    assert rows["CRR / plain-KD flip ratio, whole parse (pooled)"] == ([0.4, [0.2, 0.7]], True)
+    assert rows["CRR / plain-KD flip ratio, intent (pooled)"][1] is False
+    assert rows["CRR - plain-KD student EM (MASSIVE)"][1] is False  # costs 2 points
+    assert rows["generation gap / entropy, CRR vs plain KD"] == ([0.5, 0.7], True)
