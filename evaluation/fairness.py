@@ -423,7 +423,39 @@ def _disparity(gaps: Any, entropy: Any) -> dict[str, Any]:
 
     mean_abs, h = float(np.abs(gaps).mean()), float(np.mean(entropy))
     return {"mean_abs_gap": mean_abs, "mean_signed_gap": float(gaps.mean()), "entropy": h,
-            "normalised_gap": mean_abs / h if h > 0 else None, "num_pairs": int(gaps.size)}
+            "normalised_gap": mean_abs / h if h > 0 else None, "num_pairs": int(gaps.size),
+            "gaps": [float(g) for g in gaps]}
+
+
+def compare_disparity(a: dict[str, Any], b: dict[str, Any], *, samples: int = 1000, seed: int = 0,
+                      confidence: float = 0.95) -> dict[str, Any]:
+    """B against A (two `generation_disparity` results of models scored on the same prompts and
+    occupations): per language and overall, {"mean_abs_gap", "normalised_gap"}: {"a", "b", "diff" (B - A),
+    "diff_ci", "ratio" (B / A), "ratio_ci"}, resampling the (template, occupation) pairs with replacement,
+    the same resamples for both. Each model's entropy is held at its measured value (it comes from
+    the six prompts of a language, not from the pairs)."""
+    import numpy as np
+
+    from massive.scoring import bootstrap_weights
+
+    out: dict[str, Any] = {}
+    for lang, da in a.items():
+        db = b.get(lang)
+        if not db or "gaps" not in da or "gaps" not in db or len(da["gaps"]) != len(db["gaps"]):
+            continue
+        ga, gb = np.abs(np.asarray(da["gaps"])), np.abs(np.asarray(db["gaps"]))
+        weights = bootstrap_weights(ga.size, samples, seed) / ga.size
+        ba, bb = weights @ ga, weights @ gb
+        entry: dict[str, Any] = {"num_pairs": int(ga.size)}
+        for metric, (ha, hb) in (("mean_abs_gap", (1.0, 1.0)), ("normalised_gap", (da["entropy"], db["entropy"]))):
+            pa, pb = float(ga.mean()) / ha, float(gb.mean()) / hb
+            ra, rb = ba / ha, bb / hb
+            entry[metric] = {"a": pa, "b": pb, "diff": pb - pa, "diff_ci": _ci(rb - ra, confidence),
+                             "ratio": pb / pa if pa > 0 else None,
+                             "ratio_ci": _ci(np.divide(rb, ra, out=np.full(ra.shape, np.nan), where=ra > 0), confidence)
+                             if pa > 0 else None}
+        out[lang] = entry
+    return out
 
 
 # ----------------------------------------------------------------------------- models and report
@@ -475,10 +507,14 @@ def evaluate_fairness(models: dict[str, Path], locales: Sequence[str], out_dir: 
         result["models"][model_name] = entry
     if baseline and samples:
         base = result["models"][baseline].get("consistency")
+        base_disparity = result["models"][baseline].get("disparity")
         for model_name, entry in result["models"].items():
             if model_name != baseline and base and entry.get("consistency"):
                 result["comparisons"][model_name] = compare_consistency(
                     base, entry["consistency"], samples=samples, seed=seed, confidence=confidence)
+            if model_name != baseline and base_disparity and entry.get("disparity"):
+                result.setdefault("disparity_comparisons", {})[model_name] = compare_disparity(
+                    base_disparity, entry["disparity"], samples=samples, seed=seed, confidence=confidence)
     result["seconds"] = time.perf_counter() - started
     result["markdown"] = fairness_markdown(result)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -500,6 +536,14 @@ def _pct_ci(entry: dict[str, Any], key: str) -> str:
     if value is None:
         return "-"
     return f"{_pct(value)} [{_pct(ci[0])}, {_pct(ci[1])}]" if ci else _pct(value)
+
+
+def _num_ci(entry: dict[str, Any], key: str) -> str:
+    value, ci = entry.get(key), entry.get(f"{key}_ci")
+    if value is None:
+        return "-"
+    return f"{value:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]" if key == "diff" and ci else \
+        f"{value:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else _num(value)
 
 
 def fairness_markdown(result: dict[str, Any]) -> str:
@@ -559,6 +603,16 @@ def fairness_markdown(result: dict[str, Any]) -> str:
         lines += ["### Generation disparity (occupations: neutral ones, gendered ones as the log-sum of both forms)", "",
                   markdown_table(["model", "language", "mean abs gap (nats)", "signed gap", "entropy (nats)",
                                   "gap / entropy"], disparity_rows)]
+    if result.get("disparity_comparisons"):
+        paired_rows = []
+        for model_name, comp in result["disparity_comparisons"].items():
+            for lang, e in comp.items():
+                gap, norm = e["mean_abs_gap"], e["normalised_gap"]
+                paired_rows.append([model_name, lang, str(e["num_pairs"]), _num_ci(gap, "diff"),
+                                    _num_ci(norm, "ratio"), _num_ci(norm, "diff")])
+        lines += [f"### Generation disparity paired against {result.get('baseline')} (same pairs, same resamples)", "",
+                  markdown_table(["model", "language", "pairs", "abs gap diff (nats) [CI]", "gap / entropy ratio [CI]",
+                                  "gap / entropy diff [CI]"], paired_rows)]
     if disparity:
         lines.append("Models: " + "; ".join(f"{m} = {Path(result['models'][m]['dir']).name}" for m, _ in disparity)
                      + ".\n")

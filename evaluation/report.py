@@ -188,9 +188,14 @@ def collect_summary(run_dir: Path) -> dict[str, Any]:
     if isinstance(disparity, dict):
         summary["fairness"]["disparity"] = {name: entry.get("disparity") for name, entry
                                             in disparity.get("models", {}).items() if entry.get("disparity")}
+        summary["fairness"]["disparity_comparisons"] = disparity.get("disparity_comparisons", {})
     for entry in summary["fairness"].get("models", {}).values():
         for scores in entry.get("consistency", {}).values():
             scores.pop("records", None)  # per-utterance outcomes stay in eval/fairness/*.json
+    for per_language in [*summary["fairness"].get("disparity", {}).values(),
+                         *(e.get("disparity", {}) for e in summary["fairness"].get("models", {}).values())]:
+        for scores in per_language.values():
+            scores.pop("gaps", None)  # so do the per-pair gaps
     latency = _find_json(eval_dir / "latency")
     if latency:
         models = latency.get("models", latency)

@@ -239,13 +239,13 @@ def stage_commands(stage: Stage, run_dir: Path, preset: str | None, cfg: Pipelin
                  "--locales", *cfg.translation_locales, "--max-examples", str(cfg.translation_max_examples),
                  "--out", str(tmp_out)]]
     if stage.name == "eval_fairness":
-        # Flips are measured where the task is learnt (the MASSIVE models); generation disparity on the
-        # task-agnostic models, which still generate text (the MASSIVE models generate labels), as in
-        # the CRR paper: the stage-2 teacher and the two students distilled from it.
+        # Flips are measured where the task is learnt (the MASSIVE models); generation disparity also on
+        # the task-agnostic models, which still generate text (the MASSIVE models generate labels), as
+        # in the CRR paper: the stage-2 teacher and the two students distilled from it.
         return [["evaluate", "fairness", "--models", f"teacher={run_dir / 'teacher-ft'}",
                  f"student_kd={run_dir / 'student-kd-ft'}", f"student_crr={run_dir / 'student-ft'}",
                  "--locales", *cfg.fairness_locales, "--max-examples", str(cfg.fairness_max_examples),
-                 "--metrics", "consistency", "--out", str(tmp_out)],
+                 "--out", str(tmp_out)],
                 ["evaluate", "fairness", "--models", f"teacher={run_dir / 'teacher-indomain'}",
                  f"student_kd={run_dir / 'student-kd'}", f"student_crr={run_dir / 'student'}",
                  "--locales", *cfg.fairness_locales, "--metrics", "disparity", "--name", "disparity",

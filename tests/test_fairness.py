@@ -211,6 +211,27 @@ def test_markdown_of_disparity_only_names_the_models_and_no_consistency():
     assert "Models: teacher = teacher-indomain; student_crr = student." in md
 
 
+def test_compare_disparity_pairs_the_same_occupations():
+    from evaluation.fairness import _disparity, compare_disparity
+
+    rng = np.random.default_rng(0)
+    gaps = rng.normal(0.0, 1.0, 200)
+    a = {"en": _disparity(gaps, np.full(6, 2.0))}
+    half = {"en": _disparity(gaps / 2, np.full(6, 2.0))}  # the same pairs, every gap halved
+    flatter = {"en": _disparity(gaps, np.full(6, 4.0))}  # the same gaps at twice the entropy
+    comp = compare_disparity(a, half, samples=300)["en"]
+    assert comp["num_pairs"] == 200
+    assert comp["mean_abs_gap"]["ratio"] == pytest.approx(0.5)
+    # Paired: every resample halves the gap, so the interval is the point.
+    assert comp["mean_abs_gap"]["ratio_ci"] == pytest.approx([0.5, 0.5])
+    lo, hi = comp["mean_abs_gap"]["diff_ci"]
+    assert lo < comp["mean_abs_gap"]["diff"] < hi < 0
+    norm = compare_disparity(a, flatter, samples=300)["en"]
+    assert norm["mean_abs_gap"]["diff"] == 0.0 and norm["normalised_gap"]["ratio"] == pytest.approx(0.5)
+    # Results on different pairs are not compared.
+    assert compare_disparity(a, {"en": _disparity(gaps[:10], np.full(6, 2.0))}) == {}
+
+
 def test_parse_models_errors(tmp_path):
     assert parse_models([f"a={tmp_path}"]) == {"a": tmp_path}
     with pytest.raises(ConfigError, match="NAME=DIR"):

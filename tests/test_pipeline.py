@@ -114,10 +114,12 @@ def test_pipeline_end_to_end_then_partial_rerun(tmp_path, massive_dir, flores_di
     assert summary["size_mb"]["student_int8"] < summary["size_mb"]["student_fp32"]
     assert summary["icl"]["accuracy"] and summary["translation"]["per_language"]
     assert set(summary["fairness"]["models"]) == {"teacher", "student_kd", "student_crr"}
-    # Flips on the MASSIVE models, generation disparity on the task-agnostic teacher and students.
-    assert all("disparity" not in e and e["consistency"] for e in summary["fairness"]["models"].values())
+    # Flips and disparity of the MASSIVE models; disparity of the task-agnostic teacher and students,
+    # paired against the plain-KD student.
+    assert all(e["consistency"] and e["disparity"] for e in summary["fairness"]["models"].values())
     assert set(summary["fairness"]["disparity"]) == {"teacher", "student_kd", "student_crr"}
-    assert all(d["overall"]["entropy"] > 0 for d in summary["fairness"]["disparity"].values())
+    assert all(d["overall"]["entropy"] > 0 and "gaps" not in d["overall"] for d in summary["fairness"]["disparity"].values())
+    assert set(summary["fairness"]["disparity_comparisons"]) == {"teacher", "student_crr"}
     assert set(summary["stage_seconds"]) >= {s.name for s in STAGES if s.name != "report"}
     # Every comparison behind the claims ran on the models' shared ids.
     comparisons = summary["claims"]["comparisons"]
