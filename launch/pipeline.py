@@ -185,12 +185,14 @@ def stage_commands(stage: Stage, run_dir: Path, preset: str | None, cfg: Pipelin
     if stage.name == "teacher_indomain":
         return [launch(n_other, "pretrain", "--run-dir", r, "--out", "teacher-indomain", "--section", "indomain",
                        "--init-from", str(run_dir / "teacher"), *p)]
-    generic_distill = {"student": ("student", []), "student_kd": ("student-kd", ["cda=none", "perturb=none"])}
+    # Plain KD: the preset's distillation without CRR (no CDA, so no repeated counterfactuals either).
+    plain_kd = ["cda=none", "cda_repeat=1", "perturb=none"]
+    generic_distill = {"student": ("student", []), "student_kd": ("student-kd", plain_kd)}
     if stage.name in generic_distill:
         out, ablation = generic_distill[stage.name]
         return [launch(n_other, "distill", "--run-dir", r, "--teacher", str(run_dir / "teacher-indomain"),
                        "--out", out, *p, *ablation)]
-    task_distill = {"student_ft": ("student-ft", []), "student_kd_ft": ("student-kd-ft", ["cda=none", "perturb=none"])}
+    task_distill = {"student_ft": ("student-ft", []), "student_kd_ft": ("student-kd-ft", plain_kd)}
     if stage.name in task_distill:
         out, ablation = task_distill[stage.name]
         return [launch(n_other, "distill", "--run-dir", r, "--section", "taskdistill",

@@ -160,3 +160,19 @@ def test_run_commands_runs_side_by_side_and_names_the_failure(tmp_path):
     assert logs[0].read_text().startswith("$ polyteacher config pipeline")
     with pytest.raises(StageFailed, match="failed \\(exit 2\\): polyteacher config no-such-stage"):
         run_commands(stage, [["config", "pipeline"], ["config", "no-such-stage"]], logs, timeout_minutes=5)
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in (Path(__file__).resolve().parent.parent / "launch" / "presets").iterdir()))
+def test_distillation_commands_load_with_every_preset(tmp_path, preset):
+    """The CRR and plain-KD students' overrides make a valid config with each preset's sections (the
+    plain-KD ablation once failed on `small`, whose CRR section repeats counterfactuals)."""
+    from distill.config import DistillConfig
+
+    for name in ("student", "student_kd", "student_ft", "student_kd_ft"):
+        (cmd,) = stage_commands(STAGE_BY_NAME[name], tmp_path, preset, PipelineConfig(), tmp_path / ".tmp")
+        args = cmd[cmd.index("distill") + 1 :]
+        section = args[args.index("--section") + 1] if "--section" in args else "distill"
+        overrides = [a for a in args if "=" in a and not a.startswith("--")]
+        cfg = load_config(DistillConfig, section=section, preset=preset, overrides=overrides)
+        if name in ("student_kd", "student_kd_ft"):
+            assert (cfg.cda, cfg.cda_repeat, cfg.perturb) == ("none", 1, "none")
