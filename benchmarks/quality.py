@@ -104,7 +104,14 @@ def fairness_criteria(summary: dict[str, Any], add: Any) -> None:
     cost = _comparison(summary, "crr")
     add("CRR - plain-KD student EM (MASSIVE)", cost and [cost["diff"], cost["diff_ci"]], ">= -0.01",
         None if not cost or cost["diff"] is None else cost["diff"] >= -0.01)
-    # Generation disparity of the task-agnostic students (older runs: of the MASSIVE models).
+    # Generation disparity of the task-agnostic students (older runs: of the MASSIVE models), as the
+    # paired ratio CRR / plain KD with its interval where the run has it.
+    paired = ((fairness.get("disparity_comparisons") or {}).get("student_crr") or {}).get("overall")
+    if paired:
+        norm = paired["normalised_gap"]
+        add("generation gap / entropy, CRR / plain KD (paired)", [norm["ratio"], norm["ratio_ci"]], "< 1",
+            None if norm["ratio"] is None else norm["ratio"] < 1)
+        return
     disparity = fairness.get("disparity") or {m: e.get("disparity") for m, e in fairness.get("models", {}).items()}
     gaps = {m: ((disparity.get(m) or {}).get("overall") or {}).get("normalised_gap") for m in ("student_crr", "student_kd")}
     known = None not in gaps.values()

@@ -225,3 +225,8 @@ def test_quality_benchmark_fairness_rows():
     assert rows["CRR / plain-KD flip ratio, intent (pooled)"][1] is False
     assert rows["CRR - plain-KD student EM (MASSIVE)"][1] is False  # costs 2 points
     assert rows["generation gap / entropy, CRR vs plain KD"] == ([0.5, 0.7], True)
+    summary["fairness"]["disparity_comparisons"] = {"student_crr": {"overall": {
+        "normalised_gap": {"ratio": 1.02, "ratio_ci": [0.9, 1.1]}}}}
+    rows.clear()
+    quality.fairness_criteria(summary, lambda c, v, line, holds: rows.update({c: (v, holds)}))
+    assert rows["generation gap / entropy, CRR / plain KD (paired)"] == ([1.02, [0.9, 1.1]], False)
