@@ -179,7 +179,7 @@ def collect_summary(run_dir: Path) -> dict[str, Any]:
         data = _find_json(eval_dir / key)
         if data is not None:
             summary[key] = data
-    # eval/fairness holds fairness.json (flips of the MASSIVE models) and disparity.json (generation
+    # eval/fairness holds fairness.json (flips and disparity of the MASSIVE models) and disparity.json (generation
     # disparity of the task-agnostic models): one entry, the disparity results under "disparity".
     fairness = _load_json(eval_dir / "fairness" / "fairness.json")
     if isinstance(fairness, dict):

@@ -141,7 +141,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("eval_translation", "eval/translation", ("teacher_indomain",), "cli", "1-shot FLORES-200 translation"),
     Stage("eval_fairness", "eval/fairness",
           ("teacher_ft", "student_ft", "student_kd_ft", "teacher_indomain", "student", "student_kd"), "cli",
-          "counterfactual consistency of the MASSIVE models; generation disparity of the task-agnostic ones"),
+          "flips and generation disparity of the MASSIVE models; generation disparity of the task-agnostic ones"),
     Stage("eval_latency", "eval/latency", ("student_ft", "teacher_ft", "export", "export_teacher", "export_nlu"),
           "cli", "latency at batch 1 on one thread, and sizes"),
     Stage("report", "REPORT.md", ("eval_massive", "eval_icl", "eval_translation", "eval_fairness", "eval_latency"),
