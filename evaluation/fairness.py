@@ -274,13 +274,19 @@ def compare_consistency(a: dict[str, Any], b: dict[str, Any], *, samples: int = 
         for metric in COMPARED:
             pa, pb = _rates(ta, metric), _rates(tb, metric)
             ba, bb = _rates(wa, metric), _rates(wb, metric)
-            ratio = np.divide(bb, ba, out=np.full(ba.shape, np.nan), where=ba > 0)
-            entry[metric] = {
-                "a": _value(pa), "b": _value(pb), "diff": _value(pb - pa), "diff_ci": _ci(bb - ba, confidence),
-                "ratio": _value(pb / pa) if pa > 0 else None, "ratio_ci": _ci(ratio, confidence) if pa > 0 else None,
-            }
+            entry[metric] = _paired(pa, pb, ba, bb, confidence)
         out[loc] = entry
     return out
+
+
+def _paired(pa: Any, pb: Any, ba: Any, bb: Any, confidence: float) -> dict[str, Any]:
+    """B against A from their point values (pa, pb) and their values on the same bootstrap resamples
+    (ba, bb: [samples]): {"a", "b", "diff" (B - A), "diff_ci", "ratio" (B / A), "ratio_ci"}."""
+    import numpy as np
+
+    ratio = np.divide(bb, ba, out=np.full(ba.shape, np.nan), where=ba > 0)
+    return {"a": _value(pa), "b": _value(pb), "diff": _value(pb - pa), "diff_ci": _ci(bb - ba, confidence),
+            "ratio": _value(pb / pa) if pa > 0 else None, "ratio_ci": _ci(ratio, confidence) if pa > 0 else None}
 
 
 # ----------------------------------------------------------------------------- generation disparity
@@ -448,12 +454,7 @@ def compare_disparity(a: dict[str, Any], b: dict[str, Any], *, samples: int = 10
         ba, bb = weights @ ga, weights @ gb
         entry: dict[str, Any] = {"num_pairs": int(ga.size)}
         for metric, (ha, hb) in (("mean_abs_gap", (1.0, 1.0)), ("normalised_gap", (da["entropy"], db["entropy"]))):
-            pa, pb = float(ga.mean()) / ha, float(gb.mean()) / hb
-            ra, rb = ba / ha, bb / hb
-            entry[metric] = {"a": pa, "b": pb, "diff": pb - pa, "diff_ci": _ci(rb - ra, confidence),
-                             "ratio": pb / pa if pa > 0 else None,
-                             "ratio_ci": _ci(np.divide(rb, ra, out=np.full(ra.shape, np.nan), where=ra > 0), confidence)
-                             if pa > 0 else None}
+            entry[metric] = _paired(ga.mean() / ha, gb.mean() / hb, ba / ha, bb / hb, confidence)
         out[lang] = entry
     return out
 
@@ -538,12 +539,20 @@ def _pct_ci(entry: dict[str, Any], key: str) -> str:
     return f"{_pct(value)} [{_pct(ci[0])}, {_pct(ci[1])}]" if ci else _pct(value)
 
 
-def _num_ci(entry: dict[str, Any], key: str) -> str:
+def _with_ci(entry: dict[str, Any], key: str, fmt: Any) -> str:
+    """entry[key] and its interval entry[key_ci], each written by fmt."""
     value, ci = entry.get(key), entry.get(f"{key}_ci")
     if value is None:
         return "-"
-    return f"{value:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]" if key == "diff" and ci else \
-        f"{value:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else _num(value)
+    return f"{fmt(value)} [{fmt(ci[0])}, {fmt(ci[1])}]" if ci else fmt(value)
+
+
+def _pp(x: float) -> str:
+    return f"{100.0 * x:+.1f}"
+
+
+def _ratio(x: float) -> str:
+    return f"{x:.2f}"
 
 
 def fairness_markdown(result: dict[str, Any]) -> str:
@@ -576,17 +585,8 @@ def fairness_markdown(result: dict[str, Any]) -> str:
         for model_name, comp in result["comparisons"].items():
             for loc, e in comp.items():
                 flip, em, acc = e["intent_flip_rate"], e["em_original"], e["intent_acc_original"]
-
-                def rng(d: dict[str, Any], key: str, scale: float = 100.0) -> str:
-                    ci = d.get(f"{key}_ci")
-                    v = d.get(key)
-                    if v is None:
-                        return "-"
-                    fmt = (lambda x: f"{scale * x:+.1f}") if scale == 100.0 else (lambda x: f"{x:.2f}")
-                    return f"{fmt(v)} [{fmt(ci[0])}, {fmt(ci[1])}]" if ci else fmt(v)
-
-                paired_rows.append([model_name, loc, rng(flip, "ratio", 1.0), rng(flip, "diff"), rng(em, "diff"),
-                                    rng(acc, "diff")])
+                paired_rows.append([model_name, loc, _with_ci(flip, "ratio", _ratio), _with_ci(flip, "diff", _pp),
+                                    _with_ci(em, "diff", _pp), _with_ci(acc, "diff", _pp)])
         lines += [f"### Paired against {base} (same utterances, same resamples)", "",
                   markdown_table(["model", "locale", "intent flip ratio [CI]", "intent flip diff pp [CI]",
                                   "EM orig diff pp [CI]", "intent acc orig diff pp [CI]"], paired_rows)]
@@ -608,8 +608,8 @@ def fairness_markdown(result: dict[str, Any]) -> str:
         for model_name, comp in result["disparity_comparisons"].items():
             for lang, e in comp.items():
                 gap, norm = e["mean_abs_gap"], e["normalised_gap"]
-                paired_rows.append([model_name, lang, str(e["num_pairs"]), _num_ci(gap, "diff"),
-                                    _num_ci(norm, "ratio"), _num_ci(norm, "diff")])
+                paired_rows.append([model_name, lang, str(e["num_pairs"]), _with_ci(gap, "diff", "{:+.3f}".format),
+                                    _with_ci(norm, "ratio", _ratio), _with_ci(norm, "diff", "{:+.3f}".format)])
         lines += [f"### Generation disparity paired against {result.get('baseline')} (same pairs, same resamples)", "",
                   markdown_table(["model", "language", "pairs", "abs gap diff (nats) [CI]", "gap / entropy ratio [CI]",
                                   "gap / entropy diff [CI]"], paired_rows)]
