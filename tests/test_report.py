@@ -230,3 +230,73 @@ def test_quality_benchmark_fairness_rows():
     rows.clear()
     quality.fairness_criteria(summary, lambda c, v, line, holds: rows.update({c: (v, holds)}))
     assert rows["generation gap / entropy, CRR / plain KD (paired)"] == ([1.02, [0.9, 1.1]], False)
+
+
+def _transfer_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("transfer", Path(__file__).resolve().parent.parent / "benchmarks" / "transfer.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_transfer_benchmark_splits_the_target_nll_and_probes_the_encoder(tiny_teacher_dir, massive_dir, tmp_path):
+    import shutil
+
+    import numpy as np
+    import torch
+
+    from core.modeldir import load_seq2seq_model
+    from data_prep.tokenizer import load_tokenizer
+    from massive.format import TargetFormat, has_label_tokens
+
+    transfer = _transfer_module()
+    model_dir = tmp_path / "ft"
+    shutil.copytree(tiny_teacher_dir, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["massive_intent_first"] = True
+    (model_dir / "config.json").write_text(json.dumps(config))
+    dev, train = transfer.load_sample(str(massive_dir), ["en-US", "ja-JP"], num_dev=12, num_train=30, seed=0)
+    # The same 12 ids in both locales; the bootstrap resamples an id with its translation.
+    assert [ex.id for ex in dev[:12]] == [ex.id for ex in dev[12:]] and len(train) == 60
+    weights = transfer.id_weights(dev, samples=50, seed=0)
+    assert (weights[:, :12] == weights[:, 12:]).all() and (weights.sum(1) == 24).all()
+
+    model, tokenizer = load_seq2seq_model(model_dir).eval(), load_tokenizer(model_dir)
+    split = transfer.intent_split_nll(model, tokenizer, dev, batch_size=7)
+    # Intent NLL + rest NLL = the model's own mean loss x the number of target tokens.
+    fmt = TargetFormat.of(model.config)
+    pairs = [fmt.pair(ex.words, ex.slots, ex.intent, has_label_tokens(tokenizer)) for ex in dev]
+    targets = [tokenizer(t)["input_ids"] for _, t in pairs]
+    total = 0.0
+    for (source, _), target in zip(pairs, targets):
+        with torch.inference_mode():
+            loss = model(**tokenizer([source], return_tensors="pt"), labels=torch.tensor([target])).loss
+        total += float(loss) * len(target)
+    assert split["intent_nll"].sum() + split["rest_nll"].sum() == pytest.approx(total, rel=1e-4)
+    assert (split["rest_tokens"] == [len(t) - 1 for t in targets]).all()
+    assert set(np.unique(split["intent_ok"])) <= {0.0, 1.0}
+
+    # The probe reads a separable feature perfectly.
+    x = np.array([[0.0], [1.0]] * 10)
+    assert transfer.probe_accuracy(x, ["a", "b"] * 10, x, ["a", "b"] * 10).mean() == 1.0
+
+    out = tmp_path / "transfer.json"
+    assert transfer.main(["--finetuned", f"ft={model_dir}", f"same={model_dir}", "--pretrained", f"t={tiny_teacher_dir}", "--massive",
+                          str(massive_dir), "--locales", "en-US", "ja-JP", "--num-dev", "12", "--num-train", "30",
+                          "--bootstrap-samples", "50", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["num_dev_ids"] == 12 and list(result["probe"]) == ["random", "t"]
+    entry = result["finetuned"]["ft"]
+    assert entry["intent_nll"] == pytest.approx(split["intent_nll"].mean(), rel=1e-5)
+    assert entry["intent_nll_ci"][0] <= entry["intent_nll"] <= entry["intent_nll_ci"][1]
+    assert all(0.0 <= v["probe_intent_acc"] <= 1.0 for v in result["probe"].values())
+    # Paired against the last --finetuned model (here the same weights): every difference is 0.
+    assert entry["vs_baseline"]["intent_nll"] == {"diff": 0.0, "diff_ci": [0.0, 0.0]}
+    assert entry["vs_baseline"]["rest_nll"]["diff"] == 0.0 and "vs_baseline" not in result["finetuned"]["same"]
+    probe = result["probe"]["t"]
+    assert probe["vs_random"]["diff"] == pytest.approx(probe["probe_intent_acc"] - result["probe"]["random"]["probe_intent_acc"])
+    with pytest.raises(SystemExit, match="intent-first"):
+        transfer.intent_split_nll(load_seq2seq_model(tiny_teacher_dir), tokenizer, dev[:2])
