@@ -82,12 +82,15 @@ class FinetuneConfig:
     spans back on the utterance's words (massive.format.place_spans). The decoder copies values
     (what denoising pretraining teaches) instead of counting words, and targets are shorter. Needs
     the tokenizer's whole label tokens; excludes sentinels. Recorded in config.json."""
-    label_init: Literal["keep", "words"] = "words"
+    label_init: Literal["keep", "words", "random"] = "words"
     """seq2seq from a pretrained model whose tokenizer has whole label tokens (`<alarm_set>`): how
     their embedding rows start. Pretraining never shows these tokens, so every softmax pushes their
     (tied) rows down, and the longer it runs the further fine-tuning has to bring them back.
     words: each row starts as the mean of the rows of its label's words ("alarm set"), shared
-    input and output embeddings alike; keep: as pretraining left them. Unused for models from
+    input and output embeddings alike; random: drawn afresh, each entry from a normal with the
+    standard deviation of the whole table (what a model from scratch starts with: distinct rows even
+    for labels that share words, alarm_set / alarm_query; on `small` no better than words, README);
+    keep: as pretraining left them. Unused for models from
     scratch and for models already trained on MASSIVE targets (their config.json records the order)."""
     slot_loss_weight: float = 1.0
     """Encoder head: loss = intent CE + slot_loss_weight * slot CE (over first sub-words)."""

@@ -252,8 +252,8 @@ def build_seq2seq(cfg: FinetuneConfig, run_dir: Path, tokenizer: Any, labels: li
     # A model already trained on MASSIVE targets (fine-tuned or task-distilled: its config records
     # the target order) has learnt its label rows; only a pretrained one gets them from their words.
     pretrained_only = not cfg.scratch_preset and getattr(model.config, INTENT_FIRST_KEY, None) is None
-    if cfg.head == "seq2seq" and cfg.label_init == "words" and pretrained_only and has_label_tokens(tokenizer):
-        init_label_embeddings(model, tokenizer, labels)
+    if cfg.head == "seq2seq" and cfg.label_init != "keep" and pretrained_only and has_label_tokens(tokenizer):
+        init_label_embeddings(model, tokenizer, labels, cfg.label_init, seed=cfg.train.seed)
     if cfg.head == "seq2seq":
         # Saved with the model (config.json, and the export manifest), so every predictor parses
         # the generated target in the order this model was trained on.
@@ -270,14 +270,15 @@ def _set_dropout(model: Any, rate: float) -> None:
             module.p = rate
 
 
-def init_label_embeddings(model: Any, tokenizer: Any, labels: list[str]) -> list[str]:
+def init_label_embeddings(model: Any, tokenizer: Any, labels: list[str], how: str = "words", seed: int = 0) -> list[str]:
     """Set the embedding row of each label's whole token (`<alarm_set>`) to the mean of the rows of
     the label's words (`alarm set`), in the input embedding and, when untied, the output layer.
 
     A label token never occurs in pretraining text, so a pretrained model's softmax has pushed its
     row down at every position; fine-tuning then spends its first steps undoing that. Starting
-    from its words gives it the scale of a seen token and the meaning of its name. Returns the
-    labels whose token is not in the vocabulary (left as they are)."""
+    from its words gives it the scale of a seen token and the meaning of its name. `how="random"`
+    draws each row afresh from a normal with the table's standard deviation instead (seeded by
+    `seed` and the token id). Returns the labels whose token is not in the vocabulary (left as they are)."""
     import torch
 
     vocab = tokenizer.get_vocab()
@@ -287,14 +288,19 @@ def init_label_embeddings(model: Any, tokenizer: Any, labels: list[str]) -> list
         tables.append(output.weight)
     missing = []
     with torch.no_grad():
+        scales = [float(table.std()) for table in tables]  # before any row changes
         for label in labels:
             token_id = vocab.get(label_token(label))
             piece_ids = tokenizer(label_text(label), add_special_tokens=False)["input_ids"]
             if token_id is None or not piece_ids:
                 missing.append(label)
                 continue
-            for table in tables:
-                table[token_id] = table[piece_ids].mean(dim=0)
+            for table, scale in zip(tables, scales):
+                if how == "random":
+                    generator = torch.Generator().manual_seed(seed * 1_000_003 + token_id)
+                    table[token_id] = torch.randn(table.shape[1], generator=generator) * scale
+                else:
+                    table[token_id] = table[piece_ids].mean(dim=0)
     return missing
 
 

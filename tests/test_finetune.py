@@ -293,6 +293,8 @@ def test_encoder_finetune_resumes_exactly_from_a_mid_run_checkpoint(tmp_path, ti
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_label_tokens_start_from_their_words_in_both_embeddings(tmp_path, tied):
+    import copy
+
     import torch
 
     from data_prep.tokenizer import TokenizerConfig, load_tokenizer, train_tokenizer
@@ -321,6 +323,17 @@ def test_label_tokens_start_from_their_words_in_both_embeddings(tmp_path, tied):
         torch.testing.assert_close(table[vocab["<alarm_set>"]], table[words].mean(dim=0))
         torch.testing.assert_close(table[vocab["<date>"]],
                                    table[tok("date", add_special_tokens=False)["input_ids"]].mean(dim=0))
+
+    # random: fresh rows at the table's scale, the same for a seed, none equal to its words' mean.
+    before = [t.detach().clone() for t in tables]
+    twin = copy.deepcopy(model)
+    init_label_embeddings(model, tok, ["alarm_set", "date"], "random", seed=3)
+    rows = [vocab["<alarm_set>"], vocab["<date>"]]
+    for table, old in zip(tables, before):
+        assert not torch.allclose(table[rows], old[rows])
+        assert 0.5 < float(table[rows].std() / table.std()) < 2.0
+    init_label_embeddings(twin, tok, ["alarm_set", "date"], "random", seed=3)
+    torch.testing.assert_close(twin.get_input_embeddings().weight[rows], tables[0][rows])
 
 
 def test_label_rows_are_set_only_for_a_model_not_yet_trained_on_massive_targets(tmp_path):
