@@ -250,7 +250,7 @@ def build_seq2seq(cfg: FinetuneConfig, run_dir: Path, tokenizer: Any, labels: li
     if cfg.dropout is not None:
         _set_dropout(model, cfg.dropout)
     # A model already trained on MASSIVE targets (fine-tuned or task-distilled: its config records
-    # the target order) has learnt its label rows; only a pretrained one gets them from their words.
+    # the target order) has learnt its label rows; only a pretrained one gets new ones (label_init).
     pretrained_only = not cfg.scratch_preset and getattr(model.config, INTENT_FIRST_KEY, None) is None
     if cfg.head == "seq2seq" and cfg.label_init != "keep" and pretrained_only and has_label_tokens(tokenizer):
         init_label_embeddings(model, tokenizer, labels, cfg.label_init, seed=cfg.train.seed)
@@ -281,6 +281,8 @@ def init_label_embeddings(model: Any, tokenizer: Any, labels: list[str], how: st
     `seed` and the token id). Returns the labels whose token is not in the vocabulary (left as they are)."""
     import torch
 
+    if how not in ("words", "random"):
+        raise ValueError(f"label rows from {how!r}: expected 'words' or 'random'")
     vocab = tokenizer.get_vocab()
     tables = [model.get_input_embeddings().weight]
     output = model.get_output_embeddings()
