@@ -113,17 +113,17 @@ def probe_accuracy(train_x: Any, train_y: list[str], test_x: Any, test_y: list[s
 
 
 def _ci(per_id: Any, weights: Any, confidence: float = 0.95) -> list[float]:
-    import numpy as np
+    """Percentile interval of the mean of per-example values over the bootstrap resamples."""
+    from massive.scoring import percentile_interval
 
-    values = weights @ per_id / weights.sum(1)
-    return [float(np.quantile(values, (1 - confidence) / 2)), float(np.quantile(values, (1 + confidence) / 2))]
+    return percentile_interval(weights @ per_id / weights.sum(1), confidence)
 
 
 def _ratio_ci(num: Any, den: Any, weights: Any, confidence: float = 0.95) -> list[float]:
-    import numpy as np
+    """Percentile interval of sum(num) / sum(den) over the bootstrap resamples."""
+    from massive.scoring import percentile_interval
 
-    values = (weights @ num) / (weights @ den)
-    return [float(np.quantile(values, (1 - confidence) / 2)), float(np.quantile(values, (1 + confidence) / 2))]
+    return percentile_interval((weights @ num) / (weights @ den), confidence)
 
 
 def paired_diff(a: dict[str, Any], b: dict[str, Any], weights: Any, confidence: float = 0.95) -> dict[str, Any]:
@@ -131,6 +131,8 @@ def paired_diff(a: dict[str, Any], b: dict[str, Any], weights: Any, confidence: 
     "diff_ci"}}, the same resampled ids for both. Means of `intent_nll`, `intent_ok`, `probe_ok`;
     `rest_nll` per token of `rest_tokens`."""
     import numpy as np
+
+    from massive.scoring import percentile_interval
 
     def stat(x: dict[str, Any], key: str, w: Any) -> Any:
         if key == "rest_nll":
@@ -143,8 +145,7 @@ def paired_diff(a: dict[str, Any], b: dict[str, Any], weights: Any, confidence: 
         if key in a and key in b:
             values = stat(b, key, weights) - stat(a, key, weights)
             out[key] = {"diff": float(stat(b, key, ones) - stat(a, key, ones)),
-                        "diff_ci": [float(np.quantile(values, (1 - confidence) / 2)),
-                                    float(np.quantile(values, (1 + confidence) / 2))]}
+                        "diff_ci": percentile_interval(values, confidence)}
     return out
 
 

@@ -181,7 +181,7 @@ def bootstrap_weights(num_ids: int, samples: int, seed: int) -> Any:
     return rng.multinomial(num_ids, np.full(num_ids, 1.0 / num_ids), size=samples).astype(np.float64)
 
 
-def _interval(values: Any, confidence: float) -> list[float]:
+def percentile_interval(values: Any, confidence: float) -> list[float]:
     """Percentile interval of bootstrap values [samples, ...] along the first axis."""
     import numpy as np
 
@@ -231,8 +231,8 @@ def score_records(
             continue
         point, boot = _metric(totals, columns, metric), _metric(resampled, columns, metric)
         for k, s in enumerate(per_locale.values()):
-            s[metric], s[f"{metric}_ci"] = float(point[k]), _interval(boot[:, k], confidence)
-        out[metric], out[f"{metric}_ci"] = float(point.mean()), _interval(boot.mean(axis=1), confidence)
+            s[metric], s[f"{metric}_ci"] = float(point[k]), percentile_interval(boot[:, k], confidence)
+        out[metric], out[f"{metric}_ci"] = float(point.mean()), percentile_interval(boot.mean(axis=1), confidence)
     if "slot_f1" in metrics:
         for k, s in enumerate(per_locale.values()):
             s["num_gold_spans"], s["num_pred_spans"], s["num_correct_spans"] = (
@@ -326,15 +326,15 @@ def paired_difference(
             "a": float(point_a.mean()),
             "b": float(point_b.mean()),
             "diff": float(point_b.mean() - point_a.mean()),
-            "diff_ci": _interval(diff.mean(axis=1), confidence),
+            "diff_ci": percentile_interval(diff.mean(axis=1), confidence),
             "ratio": float(point_b.mean() / point_a.mean()) if has_ratio else None,
-            "ratio_ci": _interval(ratio, confidence) if has_ratio else None,
+            "ratio_ci": percentile_interval(ratio, confidence) if has_ratio else None,
             "per_locale": {
                 loc: {
                     "a": float(point_a[k]),
                     "b": float(point_b[k]),
                     "diff": float(point_b[k] - point_a[k]),
-                    "diff_ci": _interval(diff[:, k], confidence),
+                    "diff_ci": percentile_interval(diff[:, k], confidence),
                 }
                 for k, loc in enumerate(records_a)
             },
