@@ -112,46 +112,43 @@ def probe_accuracy(train_x: Any, train_y: list[str], test_x: Any, test_y: list[s
     return (clf.predict((test_x - mean) / std) == np.asarray(test_y)).astype(float)
 
 
-def _ci(per_id: Any, weights: Any, confidence: float = 0.95) -> list[float]:
-    """Percentile interval of the mean of per-example values over the bootstrap resamples."""
-    from massive.scoring import percentile_interval
-
-    return percentile_interval(weights @ per_id / weights.sum(1), confidence)
-
-
-def _ratio_ci(num: Any, den: Any, weights: Any, confidence: float = 0.95) -> list[float]:
-    """Percentile interval of sum(num) / sum(den) over the bootstrap resamples."""
-    from massive.scoring import percentile_interval
-
-    return percentile_interval((weights @ num) / (weights @ den), confidence)
+def _stat(x: dict[str, Any], key: str, w: Any) -> Any:
+    """A metric of per-example arrays `x` under example weights `w` ([len] or [samples, len]): the mean
+    of `intent_nll`, `intent_ok` or `probe_ok`; `rest_nll` per token of `rest_tokens`."""
+    if key == "rest_nll":
+        return (w @ x["rest_nll"]) / (w @ x["rest_tokens"])
+    return (w @ x[key]) / w.sum(-1)
 
 
-def paired_diff(a: dict[str, Any], b: dict[str, Any], weights: Any, confidence: float = 0.95) -> dict[str, Any]:
-    """B - A for per-example arrays of two models scored on the same examples: {metric: {"diff",
-    "diff_ci"}}, the same resampled ids for both. Means of `intent_nll`, `intent_ok`, `probe_ok`;
-    `rest_nll` per token of `rest_tokens`."""
+def summarise(x: dict[str, Any], key: str, weights: Any, confidence: float = 0.95) -> tuple[float, list[float]]:
+    """(the metric on all examples, its percentile interval over the bootstrap resamples `weights`)."""
     import numpy as np
 
     from massive.scoring import percentile_interval
 
-    def stat(x: dict[str, Any], key: str, w: Any) -> Any:
-        if key == "rest_nll":
-            return (w @ x["rest_nll"]) / (w @ x["rest_tokens"])
-        return (w @ x[key]) / w.sum(-1)
+    return float(_stat(x, key, np.ones(weights.shape[1]))), percentile_interval(_stat(x, key, weights), confidence)
 
-    ones = np.ones(next(iter(a.values())).shape[0])
-    out = {}
-    for key in ("intent_nll", "intent_ok", "rest_nll", "probe_ok"):
-        if key in a and key in b:
-            values = stat(b, key, weights) - stat(a, key, weights)
-            out[key] = {"diff": float(stat(b, key, ones) - stat(a, key, ones)),
-                        "diff_ci": percentile_interval(values, confidence)}
-    return out
+
+def paired_diff(a: dict[str, Any], b: dict[str, Any], weights: Any, confidence: float = 0.95) -> dict[str, Any]:
+    """B - A for per-example arrays of two models scored on the same examples: {metric: {"diff",
+    "diff_ci"}} for each metric of `_stat` both have, the same resampled ids for both."""
+    import numpy as np
+
+    from massive.scoring import percentile_interval
+
+    ones = np.ones(weights.shape[1])
+    return {key: {"diff": float(_stat(b, key, ones) - _stat(a, key, ones)),
+                  "diff_ci": percentile_interval(_stat(b, key, weights) - _stat(a, key, weights), confidence)}
+            for key in ("intent_nll", "intent_ok", "rest_nll", "probe_ok") if key in a and key in b}
+
+
+def _fmt(value: float, ci: list[float], scale: float = 1.0, spec: str = ".3f") -> str:
+    """`value [low, high]`, each times `scale`."""
+    return f"{scale * value:{spec}} [{scale * ci[0]:{spec}}, {scale * ci[1]:{spec}}]"
 
 
 def _fmt_diff(entry: dict[str, Any], scale: float = 1.0) -> str:
-    lo, hi = entry["diff_ci"]
-    return f"{scale * entry['diff']:+.3f} [{scale * lo:+.3f}, {scale * hi:+.3f}]"
+    return _fmt(entry["diff"], entry["diff_ci"], scale, "+.3f")
 
 
 def load_sample(massive: str, locales: list[str], num_dev: int, num_train: int, seed: int) -> tuple[list, list]:
@@ -207,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
     from tabulate import tabulate
-    from transformers import T5ForConditionalGeneration
+    from transformers import AutoConfig, T5ForConditionalGeneration
 
     from core.modeldir import load_seq2seq_model
     from data_prep.tokenizer import load_tokenizer
@@ -227,18 +224,13 @@ def main(argv: list[str] | None = None) -> int:
     for name, path in finetuned.items():
         model, tokenizer = load_seq2seq_model(path, "--finetuned").eval(), load_tokenizer(path)
         s = per_example[name] = intent_split_nll(model, tokenizer, dev)
-        entry = {
-            "model": str(path),
-            "intent_nll": float(s["intent_nll"].mean()), "intent_nll_ci": _ci(s["intent_nll"], weights),
-            "intent_acc": float(s["intent_ok"].mean()), "intent_acc_ci": _ci(s["intent_ok"], weights),
-            "rest_nll_per_token": float(s["rest_nll"].sum() / s["rest_tokens"].sum()),
-            "rest_nll_per_token_ci": _ratio_ci(s["rest_nll"], s["rest_tokens"], weights),
-        }
+        entry: dict[str, Any] = {"model": str(path)}
+        for key, field in (("intent_nll", "intent_nll"), ("intent_ok", "intent_acc"), ("rest_nll", "rest_nll_per_token")):
+            entry[field], entry[f"{field}_ci"] = summarise(s, key, weights)
         result["finetuned"][name] = entry
-        rows.append([name, f"{entry['intent_nll']:.3f} [{entry['intent_nll_ci'][0]:.3f}, {entry['intent_nll_ci'][1]:.3f}]",
-                     f"{100 * entry['intent_acc']:.1f} [{100 * entry['intent_acc_ci'][0]:.1f}, {100 * entry['intent_acc_ci'][1]:.1f}]",
-                     f"{entry['rest_nll_per_token']:.3f} [{entry['rest_nll_per_token_ci'][0]:.3f}, "
-                     f"{entry['rest_nll_per_token_ci'][1]:.3f}]"])
+        rows.append([name, _fmt(entry["intent_nll"], entry["intent_nll_ci"]),
+                     _fmt(entry["intent_acc"], entry["intent_acc_ci"], 100, ".1f"),
+                     _fmt(entry["rest_nll_per_token"], entry["rest_nll_per_token_ci"])])
     if rows:
         print(f"Teacher-forced on {len(dev)} dev utterances ({result['num_dev_ids']} shared ids x {len(args.locales)} locales)")
         print(tabulate(rows, ["model", "intent NLL (nats)", "intent acc (%)", "rest NLL / token"], tablefmt="github"))
@@ -254,25 +246,23 @@ def main(argv: list[str] | None = None) -> int:
 
     pretrained = named_dirs(args.pretrained, args.run_dir)
     if pretrained:
-        first = next(iter(pretrained.values()))
-        models: dict[str, Any] = {}
-        for name, path in pretrained.items():
-            models[name] = (load_seq2seq_model(path, "--pretrained").eval(), load_tokenizer(path))
-        reference = T5ForConditionalGeneration(models[next(iter(models))][0].config).eval()
-        models = {"random": (reference, models[next(iter(models))][1]), **models}
         rows = []
         probes: dict[str, Any] = {}
-        for name, (model, tokenizer) in models.items():
+        first = next(iter(pretrained.values()))
+        # One model in memory at a time; the reference has the first one's architecture and tokenizer.
+        reference = T5ForConditionalGeneration(AutoConfig.from_pretrained(first)).eval()
+        for name, path in {"random": first, **pretrained}.items():
+            model = reference if name == "random" else load_seq2seq_model(path, "--pretrained").eval()
+            tokenizer = load_tokenizer(path)
             ok = probe_accuracy(mean_pooled(model, tokenizer, train), [ex.intent for ex in train],
                                 mean_pooled(model, tokenizer, dev), [ex.intent for ex in dev], args.seed)
             probes[name] = {"probe_ok": ok}
-            entry = {"model": str(pretrained.get(name, f"random weights, the architecture of {first}")),
-                     "probe_intent_acc": float(ok.mean()), "probe_intent_acc_ci": _ci(ok, weights)}
+            entry = {"model": str(path) if name != "random" else f"random weights, the architecture of {first}"}
+            entry["probe_intent_acc"], entry["probe_intent_acc_ci"] = summarise(probes[name], "probe_ok", weights)
             if name != "random":
                 entry["vs_random"] = paired_diff(probes["random"], probes[name], weights)["probe_ok"]
             result["probe"][name] = entry
-            rows.append([name, f"{100 * ok.mean():.1f} [{100 * entry['probe_intent_acc_ci'][0]:.1f}, "
-                               f"{100 * entry['probe_intent_acc_ci'][1]:.1f}]",
+            rows.append([name, _fmt(entry["probe_intent_acc"], entry["probe_intent_acc_ci"], 100, ".1f"),
                          _fmt_diff(entry["vs_random"], 100) if "vs_random" in entry else "-"])
         print(f"\nLinear intent probe on mean-pooled encoder states: {len(train)} train utterances, {len(dev)} dev")
         print(tabulate(rows, ["model", "probe intent acc (%)", "- random, paired (points)"], tablefmt="github"))
