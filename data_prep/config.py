@@ -161,6 +161,12 @@ class MassiveSourceConfig:
     configured locales (false: loads less, for small runs)."""
     indomain: bool = True
     """Pack MASSIVE train utterances of the configured locales into data-indomain/ (stage 2)."""
+    indomain_order: Literal["shuffled", "parallel"] = "shuffled"
+    """How data-indomain/ orders the utterances: shuffled (each one alone among others), or parallel
+    (the translations of one MASSIVE utterance in the configured locales follow each other, so a
+    packed row holds the same utterances in several languages: denoising can copy across languages
+    and the causal-LM continuation is a translation, as XLM's translation language modelling; the
+    heldout split is by id). Uses the MASSIVE ids, never the labels."""
 
 
 @dataclass

@@ -481,6 +481,58 @@ class Mixture:
         return "\n".join(lines)
 
 
+def parallel_groups(
+    ids: dict[str, list[str]], utterances: dict[str, list[str]], pools: dict[str, list[str]]
+) -> dict[str, list[tuple[str, str]]]:
+    """{MASSIVE id: [(locale, utterance), ...]}: every utterance a locale's pool kept, once, under the
+    id of its first occurrence. `ids[loc]` is parallel to `utterances[loc]` (MASSIVE ids are shared
+    by the translations of one utterance)."""
+    groups: dict[str, list[tuple[str, str]]] = {}
+    for loc, pool in pools.items():
+        if len(ids.get(loc, ())) != len(utterances.get(loc, ())):
+            raise ValueError(f"{loc}: {len(ids.get(loc, ()))} ids for {len(utterances.get(loc, ()))} utterances")
+        unplaced = set(pool)
+        for id_, utt in zip(ids[loc], utterances[loc]):
+            if utt in unplaced:
+                unplaced.discard(utt)
+                groups.setdefault(id_, []).append((loc, utt))
+    return groups
+
+
+def draw_parallel(
+    groups: dict[str, list[tuple[str, str]]], heldout_fraction: float, seed: int, min_heldout: int = 1
+) -> tuple[Mixture, Mixture]:
+    """Train and heldout documents ordered by MASSIVE id: the translations of one utterance follow
+    each other (seeded random locale order), so a packed row holds the same utterances in several
+    languages (translation language modelling, as in XLM). Ids come in seeded random order; the
+    heldout ids (`heldout_fraction` of them, at least `min_heldout`) are disjoint from train, so no
+    translation of a heldout utterance is trained on."""
+    ids = sorted(groups)
+    random.Random(f"{seed}:parallel:ids").shuffle(ids)
+    k = round(heldout_fraction * len(ids))
+    if heldout_fraction > 0 and k < min_heldout and len(ids) >= 2 * min_heldout:
+        k = min_heldout
+    rng = random.Random(f"{seed}:parallel:order")
+
+    def mixture(part: list[str]) -> Mixture:
+        docs: list[tuple[str, str]] = []
+        for id_ in part:
+            group = list(groups[id_])
+            rng.shuffle(group)
+            docs.extend(group)
+        sizes = dict(sorted(Counter(loc for loc, _ in docs).items()))
+        return Mixture(
+            documents=[d for _, d in docs],
+            locales=[loc for loc, _ in docs],
+            sizes=sizes,
+            probabilities=sampling_probabilities(sizes, 1.0),
+            quotas=dict(sizes),
+            alpha=1.0,
+        )
+
+    return mixture(ids[k:]), mixture(ids[:k])
+
+
 def draw_mixture(pools: dict[str, list[str]], alpha: float, total: int, seed: int) -> Mixture:
     """Draw `total` documents from per-locale pools with p_l ~ n_l^alpha (epochs for up-sampling)."""
     sizes = {loc: len(s) for loc, s in pools.items()}

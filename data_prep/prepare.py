@@ -44,6 +44,9 @@ class Inputs:
     """MASSIVE test utterances per configured locale (tokenizer evaluation only)."""
     evaluation_sizes: dict[str, int]
     massive_summary: str
+    indomain_groups: dict[str, list[tuple[str, str]]] | None = None
+    """{MASSIVE id: [(locale, utterance)]} of the in-domain utterances, when massive.indomain_order
+    is parallel (data_prep.corpus.parallel_groups)."""
     labels: list[str] = dataclasses.field(default_factory=list)
     """MASSIVE labels of the train partitions (`Other`, intents, slot types): whole tokens of the
     tokenizer when tokenizer.label_tokens is set."""
@@ -96,8 +99,14 @@ def is_complete(run_dir: str | os.PathLike, cfg: DataConfig) -> bool:
 
 def load_inputs(cfg: DataConfig, run_dir: Path, progress: bool = True) -> Inputs:
     """Load MASSIVE, the evaluation text to refuse, the monolingual corpus and the in-domain pools."""
-    from data_prep.corpus import build_corpus, evaluation_text, massive_pools
-    from massive.loader import evaluation_utterances, load_massive, massive_labels, massive_utterances
+    from data_prep.corpus import build_corpus, evaluation_text, massive_pools, parallel_groups
+    from massive.loader import (
+        evaluation_utterances,
+        load_massive,
+        massive_ids,
+        massive_labels,
+        massive_utterances,
+    )
 
     source = cfg.massive.source  # load_massive resolves `@data/` and `~` itself (and leaves URLs whole)
     cache_dir = massive_cache_dir(cfg, run_dir)
@@ -128,11 +137,15 @@ def load_inputs(cfg: DataConfig, run_dir: Path, progress: bool = True) -> Inputs
     corpus = build_corpus(cfg, excluded, progress)
     train_utts = massive_utterances(massive_train, ("train",))
     indomain, indomain_report = massive_pools(train_utts, excluded, cfg.locales)
+    groups = None
+    if cfg.massive.indomain_order == "parallel":
+        groups = parallel_groups(massive_ids(massive_train, ("train",)), train_utts, indomain)
     test = massive_utterances(massive_eval, ("test",))
     return Inputs(
         corpus=corpus,
         indomain=indomain,
         indomain_report=indomain_report,
+        indomain_groups=groups,
         massive_test={loc: test[loc] for loc in cfg.locales},
         evaluation_sizes=excluded.sizes(),
         massive_summary=massive_train.summary_table(),
@@ -208,25 +221,32 @@ def ensure_packed(
 ) -> dict[str, Any]:
     """Split, sample and pack general-domain (or in-domain) documents unless up to date."""
     from data_prep import packing
-    from data_prep.corpus import draw_mixture, split_heldout
+    from data_prep.corpus import draw_mixture, draw_parallel, split_heldout
 
     kind = "indomain" if indomain else "data"
     fp = fingerprint(cfg, kind)
     if _reuse(out_dir, packing.is_complete(out_dir), out_dir / packing.STATS_FILE, fp, force):
         return packing.load_stats(out_dir)
-    pools = inputs.indomain if indomain else inputs.corpus.sentences
-    train_pools, heldout_pools = split_heldout(
-        pools, cfg.packing.heldout_fraction, cfg.seed, cfg.packing.min_heldout_documents
-    )
-    num_train = sum(map(len, train_pools.values()))
-    if indomain:
-        # MASSIVE locales are the same size: every utterance once, in natural proportions.
-        train = draw_mixture(train_pools, 1.0, num_train, cfg.seed)
-    else:
-        train = draw_mixture(
-            train_pools, cfg.sampling.alpha, cfg.sampling.pretrain_sentences or num_train, cfg.seed
+    if indomain and cfg.massive.indomain_order == "parallel":
+        if inputs.indomain_groups is None:
+            raise ValueError("massive.indomain_order=parallel needs Inputs.indomain_groups (load_inputs fills it)")
+        train, heldout = draw_parallel(
+            inputs.indomain_groups, cfg.packing.heldout_fraction, cfg.seed, cfg.packing.min_heldout_documents
         )
-    heldout = draw_mixture(heldout_pools, 1.0, sum(map(len, heldout_pools.values())), cfg.seed + 1)
+    else:
+        pools = inputs.indomain if indomain else inputs.corpus.sentences
+        train_pools, heldout_pools = split_heldout(
+            pools, cfg.packing.heldout_fraction, cfg.seed, cfg.packing.min_heldout_documents
+        )
+        num_train = sum(map(len, train_pools.values()))
+        if indomain:
+            # MASSIVE locales are the same size: every utterance once, in natural proportions.
+            train = draw_mixture(train_pools, 1.0, num_train, cfg.seed)
+        else:
+            train = draw_mixture(
+                train_pools, cfg.sampling.alpha, cfg.sampling.pretrain_sentences or num_train, cfg.seed
+            )
+        heldout = draw_mixture(heldout_pools, 1.0, sum(map(len, heldout_pools.values())), cfg.seed + 1)
     say(train.table(f"{kind} train mixture"))
     report = inputs.indomain_report if indomain else inputs.corpus.report
     if indomain:
@@ -320,6 +340,8 @@ def fingerprint(cfg: DataConfig, output: str) -> str:
             "packing": d["packing"],
             "sampling": d["sampling"],
         }
+        if d["massive"]["indomain_order"] != "shuffled":  # outputs built before the option keep their hash
+            parts["indomain_order"] = d["massive"]["indomain_order"]
     else:
         raise ValueError(f"unknown output {output!r}; allowed values: tokenizer, data, indomain")
     parts["exclude_all_locales"] = d["massive"]["exclude_all_locales"]

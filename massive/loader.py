@@ -897,6 +897,15 @@ def massive_utterances(data: MassiveData, partitions: Sequence[str] = ("train",)
     return out
 
 
+def massive_ids(data: MassiveData, partitions: Sequence[str] = ("train",)) -> dict[str, list[str]]:
+    """{locale: ids of the given partitions}, parallel to `massive_utterances` (an id is shared by the
+    translations of one utterance across locales)."""
+    return {
+        loc: [str(i) for p in partitions for i in data.dataset(loc, p).data.table.column("id").to_pylist()]
+        for loc in data.locales
+    }
+
+
 def evaluation_utterances(data: MassiveData) -> set[str]:
     """All dev and test utterances: text that must never reach pretraining or the tokenizer."""
     missing = [p for p in ("dev", "test") if p not in data.partitions]

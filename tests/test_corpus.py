@@ -17,10 +17,12 @@ from data_prep.corpus import (
     EvaluationText,
     build_corpus,
     draw_mixture,
+    draw_parallel,
     evaluation_text,
     exclusion_key,
     language_quotas,
     massive_pools,
+    parallel_groups,
     read_source,
     sampling_probabilities,
     split_heldout,
@@ -125,6 +127,35 @@ def test_heldout_split_is_disjoint_and_complete():
     assert len(held["a"]) == 50
     assert len(held["b"]) == 1
     assert split_heldout(pools, 0.05, seed=0)[1] == held
+
+
+def test_parallel_order_keeps_translations_together_and_holds_out_whole_ids():
+    # Three locales of 200 parallel utterances; "de" lost id 7 to the evaluation-text filter, and
+    # repeats id 3's text under id 9 (kept once, under its first id).
+    ids = [str(i) for i in range(200)]
+    utts = {loc: [f"{loc}{i}" for i in range(200)] for loc in ("en", "de", "ja")}
+    utts["de"][9] = "de3"
+    pools = {loc: list(dict.fromkeys(u)) for loc, u in utts.items()}
+    pools["de"].remove("de7")
+    groups = parallel_groups({loc: ids for loc in utts}, utts, pools)
+    assert [loc for loc, _ in groups["7"]] == ["en", "ja"] and ("de", "de3") in groups["3"]
+    assert sorted(u for g in groups.values() for _, u in g) == sorted(u for p in pools.values() for u in p)
+
+    train, held = draw_parallel(groups, 0.05, seed=0)
+    doc_id = {u: i for i, g in groups.items() for _, u in g}
+    # Every document once; the documents of one id are consecutive; no id on both sides.
+    assert sorted(train.documents + held.documents) == sorted(doc_id)
+    train_ids = [doc_id[d] for d in train.documents]
+    runs = [i for k, i in enumerate(train_ids) if k == 0 or train_ids[k - 1] != i]
+    assert len(runs) == len(set(runs)) == 190
+    assert len({doc_id[d] for d in held.documents}) == 10
+    assert not set(train_ids) & {doc_id[d] for d in held.documents}
+    assert train.quotas == train.sizes and train.locales.count("de") == train.sizes["de"]
+    # Locale order within an id is shuffled, and everything is seeded.
+    orders = {tuple(loc for loc, i in zip(train.locales, train_ids) if i == id_) for id_ in runs[:40]}
+    assert len({o for o in orders if len(o) == 3}) > 1
+    assert draw_parallel(groups, 0.05, seed=0)[0].documents == train.documents
+    assert draw_parallel(groups, 0.05, seed=1)[0].documents != train.documents
 
 
 # ----------------------------------------------------------------------------- reading and exclusion
