@@ -885,25 +885,22 @@ def load_massive(
 
 
 
+def _column_by_locale(data: MassiveData, column: str, partitions: Sequence[str]) -> dict[str, list[Any]]:
+    return {
+        loc: [v for p in partitions for v in data.dataset(loc, p).data.table.column(column).to_pylist()]
+        for loc in data.locales
+    }
+
+
 def massive_utterances(data: MassiveData, partitions: Sequence[str] = ("train",)) -> dict[str, list[str]]:
     """{locale: utterances of the given partitions}: in-domain text (train only, by default)."""
-    out: dict[str, list[str]] = {}
-    for loc in data.locales:
-        utts: list[str] = []
-        for p in partitions:
-            ds = data.dataset(loc, p)
-            utts.extend(ds.data.table.column("utt").to_pylist())
-        out[loc] = utts
-    return out
+    return _column_by_locale(data, "utt", partitions)
 
 
 def massive_ids(data: MassiveData, partitions: Sequence[str] = ("train",)) -> dict[str, list[str]]:
     """{locale: ids of the given partitions}, parallel to `massive_utterances` (an id is shared by the
     translations of one utterance across locales)."""
-    return {
-        loc: [str(i) for p in partitions for i in data.dataset(loc, p).data.table.column("id").to_pylist()]
-        for loc in data.locales
-    }
+    return {loc: [str(i) for i in ids] for loc, ids in _column_by_locale(data, "id", partitions).items()}
 
 
 def evaluation_utterances(data: MassiveData) -> set[str]:
