@@ -390,6 +390,15 @@ def merge_pools(*pools: dict[str, list[str]]) -> dict[str, list[str]]:
     return out
 
 
+def num_heldout(n: int, fraction: float, min_documents: int = 1) -> int:
+    """round(fraction * n) held-out items, at least `min_documents` when there are 2 * min_documents
+    or more, none when fraction is 0."""
+    k = round(fraction * n)
+    if fraction > 0 and k < min_documents and n >= 2 * min_documents:
+        k = min_documents
+    return k
+
+
 def split_heldout(
     pools: dict[str, list[str]], fraction: float, seed: int, min_documents: int = 1
 ) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
@@ -402,9 +411,7 @@ def split_heldout(
     train, heldout = {}, {}
     for loc, sents in pools.items():
         n = len(sents)
-        k = round(fraction * n)
-        if fraction > 0 and k < min_documents and n >= 2 * min_documents:
-            k = min_documents
+        k = num_heldout(n, fraction, min_documents)
         rng = random.Random(f"{seed}:heldout:{loc}")
         held = set(rng.sample(range(n), k)) if k else set()
         heldout[loc] = [s for i, s in enumerate(sents) if i in held]
@@ -509,9 +516,7 @@ def draw_parallel(
     translation of a heldout utterance is trained on."""
     ids = sorted(groups)
     random.Random(f"{seed}:parallel:ids").shuffle(ids)
-    k = round(heldout_fraction * len(ids))
-    if heldout_fraction > 0 and k < min_heldout and len(ids) >= 2 * min_heldout:
-        k = min_heldout
+    k = num_heldout(len(ids), heldout_fraction, min_heldout)
     rng = random.Random(f"{seed}:parallel:order")
 
     def mixture(part: list[str]) -> Mixture:
