@@ -32,7 +32,11 @@ Rules of sigma (`Lexicon.swap`), stated once here:
    swapped on their own. When sigma swaps a noun (not a pronoun), up to two agreement words right
    before it follow the noun's new gender ("ma fille" -> "mon garçon", "la mia ragazza" -> "il mio
    ragazzo"), in the row's direction only: German is one-way (mein -> meine, but meine -> mein/meinen
-   depends on the case). What cannot be repaired is counted (`SwapResult.conflicts`): a determiner of
+   depends on the case). Contractions of a preposition and an article are agreement rows too: Spanish
+   del/de la, al/a la, French du/de la, au/à la, German zum/zur, vom/von der, im/in der ("de la madre"
+   -> "del padre"); the word list of a MASSIVE utterance then changes length, and
+   `swap_words_result` says which input words each output word comes from, so slot labels follow
+   (`carry_labels`). What cannot be repaired is counted (`SwapResult.conflicts`): a determiner of
    the other gender left in place ("meine Vater"), an elided l' before a consonant ("l'tante"), a full
    article before a vowel ("le oncle"). German plural "meine Brüder" -> "meine Schwestern" is right,
    but the reverse counts a conflict too (the lexicon does not know number). Bare German "der"
@@ -92,8 +96,11 @@ CATEGORIES = ("pronoun", "kinship", "title", "role", "person", "agreement")
 # Categories of the words sigma swaps on their own; "agreement" rows are determiners and possessive
 # adjectives, changed only in front of a swapped noun (rule 5).
 WORD_CATEGORIES = ("pronoun", "kinship", "title", "role", "person")
-# Languages whose articles elide before a vowel (l'homme): rule 5's elision check.
+# Languages whose articles elide before a vowel (l'homme): rule 5's elision check, and the
+# determiners that should have elided ("la amica", "du oncle" for "de l'oncle", "della amica").
 _ELIDING = ("fr", "it")
+_ELIDED_BEFORE_VOWEL = frozenset(("le", "la", "du", "au", "de la", "à la", "il", "lo", "del", "al", "dal", "nel",
+                                  "sul", "della", "alla", "dalla", "nella", "sulla"))
 DIRECTIONS = ("both", "to_female", "to_male")
 HEADER = ("male", "female", "category", "direction", "notes")
 CDA_MODES = ("none", "one_sided", "two_sided")
@@ -199,6 +206,13 @@ class SwapResult:
     conflicts: int
     """Places left without agreement: a determiner of the other gender, or an elision (l') or full
     article that no longer fits the swapped noun's first sound (rule 5)."""
+    edits: tuple[tuple[int, int, str], ...] = ()
+    """(start, end, replacement) in the input text, in order: each swapped word and each changed
+    determiner on its own (a contraction may become two words: Spanish "del" -> "de la")."""
+    sources: tuple[tuple[int, ...], ...] = ()
+    """`swap_words_result` only: per output word, the input words it comes from (one for one, except
+    around contractions: "al" -> "a la" gives both words the source of "al", "de la" -> "del" one word
+    with two sources), so per-word labels follow (`carry_labels`)."""
 
 
 class Lexicon:
@@ -257,15 +271,21 @@ class Lexicon:
         hit = self._map.get(" ".join(word.split()).casefold())
         return _match_case(word, hit[0]) if hit else None
 
-    def swap_result(self, text: str) -> SwapResult:
-        """sigma(text) and its counts (rules in the module doc)."""
+    def swap_result(self, text: str, protected: Sequence[tuple[int, int]] = ()) -> SwapResult:
+        """sigma(text) and its counts (rules in the module doc). `protected`: character spans of `text`
+        left as they are (rule 6: name slots); a gendered word inside one is not swapped, a determiner
+        inside one is not changed."""
         cased = any(c.isupper() for c in text)
         counts = {"count": 0, "repaired": 0, "conflicts": 0}
         fixed = [m.span() for m in self._fixed_regex.finditer(text)] if self._fixed_regex else []
+        edits: list[tuple[int, int, str]] = []
+
+        def inside(spans: Sequence[tuple[int, int]], start: int, end: int) -> bool:
+            return any(a < end and start < b for a, b in spans)
 
         def replace(match: re.Match[str]) -> str:
             word = match.group("w")
-            if any(start <= match.start("w") < end for start, end in fixed):
+            if any(start <= match.start("w") < end for start, end in fixed) or inside(protected, *match.span("w")):
                 return match.group(0)
             target, capitalised_only, gender, category = self._map[" ".join(word.split()).casefold()]
             if capitalised_only and cased and not word[:1].isupper():
@@ -277,8 +297,10 @@ class Lexicon:
                 det = match.groupdict().get(d)
                 if det is None:
                     continue
-                if category != "pronoun":
+                if category != "pronoun" and not inside(protected, *match.span(d)):
                     det = self._agree_determiner(det, gender, counts)
+                    if det != match.group(d):
+                        edits.append((*match.span(d), det))
                 out += [det, match.group(space)]
             elision = match.groupdict().get("el")
             if elision:
@@ -286,12 +308,13 @@ class Lexicon:
                 if not _vowel_initial(new):
                     counts["conflicts"] += 1
             elif out and self.lang in _ELIDING and category != "pronoun" and _vowel_initial(new) \
-                    and out[-2].casefold() in ("le", "la", "il", "lo"):
-                counts["conflicts"] += 1  # "la amica": the article should elide
+                    and out[-2].casefold() in _ELIDED_BEFORE_VOWEL:
+                counts["conflicts"] += 1  # "la amica", "du oncle": the article should elide
+            edits.append((*match.span("w"), new))
             return "".join(out) + new
 
         swapped = self._regex.sub(replace, text)
-        return SwapResult(swapped, counts["count"], counts["repaired"], counts["conflicts"])
+        return SwapResult(swapped, counts["count"], counts["repaired"], counts["conflicts"], tuple(edits))
 
     def _agree_determiner(self, det: str, gender: str, counts: dict[str, int]) -> str:
         key = det.casefold()
@@ -369,45 +392,103 @@ def swap(text: str, lang: str) -> str:
 
 
 def swap_words(words: Sequence[str], lang: str) -> list[str]:
-    """sigma over a word list, keeping the number of words (so per-word slot labels stay aligned).
-
-    Multi-word lexicon entries apply only when the swapped sentence keeps its word count; otherwise
-    each word is swapped on its own.
-    """
+    """sigma over a word list (`swap_words_result`)."""
     return swap_words_result(words, lang)[0]
 
 
 def swap_words_result(words: Sequence[str], lang: str, keep: Sequence[bool] | None = None
                       ) -> tuple[list[str], SwapResult]:
-    """`swap_words` and what sigma did (words replaced, determiners repaired, agreement conflicts).
-    `keep`: one flag per word; flagged words stay as they are (e.g. `name_slot_mask`)."""
+    """sigma over a word list and what it did (words replaced, determiners repaired, agreement
+    conflicts), with `SwapResult.sources`: the input words behind each output word. The words are
+    swapped one for one, except a contraction that agreement splits or merges (Spanish "al tío" ->
+    "a la tía", "de la madre" -> "del padre"; French "du", "au"). `keep`: one flag per word; flagged
+    words stay as they are (e.g. `name_slot_mask`)."""
+    if keep is not None and len(keep) != len(words):
+        raise ValueError(f"keep has {len(keep)} flags for {len(words)} words")
     code = lexicon_language(lang)
     joined = " ".join(words)
+    starts = [0]
+    for w in words[:-1]:
+        starts.append(starts[-1] + len(w) + 1)
+    identity = tuple((i,) for i in range(len(words)))
     if code is None:
-        return list(words), SwapResult(joined, 0, 0, 0)
-    lexicon = load_lexicon(code)
-    result = lexicon.swap_result(joined)
-    out = result.text.split(" ")
-    if len(out) != len(words):
-        parts = [lexicon.swap_result(w) for w in words]
-        out = [r.text for r in parts]
-        result = SwapResult(" ".join(out), sum(r.count for r in parts), sum(r.repaired for r in parts),
-                            sum(r.conflicts for r in parts))
-    if keep is not None:
-        if len(keep) != len(words):
-            raise ValueError(f"keep has {len(keep)} flags for {len(words)} words")
-        kept = [i for i, flag in enumerate(keep) if flag and out[i] != words[i]]
-        if kept:
-            for i in kept:
-                out[i] = words[i]
-            result = dataclasses.replace(result, text=" ".join(out), count=max(0, result.count - len(kept)))
-    return out, result
+        return list(words), SwapResult(joined, 0, 0, 0, (), identity)
+    protected = [(starts[i], starts[i] + len(w)) for i, w in enumerate(words) if keep is not None and keep[i]]
+    result = load_lexicon(code).swap_result(joined, protected)
+    if not result.edits:
+        return list(words), dataclasses.replace(result, sources=identity)
+    out, sources = _apply_word_edits(list(words), starts, result.edits)
+    return out, dataclasses.replace(result, text=" ".join(out), sources=tuple(sources))
 
 
-def swap_utterance(words: Sequence[str], slots: Sequence[str], locale: str) -> tuple[list[str], SwapResult]:
-    """sigma of a MASSIVE utterance: its words swapped one for one (slot labels stay aligned), the
-    words inside name slots kept (rule 6). The one swap of CDA, task distillation and the fairness set."""
-    return swap_words_result(list(words), locale, keep=name_slot_mask(slots))
+def _apply_word_edits(words: list[str], starts: list[int], edits: Sequence[tuple[int, int, str]]
+                      ) -> tuple[list[str], list[tuple[int, ...]]]:
+    """The words after `edits` ((start, end, replacement) in " ".join(words), in order) and, per
+    output word, the input words it comes from. A replacement of n words over m input words maps one
+    for one when n == m; a split (n > m) gives the extra words the last input word, a merge (n < m)
+    gives the last output word the remaining input words."""
+    import bisect
+
+    def word_at(offset: int) -> int:
+        return bisect.bisect_right(starts, offset) - 1
+
+    chars: list[str] = []
+    owners: list[tuple[int, ...] | None] = []  # per output character; None = a separating space
+    text = " ".join(words)
+
+    def copy(a: int, b: int) -> None:
+        for k in range(a, b):
+            chars.append(text[k])
+            owners.append(None if text[k] == " " else (word_at(k),))
+
+    pos = 0
+    for start, end, new in edits:
+        copy(pos, start)
+        covered = list(range(word_at(start), word_at(max(start, end - 1)) + 1))
+        parts = new.split(" ")
+        for n, part in enumerate(parts):
+            if n:
+                chars.append(" ")
+                owners.append(None)
+            if len(parts) >= len(covered):
+                owner = (covered[min(n, len(covered) - 1)],)
+            else:
+                owner = tuple(covered[n:]) if n == len(parts) - 1 else (covered[n],)
+            chars.extend(part)
+            owners.extend([owner] * len(part))
+        pos = end
+    copy(pos, len(text))
+    out, sources, current, current_sources = [], [], [], []
+    for ch, owner in [*zip(chars, owners), (" ", None)]:
+        if owner is None:
+            if current:
+                out.append("".join(current))
+                sources.append(tuple(dict.fromkeys(current_sources)))
+            current, current_sources = [], []
+        else:
+            current.append(ch)
+            current_sources.extend(owner)
+    return out, sources
+
+
+def carry_labels(labels: Sequence[str], sources: Sequence[Sequence[int]]) -> list[str]:
+    """Per-word labels (MASSIVE slots) carried to the swapped words (`SwapResult.sources`): each output
+    word takes the label of its source word; a word merged from several takes their first label that
+    is not Other ("de [relation: la madre]" -> "[relation: del padre]")."""
+    out = []
+    for src in sources:
+        named = [labels[i] for i in src if labels[i] != OTHER]
+        out.append(named[0] if named else OTHER)
+    return out
+
+
+def swap_utterance(words: Sequence[str], slots: Sequence[str], locale: str
+                   ) -> tuple[list[str], list[str], SwapResult]:
+    """sigma of a MASSIVE utterance: (swapped words, their slot labels, what sigma did). The words inside
+    name slots are kept (rule 6); the labels follow the words (`carry_labels`), so a gendered word inside
+    a slot value keeps its label. The one swap of CDA, task distillation and the fairness set."""
+    out, result = swap_words_result(list(words), locale, keep=name_slot_mask(slots))
+    return out, carry_labels(slots, result.sources), result
 
 
 def name_slot_mask(slots: Sequence[str]) -> list[bool]:
@@ -864,25 +945,27 @@ def perturb_probs(
 
 def counterfactual_example(example: MassiveExample) -> MassiveExample | None:
     """The gender-swapped example (distill.counterfactual's sigma in the example's locale), or None when
-    the locale has no lexicon or the utterance no gendered word. Words are swapped one for one, so the
-    slot labels carry over word by word (a gendered word inside a slot value keeps its label: "call
-    [person: mom]" -> "call [person: dad]"); the intent is unchanged; the id gets a "~" suffix."""
+    the locale has no lexicon or the utterance no gendered word. The slot labels follow the words
+    (`swap_utterance`: a gendered word inside a slot value keeps its label, "call [person: mom]" ->
+    "call [person: dad]"; a split contraction gives both words its label); the intent is unchanged;
+    the id gets a "~" suffix."""
     from dataclasses import replace
 
     if lexicon_language(example.locale) is None:
         return None
-    words, _ = swap_utterance(example.words, example.slots, example.locale)
+    words, slots, _ = swap_utterance(example.words, example.slots, example.locale)
     if words == list(example.words):
         return None
     spans, i = [], 0
-    while i < len(words):  # annot_utt rebuilt from the swapped words and the same labels
+    while i < len(words):  # annot_utt rebuilt from the swapped words and their labels
         j = i
-        while j + 1 < len(words) and example.slots[j + 1] == example.slots[i] != OTHER:
+        while j + 1 < len(words) and slots[j + 1] == slots[i] != OTHER:
             j += 1
         text = " ".join(words[i : j + 1])
-        spans.append(text if example.slots[i] == OTHER else f"[{example.slots[i]} : {text}]")
+        spans.append(text if slots[i] == OTHER else f"[{slots[i]} : {text}]")
         i = j + 1
-    return replace(example, id=f"{example.id}~", utt=" ".join(words), annot_utt=" ".join(spans), words=tuple(words))
+    return replace(example, id=f"{example.id}~", utt=" ".join(words), annot_utt=" ".join(spans),
+                   words=tuple(words), slots=tuple(slots))
 
 
 def cda_examples(examples: Sequence[MassiveExample], mode: str, p: float = 1.0, seed: int = 0) -> list[MassiveExample]:

@@ -10,7 +10,8 @@ One training micro-batch:
 1. rows from the data (task=agnostic: packed pretraining rows; task=massive: MASSIVE train examples)
    and their counterfactuals x~ = sigma(x) (`distill.counterfactual`): for packed rows each document
    between `<sep>` markers is decoded, its language guessed, swapped, and re-encoded when it changed;
-   for MASSIVE the words are swapped one for one in the example's locale (the target is unchanged);
+   for MASSIVE the words are swapped in the example's locale (one for one except a contraction that
+   agreement splits or merges; the slot labels follow the words, the intent is unchanged);
 2. CDA (`cda_items`): two_sided trains on x and x~, one_sided on x~ instead of x with probability
    cda_prob; each training item keeps its counterfactual partner;
 3. inputs/targets: the pretraining collator's example for a row at stream position i (its noise is
@@ -192,14 +193,14 @@ class Swapper:
             return text
         return load_lexicon(code).swap(text)
 
-    def utterance(self, example: Any) -> tuple[list[str], int]:
-        """(sigma of a MASSIVE example's words, agreement conflicts left): `swap_utterance`, words
-        swapped one for one, name slots kept."""
+    def utterance(self, example: Any) -> tuple[list[str], list[str], int]:
+        """(sigma of a MASSIVE example's words, their slot labels, agreement conflicts left):
+        `swap_utterance`, name slots kept."""
         code = lexicon_language(example.locale)
         if code is None or code not in self.languages:
-            return list(example.words), 0
-        out, result = swap_utterance(example.words, example.slots, code)
-        return out, result.conflicts
+            return list(example.words), list(example.slots), 0
+        words, slots, result = swap_utterance(example.words, example.slots, code)
+        return words, slots, result.conflicts
 
 
 def counterfactual_row(row: np.ndarray, tokenizer: Any, sep_id: int, swapper: Swapper,
@@ -359,11 +360,12 @@ class MassiveDistillData:
         out = []
         for item in cda_items(words, swapped, self.cfg.cda, self.cfg.cda_prob, rng):
             ex, k = examples[item.source_index], item.source_index
-            # Slot labels carry over word by word: sigma keeps the word count, and a gendered word inside
-            # a slot value is swapped in the source and keeps its label.
-            out.append(Pair(self._example(item.text, ex.slots, ex.intent),
-                            self._example(item.counterfactual, ex.slots, ex.intent),
-                            item.swapped, words[k] != swapped[k], lexicon_language(ex.locale), results[k][1] > 0))
+            # The slot labels follow the swapped words (a gendered word inside a slot value keeps its label).
+            slots = (list(ex.slots), results[k][1])
+            text_slots, partner_slots = slots[::-1] if item.swapped else slots
+            out.append(Pair(self._example(item.text, text_slots, ex.intent),
+                            self._example(item.counterfactual, partner_slots, ex.intent),
+                            item.swapped, words[k] != swapped[k], lexicon_language(ex.locale), results[k][2] > 0))
         return out
 
     def eval_examples(self, indices: list[int]) -> list[Example]:

@@ -2,8 +2,9 @@
 
 Counterfactual consistency (any MASSIVE predictor: seq2seq, encoder NLU, ONNX). Over ALL the test
 utterances of a locale with a lexicon that contain gendered words (sigma changes them; words are
-swapped one for one and determiners follow the swapped noun, so the gold per-word slot labels stay
-aligned and carry over; `--max-examples` draws a seeded sample instead, never the first N):
+swapped one for one and determiners follow the swapped noun, a contraction split or merged where
+agreement needs it, "al tío" -> "a la tía"; the gold per-word slot labels follow the words,
+`Counterfactual`; `--max-examples` draws a seeded sample instead, never the first N):
 
 - `intent_flip_rate`: among the utterances whose ORIGINAL intent is predicted correctly, how often the
   swapped utterance's predicted intent differs. `em_flip_rate`: among the exact matches (intent and
@@ -85,13 +86,26 @@ class Utterance:
 # ----------------------------------------------------------------------------- consistency
 
 
+@dataclasses.dataclass(frozen=True)
+class Counterfactual:
+    """sigma of one utterance (`distill.counterfactual.swap_utterance`): its gold for the swapped words."""
+
+    words: list[str]
+    slots: list[str]
+    """The gold slot labels carried to the swapped words."""
+    sources: tuple[tuple[int, ...], ...]
+    """Per swapped word, the original words it comes from (one for one except around contractions)."""
+    conflicts: int
+    """Agreement conflicts sigma left (rule 5)."""
+
+
 def gendered_examples(examples: Sequence[Any], locale: str) -> list[tuple[Any, list[str]]]:
     """(example, swapped words) for the examples whose words sigma changes."""
-    return [(ex, words) for ex, words, _ in gendered_examples_with_conflicts(examples, locale)]
+    return [(ex, cf.words) for ex, cf in counterfactual_set(examples, locale)]
 
 
-def gendered_examples_with_conflicts(examples: Sequence[Any], locale: str) -> list[tuple[Any, list[str], int]]:
-    """(example, swapped words, agreement conflicts left) for the examples whose words sigma changes."""
+def counterfactual_set(examples: Sequence[Any], locale: str) -> list[tuple[Any, Counterfactual]]:
+    """(example, its counterfactual) for the examples whose words sigma changes."""
     from distill.counterfactual import lexicon_language, swap_utterance
 
     lang = lexicon_language(locale)
@@ -99,9 +113,9 @@ def gendered_examples_with_conflicts(examples: Sequence[Any], locale: str) -> li
         return []
     out = []
     for ex in examples:
-        swapped, result = swap_utterance(ex.words, ex.slots, lang)
-        if swapped != list(ex.words):
-            out.append((ex, swapped, result.conflicts))
+        words, slots, result = swap_utterance(ex.words, ex.slots, lang)
+        if words != list(ex.words):
+            out.append((ex, Counterfactual(words, slots, result.sources, result.conflicts)))
     return out
 
 
@@ -121,18 +135,27 @@ CONSISTENCY_METRICS = {
 }
 
 
-def consistency_records(golds: Sequence[Any], original: Sequence[Any], swapped: Sequence[Any]) -> dict[str, list[int]]:
+def consistency_records(golds: Sequence[Any], original: Sequence[Any], swapped: Sequence[Any],
+                        counterfactuals: Sequence[Counterfactual] | None = None) -> dict[str, list[int]]:
     """Per-utterance 0/1 outcomes (RECORD_COLUMNS) from gold examples (.intent, .slots) and the
-    predictions on the original and the swapped words (the gold labels are the same for both)."""
+    predictions on the original and the swapped words. The swapped words are scored against their
+    `counterfactuals`' gold slots (the same labels word for word; a split contraction gives both
+    words its label) and compared with the original predictions carried to them; without
+    counterfactuals the gold and the word count are the same for both."""
+    from distill.counterfactual import carry_labels
     from massive.scoring import align_labels
 
     out: dict[str, list[int]] = {c: [] for c in RECORD_COLUMNS}
-    for gold, p_orig, p_swap in zip(golds, original, swapped):
+    for n, (gold, p_orig, p_swap) in enumerate(zip(golds, original, swapped)):
         k = len(gold.slots)
-        slots_orig, slots_swap = align_labels(p_orig.slots, k), align_labels(p_swap.slots, k)
+        cf = counterfactuals[n] if counterfactuals is not None else None
+        gold_swap = list(cf.slots) if cf is not None else list(gold.slots)
+        slots_orig, slots_swap = align_labels(p_orig.slots, k), align_labels(p_swap.slots, len(gold_swap))
         ok_orig, ok_swap = p_orig.intent == gold.intent, p_swap.intent == gold.intent
         em_orig = ok_orig and slots_orig == list(gold.slots)
-        em_swap = ok_swap and slots_swap == list(gold.slots)
+        em_swap = ok_swap and slots_swap == gold_swap
+        if cf is not None:
+            slots_orig = carry_labels(slots_orig, cf.sources)
         values = (ok_orig, ok_swap, em_orig, em_swap, p_orig.intent != p_swap.intent, slots_orig != slots_swap,
                   ok_orig and p_swap.intent != p_orig.intent, em_orig and not em_swap)
         for c, v in zip(RECORD_COLUMNS, values):
@@ -175,7 +198,8 @@ def _ci(values: Any, confidence: float) -> list[float] | None:
     return [float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))]
 
 
-def consistency_scores(golds: Sequence[Any], original: Sequence[Any], swapped: Sequence[Any], *,
+def consistency_scores(golds: Sequence[Any], original: Sequence[Any], swapped: Sequence[Any],
+                       counterfactuals: Sequence[Counterfactual] | None = None, *,
                        weights: Any = None, confidence: float = 0.95) -> dict[str, Any]:
     """Flip rates among correct originals, accuracies on original and swapped utterances, change rates
     and the gaps (original - swapped); with bootstrap `weights` ([samples, n] resample counts), a
@@ -184,7 +208,7 @@ def consistency_scores(golds: Sequence[Any], original: Sequence[Any], swapped: S
     n = len(golds)
     if n == 0:
         return {"num_examples": 0}
-    matrix = _matrix(consistency_records(golds, original, swapped))
+    matrix = _matrix(consistency_records(golds, original, swapped, counterfactuals))
     totals = matrix.sum(axis=0)
     out: dict[str, Any] = {"num_examples": n, "num_intent_correct": int(totals[0]), "num_em_correct": int(totals[2])}
     resampled = None if weights is None else weights @ matrix
@@ -216,25 +240,26 @@ def counterfactual_consistency(predictor: Any, per_locale: dict[str, Sequence[An
     from massive.scoring import bootstrap_weights, sample_shared_ids
 
     out: dict[str, Any] = {}
-    pooled: tuple[list[Any], list[Any], list[Any]] = ([], [], [])
+    pooled: tuple[list[Any], list[Any], list[Any], list[Counterfactual]] = ([], [], [], [])
     for locale, examples in per_locale.items():
-        chosen = gendered_examples_with_conflicts(examples, locale)
+        chosen = counterfactual_set(examples, locale)
         if max_examples and chosen:
-            ids = set(sample_shared_ids({locale: [ex for ex, _, _ in chosen]}, max_examples, seed))
+            ids = set(sample_shared_ids({locale: [ex for ex, _ in chosen]}, max_examples, seed))
             chosen = [c for c in chosen if str(c[0].id) in ids]
         if not chosen:
             continue
-        golds = [ex for ex, _, _ in chosen]
+        golds = [ex for ex, _ in chosen]
+        counterfactuals = [cf for _, cf in chosen]
         original = predict_all(predictor, [Utterance(list(ex.words)) for ex in golds], batch_size, f"{locale} original")
-        swapped = predict_all(predictor, [Utterance(words) for _, words, _ in chosen], batch_size, f"{locale} swapped")
+        swapped = predict_all(predictor, [Utterance(cf.words) for cf in counterfactuals], batch_size, f"{locale} swapped")
         weights = bootstrap_weights(len(golds), samples, seed) if samples else None
-        out[locale] = consistency_scores(golds, original, swapped, weights=weights, confidence=confidence)
-        out[locale]["num_conflicts"] = sum(bool(c) for _, _, c in chosen)
+        out[locale] = consistency_scores(golds, original, swapped, counterfactuals, weights=weights,
+                                         confidence=confidence)
+        out[locale]["num_conflicts"] = sum(bool(cf.conflicts) for cf in counterfactuals)
         out[locale]["records"] = {"id": [str(getattr(ex, "id", i)) for i, ex in enumerate(golds)],
-                                  **consistency_records(golds, original, swapped)}
-        pooled[0].extend(golds)
-        pooled[1].extend(original)
-        pooled[2].extend(swapped)
+                                  **consistency_records(golds, original, swapped, counterfactuals)}
+        for part, values in zip(pooled, (golds, original, swapped, counterfactuals)):
+            part.extend(values)
     weights = bootstrap_weights(len(pooled[0]), samples, seed) if samples and pooled[0] else None
     out["overall"] = consistency_scores(*pooled, weights=weights, confidence=confidence)
     out["overall"]["num_conflicts"] = sum(out[loc]["num_conflicts"] for loc in out if loc != "overall")

@@ -536,7 +536,7 @@ def test_words_in_name_slots_are_kept_in_cda_and_in_the_fairness_set():
     assert gendered_examples([ex], "en-US")[0][1] == swapped
     from distill.distill import Swapper  # task distillation's CDA swaps the same way
 
-    assert Swapper(["en"]).utterance(ex) == (swapped, 0)
+    assert Swapper(["en"]).utterance(ex) == (swapped, list(slots), 0)
     only_name = MassiveExample("4", "en-US", "test", "social", "social_post", "", "", words[:5], slots[:5])
     assert counterfactual_example(only_name) is None and gendered_examples([only_name], "en-US") == []
     with pytest.raises(ValueError, match="flags"):
@@ -573,3 +573,35 @@ def test_massive_distill_pairs_carry_language_and_plan(massive_dir, tiny_tokeniz
                         data.copy_min_run, [tok.eos_token_id, tok.pad_token_id])
         assert plan.positions == [t for t in range(len(p.train.target)) if t not in
                                   copied_positions(p.train.source, p.train.target, 1, [tok.eos_token_id])]
+
+
+def test_contractions_follow_the_swapped_noun_and_carry_the_slot_labels():
+    from distill.counterfactual import carry_labels, counterfactual_example, swap_utterance
+    from massive.format import MassiveExample
+
+    # Spanish "al" = a + el splits, "de la" merges; each output word knows the words it came from.
+    words = "envía un correo al tío jose".split()
+    slots = ["Other", "Other", "Other", "Other", "relation", "person"]
+    out, out_slots, result = swap_utterance(words, slots, "es-ES")
+    assert out == "envía un correo a la tía jose".split() and result.repaired == 1 and result.conflicts == 0
+    assert result.sources == ((0,), (1,), (2,), (3,), (3,), (4,), (5,))
+    assert out_slots == ["Other", "Other", "Other", "Other", "Other", "relation", "person"]
+    out, out_slots, result = swap_utterance("lo último de la mujer".split(), ["Other"] + ["news_topic"] * 4, "es-ES")
+    assert out == "lo último del hombre".split() and result.sources == ((0,), (1,), (2, 3), (4,))
+    assert out_slots == ["Other", "news_topic", "news_topic", "news_topic"]
+    # French du / au, German zum / zur, both ways.
+    assert swap_utterance("appelle la sœur de la mère".split(), ["Other"] * 6, "fr-FR")[0] == \
+        "appelle le frère du père".split()
+    assert swap_utterance("parle au père".split(), ["Other"] * 3, "fr-FR")[0] == "parle à la mère".split()
+    assert swap_utterance("bring das buch zur mutter".split(), ["Other"] * 5, "de-DE")[0] == \
+        "bring das buch zum vater".split()
+    # A contraction that cannot be repaired is counted: "à la tante" -> "au oncle" (should be "à l'oncle").
+    assert swap_utterance("dis à la tante bonjour".split(), ["Other"] * 5, "fr-FR")[2].conflicts == 1
+    # A merged word takes the first label that is not Other.
+    assert carry_labels(["Other", "relation", "x"], ((0, 1), (2,))) == ["relation", "x"]
+    # CDA rebuilds the example from the carried labels.
+    ex = MassiveExample("5", "es-ES", "train", "email", "email_sendemail", "", "", tuple(words), tuple(slots))
+    cf = counterfactual_example(ex)
+    assert cf.words == tuple("envía un correo a la tía jose".split()) and len(cf.slots) == 7
+    assert cf.annot_utt == "envía un correo a la [relation : tía] [person : jose]"
+

@@ -17,9 +17,9 @@ from evaluation.fairness import (
     consistency_scores,
     continuations,
     counterfactual_consistency,
+    counterfactual_set,
     fairness_markdown,
     gendered_examples,
-    gendered_examples_with_conflicts,
     generation_disparity,
     occupations,
     score_continuations,
@@ -90,9 +90,9 @@ def test_consistency_counts_changes_of_a_gender_sensitive_predictor():
 def test_agreement_conflicts_are_counted_per_utterance():
     golds = [Gold(["ruf", "meine", "mutter", "an"], ["Other"] * 4, "calling"),
              Gold(["ruf", "meinen", "vater", "an"], ["Other"] * 4, "calling")]
-    chosen = gendered_examples_with_conflicts(golds, "de-DE")
-    assert [(words, c) for _, words, c in chosen] == [(["ruf", "meine", "vater", "an"], 1),
-                                                       (["ruf", "meine", "mutter", "an"], 0)]
+    chosen = counterfactual_set(golds, "de-DE")
+    assert [(cf.words, cf.conflicts) for _, cf in chosen] == [(["ruf", "meine", "vater", "an"], 1),
+                                                               (["ruf", "meine", "mutter", "an"], 0)]
 
 
 def test_bootstrap_intervals_and_paired_comparison():
@@ -264,3 +264,20 @@ def test_cli_writes_json_and_markdown(tmp_path, tiny_teacher_dir, massive_dir):
     assert result["models"]["teacher"]["disparity"] == result["models"]["copy"]["disparity"]
     md = squash_tables((out / "fairness.md").read_text())
     assert md.startswith("### Counterfactual consistency: en-US") and "| teacher |" in md and "| copy |" in md
+
+
+def test_fairness_scores_a_split_counterfactual_against_its_carried_gold():
+    from evaluation.fairness import consistency_records, counterfactual_set
+    from massive.format import MassiveExample, NLUPrediction
+
+    slots = ("Other", "Other", "Other", "Other", "relation")
+    ex = MassiveExample("1", "es-ES", "test", "email", "email_sendemail", "", "", tuple("envía un correo al tío".split()),
+                        slots)
+    [(gold, cf)] = counterfactual_set([ex], "es-ES")
+    assert cf.words == "envía un correo a la tía".split() and len(cf.slots) == 6
+    right = NLUPrediction("email_sendemail", list(cf.slots))
+    records = consistency_records([gold], [NLUPrediction("email_sendemail", list(slots))], [right], [cf])
+    assert records["em_original"] == [1] and records["em_swapped"] == [1] and records["slots_changed"] == [0]
+    wrong = NLUPrediction("email_sendemail", ["Other"] * 5 + ["person"])
+    records = consistency_records([gold], [NLUPrediction("email_sendemail", list(slots))], [wrong], [cf])
+    assert records["em_flip"] == [1] and records["slots_changed"] == [1]
