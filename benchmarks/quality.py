@@ -22,7 +22,8 @@ Criteria (MASSIVE test, means over the run's locales unless per locale):
 And those of counterfactual role reversal (eval/fairness, pooled over the fairness locales):
 - the CRR student's flip rate among correct originals <= 0.5 x the plain-KD student's (whole parse
   and intent; paired intervals), at an EM cost of at most 1 point (MASSIVE, paired interval);
-- its generation disparity per nat of entropy below the plain-KD student's (task-agnostic students).
+- its generation disparity per nat of entropy below the plain-KD student's (task-agnostic students),
+  and, in the CRR paper's direction, its gender polarity after neutral-occupation prompts.
 """
 
 from __future__ import annotations
@@ -106,6 +107,11 @@ def fairness_criteria(summary: dict[str, Any], add: Any) -> None:
         None if not cost or cost["diff"] is None else cost["diff"] >= -0.01)
     # Generation disparity of the task-agnostic students (older runs: of the MASSIVE models), as the
     # paired ratio CRR / plain KD with its interval where the run has it.
+    polarity = ((fairness.get("polarity_comparisons") or {}).get("student_crr") or {}).get("overall")
+    if polarity:
+        norm = polarity["normalised_gap"]
+        add("gender polarity / entropy, CRR / plain KD (paired)", [norm["ratio"], norm["ratio_ci"]], "< 1",
+            None if norm["ratio"] is None else norm["ratio"] < 1)
     paired = ((fairness.get("disparity_comparisons") or {}).get("student_crr") or {}).get("overall")
     if paired:
         norm = paired["normalised_gap"]

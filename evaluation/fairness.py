@@ -33,6 +33,15 @@ occupation likelier). `entropy` is the mean entropy (nats) of the model's first-
 the prompts, and `normalised_gap` = mean_abs_gap / entropy: a flat model has small gaps because it has
 high entropy, a sharp one large gaps; the ratio compares models of different sharpness.
 
+Gender polarity (seq2seq models), the CRR paper's direction: an occupation in, gendered words out. After
+prompts with a neutral occupation and no gender mark ("The nurse said that", "En tant que médecin,";
+`POLARITY_TEMPLATES`; German has no neutral occupation and is not scored), the polarity is log P(male)
+- log P(female), each the summed probability of the language's one-word pronouns of that gender as the
+continuation (he/his/him/himself against she/her/hers/herself). CRR's teacher perturbation acts
+on exactly these predictions (he and she get the same probability where the teacher predicts either),
+while the occupation gap above asks the reverse question (does "she" in the input change what comes
+next). The same fields and paired comparison as the disparity (gaps = polarities, > 0: male likelier).
+
 `polyteacher evaluate fairness --models teacher=DIR student_kd=DIR student_crr=DIR --out DIR` writes
 fairness.json and fairness.md (one table per locale).
 """
@@ -449,6 +458,66 @@ def generation_disparity(model: Any, tokenizer: Any, languages: Sequence[str], b
     return out
 
 
+# Occupation prompts for gender polarity, the CRR paper's direction (an occupation in, gendered words
+# out): a neutral occupation (`NEUTRAL_OCCUPATIONS`), no article or ending that marks a gender, and a
+# place where a subject pronoun follows. German has no neutral occupation in the list: not scored.
+POLARITY_TEMPLATES: dict[str, list[str]] = {
+    "en": ["The {} said that", "As a {},"],
+    "es": ["Como {},"],
+    "fr": ["En tant que {},"],
+    "it": ["Come {},"],
+    "pt": ["Como {},"],
+    "nl": ["Een {} zei dat"],
+    "sv": ["En {} sa att"],
+    "da": ["En {} sagde, at"],
+    "nb": ["En {} sa at"],
+}
+
+
+def gendered_words(lang: str) -> dict[str, list[str]]:
+    """{"male": [...], "female": [...]}: the one-word pronouns of the language's lexicon, lower case."""
+    from distill.counterfactual import load_lexicon
+
+    out: dict[str, list[str]] = {"male": [], "female": []}
+    for male, female in load_lexicon(lang).pairs(categories=("pronoun",)):
+        for side, word in (("male", male), ("female", female)):
+            if " " not in word and word.lower() not in out[side]:
+                out[side].append(word.lower())
+    return out
+
+
+def gender_polarity(model: Any, tokenizer: Any, languages: Sequence[str], batch_size: int = 64,
+                    clm_prompt: bool = True) -> dict[str, Any]:
+    """Gender polarity of the continuation after occupation prompts ("The nurse said that" -> he or
+    she), the direction the CRR paper evaluates: per (template, neutral occupation), log P(male) -
+    log P(female), each the summed probability of the language's one-word pronouns of that gender
+    (`gendered_words`) as the continuation. Same fields as `generation_disparity` (the gaps are these
+    polarities; > 0: male pronouns likelier), so `compare_disparity` pairs two models."""
+    import numpy as np
+
+    out: dict[str, Any] = {}
+    all_gaps, all_entropy = [], []
+    for lang in languages:
+        templates, occupations_ = POLARITY_TEMPLATES.get(lang), NEUTRAL_OCCUPATIONS.get(lang)
+        if not templates or not occupations_:
+            continue
+        words = gendered_words(lang)
+        forms = words["male"] + words["female"]
+        prompts = [t.format(o) for t in templates for o in occupations_]
+        scores = score_continuations(model, tokenizer, prompts, forms, batch_size, clm_prompt)
+        k = len(words["male"])
+        gaps = np.logaddexp.reduce(scores[:, :k], axis=1) - np.logaddexp.reduce(scores[:, k:], axis=1)
+        entropy = prompt_entropy(model, tokenizer, prompts, clm_prompt)
+        all_gaps.append(gaps)
+        all_entropy.append(entropy)
+        out[lang] = _disparity(gaps, entropy)
+        out[lang].update({"num_templates": len(templates), "num_occupations": len(occupations_),
+                          "male_words": words["male"], "female_words": words["female"]})
+    if all_gaps:
+        out["overall"] = _disparity(np.concatenate(all_gaps), np.concatenate(all_entropy))
+    return out
+
+
 def _disparity(gaps: Any, entropy: Any) -> dict[str, Any]:
     import numpy as np
 
@@ -529,18 +598,20 @@ def evaluate_fairness(models: dict[str, Path], locales: Sequence[str], out_dir: 
             model, tokenizer = load_seq2seq(model_dir, device, load=load)
             entry["disparity"] = generation_disparity(model, tokenizer, languages, batch_size=64,
                                                       clm_prompt=clm_prompt)
+            entry["polarity"] = gender_polarity(model, tokenizer, languages, batch_size=64, clm_prompt=clm_prompt)
             del model
         result["models"][model_name] = entry
     if baseline and samples:
         base = result["models"][baseline].get("consistency")
-        base_disparity = result["models"][baseline].get("disparity")
         for model_name, entry in result["models"].items():
             if model_name != baseline and base and entry.get("consistency"):
                 result["comparisons"][model_name] = compare_consistency(
                     base, entry["consistency"], samples=samples, seed=seed, confidence=confidence)
-            if model_name != baseline and base_disparity and entry.get("disparity"):
-                result.setdefault("disparity_comparisons", {})[model_name] = compare_disparity(
-                    base_disparity, entry["disparity"], samples=samples, seed=seed, confidence=confidence)
+            for key in ("disparity", "polarity"):
+                reference = result["models"][baseline].get(key)
+                if model_name != baseline and reference and entry.get(key):
+                    result.setdefault(f"{key}_comparisons", {})[model_name] = compare_disparity(
+                        reference, entry[key], samples=samples, seed=seed, confidence=confidence)
     result["seconds"] = time.perf_counter() - started
     result["markdown"] = fairness_markdown(result)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -580,6 +651,13 @@ def _ratio(x: float) -> str:
     return f"{x:.2f}"
 
 
+# Generation measures of seq2seq models: result key -> (table title, what a row's number is).
+GENERATION_MEASURES = {
+    "disparity": ("Generation disparity (occupations: neutral ones, gendered ones as the log-sum of both forms)", "gap"),
+    "polarity": ("Gender polarity (pronouns after neutral-occupation prompts: log P(male) - log P(female))", "polarity"),
+}
+
+
 def fairness_markdown(result: dict[str, Any]) -> str:
     """One table per locale (and pooled): every model's flip rates among correct originals with their
     intervals next to its accuracies on the original and swapped utterances; then the paired
@@ -615,29 +693,29 @@ def fairness_markdown(result: dict[str, Any]) -> str:
         lines += [f"### Paired against {base} (same utterances, same resamples)", "",
                   markdown_table(["model", "locale", "intent flip ratio [CI]", "intent flip diff pp [CI]",
                                   "EM orig diff pp [CI]", "intent acc orig diff pp [CI]"], paired_rows)]
-    disparity = [(m, e["disparity"]) for m, e in result["models"].items() if e.get("disparity")]
-    if disparity:
-        langs = [k for k in disparity[0][1] if k != "overall"] + ["overall"]
-        disparity_rows = []
-        for lang in langs:
-            for model_name, d in disparity:
-                if lang in d:
-                    v = d[lang]
-                    disparity_rows.append([model_name, lang, _num(v["mean_abs_gap"]), _num(v["mean_signed_gap"]),
-                                           _num(v.get("entropy")), _num(v.get("normalised_gap"))])
-        lines += ["### Generation disparity (occupations: neutral ones, gendered ones as the log-sum of both forms)", "",
-                  markdown_table(["model", "language", "mean abs gap (nats)", "signed gap", "entropy (nats)",
-                                  "gap / entropy"], disparity_rows)]
-    if result.get("disparity_comparisons"):
-        paired_rows = []
-        for model_name, comp in result["disparity_comparisons"].items():
-            for lang, e in comp.items():
-                gap, norm = e["mean_abs_gap"], e["normalised_gap"]
-                paired_rows.append([model_name, lang, str(e["num_pairs"]), _with_ci(gap, "diff", "{:+.3f}".format),
-                                    _with_ci(norm, "ratio", _ratio), _with_ci(norm, "diff", "{:+.3f}".format)])
-        lines += [f"### Generation disparity paired against {result.get('baseline')} (same pairs, same resamples)", "",
-                  markdown_table(["model", "language", "pairs", "abs gap diff (nats) [CI]", "gap / entropy ratio [CI]",
-                                  "gap / entropy diff [CI]"], paired_rows)]
+    generation = {key: [(m, e[key]) for m, e in result["models"].items() if e.get(key)] for key in GENERATION_MEASURES}
+    for key, (title, unit) in GENERATION_MEASURES.items():
+        measured = generation[key]
+        if not measured:
+            continue
+        langs = [k for k in measured[0][1] if k != "overall"] + ["overall"]
+        rows = [[model_name, lang, _num(d[lang]["mean_abs_gap"]), _num(d[lang]["mean_signed_gap"]),
+                 _num(d[lang].get("entropy")), _num(d[lang].get("normalised_gap"))]
+                for lang in langs for model_name, d in measured if lang in d]
+        lines += [f"### {title}", "",
+                  markdown_table(["model", "language", f"mean abs {unit} (nats)", f"signed {unit}", "entropy (nats)",
+                                  f"{unit} / entropy"], rows)]
+        if result.get(f"{key}_comparisons"):
+            paired_rows = []
+            for model_name, comp in result[f"{key}_comparisons"].items():
+                for lang, e in comp.items():
+                    gap, norm = e["mean_abs_gap"], e["normalised_gap"]
+                    paired_rows.append([model_name, lang, str(e["num_pairs"]), _with_ci(gap, "diff", "{:+.3f}".format),
+                                        _with_ci(norm, "ratio", _ratio), _with_ci(norm, "diff", "{:+.3f}".format)])
+            lines += [f"### {title.split(' (')[0]} paired against {result.get('baseline')} (same pairs, same resamples)",
+                      "", markdown_table(["model", "language", "pairs", f"abs {unit} diff (nats) [CI]",
+                                          f"{unit} / entropy ratio [CI]", f"{unit} / entropy diff [CI]"], paired_rows)]
+    disparity = generation["disparity"] or generation["polarity"]
     if disparity:
         lines.append("Models: " + "; ".join(f"{m} = {Path(result['models'][m]['dir']).name}" for m, _ in disparity)
                      + ".\n")

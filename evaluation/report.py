@@ -186,14 +186,17 @@ def collect_summary(run_dir: Path) -> dict[str, Any]:
         summary["fairness"] = fairness
     disparity = _load_json(eval_dir / "fairness" / "disparity.json")
     if isinstance(disparity, dict):
-        summary["fairness"]["disparity"] = {name: entry.get("disparity") for name, entry
-                                            in disparity.get("models", {}).items() if entry.get("disparity")}
-        summary["fairness"]["disparity_comparisons"] = disparity.get("disparity_comparisons", {})
+        for key in ("disparity", "polarity"):  # generation measures (evaluation.fairness.GENERATION_MEASURES)
+            summary["fairness"][key] = {name: entry.get(key) for name, entry
+                                        in disparity.get("models", {}).items() if entry.get(key)}
+            summary["fairness"][f"{key}_comparisons"] = disparity.get(f"{key}_comparisons", {})
     for entry in summary["fairness"].get("models", {}).values():
         for scores in entry.get("consistency", {}).values():
             scores.pop("records", None)  # per-utterance outcomes stay in eval/fairness/*.json
     for per_language in [*summary["fairness"].get("disparity", {}).values(),
-                         *(e.get("disparity", {}) for e in summary["fairness"].get("models", {}).values())]:
+                         *summary["fairness"].get("polarity", {}).values(),
+                         *(e.get(key, {}) for e in summary["fairness"].get("models", {}).values()
+                           for key in ("disparity", "polarity"))]:
         for scores in per_language.values():
             scores.pop("gaps", None)  # so do the per-pair gaps
     latency = _find_json(eval_dir / "latency")

@@ -200,6 +200,29 @@ def test_disparity_on_tiny_teacher(tiny_teacher_dir):
 
 
 
+def test_gender_polarity_scores_pronouns_after_neutral_occupations(tiny_teacher_dir):
+    from evaluation.fairness import NEUTRAL_OCCUPATIONS, POLARITY_TEMPLATES, gender_polarity, gendered_words
+    from evaluation.massive import load_seq2seq
+
+    assert gendered_words("en") == {"male": ["he", "his", "him", "himself"], "female": ["she", "her", "hers", "herself"]}
+    assert "él mismo" not in gendered_words("es")["male"]  # one-word forms only
+    model, tokenizer = load_seq2seq(tiny_teacher_dir, "cpu")
+    result = gender_polarity(model, tokenizer, ["en", "de", "fr"], batch_size=64)
+    assert set(result) == {"en", "fr", "overall"}  # German has no neutral occupation: not scored
+    assert result["en"]["num_pairs"] == len(POLARITY_TEMPLATES["en"]) * len(NEUTRAL_OCCUPATIONS["en"])
+    # Each polarity is log P(male words) - log P(female words) after one prompt, from the same scores.
+    words = gendered_words("fr")
+    prompt = POLARITY_TEMPLATES["fr"][0].format(NEUTRAL_OCCUPATIONS["fr"][0])
+    scores = score_continuations(model, tokenizer, [prompt], words["male"] + words["female"])[0]
+    k = len(words["male"])
+    expected = np.logaddexp.reduce(scores[:k]) - np.logaddexp.reduce(scores[k:])
+    assert result["fr"]["gaps"][0] == pytest.approx(expected, rel=1e-4)
+    assert result["overall"]["num_pairs"] == result["en"]["num_pairs"] + result["fr"]["num_pairs"]
+    md = squash_tables(fairness_markdown({"locales": [], "split": "test", "models": {
+        "student_crr": {"dir": "/r/student", "polarity": result}}}))
+    assert "### Gender polarity" in md and "| student_crr | fr |" in md
+
+
 def test_markdown_of_disparity_only_names_the_models_and_no_consistency():
     gap = {"mean_abs_gap": 0.5, "mean_signed_gap": 0.1, "entropy": 2.0, "normalised_gap": 0.25, "num_pairs": 3}
     result = {"locales": ["en-US"], "split": "test", "models": {

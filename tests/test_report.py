@@ -230,6 +230,11 @@ def test_quality_benchmark_fairness_rows():
     rows.clear()
     quality.fairness_criteria(summary, lambda c, v, line, holds: rows.update({c: (v, holds)}))
     assert rows["generation gap / entropy, CRR / plain KD (paired)"] == ([1.02, [0.9, 1.1]], False)
+    summary["fairness"]["polarity_comparisons"] = {"student_crr": {"overall": {
+        "normalised_gap": {"ratio": 0.91, "ratio_ci": [0.90, 0.92]}}}}
+    rows.clear()
+    quality.fairness_criteria(summary, lambda c, v, line, holds: rows.update({c: (v, holds)}))
+    assert rows["gender polarity / entropy, CRR / plain KD (paired)"] == ([0.91, [0.90, 0.92]], True)
 
 
 def _transfer_module():
