@@ -131,7 +131,8 @@ def test_cda_repeat_repeats_only_the_utterances_sigma_changes(tiny_teacher_dir, 
 
     tokenizer = load_tokenizer(tiny_teacher_dir)
     base = [f"massive_data={massive_dir}", "locales=[en-US,de-DE]", "num_train_examples=200"]
-    once = MassiveDistillData(load_config(DistillConfig, section="taskdistill", preset="tiny", overrides=base), tokenizer)
+    once = MassiveDistillData(load_config(DistillConfig, section="taskdistill", preset="tiny",
+                                          overrides=[*base, "cda_repeat=1"]), tokenizer)
     thrice = MassiveDistillData(
         load_config(DistillConfig, section="taskdistill", preset="tiny", overrides=[*base, "cda_repeat=3"]), tokenizer)
     gendered = [ex for ex in once.train if once.swapper.utterance(ex)[0] != list(ex.words)]
