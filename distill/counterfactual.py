@@ -417,16 +417,17 @@ def swap_words_result(words: Sequence[str], lang: str, keep: Sequence[bool] | No
     result = load_lexicon(code).swap_result(joined, protected)
     if not result.edits:
         return list(words), dataclasses.replace(result, sources=identity)
-    out, sources = _apply_word_edits(list(words), starts, result.edits)
+    out, sources = _apply_word_edits(joined, starts, result.edits)
     return out, dataclasses.replace(result, text=" ".join(out), sources=tuple(sources))
 
 
-def _apply_word_edits(words: list[str], starts: list[int], edits: Sequence[tuple[int, int, str]]
+def _apply_word_edits(text: str, starts: list[int], edits: Sequence[tuple[int, int, str]]
                       ) -> tuple[list[str], list[tuple[int, ...]]]:
-    """The words after `edits` ((start, end, replacement) in " ".join(words), in order) and, per
-    output word, the input words it comes from. A replacement of n words over m input words maps one
-    for one when n == m; a split (n > m) gives the extra words the last input word, a merge (n < m)
-    gives the last output word the remaining input words."""
+    """The words of `text` (words joined by single spaces, starting at `starts`) after `edits`
+    ((start, end, replacement), in order) and, per output word, the input words it comes from. A
+    replacement of n words over m input words maps one for one when n == m; a split (n > m) gives the
+    extra words the last input word, a merge (n < m) gives the last output word the remaining input
+    words."""
     import bisect
 
     def word_at(offset: int) -> int:
@@ -434,7 +435,6 @@ def _apply_word_edits(words: list[str], starts: list[int], edits: Sequence[tuple
 
     chars: list[str] = []
     owners: list[tuple[int, ...] | None] = []  # per output character; None = a separating space
-    text = " ".join(words)
 
     def copy(a: int, b: int) -> None:
         for k in range(a, b):
