@@ -214,10 +214,17 @@ def consistency_scores(golds: Sequence[Any], original: Sequence[Any], swapped: S
     and the gaps (original - swapped); with bootstrap `weights` ([samples, n] resample counts), a
     `<metric>_ci` interval for each."""
 
-    n = len(golds)
-    if n == 0:
+    if not golds:
         return {"num_examples": 0}
-    matrix = _matrix(consistency_records(golds, original, swapped, counterfactuals))
+    return scores_from_records(consistency_records(golds, original, swapped, counterfactuals), weights=weights,
+                               confidence=confidence)
+
+
+def scores_from_records(records: dict[str, list[int]], *, weights: Any = None,
+                        confidence: float = 0.95) -> dict[str, Any]:
+    """`consistency_scores` from the per-utterance outcomes of `consistency_records`."""
+    matrix = _matrix(records)
+    n = matrix.shape[0]
     totals = matrix.sum(axis=0)
     out: dict[str, Any] = {"num_examples": n, "num_intent_correct": int(totals[0]), "num_em_correct": int(totals[2])}
     resampled = None if weights is None else weights @ matrix
@@ -249,7 +256,7 @@ def counterfactual_consistency(predictor: Any, per_locale: dict[str, Sequence[An
     from massive.scoring import bootstrap_weights, sample_shared_ids
 
     out: dict[str, Any] = {}
-    pooled: tuple[list[Any], list[Any], list[Any], list[Counterfactual]] = ([], [], [], [])
+    pooled: dict[str, list[int]] = {}  # the per-utterance records of every locale, for "overall"
     for locale, examples in per_locale.items():
         chosen = counterfactual_set(examples, locale)
         if max_examples and chosen:
@@ -262,15 +269,16 @@ def counterfactual_consistency(predictor: Any, per_locale: dict[str, Sequence[An
         original = predict_all(predictor, [Utterance(list(ex.words)) for ex in golds], batch_size, f"{locale} original")
         swapped = predict_all(predictor, [Utterance(cf.words) for cf in counterfactuals], batch_size, f"{locale} swapped")
         weights = bootstrap_weights(len(golds), samples, seed) if samples else None
-        out[locale] = consistency_scores(golds, original, swapped, counterfactuals, weights=weights,
-                                         confidence=confidence)
+        records = consistency_records(golds, original, swapped, counterfactuals)
+        out[locale] = scores_from_records(records, weights=weights, confidence=confidence)
         out[locale]["num_conflicts"] = sum(bool(cf.conflicts) for cf in counterfactuals)
-        out[locale]["records"] = {"id": [str(getattr(ex, "id", i)) for i, ex in enumerate(golds)],
-                                  **consistency_records(golds, original, swapped, counterfactuals)}
-        for part, values in zip(pooled, (golds, original, swapped, counterfactuals)):
-            part.extend(values)
-    weights = bootstrap_weights(len(pooled[0]), samples, seed) if samples and pooled[0] else None
-    out["overall"] = consistency_scores(*pooled, weights=weights, confidence=confidence)
+        out[locale]["records"] = {"id": [str(getattr(ex, "id", i)) for i, ex in enumerate(golds)], **records}
+        for column, values in records.items():
+            pooled.setdefault(column, []).extend(values)
+    num_pooled = len(pooled.get(RECORD_COLUMNS[0], []))
+    weights = bootstrap_weights(num_pooled, samples, seed) if samples and num_pooled else None
+    out["overall"] = (scores_from_records(pooled, weights=weights, confidence=confidence) if num_pooled
+                      else {"num_examples": 0})
     out["overall"]["num_conflicts"] = sum(out[loc]["num_conflicts"] for loc in out if loc != "overall")
     return out
 
@@ -431,8 +439,7 @@ def generation_disparity(model: Any, tokenizer: Any, languages: Sequence[str], b
     num_occupations, num_neutral}, "overall"} (see the module doc)."""
     import numpy as np
 
-    out: dict[str, Any] = {}
-    all_gaps, all_entropy = [], []
+    measured: dict[str, tuple[Any, Any, dict[str, Any]]] = {}
     for lang in languages:
         templates = TEMPLATES.get(lang)
         items = occupations(lang) if templates else []
@@ -448,14 +455,9 @@ def generation_disparity(model: Any, tokenizer: Any, languages: Sequence[str], b
                for side, sc in scores.items()}
         gaps = (occ["male"] - occ["female"]).ravel()
         entropy = prompt_entropy(model, tokenizer, prompts_m + prompts_f, clm_prompt)
-        all_gaps.append(gaps)
-        all_entropy.append(entropy)
-        out[lang] = _disparity(gaps, entropy)
-        out[lang].update({"num_templates": len(templates), "num_occupations": len(items),
-                          "num_neutral": sum(len(item) == 1 for item in items)})
-    if all_gaps:
-        out["overall"] = _disparity(np.concatenate(all_gaps), np.concatenate(all_entropy))
-    return out
+        measured[lang] = (gaps, entropy, {"num_templates": len(templates), "num_occupations": len(items),
+                                          "num_neutral": sum(len(item) == 1 for item in items)})
+    return _by_language(measured)
 
 
 # Occupation prompts for gender polarity, the CRR paper's direction (an occupation in, gendered words
@@ -495,8 +497,7 @@ def gender_polarity(model: Any, tokenizer: Any, languages: Sequence[str], batch_
     polarities; > 0: male pronouns likelier), so `compare_disparity` pairs two models."""
     import numpy as np
 
-    out: dict[str, Any] = {}
-    all_gaps, all_entropy = [], []
+    measured: dict[str, tuple[Any, Any, dict[str, Any]]] = {}
     for lang in languages:
         templates, occupations_ = POLARITY_TEMPLATES.get(lang), NEUTRAL_OCCUPATIONS.get(lang)
         if not templates or not occupations_:
@@ -508,13 +509,20 @@ def gender_polarity(model: Any, tokenizer: Any, languages: Sequence[str], batch_
         k = len(words["male"])
         gaps = np.logaddexp.reduce(scores[:, :k], axis=1) - np.logaddexp.reduce(scores[:, k:], axis=1)
         entropy = prompt_entropy(model, tokenizer, prompts, clm_prompt)
-        all_gaps.append(gaps)
-        all_entropy.append(entropy)
-        out[lang] = _disparity(gaps, entropy)
-        out[lang].update({"num_templates": len(templates), "num_occupations": len(occupations_),
-                          "male_words": words["male"], "female_words": words["female"]})
-    if all_gaps:
-        out["overall"] = _disparity(np.concatenate(all_gaps), np.concatenate(all_entropy))
+        measured[lang] = (gaps, entropy, {"num_templates": len(templates), "num_occupations": len(occupations_),
+                                          "male_words": words["male"], "female_words": words["female"]})
+    return _by_language(measured)
+
+
+def _by_language(measured: dict[str, tuple[Any, Any, dict[str, Any]]]) -> dict[str, Any]:
+    """{lang: `_disparity` + its extra fields, "overall": pooled over languages} from
+    {lang: (gaps, entropy, extra fields)}."""
+    import numpy as np
+
+    out: dict[str, Any] = {lang: {**_disparity(gaps, entropy), **extra} for lang, (gaps, entropy, extra) in measured.items()}
+    if measured:
+        out["overall"] = _disparity(np.concatenate([m[0] for m in measured.values()]),
+                                    np.concatenate([m[1] for m in measured.values()]))
     return out
 
 
