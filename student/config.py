@@ -92,6 +92,11 @@ class FinetuneConfig:
     for labels that share words, alarm_set / alarm_query; on `small` no better than words, README);
     keep: as pretraining left them. Unused for models from
     scratch and for models already trained on MASSIVE targets (their config.json records the order)."""
+    init_weight: float = 1.0
+    """Start from a pretrained model pulled part of the way back to a fresh initialisation: each
+    parameter is init_weight * pretrained + (1 - init_weight) * fresh (the same architecture drawn
+    with train.seed, i.e. the from-scratch reference's start; `teacher.sizes.interpolate_with_fresh_init`).
+    1 = the pretrained model as it is. Unused for models from scratch."""
     slot_loss_weight: float = 1.0
     """Encoder head: loss = intent CE + slot_loss_weight * slot CE (over first sub-words)."""
     ngram_buckets: int = 0
@@ -157,5 +162,7 @@ class FinetuneConfig:
                 f"finetune.init: {self.init!r} names no size preset; allowed: "
                 + ", ".join(SCRATCH_PREFIX + name for name in PRESETS)
             )
+        if not 0.0 <= self.init_weight <= 1.0:
+            raise ConfigError(f"finetune.init_weight: {self.init_weight} must be in [0, 1] (1 = the pretrained model as it is)")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"finetune.dropout: {self.dropout} must be in [0, 1)")

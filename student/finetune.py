@@ -65,7 +65,7 @@ from massive.loader import load_massive
 from massive.scoring import GENERATION_FIELDS, GENERATION_METRICS, score_locale
 from student.config import FinetuneConfig
 from student.nlu import EncoderNLUModel, NLULabels, decode_predictions, encode_words, nlu_loss, slot_label_ids
-from teacher.sizes import build_model
+from teacher.sizes import build_model, interpolate_with_fresh_init
 
 if TYPE_CHECKING:
     import torch
@@ -247,6 +247,7 @@ def build_seq2seq(cfg: FinetuneConfig, run_dir: Path, tokenizer: Any, labels: li
         model = build_model(dataclasses.replace(cfg.model, preset=cfg.scratch_preset), tokenizer, seed=cfg.train.seed)
     else:
         model = load_seq2seq_model(resolve_dir(run_dir, cfg.init, "init"), "finetune.init", dtype="float32")
+        interpolate_with_fresh_init(model, cfg.init_weight, seed=cfg.train.seed)
     if cfg.dropout is not None:
         _set_dropout(model, cfg.dropout)
     # A model already trained on MASSIVE targets (fine-tuned or task-distilled: its config records

@@ -427,6 +427,33 @@ def build_model(
     return model
 
 
+def interpolate_with_fresh_init(model: Any, weight: float, seed: int) -> None:
+    """Pull a pretrained T5 part of the way back to a fresh start, in place: every parameter becomes
+    `weight * pretrained + (1 - weight) * fresh`, where `fresh` is the same architecture randomly
+    initialised as `build_model` does (seeded by `seed`, so with the seed of a from-scratch reference
+    it is that reference's start). weight 1 leaves the model as it is, 0 is the fresh start.
+
+    Why: a network warm-started from weights trained on another objective can generalise worse
+    than one from random weights, and shrinking toward a fresh initialisation restores it (Ash &
+    Adams 2020, "On warm-starting neural network training"). On `small` the denoising teacher's
+    encoder holds less linearly readable intent than random features (benchmarks/transfer.py)."""
+    import torch
+    from transformers import T5ForConditionalGeneration
+
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"interpolation weight {weight} must be in [0, 1]")
+    if weight == 1.0:
+        return
+    torch.manual_seed(seed)
+    fresh = T5ForConditionalGeneration(model.config)
+    if not getattr(model.config, "scale_decoder_outputs", model.config.tie_word_embeddings):
+        untie_lm_head(fresh)
+    fresh_params = dict(fresh.named_parameters())
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.mul_(weight).add_(fresh_params[name].to(param.dtype), alpha=1.0 - weight)
+
+
 def untie_lm_head(model: Any) -> None:
     """Give a T5 model's `lm_head` its own parameter, N(0, d_model**-0.5), out of the tie map."""
     import torch

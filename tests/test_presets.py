@@ -12,6 +12,7 @@ from teacher.sizes import (
     ModelSpec,
     build_model,
     count_parameters,
+    interpolate_with_fresh_init,
     model_flops_per_example,
     model_flops_per_token,
     t5_config,
@@ -140,6 +141,28 @@ def test_untied_model_round_trips(tmp_path):
     y = torch.randint(3, 300, (1, 5))
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=x, labels=y).logits, model(input_ids=x, labels=y).logits)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_interpolate_with_fresh_init_reaches_the_from_scratch_start(tied):
+    cfg = ModelConfig(preset="tiny", tie_word_embeddings=tied)
+    pretrained = build_model(cfg, 300, seed=11)
+    fresh = build_model(cfg, 300, seed=5)  # what a from-scratch reference with train.seed=5 starts from
+    start = {n: p.clone() for n, p in pretrained.named_parameters()}
+
+    interpolate_with_fresh_init(pretrained, 1.0, seed=5)
+    assert all(torch.equal(p, start[n]) for n, p in pretrained.named_parameters())
+
+    interpolate_with_fresh_init(pretrained, 0.25, seed=5)
+    for name, param in pretrained.named_parameters():
+        torch.testing.assert_close(param, 0.25 * start[name] + 0.75 * dict(fresh.named_parameters())[name])
+    assert (pretrained.lm_head.weight.data_ptr() == pretrained.shared.weight.data_ptr()) is tied
+
+    zero = build_model(cfg, 300, seed=11)
+    interpolate_with_fresh_init(zero, 0.0, seed=5)
+    assert all(torch.equal(p, q) for p, q in zip(zero.parameters(), fresh.parameters()))
+    with pytest.raises(ValueError, match="must be in"):
+        interpolate_with_fresh_init(zero, 1.5, seed=5)
 
 
 @pytest.mark.parametrize("ffn", ["gelu", "gated-gelu"])
