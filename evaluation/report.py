@@ -109,11 +109,15 @@ def comparison_claim(massive_dir: Path, comparison: MassiveComparison) -> dict[s
     metric = (data.get("metrics") or {}).get(CLAIM_METRIC) or {}
     diff_ci = metric.get("diff_ci")
     identical = data.get("identical_predictions") or {}
+    # The eval_massive results compared (their directory names), which the pipeline may choose per
+    # run: the pretraining claim compares pretrained-ft when it has a budget of its own.
+    a, b = (Path(data[k]).parent.name if isinstance(data.get(k), str) else default
+            for k, default in (("a", comparison.a), ("b", comparison.b)))
     return {
         "name": comparison.name,
         "question": comparison.question,
-        "a": comparison.a,
-        "b": comparison.b,
+        "a": a,
+        "b": b,
         "metric": CLAIM_METRIC,
         "value_a": metric.get("a"),
         "value_b": metric.get("b"),

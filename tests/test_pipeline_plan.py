@@ -96,7 +96,40 @@ def test_training_stages_resume_only_when_asked(tmp_path):
         assert all("--resume" not in c for c in plain)
         assert [c + ["--resume"] for c in plain] == resumed
         # The pipeline clears the same directory the training command writes its checkpoints to.
-        assert stage_checkpoints(stage, tmp_path) == CheckpointManager(tmp_path, stage.output).root
+        assert stage_checkpoints(stage, tmp_path, cfg) == [CheckpointManager(tmp_path, stage.output).root]
+    pair = PipelineConfig(pretraining_steps=1800)
+    assert stage_checkpoints(STAGE_BY_NAME["scratch_ft"], tmp_path, pair) == [
+        CheckpointManager(tmp_path, out).root for out in ("scratch-ft", "pretrained-ft")
+    ]
+
+
+def test_pretraining_claim_with_its_own_budget_trains_a_pair_and_compares_it(tmp_path):
+    cfg = PipelineConfig(pretraining_steps=1800, scratch_size="small")
+    (step,) = stage_commands(STAGE_BY_NAME["scratch_ft"], tmp_path, "small", cfg, tmp_path / ".tmp")
+    assert isinstance(step, Concurrent) and len(step.commands) == 2
+    starts = {c[c.index("--out") + 1]: c[c.index("--model") + 1] for c in step.commands}
+    assert starts == {"scratch-ft": "scratch:small", "pretrained-ft": str(tmp_path / "teacher-indomain")}
+    for cmd in step.commands:
+        # One process each, the same budget and schedule, the preset's fine-tuning otherwise.
+        assert cmd[:4] == ["launch", "--nproc-per-node", "1", "--"]
+        assert {"train.max_steps=1800", "train.save_every=1800", "--preset", "small"} <= set(cmd)
+    resumed = stage_commands(STAGE_BY_NAME["scratch_ft"], tmp_path, "small", cfg, tmp_path / ".tmp", resume=True)
+    assert all(c[-1] == "--resume" for c in resumed[0].commands)
+
+    evals = stage_commands(STAGE_BY_NAME["eval_massive"], tmp_path, "small", cfg, tmp_path / ".tmp")
+    scored = [c[c.index("--model") + 1] for c in evals if c[:2] == ["evaluate", "massive"]]
+    assert str(tmp_path / "pretrained-ft") in scored and str(tmp_path / "teacher-ft") in scored
+    pretraining = next(c for c in evals if c[-1] == "compare_pretraining")
+    assert pretraining[2:4] == [str(tmp_path / ".tmp" / m / "massive.json") for m in ("scratch", "pretrained")]
+
+    # The stage is complete only with both models; a new stage-2 teacher reruns it.
+    _complete_all(tmp_path)  # scratch-ft among the rest, but no pretrained-ft
+    assert plan_stages(tmp_path, cfg, [])["scratch_ft"] == "run"
+    (tmp_path / "pretrained-ft").mkdir()
+    assert plan_stages(tmp_path, cfg, [])["scratch_ft"] == "skip"
+    assert plan_stages(tmp_path, cfg, ["teacher_indomain"])["scratch_ft"] == "run"
+    with pytest.raises(ConfigError, match="pretraining_steps"):
+        PipelineConfig(pretraining_steps=-1).validate()
 
 
 def test_tiny_and_small_pipeline_presets_load():
