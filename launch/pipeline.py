@@ -171,13 +171,15 @@ MASSIVE_MODELS: dict[str, str] = {
     "student_kd": "student-kd-ft",
     "student_nlu_int8": "onnx/nlu-int8",
 }
+PRETRAINED_FT = "pretrained-ft"
+"""The stage-2 teacher fine-tuned with pipeline.pretraining_steps, beside scratch-ft (stage scratch_ft)."""
 PRETRAINED_SHORT = "pretrained"
-"""eval_massive's name for pretrained-ft, the stage-2 teacher fine-tuned with pipeline.pretraining_steps."""
+"""eval_massive's name for PRETRAINED_FT."""
 
 
 def massive_models(cfg: PipelineConfig) -> dict[str, str]:
     """The models eval_massive scores: MASSIVE_MODELS, and pretrained-ft when the pretraining claim has its own budget."""
-    return {**MASSIVE_MODELS, **({PRETRAINED_SHORT: "pretrained-ft"} if cfg.pretraining_steps else {})}
+    return {**MASSIVE_MODELS, **({PRETRAINED_SHORT: PRETRAINED_FT} if cfg.pretraining_steps else {})}
 
 
 def compared_models(comparison: MassiveComparison, cfg: PipelineConfig) -> tuple[str, str]:
@@ -232,7 +234,7 @@ def stage_commands(stage: Stage, run_dir: Path, preset: str | None, cfg: Pipelin
         # The claim's pair, side by side (one process each): the same steps, schedule and seed.
         budget = [f"train.max_steps={cfg.pretraining_steps}", f"train.eval_every={max(1, cfg.pretraining_steps // 2)}",
                   f"train.save_every={cfg.pretraining_steps}"]
-        pair = [("scratch:" + cfg.scratch_size, "scratch-ft"), (str(run_dir / "teacher-indomain"), "pretrained-ft")]
+        pair = [("scratch:" + cfg.scratch_size, stage.output), (str(run_dir / "teacher-indomain"), PRETRAINED_FT)]
         return [Concurrent([launch(1, "finetune", "--run-dir", r, "--model", model, "--out", out, "--head", "seq2seq",
                                    *p, f"locales=[{locales}]", *budget) for model, out in pair])]
     if stage.name in ft:
@@ -342,7 +344,7 @@ def _fp32_tmp(final: Path) -> Path:
 def stage_outputs(stage: Stage, cfg: PipelineConfig) -> list[str]:
     """What a stage writes in the run directory: its output, and pretrained-ft beside scratch-ft when
     the pretraining claim has its own budget (pipeline.pretraining_steps)."""
-    extra = ["pretrained-ft"] if stage.name == "scratch_ft" and cfg.pretraining_steps else []
+    extra = [PRETRAINED_FT] if stage.name == "scratch_ft" and cfg.pretraining_steps else []
     return [stage.output, *extra]
 
 
