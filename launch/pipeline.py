@@ -230,19 +230,22 @@ def stage_commands(stage: Stage, run_dir: Path, preset: str | None, cfg: Pipelin
           "student_nlu": ("student", "student-nlu", "encoder")}
     if stage.name == "student_nlu" and len(cfg.nlu_members) > 1:
         return nlu_ensemble_commands(run_dir, p, cfg)
-    if stage.name == "scratch_ft" and cfg.pretraining_steps:
-        # The claim's pair, side by side (one process each): the same steps, schedule and seed.
-        budget = [f"train.max_steps={cfg.pretraining_steps}", f"train.eval_every={max(1, cfg.pretraining_steps // 2)}",
-                  f"train.save_every={cfg.pretraining_steps}"]
-        pair = [("scratch:" + cfg.scratch_size, stage.output), (str(run_dir / "teacher-indomain"), PRETRAINED_FT)]
-        return [Concurrent([launch(1, "finetune", "--run-dir", r, "--model", model, "--out", out, "--head", "seq2seq",
-                                   *p, f"locales=[{locales}]", *budget) for model, out in pair])]
-    if stage.name in ft:
-        src, out, head = ft[stage.name]
+
+    def finetune(nproc: int, name: str, *extra: str) -> list[str]:
+        src, out, head = ft[name]
         model = src if src.startswith("scratch:") else str(run_dir / src)
         section = ["--section", "nlu"] if head == "encoder" else []
-        return [launch(n_other, "finetune", "--run-dir", r, "--model", model, "--out", out,
-                       "--head", head, *section, *p, f"locales=[{locales}]")]
+        return launch(nproc, "finetune", "--run-dir", r, "--model", model, "--out", out, "--head", head, *section,
+                      *p, f"locales=[{locales}]", *extra)
+
+    if stage.name == "scratch_ft" and cfg.pretraining_steps:
+        # The claim's pair, side by side (one process each): the same steps, schedule and seed.
+        ft["pretrained_ft"] = (ft["teacher_ft"][0], PRETRAINED_FT, "seq2seq")
+        budget = [f"train.max_steps={cfg.pretraining_steps}", f"train.eval_every={max(1, cfg.pretraining_steps // 2)}",
+                  f"train.save_every={cfg.pretraining_steps}"]
+        return [Concurrent([finetune(1, name, *budget) for name in ("scratch_ft", "pretrained_ft")])]
+    if stage.name in ft:
+        return [finetune(n_other, stage.name)]
     # (model, also an fp32 export, overrides). The teacher's int8 export is measured for latency and
     # size only, which GPTQ rounding hardly changes, so it skips the calibration (~30 s on 2 cores).
     exports = {"export": ("student-ft", True, []),

@@ -415,14 +415,19 @@ def build_model(
     (anything with `.pad` and `.eos`) overrides the ids. `seed` seeds torch's RNG first, so the
     same seed gives the same weights.
     """
+    return init_t5(t5_config(model_cfg, tokenizer_or_vocab, special_ids), seed)
+
+
+def init_t5(config: Any, seed: Optional[int] = None) -> T5ForConditionalGeneration:
+    """Random weights for a T5 config (ours, or one read back from a model directory); `seed` seeds
+    torch's RNG first. An untied model's lm_head gets its own weights (see module doc)."""
     import torch
     from transformers import T5ForConditionalGeneration
 
-    config = t5_config(model_cfg, tokenizer_or_vocab, special_ids)
     if seed is not None:
         torch.manual_seed(seed)
     model = T5ForConditionalGeneration(config)
-    if not config.scale_decoder_outputs:  # untied: give lm_head its own weights (see module doc)
+    if not getattr(config, "scale_decoder_outputs", config.tie_word_embeddings):
         untie_lm_head(model)
     return model
 
@@ -438,17 +443,12 @@ def interpolate_with_fresh_init(model: Any, weight: float, seed: int) -> None:
     Adams 2020, "On warm-starting neural network training"). On `small` the denoising teacher's
     encoder holds less linearly readable intent than random features (benchmarks/transfer.py)."""
     import torch
-    from transformers import T5ForConditionalGeneration
 
     if not 0.0 <= weight <= 1.0:
         raise ValueError(f"interpolation weight {weight} must be in [0, 1]")
     if weight == 1.0:
         return
-    torch.manual_seed(seed)
-    fresh = T5ForConditionalGeneration(model.config)
-    if not getattr(model.config, "scale_decoder_outputs", model.config.tie_word_embeddings):
-        untie_lm_head(fresh)
-    fresh_params = dict(fresh.named_parameters())
+    fresh_params = dict(init_t5(model.config, seed).named_parameters())
     with torch.no_grad():
         for name, param in model.named_parameters():
             param.mul_(weight).add_(fresh_params[name].to(param.dtype), alpha=1.0 - weight)
