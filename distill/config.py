@@ -58,6 +58,8 @@ class DistillConfig:
         if self.perturb_tokens != "auto":
             return self.perturb_tokens
         return "all" if self.task == "massive" else "gendered"
+    counterfactual_pairing_weight: float = 0.0
+    """Weight of counterfactual logit pairing (Garg et al., 2019): the symmetric KL between the student's own distributions on x and on x~ (both in the batch with cda=two_sided) at the target positions the token diff aligns where the two targets hold the same token; it asks the student for the same labels on both, not only the same teacher target. 0 = off."""
     lexicon_languages: list[str] = dataclasses.field(default_factory=list)
     """Lexicon languages used for swaps and the token map (empty = every lexicon in distill/lexicons)."""
     task: Literal["agnostic", "massive"] = "agnostic"
@@ -97,6 +99,14 @@ class DistillConfig:
             raise ConfigError(
                 f"distill.cda_repeat={self.cda_repeat} repeats the MASSIVE utterances that sigma changes: it needs "
                 f"task=massive and cda one_sided or two_sided (got task={self.task}, cda={self.cda})"
+            )
+        if self.counterfactual_pairing_weight < 0:
+            raise ConfigError(
+                f"distill.counterfactual_pairing_weight: must be >= 0, got {self.counterfactual_pairing_weight}")
+        if self.counterfactual_pairing_weight > 0 and self.cda != "two_sided":
+            raise ConfigError(
+                f"distill.counterfactual_pairing_weight={self.counterfactual_pairing_weight} pairs x with x~ in the "
+                f"same batch: it needs cda=two_sided (got cda={self.cda})"
             )
         if self.teacher_shard == "zero3" and self.teacher_load.device_map != "none":
             raise ConfigError(

@@ -20,10 +20,13 @@ Rules of sigma (`Lexicon.swap`), stated once here:
    hyphenated ones ("grand-père") match as a whole, longest entry first.
 2. Case is kept: lower -> lower, Title -> Title, UPPER -> UPPER (mixed case -> the lexicon's form).
 3. A word listed in several rows maps to the counterpart of its FIRST row (per direction). This is
-   the ambiguity rule: English "her" is listed first against "his", so "her" -> "his" always (the
-   possessive reading; "I saw her" -> "I saw his" is the accepted error), "him" -> "her",
-   "his" -> "her", "hers" -> "his". French/Spanish/Portuguese "femme"/"mujer"/"mulher" -> "homme"/
-   "hombre"/"homem" also where they mean "wife".
+   the ambiguity rule: English "her" is listed first against "his", so "her" -> "his" (the possessive
+   reading), "him" -> "her", "his" -> "her", "hers" -> "his". One exception (`_OBJECT_READING`):
+   "her" at the end or before a word that cannot be the noun it would determine (a preposition,
+   conjunction, determiner, pronoun, adverb, a few verbs: "let her know", "ask her if", "call her")
+   is the object "him". "I saw her dog" -> "I saw his dog" stays right, "send her flowers" -> "send
+   his flowers" is the accepted error. French/Spanish/Portuguese "femme"/"mujer"/"mulher" ->
+   "homme"/"hombre"/"homem" also where they mean "wife".
 4. Entries written capitalised (German nouns: "Junge", "Mann") match only capitalised or UPPER words
    in cased text, so the adjective "junge" is not swapped; in all-lowercase text (MASSIVE utterances
    are lowercased) every entry matches regardless of case.
@@ -36,10 +39,15 @@ Rules of sigma (`Lexicon.swap`), stated once here:
    del/de la, al/a la, French du/de la, au/à la, German zum/zur, vom/von der, im/in der ("de la madre"
    -> "del padre"); the word list of a MASSIVE utterance then changes length, and
    `swap_words_result` says which input words each output word comes from, so slot labels follow
-   (`carry_labels`). What cannot be repaired is counted (`SwapResult.conflicts`): a determiner of
-   the other gender left in place ("meine Vater"), an elided l' before a consonant ("l'tante"), a full
-   article before a vowel ("le oncle"). German plural "meine Brüder" -> "meine Schwestern" is right,
-   but the reverse counts a conflict too (the lexicon does not know number). Bare German "der"
+   (`carry_labels`). French elision and euphony follow the new noun's first sound (`_BEFORE_VOWEL`,
+   `_FULL_ARTICLE`): "la tante" -> "l'oncle", "de la femme" -> "de l'homme", "l'oncle" -> "la tante",
+   "mon ami" -> "mon amie", "cette actrice" -> "cet acteur". German feminine determiners after a
+   preposition take the masculine form of the case the preposition and their ending show: "für meine
+   Schwester" -> "für meinen Bruder", "mit meiner Mutter" -> "mit meinem Vater". What cannot be
+   repaired is counted (`SwapResult.conflicts`): a determiner of the other gender left in place
+   ("meine Vater" without a preposition: nominative "mein" or accusative "meinen"), an Italian article
+   that should elide ("la amica"). German plural "meine Brüder" -> "meine Schwestern" is right, but
+   the reverse counts a conflict too (the lexicon does not know number). Bare German "der"
    (masculine nominative or feminine dative) and the Dutch/Scandinavian articles are left out.
    Ambiguous function words are left out rather than mis-swapped: French/Italian unstressed "lui"/"gli"/
    "le" (to him/to her), German bare "sein" (also "to be"), Dutch "zijn" (also "to be"), Swedish "man"
@@ -49,6 +57,9 @@ Rules of sigma (`Lexicon.swap`), stated once here:
    s'il vous plait), whose "elle" would be ungrammatical. MASSIVE words inside name slots
    (`*_name`: "burger king" as business_name, a song title) are kept too (`swap_words_result(keep=)`,
    `name_slot_mask`): an entity's name has no gender to reverse.
+7. French subject pronouns joined to their verb by a hyphen are kept (`_INVERSION_KEPT`): inversion
+   mostly resumes a noun subject and takes its grammatical gender ("le temps sera-t-il", "les stocks
+   étaient-ils", "céline dion est-elle née", whose name rule 6 keeps) or is impersonal ("y a-t-il").
 
 Teacher perturbation (`build_token_map`, `plan_row`, `perturb_rows`)
 ---------------------------------------------------------------------
@@ -101,6 +112,38 @@ WORD_CATEGORIES = ("pronoun", "kinship", "title", "role", "person")
 _ELIDING = ("fr", "it")
 _ELIDED_BEFORE_VOWEL = frozenset(("le", "la", "du", "au", "de la", "à la", "il", "lo", "del", "al", "dal", "nel",
                                   "sul", "della", "alla", "dalla", "nella", "sulla"))
+# Rule 5 repairs before a vowel-initial swapped noun, per language: determiner -> its elided or euphonic
+# form; a form ending in an apostrophe joins the noun ("la" + "amie" -> "l'amie", "du" + "homme" ->
+# "de l'homme"), the others stay words ("ma amie" -> "mon amie", "ce acteur" -> "cet acteur").
+_BEFORE_VOWEL = {
+    "fr": {"le": "l'", "la": "l'", "du": "de l'", "de la": "de l'", "au": "à l'", "à la": "à l'", "ma": "mon",
+           "ta": "ton", "sa": "son", "ce": "cet", "cette": "cet"},
+}
+# ... and an elided l' before a swapped noun that starts with a consonant: the full article of its gender
+# ("l'oncle" -> "la tante").
+_FULL_ARTICLE = {"fr": {"male": "le", "female": "la"}}
+# German determiners of a swapped feminine noun after a preposition, which fixes their case: feminine
+# accusative (meine, eine, diese) -> masculine accusative (meinen, einen, diesen); feminine dative
+# (meiner, einer) -> masculine dative (meinem, einem). Without a preposition "meine" is nominative or
+# accusative and stays a counted conflict.
+_GERMAN_PREPOSITIONS = frozenset(
+    "für durch gegen ohne um bis an auf in über unter vor hinter neben zwischen mit von zu bei nach aus seit "
+    "gegenüber außer".split())
+_GERMAN_STEMS = frozenset("mein dein sein ihr ein kein unser eur dies jed".split())
+# Rule 3's exception, per language: (word, its object reading, the next words that mark it): English
+# "her" is the object "him", not the possessive "his", before these words (prepositions, conjunctions,
+# determiners, pronouns, adverbs, a few verbs: none can be the noun "her" would determine) and at the end.
+_OBJECT_READING = {
+    "en": ("her", "him", frozenset(
+        "to at on about after for from with in into of by up back out off over down around and or but if that "
+        "how what when where why who whether a an the my your his our their this these those some any i we you "
+        "he she they it me him them today tomorrow tonight now later again yesterday soon please not know see "
+        "be go come get have do make take call ask tell feel think sleep stay happy".split())),
+}
+# Languages whose subject pronouns joined to the verb by a hyphen are kept (rule 7): French inversion
+# ("sera-t-il", "étaient-ils", "est-elle") mostly resumes a noun subject and takes its grammatical gender
+# ("le temps sera-t-il", "céline dion est-elle née", a kept name) or is impersonal ("y a-t-il").
+_INVERSION_KEPT = ("fr",)
 DIRECTIONS = ("both", "to_female", "to_male")
 HEADER = ("male", "female", "category", "direction", "notes")
 CDA_MODES = ("none", "one_sided", "two_sided")
@@ -290,40 +333,81 @@ class Lexicon:
             target, capitalised_only, gender, category = self._map[" ".join(word.split()).casefold()]
             if capitalised_only and cased and not word[:1].isupper():
                 return match.group(0)
+            if category == "pronoun" and self.lang in _INVERSION_KEPT and text[match.start("w") - 1:match.start("w")] == "-":
+                return match.group(0)
             counts["count"] += 1
+            target = self._object_reading(word, text[match.end("w"):]) or target
             new = _match_case(word, target)
-            out = []
-            for d, space in (("d1", "s1"), ("d2", "s2")):
+            before = re.search(r"(\w+)\s+$", text[:match.start()])
+            # (start, end, text) of each determiner in front of the noun, after agreement
+            dets: list[tuple[int, int, str]] = []
+            for d in ("d1", "d2"):
                 det = match.groupdict().get(d)
                 if det is None:
                     continue
                 if category != "pronoun" and not inside(protected, *match.span(d)):
-                    det = self._agree_determiner(det, gender, counts)
-                    if det != match.group(d):
-                        edits.append((*match.span(d), det))
-                out += [det, match.group(space)]
+                    det = self._agree_determiner(det, gender, counts, before.group(1) if before and not dets else None)
+                dets.append((*match.span(d), det))
             elision = match.groupdict().get("el")
-            if elision:
-                out.append(elision)
-                if not _vowel_initial(new):
+            if elision and not _vowel_initial(new) and self.lang in _FULL_ARTICLE:
+                # "l'oncle" -> "la tante": the elided article becomes a word again.
+                counts["repaired"] += 1
+                new = f"{_match_case(elision[:1], _FULL_ARTICLE[self.lang][gender])} {new}"
+                elision = None
+            elif elision:
+                new = elision + new
+                if not _vowel_initial(new[len(elision):]):
                     counts["conflicts"] += 1
-            elif out and self.lang in _ELIDING and category != "pronoun" and _vowel_initial(new) \
-                    and out[-2].casefold() in _ELIDED_BEFORE_VOWEL:
-                counts["conflicts"] += 1  # "la amica", "du oncle": the article should elide
-            edits.append((*match.span("w"), new))
+            start = match.start("el") if match.groupdict().get("el") else match.start("w")
+            if dets and category != "pronoun" and _vowel_initial(new) and not match.groupdict().get("el"):
+                d_start, d_end, det = dets[-1]
+                repaired = _BEFORE_VOWEL.get(self.lang, {}).get(det.casefold())
+                if repaired is not None:
+                    counts["repaired"] += 1
+                    repaired = _match_case(det, repaired)
+                    if repaired.endswith("'"):  # "la" + "amie" -> "l'amie": one word from here on
+                        dets.pop()
+                        new, start = repaired + new, d_start
+                    else:
+                        dets[-1] = (d_start, d_end, repaired)
+                elif self.lang in _ELIDING and det.casefold() in _ELIDED_BEFORE_VOWEL:
+                    counts["conflicts"] += 1  # "la amica", "del amico": the article should elide
+            out, pos = [], match.start()
+            for d_start, d_end, det in dets:
+                if det != text[d_start:d_end]:
+                    edits.append((d_start, d_end, det))
+                out += [text[pos:d_start], det]
+                pos = d_end
+            out.append(text[pos:start])
+            edits.append((start, match.end("w"), new))
             return "".join(out) + new
 
         swapped = self._regex.sub(replace, text)
         return SwapResult(swapped, counts["count"], counts["repaired"], counts["conflicts"], tuple(edits))
 
-    def _agree_determiner(self, det: str, gender: str, counts: dict[str, int]) -> str:
+    def _agree_determiner(self, det: str, gender: str, counts: dict[str, int], before: str | None = None) -> str:
+        """The determiner `det` agreeing with a noun of the new `gender`; `before`: the word in front of it
+        (German: a preposition fixes the case)."""
         key = det.casefold()
         if key in self._agree[gender]:
             counts["repaired"] += 1
             return _match_case(det, self._agree[gender][key])
         if self._det_gender.get(key, gender) != gender:
+            cased = _german_masculine(key) if self.lang == "de" and gender == "male" and before is not None \
+                and before.casefold() in _GERMAN_PREPOSITIONS else None
+            if cased is not None:
+                counts["repaired"] += 1
+                return _match_case(det, cased)
             counts["conflicts"] += 1
         return det
+
+    def _object_reading(self, word: str, rest: str) -> str | None:
+        """Rule 3's exception: the object reading of `word` when the text after it (`rest`) marks one."""
+        reading = _OBJECT_READING.get(self.lang)
+        if reading is None or word.casefold() != reading[0]:
+            return None
+        after = re.match(r"\s*(\w+)", rest)
+        return reading[1] if after is None or after.group(1).casefold() in reading[2] else None
 
     def swap_with_count(self, text: str) -> tuple[str, int]:
         """(sigma(text), number of words replaced)."""
@@ -333,6 +417,15 @@ class Lexicon:
     def swap(self, text: str) -> str:
         """sigma(text): every gendered word replaced by its counterpart (rules in the module doc)."""
         return self.swap_result(text).text
+
+
+def _german_masculine(det: str) -> str | None:
+    """The masculine form of a feminine German determiner in the case its ending shows: accusative
+    -e -> -en ("meine" -> "meinen"), dative -er -> -em ("meiner" -> "meinem"); None if it is not one."""
+    for ending, masculine in (("e", "en"), ("er", "em")):
+        if det.endswith(ending) and det[: -len(ending)] in _GERMAN_STEMS:
+            return det[: -len(ending)] + masculine
+    return None
 
 
 def _alternation(words: Any) -> str:

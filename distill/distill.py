@@ -22,7 +22,10 @@ One training micro-batch:
    target positions the token diff aligns, with the row language's token sigma, copied tokens left
    alone (`perturb_aligned`: rows perturbed somewhere; `perturb_swapped_positions`: positions with
    gendered pairs);
-5. the student's loss alpha T^2 KL(p^ || q_T) + (1 - alpha) CE [+ w * hidden MSE] through the engine.
+5. the student's loss alpha T^2 KL(p^ || q_T) + (1 - alpha) CE [+ w * hidden MSE] [+ c * pairing]
+   through the engine; pairing (`counterfactual_pairing_weight` c, two-sided CDA): the symmetric KL
+   between the student's own distributions on x and on x~ where their targets agree
+   (`paired_positions`).
 
 Held-out evaluation: the student's and the teacher's token cross-entropy on the held-out rows (MASSIVE
 dev for task=massive) and KL(teacher_T || student_T) there, without augmentation.
@@ -65,6 +68,7 @@ from core.modeldir import check_model_dir
 from data_prep.tokenizer import load_tokenizer, special_ids
 from distill.config import DistillConfig
 from distill.counterfactual import (
+    align_positions,
     available_languages,
     build_token_map,
     cda_items,
@@ -75,7 +79,7 @@ from distill.counterfactual import (
     plan_row,
     swap_utterance,
 )
-from distill.losses import HiddenStateLoss, kd_loss, teacher_probs
+from distill.losses import HiddenStateLoss, counterfactual_pairing, kd_loss, teacher_probs
 from distill.student_init import build_student, check_vocabulary, describe_student, layer_map, student_config
 from massive.format import (
     TargetFormat,
@@ -403,6 +407,25 @@ def teacher_forward(teacher: Any, batch: dict[str, torch.Tensor], hidden: bool) 
         )
 
 
+def paired_positions(pairs: list[Pair]) -> list[tuple[int, int, int, int]]:
+    """(row, t, partner row, t') for counterfactual logit pairing: every original x followed in the batch
+    by its x~ (two-sided CDA puts x~ right after x), at the target positions the token diff aligns
+    (`align_positions`) where both targets hold the same token. A position where the two targets differ
+    (a gendered word inside a copied slot value) is not paired: there the two answers should differ."""
+    import numpy as np
+
+    out = []
+    for i in range(len(pairs) - 1):
+        x, cf = pairs[i], pairs[i + 1]
+        if x.swapped or not x.changed or not cf.swapped or not np.array_equal(cf.train.source, x.partner.source):
+            continue
+        target, cf_target = x.train.target, cf.train.target
+        for t, t2 in enumerate(align_positions(target, cf_target)):
+            if t2 >= 0 and target[t] == cf_target[t2]:
+                out.append((i, t, i + 1, t2))
+    return out
+
+
 def distill_step(engine: Any, teacher: Any, pairs: list[Pair], data: Any, cfg: DistillConfig,
                  token_map: TokenMap, hidden_loss: Any, device: str) -> MicroStep:
     """Loss of one micro-batch (see the module doc, steps 3-5)."""
@@ -455,6 +478,14 @@ def distill_step(engine: Any, teacher: Any, pairs: list[Pair], data: Any, cfg: D
         hidden = 0.5 * (decoder + encoder)
         total = total + cfg.hidden_loss_weight * hidden
         parts["hidden"] = float(hidden.detach())
+    if cfg.counterfactual_pairing_weight > 0:
+        import torch
+
+        index = torch.as_tensor(paired_positions(pairs), dtype=torch.long, device=out.logits.device).reshape(-1, 4)
+        pairing = counterfactual_pairing(out.logits, *index.unbind(1))
+        total = total + cfg.counterfactual_pairing_weight * pairing
+        parts["pairing"] = float(pairing.detach())
+        parts["paired_positions"] = float(index.shape[0])
     tokens = int(batch["attention_mask"].sum()) + losses.num_tokens
     return MicroStep(total, parts, tokens)
 
@@ -597,7 +628,7 @@ def _token_map_summary(token_map: TokenMap) -> str:
 
 
 # Per-micro-batch means; the row counters become fractions of the training rows.
-_MEAN_PARTS = ("kd", "ce", "hidden", "perturb_l1")
+_MEAN_PARTS = ("kd", "ce", "hidden", "perturb_l1", "pairing", "paired_positions")
 _ROW_PARTS = ("rows_swapped", "rows_gendered", "rows_conflict", "perturb_aligned")
 
 

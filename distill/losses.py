@@ -77,6 +77,21 @@ def kd_loss(
     return KDLossOutput(total=total, kd=kd, ce=ce, num_tokens=num_tokens)
 
 
+def counterfactual_pairing(student_logits: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
+                           partner_rows: torch.Tensor, partner_positions: torch.Tensor) -> torch.Tensor:
+    """Counterfactual logit pairing (Garg et al., 2019, "Counterfactual fairness in text classification
+    through robustness") for sequence outputs: the mean over paired target positions of the symmetric
+    KL between the student's distributions on an item (rows, positions) and on its counterfactual
+    partner in the same batch (partner_rows, partner_positions); all four are index tensors [P].
+    Gradients reach both sides. 0 when nothing is paired."""
+    if rows.numel() == 0:
+        return student_logits.sum() * 0.0
+    log_a = F.log_softmax(student_logits[rows, positions].float(), dim=-1)  # [P, V]
+    log_b = F.log_softmax(student_logits[partner_rows, partner_positions].float(), dim=-1)
+    kl = (log_a.exp() * (log_a - log_b)).sum(-1) + (log_b.exp() * (log_b - log_a)).sum(-1)
+    return 0.5 * kl.mean()
+
+
 class HiddenStateLoss(torch.nn.Module):
     """MSE between projected student hidden states and the teacher's: mean over masked positions of
     mean_d (W h_s + b - h_t)^2, with W: student_dim -> teacher_dim learned (trained with the student).

@@ -159,8 +159,12 @@ def test_case_is_preserved():
 
 
 def test_ambiguity_rule_first_row_wins():
-    # her -> his (possessive reading), him -> her, his -> her, hers -> his.
-    assert swap("her", "en") == "his"
+    # her -> his (possessive reading) before a noun, him (object) at the end or before a word that
+    # cannot be its noun; him -> her, his -> her, hers -> his.
+    assert swap("her car", "en") == "his car"
+    assert swap("call her", "en") == "call him"
+    assert swap("let her know that her dog is here", "en") == "let him know that his dog is here"
+    assert swap("ask her if dean turned in his homework", "en") == "ask him if dean turned in her homework"
     assert swap("him", "en") == "her"
     assert swap("his", "en") == "her"
     assert swap("hers", "en") == "his"
@@ -233,15 +237,26 @@ def test_agreement_repairs_determiners_and_counts_conflicts():
     fr = load_lexicon("fr")
     r = fr.swap_result("Mon père et le frère")
     assert (r.text, r.count, r.repaired, r.conflicts) == ("Ma mère et la sœur", 2, 2, 0)
-    r = fr.swap_result("appelle l'oncle")  # l' before the consonant of "tante": left, counted
-    assert (r.text, r.conflicts) == ("appelle l'tante", 1)
-    r = fr.swap_result("la tante")  # "le oncle" would need l': counted
-    assert (r.text, r.conflicts) == ("le oncle", 1)
+    # Elision and euphony follow the new noun's first sound, both ways.
+    for text, swapped in (("appelle l'oncle", "appelle la tante"), ("L'oncle", "La tante"), ("la tante", "l'oncle"),
+                          ("de la femme", "de l'homme"), ("à la tante", "à l'oncle"), ("mon ami", "mon amie"),
+                          ("cette actrice", "cet acteur"), ("l'actrice", "l'acteur")):
+        r = fr.swap_result(text)
+        assert (r.text, r.conflicts) == (swapped, 0), text
+    words, result = swap_words_result("la journée de la femme".split(), "fr-FR")
+    assert words == "la journée de l'homme".split() and result.sources == ((0,), (1,), (2,), (3, 4))
+    words, result = swap_words_result("appelle l'oncle".split(), "fr-FR")
+    assert words == "appelle la tante".split() and result.sources == ((0,), (1,), (1,))
     de = load_lexicon("de")
     r = de.swap_result("Mein Vater und ein Sohn")
     assert (r.text, r.repaired, r.conflicts) == ("Meine Mutter und eine Tochter", 2, 0)
     r = de.swap_result("meine Mutter")  # meine -> mein/meinen depends on the case: one-way, counted
     assert (r.text, r.repaired, r.conflicts) == ("meine Vater", 0, 1)
+    # After a preposition the case is known: accusative -e -> -en, dative -er -> -em.
+    for text, swapped in (("für meine Schwester", "für meinen Bruder"), ("mit meiner Mutter", "mit meinem Vater"),
+                          ("an eine Freundin", "an einen Freund"), ("Mit Meiner Mutter", "Mit Meinem Vater")):
+        r = de.swap_result(text)
+        assert (r.text, r.repaired, r.conflicts) == (swapped, 1, 0), text
     it = load_lexicon("it")
     assert it.swap("la mia ragazza") == "il mio ragazzo"  # two agreeing words before the noun
     pt = load_lexicon("pt")
@@ -517,6 +532,10 @@ def test_personal_french_il_is_still_swapped_next_to_a_fixed_expression():
     from distill.counterfactual import swap_words_result
 
     assert swap_words_result("il mange et il pleut".split(), "fr-FR")[0] == "elle mange et il pleut".split()
+    # Rule 7: inverted pronouns resume a noun subject (its grammatical gender) or are impersonal.
+    for text in ("le temps sera-t-il beau", "les stocks étaient-ils en hausse", "céline dion est-elle née",
+                 "il y a t-il quelque chose", "pour qu'il n'y ait pas de retard"):
+        assert swap_words_result(text.split(), "fr-FR")[1].count == 0, text
     words, result = swap_words_result("dis à mon père qu'il y a un problème".split(), "fr-FR")
     assert words == "dis à ma mère qu'il y a un problème".split() and result.count == 1
 
@@ -595,8 +614,14 @@ def test_contractions_follow_the_swapped_noun_and_carry_the_slot_labels():
     assert swap_utterance("parle au père".split(), ["Other"] * 3, "fr-FR")[0] == "parle à la mère".split()
     assert swap_utterance("bring das buch zur mutter".split(), ["Other"] * 5, "de-DE")[0] == \
         "bring das buch zum vater".split()
-    # A contraction that cannot be repaired is counted: "à la tante" -> "au oncle" (should be "à l'oncle").
-    assert swap_utterance("dis à la tante bonjour".split(), ["Other"] * 5, "fr-FR")[2].conflicts == 1
+    # Before a vowel the contraction elides: "à la tante" -> "à l'oncle", not "au oncle".
+    out, out_slots, result = swap_utterance("dis à la tante bonjour".split(), ["Other", "Other", "relation", "relation",
+                                                                           "Other"], "fr-FR")
+    assert out == "dis à l'oncle bonjour".split() and out_slots == ["Other", "Other", "relation", "Other"]
+    assert result.conflicts == 0
+    # What cannot be repaired is counted: Italian elision is not written ("il uomo" for "l'uomo").
+    it = load_lexicon("it")
+    assert [it.swap_result(t).conflicts for t in ("la donna", "della donna", "l'uomo", "la zia")] == [1, 1, 1, 0]
     # A merged word takes the first label that is not Other.
     assert carry_labels(["Other", "relation", "x"], ((0, 1), (2,))) == ["relation", "x"]
     # CDA rebuilds the example from the carried labels.

@@ -86,7 +86,8 @@ def test_two_process_distillation_loss_falls(tmp_path, tiny_teacher_dir, tiny_to
 @pytest.mark.slow
 def test_task_distillation_on_massive_with_length_grouped_batches(tmp_path, tiny_teacher_dir, massive_dir):
     """`distill --section taskdistill`: MASSIVE pairs from the fine-tuned teacher, one process, batches
-    grouped by length; the loss falls and the student is a seq2seq model with half the layers."""
+    grouped by length, counterfactual logit pairing on; the loss falls and the student is a seq2seq
+    model with half the layers."""
     from core.config import load_config
     from core.data import ResumableSampler
     from data_prep.tokenizer import load_tokenizer
@@ -107,15 +108,18 @@ def test_task_distillation_on_massive_with_length_grouped_batches(tmp_path, tiny
     cmd = [
         sys.executable, "-m", "launch.cli", "distill", "--run-dir", str(run), "--section", "taskdistill",
         "--teacher", str(tiny_teacher_dir), "--out", "student-task", "--preset", "tiny",
-        f"massive_data={massive_dir}", "locales=[en-US]", "num_train_examples=256", "num_eval_examples=8",
+        # de-DE: the first 128 utterances of the two locales hold one that sigma changes (paired 8 times).
+        f"massive_data={massive_dir}", "locales=[en-US,de-DE]", "num_train_examples=128", "num_eval_examples=8",
         "train.max_steps=12", "train.micro_batch_size=8", "train.global_batch_size=8", "train.warmup_steps=1",
         "train.log_every=1", "train.eval_every=12", "train.save_every=12", "train.num_eval_batches=1",
+        "counterfactual_pairing_weight=1.0",
     ]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["stage"] == "distill" and "loss" in r]
     assert [r["step"] for r in train] == list(range(1, 13))
+    assert all(r["pairing"] >= 0 for r in train) and any(r["paired_positions"] > 0 for r in train)
     assert np.mean([r["loss"] for r in train[-3:]]) < np.mean([r["loss"] for r in train[:3]])
     from transformers import AutoModelForSeq2SeqLM
 
@@ -142,3 +146,41 @@ def test_cda_repeat_repeats_only_the_utterances_sigma_changes(tiny_teacher_dir, 
     for bad, match in (("cda_repeat=0", ">= 1"), ("cda=none", "needs task=massive and cda")):
         with pytest.raises(ConfigError, match=match):
             load_config(DistillConfig, section="taskdistill", preset="tiny", overrides=[*base, "cda_repeat=2", bad])
+
+
+def test_counterfactual_pairing_pairs_each_original_with_its_swap_where_the_targets_agree(tiny_teacher_dir, massive_dir):
+    """Two-sided CDA puts x~ right after x; pairing holds at aligned positions with the same target token,
+    is 0 for a student that answers alike on both and grows when it does not."""
+    import torch
+
+    from core.config import ConfigError, load_config
+    from data_prep.tokenizer import load_tokenizer
+    from distill.config import DistillConfig
+    from distill.distill import MassiveDistillData, paired_positions
+    from distill.losses import counterfactual_pairing
+
+    base = [f"massive_data={massive_dir}", "locales=[en-US,de-DE]", "num_train_examples=200", "cda=two_sided"]
+    data = MassiveDistillData(load_config(DistillConfig, section="taskdistill", preset="tiny",
+                                          overrides=[*base, "counterfactual_pairing_weight=1.0"]), load_tokenizer(tiny_teacher_dir))
+    gendered = [i for i, ex in enumerate(data.train) if data.swapper.utterance(ex)[0] != list(ex.words)]
+    plain = [i for i in range(len(data.train)) if i not in set(gendered)]
+    pairs = data.pairs([plain[0], gendered[0], plain[1], gendered[1]], epoch=0)
+    assert [(p.swapped, p.changed) for p in pairs] == [(False, False), (False, True), (True, True), (False, False),
+                                                       (False, True), (True, True)]
+    paired = paired_positions(pairs)
+    assert {(i, j) for i, _, j, _ in paired} == {(1, 2), (4, 5)}
+    for i, t, j, t2 in paired:
+        assert pairs[i].train.target[t] == pairs[j].train.target[t2]
+    for i in (1, 4):  # every position of x is paired unless the targets differ there
+        assert sum(1 for a, *_ in paired if a == i) >= len(pairs[i].train.target) - 2
+    index = torch.as_tensor(paired).unbind(1)
+    length = max(len(p.train.target) for p in pairs)
+    same = torch.randn(1, length, 50).repeat(len(pairs), 1, 1)
+    assert float(counterfactual_pairing(same, *index)) == pytest.approx(0.0, abs=1e-6)
+    differ = same.clone().requires_grad_(True)
+    loss = counterfactual_pairing(differ + torch.randn(len(pairs), length, 50), *index)
+    loss.backward()
+    assert float(loss) > 0 and differ.grad[[1, 2, 4, 5]].abs().sum() > 0 and differ.grad[[0, 3]].abs().sum() == 0
+    with pytest.raises(ConfigError, match="needs cda=two_sided"):
+        load_config(DistillConfig, section="taskdistill", preset="tiny",
+                    overrides=[*base, "cda=one_sided", "counterfactual_pairing_weight=1.0"])
