@@ -348,18 +348,18 @@ class Lexicon:
                 if category != "pronoun" and not inside(protected, *match.span(d)):
                     det = self._agree_determiner(det, gender, counts, before.group(1) if before and not dets else None)
                 dets.append((*match.span(d), det))
-            elision = match.groupdict().get("el")
-            if elision and not _vowel_initial(new) and self.lang in _FULL_ARTICLE:
+            elided = match.groupdict().get("el")  # the l' of "l'oncle"
+            start = match.start("el") if elided else match.start("w")
+            if elided and _vowel_initial(new):
+                new = elided + new
+            elif elided and self.lang in _FULL_ARTICLE:
                 # "l'oncle" -> "la tante": the elided article becomes a word again.
                 counts["repaired"] += 1
-                new = f"{_match_case(elision[:1], _FULL_ARTICLE[self.lang][gender])} {new}"
-                elision = None
-            elif elision:
-                new = elision + new
-                if not _vowel_initial(new[len(elision):]):
-                    counts["conflicts"] += 1
-            start = match.start("el") if match.groupdict().get("el") else match.start("w")
-            if dets and category != "pronoun" and _vowel_initial(new) and not match.groupdict().get("el"):
+                new = f"{_match_case(elided[:1], _FULL_ARTICLE[self.lang][gender])} {new}"
+            elif elided:
+                counts["conflicts"] += 1
+                new = elided + new
+            elif dets and category != "pronoun" and _vowel_initial(new):
                 d_start, d_end, det = dets[-1]
                 repaired = _BEFORE_VOWEL.get(self.lang, {}).get(det.casefold())
                 if repaired is not None:
