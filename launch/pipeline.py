@@ -213,8 +213,9 @@ def stage_commands(stage: Stage, run_dir: Path, preset: str | None, cfg: Pipelin
     if stage.name == "teacher_indomain":
         return [launch(n_other, "pretrain", "--run-dir", r, "--out", "teacher-indomain", "--section", "indomain",
                        "--init-from", str(run_dir / "teacher"), *p)]
-    # Plain KD: the preset's distillation without CRR (no CDA, so no repeated counterfactuals either).
-    plain_kd = ["cda=none", "cda_repeat=1", "perturb=none"]
+    # Plain KD: the preset's distillation without CRR (no CDA, so no repeated counterfactuals and no
+    # counterfactual pairs either).
+    plain_kd = ["cda=none", "cda_repeat=1", "perturb=none", "counterfactual_pairing_weight=0"]
     generic_distill = {"student": ("student", []), "student_kd": ("student-kd", plain_kd)}
     if stage.name in generic_distill:
         out, ablation = generic_distill[stage.name]
