@@ -36,8 +36,9 @@ def flip_kind(words_changed: set[int], predicted: list[str], gold: list[str], in
 
 
 def score(model_dir: Path, per_locale: dict, massive) -> list[dict]:
-    """One row per fairness utterance: the words, gold and predicted parses of both versions."""
-    from evaluation.fairness import Utterance, counterfactual_set
+    """One row per fairness utterance: the swapped words, their gold and predicted parse, and the
+    outcomes of `evaluation.fairness.consistency_records` (exact match on the original and the swap)."""
+    from evaluation.fairness import Utterance, consistency_records, counterfactual_set
     from evaluation.massive import load_predictor, predict_all
     from massive.scoring import align_labels
 
@@ -48,15 +49,14 @@ def score(model_dir: Path, per_locale: dict, massive) -> list[dict]:
         golds, cfs = [ex for ex, _ in chosen], [cf for _, cf in chosen]
         original = predict_all(predictor, [Utterance(list(ex.words)) for ex in golds], 32, f"{locale} original")
         swapped = predict_all(predictor, [Utterance(cf.words) for cf in cfs], 32, f"{locale} swapped")
-        for gold, cf, p_orig, p_swap in zip(golds, cfs, original, swapped):
+        records = consistency_records(golds, original, swapped, cfs)
+        for n, (gold, cf, p_swap) in enumerate(zip(golds, cfs, swapped)):
             slots_swap = align_labels(p_swap.slots, len(cf.slots))
-            em_orig = p_orig.intent == gold.intent and align_labels(p_orig.slots, len(gold.slots)) == list(gold.slots)
-            em_swap = p_swap.intent == gold.intent and slots_swap == list(cf.slots)
-            changed = {i for i, src in enumerate(cf.sources) if [gold.words[j] for j in src] != [cf.words[i]]}
             row = {"locale": locale, "id": str(gold.id), "intent": gold.intent, "swapped": cf.words,
                    "gold": list(cf.slots), "predicted_intent": p_swap.intent, "predicted": slots_swap,
-                   "em_original": em_orig, "em_swapped": em_swap}
-            if em_orig and not em_swap:
+                   "em_original": bool(records["em_original"][n]), "em_swapped": bool(records["em_swapped"][n])}
+            if records["em_flip"][n]:
+                changed = {i for i, src in enumerate(cf.sources) if [gold.words[j] for j in src] != [cf.words[i]]}
                 row["kind"] = flip_kind(changed, slots_swap, list(cf.slots), p_swap.intent == gold.intent)
             rows.append(row)
     return rows
