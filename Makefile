@@ -36,8 +36,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 
+# The quick benchmarks (minutes, no run directory needed); the others take a run: see docs/results.md.
 bench: $(STAMP)
-	$(PY) benchmarks/data_prep.py
+	$(PY) -m benchmarks.data_prep
+	$(PY) -m benchmarks.ngram_step
 
 clean-runs:
 	rm -rf runs

@@ -10,8 +10,8 @@ For one teacher directory, on CPU, the frozen teacher's forward on the same batc
 Columns: weights resident in the process (the ZeRO-3 partition of a rank), load seconds, forward
 milliseconds per batch (median of --repeats after one warm-up), and the largest |logit - plain logit|.
 
-    .venv/bin/python benchmarks/bigteacher.py --teacher RUN/teacher-ft
-    .venv/bin/python benchmarks/bigteacher.py --preset small --tokenizer RUN/tokenizer   # a random teacher
+    .venv/bin/python -m benchmarks.bigteacher --teacher RUN/teacher-ft
+    .venv/bin/python -m benchmarks.bigteacher --preset small --tokenizer RUN/tokenizer   # a random teacher
 
 Prints a table, writes benchmarks/results/bigteacher.json.
 """
@@ -29,8 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import REPO, RESULTS  # noqa: E402  (sets the thread and DeepSpeed defaults)
+from benchmarks.common import REPO, RESULTS  # noqa: I001 (first: sets the thread and DeepSpeed defaults)
 
 
 def batches(num: int, batch: int, src_len: int, tgt_len: int, vocab: int) -> list[dict]:
@@ -70,7 +69,6 @@ def resident_bytes(model) -> int:
 
 ZERO3_WORKER = r"""
 import json, sys, time, torch
-sys.path.insert(0, sys.argv[4])
 from benchmarks.bigteacher import batches, resident_bytes, time_forward
 from core.bigmodel import shard_zero3
 from core.distributed import init_distributed
@@ -97,8 +95,8 @@ def run_zero3(teacher: Path, ranks: int, settings: dict, reference: list) -> dic
         for rank in range(ranks):
             env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(ranks),
                        LOCAL_WORLD_SIZE=str(ranks), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-            procs.append(subprocess.Popen([sys.executable, "-c", ZERO3_WORKER, str(teacher), out, json.dumps(settings),
-                                           str(REPO)], env=env, stderr=subprocess.PIPE, text=True))
+            procs.append(subprocess.Popen([sys.executable, "-c", ZERO3_WORKER, str(teacher), out, json.dumps(settings)],
+                                          env=env, stderr=subprocess.PIPE, text=True, cwd=REPO))
         for proc in procs:
             _, err = proc.communicate(timeout=1800)
             if proc.returncode:

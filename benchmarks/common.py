@@ -1,6 +1,7 @@
 """What the benchmark scripts set before they import the project: one thread per process unless told
-otherwise, DeepSpeed on CPU, quiet tokenizers; and where their results go. Import it right after
-putting the repository on sys.path: `sys.path.insert(0, str(Path(__file__).resolve().parent.parent))`."""
+otherwise, DeepSpeed on CPU, quiet tokenizers; and where their results go. Import it before the
+project (`from benchmarks.common import RESULTS`), running the benchmark as a module from the
+repository root: `python -m benchmarks.NAME`."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Throughput of the data_prep stage: loading (MASSIVE, corpora), tokenizing and packing.
 
-    .venv/bin/python benchmarks/data_prep.py [--locales en-US de-DE ...] [--vocab-size 4000]
+    .venv/bin/python -m benchmarks.data_prep [--locales en-US de-DE ...] [--vocab-size 4000]
 
 Prints a table of sentences per second for each step and writes benchmarks/results/data_prep.json.
 Loading MASSIVE is measured without the Arrow cache (parsing the official files), and again from
@@ -18,11 +18,10 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core.config import resolve_data_path  # noqa: E402
-from core.fsutil import atomic_write_json  # noqa: E402
-from data_prep.config import DataConfig, TokenizerConfig  # noqa: E402
+from core.config import resolve_data_path
+from core.fsutil import atomic_write_json
+from data_prep.config import DataConfig, TokenizerConfig
 
 RESULTS = Path(__file__).resolve().parent / "results" / "data_prep.json"
 DEFAULT_LOCALES = ["en-US", "de-DE", "fr-FR", "es-ES", "ja-JP", "th-TH", "hi-IN", "ar-SA"]

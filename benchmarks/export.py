@@ -1,7 +1,7 @@
 """Export benchmark: size, latency and agreement of fp32 and int8 ONNX exports with their PyTorch model.
 
-    .venv/bin/python benchmarks/export.py --student RUN/student-ft --nlu RUN/student-nlu
-    .venv/bin/python benchmarks/export.py --student RUN/student-ft --variants wo32 dyn_tensor   # fewer int8 variants
+    .venv/bin/python -m benchmarks.export --student RUN/student-ft --nlu RUN/student-nlu
+    .venv/bin/python -m benchmarks.export --student RUN/student-ft --variants wo32 dyn_tensor   # fewer int8 variants
 
 For each trained model (a seq2seq student and an encoder NLU student) it exports fp32 ONNX and every
 int8 variant (`VARIANTS`: weight-only 8-bit codes in blocks of 32 or 128 weights computed in fp32,
@@ -36,8 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import RESULTS  # noqa: E402  (sets the thread and DeepSpeed defaults)
+from benchmarks.common import RESULTS  # noqa: I001 (first: sets the thread and DeepSpeed defaults)
 
 # int8 variants: export config overrides. gptq: calibrated error-feedback rounding of the MatMul
 # weights and the tied embedding's candidate rows in fp16 (ExportConfig.rounding, fp16_candidate_rows).

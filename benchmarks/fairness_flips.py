@@ -9,7 +9,7 @@ Kinds of a flip (original parse exactly right, swapped parse not):
 `unflips` counts the other direction (original wrong, swap right): flips that come from instability,
 not from the gender of a word, occur about as often both ways.
 
-    .venv/bin/python benchmarks/fairness_flips.py --models kd=R/student-kd-ft crr=R/student-ft \\
+    .venv/bin/python -m benchmarks.fairness_flips --models kd=R/student-kd-ft crr=R/student-ft \\
         --split dev [--locales en-US de-DE fr-FR es-ES] [--show crr]
 
 Prints a table, writes benchmarks/results/fairness_flips.json (or --out).
@@ -20,11 +20,9 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import RESULTS  # noqa: E402  (sets the thread and DeepSpeed defaults)
+from benchmarks.common import RESULTS  # noqa: I001 (first: sets the thread and DeepSpeed defaults)
 
 
 def flip_kind(words_changed: set[int], predicted: list[str], gold: list[str], intent_ok: bool) -> str:

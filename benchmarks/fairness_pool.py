@@ -10,7 +10,7 @@ pooling the two (each locale x split a stratum of the same paired bootstrap,
     polyteacher evaluate fairness --models teacher=R/teacher-ft student_kd=R/student-kd-ft \\
         student_crr=R/student-ft --locales en-US de-DE fr-FR es-ES --split dev --metrics consistency \\
         --out R/eval/fairness-dev
-    .venv/bin/python benchmarks/fairness_pool.py R/eval/fairness/fairness.json R/eval/fairness-dev/fairness.json
+    .venv/bin/python -m benchmarks.fairness_pool R/eval/fairness/fairness.json R/eval/fairness-dev/fairness.json
 
 Prints a table, writes benchmarks/results/fairness_pool.json (or --out).
 """
@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import RESULTS  # noqa: E402  (sets the thread and DeepSpeed defaults)
+from benchmarks.common import RESULTS  # noqa: I001 (first: sets the thread and DeepSpeed defaults)
 
 METRICS = {"intent_flip_rate": "intent flips", "em_flip_rate": "whole-parse flips", "em_original": "EM on originals"}
 

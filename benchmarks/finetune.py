@@ -19,8 +19,8 @@ the matmul peak of its precision. Model FLOPs: training = 3 x forward of the tra
 training FLOPs). The record names the CPU, its AMX / AVX-512 / AVX2 flags, both peaks, which
 precision `train.precision=auto` picks, and the load average (the machine may be shared).
 
-    .venv/bin/python benchmarks/finetune.py                                  # small teacher, every task
-    .venv/bin/python benchmarks/finetune.py --model tiny --tasks distill --layouts 2x1 --precisions bf16
+    .venv/bin/python -m benchmarks.finetune                                  # small teacher, every task
+    .venv/bin/python -m benchmarks.finetune --model tiny --tasks distill --layouts 2x1 --precisions bf16
 
 Writes benchmarks/results/finetune_<model>.json and prints a table.
 """
@@ -35,12 +35,11 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.pretrain import cpu_record, load_average, measure_peak, parse_list, run_worker
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(HERE))
 
-from pretrain import cpu_record, load_average, measure_peak, parse_list, run_worker  # noqa: E402
 
 TASKS = ("finetune", "nlu", "distill")
 LAYOUTS = {"1x2": (1, 2), "2x1": (2, 1)}
@@ -178,7 +177,7 @@ def worker(args: argparse.Namespace) -> None:
 def run_one(task: str, layout: str, precision: str, args: argparse.Namespace, result: Path) -> dict:
     nproc, threads = LAYOUTS[layout]
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
-    worker_args = [str(HERE / "finetune.py"), "--worker", "--task", task, "--layout", layout, "--precision", precision,
+    worker_args = ["benchmarks.finetune", "--worker", "--task", task, "--layout", layout, "--precision", precision,
                    "--result", str(result), "--model", args.model, "--vocab-size", str(args.vocab_size),
                    "--src-len", str(args.src_len), "--tgt-len", str(args.tgt_len),
                    "--micro-batch-size", str(args.micro_batch_size), "--global-batch-size", str(args.global_batch_size),

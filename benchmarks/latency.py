@@ -2,8 +2,8 @@
 
 Batch 1, one thread, MASSIVE test utterances (evaluation.latency.measure: tokenize, model, parse).
 
-    .venv/bin/python benchmarks/latency.py                      # models built from presets (random weights)
-    .venv/bin/python benchmarks/latency.py --run-dir runs/demo  # the trained models of a pipeline run
+    .venv/bin/python -m benchmarks.latency                      # models built from presets (random weights)
+    .venv/bin/python -m benchmarks.latency --run-dir runs/demo  # the trained models of a pipeline run
 
 Without --run-dir the teacher (preset --teacher-preset, default small) and the student (tiny) are
 randomly initialised on a small tokenizer trained here, and the encoder NLU student is the tiny
@@ -22,8 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import RESULTS  # noqa: E402  (sets the thread and DeepSpeed defaults)
+from benchmarks.common import RESULTS  # noqa: I001 (first: sets the thread and DeepSpeed defaults)
 
 RUN_DIR_MODELS = {
     "teacher_pytorch": "teacher-ft",

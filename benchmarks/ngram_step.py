@@ -7,8 +7,8 @@ a loss, backward, optimizer step. Milliseconds per step are the median of --repe
 --steps steps; "max |diff|" is the largest difference between the two tables after the same steps
 (the sparse update is the dense one; it differs by float rounding only).
 
-    .venv/bin/python benchmarks/ngram_step.py
-    .venv/bin/python benchmarks/ngram_step.py --buckets 16384 65536 --batch 64
+    .venv/bin/python -m benchmarks.ngram_step
+    .venv/bin/python -m benchmarks.ngram_step --buckets 16384 65536 --batch 64
 
 Prints a table, writes benchmarks/results/ngram_step.json.
 """
@@ -19,12 +19,9 @@ import argparse
 import copy
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import RESULTS  # noqa: E402  (sets the thread and DeepSpeed defaults)
+from benchmarks.common import RESULTS  # noqa: I001 (first: sets the thread and DeepSpeed defaults)
 
 
 def run(buckets: int, batch: int, length: int, hidden: int, steps: int, repeats: int) -> dict:

@@ -8,8 +8,8 @@ the matmul peak of its precision measured here with 2 threads, plus each mode's 
 fp32 loop. The record names the CPU, its AMX / AVX-512 / AVX2 flags and both peaks, and which
 precision `train.precision=auto` picks on it.
 
-    .venv/bin/python benchmarks/pretrain.py                      # small preset, all modes, both precisions
-    .venv/bin/python benchmarks/pretrain.py --model tiny --steps 10 --modes plain,ds2-zero0 --precisions bf16
+    .venv/bin/python -m benchmarks.pretrain                      # small preset, all modes, both precisions
+    .venv/bin/python -m benchmarks.pretrain --model tiny --steps 10 --modes plain,ds2-zero0 --precisions bf16
 
 Writes benchmarks/results/pretrain.json and prints a table. Numbers on a shared machine are noisy:
 the table records the load average before and after each mode.
@@ -27,7 +27,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path.insert(0, str(REPO))
 
 # mode -> (processes, threads per process, ZeRO stage or None for the plain loop)
 MODES = {
@@ -175,7 +174,7 @@ def worker(args: argparse.Namespace) -> None:
 def run_mode(mode: str, precision: str, args: argparse.Namespace, result: Path, variant: str = "default") -> dict:
     nproc, threads, zero_stage = MODES[mode]
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
-    worker_args = [str(HERE / "pretrain.py"), "--worker", "--mode", mode, "--result", str(result),
+    worker_args = ["benchmarks.pretrain", "--worker", "--mode", mode, "--result", str(result),
                    "--model", args.model, "--vocab-size", str(args.vocab_size), "--src-len", str(args.src_len),
                    "--tgt-len", str(args.tgt_len), "--micro-batch-size", str(args.micro_batch_size),
                    "--global-batch-size", str(args.global_batch_size), "--steps", str(args.steps),
@@ -185,15 +184,16 @@ def run_mode(mode: str, precision: str, args: argparse.Namespace, result: Path, 
 
 
 def run_worker(worker_args: list[str], nproc: int, env: dict, result: Path, what: str) -> dict:
-    """Run a benchmark worker script on `nproc` CPU processes (DeepSpeed's launcher beyond one) and
-    return the JSON it wrote to `result`, with the load average before and after."""
+    """Run a benchmark worker module (`worker_args[0]`, e.g. "benchmarks.pretrain", run from the repository
+    root) on `nproc` CPU processes (DeepSpeed's launcher beyond one) and return the JSON it wrote to
+    `result`, with the load average before and after."""
     from core.distributed import free_port
 
     if nproc == 1:
-        cmd = [sys.executable, *worker_args]
+        cmd = [sys.executable, "-m", *worker_args]
     else:
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port",
-               str(free_port()), "--no_local_rank", *worker_args]
+               str(free_port()), "--no_local_rank", "--module", *worker_args]
     load_before = os.getloadavg()[0]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0:
@@ -308,6 +308,7 @@ def main() -> None:
 
     from core.distributed import BF16_MIN_SPEEDUP, cpu_bf16_speedup
     from core.fsutil import atomic_write_json
+    from launch.launcher import remember_layout_table
     from teacher.sizes import count_parameters
 
     load_start = load_average()
@@ -347,6 +348,8 @@ def main() -> None:
                     "load_avg_before/after; with --repeats the best run is kept and all are listed",
         }
         atomic_write_json(out, report)
+        if not args.tune:  # a copy where `launch --nproc-per-node auto` looks for this machine's table
+            remember_layout_table(report, out.name)
         return report
 
     for rep in range(args.repeats):

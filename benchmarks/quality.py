@@ -5,8 +5,8 @@ prints one row per criterion with the measured value, the line it is held to and
 writes the same as JSON. With --run, first runs the pipeline (`polyteacher pipeline --preset P --out
 RUN`, skipping stages whose output exists) and records its wall time.
 
-    .venv/bin/python benchmarks/quality.py --run-dir runs/demo            # after `make demo`
-    .venv/bin/python benchmarks/quality.py --run-dir runs/small --preset small --run
+    .venv/bin/python -m benchmarks.quality --run-dir runs/demo            # after `make demo`
+    .venv/bin/python -m benchmarks.quality --run-dir runs/small --preset small --run
 
 Criteria (MASSIVE test, means over the run's locales unless per locale):
 - the int8 ONNX encoder NLU student's intent accuracy >= the TF-IDF + logistic-regression reference,
@@ -36,9 +36,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from core.tables import markdown_table
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-from core.tables import markdown_table  # noqa: E402
 
 # Wall-time budgets (s) of the presets on 2 CPU cores, from the issue that set them.
 BUDGET_S = {"tiny": 15 * 60, "small": 2 * 3600}

@@ -18,7 +18,7 @@ Two measurements on a seeded sample of dev ids shared by the locales:
   locale over six locales every model sat at 24%; the defaults (three locales, 2,000 each) separate
   them. A minute or two per model on 2 CPU cores, against ~15 for a fine-tuning run.
 
-    .venv/bin/python benchmarks/transfer.py --run-dir runs/small \\
+    .venv/bin/python -m benchmarks.transfer --run-dir runs/small \\
         --finetuned teacher=teacher-ft student=student-ft scratch=scratch-ft \\
         --pretrained teacher=teacher stage2=teacher-indomain
 
@@ -34,8 +34,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import RESULTS  # noqa: E402  (sets the thread and DeepSpeed defaults)
+from benchmarks.common import RESULTS  # noqa: I001 (first: sets the thread and DeepSpeed defaults)
 
 DEFAULT_LOCALES = ["en-US", "de-DE", "ja-JP"]
 

@@ -409,11 +409,6 @@ class Lexicon:
         after = re.match(r"\s*(\w+)", rest)
         return reading[1] if after is None or after.group(1).casefold() in reading[2] else None
 
-    def swap_with_count(self, text: str) -> tuple[str, int]:
-        """(sigma(text), number of words replaced)."""
-        result = self.swap_result(text)
-        return result.text, result.count
-
     def swap(self, text: str) -> str:
         """sigma(text): every gendered word replaced by its counterpart (rules in the module doc)."""
         return self.swap_result(text).text
@@ -999,9 +994,6 @@ class TokenSwapMap:
 
     def __len__(self) -> int:
         return len(self.src_ids)
-
-    def as_dict(self) -> dict[int, int]:
-        return dict(zip(self.src_ids, self.dst_ids))
 
 
 def perturb_probs(

@@ -19,8 +19,9 @@ cores / K threads (OMP_NUM_THREADS); with GPUs NCCL, one GPU per process. `--dry
 command and environment instead of running them.
 
 `--nproc-per-node auto` chooses processes x threads by measurement (`resolve_layout`): one process per
-GPU; on CPU the pretraining benchmark's table for this CPU model and core count when
-benchmarks/results/ has one (tokens/s of its DeepSpeed modes), else a probe in which each candidate
+GPU; on CPU the pretraining benchmark's table for this CPU model and core count when the user's cache
+holds one (~/.cache/polyteacher/layout-tables/, where `python -m benchmarks.pretrain` leaves a copy of
+its report: tokens/s of its DeepSpeed modes), else a probe in which each candidate
 layout P x T (P * T = cores) runs P processes timing a matmul in the run's precision together for ~1 s
 (cached per machine); tables and probes taken with the load average above 1.5 x cores are not used
 or kept, and while the machine is that busy a fresh probe decides. Within 10% of the fastest the
@@ -136,7 +137,9 @@ LAYOUT_MAX_PROCESSES = 16
 """Largest process count the probe tries on one node."""
 LAYOUT_ENV = "POLYTEACHER_LAYOUT"
 """Environment variable carrying the chosen layout (JSON) to the training processes."""
-BENCHMARK_RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+LAYOUT_TABLES = "layout-tables"
+"""Folder of the per-machine cache (~/.cache/polyteacher/) holding pretraining-benchmark reports that may
+choose the layout; the product never reads the repository's benchmarks/ folder."""
 BENCHMARK_MAX_LOAD = 1.5
 """A benchmark table whose load average exceeded this many times the cores (other jobs running) does not
 choose the layout: oversubscription punishes multi-threaded processes far more than the machine does."""
@@ -224,10 +227,27 @@ def layout_from_report(report: dict[str, Any], cpu: str, cores: int, precision: 
     return (rates, precision) if len(rates) >= 2 else None
 
 
+def layout_tables_dir() -> Path:
+    """Where layout tables of this machine are kept: a folder of the per-machine cache."""
+    from core.distributed import read_machine_cache
+
+    return read_machine_cache(LAYOUT_TABLES)[0]
+
+
+def remember_layout_table(report: dict[str, Any], name: str) -> Optional[Path]:
+    """Keep a pretraining-benchmark report in the per-machine cache so that `launch --nproc-per-node auto`
+    can choose from it; None when the cache cannot be written (the probe then decides)."""
+    from core.distributed import write_machine_cache
+
+    path = layout_tables_dir() / name
+    write_machine_cache(path, report)
+    return path if path.is_file() else None
+
+
 def layout_from_benchmarks(cpu: str, cores: int, precision: str, results_dir: Optional[Path] = None) -> Optional[Layout]:
     """A layout from the newest pretraining benchmark JSON under `results_dir` measured on this machine
-    type (env POLYTEACHER_BENCHMARK_RESULTS, else benchmarks/results/), or None."""
-    results_dir = Path(results_dir or os.environ.get("POLYTEACHER_BENCHMARK_RESULTS") or BENCHMARK_RESULTS)
+    type (env POLYTEACHER_BENCHMARK_RESULTS, else ~/.cache/polyteacher/layout-tables/), or None."""
+    results_dir = Path(results_dir or os.environ.get("POLYTEACHER_BENCHMARK_RESULTS") or layout_tables_dir())
     files = sorted(results_dir.glob("pretrain*.json"), key=lambda f: f.stat().st_mtime, reverse=True) \
         if results_dir.is_dir() else []
     for path in files:
@@ -592,7 +612,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--nproc-per-node", type=_nproc, default=1,
                    help="processes per node (GPUs per node, or CPU processes), or auto: every GPU; on CPU the "
-                   "processes x threads that measured fastest here (this CPU's benchmarks/results/pretrain*.json, "
+                   "processes x threads that measured fastest here (this CPU's pretraining-benchmark table kept in "
+                   "~/.cache/polyteacher/layout-tables/ by `python -m benchmarks.pretrain`, "
                    "else a ~1 s matmul probe per layout, cached in ~/.cache/polyteacher/cpu_layout.json; within "
                    "10%% the fewest processes); the choice is logged and appended to RUN_DIR/launch.jsonl")
     p.add_argument("--hostfile", default=None,
