@@ -111,8 +111,8 @@ def run_zero3(teacher: Path, ranks: int, settings: dict, reference: list) -> dic
 
 def random_teacher(preset: str, tokenizer_dir: Path, work: Path) -> Path:
     from core.fsutil import atomic_dir
+    from core.models import ModelConfig, build_model
     from data_prep.tokenizer import load_tokenizer
-    from teacher.sizes import ModelConfig, build_model
 
     out = work / f"teacher-{preset}"
     if not out.is_dir():

@@ -171,8 +171,8 @@ def build_small_student(work: Path, tokenizer_dir: Path) -> Path:
     import torch
 
     from core.fsutil import atomic_dir
+    from core.models import ModelConfig, build_model
     from distill.student_init import StudentConfig, build_student
-    from teacher.sizes import ModelConfig, build_model
 
     out = work / "small-student"
     if out.exists():

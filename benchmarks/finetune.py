@@ -15,7 +15,7 @@ Every (task, layout, precision) runs in fresh processes (layouts 1 x 2 and 2 x 1
 cores, plain data parallel, ZeRO-0 as the presets use for these stages) and reports tokens/s
 (source + target tokens of the trained model), optimizer steps/s, achieved TFLOP/s and MFU against
 the matmul peak of its precision. Model FLOPs: training = 3 x forward of the trained model
-(teacher.sizes.model_flops_per_example); distillation adds the teacher's forward (1/3 of its
+(core.models.model_flops_per_example); distillation adds the teacher's forward (1/3 of its
 training FLOPs). The record names the CPU, its AMX / AVX-512 / AVX2 flags, both peaks, which
 precision `train.precision=auto` picks, and the load average (the machine may be shared).
 
@@ -48,7 +48,7 @@ NUM_INTENTS, NUM_SLOT_LABELS = 60, 56  # MASSIVE's label inventory
 
 def flops_per_example(task: str, teacher_spec, student_spec, vocab: int, src: int, tgt: int) -> float:
     """Model FLOPs of one training example (see the module doc)."""
-    from teacher.sizes import ModelSpec, model_flops_per_example
+    from core.models import ModelSpec, model_flops_per_example
 
     if task == "finetune":
         return model_flops_per_example(teacher_spec, vocab, src, tgt)
@@ -87,8 +87,8 @@ def worker(args: argparse.Namespace) -> None:
 
     from core.config import merge, parse_overrides
     from core.distributed import barrier, build_engine, init_distributed
+    from core.models import ModelConfig, ModelSpec, build_model
     from core.train_config import TrainConfig
-    from teacher.sizes import ModelConfig, ModelSpec, build_model
 
     nproc, threads = LAYOUTS[args.layout]
     dist = init_distributed(num_threads=threads)

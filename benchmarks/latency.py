@@ -41,12 +41,12 @@ def build_models(work: Path, teacher_preset: str) -> dict[str, Path]:
 
     from core.config import data_root
     from core.fsutil import atomic_dir
+    from core.models import ModelConfig, build_model
     from data_prep.config import TokenizerConfig
     from data_prep.tokenizer import load_tokenizer, train_tokenizer
     from massive.loader import load_massive
     from student.export import ExportConfig, export
     from student.nlu import EncoderNLUModel, NLULabels
-    from teacher.sizes import ModelConfig, build_model
 
     work.mkdir(parents=True, exist_ok=True)
     tok_dir = work / "tokenizer"

@@ -3,7 +3,7 @@ in fp32 and in bf16 autocast (fp32 weights and optimizer, what precision=bf16 do
 
 Every mode trains the same teacher preset on the same token shapes (global batch of
 global_batch_size sequences, src_len encoder + tgt_len decoder tokens each, CPU) and reports
-tokens/s, achieved TFLOP/s (model FLOPs, teacher.sizes.model_flops_per_example) and MFU against
+tokens/s, achieved TFLOP/s (model FLOPs, core.models.model_flops_per_example) and MFU against
 the matmul peak of its precision measured here with 2 threads, plus each mode's ratio to the plain
 fp32 loop. The record names the CPU, its AMX / AVX-512 / AVX2 flags and both peaks, and which
 precision `train.precision=auto` picks on it.
@@ -79,8 +79,8 @@ def worker(args: argparse.Namespace) -> None:
 
     from core.config import merge, parse_overrides
     from core.distributed import DistInfo, adamw_impl
+    from core.models import ModelConfig, build_model, model_flops_per_example
     from core.train_config import TrainConfig
-    from teacher.sizes import ModelConfig, build_model, model_flops_per_example
 
     nproc, threads, zero_stage = MODES[args.mode]
     bf16 = args.precision == "bf16"
@@ -308,8 +308,8 @@ def main() -> None:
 
     from core.distributed import BF16_MIN_SPEEDUP, cpu_bf16_speedup
     from core.fsutil import atomic_write_json
+    from core.models import count_parameters
     from launch.launcher import remember_layout_table
-    from teacher.sizes import count_parameters
 
     load_start = load_average()
     peak_2 = measure_peak(2)

@@ -8,8 +8,8 @@ from typing import Literal
 from core.bigmodel import ModelLoadConfig
 from core.config import ConfigError
 from core.train_config import TrainConfig
+from data_prep.objectives import ObjectiveConfig
 from distill.student_init import StudentConfig
-from teacher.objectives import ObjectiveConfig
 
 
 def _default_train() -> TrainConfig:
@@ -61,7 +61,7 @@ class DistillConfig:
     counterfactual_pairing_weight: float = 0.0
     """Weight of counterfactual logit pairing (Garg et al., 2019): the symmetric KL between the student's own distributions on x and on x~ (both in the batch with cda=two_sided) at the target positions the token diff aligns where the two targets hold the same token; it asks the student for the same labels on both, not only the same teacher target. 0 = off."""
     lexicon_languages: list[str] = dataclasses.field(default_factory=list)
-    """Lexicon languages used for swaps and the token map (empty = every lexicon in distill/lexicons)."""
+    """Lexicon languages used for swaps and the token map (empty = every lexicon in data_prep/lexicons)."""
     task: Literal["agnostic", "massive"] = "agnostic"
     """agnostic: distil on the pretraining mixture (packed data, the pretraining objectives); massive: task-specific distillation from a fine-tuned teacher on MASSIVE text-to-text."""
     objective: ObjectiveConfig = dataclasses.field(default_factory=ObjectiveConfig)
@@ -102,10 +102,10 @@ class DistillConfig:
             )
         if self.counterfactual_pairing_weight < 0:
             raise ConfigError(
-                f"distill.counterfactual_pairing_weight: must be >= 0, got {self.counterfactual_pairing_weight}")
+                f"data_prep.counterfactual_pairing_weight: must be >= 0, got {self.counterfactual_pairing_weight}")
         if self.counterfactual_pairing_weight > 0 and self.cda != "two_sided":
             raise ConfigError(
-                f"distill.counterfactual_pairing_weight={self.counterfactual_pairing_weight} pairs x with x~ in the "
+                f"data_prep.counterfactual_pairing_weight={self.counterfactual_pairing_weight} pairs x with x~ in the "
                 f"same batch: it needs cda=two_sided (got cda={self.cda})"
             )
         if self.teacher_shard == "zero3" and self.teacher_load.device_map != "none":
@@ -115,7 +115,7 @@ class DistillConfig:
             )
         if not self.out or "/" in self.out or self.out in (".", ".."):
             raise ConfigError(f"distill.out: {self.out!r} must be a plain directory name")
-        from distill.counterfactual import available_languages
+        from data_prep.counterfactual import available_languages
 
         unknown = [lang for lang in self.lexicon_languages if lang not in available_languages()]
         if unknown:

@@ -8,7 +8,7 @@ Hugging Face export.
 One training micro-batch:
 
 1. rows from the data (task=agnostic: packed pretraining rows; task=massive: MASSIVE train examples)
-   and their counterfactuals x~ = sigma(x) (`distill.counterfactual`): for packed rows each document
+   and their counterfactuals x~ = sigma(x) (`data_prep.counterfactual`): for packed rows each document
    between `<sep>` markers is decoded, its language guessed, swapped, and re-encoded when it changed;
    for MASSIVE the words are swapped in the example's locale (one for one except a contraction that
    agreement splits or merges; the slot labels follow the words, the intent is unchanged);
@@ -65,28 +65,25 @@ from core.loop import (
 )
 from core.metrics import LossWindow, MetricsLogger, progress_bar
 from core.modeldir import check_model_dir
-from data_prep.tokenizer import load_tokenizer, special_ids
-from distill.config import DistillConfig
-from distill.counterfactual import (
-    align_positions,
+from data_prep.counterfactual import (
     available_languages,
-    build_token_map,
     cda_items,
     guess_language,
     lexicon_language,
     load_lexicon,
-    perturb_rows,
-    plan_row,
     swap_utterance,
 )
+from data_prep.objectives import DENOISE, Example, ObjectiveConfig, PretrainCollator
+from data_prep.tokenizer import load_tokenizer, special_ids
+from distill.config import DistillConfig
 from distill.losses import HiddenStateLoss, counterfactual_pairing, kd_loss, teacher_probs
+from distill.perturb import align_positions, build_token_map, perturb_rows, plan_row
 from distill.student_init import build_student, check_vocabulary, describe_student, layer_map, student_config
 from massive.format import (
     TargetFormat,
     has_label_tokens,
 )
 from massive.loader import load_massive
-from teacher.objectives import DENOISE, Example, ObjectiveConfig, PretrainCollator
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -95,8 +92,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from core.checkpoint import TrainState
     from core.distributed import DistInfo
     from core.metrics import MetricsLogger
-    from distill.counterfactual import TokenMap
-    from teacher.objectives import Example
+    from data_prep.objectives import Example
+    from distill.perturb import TokenMap
 
 
 # ----------------------------------------------------------------------------- paths and models
@@ -182,7 +179,7 @@ class Pair:
     lang: str | None = None
     """Lexicon language of the row: only its token-level sigma perturbs the teacher here."""
     conflict: bool = False
-    """sigma left an agreement conflict in the counterfactual (distill.counterfactual, rule 5)."""
+    """sigma left an agreement conflict in the counterfactual (data_prep.counterfactual, rule 5)."""
 
 
 class Swapper:
@@ -446,7 +443,7 @@ def distill_step(engine: Any, teacher: Any, pairs: list[Pair], data: Any, cfg: D
     }
     if perturb:
         # Positions aligned by a token diff of the two targets, the row language's sigma only, copied
-        # target tokens left alone (distill.counterfactual, "Teacher perturbation").
+        # target tokens left alone (data_prep.counterfactual, "Teacher perturbation").
         never = [i for i in (data.tokenizer.eos_token_id, data.tokenizer.pad_token_id) if i is not None]
         tokens = cfg.resolved_perturb_tokens()
         plans = [plan_row(p.train.target, p.partner.target, token_map.get(p.lang), tokens, p.train.source,

@@ -143,7 +143,7 @@ def build_student(teacher: PreTrainedModel, cfg: StudentConfig, seed: int | None
     import torch
     from transformers import AutoModelForSeq2SeqLM
 
-    from teacher.sizes import untie_lm_head
+    from core.models import untie_lm_head
 
     config = student_config(teacher.config, cfg)
     mapped = widths_match(teacher.config, config)
@@ -158,7 +158,7 @@ def build_student(teacher: PreTrainedModel, cfg: StudentConfig, seed: int | None
     if seed is not None:
         torch.manual_seed(seed)
     student = AutoModelForSeq2SeqLM.from_config(config)
-    # teacher.sizes convention: an untied lm_head is marked by scale_decoder_outputs=False.
+    # core.models convention: an untied lm_head is marked by scale_decoder_outputs=False.
     untied = not getattr(config, "scale_decoder_outputs", True)
     if untied and student.lm_head.weight is student.shared.weight:
         untie_lm_head(student)

@@ -13,7 +13,7 @@ agreement needs it, "al tío" -> "a la tía"; the gold per-word slot labels foll
   `intent_acc_original` / `intent_acc_swapped` and `em_original` / `em_swapped`;
 - `intent_change_rate` / `slot_change_rate`: how often the prediction changes at all;
 - `num_conflicts`: swapped utterances that sigma left with an agreement conflict
-  (`distill.counterfactual`, rule 5);
+  (`data_prep.counterfactual`, rule 5);
 - intervals: percentile bootstrap over the utterances (`evaluation.massive.bootstrap_weights`), per
   locale and pooled; rates among correct originals are ratios of resampled sums. Models scored on the
   same utterances are compared paired (the same resamples for both): flip-rate ratio and difference
@@ -97,7 +97,7 @@ class Utterance:
 
 @dataclasses.dataclass(frozen=True)
 class Counterfactual:
-    """sigma of one utterance (`distill.counterfactual.swap_utterance`): its gold for the swapped words."""
+    """sigma of one utterance (`data_prep.counterfactual.swap_utterance`): its gold for the swapped words."""
 
     words: list[str]
     slots: list[str]
@@ -115,7 +115,7 @@ def gendered_examples(examples: Sequence[Any], locale: str) -> list[tuple[Any, l
 
 def counterfactual_set(examples: Sequence[Any], locale: str) -> list[tuple[Any, Counterfactual]]:
     """(example, its counterfactual) for the examples whose words sigma changes."""
-    from distill.counterfactual import lexicon_language, swap_utterance
+    from data_prep.counterfactual import lexicon_language, swap_utterance
 
     lang = lexicon_language(locale)
     if lang is None:
@@ -151,7 +151,7 @@ def consistency_records(golds: Sequence[Any], original: Sequence[Any], swapped: 
     `counterfactuals`' gold slots (the same labels word for word; a split contraction gives both
     words its label) and compared with the original predictions carried to them; without
     counterfactuals the gold and the word count are the same for both."""
-    from distill.counterfactual import carry_labels
+    from data_prep.counterfactual import carry_labels
     from massive.scoring import align_labels
 
     out: dict[str, list[int]] = {c: [] for c in RECORD_COLUMNS}
@@ -357,7 +357,7 @@ NEUTRAL_OCCUPATIONS: dict[str, list[str]] = {
 def occupations(lang: str) -> list[tuple[str, ...]]:
     """The language's occupations, each as its forms: neutral ones as one form, the lexicon's role
     pairs as (male, female)."""
-    from distill.counterfactual import load_lexicon
+    from data_prep.counterfactual import load_lexicon
 
     items: list[tuple[str, ...]] = [(w,) for w in NEUTRAL_OCCUPATIONS.get(lang, [])]
     for male, female in load_lexicon(lang).pairs(categories=("role",)):
@@ -478,7 +478,7 @@ POLARITY_TEMPLATES: dict[str, list[str]] = {
 
 def gendered_words(lang: str) -> dict[str, list[str]]:
     """{"male": [...], "female": [...]}: the one-word pronouns of the language's lexicon, lower case."""
-    from distill.counterfactual import load_lexicon
+    from data_prep.counterfactual import load_lexicon
 
     out: dict[str, list[str]] = {"male": [], "female": []}
     for male, female in load_lexicon(lang).pairs(categories=("pronoun",)):
@@ -578,7 +578,7 @@ def evaluate_fairness(models: dict[str, Path], locales: Sequence[str], out_dir: 
     when present); writes NAME.json and NAME.md into out_dir (atomically). `load`: how big models are
     placed (`evaluation.massive.load_seq2seq`)."""
     from core.fsutil import atomic_write_json, atomic_write_text
-    from distill.counterfactual import lexicon_language
+    from data_prep.counterfactual import lexicon_language
     from evaluation.massive import load_predictor, load_seq2seq, load_split
 
     started = time.perf_counter()

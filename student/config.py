@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from core.config import LOCALE_RE, ConfigError
+from core.models import PRESETS, ModelConfig
 from core.train_config import TrainConfig
-from teacher.sizes import PRESETS, ModelConfig
 
 SCRATCH_PREFIX = "scratch:"
 
@@ -54,7 +54,7 @@ class FinetuneConfig:
     num_train_examples: int = 0
     """Keep at most this many train examples per locale (a seeded random subset); 0 keeps all 11,514."""
     cda: Literal["none", "one_sided", "two_sided"] = "none"
-    """Counterfactual data augmentation of the train examples (locales with a lexicon in distill/lexicons): none; one_sided (every gendered utterance replaced by its gender-swapped counterfactual, slot labels carried word by word); two_sided (both)."""
+    """Counterfactual data augmentation of the train examples (locales with a lexicon in data_prep/lexicons): none; one_sided (every gendered utterance replaced by its gender-swapped counterfactual, slot labels carried word by word); two_sided (both)."""
     num_eval_examples: int = 256
     """Size of the dev subset scored at each evaluation (dev loss and exact match), split evenly
     across the evaluation locales and drawn once with the seed; 0 skips evaluation."""
@@ -95,7 +95,7 @@ class FinetuneConfig:
     init_weight: float = 1.0
     """Start from a pretrained model pulled part of the way back to a fresh initialisation: each
     parameter is init_weight * pretrained + (1 - init_weight) * fresh (the same architecture drawn
-    with train.seed, i.e. the from-scratch reference's start; `teacher.sizes.interpolate_with_fresh_init`).
+    with train.seed, i.e. the from-scratch reference's start; `core.models.interpolate_with_fresh_init`).
     1 = the pretrained model as it is. Unused for models from scratch."""
     slot_loss_weight: float = 1.0
     """Encoder head: loss = intent CE + slot_loss_weight * slot CE (over first sub-words)."""

@@ -50,8 +50,9 @@ from core.loop import (
 )
 from core.metrics import LossWindow, MetricsLogger, progress_bar
 from core.modeldir import check_model_dir, load_seq2seq_model
+from core.models import build_model, interpolate_with_fresh_init
+from data_prep.counterfactual import cda_examples
 from data_prep.tokenizer import num_word_sentinels
-from distill.counterfactual import cda_examples
 from massive.format import (
     INTENT_FIRST_KEY,
     OTHER,
@@ -65,7 +66,6 @@ from massive.loader import load_massive
 from massive.scoring import GENERATION_FIELDS, GENERATION_METRICS, score_locale
 from student.config import FinetuneConfig
 from student.nlu import EncoderNLUModel, NLULabels, decode_predictions, encode_words, nlu_loss, slot_label_ids
-from teacher.sizes import build_model, interpolate_with_fresh_init
 
 if TYPE_CHECKING:
     import torch

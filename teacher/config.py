@@ -9,9 +9,9 @@ from typing import Optional
 
 from core.config import ConfigError
 from core.fsutil import safe_path
+from core.models import ModelConfig
 from core.train_config import TrainConfig
-from teacher.objectives import ObjectiveConfig
-from teacher.sizes import ModelConfig
+from data_prep.objectives import ObjectiveConfig
 
 
 @dataclasses.dataclass

@@ -25,8 +25,8 @@ ZeRO-3 (`distill.teacher_shard=zero3`: 2 P / N plus the layer being gathered and
 accelerate's device map over one node's GPUs (one process per node, `teacher_load.device_map=auto`);
 or streamed from the CPU layer by layer. Activations come on top.
 
-Throughput: the training FLOPs per text token come from `teacher.sizes.model_flops_per_example`
-averaged over the objective mixture (`teacher.objectives.expected_lengths`, default mixture) for
+Throughput: the training FLOPs per text token come from `core.models.model_flops_per_example`
+averaged over the objective mixture (`data_prep.objectives.expected_lengths`, default mixture) for
 packed rows of `--seq-len` tokens; tokens/s = budget / time; GPUs = FLOPs/s / (peak x MFU).
 """
 
@@ -45,7 +45,7 @@ GIB = 1024**3
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from teacher.sizes import PRESETS
+    from core.models import PRESETS
 
     p = sub.add_parser(
         "plan",
@@ -129,8 +129,8 @@ def memory_rows(total: int, largest_layer: int, nodes: int, gpus_per_node: int) 
 
 def flops_per_text_token(preset: str, vocab_size: int | None, seq_len: int) -> float:
     """Training FLOPs per packed text token under the default objective mixture."""
-    from teacher.objectives import ObjectiveConfig, expected_lengths
-    from teacher.sizes import model_flops_per_example
+    from core.models import model_flops_per_example
+    from data_prep.objectives import ObjectiveConfig, expected_lengths
 
     total = 0.0
     for probability, src_len, tgt_len in expected_lengths(ObjectiveConfig(), seq_len).values():
@@ -151,7 +151,7 @@ def make_plan(
     gpu_memory_gib: float = 80.0,
 ) -> dict[str, Any]:
     """Everything `polyteacher plan` prints, as a JSON-ready dict."""
-    from teacher.sizes import ModelConfig, count_parameters
+    from core.models import ModelConfig, count_parameters
 
     for name, value in (("--nodes", nodes), ("--gpus-per-node", gpus_per_node), ("--seq-len", seq_len)):
         if value < 1:

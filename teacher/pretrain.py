@@ -42,11 +42,11 @@ from core.loop import (
 )
 from core.metrics import LossWindow, MetricsLogger, default_peak_tflops, progress_bar
 from core.modeldir import check_model_dir, load_seq2seq_model
+from core.models import ModelSpec, build_model, model_flops_per_example
+from data_prep.objectives import OBJECTIVE_NAMES, PretrainCollator, loss_by_objective
 from data_prep.packing import load_packed, unigram_cross_entropy
 from data_prep.tokenizer import load_tokenizer, special_ids
 from teacher.config import PretrainConfig, PretrainPaths, resolve_paths
-from teacher.objectives import OBJECTIVE_NAMES, PretrainCollator, loss_by_objective
-from teacher.sizes import ModelSpec, build_model, model_flops_per_example
 
 STAGE = "pretrain"
 

@@ -1,6 +1,6 @@
 """Model fixtures shared by tests: tiny randomly initialised teacher and student directories.
 
-- `tiny_model_cfg`: the `tiny` teacher preset (`teacher.sizes.ModelConfig`), 2+2 layers,
+- `tiny_model_cfg`: the `tiny` teacher preset (`core.models.ModelConfig`), 2+2 layers,
   d_model 128, tied embeddings.
 - `tiny_teacher_dir`: that model, randomly initialised with seed 0 on the `tiny_tokenizer_dir`
   tokenizer (vocab 2000, padded to 2048 rows), saved with `save_pretrained` (safetensors) together
@@ -29,7 +29,7 @@ TRAIN_STEPS = 60
 
 @pytest.fixture(scope="session")
 def tiny_model_cfg():
-    from teacher.sizes import ModelConfig
+    from core.models import ModelConfig
 
     return ModelConfig(preset="tiny")
 
@@ -37,8 +37,8 @@ def tiny_model_cfg():
 @pytest.fixture(scope="session")
 def tiny_teacher_dir(tmp_path_factory, tiny_tokenizer_dir: Path, tiny_model_cfg) -> Path:
     """A seeded random tiny T5 teacher plus its tokenizer in one directory."""
+    from core.models import build_model
     from data_prep.tokenizer import load_tokenizer
-    from teacher.sizes import build_model
 
     tokenizer = load_tokenizer(tiny_tokenizer_dir)
     model = build_model(tiny_model_cfg, tokenizer, seed=TINY_TEACHER_SEED)
@@ -77,7 +77,7 @@ def massive_examples(massive_dir: Path, tmp_path_factory: pytest.TempPathFactory
 
 
 def _small_t5(tokenizer, seed: int):
-    from teacher.sizes import ModelConfig, build_model
+    from core.models import ModelConfig, build_model
 
     return build_model(ModelConfig(preset="tiny", d_model=64, d_ff=128, num_heads=2, d_kv=32), tokenizer, seed=seed)
 

@@ -9,27 +9,29 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from distill.counterfactual import (
+from data_prep.counterfactual import (
     CATEGORIES,
     LexiconError,
-    TokenPair,
-    TokenSigma,
-    TokenSwapMap,
-    align_positions,
     augment,
     available_languages,
-    build_token_map,
-    copied_positions,
     guess_language,
     lexicon_language,
     load_lexicon,
-    perturb_probs,
-    perturb_rows,
-    plan_row,
     read_lexicon_file,
     swap,
     swap_words,
     swap_words_result,
+)
+from distill.perturb import (
+    TokenPair,
+    TokenSigma,
+    TokenSwapMap,
+    align_positions,
+    build_token_map,
+    copied_positions,
+    perturb_probs,
+    perturb_rows,
+    plan_row,
 )
 
 # ----------------------------------------------------------------------------- lexicons
@@ -497,7 +499,7 @@ def test_perturb_max_hand_case_and_invalid_rows():
 
 
 def test_massive_counterfactual_carries_slot_labels_word_by_word():
-    from distill.counterfactual import cda_examples, counterfactual_example
+    from data_prep.counterfactual import cda_examples, counterfactual_example
     from massive.format import MassiveExample
 
     ex = MassiveExample("7", "de-DE", "train", "calendar", "calendar_set", "", "",
@@ -522,14 +524,14 @@ def test_massive_counterfactual_carries_slot_labels_word_by_word():
     "quelle heure est-il", "Il Pleut",
 ])
 def test_impersonal_french_il_is_never_swapped(text):
-    from distill.counterfactual import swap_words_result
+    from data_prep.counterfactual import swap_words_result
 
     words, result = swap_words_result(text.split(), "fr-FR")
     assert words == text.split() and result.count == 0
 
 
 def test_personal_french_il_is_still_swapped_next_to_a_fixed_expression():
-    from distill.counterfactual import swap_words_result
+    from data_prep.counterfactual import swap_words_result
 
     assert swap_words_result("il mange et il pleut".split(), "fr-FR")[0] == "elle mange et il pleut".split()
     # Rule 7: inverted pronouns resume a noun subject (its grammatical gender) or are impersonal.
@@ -541,7 +543,7 @@ def test_personal_french_il_is_still_swapped_next_to_a_fixed_expression():
 
 
 def test_words_in_name_slots_are_kept_in_cda_and_in_the_fairness_set():
-    from distill.counterfactual import counterfactual_example, name_slot_mask, swap_words_result
+    from data_prep.counterfactual import counterfactual_example, name_slot_mask, swap_words_result
     from evaluation.fairness import gendered_examples
     from massive.format import MassiveExample
 
@@ -595,7 +597,7 @@ def test_massive_distill_pairs_carry_language_and_plan(massive_dir, tiny_tokeniz
 
 
 def test_contractions_follow_the_swapped_noun_and_carry_the_slot_labels():
-    from distill.counterfactual import carry_labels, counterfactual_example, swap_utterance
+    from data_prep.counterfactual import carry_labels, counterfactual_example, swap_utterance
     from massive.format import MassiveExample
 
     # Spanish "al" = a + el splits, "de la" merges; each output word knows the words it came from.

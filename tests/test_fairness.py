@@ -166,7 +166,7 @@ def test_consistency_scores_hand_case():
 
 
 def test_templates_and_continuations_cover_every_lexicon():
-    from distill.counterfactual import available_languages
+    from data_prep.counterfactual import available_languages
 
     for lang in available_languages():
         assert len(TEMPLATES[lang]) >= 3

@@ -297,9 +297,9 @@ def test_label_tokens_start_from_their_words_in_both_embeddings(tmp_path, tied):
 
     import torch
 
+    from core.models import ModelConfig, build_model
     from data_prep.tokenizer import TokenizerConfig, load_tokenizer, train_tokenizer
     from student.finetune import init_label_embeddings
-    from teacher.sizes import ModelConfig, build_model
 
     texts = [f"set an alarm at {i} and tell me the date of the party {i % 7}" for i in range(300)]
     out = train_tokenizer(texts, tmp_path / "t", TokenizerConfig(vocab_size=300, num_sentinels=4),
@@ -339,10 +339,10 @@ def test_label_tokens_start_from_their_words_in_both_embeddings(tmp_path, tied):
 def test_label_rows_are_set_only_for_a_model_not_yet_trained_on_massive_targets(tmp_path):
     import torch
 
+    from core.models import ModelConfig, build_model
     from data_prep.tokenizer import TokenizerConfig, load_tokenizer, train_tokenizer
     from massive.format import INTENT_FIRST_KEY
     from student.finetune import build_seq2seq
-    from teacher.sizes import ModelConfig, build_model
     from tests.fixtures_models import save_model_dir
 
     texts = [f"set an alarm at {i} and tell me the date of the party {i % 7}" for i in range(300)]

@@ -354,10 +354,10 @@ def train_synthetic_icl_model(out, tokenizer, data_dir, icfg):
 
     from fixtures_models import save_model_dir
 
+    from core.models import ModelConfig, build_model
     from data_prep.tokenizer import special_ids
     from evaluation.massive import pad_right
     from massive.loader import load_massive
-    from teacher.sizes import ModelConfig, build_model
 
     data = load_massive(str(data_dir), locales=SYNTHETIC_LOCALES, partitions=("train",), progress=False)
     pools = {loc: data.examples(locale=loc, partition="train") for loc in SYNTHETIC_LOCALES}

@@ -43,7 +43,7 @@ def tokenizer(tiny_tokenizer_dir):
 
 @pytest.fixture(scope="module")
 def seq2seq(tokenizer):
-    from teacher.sizes import ModelConfig, build_model
+    from core.models import ModelConfig, build_model
 
     torch.manual_seed(0)
     cfg = ModelConfig(preset="tiny", num_layers=2, num_decoder_layers=1, d_model=32, num_heads=2, d_ff=64)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from core.config import ConfigError, from_dict
-from teacher.objectives import (
+from data_prep.objectives import (
     CLM,
     DENOISE,
     IGNORE_INDEX,
@@ -239,8 +239,8 @@ def test_expected_lengths_match_sampled_batches():
 
 
 def test_batch_trains_tiny_model_and_padding_does_not_leak(tiny_tokenizer_dir):
+    from core.models import build_model
     from data_prep.tokenizer import load_tokenizer
-    from teacher.sizes import build_model
 
     tokenizer = load_tokenizer(tiny_tokenizer_dir)
     model = build_model("tiny", tokenizer, seed=0).eval()

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
+from core.models import build_model, count_parameters, model_flops_per_example
 from launch.cli import main
 from teacher.plan import GIB, flops_per_text_token, make_plan
-from teacher.sizes import build_model, count_parameters, model_flops_per_example
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from core.config import ConfigError, field_docs, from_dict, load_config, to_dict
-from teacher.sizes import (
+from core.models import (
     PRESETS,
     ModelConfig,
     ModelSpec,

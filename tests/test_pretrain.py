@@ -104,9 +104,9 @@ def test_exported_teacher_loads_generates_and_matches_the_run(zero3_run):
 
     from core.config import load_saved_config
     from core.data import eval_micro_batches
+    from data_prep.objectives import OBJECTIVE_NAMES, PretrainCollator, loss_by_objective
     from data_prep.packing import load_packed
     from teacher.config import PretrainConfig
-    from teacher.objectives import OBJECTIVE_NAMES, PretrainCollator, loss_by_objective
 
     model = AutoModelForSeq2SeqLM.from_pretrained(zero3_run / "teacher").eval()
     tokenizer = AutoTokenizer.from_pretrained(zero3_run / "teacher")

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from core.config import ConfigError, load_config
+from core.models import ModelConfig, build_model
 from distill.student_init import (
     STUDENT_PRESETS,
     StudentConfig,
@@ -14,7 +15,6 @@ from distill.student_init import (
     layer_map,
     student_config,
 )
-from teacher.sizes import ModelConfig, build_model
 
 
 @pytest.fixture(scope="module")

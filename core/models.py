@@ -9,7 +9,7 @@ Why `transformers.T5ForConditionalGeneration` (T5 / mT5 style):
 - gated-GELU feed-forward as mT5 (`feed_forward_proj="gated-gelu"`); AlexaTM's plain GELU FFN is
   available as `"gelu"` and used by the `alexatm-20b` preset so its size matches the paper;
 - native sentinel span corruption (`<extra_id_N>` tokens, decoder start = pad) for the T5
-  denoising variant in `teacher.objectives`;
+  denoising variant in `data_prep.objectives`;
 - a well-trodden ONNX export path with a KV cache (encoder, decoder-with-past), which
   `student/export.py` relies on.
 
@@ -345,15 +345,10 @@ def _vocab_and_ids(tokenizer_or_vocab: Any, special_ids: Any) -> tuple[Optional[
         size, pad, eos = None, 0, 1
     else:
         size = len(tokenizer_or_vocab)
+        # polyteacher tokenizers are checked when loaded (data_prep.tokenizer.load_tokenizer: <pad>=0,
+        # </s>=1); a foreign T5 tokenizer names its own.
         pad = tokenizer_or_vocab.pad_token_id
         eos = tokenizer_or_vocab.eos_token_id
-        if special_ids is None:
-            try:
-                from data_prep.tokenizer import special_ids as tokenizer_special_ids
-            except ImportError:
-                tokenizer_special_ids = None
-            if tokenizer_special_ids is not None:
-                special_ids = tokenizer_special_ids(tokenizer_or_vocab)
     if special_ids is not None:
         pad, eos = special_ids.pad, special_ids.eos
     if pad is None or eos is None:
