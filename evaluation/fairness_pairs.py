@@ -13,8 +13,8 @@ Two pair sets:
     common in the language (`names.json`; `NAMES_PER_UTTERANCE` name pairs each). No grammar changes:
     utterances with another gendered word (where sigma would change a word) are left out, so that
     no pronoun or article disagrees with the new name. sigma only filters here; it writes no word.
-- **sigma** (`sigma_pairs`): the MASSIVE utterances sigma changes and their swaps, as in
-  `evaluation.fairness.counterfactual_consistency`; the female member is the one whose gendered words
+- **sigma** (`sigma_pairs`): the MASSIVE utterances sigma changes and their swaps (the words of
+  name slots kept), as in `evaluation.fairness.counterfactual_consistency`; the female member is the one whose gendered words
   are female (pairs with words of both genders have no direction and are left out).
 
 Measures over ALL pairs of a set (not among each model's correct originals, so every model has the
@@ -239,21 +239,25 @@ def _gender_of(words: Sequence[str], lang: str) -> str | None:
 
 def sigma_pairs(per_locale: dict[str, Sequence[Any]]) -> tuple[list[GenderPair], int]:
     """(pairs, how many were left out without a direction) from the utterances sigma changes."""
-    from distill.counterfactual import lexicon_language
-    from evaluation.fairness import counterfactual_set
+    from distill.counterfactual import lexicon_language, swap_utterance
 
     out, undirected = [], 0
     for locale, examples in per_locale.items():
         lang = lexicon_language(locale)
-        for ex, cf in counterfactual_set(examples, locale):
+        if lang is None:
+            continue
+        for ex in examples:
+            words, slots, result = swap_utterance(ex.words, ex.slots, lang)
+            if words == list(ex.words):
+                continue
             gender = _gender_of(ex.words, lang)
             if gender is None:
                 undirected += 1
                 continue
-            original, swapped = Member(tuple(ex.words), tuple(ex.slots)), Member(tuple(cf.words), tuple(cf.slots))
+            original, swapped = Member(tuple(ex.words), tuple(ex.slots)), Member(tuple(words), tuple(slots))
             female, male = (original, swapped) if gender == "female" else (swapped, original)
             # The alignment always runs from the original to the swap; stored for female -> male.
-            sources = tuple(cf.sources) if gender == "female" else _invert(cf.sources, len(ex.words))
+            sources = tuple(result.sources) if gender == "female" else _invert(result.sources, len(ex.words))
             out.append(GenderPair(f"{locale}/{ex.id}", f"{locale}/{ex.id}", locale, "sigma", ex.intent, female, male,
                                   sources))
     return out, undirected
@@ -380,11 +384,10 @@ def pooled_scores(pairs: Sequence[GenderPair], arms: dict[str, list[dict[str, li
 
 def predict_pairs(predictor: Any, pairs: Sequence[GenderPair], batch_size: int, desc: str = "") -> dict[str, list[int]]:
     """`pair_records` of one model."""
-    from evaluation.fairness import Utterance
     from evaluation.massive import predict_all
 
-    female = predict_all(predictor, [Utterance(list(p.female.words)) for p in pairs], batch_size, f"{desc} female")
-    male = predict_all(predictor, [Utterance(list(p.male.words)) for p in pairs], batch_size, f"{desc} male")
+    female = predict_all(predictor, [p.female for p in pairs], batch_size, f"{desc} female")
+    male = predict_all(predictor, [p.male for p in pairs], batch_size, f"{desc} male")
     return pair_records(pairs, female, male)
 
 

@@ -78,6 +78,9 @@ def test_independent_set_has_500_pairs_over_4_languages_each_a_name_swap(massive
         assert [w for k, w in enumerate(ex.words) if k != i] == [w for k, w in enumerate(f.words) if k != i]
         name_f, name_m = f.words[i].removesuffix("'s"), m.words[i].removesuffix("'s")
         assert (name_f, name_m) in names[pair.locale[:2]]
+    # No name pair keeps a pronoun that would disagree with one of its names.
+    pronouns = {"he", "him", "his", "she", "her", "hers"}
+    assert not any(pronouns & set(p.female.words) for p in pairs if p.source == "names" and p.locale == "en-US")
     groups = {p.group for p in pairs if p.source == "names"}
     assert len(pairs) - len(load_templates(LOCALES)) == 4 * len(groups)  # four name pairs per utterance
 
