@@ -247,3 +247,29 @@ def test_bootstrap_resamples_groups_not_pairs():
     # Whole groups move: a resample holds a twice (1.0), b twice (0.0) or both (0.6 of the pairs changed).
     assert boot[0] == 0.0 and boot[1] == 1.0
     assert np.isclose(pooled_scores(pairs, {"m": [rec]}, samples=0)["arms"]["m"]["parse_change_rate"], 0.6)
+
+
+@pytest.mark.slow
+def test_benchmark_prints_the_table_and_writes_json(tmp_path, capsys, tiny_teacher_dir, massive_dir):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "fairness_pairs.py"
+    spec = importlib.util.spec_from_file_location("fairness_pairs_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "pairs.json"
+    code = module.main(["--arm", f"matched_kd={tiny_teacher_dir}", "--arm", f"crr={tiny_teacher_dir},{tiny_teacher_dir}",
+                        "--locales", "en-US", "de-DE", "--max-examples", "30", "--samples", "100",
+                        "--data", str(massive_dir), "--out", str(out)])
+    assert code == 0
+    printed = squash_tables(capsys.readouterr().out)
+    result = json.loads(out.read_text())
+    assert set(result["sets"]) == {"independent", "sigma"} and result["sets"]["independent"]["baseline"] == "matched_kd"
+    independent = result["sets"]["independent"]
+    assert independent["counts"]["en-US template"] == independent["counts"]["de-DE template"] == 24
+    assert independent["arms"]["crr"]["seeds"] == 2
+    # The same weights in both arms: every difference is 0 on every resample.
+    assert independent["comparisons"]["crr"]["parse_change_rate"] == {"diff": 0.0, "diff_ci": [0.0, 0.0]}
+    assert f"| independent | crr | 2 | {independent['num_pairs']} |" in printed
+    assert "| independent | crr - matched_kd | +0.0 [+0.0, +0.0] |" in printed
