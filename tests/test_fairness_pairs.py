@@ -273,3 +273,22 @@ def test_benchmark_prints_the_table_and_writes_json(tmp_path, capsys, tiny_teach
     assert independent["comparisons"]["crr"]["parse_change_rate"] == {"diff": 0.0, "diff_ci": [0.0, 0.0]}
     assert f"| independent | crr | 2 | {independent['num_pairs']} |" in printed
     assert "| independent | crr - matched_kd | +0.0 [+0.0, +0.0] |" in printed
+
+
+def test_quality_rows_from_the_pair_benchmark():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "quality.py"
+    spec = importlib.util.spec_from_file_location("quality", path)
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    entry = {"num_pairs": 100, "baseline": "matched_kd",
+             "arms": {"crr": {"parse_gap": 0.05, "parse_gap_ci": [0.01, 0.09]}},
+             "comparisons": {"crr": {"parse_change_rate": {"diff": -0.03, "diff_ci": [-0.06, 0.01]},
+                                     "parse_gap": {"diff": 0.02, "diff_ci": [-0.01, 0.05]}}}}
+    rows = []
+    quality.pair_criteria({"sets": {"independent": entry}}, lambda c, v, line, holds: rows.append((c, v, line, holds)))
+    assert rows[0] == ("CRR - matched_kd pair change rate, independent set (100 pairs)", [-0.03, [-0.06, 0.01]],
+                       "CI < 0", False)  # the interval holds 0: no difference is claimed
+    assert rows[1][1:] == ([0.05, [0.01, 0.09]], "CI holds 0", False)  # a gap favouring the female member
