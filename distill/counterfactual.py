@@ -1069,7 +1069,8 @@ def counterfactual_example(example: MassiveExample) -> MassiveExample | None:
 def cda_examples(examples: Sequence[MassiveExample], mode: str, p: float = 1.0, seed: int = 0) -> list[MassiveExample]:
     """Counterfactual data augmentation of MASSIVE examples (`distill.counterfactual.cda_items`):
     none (as is), one_sided (each gendered example replaced by its counterfactual with probability p;
-    1.0 = counterfactual only, the paper's variant) or two_sided (both)."""
+    1.0 = counterfactual only, the paper's variant), two_sided (both) or repeat (each gendered example
+    twice, unswapped)."""
     import random
 
     counterfactuals = [counterfactual_example(ex) or ex for ex in examples]
