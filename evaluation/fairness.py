@@ -42,6 +42,12 @@ on exactly these predictions (he and she get the same probability where the teac
 while the occupation gap above asks the reverse question (does "she" in the input change what comes
 next). The same fields and paired comparison as the disparity (gaps = polarities, > 0: male likelier).
 
+Gender pairs (`--metrics pairs`, evaluation/fairness_pairs.py, docs/fairness.md): over ALL pairs of
+a set (hand-written templates and first-name pairs that sigma did not write; or sigma's pairs), the
+share whose parse differs between the female and the male member, both directions, and the signed
+female - male accuracy gap, each model given as the models of several training seeds
+(`NAME=DIR1,DIR2,DIR3`), pooled with a hierarchical bootstrap over seeds and pairs.
+
 `polyteacher evaluate fairness --models teacher=DIR student_kd=DIR student_crr=DIR --out DIR` writes
 fairness.json and fairness.md (one table per locale).
 """
@@ -775,7 +781,8 @@ def register_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default="@data/massive/data", help="MASSIVE source (default @data/massive/data)")
     p.add_argument("--split", choices=["train", "dev", "test"], default="test", help="partition (default test)")
     p.add_argument("--max-examples", type=int, default=None,
-                   help="at most N utterances with gendered words per locale, a seeded sample (default and 0: all)")
+                   help="at most N utterances with gendered words per locale, a seeded sample (default and 0: all); "
+                   "--metrics pairs: a seeded sample of N ids of the split for the name and sigma pairs")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample of utterances (default 0)")
     p.add_argument("--batch-size", type=int, default=32, help="utterances per predictor call")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="torch device")
