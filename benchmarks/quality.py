@@ -21,7 +21,11 @@ Criteria (MASSIVE test, means over the run's locales unless per locale):
 
 And those of counterfactual role reversal (eval/fairness, pooled over the fairness locales):
 - the CRR student's flip rate among correct originals <= 0.5 x the plain-KD student's (whole parse
-  and intent; paired intervals), at an EM cost of at most 1 point (MASSIVE, paired interval);
+  and intent; paired intervals), at an EM cost of at most 1 point (MASSIVE, paired interval); the
+  plain-KD student of a pipeline run is CRR's matched arm (`distill cda=repeat`, the same exposure);
+- with --pairs (benchmarks/fairness_pairs.py JSON, several seeds): CRR's change rate over gender pairs
+  below the matched arm's (interval of the difference < 0) and its female - male EM gap interval
+  holding 0, on the independent and the sigma set;
 - its generation disparity per nat of entropy below the plain-KD student's (task-agnostic students),
   and, in the CRR paper's direction, its gender polarity after neutral-occupation prompts.
 """
@@ -125,6 +129,26 @@ def fairness_criteria(summary: dict[str, Any], add: Any) -> None:
         gaps["student_crr"] < gaps["student_kd"] if known else None)
 
 
+def pair_criteria(pairs: dict[str, Any], add: Any, arm: str = "crr") -> None:
+    """The gender-pair rows (benchmarks/fairness_pairs.py JSON): CRR against the matched plain-KD arm on
+    each pair set, the change rate and the female - male accuracy gap (whole parse); a difference holds
+    only when its interval excludes 0."""
+    for name, entry in pairs.get("sets", {}).items():
+        comp = (entry.get("comparisons") or {}).get(arm)
+        if not comp:
+            continue
+        base = entry.get("baseline", "baseline")
+        change = comp["parse_change_rate"]
+        add(f"CRR - {base} pair change rate, {name} set ({entry['num_pairs']} pairs)",
+            [change["diff"], change.get("diff_ci")], "CI < 0", None if not change.get("diff_ci") else change["diff_ci"][1] < 0)
+        gap = comp["parse_gap"]
+        own = entry["arms"][arm]["parse_gap"]
+        add(f"CRR female - male EM gap, {name} set (vs {base}: {100 * gap['diff']:+.1f} pp)",
+            [own, entry["arms"][arm].get("parse_gap_ci")], "CI holds 0",
+            None if not entry["arms"][arm].get("parse_gap_ci") else
+            entry["arms"][arm]["parse_gap_ci"][0] <= 0 <= entry["arms"][arm]["parse_gap_ci"][1])
+
+
 def _fmt(v: Any) -> str:
     if v is None:
         return "-"
@@ -142,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run", action="store_true", help="run `polyteacher pipeline --preset P --out RUN` first")
     ap.add_argument("--out", type=Path, default=None,
                     help="JSON to write (default benchmarks/results/quality_<preset>.json)")
+    ap.add_argument("--pairs", type=Path, default=None,
+                    help="benchmarks/fairness_pairs.py JSON: add the gender-pair rows (CRR against matched plain KD)")
     args = ap.parse_args(argv)
 
     wall_s = None
@@ -156,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
     rows = criteria(summary, args.preset, wall_s)
+    if args.pairs:
+        pair_criteria(json.loads(args.pairs.read_text(encoding="utf-8")),
+                      lambda c, v, line, holds: rows.append({"criterion": c, "value": v, "line": line, "holds": holds}))
     print(markdown_table(["criterion", "measured", "line", "holds"],
                          [[r["criterion"], _fmt(r["value"]), r["line"], {True: "yes", False: "NO", None: "-"}[r["holds"]]]
                           for r in rows]), end="")

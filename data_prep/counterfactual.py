@@ -124,7 +124,7 @@ _OBJECT_READING = {
 _INVERSION_KEPT = ("fr",)
 DIRECTIONS = ("both", "to_female", "to_male")
 HEADER = ("male", "female", "category", "direction", "notes")
-CDA_MODES = ("none", "one_sided", "two_sided")
+CDA_MODES = ("none", "one_sided", "two_sided", "repeat")
 
 # MASSIVE locale -> lexicon language; other locales have no lexicon (counterfactuals are identities).
 LOCALE_TO_LANGUAGE = {
@@ -593,7 +593,10 @@ def cda_items(originals: Sequence[Any], counterfactuals: Sequence[Any], mode: st
     - "none": every x as is;
     - "one_sided": x replaced by x~ with probability p (1.0, the default: counterfactual only, the
       paper's one-sided variant; unchanged items stay);
-    - "two_sided": x and, when it changed, x~ too (right after x; unchanged items are not doubled).
+    - "two_sided": x and, when it changed, x~ too (right after x; unchanged items are not doubled);
+    - "repeat": two_sided's items without the swap: x and, when it changed, x again where two_sided puts
+      x~ (the partner stays x~). The matched reference of two_sided: the same items per batch, the same
+      order and lengths, every gendered x seen as often as two_sided shows it as x or x~.
 
     `rng` has `.random()` (random.Random or numpy Generator); required for one_sided with p < 1.
     """
@@ -614,6 +617,8 @@ def cda_items(originals: Sequence[Any], counterfactuals: Sequence[Any], mode: st
         out.append(CDAItem(x, cf, False, i))
         if mode == "two_sided" and changed:
             out.append(CDAItem(cf, x, True, i))
+        elif mode == "repeat" and changed:
+            out.append(CDAItem(x, cf, False, i))
     return out
 
 
@@ -670,7 +675,8 @@ def counterfactual_example(example: MassiveExample) -> MassiveExample | None:
 def cda_examples(examples: Sequence[MassiveExample], mode: str, p: float = 1.0, seed: int = 0) -> list[MassiveExample]:
     """Counterfactual data augmentation of MASSIVE examples (`data_prep.counterfactual.cda_items`):
     none (as is), one_sided (each gendered example replaced by its counterfactual with probability p;
-    1.0 = counterfactual only, the paper's variant) or two_sided (both)."""
+    1.0 = counterfactual only, the paper's variant), two_sided (both) or repeat (each gendered example
+    twice, unswapped)."""
     import random
 
     counterfactuals = [counterfactual_example(ex) or ex for ex in examples]

@@ -42,12 +42,12 @@ class DistillConfig:
     """Softmax temperature T of teacher and student distributions in the KD term."""
     hidden_loss_weight: float = 0.0
     """Weight of the MSE between the student's final encoder and decoder hidden states (through a learned projection) and the teacher's; 0 = off."""
-    cda: Literal["none", "one_sided", "two_sided"] = "two_sided"
-    """Counterfactual data augmentation: none, one_sided (every gendered x replaced by its gender-swapped x~, the paper's one-sided variant; see cda_prob) or two_sided (train on x and x~)."""
+    cda: Literal["none", "one_sided", "two_sided", "repeat"] = "two_sided"
+    """Counterfactual data augmentation: none, one_sided (every gendered x replaced by its gender-swapped x~, the paper's one-sided variant; see cda_prob), two_sided (train on x and x~) or repeat (no swap: x twice where two_sided trains on x and x~, so the same items, steps and exposure per gendered utterance as two_sided with the same cda_repeat; the matched plain-KD reference of CRR)."""
     cda_prob: float = 1.0
     """cda=one_sided: probability of replacing a gendered x by x~ (1.0 = counterfactual only, as in the paper)."""
     cda_repeat: int = 1
-    """task=massive, cda != none: each train utterance that sigma changes appears this many times per pass over the data (with two_sided, x and x~ each time; 1 = once). More of the counterfactual signal within the same steps: gendered utterances are a few percent of MASSIVE."""
+    """task=massive, cda != none: each train utterance that sigma changes appears this many times per pass over the data (with two_sided, x and x~ each time; with repeat, x twice each time; 1 = once). More of the counterfactual signal within the same steps: gendered utterances are a few percent of MASSIVE."""
     perturb: Literal["none", "max", "mean"] = "max"
     """Teacher-prediction perturbation: p^(w) = f(p(w|x), p(sigma(w)|x~)) at target positions aligned with the counterfactual's, f = max or mean, renormalised; none = plain teacher."""
     perturb_tokens: Literal["auto", "gendered", "all"] = "auto"
@@ -98,7 +98,7 @@ class DistillConfig:
         if self.cda_repeat > 1 and (self.task != "massive" or self.cda == "none"):
             raise ConfigError(
                 f"distill.cda_repeat={self.cda_repeat} repeats the MASSIVE utterances that sigma changes: it needs "
-                f"task=massive and cda one_sided or two_sided (got task={self.task}, cda={self.cda})"
+                f"task=massive and cda one_sided, two_sided or repeat (got task={self.task}, cda={self.cda})"
             )
         if self.counterfactual_pairing_weight < 0:
             raise ConfigError(

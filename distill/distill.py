@@ -13,7 +13,8 @@ One training micro-batch:
    for MASSIVE the words are swapped in the example's locale (one for one except a contraction that
    agreement splits or merges; the slot labels follow the words, the intent is unchanged);
 2. CDA (`cda_items`): two_sided trains on x and x~, one_sided on x~ instead of x with probability
-   cda_prob; each training item keeps its counterfactual partner;
+   cda_prob, repeat on x twice where two_sided puts x and x~ (the matched plain-KD reference); each
+   training item keeps its counterfactual partner;
 3. inputs/targets: the pretraining collator's example for a row at stream position i (its noise is
    seeded by i, so x and x~ of the same length get the same spans and CLM split) or the MASSIVE
    text-to-text pair;

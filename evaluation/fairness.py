@@ -42,6 +42,12 @@ on exactly these predictions (he and she get the same probability where the teac
 while the occupation gap above asks the reverse question (does "she" in the input change what comes
 next). The same fields and paired comparison as the disparity (gaps = polarities, > 0: male likelier).
 
+Gender pairs (`--metrics pairs`, evaluation/fairness_pairs.py, docs/fairness.md): over ALL pairs of
+a set (hand-written templates and first-name pairs that sigma did not write; or sigma's pairs), the
+share whose parse differs between the female and the male member, both directions, and the signed
+female - male accuracy gap, each model given as the models of several training seeds
+(`NAME=DIR1,DIR2,DIR3`), pooled with a hierarchical bootstrap over seeds and pairs.
+
 `polyteacher evaluate fairness --models teacher=DIR student_kd=DIR student_crr=DIR --out DIR` writes
 fairness.json and fairness.md (one table per locale).
 """
@@ -573,10 +579,14 @@ def evaluate_fairness(models: dict[str, Path], locales: Sequence[str], out_dir: 
                       split: str = "test", max_examples: int | None = None, seed: int = 0, batch_size: int = 32,
                       device: str = "auto", metrics: Sequence[str] = ("consistency", "disparity"),
                       clm_prompt: bool = True, name: str = "fairness", samples: int = 1000,
-                      confidence: float = 0.95, baseline: str | None = None, load: Any = None) -> dict[str, Any]:
-    """Both metrics for every model and the paired comparisons against `baseline` (default student_kd
+                      confidence: float = 0.95, baseline: str | None = None, load: Any = None,
+                      seeds: dict[str, list[Path]] | None = None,
+                      pair_sets: Sequence[str] = ("independent", "sigma")) -> dict[str, Any]:
+    """The metrics for every model and the paired comparisons against `baseline` (default student_kd
     when present); writes NAME.json and NAME.md into out_dir (atomically). `load`: how big models are
-    placed (`evaluation.massive.load_seq2seq`)."""
+    placed (`evaluation.massive.load_seq2seq`). Metric "pairs" (`evaluation.fairness_pairs`) scores
+    every model of `seeds` ({name: its seeds' directories}; default: `models`, one seed each) on
+    `pair_sets` and pools the seeds of each name."""
     from core.fsutil import atomic_write_json, atomic_write_text
     from data_prep.counterfactual import lexicon_language
     from evaluation.massive import load_predictor, load_seq2seq, load_split
@@ -620,8 +630,20 @@ def evaluate_fairness(models: dict[str, Path], locales: Sequence[str], out_dir: 
                 if model_name != baseline and reference and entry.get(key):
                     result.setdefault(f"{key}_comparisons", {})[model_name] = compare_disparity(
                         reference, entry[key], samples=samples, seed=seed, confidence=confidence)
+    if "pairs" in metrics:
+        from evaluation.fairness_pairs import evaluate_pairs
+
+        arms = seeds or {name: [d] for name, d in models.items()}
+        pair_data, pair_locales = load_split(data, list(locales), split, max_examples, seed)
+        result["pairs"] = evaluate_pairs(arms, pair_locales, sets=pair_sets, massive=pair_data, batch_size=batch_size,
+                                         device=device, baseline=baseline if baseline in arms else None,
+                                         samples=samples, seed=seed, confidence=confidence, load=load)
     result["seconds"] = time.perf_counter() - started
     result["markdown"] = fairness_markdown(result)
+    if result.get("pairs"):
+        from evaluation.fairness_pairs import pairs_markdown
+
+        result["markdown"] = (result["markdown"] + "\n\n" + pairs_markdown(result["pairs"], confidence)).strip()
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / f"{name}.json", result)
     atomic_write_text(out_dir / f"{name}.md", result["markdown"] + "\n")
@@ -750,21 +772,28 @@ def register_evaluate(sub: argparse._SubParsersAction) -> None:
         "swapped utterances, with paired bootstrap intervals; and the entropy-normalised gap in log-probability "
         "of occupations after male vs female prompts (seq2seq models). Writes NAME.json and NAME.md.",
     )
-    p.add_argument("--models", nargs="+", required=True, metavar="NAME=DIR",
-                   help="models to compare, e.g. teacher=DIR student_kd=DIR student_crr=DIR")
+    p.add_argument("--models", nargs="+", required=True, metavar="NAME=DIR[,DIR...]",
+                   help="models to compare, e.g. teacher=DIR student_kd=DIR student_crr=DIR; with --metrics pairs "
+                   "only, NAME=DIR1,DIR2,DIR3 gives the models of several training seeds, pooled")
     p.add_argument("--locales", nargs="+", default=["en-US", "de-DE"],
                    help="MASSIVE locales (those without a lexicon are skipped); default en-US de-DE")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--data", default="@data/massive/data", help="MASSIVE source (default @data/massive/data)")
     p.add_argument("--split", choices=["train", "dev", "test"], default="test", help="partition (default test)")
     p.add_argument("--max-examples", type=int, default=None,
-                   help="at most N utterances with gendered words per locale, a seeded sample (default and 0: all)")
+                   help="at most N utterances with gendered words per locale, a seeded sample (default and 0: all); "
+                   "--metrics pairs: a seeded sample of N ids of the split for the name and sigma pairs")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample of utterances (default 0)")
     p.add_argument("--batch-size", type=int, default=32, help="utterances per predictor call")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="torch device")
     add_load_arguments(p)
-    p.add_argument("--metrics", nargs="+", choices=["consistency", "disparity"],
-                   default=["consistency", "disparity"], help="which measurements (default both)")
+    p.add_argument("--metrics", nargs="+", choices=["consistency", "disparity", "pairs"],
+                   default=["consistency", "disparity"],
+                   help="which measurements (default consistency and disparity); pairs: change rate and signed "
+                   "female - male accuracy gap over gender pairs (evaluation/fairness_pairs.py), pooled over seeds")
+    p.add_argument("--pair-sets", nargs="+", choices=["independent", "sigma"], default=["independent", "sigma"],
+                   help="--metrics pairs: independent = hand-written templates and first-name pairs (no sigma); "
+                   "sigma = the utterances sigma swaps (default both)")
     p.add_argument("--no-clm-prompt", action="store_true",
                    help="score continuations without the [CLM] prefix (models not pretrained with it)")
     p.add_argument("--name", default="fairness", help="base name of the output files")
@@ -775,14 +804,36 @@ def register_evaluate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_fairness)
 
 
-def run_fairness(args: argparse.Namespace) -> int:
-    from evaluation.cli import load_from_args, parse_models
+def parse_seed_models(items: Sequence[str]) -> dict[str, list[Path]]:
+    """`--models NAME=DIR[,DIR...]` -> {name: [directories]} (several: the models of several seeds)."""
+    from core.config import ConfigError
+    from evaluation.cli import parse_models
 
-    models = parse_models(args.models)
+    out: dict[str, list[Path]] = {}
+    for item in items:
+        name, sep, dirs = item.partition("=")
+        if name in out:
+            raise ConfigError(f"--models: name {name!r} given twice (list several seeds as {name}=DIR1,DIR2)")
+        parts = [d for d in dirs.split(",") if d] if sep else []
+        out[name] = [parse_models([f"{name}={d}"])[name] for d in parts] if parts else list(
+            parse_models([item]).values())
+    return out
+
+
+def run_fairness(args: argparse.Namespace) -> int:
+    from core.config import ConfigError
+    from evaluation.cli import load_from_args
+
+    seeds = parse_seed_models(args.models)
+    if any(len(dirs) > 1 for dirs in seeds.values()) and set(args.metrics) - {"pairs"}:
+        raise ConfigError("--models: several directories for one name (training seeds) are pooled by --metrics pairs "
+                          "only; give one directory per name for consistency and disparity")
+    models = {name: dirs[0] for name, dirs in seeds.items()}
     result = evaluate_fairness(models, args.locales, Path(args.out), data=args.data, split=args.split,
                                max_examples=args.max_examples or None, seed=args.seed, batch_size=args.batch_size,
                                device=args.device, metrics=args.metrics, clm_prompt=not args.no_clm_prompt,
-                               load=load_from_args(args, args.out),
+                               load=load_from_args(args, args.out), seeds=seeds, pair_sets=args.pair_sets,
+                               samples=args.bootstrap_samples, confidence=args.confidence, baseline=args.baseline,
                                name=args.name)
     print(result["markdown"])
     print(f"wrote {Path(args.out) / (args.name + '.json')}")

@@ -221,7 +221,11 @@ def stage_commands(stage: Stage, run_dir: Path, preset: str | None, cfg: Pipelin
         out, ablation = generic_distill[stage.name]
         return [launch(n_other, "distill", "--run-dir", r, "--teacher", str(run_dir / "teacher-indomain"),
                        "--out", out, *p, *ablation)]
-    task_distill = {"student_ft": ("student-ft", []), "student_kd_ft": ("student-kd-ft", plain_kd)}
+    # The task-distilled plain-KD student is CRR's matched reference: every gendered train utterance as
+    # often as CRR sees it as x or x~ (cda=repeat keeps the preset's cda_repeat), the same steps, order
+    # and seed; only the swap, the teacher perturbation and the logit pairing differ.
+    matched_kd = ["cda=repeat", "perturb=none", "counterfactual_pairing_weight=0"]
+    task_distill = {"student_ft": ("student-ft", []), "student_kd_ft": ("student-kd-ft", matched_kd)}
     if stage.name in task_distill:
         out, ablation = task_distill[stage.name]
         return [launch(n_other, "distill", "--run-dir", r, "--section", "taskdistill",

@@ -516,6 +516,8 @@ def test_massive_counterfactual_carries_slot_labels_word_by_word():
     assert [e.id for e in cda_examples([ex, plain], "two_sided")] == ["7", "7~", "8"]
     assert [e.id for e in cda_examples([ex, plain], "one_sided")] == ["7~", "8"]  # counterfactual only
     assert [e.id for e in cda_examples([ex, plain], "none")] == ["7", "8"]
+    # repeat: two_sided's places, x again where two_sided has x~ (CRR's matched plain-KD data)
+    assert [e.id for e in cda_examples([ex, plain], "repeat")] == ["7", "7", "8"]
 
 
 @pytest.mark.parametrize("text", [

@@ -148,6 +148,67 @@ def test_cda_repeat_repeats_only_the_utterances_sigma_changes(tiny_teacher_dir, 
             load_config(DistillConfig, section="taskdistill", preset="tiny", overrides=[*base, "cda_repeat=2", bad])
 
 
+def test_matched_plain_kd_sees_what_crr_sees_without_the_swap(tiny_teacher_dir, massive_dir):
+    """cda=repeat (the pipeline's plain-KD arm) against CRR's two_sided: the same examples, sampler
+    order, steps, batch sizes and lengths, and every gendered utterance as often per pass; CRR's x~
+    is x there, nothing else differs."""
+    import collections
+
+    from core.config import load_config
+    from core.data import ResumableSampler
+    from data_prep.tokenizer import load_tokenizer
+    from distill.config import DistillConfig
+    from distill.distill import MassiveDistillData
+
+    tokenizer = load_tokenizer(tiny_teacher_dir)
+    base = [f"massive_data={massive_dir}", "locales=[en-US,de-DE]", "num_train_examples=120", "cda_repeat=3",
+            "train.micro_batch_size=8", "train.global_batch_size=16"]
+    arms = {}
+    for name, extra in (("crr", []), ("kd", ["cda=repeat", "perturb=none", "counterfactual_pairing_weight=0"])):
+        cfg = load_config(DistillConfig, section="taskdistill", preset="tiny", overrides=[*base, *extra])
+        data = MassiveDistillData(cfg, tokenizer)
+        sampler = ResumableSampler(data.num_train, cfg.train.micro_batch_size, cfg.train.grad_accum_steps(1), 0, 1,
+                                   cfg.train.seed, lengths=data.train_lengths)
+        arms[name] = (cfg, data, sampler)
+    (crr_cfg, crr, crr_sampler), (kd_cfg, kd, kd_sampler) = arms["crr"], arms["kd"]
+    assert (crr_cfg.cda, kd_cfg.cda) == ("two_sided", "repeat") and crr_cfg.train == kd_cfg.train
+    assert crr.train == kd.train and crr.num_train == kd.num_train > 240
+    assert crr_sampler.steps_per_epoch == kd_sampler.steps_per_epoch > 10
+    key = {id(ex): (ex.locale, ex.id) for ex in crr.train}
+    gendered = {key[id(ex)] for ex in crr.train if crr.swapper.utterance(ex)[0] != list(ex.words)}
+    assert gendered
+    seen: dict[str, collections.Counter] = {"crr": collections.Counter(), "kd": collections.Counter()}
+    swapped_seen: collections.Counter = collections.Counter()
+    position = 0
+    for _ in range(crr_sampler.steps_per_epoch):
+        crr_batches = crr_sampler.micro_batches(0, position)
+        assert crr_batches == kd_sampler.micro_batches(0, position)  # the same order
+        position += crr_sampler.global_batch_size
+        for indices in crr_batches:
+            crr_pairs, kd_pairs = crr.pairs(indices, 0), kd.pairs(indices, 0)
+            assert len(crr_pairs) == len(kd_pairs)  # the same rows per micro-batch
+            sources = [k for k, i in enumerate(indices) for _ in range(2 if key[id(crr.train[i])] in gendered else 1)]
+            for n, (c, k) in enumerate(zip(crr_pairs, kd_pairs)):
+                ex = crr.train[indices[sources[n]]]
+                seen["crr"][key[id(ex)]] += 1
+                seen["kd"][key[id(ex)]] += 1
+                assert not k.swapped and k.changed == c.changed == (key[id(ex)] in gendered)
+                if c.swapped:  # CRR's x~: the matched arm has x again, with x~ as its (unused) partner
+                    swapped_seen[key[id(ex)]] += 1
+                    assert np.array_equal(k.train.source, crr_pairs[n - 1].train.source)
+                    assert not np.array_equal(c.train.source, k.train.source)
+                    assert np.array_equal(k.partner.source, c.train.source)
+                else:
+                    assert np.array_equal(c.train.source, k.train.source)
+                    assert np.array_equal(c.train.target, k.train.target)
+    assert seen["crr"] == seen["kd"]
+    # Per pass each gendered utterance is seen 2 x cda_repeat times in both arms (CRR: half of them as x~),
+    # less the few that fall into the dropped trailing partial batch.
+    counts = collections.Counter(seen["kd"][i] for i in gendered)
+    assert counts.most_common(1)[0][0] == 6 and sum(swapped_seen.values()) * 2 == sum(seen["kd"][i] for i in gendered)
+    assert all(seen["kd"][key[id(ex)]] <= 1 for ex in crr.train if key[id(ex)] not in gendered)
+
+
 def test_counterfactual_pairing_pairs_each_original_with_its_swap_where_the_targets_agree(tiny_teacher_dir, massive_dir):
     """Two-sided CDA puts x~ right after x; pairing holds at aligned positions with the same target token,
     is 0 for a student that answers alike on both and grows when it does not."""

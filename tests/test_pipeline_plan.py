@@ -207,5 +207,11 @@ def test_distillation_commands_load_with_every_preset(tmp_path, preset):
         section = args[args.index("--section") + 1] if "--section" in args else "distill"
         overrides = [a for a in args if "=" in a and not a.startswith("--")]
         cfg = load_config(DistillConfig, section=section, preset=preset, overrides=overrides)
-        if name in ("student_kd", "student_kd_ft"):
+        if name == "student_kd":
             assert (cfg.cda, cfg.cda_repeat, cfg.perturb) == ("none", 1, "none")
+        if name == "student_kd_ft":  # CRR's matched reference: its exposure, no swap
+            crr = load_config(DistillConfig, section=section, preset=preset,
+                              overrides=[o for o in overrides if o.startswith("locales=")])
+            assert (cfg.cda, cfg.perturb, cfg.counterfactual_pairing_weight) == ("repeat", "none", 0.0)
+            assert (cfg.cda_repeat, cfg.train, cfg.locales) == (crr.cda_repeat, crr.train, crr.locales)
+            assert crr.cda == "two_sided"
