@@ -51,7 +51,7 @@ def model_kind(model_dir: Path) -> str:
 def model_size_bytes(model_dir: Path) -> int:
     """Bytes of the model's weights: the ONNX graphs of an export, else the weight files."""
     if model_kind(model_dir) == "onnx":
-        from student.runtime import read_manifest
+        from student import read_manifest
 
         return int(read_manifest(model_dir)["size_bytes"])
     from core.modeldir import weight_files
@@ -63,14 +63,14 @@ def load_timed_predictor(model_dir: Path, num_threads: int = 1, max_new_tokens: 
     """The predictor `measure` times for a directory (batch 1, `num_threads` threads)."""
     kind = model_kind(model_dir)
     if kind == "onnx":
-        from student.runtime import OnnxPredictor
+        from student import OnnxPredictor
 
         return OnnxPredictor(model_dir, num_threads=num_threads, batch_size=1, max_new_tokens=max_new_tokens)
     import torch
 
     torch.set_num_threads(num_threads)
     if kind == "encoder_nlu":
-        from student.nlu import load_nlu_model
+        from student import load_nlu_model
 
         return load_nlu_model(model_dir)
     from evaluation.massive import Seq2SeqPredictor

@@ -201,7 +201,7 @@ def load_predictor(
         raise FileNotFoundError(f"model directory {model_dir} does not exist")
     kind = model_kind(model_dir)
     if kind == "onnx":
-        from student.runtime import OnnxPredictor
+        from student import OnnxPredictor
 
         return OnnxPredictor(model_dir, num_threads=num_threads)
     if kind == "encoder_nlu":
@@ -218,9 +218,9 @@ def load_predictor(
 
 
 def _load_encoder_nlu(model_dir: Path, device: str) -> Predictor:
-    from student import nlu
+    from student import load_nlu_model
 
-    model = nlu.load_nlu_model(model_dir)
+    model = load_nlu_model(model_dir)
     if hasattr(model, "to"):
         model.to(torch_device(device))
     if hasattr(model, "eval"):

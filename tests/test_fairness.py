@@ -11,18 +11,20 @@ from fixtures_data import squash_tables
 
 from core.config import ConfigError
 from evaluation.cli import parse_models
-from evaluation.fairness import (
+from evaluation.disparity import (
     TEMPLATES,
+    continuations,
+    generation_disparity,
+    occupations,
+    score_continuations,
+)
+from evaluation.fairness import (
     compare_consistency,
     consistency_scores,
-    continuations,
     counterfactual_consistency,
     counterfactual_set,
     fairness_markdown,
     gendered_examples,
-    generation_disparity,
-    occupations,
-    score_continuations,
 )
 from massive.format import NLUPrediction
 
@@ -201,7 +203,7 @@ def test_disparity_on_tiny_teacher(tiny_teacher_dir):
 
 
 def test_gender_polarity_scores_pronouns_after_neutral_occupations(tiny_teacher_dir):
-    from evaluation.fairness import NEUTRAL_OCCUPATIONS, POLARITY_TEMPLATES, gender_polarity, gendered_words
+    from evaluation.disparity import NEUTRAL_OCCUPATIONS, POLARITY_TEMPLATES, gender_polarity, gendered_words
     from evaluation.massive import load_seq2seq
 
     assert gendered_words("en") == {"male": ["he", "his", "him", "himself"], "female": ["she", "her", "hers", "herself"]}
@@ -235,7 +237,7 @@ def test_markdown_of_disparity_only_names_the_models_and_no_consistency():
 
 
 def test_compare_disparity_pairs_the_same_occupations():
-    from evaluation.fairness import _disparity, compare_disparity
+    from evaluation.disparity import _disparity, compare_disparity
 
     rng = np.random.default_rng(0)
     gaps = rng.normal(0.0, 1.0, 200)
