@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from massive import loader
+from massive import loader, rows
 from massive.format import (
     CHAR_SPLIT_LOCALES,
     MASSIVE_LOCALES,
@@ -710,13 +710,13 @@ def test_hub_rows_map_class_labels_to_names(sample_rows) -> None:
 def test_cache_reused_and_invalidated_by_mtime(tmp_path: Path, small_dir: Path, monkeypatch) -> None:
     cache = tmp_path / "cache"
     parsed: list[str] = []
-    real_parse = loader._parse_stream
+    real_parse = rows._parse_stream  # the parser massive.rows._Loader calls
 
     def counting_parse(stream, path, locale, *args, **kwargs):
         parsed.append(locale)
         return real_parse(stream, path, locale, *args, **kwargs)
 
-    monkeypatch.setattr(loader, "_parse_stream", counting_parse)
+    monkeypatch.setattr(rows, "_parse_stream", counting_parse)
     first = load_massive(small_dir, cache_dir=cache, progress=False)
     assert sorted(parsed) == ["de-DE", "en-US"] and first.report.cached_splits == []
     entries = sorted(p.name for p in cache.iterdir())
