@@ -1,17 +1,19 @@
-"""The one training-loop skeleton that pretraining, distillation and fine-tuning share.
+"""The one training loop that pretraining, distillation and fine-tuning share.
 
 Every stage's entry function reads as the same table of contents: config -> data -> model -> engine
--> `refuse_to_start_over` + `restore_or_start` -> an explicit loop
+-> `refuse_to_start_over` + `restore_or_start` -> `run_training(cfg.train, state, engine, sampler,
+checkpoints, cfg_yaml, StagePieces(...), desc)` -> export. `run_training` is the only training loop:
 
-    while state.step < cfg.train.max_steps:
-        train_step(engine, micro_batches, forward, state, sampler, window, checkpoints)
-        maybe_log(...)    # the stage's record, when log_due
-        maybe_eval(...)   # the stage's held-out evaluation, when eval_due; keep_best
-        maybe_save(cfg.train, state, engine, checkpoints, cfg_yaml)
-        maybe_stop(stop, checkpoints, engine, state, cfg.train.max_steps, cfg_yaml)
+    while state.step < train.max_steps:
+        train_step(engine, pieces.micro_batches(state), pieces.forward(state), state, sampler, window, checkpoints)
+        pieces.maybe_log(state, bar)   # the stage's record, when log_due
+        pieces.maybe_eval(state)       # the stage's held-out evaluation, when eval_due; keep_best
+        maybe_save(train, state, engine, checkpoints, cfg_yaml)
+        maybe_stop(stop, checkpoints, engine, state, train.max_steps, cfg_yaml)
 
--> export. The stages differ only in the pieces they pass: `forward` (one micro-batch -> MicroStep)
-and what their maybe_log / maybe_eval compute.
+with the progress bar, the wall-time clock and the signal handlers around it. The stages differ only
+in the pieces they pass (`StagePieces`): their micro-batches, `forward` (one micro-batch ->
+MicroStep) and what their maybe_log / maybe_eval compute.
 
 - `MicroStep`, `train_step`: one optimizer step over a rank's micro-batches; the NaN guard runs on
   the rank-mean loss before the last `engine.step()`, the one that applies the update.
@@ -36,7 +38,7 @@ from typing import Any
 from core.checkpoint import CheckpointManager, TrainState
 from core.data import ResumableSampler
 from core.distributed import all_reduce_mean, all_reduce_sum, is_rank0
-from core.metrics import LossWindow
+from core.metrics import LossWindow, progress_bar
 from core.train_config import TrainConfig
 
 
@@ -206,3 +208,47 @@ def maybe_save(train: TrainConfig, state: TrainState, engine: Any, checkpoints: 
                config_yaml: str) -> None:
     if is_due(state.step, train.save_every, train.max_steps):
         checkpoints.save(engine, state, config_yaml)
+
+
+@dataclasses.dataclass
+class StagePieces:
+    """What a stage gives the loop (`run_training`): how to train one step, and what to record."""
+
+    micro_batches: Callable[[TrainState], Sequence[Any]]
+    """The state -> this rank's micro-batches of the step (from the sampler's current position)."""
+    forward: Callable[[TrainState], Callable[[Any], MicroStep]]
+    """The state -> the step's `forward` (one micro-batch -> MicroStep); a stage whose data stream
+    depends on the epoch builds it per step."""
+    maybe_log: Callable[[TrainState, Any], None]
+    """The stage's log record when `log_due`, given the state and the progress bar."""
+    maybe_eval: Callable[[TrainState], None]
+    """The stage's held-out evaluation when `eval_due` (`keep_best` inside)."""
+
+
+def run_training(train: TrainConfig, state: TrainState, engine: Any, sampler: ResumableSampler,
+                 checkpoints: CheckpointManager, config_yaml: str, pieces: StagePieces, desc: str,
+                 window: LossWindow | None = None) -> LossWindow:
+    """THE training loop of every stage: steps until `train.max_steps`, with the progress bar, the
+    wall-time clock (kept across resumes in `state.wall_time_s`), logging and evaluation when due,
+    checkpoints when due, and a clean stop at a step boundary on SIGTERM/SIGINT (`maybe_stop` saves
+    and raises TrainingStopped). Returns the loss window (the stages report from it)."""
+    window = window if window is not None else LossWindow()
+    engine.train()
+    bar = progress_bar(train.max_steps, initial=state.step, desc=desc)
+    segment_start = time.perf_counter() - state.wall_time_s
+    stop = StopOnSignal()
+    try:
+        while state.step < train.max_steps:
+            step_loss = train_step(engine, pieces.micro_batches(state), pieces.forward(state), state, sampler,
+                                   window, checkpoints)
+            state.wall_time_s = time.perf_counter() - segment_start
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}")
+            pieces.maybe_log(state, bar)
+            pieces.maybe_eval(state)
+            maybe_save(train, state, engine, checkpoints, config_yaml)
+            maybe_stop(stop, checkpoints, engine, state, train.max_steps, config_yaml)
+    finally:
+        stop.close()
+        bar.close()
+    return window

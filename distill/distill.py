@@ -35,7 +35,6 @@ dev for task=massive) and KL(teacher_T || student_T) there, without augmentation
 from __future__ import annotations
 
 import dataclasses
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,15 +55,13 @@ from core.distributed import all_reduce_sum, build_engine, init_distributed, res
 from core.fsutil import atomic_write_json, check_output, safe_path
 from core.loop import (
     MicroStep,
-    StopOnSignal,
+    StagePieces,
     eval_due,
     keep_best,
     log_due,
-    maybe_save,
-    maybe_stop,
-    train_step,
+    run_training,
 )
-from core.metrics import LossWindow, MetricsLogger, progress_bar
+from core.metrics import LossWindow, MetricsLogger
 from core.modeldir import check_model_dir
 from data_prep.counterfactual import (
     available_languages,
@@ -585,22 +582,13 @@ def distill(cfg: DistillConfig, run_dir: str | Path, resume: bool = False) -> Pa
 
     # the loop
     window = LossWindow()
-    bar = progress_bar(cfg.train.max_steps, initial=state.step, desc=f"distill {cfg.out}")
-    segment_start = time.perf_counter() - state.wall_time_s
-    stop = StopOnSignal()
-    while state.step < cfg.train.max_steps:
-        forward = micro_forward(engine, teacher, data, cfg, token_map, hidden_loss, dist_info.device, state.epoch)
-        train_step(engine, sampler.micro_batches(state.epoch, state.epoch_position), forward, state, sampler,
-                   window, checkpoints)
-        state.wall_time_s = time.perf_counter() - segment_start
-        bar.update(1)
-
-        maybe_log(metrics, state, window, engine, cfg, bar)
-        maybe_eval(metrics, state, engine, teacher, data, cfg, dist_info)
-        maybe_save(cfg.train, state, engine, checkpoints, cfg_yaml)
-        maybe_stop(stop, checkpoints, engine, state, cfg.train.max_steps, cfg_yaml)
-    stop.close()
-    bar.close()
+    pieces = StagePieces(
+        micro_batches=lambda st: sampler.micro_batches(st.epoch, st.epoch_position),
+        forward=lambda st: micro_forward(engine, teacher, data, cfg, token_map, hidden_loss, dist_info.device, st.epoch),
+        maybe_log=lambda st, bar: maybe_log(metrics, st, window, engine, cfg, bar),
+        maybe_eval=lambda st: maybe_eval(metrics, st, engine, teacher, data, cfg, dist_info),
+    )
+    run_training(cfg.train, state, engine, sampler, checkpoints, cfg_yaml, pieces, f"distill {cfg.out}", window)
 
     # export
     out_dir = run_dir / cfg.out

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import random
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,15 +39,13 @@ from core.distributed import DistInfo, all_reduce_sum, barrier, build_engine, in
 from core.fsutil import check_output, safe_path
 from core.loop import (
     MicroStep,
-    StopOnSignal,
+    StagePieces,
     eval_due,
     keep_best,
     log_due,
-    maybe_save,
-    maybe_stop,
-    train_step,
+    run_training,
 )
-from core.metrics import LossWindow, MetricsLogger, progress_bar
+from core.metrics import LossWindow, MetricsLogger
 from core.modeldir import check_model_dir, load_seq2seq_model
 from core.models import build_model, interpolate_with_fresh_init
 from data_prep.counterfactual import cda_examples
@@ -517,29 +514,23 @@ def finetune(cfg: FinetuneConfig, run_dir: str | Path, resume: bool = False) -> 
         )
 
     # the loop
-    engine.train()
     window = LossWindow()
-    bar = progress_bar(cfg.train.max_steps, initial=state.step, desc=f"finetune {name}")
-    segment_start = time.perf_counter() - state.wall_time_s
-    stop = StopOnSignal()
-    while state.step < cfg.train.max_steps:
-        batches = [
+
+    def micro_batches(st: TrainState) -> list[dict[str, torch.Tensor]]:
+        return [
             collate_seq2seq([train_pairs[i] for i in indices], tokenizer.pad_token_id)
             if cfg.head == "seq2seq"
             else collate_encoder([data.train[i] for i in indices], tokenizer, model.labels, cfg.max_source_len)
-            for indices in sampler.micro_batches(state.epoch, state.epoch_position)
+            for indices in sampler.micro_batches(st.epoch, st.epoch_position)
         ]
-        forward = micro_forward(engine, cfg, dist_info.device, len(batches))
-        train_step(engine, batches, forward, state, sampler, window, checkpoints)
-        state.wall_time_s = time.perf_counter() - segment_start
-        bar.update(1)
 
-        maybe_log(metrics, state, window, engine, cfg, bar)
-        maybe_eval(metrics, state, engine, model, tokenizer, data, dev_pairs, cfg, dist_info)
-        maybe_save(cfg.train, state, engine, checkpoints, cfg_yaml)
-        maybe_stop(stop, checkpoints, engine, state, cfg.train.max_steps, cfg_yaml)
-    stop.close()
-    bar.close()
+    pieces = StagePieces(
+        micro_batches=micro_batches,
+        forward=lambda st: micro_forward(engine, cfg, dist_info.device, grad_accum),
+        maybe_log=lambda st, bar: maybe_log(metrics, st, window, engine, cfg, bar),
+        maybe_eval=lambda st: maybe_eval(metrics, st, engine, model, tokenizer, data, dev_pairs, cfg, dist_info),
+    )
+    run_training(cfg.train, state, engine, sampler, checkpoints, cfg_yaml, pieces, f"finetune {name}", window)
 
     # export
     out_dir = run_dir / name

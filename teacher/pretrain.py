@@ -32,15 +32,13 @@ from core.distributed import (
 from core.fsutil import check_output
 from core.loop import (
     MicroStep,
-    StopOnSignal,
+    StagePieces,
     eval_due,
     keep_best,
     log_due,
-    maybe_save,
-    maybe_stop,
-    train_step,
+    run_training,
 )
-from core.metrics import LossWindow, MetricsLogger, default_peak_tflops, progress_bar
+from core.metrics import LossWindow, MetricsLogger, default_peak_tflops
 from core.modeldir import check_model_dir, load_seq2seq_model
 from core.models import ModelSpec, build_model, model_flops_per_example
 from data_prep.objectives import OBJECTIVE_NAMES, PretrainCollator, loss_by_objective
@@ -86,26 +84,18 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False) -> 
     metrics = MetricsLogger(paths.run_dir, STAGE, name=cfg.out)
     peak_tflops = default_peak_tflops(cfg.train, dist)
     window = LossWindow()
-    bar = progress_bar(cfg.train.max_steps, initial=state.step, desc=f"{STAGE} {cfg.out}")
 
     # -- the loop (held-out baselines first, at step 0: the model, and a unigram model of the data)
     if state.step == 0:
         log_unigram_reference(tokenizer, train_data, heldout_data, metrics)
     maybe_eval(cfg, state, engine, collator, heldout_data, eval_batches, metrics)
-    engine.train()
-    stop = StopOnSignal()
-    while state.step < cfg.train.max_steps:
-        forward = micro_forward(engine, collator, train_data, spec, stream_offset=state.epoch * len(train_data))
-        step_loss = train_step(engine, sampler.micro_batches(state.epoch, state.epoch_position), forward, state,
-                               sampler, window, checkpoints)
-        bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.4f}")
-        maybe_log(cfg, state, engine, window, metrics, peak_tflops, dist)
-        maybe_eval(cfg, state, engine, collator, heldout_data, eval_batches, metrics)
-        maybe_save(cfg.train, state, engine, checkpoints, cfg_yaml)
-        maybe_stop(stop, checkpoints, engine, state, cfg.train.max_steps, cfg_yaml)
-    stop.close()
-    bar.close()
+    pieces = StagePieces(
+        micro_batches=lambda st: sampler.micro_batches(st.epoch, st.epoch_position),
+        forward=lambda st: micro_forward(engine, collator, train_data, spec, stream_offset=st.epoch * len(train_data)),
+        maybe_log=lambda st, bar: maybe_log(cfg, st, engine, window, metrics, peak_tflops, dist),
+        maybe_eval=lambda st: maybe_eval(cfg, st, engine, collator, heldout_data, eval_batches, metrics),
+    )
+    run_training(cfg.train, state, engine, sampler, checkpoints, cfg_yaml, pieces, f"{STAGE} {cfg.out}", window)
 
     # -- export
     out = export_hf(engine, model, tokenizer, paths.out)
