@@ -136,7 +136,8 @@ def load_inputs(cfg: DataConfig, run_dir: Path, progress: bool = True) -> Inputs
     excluded = evaluation_text(cfg, evaluation_utterances(massive_eval))
     corpus = build_corpus(cfg, excluded, progress)
     train_utts = massive_utterances(massive_train, ("train",))
-    indomain, indomain_report = massive_pools(train_utts, excluded, cfg.locales)
+    # Under zero-shot the targets' MASSIVE utterances are neither in-domain data nor tokenizer text.
+    indomain, indomain_report = massive_pools(train_utts, excluded, cfg.massive_text_locales())
     groups = None
     if cfg.massive.indomain_order == "parallel":
         groups = parallel_groups(massive_ids(massive_train, ("train",)), train_utts, indomain)
@@ -321,6 +322,9 @@ def fingerprint(cfg: DataConfig, output: str) -> str:
     """A hash of the settings an output depends on ('tokenizer', 'data' or 'indomain')."""
     d = to_dict(cfg)
     common = {"locales": d["locales"], "seed": d["seed"], "massive": {"source": d["massive"]["source"]}}
+    text_locales = cfg.massive_text_locales()
+    if text_locales != list(cfg.locales):  # outputs built before the setting existed keep their hash
+        common["massive_text_locales"] = text_locales
     if output == "tokenizer":
         parts = {**common, "corpus": d["corpus"], "sampling": d["sampling"], "tokenizer": d["tokenizer"]}
         parts["sampling"] = {k: v for k, v in d["sampling"].items() if k != "pretrain_sentences"}

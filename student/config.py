@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from core.config import LOCALE_RE, ConfigError
+from core.crosslingual import CrossLingualConfig
 from core.train_config import TrainConfig
 from teacher.sizes import PRESETS, ModelConfig
 
@@ -119,6 +120,13 @@ class FinetuneConfig:
     from init (scratch:<preset>)."""
     train: TrainConfig = field(default_factory=_default_train)
     """Optimisation, batch sizes, schedule, ZeRO stage, precision, logging/eval/save intervals, seed."""
+    crosslingual: CrossLingualConfig = field(default_factory=CrossLingualConfig)
+    """Source and target locales and the setting (preset section `crosslingual`): the locales trained
+    on must be ones whose gold labels the setting allows."""
+
+    def train_locales(self) -> list[str]:
+        """The locales whose gold labels training reads (empty = every locale of the source)."""
+        return [self.zero_shot_locale] if self.setting == "zero_shot" else list(self.locales)
 
     @property
     def scratch_preset(self) -> str | None:
@@ -135,6 +143,8 @@ class FinetuneConfig:
             raise ConfigError(f"finetune.locales: {bad} are not MASSIVE locale names (like en-US, de-DE)")
         if not LOCALE_RE.match(self.zero_shot_locale):
             raise ConfigError(f"finetune.zero_shot_locale: {self.zero_shot_locale!r} is not a locale name like en-US")
+        self.crosslingual.check_gold("finetune.locales" if self.setting == "full" else "finetune.zero_shot_locale",
+                                     self.train_locales())
         if self.setting == "zero_shot" and self.locales and self.zero_shot_locale not in self.locales:
             raise ConfigError(
                 f"finetune.setting=zero_shot trains on {self.zero_shot_locale}, which is missing from "
