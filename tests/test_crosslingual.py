@@ -1,0 +1,168 @@
+"""Cross-lingual evaluation and settings: `evaluate massive --locales all` over a data root that gains
+a locale after training, the source/target roles and target mean, and the settings' leak checks."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+from pathlib import Path
+
+import pytest
+from fixtures_data import squash_tables
+
+from core.config import ConfigError, load_config
+from launch.cli import main
+
+# Latin letters -> Georgian letters: a script the test tokenizer never saw, as a locale added later.
+GEORGIAN = {chr(ord("a") + i): chr(0x10D0 + i) for i in range(26)}
+SLOT_MARKUP = re.compile(r"(\[[a-z_]+ : |\])")
+
+
+def georgian(text: str) -> str:
+    return "".join(GEORGIAN.get(c, c) for c in text)
+
+
+def georgian_annotation(annot: str) -> str:
+    """The annotation with its words in Georgian letters; slot names and markup kept."""
+    return "".join(part if SLOT_MARKUP.fullmatch(part) else georgian(part) for part in SLOT_MARKUP.split(annot))
+
+
+def read_rows(path: Path, partition: str, ids: set[str] | None = None, limit: int = 0) -> list[dict]:
+    rows = []
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            if row["partition"] == partition and (ids is None or row["id"] in ids):
+                rows.append(row)
+                if limit and len(rows) == limit:
+                    break
+    return rows
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+@pytest.fixture(scope="module")
+def data_root_with_new_locale(massive_dir: Path, tmp_path_factory) -> Path:
+    """A MASSIVE directory with 30 shared test ids of en-US and de-DE (from the data root) and a
+    synthetic ka-GE file (one of the four MASSIVE 1.1 locales the data root lacks): the en-US rows
+    in official row format, their words spelt in Georgian letters."""
+    root = tmp_path_factory.mktemp("massive-overlay")
+    en = read_rows(massive_dir / "en-US.jsonl.gz", "test", limit=30)
+    ids = {row["id"] for row in en}
+    write_rows(root / "en-US.jsonl.gz", en)
+    write_rows(root / "de-DE.jsonl.gz", read_rows(massive_dir / "de-DE.jsonl.gz", "test", ids))
+    ka = [{**row, "locale": "ka-GE", "utt": georgian(row["utt"]), "annot_utt": georgian_annotation(row["annot_utt"])}
+          for row in en]
+    write_rows(root / "ka-GE.jsonl.gz", ka)
+    return root
+
+
+def test_locales_all_scores_a_locale_added_after_training(tiny_teacher_dir, data_root_with_new_locale, tmp_path, capsys):
+    from data_prep.tokenizer import load_tokenizer
+
+    # The tokenizer never saw Georgian: it spells it in bytes, with no unknown token.
+    tokenizer = load_tokenizer(tiny_teacher_dir)
+    pieces = tokenizer.convert_ids_to_tokens(tokenizer(georgian("wake me up"), add_special_tokens=False)["input_ids"])
+    assert any(re.fullmatch(r"<0x[0-9A-F]{2}>", p) for p in pieces) and tokenizer.unk_token not in pieces
+
+    out = tmp_path / "eval"
+    argv = ["evaluate", "massive", "--model", str(tiny_teacher_dir), "--out", str(out), "--locales", "all",
+            "--setting", "zero-shot", "--max-examples", "8", f"massive.data={data_root_with_new_locale}",
+            "device=cpu", "bootstrap_samples=50"]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "zero-shot, mean over 2 target locales" in printed
+    result = json.loads((out / "massive.json").read_text())
+    assert set(result["per_locale"]) == {"en-US", "de-DE", "ka-GE"}
+    assert all(s["n"] == 8 for s in result["per_locale"].values())
+    xl = result["crosslingual"]
+    assert xl["setting"] == "zero-shot" and xl["source_locales"] == ["en-US"]
+    assert xl["roles"] == {"en-US": "source", "de-DE": "target", "ka-GE": "target"}
+    assert sorted(xl["target_locales"]) == ["de-DE", "ka-GE"]
+    # The target mean is the mean of the two targets' scores (same ids in each).
+    for metric in ("em", "intent_acc", "slot_f1"):
+        expected = (result["per_locale"]["de-DE"][metric] + result["per_locale"]["ka-GE"][metric]) / 2
+        assert xl["target_mean"][metric] == pytest.approx(expected)
+    assert result["parameters"] == sum(p.numel() for p in _load(tiny_teacher_dir).parameters())
+    # The Georgian words come back one prediction per word.
+    assert len(result["records"]["ka-GE"]["id"]) == 8
+    table = squash_tables((out / "massive.md").read_text())
+    assert "Setting: **zero-shot**" in table and "| ka-GE | 8 |" in table
+    assert re.search(r"\| ka-GE \|.*\| target \|", table) and re.search(r"\| en-US \|.*\| source \|", table)
+    assert "mean over 2 target locales" in table
+    # The paper's zero-shot and supervised lines, each named with its setting.
+    for line in (r"XLM-R base \(270M\), MASSIVE paper_ \|  \| 0.3870 \|.*\| reference, zero-shot \|",
+                 r"mT5-base T2T \(580M\), MASSIVE paper_ \|  \| 0.3470 \|.*\| reference, zero-shot \|",
+                 r"mT5-base T2T \(580M\), MASSIVE paper_ \|  \| 0.6660 \|.*\| reference, supervised \|"):
+        assert re.search(line, table)
+    assert (out / "massive_locales.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _load(model_dir: Path):
+    from transformers import AutoModelForSeq2SeqLM
+
+    return AutoModelForSeq2SeqLM.from_pretrained(model_dir)
+
+
+def test_locales_all_must_stand_alone(tiny_teacher_dir, tmp_path):
+    argv = ["evaluate", "massive", "--model", str(tiny_teacher_dir), "--out", str(tmp_path), "--locales", "all", "en-US"]
+    assert main(argv) != 0
+
+
+def test_every_massive_locale_name_is_accepted():
+    from evaluation.config import EvalConfig
+    from massive.format import MASSIVE_LOCALES
+
+    assert len(MASSIVE_LOCALES) == 52
+    cfg = load_config(EvalConfig, "evaluate", None, [f"massive.locales=[{','.join(MASSIVE_LOCALES)}]",
+                                                     "crosslingual.target_locales=[ka-GE,sw-KE,cy-GB,km-KH]"])
+    assert cfg.massive.locales == list(MASSIVE_LOCALES)
+
+
+@pytest.mark.parametrize("section,cls_path,overrides,message", [
+    ("finetune", "student.config.FinetuneConfig", ["locales=[en-US,de-DE]"], "de-DE is a target locale"),
+    ("finetune", "student.config.FinetuneConfig", ["locales=[]"], "empty means every locale"),
+    ("nlu", "student.config.FinetuneConfig", ["locales=[en-US,de-DE]"], "de-DE is a target locale"),
+    ("taskdistill", "distill.config.DistillConfig", ["task=massive", "locales=[en-US,de-DE]"], "de-DE is a target"),
+])
+@pytest.mark.parametrize("setting", ["zero-shot", "teacher-labelled"])
+def test_settings_refuse_target_gold_labels_at_start_up(section, cls_path, overrides, message, setting):
+    import importlib
+
+    module, name = cls_path.rsplit(".", 1)
+    cls = getattr(importlib.import_module(module), name)
+    xl = [f"crosslingual.setting={setting}", "crosslingual.target_locales=[de-DE,ja-JP]"]
+    with pytest.raises(ConfigError, match=message):
+        load_config(cls, section, "tiny", [*xl, *overrides])
+    # The same locales are fine as the supervised reference.
+    load_config(cls, section, "tiny", ["crosslingual.setting=supervised", "crosslingual.target_locales=[de-DE,ja-JP]",
+                                       *overrides[:-1], "locales=[en-US,de-DE]"])
+
+
+def test_one_preset_section_sets_every_stage(tmp_path):
+    from data_prep.config import DataConfig
+    from distill.config import DistillConfig
+    from evaluation.config import EvalConfig
+    from student.config import FinetuneConfig
+
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("crosslingual:\n  setting: teacher-labelled\n  source_locales: [en-US]\n"
+                      "  target_locales: [de-DE, ja-JP]\nfinetune:\n  locales: [en-US]\n"
+                      "taskdistill:\n  task: massive\n  locales: [en-US]\n"
+                      "data:\n  locales: [en-US, de-DE, ja-JP]\n")
+    for cls, section in ((FinetuneConfig, "finetune"), (DistillConfig, "taskdistill"), (EvalConfig, "evaluate"),
+                         (DataConfig, "data")):
+        cfg = load_config(cls, section, str(preset))
+        assert cfg.crosslingual.setting == "teacher-labelled" and cfg.crosslingual.target_locales == ["de-DE", "ja-JP"]
+    assert load_config(DistillConfig, "taskdistill", str(preset)).unlabelled_locales() == ["de-DE", "ja-JP"]
+    # teacher-labelled: stage 2 reads the targets' utterances; zero-shot keeps them out.
+    assert load_config(DataConfig, "data", str(preset)).massive_text_locales() == ["en-US", "de-DE", "ja-JP"]
+    zero = load_config(DataConfig, "data", str(preset), ["crosslingual.setting=zero-shot"])
+    assert zero.massive_text_locales() == ["en-US"]
+    with pytest.raises(ConfigError, match="both a source and a target"):
+        load_config(EvalConfig, "evaluate", str(preset), ["crosslingual.source_locales=[en-US,de-DE]"])
