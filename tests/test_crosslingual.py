@@ -166,3 +166,132 @@ def test_one_preset_section_sets_every_stage(tmp_path):
     assert zero.massive_text_locales() == ["en-US"]
     with pytest.raises(ConfigError, match="both a source and a target"):
         load_config(EvalConfig, "evaluate", str(preset), ["crosslingual.source_locales=[en-US,de-DE]"])
+
+
+# ----------------------------------------------------------------------------- teacher-labelled distillation
+
+SLOT_NAME = re.compile(r"\[([a-z_]+) : ")
+
+
+def corrupt_labels(row: dict) -> dict:
+    """The same words under other labels: another intent, every slot renamed."""
+    intent = "weather_query" if row["intent"] != "weather_query" else "alarm_set"
+    return {**row, "intent": intent, "scenario": intent.split("_")[0],
+            "annot_utt": SLOT_NAME.sub(lambda m: "[" + ("date" if m.group(1) != "date" else "time") + " : ", row["annot_utt"])}
+
+
+@pytest.fixture(scope="module")
+def distill_roots(massive_dir: Path, tmp_path_factory) -> tuple[Path, Path]:
+    """Two MASSIVE directories with the same en-US rows (24 train, 8 dev) and the same de-DE train
+    words; in the second every de-DE row carries wrong labels."""
+    roots = []
+    for name, change in (("clean", lambda row: row), ("corrupt", corrupt_labels)):
+        root = tmp_path_factory.mktemp(f"massive-{name}")
+        en = read_rows(massive_dir / "en-US.jsonl.gz", "train", limit=24) + read_rows(
+            massive_dir / "en-US.jsonl.gz", "dev", limit=8)
+        write_rows(root / "en-US.jsonl.gz", en)
+        write_rows(root / "de-DE.jsonl.gz", [change(r) for r in read_rows(massive_dir / "de-DE.jsonl.gz", "train", limit=12)])
+        roots.append(root)
+    return roots[0], roots[1]
+
+
+def test_teacher_labelled_distillation_reads_no_target_gold_label(tiny_teacher_dir, distill_roots):
+    import numpy as np
+    from transformers import AutoModelForSeq2SeqLM
+
+    from data_prep.tokenizer import load_tokenizer
+    from distill.config import DistillConfig
+    from distill.distill import MassiveDistillData, teacher_targets
+    from massive.loader import load_massive
+
+    clean, corrupt = distill_roots
+    assert load_massive(str(corrupt), locales=["de-DE"]).examples()[0].intent != load_massive(
+        str(clean), locales=["de-DE"]).examples()[0].intent
+    teacher = AutoModelForSeq2SeqLM.from_pretrained(tiny_teacher_dir).eval()
+    tokenizer = load_tokenizer(tiny_teacher_dir)
+    xl = ["crosslingual.setting=teacher-labelled", "crosslingual.target_locales=[de-DE]", "locales=[en-US]",
+          "num_eval_examples=4", "cda=two_sided"]
+    batches = []
+    for root in (clean, corrupt):
+        cfg = load_config(DistillConfig, "taskdistill", "tiny", [f"massive_data={root}", *xl])
+        data = MassiveDistillData(cfg, tokenizer, teacher=teacher)
+        assert data.num_gold == 24 and data.num_train == 36 and len(data.train_lengths) == 36
+        # Mixed batches: gold en-US items and teacher-labelled de-DE items.
+        pairs = [p for start in range(0, 36, 6) for p in data.pairs(list(range(36))[start::6], epoch=0)]
+        batches.append([data.pad([p.train for p in pairs[k : k + 8]]) for k in range(0, len(pairs), 8)])
+        unlabelled = data.unlabelled
+    # Wrong de-DE labels change nothing the student trains on.
+    assert len(batches[0]) == len(batches[1])
+    for a, b in zip(*batches):
+        assert a.keys() == b.keys() and all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+    # The de-DE targets are the teacher's greedy outputs, ending in eos.
+    assert [ex.target.tolist() for ex in unlabelled] == [t.tolist() for t in teacher_targets(
+        teacher, tokenizer, [ex.source for ex in unlabelled], cfg.max_target_len)]
+    assert all(ex.target[-1] == tokenizer.eos_token_id or len(ex.target) == cfg.max_target_len for ex in unlabelled)
+
+
+def test_zero_shot_and_supervised_distil_on_no_unlabelled_targets(tiny_teacher_dir, distill_roots):
+    from data_prep.tokenizer import load_tokenizer
+    from distill.config import DistillConfig
+    from distill.distill import MassiveDistillData
+
+    clean, _ = distill_roots
+    for setting in ("zero-shot", "supervised"):
+        cfg = load_config(DistillConfig, "taskdistill", "tiny", [
+            f"massive_data={clean}", f"crosslingual.setting={setting}", "crosslingual.target_locales=[de-DE]",
+            "locales=[en-US]", "num_eval_examples=4"])
+        data = MassiveDistillData(cfg, load_tokenizer(tiny_teacher_dir))
+        assert data.num_train == data.num_gold == 24 and not data.unlabelled
+
+
+def test_teacher_labelled_items_train_the_student_with_crr_on(tiny_teacher_dir, distill_roots):
+    """One distillation step (CDA and teacher perturbation on) over a batch of gold en-US items and
+    teacher-labelled de-DE items: a finite loss whose gradient reaches the student."""
+    import math
+
+    from transformers import AutoModelForSeq2SeqLM
+
+    from data_prep.tokenizer import load_tokenizer
+    from distill.config import DistillConfig
+    from distill.counterfactual import build_token_map
+    from distill.distill import MassiveDistillData, distill_step
+    from distill.student_init import build_student
+
+    clean, _ = distill_roots
+    teacher = AutoModelForSeq2SeqLM.from_pretrained(tiny_teacher_dir).eval()
+    tokenizer = load_tokenizer(tiny_teacher_dir)
+    cfg = load_config(DistillConfig, "taskdistill", "tiny", [
+        f"massive_data={clean}", "crosslingual.setting=teacher-labelled", "crosslingual.target_locales=[de-DE]",
+        "locales=[en-US]", "num_eval_examples=4", "cda=two_sided", "perturb=max"])
+    data = MassiveDistillData(cfg, tokenizer, teacher=teacher)
+    student, _ = build_student(teacher, cfg.student, seed=0)
+    pairs = data.pairs([0, 1, 2, 24, 25, 26], epoch=0)
+    assert sum(p.train is p.partner for p in pairs) == 3  # the teacher-labelled items are their own partners
+    step = distill_step(student, teacher, pairs, data, cfg, build_token_map(tokenizer), None, "cpu")
+    assert math.isfinite(float(step.loss.detach())) and step.parts["rows"] == len(pairs)
+    step.loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+
+
+@pytest.mark.slow
+def test_teacher_labelled_task_distillation_runs_end_to_end(tiny_teacher_dir, distill_roots, tmp_path):
+    """`distill --section taskdistill` under teacher-labelled: the steps mix gold en-US items and
+    teacher-labelled de-DE items (CRR on), and the student is written."""
+    import os
+    import subprocess
+    import sys
+
+    clean, _ = distill_roots
+    run = tmp_path / "run"
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-m", "launch.cli", "distill", "--run-dir", str(run), "--section", "taskdistill",
+           "--teacher", str(tiny_teacher_dir), "--out", "student-xl", "--preset", "tiny", f"massive_data={clean}",
+           "locales=[en-US]", "crosslingual.setting=teacher-labelled", "crosslingual.target_locales=[de-DE]",
+           "num_eval_examples=4", "train.max_steps=4", "train.micro_batch_size=12", "train.global_batch_size=12",
+           "train.warmup_steps=1", "train.log_every=1", "train.eval_every=4", "train.save_every=4",
+           "train.num_eval_batches=1", "train.num_threads=1"]
+    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "teacher-labelled, without their labels: 12 train utterances of de-DE" in proc.stdout + proc.stderr
+    assert (run / "student-xl" / "config.json").is_file()
