@@ -100,6 +100,20 @@ class FinetuneConfig:
     1 = the pretrained model as it is. Unused for models from scratch."""
     slot_loss_weight: float = 1.0
     """Encoder head: loss = intent CE + slot_loss_weight * slot CE (over first sub-words)."""
+    teacher: str = ""
+    """Encoder head: an encoder NLU model directory (the fine-tuned teacher's, `finetune --head encoder`
+    of the teacher; run-relative or absolute) whose intent and slot distributions the model learns
+    from, which makes it a distilled NLU student; empty = gold labels only (a reference, not a student).
+    It must share the model's tokenizer."""
+    teacher_weight: float = 0.5
+    """With `teacher`: loss = (1 - w) * gold loss + w * teacher term, where the teacher term is
+    T^2 KL(teacher_T || student_T) of the intent plus slot_loss_weight x that of the slots (per word).
+    Teacher-labelled target utterances carry no gold label and train on the teacher term alone."""
+    teacher_temperature: float = 2.0
+    """Softmax temperature T of the teacher term."""
+    num_unlabelled_examples: int = 0
+    """Encoder head with `teacher`, crosslingual.setting=teacher-labelled: train utterances per target
+    locale added without labels (the first N of the file's train partition; 0 = all)."""
     ngram_buckets: int = 0
     """Encoder head: hashed token n-gram embeddings (`student.nlu.TokenNgrams`), fastText-style
     features a small encoder cannot learn in its layers: number of hash buckets (rows of
@@ -159,6 +173,18 @@ class FinetuneConfig:
         ):
             if value < low:
                 raise ConfigError(f"finetune.{key}: {value} must be >= {low}")
+        if self.teacher and self.head != "encoder":
+            raise ConfigError("finetune.teacher: the teacher term trains the encoder head; set head=encoder or "
+                              "distil a text-to-text student with `distill --section taskdistill`")
+        if not 0.0 <= self.teacher_weight <= 1.0:
+            raise ConfigError(f"finetune.teacher_weight: {self.teacher_weight} must be in [0, 1]")
+        if self.teacher_temperature <= 0:
+            raise ConfigError(f"finetune.teacher_temperature: {self.teacher_temperature} must be > 0")
+        if self.num_unlabelled_examples < 0:
+            raise ConfigError(f"finetune.num_unlabelled_examples: {self.num_unlabelled_examples} must be >= 0")
+        if self.crosslingual.unlabelled_locales() and self.head == "encoder" and not self.teacher:
+            raise ConfigError("crosslingual.setting=teacher-labelled: the target utterances need a teacher to label "
+                              "them; set finetune.teacher to the fine-tuned teacher's encoder NLU model")
         if self.slot_loss_weight < 0:
             raise ConfigError(f"finetune.slot_loss_weight: {self.slot_loss_weight} must be >= 0")
         if self.spans and self.sentinels:

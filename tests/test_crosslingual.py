@@ -295,3 +295,85 @@ def test_teacher_labelled_task_distillation_runs_end_to_end(tiny_teacher_dir, di
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "teacher-labelled, without their labels: 12 train utterances of de-DE" in proc.stdout + proc.stderr
     assert (run / "student-xl" / "config.json").is_file()
+
+
+# ----------------------------------------------------------------------------- the distilled NLU student
+
+
+@pytest.fixture(scope="module")
+def nlu_teacher_and_student(tiny_teacher_dir, massive_dir, tmp_path_factory):
+    """An encoder NLU teacher on the tiny teacher's encoder (saved, as `finetune.teacher` reads it), and
+    a one-layer student with a 512-bucket n-gram table on the same tokenizer."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    from data_prep.tokenizer import load_tokenizer
+    from massive.format import OTHER
+    from massive.loader import load_massive
+    from student import nlu
+    from teacher.sizes import ModelConfig, build_model
+
+    data = load_massive(str(massive_dir), locales=["en-US"], partitions=("dev",))
+    tokenizer = load_tokenizer(tiny_teacher_dir)
+    labels = nlu.NLULabels(intents=list(data.intents), slot_labels=[OTHER, *data.slot_types], max_length=64)
+    teacher_dir = tmp_path_factory.mktemp("nlu-teacher") / "teacher-nlu"
+    torch_teacher = AutoModelForSeq2SeqLM.from_pretrained(tiny_teacher_dir)
+    nlu.EncoderNLUModel.from_seq2seq(torch_teacher, labels, tokenizer).save_pretrained(teacher_dir)
+    small = build_model(ModelConfig(preset="tiny", num_layers=1, num_decoder_layers=1), tokenizer, seed=3)
+    student = nlu.EncoderNLUModel.from_seq2seq(
+        small, nlu.NLULabels(intents=labels.intents, slot_labels=labels.slot_labels, max_length=64, ngram_buckets=512),
+        tokenizer)
+    return teacher_dir, student, data.examples(locale="en-US", partition="dev")[:6]
+
+
+def test_the_nlu_student_learns_from_the_teacher_and_target_utterances_carry_no_gold(nlu_teacher_and_student, tmp_path):
+    import torch
+
+    from student.config import FinetuneConfig
+    from student.finetune import Unlabelled, collate_encoder, load_nlu_teacher, train_loss
+    from student.nlu import count_parameters, nlu_loss, nlu_teacher_loss
+
+    teacher_dir, student, examples = nlu_teacher_and_student
+    cfg = load_config(FinetuneConfig, "nlu", "tiny", [
+        f"teacher={teacher_dir}", "teacher_weight=0.25", "teacher_temperature=2.0", "locales=[en-US]",
+        "crosslingual.setting=teacher-labelled", "crosslingual.target_locales=[de-DE]"])
+    teacher = load_nlu_teacher(cfg, tmp_path, student.tokenizer, student.labels, "cpu")
+    # Every parameter counts, the n-gram table included; the student is the smaller model.
+    assert count_parameters(student) == sum(p.numel() for p in student.parameters()) < count_parameters(teacher)
+    assert count_parameters(student.ngrams) == 512 * student.encoder.config.d_model
+
+    gold = examples[:3]
+    unlabelled = [Unlabelled(tuple(ex.words), "de-DE") for ex in examples[3:]]
+    batch = collate_encoder([*gold, *unlabelled], student.tokenizer, student.labels, 64)
+    assert batch["intent_labels"][3:].tolist() == [-100] * 3 and bool((batch["slot_labels"][3:] == -100).all())
+    loss, parts = train_loss(student, batch, cfg, "cpu", teacher)
+    # loss = 0.75 * gold CE (source items only) + 0.25 * the teacher term (every item).
+    intent, slots = student(batch["input_ids"], batch["attention_mask"])
+    with torch.no_grad():
+        t_intent, t_slots = teacher(batch["input_ids"], batch["attention_mask"])
+    gold_loss, _ = nlu_loss(intent[:3], slots[:3], batch["word_starts"][:3], batch["intent_labels"][:3],
+                            batch["slot_labels"][:3], slot_weight=cfg.slot_loss_weight)
+    kd, _ = nlu_teacher_loss(intent, slots, t_intent, t_slots, batch["word_starts"], 2.0, cfg.slot_loss_weight)
+    assert float(loss) == pytest.approx(0.75 * float(gold_loss) + 0.25 * float(kd), rel=1e-4)
+    assert parts["intent_kd"] > 0 and parts["slot_kd"] > 0
+    loss.backward()
+    assert student.intent_head.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())
+
+    # A batch of target utterances alone trains on the teacher term alone.
+    only = collate_encoder(unlabelled, student.tokenizer, student.labels, 64)
+    alone, parts = train_loss(student, only, cfg, "cpu", teacher)
+    assert parts["intent_loss"] == 0.0 and float(alone) == pytest.approx(0.25 * (parts["intent_kd"] + parts["slot_kd"]), rel=1e-4)
+    # The teacher matching itself: no teacher term.
+    intent_t, slots_t = teacher(batch["input_ids"], batch["attention_mask"])
+    same, _ = nlu_teacher_loss(intent_t, slots_t, intent_t, slots_t, batch["word_starts"])
+    assert float(same) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_teacher_labelled_nlu_student_needs_its_teacher():
+    from student.config import FinetuneConfig
+
+    with pytest.raises(ConfigError, match="need a teacher"):
+        load_config(FinetuneConfig, "nlu", "tiny", ["locales=[en-US]", "crosslingual.setting=teacher-labelled",
+                                                    "crosslingual.target_locales=[de-DE]"])
+    with pytest.raises(ConfigError, match="head=encoder"):
+        load_config(FinetuneConfig, "finetune", "tiny", ["teacher=teacher-nlu", "head=seq2seq", "locales=[en-US]"])
