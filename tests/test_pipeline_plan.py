@@ -13,6 +13,7 @@ from launch.pipeline import (
     NLU_MEMBERS_DIR,
     STAGE_BY_NAME,
     STAGES,
+    ZERO_SHOT_MODELS,
     Concurrent,
     PipelineConfig,
     StageFailed,
@@ -142,7 +143,7 @@ def test_eval_massive_compares_after_evaluating_both_models(tmp_path):
     tmp_out = tmp_path / ".tmp"
     cmds = stage_commands(STAGE_BY_NAME["eval_massive"], tmp_path, "tiny", PipelineConfig(), tmp_out)
     evaluated = {Path(c[c.index("--out") + 1]).name: k for k, c in enumerate(cmds) if c[:2] == ["evaluate", "massive"]}
-    assert set(evaluated) == set(MASSIVE_MODELS)
+    assert set(evaluated) == set(MASSIVE_MODELS) | set(ZERO_SHOT_MODELS)
     compares = [(k, c) for k, c in enumerate(cmds) if c[:2] == ["evaluate", "compare"]]
     assert len(compares) == len(MASSIVE_COMPARISONS)
     for comparison, (k, cmd) in zip(MASSIVE_COMPARISONS, compares):
@@ -152,7 +153,51 @@ def test_eval_massive_compares_after_evaluating_both_models(tmp_path):
         assert cmd[4:] == ["--out", str(tmp_out), "--name", f"compare_{comparison.name}"]
     assert [(c.a, c.b) for c in MASSIVE_COMPARISONS] == [
         ("scratch", "teacher"), ("teacher", "student_fp32"), ("student_fp32", "student_int8"), ("student_kd", "student"),
+        ("scratch_zero_shot", "teacher_zero_shot"),
     ]  # fmt: skip
+
+
+def test_the_zero_shot_row_scores_teacher_and_reference_on_unseen_locales_once_each(tmp_path):
+    tmp_out = tmp_path / ".tmp"
+    for preset in ("tiny", "small"):
+        cfg = load_config(PipelineConfig, section="pipeline", preset=preset)
+        assert len(cfg.zero_shot_locales) >= 3 and not set(cfg.zero_shot_locales) & set(cfg.massive_locales)
+        cmds = stage_commands(STAGE_BY_NAME["eval_massive"], tmp_path, preset, cfg, tmp_out)
+        rows = {Path(c[c.index("--out") + 1]).name: c for c in cmds if c[:2] == ["evaluate", "massive"]}
+        for name, model in ZERO_SHOT_MODELS.items():
+            cmd = rows[name]
+            assert cmd[cmd.index("--model") + 1] == str(tmp_path / model)
+            locales = cmd[cmd.index("--locales") + 1 : cmd.index("--setting")]
+            assert locales == cfg.zero_shot_locales and cmd[cmd.index("--setting") + 1] == "zero-shot"
+            assert cmd[cmd.index("--max-examples") + 1] == str(cfg.zero_shot_max_examples)
+        # The pipeline chooses nothing on these scores: each (model, locale) is scored on test once, and
+        # no command reads dev for a choice (choices live in the presets, made on dev beforehand).
+        def locales_of(cmd: list[str]) -> list[str]:
+            rest = cmd[cmd.index("--locales") + 1 :]
+            return rest[: next(i for i, a in enumerate(rest) if a.startswith("--"))]
+
+        scored = [(c[c.index("--model") + 1], loc) for c in rows.values() for loc in locales_of(c)]
+        assert len(scored) == len(set(scored))
+        assert all("--split" not in c for c in rows.values())
+    none = stage_commands(STAGE_BY_NAME["eval_massive"], tmp_path, "tiny", PipelineConfig(zero_shot_locales=[]), tmp_out)
+    assert not any(c[-1] == "compare_zero_shot" for c in none)
+    with pytest.raises(ConfigError, match="zero_shot_locales"):
+        PipelineConfig(zero_shot_locales=["en-US"]).validate()
+
+
+def test_the_nlu_student_is_one_model_distilled_from_teacher_nlu(tmp_path):
+    cfg = load_config(PipelineConfig, section="pipeline", preset="tiny")
+    assert cfg.nlu_members == ["student"] and cfg.nlu_teacher
+    (teacher,) = stage_commands(STAGE_BY_NAME["teacher_nlu"], tmp_path, "tiny", cfg, tmp_path / ".tmp")
+    assert teacher[teacher.index("--model") + 1] == str(tmp_path / "teacher-indomain")
+    assert teacher[teacher.index("--out") + 1] == "teacher-nlu" and "--head" in teacher
+    (student,) = stage_commands(STAGE_BY_NAME["student_nlu"], tmp_path, "tiny", cfg, tmp_path / ".tmp")
+    assert student[student.index("--model") + 1] == str(tmp_path / "student")
+    assert f"teacher={tmp_path / 'teacher-nlu'}" in student and "ngram_buckets=4096" in student
+    assert "teacher_nlu" in STAGE_BY_NAME["student_nlu"].deps
+    (gold,) = stage_commands(STAGE_BY_NAME["student_nlu"], tmp_path, "tiny",
+                             PipelineConfig(nlu_teacher=False), tmp_path / ".tmp")
+    assert not any(a.startswith("teacher=") for a in gold)
 
 
 def test_nlu_members_train_side_by_side_then_combine(tmp_path):
@@ -178,8 +223,9 @@ def test_nlu_members_train_side_by_side_then_combine(tmp_path):
     cfg = load_config(PipelineConfig, overrides=["nlu_members=[student,scratch:tiny]",
                                                  "nlu_member_overrides=['', 'train.max_steps=9 train.lr=0.1']"])
     train, _ = stage_commands(STAGE_BY_NAME["student_nlu"], tmp_path, "tiny", cfg, tmp_path / ".tmp")
-    assert train.commands[0][-1] == f"tokenizer={tmp_path / 'tokenizer'}"
-    assert train.commands[1][-3:] == [f"tokenizer={tmp_path / 'tokenizer'}", "train.max_steps=9", "train.lr=0.1"]
+    teacher = f"teacher={tmp_path / 'teacher-nlu'}"  # every member learns from teacher-nlu
+    assert train.commands[0][-2:] == [f"tokenizer={tmp_path / 'tokenizer'}", teacher]
+    assert train.commands[1][-4:] == [f"tokenizer={tmp_path / 'tokenizer'}", teacher, "train.max_steps=9", "train.lr=0.1"]
     with pytest.raises(ConfigError, match="one string per member"):
         load_config(PipelineConfig, overrides=["nlu_members=[student,scratch:tiny]", "nlu_member_overrides=['']"])
 
