@@ -377,3 +377,53 @@ def test_a_teacher_labelled_nlu_student_needs_its_teacher():
                                                     "crosslingual.target_locales=[de-DE]"])
     with pytest.raises(ConfigError, match="head=encoder"):
         load_config(FinetuneConfig, "finetune", "tiny", ["teacher=teacher-nlu", "head=seq2seq", "locales=[en-US]"])
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+
+def test_crosslingual_benchmark_tables_pairs_and_weakest_locales(tiny_teacher_dir, data_root_with_new_locale,
+                                                                 shared_root, tmp_path, capsys):
+    """Two models scored with `--locales all` on the same ids: the benchmark's table, the paired
+    target-mean difference (what the two results' records give) and the weakest locales' causes."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    from benchmarks import crosslingual
+    from data_prep.tokenizer import load_tokenizer
+    from massive.format import OTHER
+    from massive.loader import load_massive
+    from massive.scoring import paired_difference
+    from student import nlu
+
+    data = load_massive(str(data_root_with_new_locale), partitions=("test",))
+    labels = nlu.NLULabels(intents=list(data.intents), slot_labels=[OTHER, *data.slot_types], max_length=64)
+    nlu_dir = tmp_path / "nlu"
+    nlu.EncoderNLUModel.from_seq2seq(AutoModelForSeq2SeqLM.from_pretrained(tiny_teacher_dir), labels,
+                                     load_tokenizer(tiny_teacher_dir)).save_pretrained(nlu_dir)
+    out = tmp_path / "eval"
+    for name, model in (("teacher", tiny_teacher_dir), ("nlu", nlu_dir)):
+        assert main(["evaluate", "massive", "--model", str(model), "--out", str(out), "--name", name, "--locales", "all",
+                     "--setting", "zero-shot", "--max-examples", "6", f"massive.data={data_root_with_new_locale}",
+                     "device=cpu", "bootstrap_samples=20"]) == 0
+    capsys.readouterr()
+    result = tmp_path / "xl.json"
+    assert crosslingual.main(["--results", f"teacher={out / 'teacher.json'}", f"nlu={out / 'nlu.json'}",
+                              "--reference", "nlu", "--tokenizer", str(tiny_teacher_dir), "--samples", "20",
+                              "--data-root", str(shared_root), "--out", str(result)]) == 0
+    printed = capsys.readouterr().out
+    assert "setting: zero-shot" in printed and "target mean, EM" in printed and "XLM-R base" in printed
+    summary = json.loads(result.read_text())
+    assert summary["target_locales"] == ["de-DE", "ka-GE"] and summary["source_locales"] == ["en-US"]
+    a, b = (json.loads((out / f"{n}.json").read_text()) for n in ("nlu", "teacher"))
+    expected = paired_difference({k: a["records"][k] for k in ("de-DE", "ka-GE")},
+                                 {k: b["records"][k] for k in ("de-DE", "ka-GE")}, samples=20, seed=0)
+    assert summary["paired_vs_reference"]["teacher"]["em"]["diff"] == pytest.approx(expected["metrics"]["em"]["diff"])
+    assert summary["models"]["nlu"]["parameters"] == sum(
+        p.numel() for p in nlu.load_nlu_model(nlu_dir).parameters())
+    # Both targets are among the weakest; Georgian: its script, no generic corpus, more tokens per word
+    # (bytes) than the source.
+    weakest = {w["locale"]: w for w in summary["weakest"]}
+    assert set(weakest) == {"de-DE", "ka-GE"}
+    assert weakest["ka-GE"]["script"] == "GEORGIAN" and weakest["de-DE"]["script"] == "LATIN"
+    assert weakest["ka-GE"]["corpus_lines"] == 0 and weakest["de-DE"]["corpus_lines"] > 0
+    assert weakest["ka-GE"]["fertility"] > weakest["ka-GE"]["source_fertility"]
