@@ -190,8 +190,16 @@ class DataConfig:
     """The MASSIVE data set."""
     crosslingual: CrossLingualConfig = field(default_factory=CrossLingualConfig)
     """Source and target locales and the setting (preset section `crosslingual`): under zero-shot the
-    MASSIVE train utterances of the target locales stay out of the in-domain data and the tokenizer's
-    text (the targets are seen only in the generic corpora)."""
+    MASSIVE train utterances of the target locales stay out of the in-domain data (the targets are
+    seen only in the generic corpora); under zero-shot and teacher-labelled they stay out of the
+    tokenizer's text, so both arms share one tokenizer and one stage-1 teacher."""
+
+    def tokenizer_massive_locales(self) -> list[str]:
+        """The locales whose MASSIVE train utterances join the tokenizer's text: never a named target,
+        whatever the setting, so that every arm of a cross-lingual comparison shares one tokenizer."""
+        if self.crosslingual.setting == "supervised":
+            return list(self.locales)
+        return [loc for loc in self.locales if loc not in self.crosslingual.targets]
 
     def massive_text_locales(self) -> list[str]:
         """The locales whose MASSIVE train utterances the stage reads as unlabelled text."""

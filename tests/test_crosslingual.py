@@ -164,6 +164,14 @@ def test_one_preset_section_sets_every_stage(tmp_path):
     assert load_config(DataConfig, "data", str(preset)).massive_text_locales() == ["en-US", "de-DE", "ja-JP"]
     zero = load_config(DataConfig, "data", str(preset), ["crosslingual.setting=zero-shot"])
     assert zero.massive_text_locales() == ["en-US"]
+    # The tokenizer never reads a target's MASSIVE text: both arms share it (and the stage-1 teacher).
+    teacher_labelled = load_config(DataConfig, "data", str(preset))
+    assert zero.tokenizer_massive_locales() == teacher_labelled.tokenizer_massive_locales() == ["en-US"]
+    from data_prep.prepare import fingerprint
+
+    for output in ("tokenizer", "data"):
+        assert fingerprint(zero, output) == fingerprint(teacher_labelled, output)
+    assert fingerprint(zero, "indomain") != fingerprint(teacher_labelled, "indomain")
     with pytest.raises(ConfigError, match="both a source and a target"):
         load_config(EvalConfig, "evaluate", str(preset), ["crosslingual.source_locales=[en-US,de-DE]"])
 
