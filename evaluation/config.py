@@ -199,6 +199,10 @@ class BaselineConfig:
     max_train: Optional[int] = None
     """Train utterances per locale for the classifier: a random sample (massive.seed) of the locale's
     train partition; 0 or null for all of them."""
+    train_on: Literal["each", "sources"] = "each"
+    """each: one classifier per scored locale, trained on its own train partition (the supervised
+    reference); sources: one classifier trained on crosslingual.source_locales and applied to every
+    scored locale (the zero-shot reference: what shared character n-grams carry across)."""
 
     def validate(self) -> None:
         if self.max_train is not None and self.max_train < 0:

@@ -435,3 +435,22 @@ def test_crosslingual_benchmark_tables_pairs_and_weakest_locales(tiny_teacher_di
     assert weakest["ka-GE"]["script"] == "GEORGIAN" and weakest["de-DE"]["script"] == "LATIN"
     assert weakest["ka-GE"]["corpus_lines"] == 0 and weakest["de-DE"]["corpus_lines"] > 0
     assert weakest["ka-GE"]["fertility"] > weakest["ka-GE"]["source_fertility"]
+
+
+def test_tfidf_reference_trained_on_the_sources_scores_every_locale(massive_dir, tmp_path, capsys):
+    root = tmp_path / "massive"
+    root.mkdir()
+    test = read_rows(massive_dir / "en-US.jsonl.gz", "test", limit=20)
+    write_rows(root / "en-US.jsonl.gz", read_rows(massive_dir / "en-US.jsonl.gz", "train", limit=300) + test)
+    ids = {row["id"] for row in test}
+    write_rows(root / "de-DE.jsonl.gz", read_rows(massive_dir / "de-DE.jsonl.gz", "test", ids))
+    out = tmp_path / "eval"
+    assert main(["evaluate", "baseline", "--out", str(out), "--locales", "all", "--train-on", "sources",
+                 "--max-examples", "10", f"massive.data={root}", "bootstrap_samples=20"]) == 0
+    result = json.loads((out / "baseline.json").read_text())
+    # One classifier, on en-US's 300 train utterances (de-DE has none here), for both locales.
+    assert result["num_train"] == {"de-DE": 300, "en-US": 300}
+    assert result["predictor"].endswith("trained on en-US only")
+    xl = result["crosslingual"]
+    assert xl["setting"] == "zero-shot" and xl["roles"] == {"de-DE": "target", "en-US": "source"}
+    assert xl["target_mean"]["intent_acc"] == pytest.approx(result["per_locale"]["de-DE"]["intent_acc"])
