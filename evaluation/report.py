@@ -52,6 +52,9 @@ MASSIVE_COMPARISONS: tuple[MassiveComparison, ...] = (
     MassiveComparison("zero_shot", "scratch_zero_shot", "teacher_zero_shot",
                       "does pretraining carry the labels to locales without any? (zero-shot locales: the same size "
                       "from random weights -> pretrained)"),
+    MassiveComparison("nlu_teacher", "student_nlu_gold", "student_nlu",
+                      "does the teacher term help the NLU student? (the same model on gold labels alone -> "
+                      "with the teacher term)"),
 )
 
 MASSIVE_METRICS = ("em", "intent_acc", "slot_f1")

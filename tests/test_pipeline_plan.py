@@ -20,6 +20,7 @@ from launch.pipeline import (
     plan_stages,
     run_commands,
     stage_commands,
+    stage_outputs,
 )
 
 
@@ -145,15 +146,17 @@ def test_eval_massive_compares_after_evaluating_both_models(tmp_path):
     evaluated = {Path(c[c.index("--out") + 1]).name: k for k, c in enumerate(cmds) if c[:2] == ["evaluate", "massive"]}
     assert set(evaluated) == set(MASSIVE_MODELS) | set(ZERO_SHOT_MODELS)
     compares = [(k, c) for k, c in enumerate(cmds) if c[:2] == ["evaluate", "compare"]]
-    assert len(compares) == len(MASSIVE_COMPARISONS)
-    for comparison, (k, cmd) in zip(MASSIVE_COMPARISONS, compares):
+    # The teacher-term claim needs pipeline.nlu_gold_reference (off by default).
+    run = [c for c in MASSIVE_COMPARISONS if c.name != "nlu_teacher"]
+    assert len(compares) == len(run)
+    for comparison, (k, cmd) in zip(run, compares):
         # A and B are results this stage writes, before the comparison reads them.
         assert cmd[2:4] == [str(tmp_out / comparison.a / "massive.json"), str(tmp_out / comparison.b / "massive.json")]
         assert evaluated[comparison.a] < k and evaluated[comparison.b] < k
         assert cmd[4:] == ["--out", str(tmp_out), "--name", f"compare_{comparison.name}"]
     assert [(c.a, c.b) for c in MASSIVE_COMPARISONS] == [
         ("scratch", "teacher"), ("teacher", "student_fp32"), ("student_fp32", "student_int8"), ("student_kd", "student"),
-        ("scratch_zero_shot", "teacher_zero_shot"),
+        ("scratch_zero_shot", "teacher_zero_shot"), ("student_nlu_gold", "student_nlu"),
     ]  # fmt: skip
 
 
@@ -198,6 +201,22 @@ def test_the_nlu_student_is_one_model_distilled_from_teacher_nlu(tmp_path):
     (gold,) = stage_commands(STAGE_BY_NAME["student_nlu"], tmp_path, "tiny",
                              PipelineConfig(nlu_teacher=False), tmp_path / ".tmp")
     assert not any(a.startswith("teacher=") for a in gold)
+
+
+def test_the_gold_only_twin_trains_after_the_student_and_is_compared_with_it(tmp_path):
+    cfg = load_config(PipelineConfig, section="pipeline", preset="small")
+    assert cfg.nlu_gold_reference
+    student, gold = stage_commands(STAGE_BY_NAME["student_nlu"], tmp_path, "small", cfg, tmp_path / ".tmp")
+    assert gold[gold.index("--out") + 1] == "student-nlu-gold" and student[student.index("--out") + 1] == "student-nlu"
+    # The same command but for the teacher term and the output.
+    assert [a for a in student if not a.startswith("teacher=")] == [
+        "student-nlu" if a == "student-nlu-gold" else a for a in gold]
+    assert stage_outputs(STAGE_BY_NAME["student_nlu"], cfg) == ["student-nlu", "student-nlu-gold"]
+    cmds = stage_commands(STAGE_BY_NAME["eval_massive"], tmp_path, "small", cfg, tmp_path / ".tmp")
+    compare = next(c for c in cmds if c[-1] == "compare_nlu_teacher")
+    assert compare[2:4] == [str(tmp_path / ".tmp" / m / "massive.json") for m in ("student_nlu_gold", "student_nlu")]
+    scored = {c[c.index("--out") + 1]: c[c.index("--model") + 1] for c in cmds if c[:2] == ["evaluate", "massive"]}
+    assert scored[str(tmp_path / ".tmp" / "student_nlu_gold")] == str(tmp_path / "student-nlu-gold")
 
 
 def test_nlu_members_train_side_by_side_then_combine(tmp_path):
@@ -248,7 +267,9 @@ def test_distillation_commands_load_with_every_preset(tmp_path, preset):
     from distill.config import DistillConfig
 
     for name in ("student", "student_kd", "student_ft", "student_kd_ft"):
-        (cmd,) = stage_commands(STAGE_BY_NAME[name], tmp_path, preset, PipelineConfig(), tmp_path / ".tmp")
+        # The preset's own pipeline section: its MASSIVE locales are the ones its cross-lingual setting allows.
+        pipe = load_config(PipelineConfig, section="pipeline", preset=preset)
+        (cmd,) = stage_commands(STAGE_BY_NAME[name], tmp_path, preset, pipe, tmp_path / ".tmp")
         args = cmd[cmd.index("distill") + 1 :]
         section = args[args.index("--section") + 1] if "--section" in args else "distill"
         overrides = [a for a in args if "=" in a and not a.startswith("--")]
