@@ -295,7 +295,7 @@ def test_teacher_labelled_task_distillation_runs_end_to_end(tiny_teacher_dir, di
     cmd = [sys.executable, "-m", "launch.cli", "distill", "--run-dir", str(run), "--section", "taskdistill",
            "--teacher", str(tiny_teacher_dir), "--out", "student-xl", "--preset", "tiny", f"massive_data={clean}",
            "locales=[en-US]", "crosslingual.setting=teacher-labelled", "crosslingual.target_locales=[de-DE]",
-           "num_eval_examples=4", "train.max_steps=4", "train.micro_batch_size=12", "train.global_batch_size=12",
+           "num_eval_examples=8", "train.max_steps=4", "train.micro_batch_size=8", "train.global_batch_size=8",
            "train.warmup_steps=1", "train.log_every=1", "train.eval_every=4", "train.save_every=4",
            "train.num_eval_batches=1", "train.num_threads=1"]
     proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
@@ -454,3 +454,45 @@ def test_tfidf_reference_trained_on_the_sources_scores_every_locale(massive_dir,
     xl = result["crosslingual"]
     assert xl["setting"] == "zero-shot" and xl["roles"] == {"de-DE": "target", "en-US": "source"}
     assert xl["target_mean"]["intent_acc"] == pytest.approx(result["per_locale"]["de-DE"]["intent_acc"])
+
+
+@pytest.mark.slow
+def test_distilled_nlu_student_end_to_end(tiny_teacher_dir, distill_roots, tmp_path):
+    """`finetune --head encoder`: the teacher's NLU model, then a one-layer student with the teacher
+    term and teacher-labelled de-DE utterances; the student records both parameter counts."""
+    import os
+    import subprocess
+    import sys
+
+    from fixtures_models import save_model_dir
+
+    from data_prep.tokenizer import load_tokenizer
+    from student.nlu import NLULabels
+    from teacher.sizes import ModelConfig, build_model
+
+    clean, _ = distill_roots
+    tokenizer = load_tokenizer(tiny_teacher_dir)
+    student_start = save_model_dir(build_model(ModelConfig(preset="tiny", num_layers=1, num_decoder_layers=1),
+                                               tokenizer, seed=1), tokenizer, tmp_path / "student")
+    run = tmp_path / "run"
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    common = ["--head", "encoder", "--section", "nlu", "--preset", "tiny", f"massive={clean}", "locales=[en-US]",
+              "num_eval_examples=4", "train.max_steps=3", "train.micro_batch_size=4", "train.global_batch_size=4",
+              "train.warmup_steps=1", "train.log_every=1", "train.eval_every=3", "train.save_every=3",
+              "train.num_threads=1", "ngram_buckets=256"]
+    repo = Path(__file__).resolve().parents[1]
+    for model, out, extra in ((tiny_teacher_dir, "teacher-nlu", []),
+                              (student_start, "student-nlu", [f"teacher={run / 'teacher-nlu'}", "ngram_buckets=128",
+                                                              "crosslingual.setting=teacher-labelled",
+                                                              "crosslingual.target_locales=[de-DE]"])):
+        cmd = [sys.executable, "-m", "launch.cli", "finetune", "--run-dir", str(run), "--model", str(model),
+               "--out", out, *common, *extra]
+        proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "12 teacher-labelled utterances" in proc.stdout
+    extra = NLULabels.read(run / "student-nlu").extra
+    assert extra["crosslingual_setting"] == "teacher-labelled" and extra["teacher_weight"] == 0.5
+    assert 0 < extra["parameters"] < extra["teacher_parameters"]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r.get("stage") == "finetune/student-nlu" and "intent_kd" in r]
+    assert steps and all(r["intent_kd"] >= 0 for r in steps)
