@@ -175,9 +175,12 @@ def load_finetune_data(cfg: FinetuneConfig, run_dir: Path, dist_info: DistInfo) 
     if cfg.cda != "none":
         train = cda_examples(train, cfg.cda, seed=cfg.train.seed)
     dev: list[MassiveExample] = []
-    if cfg.num_eval_examples:
-        per_locale = -(-cfg.num_eval_examples // len(eval_locales))
-        for loc in eval_locales:
+    # The dev loss and EM watched during training read gold labels too: under a cross-lingual setting
+    # other than supervised, only the sources'.
+    dev_locales = cfg.crosslingual.gold_locales(eval_locales) if cfg.crosslingual.target_locales else eval_locales
+    if cfg.num_eval_examples and dev_locales:
+        per_locale = -(-cfg.num_eval_examples // len(dev_locales))
+        for loc in dev_locales:
             examples = data.examples(locale=loc, partition="dev")
             dev.extend(rng.sample(examples, min(per_locale, len(examples))))
         dev = dev[: cfg.num_eval_examples]

@@ -377,6 +377,18 @@ def test_the_nlu_student_learns_from_the_teacher_and_target_utterances_carry_no_
     assert float(same) == pytest.approx(0.0, abs=1e-6)
 
 
+def test_fine_tuning_watches_no_target_dev_labels(massive_dir, tmp_path):
+    from core.distributed import DistInfo
+    from student.config import FinetuneConfig
+    from student.finetune import load_finetune_data
+
+    cfg = load_config(FinetuneConfig, "finetune", None, [
+        "init=x", f"massive={massive_dir}", "locales=[en-US,ja-JP]", "setting=zero_shot", "num_train_examples=20",
+        "num_eval_examples=10", "crosslingual.setting=zero-shot", "crosslingual.target_locales=[ja-JP]"])
+    data = load_finetune_data(cfg, tmp_path, DistInfo(rank=0, local_rank=0, world_size=1, device="cpu", backend="gloo"))
+    assert {ex.locale for ex in data.train} == {ex.locale for ex in data.dev} == {"en-US"} and len(data.dev) == 10
+
+
 def test_a_teacher_labelled_nlu_student_needs_its_teacher():
     from student.config import FinetuneConfig
 
