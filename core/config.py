@@ -348,6 +348,11 @@ def load_config(
     else:
         layers = [preset_data]
     cfg = cls()
+    if section is not None and "crosslingual" in {f.name for f in dataclasses.fields(cls)}:
+        # The one place that names source and target locales: the preset's `crosslingual` section,
+        # under every stage that reads MASSIVE (core.crosslingual); the stage's own section and
+        # overrides come after it.
+        layers.insert(0, {"crosslingual": preset_data.get("crosslingual") or {}})
     for layer in layers:
         cfg = merge(cfg, layer)
     cfg = merge(cfg, parse_overrides(list(overrides)))
@@ -364,7 +369,7 @@ NO_SPACE_LOCALES = frozenset({"ja-JP", "zh-CN", "zh-TW", "th-TH", "my-MM", "km-K
 
 # Sections a preset may hold: one per stage config, plus the pipeline's own settings.
 KNOWN_SECTIONS = ("data", "pretrain", "indomain", "distill", "taskdistill", "finetune", "nlu", "export", "evaluate",
-                  "pipeline")
+                  "pipeline", "crosslingual")
 # Sections that hold only what differs from another section: the encoder NLU fine-tuning (`finetune
 # --section nlu`) is the MASSIVE fine-tuning with its own steps and regularisation.
 SECTION_BASES = {"nlu": "finetune"}

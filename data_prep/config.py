@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from core.config import LOCALE_RE, ConfigError
+from core.crosslingual import CrossLingualConfig
 
 # The 48 MASSIVE locales provided under the data root (MASSIVE 1.1 has 52; cy-GB, ka-GE, km-KH and
 # sw-KE are not provided). Any MASSIVE locale name is accepted; these are the default.
@@ -187,6 +188,24 @@ class DataConfig:
     """Packing into Arrow shards."""
     massive: MassiveSourceConfig = field(default_factory=MassiveSourceConfig)
     """The MASSIVE data set."""
+    crosslingual: CrossLingualConfig = field(default_factory=CrossLingualConfig)
+    """Source and target locales and the setting (preset section `crosslingual`): under zero-shot the
+    MASSIVE train utterances of the target locales stay out of the in-domain data (the targets are
+    seen only in the generic corpora); under zero-shot and teacher-labelled they stay out of the
+    tokenizer's text, so both arms share one tokenizer and one stage-1 teacher."""
+
+    def tokenizer_massive_locales(self) -> list[str]:
+        """The locales whose MASSIVE train utterances join the tokenizer's text: never a named target,
+        whatever the setting, so that every arm of a cross-lingual comparison shares one tokenizer."""
+        if self.crosslingual.setting == "supervised":
+            return list(self.locales)
+        return [loc for loc in self.locales if loc not in self.crosslingual.targets]
+
+    def massive_text_locales(self) -> list[str]:
+        """The locales whose MASSIVE train utterances the stage reads as unlabelled text."""
+        if self.crosslingual.setting != "zero-shot":
+            return list(self.locales)
+        return [loc for loc in self.locales if loc not in self.crosslingual.targets]
 
     def validate(self) -> None:
         _validate_data_config(self)

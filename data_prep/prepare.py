@@ -136,7 +136,8 @@ def load_inputs(cfg: DataConfig, run_dir: Path, progress: bool = True) -> Inputs
     excluded = evaluation_text(cfg, evaluation_utterances(massive_eval))
     corpus = build_corpus(cfg, excluded, progress)
     train_utts = massive_utterances(massive_train, ("train",))
-    indomain, indomain_report = massive_pools(train_utts, excluded, cfg.locales)
+    # Under zero-shot the targets' MASSIVE utterances are neither in-domain data nor tokenizer text.
+    indomain, indomain_report = massive_pools(train_utts, excluded, cfg.massive_text_locales())
     groups = None
     if cfg.massive.indomain_order == "parallel":
         groups = parallel_groups(massive_ids(massive_train, ("train",)), train_utts, indomain)
@@ -165,7 +166,10 @@ def ensure_tokenizer(cfg: DataConfig, inputs: Inputs, run_dir: Path, force: bool
         return tk.load_tokenizer(out_dir)
     pools = inputs.corpus.sentences
     if cfg.sampling.massive_train_in_tokenizer:
-        pools = merge_pools(pools, inputs.indomain)
+        # Never a target locale's MASSIVE text, in any setting: the zero-shot and the teacher-labelled
+        # arms then share one tokenizer (and one stage-1 teacher), and a target reads like a new locale.
+        keep = set(cfg.tokenizer_massive_locales())
+        pools = merge_pools(pools, {loc: sents for loc, sents in inputs.indomain.items() if loc in keep})
     mixture = draw_mixture(pools, cfg.sampling.alpha, cfg.sampling.tokenizer_sentences, cfg.seed)
     say(mixture.table("tokenizer training text"))
     say(
@@ -321,6 +325,10 @@ def fingerprint(cfg: DataConfig, output: str) -> str:
     """A hash of the settings an output depends on ('tokenizer', 'data' or 'indomain')."""
     d = to_dict(cfg)
     common = {"locales": d["locales"], "seed": d["seed"], "massive": {"source": d["massive"]["source"]}}
+    # Outputs built before the cross-lingual settings existed keep their hash.
+    text_locales = cfg.massive_text_locales() if output == "indomain" else cfg.tokenizer_massive_locales()
+    if text_locales != list(cfg.locales):
+        common["massive_text_locales"] = text_locales
     if output == "tokenizer":
         parts = {**common, "corpus": d["corpus"], "sampling": d["sampling"], "tokenizer": d["tokenizer"]}
         parts["sampling"] = {k: v for k, v in d["sampling"].items() if k != "pretrain_sentences"}

@@ -300,7 +300,10 @@ class MassiveDistillData:
     source shows (a sentinel, a copied word) is copied, not predicted, and keeps the teacher's
     distribution."""
 
-    def __init__(self, cfg: DistillConfig, tokenizer: Any, target_format: TargetFormat | None = None) -> None:
+    def __init__(self, cfg: DistillConfig, tokenizer: Any, target_format: TargetFormat | None = None,
+                 teacher: Any = None) -> None:
+        """`teacher`: the fine-tuned teacher, which labels the target locales' utterances
+        (`cfg.unlabelled_locales()`, teacher-labelled setting); unused otherwise."""
         data = load_massive(str(resolve_data_path(cfg.massive_data)), locales=cfg.locales,
                             partitions=("train", "dev"))
         self.train, self.dev = [], []
@@ -326,10 +329,41 @@ class MassiveDistillData:
         self.target_format = target_format or TargetFormat()
         self.label_tokens = has_label_tokens(tokenizer)
         self.description = f"MASSIVE {', '.join(cfg.locales)}: {summary}, {len(self.dev)} dev"
+        # Teacher-labelled target utterances: index num_gold + k is self.unlabelled[k].
+        self.unlabelled: list[Example] = []
+        self.unlabelled_words: list[list[str]] = []
+        self.unlabelled_locale: list[str] = []
+        targets = cfg.unlabelled_locales()
+        if targets:
+            if teacher is None:
+                raise ValueError("MassiveDistillData: the teacher-labelled setting needs the teacher to label "
+                                 f"{', '.join(targets)}")
+            for locale, words in unlabelled_utterances(cfg.massive_data, targets, cfg.num_unlabelled_examples).items():
+                self.unlabelled_words += words
+                self.unlabelled_locale += [locale] * len(words)
+            sources = [self._source_ids(words) for words in self.unlabelled_words]
+            targets_ids = teacher_targets(teacher, tokenizer, sources, cfg.max_target_len)
+            self.unlabelled = [Example(src, tgt, DENOISE) for src, tgt in zip(sources, targets_ids)]
+            self.description += (f"; teacher-labelled, without their labels: {len(self.unlabelled)} train "
+                                 f"utterances of {', '.join(targets)}")
+
+    @property
+    def num_gold(self) -> int:
+        """Training items with gold labels (source locales); the teacher-labelled ones follow them."""
+        return len(self.train)
 
     @property
     def num_train(self) -> int:
-        return len(self.train)
+        return len(self.train) + len(self.unlabelled)
+
+    def _source_ids(self, words: list[str]) -> Any:
+        import numpy as np
+
+        from massive.format import t2t_source
+
+        source = t2t_source(words, self.target_format.sentinels)
+        return np.asarray(self.tokenizer(source, truncation=True, max_length=self.cfg.max_source_len)["input_ids"],
+                          dtype=np.int64)
 
     @property
     def num_eval(self) -> int:
@@ -338,7 +372,7 @@ class MassiveDistillData:
     @property
     def train_lengths(self) -> list[int]:
         """Words per training utterance: source and target lengths both follow it."""
-        return [len(ex.words) for ex in self.train]
+        return [len(ex.words) for ex in self.train] + [len(words) for words in self.unlabelled_words]
 
     def _example(self, words: list[str], slots: list[str], intent: str) -> Example:
         import numpy as np
@@ -351,6 +385,11 @@ class MassiveDistillData:
     def pairs(self, indices: list[int], epoch: int) -> list[Pair]:
         import numpy as np
 
+        if any(i >= self.num_gold for i in indices):
+            # The gold items' pairs (CDA may add a counterfactual after each), then the teacher-labelled ones.
+            gold = [i for i in indices if i < self.num_gold]
+            return [*(self.pairs(gold, epoch) if gold else []),
+                    *(self._unlabelled_pair(i - self.num_gold) for i in indices if i >= self.num_gold)]
         examples = [self.train[i] for i in indices]
         words = [list(ex.words) for ex in examples]
         results = [self.swapper.utterance(ex) for ex in examples]
@@ -367,6 +406,12 @@ class MassiveDistillData:
                             item.swapped, words[k] != swapped[k], lexicon_language(ex.locale), results[k][2] > 0))
         return out
 
+    def _unlabelled_pair(self, k: int) -> Pair:
+        """A teacher-labelled item: its target is the teacher's greedy output, and it is its own partner
+        (counterfactuals need the slot labels carried word by word, which a target locale lacks)."""
+        ex = self.unlabelled[k]
+        return Pair(ex, ex, False, False, lexicon_language(self.unlabelled_locale[k]), False)
+
     def eval_examples(self, indices: list[int]) -> list[Example]:
         return [self._example(list(self.dev[i].words), self.dev[i].slots, self.dev[i].intent) for i in indices]
 
@@ -374,11 +419,57 @@ class MassiveDistillData:
         return self.collator.pad_examples(examples)
 
 
+def unlabelled_utterances(source: str, locales: list[str], limit: int = 0) -> dict[str, list[list[str]]]:
+    """{locale: the words of its first `limit` (0 = all) train utterances}. Only the words column of
+    the loaded splits is read: no intent and no slot label of these locales leaves the loader."""
+    data = load_massive(str(resolve_data_path(source)), locales=locales, partitions=("train",))
+    out = {}
+    for locale in locales:
+        split = data.dataset(locale=locale, partition="train")
+        if limit:
+            split = split.select(range(min(limit, len(split))))
+        out[locale] = [list(words) for words in split.select_columns(["words"])["words"]]
+        if not out[locale]:
+            raise ConfigError(f"crosslingual.target_locales: {locale} has no MASSIVE train utterances in {source}")
+    return out
+
+
+def teacher_targets(teacher: Any, tokenizer: Any, sources: list[Any], max_len: int, batch_size: int = 64) -> list[Any]:
+    """The teacher's greedy outputs on `sources` (token id arrays), each cut after its eos: the
+    targets of the teacher-labelled items (sequence-level KD; the KD term then matches the teacher's
+    distribution along them). Batches of similar length, results in the order given."""
+    import numpy as np
+    import torch
+
+    from core.bigmodel import input_device
+
+    device = input_device(teacher)
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
+    out: list[Any] = [None] * len(sources)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        width = max(len(sources[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            ids[row, : len(sources[i])] = torch.as_tensor(sources[i])
+            mask[row, : len(sources[i])] = 1
+        with torch.inference_mode():
+            generated = teacher.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                         max_new_tokens=max_len, num_beams=1, do_sample=False).cpu()
+        for row, i in enumerate(idx):
+            tokens = generated[row, 1:].tolist()  # after the decoder start token
+            end = tokens.index(eos) + 1 if eos in tokens else len(tokens)
+            out[i] = np.asarray(tokens[:end][:max_len], dtype=np.int64)
+    return out
+
+
 def load_distill_data(
-    cfg: DistillConfig, run_dir: Path, tokenizer: Any, target_format: TargetFormat | None = None,
+    cfg: DistillConfig, run_dir: Path, tokenizer: Any, target_format: TargetFormat | None = None, teacher: Any = None,
 ) -> AgnosticData | MassiveDistillData:
     if cfg.task == "massive":
-        return MassiveDistillData(cfg, tokenizer, target_format)
+        return MassiveDistillData(cfg, tokenizer, target_format, teacher)
     return AgnosticData(cfg, run_dir, tokenizer)
 
 
@@ -552,7 +643,10 @@ def distill(cfg: DistillConfig, run_dir: str | Path, resume: bool = False) -> Pa
     tokenizer = load_checked_tokenizer(cfg, run_dir, teacher_dir, teacher)
     # The teacher's MASSIVE text-to-text format, for task=massive.
     target_format = TargetFormat.of(teacher.config)
-    data = load_distill_data(cfg, run_dir, tokenizer, target_format)
+    if cfg.unlabelled_locales() and cfg.teacher_shard == "zero3":
+        raise ConfigError("crosslingual.setting=teacher-labelled: the teacher labels the target utterances with "
+                          "generate, which a ZeRO-3-sharded teacher does not run here; use teacher_shard=none")
+    data = load_distill_data(cfg, run_dir, tokenizer, target_format, teacher)
     token_map = build_token_map(tokenizer, cfg.lexicon_languages or None)
     lengths = getattr(data, "train_lengths", None) if cfg.group_by_length else None
     sampler = ResumableSampler(data.num_train, cfg.train.micro_batch_size, grad_accum, dist_info.rank,

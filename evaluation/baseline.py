@@ -20,6 +20,7 @@ Output of `evaluate baseline --out DIR [--name NAME]` (NAME defaults to "baselin
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import random
 import time
@@ -82,7 +83,7 @@ def evaluate_baseline(cfg: Any, out_dir: str | Path, name: str = "baseline") -> 
     from core.config import ConfigError, resolve_data_path
     from core.fsutil import atomic_write_text
     from evaluation.config import section_dict
-    from evaluation.massive import load_split, massive_markdown, result_json
+    from evaluation.massive import crosslingual_summary, load_split, massive_markdown, result_json
     from massive.loader import load_massive
     from massive.scoring import score_records, utterance_records
 
@@ -91,15 +92,24 @@ def evaluate_baseline(cfg: Any, out_dir: str | Path, name: str = "baseline") -> 
         raise ConfigError("massive.split: the baseline is trained on the train partition; score dev or test")
     started = time.perf_counter()
     _, per_locale = load_split(mcfg.data, mcfg.locales, mcfg.split, mcfg.max_examples, mcfg.seed)
-    train = load_massive(str(resolve_data_path(mcfg.data)), locales=list(per_locale), partitions=("train",))
     golds: list[Any] = []
     preds: list[Any] = []
     num_train: dict[str, int] = {}
-    # One classifier per locale, trained side by side (each fit is single-threaded).
-    fitted = Parallel(n_jobs=min(len(per_locale), os.cpu_count() or 1))(
-        delayed(train_intent_classifier)(train.examples(locale=loc, partition="train"), cfg.baseline.max_train, mcfg.seed)
-        for loc in per_locale
-    )
+    if cfg.baseline.train_on == "sources":
+        # The zero-shot reference: one classifier on the source locales' gold labels, for every locale.
+        sources = list(cfg.crosslingual.source_locales)
+        train = load_massive(str(resolve_data_path(mcfg.data)), locales=sources, partitions=("train",))
+        one = train_intent_classifier([ex for loc in sources for ex in train.examples(locale=loc, partition="train")],
+                                      cfg.baseline.max_train, mcfg.seed)
+        fitted = [one] * len(per_locale)
+    else:
+        train = load_massive(str(resolve_data_path(mcfg.data)), locales=list(per_locale), partitions=("train",))
+        # One classifier per locale, trained side by side (each fit is single-threaded).
+        fitted = Parallel(n_jobs=min(len(per_locale), os.cpu_count() or 1))(
+            delayed(train_intent_classifier)(train.examples(locale=loc, partition="train"), cfg.baseline.max_train,
+                                             mcfg.seed)
+            for loc in per_locale
+        )
     for (loc, examples), (classifier, count) in zip(per_locale.items(), fitted):
         num_train[loc] = count
         golds += examples
@@ -108,9 +118,15 @@ def evaluate_baseline(cfg: Any, out_dir: str | Path, name: str = "baseline") -> 
     result = {
         "kind": "baseline",
         "model": NAME,
-        "predictor": f"{NAME} (word 1-2 + char_wb 2-4 grams, C={C:g}), trained per locale",
+        "predictor": f"{NAME} (word 1-2 + char_wb 2-4 grams, C={C:g}), trained "
+                     + ("per locale" if cfg.baseline.train_on == "each" else
+                        f"on {', '.join(cfg.crosslingual.source_locales)} only"),
         "split": mcfg.split,
         **score_records(records, samples=cfg.bootstrap_samples, seed=mcfg.seed, confidence=cfg.confidence),
+        "crosslingual": crosslingual_summary(
+            dataclasses.replace(cfg, crosslingual=dataclasses.replace(
+                cfg.crosslingual, setting="zero-shot" if cfg.baseline.train_on == "sources" else "supervised")),
+            records, cfg.bootstrap_samples, mcfg.seed, cfg.confidence),
         "num_train": num_train,
         "elapsed_s": round(time.perf_counter() - started, 3),
         "config": {**section_dict(cfg, "massive"), **section_dict(cfg, "baseline")},
@@ -139,6 +155,10 @@ def register_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-examples", type=int, default=None, help="N test ids, as `evaluate massive` (0 = all)")
     p.add_argument("--seed", type=int, default=None, help="seed of the ids, the train sample and the bootstrap (default 0)")
     p.add_argument("--max-train", type=int, default=None, help="train utterances per locale, a seeded sample (default: all)")
+    p.add_argument("--train-on", choices=["each", "sources"], default=None,
+                   help="each: a classifier per locale (supervised); sources: one on crosslingual.source_locales "
+                   "for every locale (zero-shot; --source-locales sets them) (default: baseline.train_on = each)")
+    p.add_argument("--source-locales", nargs="+", default=None, help="crosslingual.source_locales (default en-US)")
     p.add_argument("overrides", nargs="*", help="dotted overrides of the evaluate section, e.g. massive.data=DIR")
     p.set_defaults(func=run_baseline)
 
@@ -147,7 +167,10 @@ def run_baseline(args: argparse.Namespace) -> int:
     from evaluation.cli import resolve_config
 
     massive = {"locales": args.locales, "split": args.split, "max_examples": args.max_examples, "seed": args.seed}
-    cfg = resolve_config(args, {"massive": massive, "baseline": {"max_train": args.max_train}})
+    if args.locales and args.locales == ["all"]:
+        massive["locales"] = []
+    cfg = resolve_config(args, {"massive": massive, "baseline": {"max_train": args.max_train, "train_on": args.train_on},
+                                "crosslingual": {"source_locales": args.source_locales}})
     result = evaluate_baseline(cfg, Path(args.out), args.name)
     low, high = result["intent_acc_ci"]
     print(

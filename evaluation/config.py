@@ -14,6 +14,7 @@ from typing import Literal, Optional
 
 from core.bigmodel import ModelLoadConfig
 from core.config import ConfigError
+from core.crosslingual import CrossLingualConfig
 
 # Placeholders each template must contain, checked at start-up.
 ICL_PROMPT_FIELDS = ("{demos}", "{utt}")
@@ -52,7 +53,8 @@ class MassiveEvalConfig:
     data: str = "@data/massive/data"
     """MASSIVE source for load_massive: a directory of <locale>.jsonl[.gz] (`@data/` = under the data root)."""
     locales: list[str] = field(default_factory=list)
-    """Locales to score; empty means every locale the data has."""
+    """Locales to score; empty (or `--locales all`) means every locale file the data directory has,
+    a file added after training included (the tokenizer's byte fallback reads any script)."""
     split: Literal["train", "dev", "test"] = "test"
     """MASSIVE partition to score."""
     max_examples: Optional[int] = None
@@ -197,6 +199,10 @@ class BaselineConfig:
     max_train: Optional[int] = None
     """Train utterances per locale for the classifier: a random sample (massive.seed) of the locale's
     train partition; 0 or null for all of them."""
+    train_on: Literal["each", "sources"] = "each"
+    """each: one classifier per scored locale, trained on its own train partition (the supervised
+    reference); sources: one classifier trained on crosslingual.source_locales and applied to every
+    scored locale (the zero-shot reference: what shared character n-grams carry across)."""
 
     def validate(self) -> None:
         if self.max_train is not None and self.max_train < 0:
@@ -223,6 +229,10 @@ class EvalConfig:
     """`evaluate translation`: 1-shot FLORES-200 translation, chrF++ and spBLEU."""
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     """`evaluate baseline`: the TF-IDF + logistic regression intent classifier (scored on `massive`'s ids)."""
+    crosslingual: CrossLingualConfig = field(default_factory=CrossLingualConfig)
+    """Source and target locales and the setting the model was trained under (preset section
+    `crosslingual`): `evaluate massive` names the setting, marks each locale's role and reports the
+    mean over the target locales beside the paper's reference lines."""
 
     def validate(self) -> None:
         if not 0 < self.confidence < 1:
@@ -232,7 +242,7 @@ class EvalConfig:
 
 
 # The sections of EvalConfig; its other fields are shared by every evaluation.
-SECTIONS = ("massive", "icl", "translation", "baseline")
+SECTIONS = ("massive", "icl", "translation", "baseline", "crosslingual")
 
 
 def section_dict(cfg: EvalConfig, section: str) -> dict:

@@ -35,38 +35,40 @@ class Predictor(Protocol):
     def predict_words(self, batch: list[list[str]]) -> list[Any]: ...
 
 
-# ----------------------------------------------------------------------------- scoring
+# ----------------------------------------------------------------------------- cross-lingual
+
+PAPER_REFERENCES: tuple[tuple[str, str, float, float, float], ...] = (
+    ("XLM-R base (270M), MASSIVE paper", "zero-shot", 0.387, 0.706, 0.503),
+    ("mT5-base T2T (580M), MASSIVE paper", "zero-shot", 0.347, 0.629, 0.448),
+    ("mT5-base T2T (580M), MASSIVE paper", "supervised", 0.666, 0.853, 0.768),
+)
+"""(model, setting, EM, intent accuracy, slot F1): the MASSIVE paper's (FitzGerald et al., ACL 2023)
+means over the test partitions, zero-shot = fine-tuned on en-US and scored on the other 50 locales,
+supervised = all 51 locales. Printed beside every cross-lingual table as reference rows."""
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
+def crosslingual_summary(cfg, records: Mapping[str, Any], samples: int, seed: int, confidence: float) -> dict[str, Any]:
+    """The setting, each scored locale's role and the means over the source and the target locales
+    (with bootstrap intervals over the shared ids). Targets: `crosslingual.target_locales` when
+    given, else every scored locale that is not a source."""
+    xl = cfg.crosslingual
+    scored = list(records)
+    named = [loc for loc in xl.target_locales if loc in records]
+    targets = named if xl.target_locales else [loc for loc in scored if loc not in xl.source_locales]
+    roles = {loc: "target" if loc in targets else ("source" if loc in xl.source_locales else "other")
+             for loc in scored}
+    out: dict[str, Any] = {"setting": xl.setting, "source_locales": list(xl.source_locales),
+                           "target_locales": targets, "roles": roles,
+                           "references": [dict(zip(("model", "setting", "em", "intent_acc", "slot_f1"), row))
+                                          for row in PAPER_REFERENCES]}
+    for group, locales in (("target", targets), ("source", [loc for loc in scored if roles[loc] == "source"])):
+        if not locales:
+            out[f"{group}_mean"] = None
+            continue
+        part = score_records({loc: records[loc] for loc in locales}, samples=samples, seed=seed, confidence=confidence)
+        out[f"{group}_mean"] = {k: part[k] for k in ("em", "intent_acc", "slot_f1", "em_ci", "intent_acc_ci",
+                                                      "slot_f1_ci")} | {"locales": len(locales)}
+    return out
 
 
 # ----------------------------------------------------------------------------- predictors
@@ -255,6 +257,29 @@ def predict_all(predictor: Predictor, examples: Sequence[Any], batch_size: int, 
 
 
 
+def count_parameters(predictor: Any) -> int | None:
+    """Every parameter of the predictor's model (embeddings, heads and n-gram buckets included); for
+    an ONNX export, the elements of its stored weights (initializers, each name once across files).
+    None when neither applies."""
+    module = predictor if hasattr(predictor, "parameters") else getattr(predictor, "model", None)
+    if module is not None and hasattr(module, "parameters"):
+        return int(sum(p.numel() for p in module.parameters()))
+    model_dir = getattr(predictor, "model_dir", None)
+    if model_dir is None:
+        return None
+    import onnx
+
+    seen: dict[str, int] = {}
+    for path in sorted(Path(model_dir).glob("*.onnx")):
+        graph = onnx.load(str(path), load_external_data=False).graph
+        for init in graph.initializer:
+            count = 1
+            for d in init.dims:
+                count *= int(d)
+            seen.setdefault(init.name, count)
+    return sum(seen.values()) if seen else None
+
+
 def load_split(source: str, locales: Sequence[str], split: str, max_examples: int | None, seed: int = 0):
     """(MassiveData, {locale: examples}): the examples of `split` with the ids of
     `sample_shared_ids(..., max_examples, seed)`, the same ids in every locale, in id order."""
@@ -303,8 +328,10 @@ def evaluate_massive(cfg, model_dir: str | Path, out_dir: str | Path, name: str 
         "predictor": type(predictor).__name__,
         "split": mcfg.split,
         **score_records(records, samples=cfg.bootstrap_samples, seed=mcfg.seed, confidence=cfg.confidence),
+        "parameters": count_parameters(predictor),
+        "crosslingual": crosslingual_summary(cfg, records, cfg.bootstrap_samples, mcfg.seed, cfg.confidence),
         "elapsed_s": round(time.perf_counter() - started, 3),
-        "config": section_dict(cfg, "massive"),
+        "config": {**section_dict(cfg, "massive"), "crosslingual": section_dict(cfg, "crosslingual")["crosslingual"]},
         # Last, after what a reader looks for: what `evaluate compare` pairs up.
         "records": records,
     }
@@ -318,10 +345,18 @@ def massive_markdown(result: dict[str, Any]) -> str:
     def ci(pair: Sequence[float] | None) -> str | None:
         return None if pair is None else f"[{pair[0]:.3f}, {pair[1]:.3f}]"
 
+    xl = result.get("crosslingual") or {}
+    roles = xl.get("roles", {})
     rows = [
-        [loc, s["n"], s["em"], ci(s["em_ci"]), s["intent_acc"], ci(s["intent_acc_ci"]), s["slot_f1"], ci(s["slot_f1_ci"])]
+        [loc, s["n"], s["em"], ci(s["em_ci"]), s["intent_acc"], ci(s["intent_acc_ci"]), s["slot_f1"],
+         ci(s["slot_f1_ci"]), roles.get(loc, "")]
         for loc, s in sorted(result["per_locale"].items())
     ]
+    for group in ("source", "target"):
+        m = xl.get(f"{group}_mean")
+        if m:
+            rows.append([f"**mean over {m['locales']} {group} locales**", "", m["em"], ci(m["em_ci"]),
+                         m["intent_acc"], ci(m["intent_acc_ci"]), m["slot_f1"], ci(m["slot_f1_ci"]), group])
     rows.append(
         [
             "**mean**",
@@ -332,11 +367,22 @@ def massive_markdown(result: dict[str, Any]) -> str:
             ci(result["intent_acc_ci"]),
             result["slot_f1"],
             ci(result["slot_f1_ci"]),
+            "all",
         ]
     )
     level = f"{result['config']['confidence']:.0%}"
-    header = ["locale", "n", "EM", f"EM {level} CI", "intent acc", f"intent {level} CI", "slot F1", f"slot F1 {level} CI"]
-    title = f"# MASSIVE {result['split']}: {result['model']}\n\nPredictor: {result['predictor']}. Intervals: {result['ci_method']}.\n\n"
+    for ref in xl.get("references", []):
+        rows.append([f"_{ref['model']}_", "", ref["em"], None, ref["intent_acc"], None, ref["slot_f1"], None,
+                     f"reference, {ref['setting']}"])
+    header = ["locale", "n", "EM", f"EM {level} CI", "intent acc", f"intent {level} CI", "slot F1",
+              f"slot F1 {level} CI", "role"]
+    params = result.get("parameters")
+    title = (f"# MASSIVE {result['split']}: {result['model']}\n\nSetting: **{xl.get('setting', 'supervised')}** "
+             f"(sources: {', '.join(xl.get('source_locales', [])) or '-'}; targets: "
+             f"{', '.join(xl.get('target_locales', [])) or '-'}). Predictor: {result['predictor']}"
+             f"{f', {params:,} parameters' if params else ''}. Intervals: {result['ci_method']}. Reference rows: "
+             "the MASSIVE paper's means (zero-shot: fine-tuned on en-US, the other 50 locales; supervised: "
+             "all 51), for scale.\n\n")
     text = title + markdown_table(header, rows)
     if result.get("stop_rate") is not None:
         names = GENERATION_METRICS
@@ -374,10 +420,26 @@ def result_json(result: Mapping[str, Any]) -> str:
 
 def write_massive_outputs(result: dict[str, Any], out_dir: Path, name: str) -> list[Path]:
     from core.fsutil import atomic_write_text
-    from evaluation.plots import bar_chart
+    from evaluation.plots import bar_chart, grouped_bar_chart
 
     per_locale = result["per_locale"]
+    xl = result.get("crosslingual") or {}
+    roles = xl.get("roles", {})
+    metrics = {"EM": "em", "intent acc": "intent_acc", "slot F1": "slot_f1"}
+    # One bar group per locale (sources first, then targets by EM), then the means and the references.
+    order = sorted(per_locale, key=lambda loc: (roles.get(loc) != "source", -per_locale[loc]["em"], loc))
+    groups = {f"{loc}{' (src)' if roles.get(loc) == 'source' else ''}": {m: per_locale[loc][k] for m, k in metrics.items()}
+              for loc in order}
+    if xl.get("target_mean"):
+        groups["target mean"] = {m: xl["target_mean"][k] for m, k in metrics.items()}
+    for ref in xl.get("references", []):
+        if ref["setting"] == "zero-shot":
+            groups[f"{ref['model'].split(',')[0]} zero-shot"] = {m: ref[k] for m, k in metrics.items()}
     return [
+        grouped_bar_chart(groups, out_dir / f"{name}_locales.png",
+                          title=f"MASSIVE {result['split']}, {xl.get('setting', 'supervised')}: "
+                                f"{Path(result['model']).name}",
+                          ylabel="score", series_order=list(metrics), ylim=(0.0, 1.0)),
         atomic_write_text(out_dir / f"{name}.json", result_json(result)),
         atomic_write_text(out_dir / f"{name}.md", massive_markdown(result)),
         bar_chart(
@@ -405,7 +467,16 @@ def register_evaluate(sub: argparse._SubParsersAction) -> None:
         "NAME.json (with per-utterance records for `evaluate compare`), NAME.md and NAME_em.png into --out.",
     )
     add_common_arguments(p, default_name="massive")
-    p.add_argument("--locales", nargs="+", default=None, help="locales to score (default: massive.locales, empty = all)")
+    p.add_argument("--locales", nargs="+", default=None,
+                   help="locales to score, or `all`: every <locale>.jsonl[.gz] in massive.data, one added after "
+                   "training included (default: massive.locales, empty = all)")
+    p.add_argument("--setting", choices=["zero-shot", "teacher-labelled", "supervised"], default=None,
+                   help="the setting the model was trained under, named in the table (crosslingual.setting)")
+    p.add_argument("--source-locales", nargs="+", default=None,
+                   help="locales whose labels the model saw (crosslingual.source_locales; default en-US)")
+    p.add_argument("--target-locales", nargs="+", default=None,
+                   help="locales whose mean is the transfer figure (crosslingual.target_locales; default: "
+                   "every scored locale that is not a source)")
     p.add_argument("--split", choices=["train", "dev", "test"], default=None, help="partition (default: massive.split = test)")
     p.add_argument(
         "--max-examples",
@@ -421,13 +492,35 @@ def register_evaluate(sub: argparse._SubParsersAction) -> None:
 def run_massive(args: argparse.Namespace) -> int:
     from evaluation.cli import run_common
 
+    locales = args.locales
+    if locales and "all" in locales:
+        if len(locales) > 1:
+            from core.config import ConfigError
+
+            raise ConfigError(f"--locales: `all` stands alone (got {' '.join(locales)})")
+        locales = []  # massive.locales empty = every locale file of the data directory
+    # The crosslingual section is shared by every stage; its flags go in as its dotted overrides.
+    for key, value in (("setting", args.setting), ("source_locales", args.source_locales),
+                       ("target_locales", args.target_locales)):
+        if value is not None:
+            args.overrides = [*args.overrides, f"crosslingual.{key}={value if isinstance(value, str) else '[' + ','.join(value) + ']'}"]
     flags = {
-        "locales": args.locales,
+        "locales": locales,
         "split": args.split,
         "max_examples": args.max_examples,
         "seed": args.seed,
         "batch_size": args.batch_size,
     }
-    return run_common(args, "massive", flags, evaluate_massive, lambda result: (
-        f"MASSIVE {result['split']} ({len(result['per_locale'])} locales, {result['num_examples']} utterances): "
-        f"EM {result['em']:.4f}  intent acc {result['intent_acc']:.4f}  slot F1 {result['slot_f1']:.4f}"))
+    return run_common(args, "massive", flags, evaluate_massive, massive_summary)
+
+
+def massive_summary(result: dict[str, Any]) -> str:
+    """The command's closing lines: the mean over every locale, and over the targets."""
+    lines = [f"MASSIVE {result['split']} ({len(result['per_locale'])} locales, {result['num_examples']} utterances): "
+             f"EM {result['em']:.4f}  intent acc {result['intent_acc']:.4f}  slot F1 {result['slot_f1']:.4f}"]
+    xl = result.get("crosslingual") or {}
+    if xl.get("target_mean"):
+        m = xl["target_mean"]
+        lines.append(f"{xl['setting']}, mean over {m['locales']} target locales: EM {m['em']:.4f}  "
+                     f"intent acc {m['intent_acc']:.4f}  slot F1 {m['slot_f1']:.4f}")
+    return "\n".join(lines)

@@ -49,6 +49,12 @@ MASSIVE_COMPARISONS: tuple[MassiveComparison, ...] = (
     MassiveComparison("quantization", "student_fp32", "student_int8", "does int8 change the student's predictions?",
                       identical=True),
     MassiveComparison("crr", "student_kd", "student", "what does CRR cost in EM? (plain-KD student -> CRR student)"),
+    MassiveComparison("zero_shot", "scratch_zero_shot", "teacher_zero_shot",
+                      "does pretraining carry the labels to locales without any? (zero-shot locales: the same size "
+                      "from random weights -> pretrained)"),
+    MassiveComparison("nlu_teacher", "student_nlu_gold", "student_nlu",
+                      "does the teacher term help the NLU student? (the same model on gold labels alone -> "
+                      "with the teacher term)"),
 )
 
 MASSIVE_METRICS = ("em", "intent_acc", "slot_f1")
@@ -172,8 +178,12 @@ def collect_summary(run_dir: Path) -> dict[str, Any]:
             data = _find_json(model_dir, "per_locale")
             if data is None:
                 continue
+            xl = data.get("crosslingual") or {}
             summary["massive"][model_dir.name] = {
                 **{m: data.get(m) for m in (*MASSIVE_METRICS, *GENERATION_METRICS)},
+                "parameters": data.get("parameters"),
+                "setting": xl.get("setting"),
+                "target_mean": xl.get("target_mean"),
                 "per_locale": {
                     loc: {m: vals.get(m) for m in MASSIVE_METRICS}
                     for loc, vals in sorted(data.get("per_locale", {}).items())
@@ -330,10 +340,12 @@ def render_report(run_dir: Path, summary: dict[str, Any], plots: list[Path]) -> 
     rows = []
     for model, vals in summary["massive"].items():
         lat = summary["latency_ms"].get(model, {})
-        rows.append([model, _fmt(vals.get("em"), True), _fmt(vals.get("intent_acc"), True),
-                     _fmt(vals.get("slot_f1"), True), _fmt(lat.get("p50")), _fmt(lat.get("p95")),
-                     _fmt(summary["size_mb"].get(model))])
-    parts.append(_table(["model", "EM %", "intent acc %", "slot F1 %", "p50 ms", "p95 ms", "size MB"], rows)
+        params = vals.get("parameters")
+        rows.append([model, vals.get("setting") or "", _fmt(vals.get("em"), True), _fmt(vals.get("intent_acc"), True),
+                     _fmt(vals.get("slot_f1"), True), f"{params / 1e6:.2f}" if params else "n/a", _fmt(lat.get("p50")),
+                     _fmt(lat.get("p95")), _fmt(summary["size_mb"].get(model))])
+    parts.append(_table(["model", "setting", "EM %", "intent acc %", "slot F1 %", "params M", "p50 ms", "p95 ms",
+                         "size MB"], rows)
                  if rows else "_No MASSIVE evaluation found._")
     parts.append("\n## MASSIVE per locale (EM / intent accuracy / slot F1, %)\n")
     models = list(summary["massive"])

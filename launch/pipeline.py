@@ -65,8 +65,24 @@ class PipelineConfig:
     nlu_member_overrides: list[str] = dataclasses.field(default_factory=list)
     """Extra dotted overrides of each NLU member's fine-tuning (`finetune --section nlu`), one string of
     space-separated overrides per nlu_members entry ("" = none), e.g. ["", "train.max_steps=6000"];
-    empty list = none. Members train side by side and the stage lasts as long as the slowest, so a
+    empty list = none. With one member (the NLU student) its string sets the student's own shape,
+    e.g. "ngram_buckets=4096" (the teacher_nlu stage keeps the nlu section as it is). Members train side by side and the stage lasts as long as the slowest, so a
     faster member (a smaller shape) can take more steps in the same wall time."""
+    nlu_teacher: bool = True
+    """The encoder NLU student learns from the teacher: stage teacher_nlu fine-tunes the stage-2
+    teacher's encoder with the NLU heads (teacher-nlu), and every NLU fine-tuning of student_nlu adds
+    the teacher term (`finetune.teacher`). false: gold labels only, a reference rather than a student."""
+    nlu_gold_reference: bool = False
+    """student_nlu also trains the same model on the same gold data without the teacher term
+    (student-nlu-gold, one more NLU fine-tuning after the student), and eval_massive pairs the two
+    (the report's claim that the teacher term helps). Off in the demo, whose 15 minutes it would
+    exceed; on in `small` and `multilingual`."""
+    zero_shot_locales: list[str] = dataclasses.field(default_factory=lambda: ["es-ES", "fr-FR", "sv-SE"])
+    """Locales no model was fine-tuned on: eval_massive scores the teacher and its from-scratch
+    reference (scratch-ft) on them (`--setting zero-shot`, sources massive_locales), and compares the two
+    (the report's zero-shot row). Empty: no zero-shot row."""
+    zero_shot_max_examples: int = 200
+    """Shared test ids per zero-shot locale (a seeded sample): the row is a cheap probe, not a benchmark."""
     scratch_size: str = "tiny"
     """Teacher size preset of the from-scratch reference (`finetune --model scratch:SIZE`, the stage
     scratch_ft): the teacher's own size, fine-tuned with the same budget, shows what pretraining adds."""
@@ -93,6 +109,12 @@ class PipelineConfig:
                 f"pipeline.nlu_member_overrides: {len(self.nlu_member_overrides)} entries for "
                 f"{len(self.nlu_members)} nlu_members; give one string per member (\"\" for none) or none at all"
             )
+        seen = sorted(set(self.zero_shot_locales) & set(self.massive_locales))
+        if seen:
+            raise ConfigError(f"pipeline.zero_shot_locales: {', '.join(seen)} is fine-tuned on (massive_locales); "
+                              "the zero-shot row needs locales the models never saw labels of")
+        if self.zero_shot_max_examples < 0:
+            raise ConfigError(f"pipeline.zero_shot_max_examples: {self.zero_shot_max_examples} must be >= 0 (0 = all)")
         unknown = [s for s in self.skip if s not in {st.name for st in STAGES}]
         if unknown:
             raise ConfigError(
@@ -138,14 +160,17 @@ STAGES: tuple[Stage, ...] = (
     Stage("student_ft", "student-ft", ("teacher_ft",), "launch",
           "task distillation with CRR: the student learns MASSIVE from the fine-tuned teacher"),
     Stage("student_kd_ft", "student-kd-ft", ("teacher_ft",), "launch", "task distillation, plain KD (no CRR)"),
-    Stage("student_nlu", "student-nlu", ("student",), "launch",
-          "encoder-only NLU fine-tuning of the CRR student (and of the other nlu_members, then their ensemble)",
+    Stage("teacher_nlu", "teacher-nlu", ("teacher_indomain",), "launch",
+          "encoder NLU fine-tuning of the stage-2 teacher: the NLU student's teacher (pipeline.nlu_teacher)"),
+    Stage("student_nlu", "student-nlu", ("student", "teacher_nlu"), "launch",
+          "the NLU student: encoder NLU fine-tuning of the CRR student with the teacher term (teacher-nlu's "
+          "intent and slot distributions); with several nlu_members, an ensemble of such models",
           work=NLU_MEMBERS_DIR),
     Stage("export", "onnx/int8", ("student_ft",), "cli", "ONNX export of the student, fp32 and int8"),
     Stage("export_teacher", "onnx/teacher-int8", ("teacher_ft",), "cli", "ONNX export of the teacher, int8"),
     Stage("export_nlu", "onnx/nlu-int8", ("student_nlu",), "cli", "ONNX export of the encoder NLU student, int8"),
     Stage("eval_massive", "eval/massive",
-          ("teacher_ft", "scratch_ft", "student_ft", "student_kd_ft", "export", "export_nlu"),
+          ("teacher_ft", "scratch_ft", "student_ft", "student_kd_ft", "export", "export_nlu", "teacher_nlu"),
           "cli", "MASSIVE per locale: teacher, student, student int8, ..., the TF-IDF baseline, and the paired "
           "comparisons behind the report's claims"),
     Stage("eval_icl", "eval/icl", ("teacher_indomain",), "cli", "k-shot intent classification by prompting"),
@@ -170,16 +195,27 @@ MASSIVE_MODELS: dict[str, str] = {
     "student_fp32": "onnx/fp32",
     "student_kd": "student-kd-ft",
     "student_nlu_int8": "onnx/nlu-int8",
+    "teacher_nlu": "teacher-nlu",
 }
+# The zero-shot row: eval_massive name -> model, scored on pipeline.zero_shot_locales only.
+ZERO_SHOT_MODELS: dict[str, str] = {"teacher_zero_shot": "teacher-ft", "scratch_zero_shot": "scratch-ft"}
 PRETRAINED_FT = "pretrained-ft"
 """The stage-2 teacher fine-tuned with pipeline.pretraining_steps, beside scratch-ft (stage scratch_ft)."""
 PRETRAINED_SHORT = "pretrained"
 """eval_massive's name for PRETRAINED_FT."""
 
 
+NLU_GOLD = "student-nlu-gold"
+"""The NLU student's architecture and start trained on gold labels alone (pipeline.nlu_gold_reference)."""
+NLU_GOLD_MODELS = {"student_nlu": "student-nlu", "student_nlu_gold": NLU_GOLD}
+"""eval_massive's names of the pair behind the teacher-term claim (PyTorch models, the same ids)."""
+
+
 def massive_models(cfg: PipelineConfig) -> dict[str, str]:
-    """The models eval_massive scores: MASSIVE_MODELS, and pretrained-ft when the pretraining claim has its own budget."""
-    return {**MASSIVE_MODELS, **({PRETRAINED_SHORT: PRETRAINED_FT} if cfg.pretraining_steps else {})}
+    """The models eval_massive scores: MASSIVE_MODELS, pretrained-ft when the pretraining claim has its
+    own budget, and the NLU student with its gold-only twin when pipeline.nlu_gold_reference is on."""
+    return {**MASSIVE_MODELS, **({PRETRAINED_SHORT: PRETRAINED_FT} if cfg.pretraining_steps else {}),
+            **(NLU_GOLD_MODELS if cfg.nlu_gold_reference else {})}
 
 
 def compared_models(comparison: MassiveComparison, cfg: PipelineConfig) -> tuple[str, str]:
@@ -232,6 +268,7 @@ def stage_commands(stage: Stage, run_dir: Path, preset: str | None, cfg: Pipelin
                        "--teacher", str(run_dir / "teacher-ft"), "--out", out, *p, f"locales=[{locales}]", *ablation)]
     ft = {"teacher_ft": ("teacher-indomain", "teacher-ft", "seq2seq"),
           "scratch_ft": (f"scratch:{cfg.scratch_size}", "scratch-ft", "seq2seq"),
+          "teacher_nlu": ("teacher-indomain", "teacher-nlu", "encoder"),
           "student_nlu": ("student", "student-nlu", "encoder")}
     if stage.name == "student_nlu" and len(cfg.nlu_members) > 1:
         return nlu_ensemble_commands(run_dir, p, cfg)
@@ -249,6 +286,15 @@ def stage_commands(stage: Stage, run_dir: Path, preset: str | None, cfg: Pipelin
         budget = [f"train.max_steps={cfg.pretraining_steps}", f"train.eval_every={max(1, cfg.pretraining_steps // 2)}",
                   f"train.save_every={cfg.pretraining_steps}"]
         return [Concurrent([finetune(1, name, *budget) for name in ("scratch_ft", "pretrained_ft")])]
+    if stage.name == "student_nlu":
+        own = cfg.nlu_member_overrides[0].split() if cfg.nlu_member_overrides else []
+        student = finetune(n_other, stage.name, *nlu_teacher_overrides(run_dir, cfg), *own)
+        if not cfg.nlu_gold_reference:
+            return [student]
+        # The same model, start, steps and seed without the teacher term (launch's trailing --resume stays last).
+        gold = finetune(n_other, stage.name, *own)
+        gold[gold.index("--out") + 1] = NLU_GOLD
+        return [student, gold]
     if stage.name in ft:
         return [finetune(n_other, stage.name)]
     # (model, also an fp32 export, overrides). The teacher's int8 export is measured for latency and
@@ -272,9 +318,15 @@ def stage_commands(stage: Stage, run_dir: Path, preset: str | None, cfg: Pipelin
         baseline = ["evaluate", "baseline", "--locales", *cfg.massive_locales, "--max-examples", n_eval,
                     "--out", str(tmp_out / "baseline_tfidf")]
         # After the models: each comparison reads two of their results (massive.json, the default --name).
+        # The zero-shot row: the teacher and its random-weights reference on locales they never saw
+        # labels of (a small sample: a probe of transfer, not the benchmark of `evaluate massive --locales all`).
+        zero_shot = [["evaluate", "massive", "--model", str(run_dir / d), "--locales", *cfg.zero_shot_locales,
+                      "--setting", "zero-shot", "--source-locales", *cfg.massive_locales,
+                      "--max-examples", str(cfg.zero_shot_max_examples), "--out", str(tmp_out / name)]
+                     for name, d in ZERO_SHOT_MODELS.items()] if cfg.zero_shot_locales else []
         compares = [["evaluate", "compare", *(str(tmp_out / m / "massive.json") for m in compared_models(c, cfg)),
-                     "--out", str(tmp_out), "--name", f"compare_{c.name}"] for c in MASSIVE_COMPARISONS]
-        return [*models, baseline, *compares]
+                     "--out", str(tmp_out), "--name", f"compare_{c.name}"] for c in massive_comparisons(cfg)]
+        return [*models, baseline, *zero_shot, *compares]
     if stage.name == "eval_icl":
         return [["evaluate", "icl", "--model", str(run_dir / "teacher-indomain"), "--locales", *cfg.icl_locales,
                  "--shots", *map(str, cfg.icl_shots), "--max-examples", str(cfg.icl_max_examples),
@@ -304,6 +356,18 @@ def stage_commands(stage: Stage, run_dir: Path, preset: str | None, cfg: Pipelin
     raise KeyError(stage.name)
 
 
+def nlu_teacher_overrides(run_dir: Path, cfg: PipelineConfig) -> list[str]:
+    """The teacher term of every NLU fine-tuning of student_nlu (none without pipeline.nlu_teacher)."""
+    return [f"teacher={run_dir / 'teacher-nlu'}"] if cfg.nlu_teacher else []
+
+
+def massive_comparisons(cfg: PipelineConfig) -> list[MassiveComparison]:
+    """The comparisons eval_massive runs: the zero-shot one only when there is a zero-shot row, the
+    teacher-term one only with pipeline.nlu_gold_reference."""
+    return [c for c in MASSIVE_COMPARISONS
+            if (c.name != "zero_shot" or cfg.zero_shot_locales) and (c.name != "nlu_teacher" or cfg.nlu_gold_reference)]
+
+
 def nlu_ensemble_commands(run_dir: Path, preset_args: list[str], cfg: PipelineConfig) -> list[Step]:
     """Train each of cfg.nlu_members in its own run directory, side by side, then combine them."""
     members_dir = run_dir / NLU_MEMBERS_DIR
@@ -315,7 +379,7 @@ def nlu_ensemble_commands(run_dir: Path, preset_args: list[str], cfg: PipelineCo
         train.append(["launch", "--nproc-per-node", "1", "--", "finetune", "--run-dir", str(members_dir / str(i)),
                       "--model", model, "--out", "model", "--head", "encoder", "--section", "nlu", *preset_args,
                       f"locales=[{locales}]", f"train.seed={i}", f"tokenizer={run_dir / 'tokenizer'}",
-                      *overrides.split()])
+                      *nlu_teacher_overrides(run_dir, cfg), *overrides.split()])
     combine = ["ensemble", "--members", *(str(members_dir / str(i) / "model") for i in range(len(train))),
                "--out", str(run_dir / "student-nlu")]
     return [Concurrent(train), combine]
@@ -353,6 +417,8 @@ def stage_outputs(stage: Stage, cfg: PipelineConfig) -> list[str]:
     """What a stage writes in the run directory: its output, and pretrained-ft beside scratch-ft when
     the pretraining claim has its own budget (pipeline.pretraining_steps)."""
     extra = [PRETRAINED_FT] if stage.name == "scratch_ft" and cfg.pretraining_steps else []
+    if stage.name == "student_nlu" and cfg.nlu_gold_reference:
+        extra.append(NLU_GOLD)
     return [stage.output, *extra]
 
 

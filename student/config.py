@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from core.config import LOCALE_RE, ConfigError
+from core.crosslingual import CrossLingualConfig
 from core.models import PRESETS, ModelConfig
 from core.train_config import TrainConfig
 
@@ -99,6 +100,20 @@ class FinetuneConfig:
     1 = the pretrained model as it is. Unused for models from scratch."""
     slot_loss_weight: float = 1.0
     """Encoder head: loss = intent CE + slot_loss_weight * slot CE (over first sub-words)."""
+    teacher: str = ""
+    """Encoder head: an encoder NLU model directory (the fine-tuned teacher's, `finetune --head encoder`
+    of the teacher; run-relative or absolute) whose intent and slot distributions the model learns
+    from, which makes it a distilled NLU student; empty = gold labels only (a reference, not a student).
+    It must share the model's tokenizer."""
+    teacher_weight: float = 0.5
+    """With `teacher`: loss = (1 - w) * gold loss + w * teacher term, where the teacher term is
+    T^2 KL(teacher_T || student_T) of the intent plus slot_loss_weight x that of the slots (per word).
+    Teacher-labelled target utterances carry no gold label and train on the teacher term alone."""
+    teacher_temperature: float = 2.0
+    """Softmax temperature T of the teacher term."""
+    num_unlabelled_examples: int = 0
+    """Encoder head with `teacher`, crosslingual.setting=teacher-labelled: train utterances per target
+    locale added without labels (the first N of the file's train partition; 0 = all)."""
     ngram_buckets: int = 0
     """Encoder head: hashed token n-gram embeddings (`student.nlu.TokenNgrams`), fastText-style
     features a small encoder cannot learn in its layers: number of hash buckets (rows of
@@ -119,6 +134,13 @@ class FinetuneConfig:
     from init (scratch:<preset>)."""
     train: TrainConfig = field(default_factory=_default_train)
     """Optimisation, batch sizes, schedule, ZeRO stage, precision, logging/eval/save intervals, seed."""
+    crosslingual: CrossLingualConfig = field(default_factory=CrossLingualConfig)
+    """Source and target locales and the setting (preset section `crosslingual`): the locales trained
+    on must be ones whose gold labels the setting allows."""
+
+    def train_locales(self) -> list[str]:
+        """The locales whose gold labels training reads (empty = every locale of the source)."""
+        return [self.zero_shot_locale] if self.setting == "zero_shot" else list(self.locales)
 
     @property
     def scratch_preset(self) -> str | None:
@@ -135,6 +157,8 @@ class FinetuneConfig:
             raise ConfigError(f"finetune.locales: {bad} are not MASSIVE locale names (like en-US, de-DE)")
         if not LOCALE_RE.match(self.zero_shot_locale):
             raise ConfigError(f"finetune.zero_shot_locale: {self.zero_shot_locale!r} is not a locale name like en-US")
+        self.crosslingual.check_gold("finetune.locales" if self.setting == "full" else "finetune.zero_shot_locale",
+                                     self.train_locales())
         if self.setting == "zero_shot" and self.locales and self.zero_shot_locale not in self.locales:
             raise ConfigError(
                 f"finetune.setting=zero_shot trains on {self.zero_shot_locale}, which is missing from "
@@ -149,6 +173,18 @@ class FinetuneConfig:
         ):
             if value < low:
                 raise ConfigError(f"finetune.{key}: {value} must be >= {low}")
+        if self.teacher and self.head != "encoder":
+            raise ConfigError("finetune.teacher: the teacher term trains the encoder head; set head=encoder or "
+                              "distil a text-to-text student with `distill --section taskdistill`")
+        if not 0.0 <= self.teacher_weight <= 1.0:
+            raise ConfigError(f"finetune.teacher_weight: {self.teacher_weight} must be in [0, 1]")
+        if self.teacher_temperature <= 0:
+            raise ConfigError(f"finetune.teacher_temperature: {self.teacher_temperature} must be > 0")
+        if self.num_unlabelled_examples < 0:
+            raise ConfigError(f"finetune.num_unlabelled_examples: {self.num_unlabelled_examples} must be >= 0")
+        if self.crosslingual.unlabelled_locales() and self.head == "encoder" and not self.teacher:
+            raise ConfigError("crosslingual.setting=teacher-labelled: the target utterances need a teacher to label "
+                              "them; set finetune.teacher to the fine-tuned teacher's encoder NLU model")
         if self.slot_loss_weight < 0:
             raise ConfigError(f"finetune.slot_loss_weight: {self.slot_loss_weight} must be >= 0")
         if self.spans and self.sentinels:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -62,7 +62,17 @@ from massive.format import (
 from massive.loader import load_massive
 from massive.scoring import GENERATION_FIELDS, GENERATION_METRICS, score_locale
 from student.config import FinetuneConfig
-from student.nlu import EncoderNLUModel, NLULabels, decode_predictions, encode_words, nlu_loss, slot_label_ids
+from student.nlu import (
+    IGNORE_INDEX,
+    EncoderNLUModel,
+    NLULabels,
+    count_parameters,
+    decode_predictions,
+    encode_words,
+    nlu_loss,
+    nlu_teacher_loss,
+    slot_label_ids,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -98,6 +108,16 @@ def resolve_dir(run_dir: Path, value: str, what: str) -> Path:
 # ----------------------------------------------------------------------------- data
 
 
+@dataclass(frozen=True)
+class Unlabelled:
+    """A target-locale utterance without its labels: what the teacher term trains on."""
+
+    words: tuple[str, ...]
+    locale: str
+    intent: None = None
+    slots: None = None
+
+
 @dataclass
 class FinetuneData:
     """Train and dev examples, and the label inventory of the encoder head."""
@@ -110,6 +130,8 @@ class FinetuneData:
     intents: list[str]
     slot_labels: list[str]
     """"Other" first, then MASSIVE's slot types."""
+    unlabelled: list[Unlabelled] = field(default_factory=list)
+    """Teacher-labelled target utterances (words only), after `train` in the sampler's index space."""
 
 
 def load_finetune_data(cfg: FinetuneConfig, run_dir: Path, dist_info: DistInfo) -> FinetuneData:
@@ -150,17 +172,32 @@ def load_finetune_data(cfg: FinetuneConfig, run_dir: Path, dist_info: DistInfo) 
     if cfg.cda != "none":
         train = cda_examples(train, cfg.cda, seed=cfg.train.seed)
     dev: list[MassiveExample] = []
-    if cfg.num_eval_examples:
-        per_locale = -(-cfg.num_eval_examples // len(eval_locales))
-        for loc in eval_locales:
+    # The dev loss and EM watched during training read gold labels too: under a cross-lingual setting
+    # other than supervised, only the sources'.
+    dev_locales = cfg.crosslingual.gold_locales(eval_locales) if cfg.crosslingual.target_locales else eval_locales
+    if cfg.num_eval_examples and dev_locales:
+        per_locale = -(-cfg.num_eval_examples // len(dev_locales))
+        for loc in dev_locales:
             examples = data.examples(locale=loc, partition="dev")
             dev.extend(rng.sample(examples, min(per_locale, len(examples))))
         dev = dev[: cfg.num_eval_examples]
+    unlabelled: list[Unlabelled] = []
+    if cfg.head == "encoder" and cfg.teacher:
+        targets = cfg.crosslingual.unlabelled_locales()
+        if targets:
+            extra = load_massive(source, locales=targets, partitions=("train",), cache_dir=cache_dir, progress=False)
+            for loc in targets:
+                split = extra.dataset(locale=loc, partition="train")
+                if cfg.num_unlabelled_examples:
+                    split = split.select(range(min(cfg.num_unlabelled_examples, len(split))))
+                # Only the words column: no label of a target locale is read.
+                unlabelled += [Unlabelled(tuple(w), loc) for w in split.select_columns(["words"])["words"]]
     return FinetuneData(
         train=train,
         dev=dev,
         train_locales=train_locales,
         eval_locales=eval_locales,
+        unlabelled=unlabelled,
         intents=list(data.intents),
         slot_labels=[OTHER, *[s for s in data.slot_types if s != OTHER]],
     )
@@ -218,8 +255,11 @@ def collate_encoder(
 
     batch = encode_words(tokenizer, [ex.words for ex in examples], max_length)
     intent_index = {name: i for i, name in enumerate(labels.intents)}
-    batch["intent_labels"] = torch.tensor([intent_index[ex.intent] for ex in examples], dtype=torch.long)
-    batch["slot_labels"] = slot_label_ids([ex.slots for ex in examples], labels.slot_labels, batch["word_starts"].shape[1])
+    # Teacher-labelled utterances (intent None) have no gold label: the CE skips them.
+    batch["intent_labels"] = torch.tensor([IGNORE_INDEX if ex.intent is None else intent_index[ex.intent]
+                                           for ex in examples], dtype=torch.long)
+    batch["slot_labels"] = slot_label_ids([ex.slots or () for ex in examples], labels.slot_labels,
+                                          batch["word_starts"].shape[1])
     return batch
 
 
@@ -337,8 +377,10 @@ def sparse_ngrams(cfg: FinetuneConfig) -> bool:
 # ----------------------------------------------------------------------------- steps
 
 
-def train_loss(engine: Any, batch: dict[str, torch.Tensor], cfg: FinetuneConfig, device: str) -> tuple[torch.Tensor, dict[str, float]]:
-    """Forward one micro-batch through the engine; (loss to backpropagate, detached parts)."""
+def train_loss(engine: Any, batch: dict[str, torch.Tensor], cfg: FinetuneConfig, device: str,
+               teacher: Any = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Forward one micro-batch through the engine; (loss to backpropagate, detached parts). With a
+    `teacher` (encoder NLU, frozen): (1 - w) * gold loss + w * teacher term (finetune.teacher_weight)."""
     batch = {k: v.to(device) for k, v in batch.items()}
     if cfg.head == "seq2seq":
         out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
@@ -348,7 +390,36 @@ def train_loss(engine: Any, batch: dict[str, torch.Tensor], cfg: FinetuneConfig,
         intent_logits, slot_logits, batch["word_starts"], batch["intent_labels"], batch["slot_labels"],
         slot_weight=cfg.slot_loss_weight,
     )
+    if teacher is not None:
+        import torch
+
+        with torch.inference_mode():
+            t_intent, t_slots = teacher(batch["input_ids"], batch["attention_mask"])
+        kd, kd_parts = nlu_teacher_loss(intent_logits, slot_logits, t_intent.clone(), t_slots.clone(),
+                                        batch["word_starts"], cfg.teacher_temperature, cfg.slot_loss_weight)
+        w = cfg.teacher_weight
+        loss = (1.0 - w) * loss + w * kd
+        parts = {**parts, **kd_parts}
     return loss, {k: float(v) for k, v in parts.items()}
+
+
+def load_nlu_teacher(cfg: FinetuneConfig, run_dir: Path, tokenizer: Any, labels: NLULabels, device: str) -> Any:
+    """The frozen encoder NLU teacher of finetune.teacher, checked against the student's labels and
+    tokenizer (the teacher term reads both models on the same input ids)."""
+    from student.nlu import load_nlu_model
+
+    teacher_dir = check_model_dir(resolve_dir(run_dir, cfg.teacher, "teacher"), "finetune.teacher")
+    teacher = load_nlu_model(teacher_dir)
+    if teacher.labels.intents != labels.intents or teacher.labels.slot_labels != labels.slot_labels:
+        raise ConfigError(f"finetune.teacher: {teacher_dir} predicts other intents or slot labels than this "
+                          "fine-tuning's MASSIVE source; fine-tune the teacher on the same source")
+    if teacher.tokenizer is None or teacher.tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ConfigError(f"finetune.teacher: {teacher_dir} has another tokenizer than the model; the teacher term "
+                          "needs one tokenizer (fine-tune both from the same run)")
+    teacher.to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
 
 
 def num_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -492,14 +563,27 @@ def finetune(cfg: FinetuneConfig, run_dir: str | Path, resume: bool = False) -> 
                 file=sys.stderr, flush=True,
             )
     lengths = None
+    items = [*data.train, *data.unlabelled]  # the encoder's training items: gold, then teacher-labelled
     if cfg.group_by_length:  # tokens for text-to-text, words for the encoder (it tokenizes per batch)
-        lengths = [len(s) + len(t) for s, t in train_pairs] if train_pairs else [len(ex.words) for ex in data.train]
-    sampler = ResumableSampler(len(data.train), cfg.train.micro_batch_size, grad_accum, dist_info.rank,
+        lengths = [len(s) + len(t) for s, t in train_pairs] if train_pairs else [len(ex.words) for ex in items]
+    sampler = ResumableSampler(len(items), cfg.train.micro_batch_size, grad_accum, dist_info.rank,
                                dist_info.world_size, cfg.train.seed, lengths=lengths)
 
     # model and engine
     model = build_finetune_model(cfg, run_dir, tokenizer, data)
     num_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
+    teacher = None
+    if cfg.teacher:
+        teacher = load_nlu_teacher(cfg, run_dir, tokenizer, model.labels, dist_info.device)
+        teacher_params = count_parameters(teacher)
+        # Recorded with the model: every table that shows the student can show the ratio.
+        model.labels.extra.update({"teacher": str(cfg.teacher), "teacher_parameters": teacher_params,
+                                   "parameters": num_params, "teacher_weight": cfg.teacher_weight,
+                                   "crosslingual_setting": cfg.crosslingual.setting})
+        if dist_info.is_rank0:
+            print(f"finetune {name}: distilled NLU student, {num_params:,} parameters against the teacher's "
+                  f"{teacher_params:,} ({num_params / teacher_params:.2f}x, n-gram tables included); "
+                  f"{len(data.unlabelled)} teacher-labelled utterances", flush=True)
     engine = build_engine(model, cfg.train, dist_info)
     state = restore_or_start(checkpoints, engine, resume, "finetune")
     metrics = MetricsLogger(run_dir, stage=f"finetune/{name}", name=name)
@@ -520,13 +604,13 @@ def finetune(cfg: FinetuneConfig, run_dir: str | Path, resume: bool = False) -> 
         return [
             collate_seq2seq([train_pairs[i] for i in indices], tokenizer.pad_token_id)
             if cfg.head == "seq2seq"
-            else collate_encoder([data.train[i] for i in indices], tokenizer, model.labels, cfg.max_source_len)
+            else collate_encoder([items[i] for i in indices], tokenizer, model.labels, cfg.max_source_len)
             for indices in sampler.micro_batches(st.epoch, st.epoch_position)
         ]
 
     pieces = StagePieces(
         micro_batches=micro_batches,
-        forward=lambda st: micro_forward(engine, cfg, dist_info.device, grad_accum),
+        forward=lambda st: micro_forward(engine, cfg, dist_info.device, grad_accum, teacher),
         maybe_log=lambda st, bar: maybe_log(metrics, st, window, engine, cfg, bar),
         maybe_eval=lambda st: maybe_eval(metrics, st, engine, model, tokenizer, data, dev_pairs, cfg, dist_info),
     )
@@ -539,12 +623,12 @@ def finetune(cfg: FinetuneConfig, run_dir: str | Path, resume: bool = False) -> 
     return out_dir
 
 
-def micro_forward(engine: Any, cfg: FinetuneConfig, device: str, num_micro_batches: int) -> Any:
+def micro_forward(engine: Any, cfg: FinetuneConfig, device: str, num_micro_batches: int, teacher: Any = None) -> Any:
     """`forward` for core.loop.train_step: one collated micro-batch -> its loss, its loss parts (each a
     share of the step's mean) and its tokens."""
 
     def forward(batch: dict[str, torch.Tensor]) -> MicroStep:
-        loss, loss_parts = train_loss(engine, batch, cfg, device)
+        loss, loss_parts = train_loss(engine, batch, cfg, device, teacher)
         return MicroStep(loss, {k: v / num_micro_batches for k, v in loss_parts.items()}, num_tokens(batch))
 
     return forward

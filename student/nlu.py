@@ -472,7 +472,10 @@ def nlu_loss(
     """
     word_logits = gather_word_logits(slot_logits, word_starts)  # [B, W, S]
     targets = slot_labels.masked_fill(word_starts < 0, IGNORE_INDEX)
-    intent_loss = nn.functional.cross_entropy(intent_logits.float(), intent_labels)
+    if bool((intent_labels != IGNORE_INDEX).any()):
+        intent_loss = nn.functional.cross_entropy(intent_logits.float(), intent_labels, ignore_index=IGNORE_INDEX)
+    else:  # a batch of teacher-labelled utterances only: no gold intent
+        intent_loss = intent_logits.sum() * 0.0
     if bool((targets != IGNORE_INDEX).any()):
         slot_loss = nn.functional.cross_entropy(
             word_logits.float().reshape(-1, word_logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
@@ -480,6 +483,41 @@ def nlu_loss(
     else:  # every word truncated away: no slot signal, but keep the graph connected
         slot_loss = word_logits.sum() * 0.0
     return intent_loss + slot_weight * slot_loss, {"intent_loss": intent_loss.detach(), "slot_loss": slot_loss.detach()}
+
+
+def nlu_teacher_loss(
+    intent_logits: torch.Tensor,
+    slot_logits: torch.Tensor,
+    teacher_intent: torch.Tensor,
+    teacher_slots: torch.Tensor,
+    word_starts: torch.Tensor,
+    temperature: float = 2.0,
+    slot_weight: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The teacher term of a distilled NLU student: T^2 KL(teacher_T || student_T) of the intent
+    distributions, plus slot_weight x the same KL of the slot distributions averaged over the first
+    sub-words of real words. Both models read the same input ids, so `word_starts` serves both."""
+    t = temperature
+
+    def kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:  # [N, C] -> [N]
+        p = nn.functional.log_softmax(teacher.float() / t, dim=-1)
+        q = nn.functional.log_softmax(student.float() / t, dim=-1)
+        return (p.exp() * (p - q)).sum(-1) * t * t
+
+    intent_kd = kl(intent_logits, teacher_intent).mean()
+    words = word_starts >= 0
+    if bool(words.any()):
+        student_words = gather_word_logits(slot_logits, word_starts)[words]
+        teacher_words = gather_word_logits(teacher_slots, word_starts)[words]
+        slot_kd = kl(student_words, teacher_words).mean()
+    else:
+        slot_kd = slot_logits.sum() * 0.0
+    return intent_kd + slot_weight * slot_kd, {"intent_kd": intent_kd.detach(), "slot_kd": slot_kd.detach()}
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Every parameter: encoder, heads and the n-gram table (an ensemble: all of its members)."""
+    return int(sum(p.numel() for p in model.parameters()))
 
 
 def gather_word_logits(slot_logits: torch.Tensor, word_starts: torch.Tensor) -> torch.Tensor:

@@ -48,7 +48,8 @@ MICRO = {
     "pipeline": {"num_train_procs": 2, "num_procs_other": 1, "massive_locales": ["en-US", "ja-JP"],
                  "eval_max_examples": 4, "icl_locales": ["en-US"], "icl_shots": [0, 1], "icl_max_examples": 2,
                  "translation_locales": ["de-DE"], "translation_max_examples": 2, "fairness_locales": ["en-US"],
-                 "fairness_max_examples": 3, "latency_max_examples": 3},
+                 "fairness_max_examples": 3, "latency_max_examples": 3,
+                 "zero_shot_locales": ["de-DE", "es-ES", "fr-FR"], "zero_shot_max_examples": 4},
 }
 
 

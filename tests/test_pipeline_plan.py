@@ -13,12 +13,14 @@ from launch.pipeline import (
     NLU_MEMBERS_DIR,
     STAGE_BY_NAME,
     STAGES,
+    ZERO_SHOT_MODELS,
     Concurrent,
     PipelineConfig,
     StageFailed,
     plan_stages,
     run_commands,
     stage_commands,
+    stage_outputs,
 )
 
 
@@ -142,17 +144,79 @@ def test_eval_massive_compares_after_evaluating_both_models(tmp_path):
     tmp_out = tmp_path / ".tmp"
     cmds = stage_commands(STAGE_BY_NAME["eval_massive"], tmp_path, "tiny", PipelineConfig(), tmp_out)
     evaluated = {Path(c[c.index("--out") + 1]).name: k for k, c in enumerate(cmds) if c[:2] == ["evaluate", "massive"]}
-    assert set(evaluated) == set(MASSIVE_MODELS)
+    assert set(evaluated) == set(MASSIVE_MODELS) | set(ZERO_SHOT_MODELS)
     compares = [(k, c) for k, c in enumerate(cmds) if c[:2] == ["evaluate", "compare"]]
-    assert len(compares) == len(MASSIVE_COMPARISONS)
-    for comparison, (k, cmd) in zip(MASSIVE_COMPARISONS, compares):
+    # The teacher-term claim needs pipeline.nlu_gold_reference (off by default).
+    run = [c for c in MASSIVE_COMPARISONS if c.name != "nlu_teacher"]
+    assert len(compares) == len(run)
+    for comparison, (k, cmd) in zip(run, compares):
         # A and B are results this stage writes, before the comparison reads them.
         assert cmd[2:4] == [str(tmp_out / comparison.a / "massive.json"), str(tmp_out / comparison.b / "massive.json")]
         assert evaluated[comparison.a] < k and evaluated[comparison.b] < k
         assert cmd[4:] == ["--out", str(tmp_out), "--name", f"compare_{comparison.name}"]
     assert [(c.a, c.b) for c in MASSIVE_COMPARISONS] == [
         ("scratch", "teacher"), ("teacher", "student_fp32"), ("student_fp32", "student_int8"), ("student_kd", "student"),
+        ("scratch_zero_shot", "teacher_zero_shot"), ("student_nlu_gold", "student_nlu"),
     ]  # fmt: skip
+
+
+def test_the_zero_shot_row_scores_teacher_and_reference_on_unseen_locales_once_each(tmp_path):
+    tmp_out = tmp_path / ".tmp"
+    for preset in ("tiny", "small"):
+        cfg = load_config(PipelineConfig, section="pipeline", preset=preset)
+        assert len(cfg.zero_shot_locales) >= 3 and not set(cfg.zero_shot_locales) & set(cfg.massive_locales)
+        cmds = stage_commands(STAGE_BY_NAME["eval_massive"], tmp_path, preset, cfg, tmp_out)
+        rows = {Path(c[c.index("--out") + 1]).name: c for c in cmds if c[:2] == ["evaluate", "massive"]}
+        for name, model in ZERO_SHOT_MODELS.items():
+            cmd = rows[name]
+            assert cmd[cmd.index("--model") + 1] == str(tmp_path / model)
+            locales = cmd[cmd.index("--locales") + 1 : cmd.index("--setting")]
+            assert locales == cfg.zero_shot_locales and cmd[cmd.index("--setting") + 1] == "zero-shot"
+            assert cmd[cmd.index("--max-examples") + 1] == str(cfg.zero_shot_max_examples)
+        # The pipeline chooses nothing on these scores: each (model, locale) is scored on test once, and
+        # no command reads dev for a choice (choices live in the presets, made on dev beforehand).
+        def locales_of(cmd: list[str]) -> list[str]:
+            rest = cmd[cmd.index("--locales") + 1 :]
+            return rest[: next(i for i, a in enumerate(rest) if a.startswith("--"))]
+
+        scored = [(c[c.index("--model") + 1], loc) for c in rows.values() for loc in locales_of(c)]
+        assert len(scored) == len(set(scored))
+        assert all("--split" not in c for c in rows.values())
+    none = stage_commands(STAGE_BY_NAME["eval_massive"], tmp_path, "tiny", PipelineConfig(zero_shot_locales=[]), tmp_out)
+    assert not any(c[-1] == "compare_zero_shot" for c in none)
+    with pytest.raises(ConfigError, match="zero_shot_locales"):
+        PipelineConfig(zero_shot_locales=["en-US"]).validate()
+
+
+def test_the_nlu_student_is_one_model_distilled_from_teacher_nlu(tmp_path):
+    cfg = load_config(PipelineConfig, section="pipeline", preset="tiny")
+    assert cfg.nlu_members == ["student"] and cfg.nlu_teacher
+    (teacher,) = stage_commands(STAGE_BY_NAME["teacher_nlu"], tmp_path, "tiny", cfg, tmp_path / ".tmp")
+    assert teacher[teacher.index("--model") + 1] == str(tmp_path / "teacher-indomain")
+    assert teacher[teacher.index("--out") + 1] == "teacher-nlu" and "--head" in teacher
+    (student,) = stage_commands(STAGE_BY_NAME["student_nlu"], tmp_path, "tiny", cfg, tmp_path / ".tmp")
+    assert student[student.index("--model") + 1] == str(tmp_path / "student")
+    assert f"teacher={tmp_path / 'teacher-nlu'}" in student and "ngram_buckets=4096" in student
+    assert "teacher_nlu" in STAGE_BY_NAME["student_nlu"].deps
+    (gold,) = stage_commands(STAGE_BY_NAME["student_nlu"], tmp_path, "tiny",
+                             PipelineConfig(nlu_teacher=False), tmp_path / ".tmp")
+    assert not any(a.startswith("teacher=") for a in gold)
+
+
+def test_the_gold_only_twin_trains_after_the_student_and_is_compared_with_it(tmp_path):
+    cfg = load_config(PipelineConfig, section="pipeline", preset="small")
+    assert cfg.nlu_gold_reference
+    student, gold = stage_commands(STAGE_BY_NAME["student_nlu"], tmp_path, "small", cfg, tmp_path / ".tmp")
+    assert gold[gold.index("--out") + 1] == "student-nlu-gold" and student[student.index("--out") + 1] == "student-nlu"
+    # The same command but for the teacher term and the output.
+    assert [a for a in student if not a.startswith("teacher=")] == [
+        "student-nlu" if a == "student-nlu-gold" else a for a in gold]
+    assert stage_outputs(STAGE_BY_NAME["student_nlu"], cfg) == ["student-nlu", "student-nlu-gold"]
+    cmds = stage_commands(STAGE_BY_NAME["eval_massive"], tmp_path, "small", cfg, tmp_path / ".tmp")
+    compare = next(c for c in cmds if c[-1] == "compare_nlu_teacher")
+    assert compare[2:4] == [str(tmp_path / ".tmp" / m / "massive.json") for m in ("student_nlu_gold", "student_nlu")]
+    scored = {c[c.index("--out") + 1]: c[c.index("--model") + 1] for c in cmds if c[:2] == ["evaluate", "massive"]}
+    assert scored[str(tmp_path / ".tmp" / "student_nlu_gold")] == str(tmp_path / "student-nlu-gold")
 
 
 def test_nlu_members_train_side_by_side_then_combine(tmp_path):
@@ -178,8 +242,9 @@ def test_nlu_members_train_side_by_side_then_combine(tmp_path):
     cfg = load_config(PipelineConfig, overrides=["nlu_members=[student,scratch:tiny]",
                                                  "nlu_member_overrides=['', 'train.max_steps=9 train.lr=0.1']"])
     train, _ = stage_commands(STAGE_BY_NAME["student_nlu"], tmp_path, "tiny", cfg, tmp_path / ".tmp")
-    assert train.commands[0][-1] == f"tokenizer={tmp_path / 'tokenizer'}"
-    assert train.commands[1][-3:] == [f"tokenizer={tmp_path / 'tokenizer'}", "train.max_steps=9", "train.lr=0.1"]
+    teacher = f"teacher={tmp_path / 'teacher-nlu'}"  # every member learns from teacher-nlu
+    assert train.commands[0][-2:] == [f"tokenizer={tmp_path / 'tokenizer'}", teacher]
+    assert train.commands[1][-4:] == [f"tokenizer={tmp_path / 'tokenizer'}", teacher, "train.max_steps=9", "train.lr=0.1"]
     with pytest.raises(ConfigError, match="one string per member"):
         load_config(PipelineConfig, overrides=["nlu_members=[student,scratch:tiny]", "nlu_member_overrides=['']"])
 
@@ -202,7 +267,9 @@ def test_distillation_commands_load_with_every_preset(tmp_path, preset):
     from distill.config import DistillConfig
 
     for name in ("student", "student_kd", "student_ft", "student_kd_ft"):
-        (cmd,) = stage_commands(STAGE_BY_NAME[name], tmp_path, preset, PipelineConfig(), tmp_path / ".tmp")
+        # The preset's own pipeline section: its MASSIVE locales are the ones its cross-lingual setting allows.
+        pipe = load_config(PipelineConfig, section="pipeline", preset=preset)
+        (cmd,) = stage_commands(STAGE_BY_NAME[name], tmp_path, preset, pipe, tmp_path / ".tmp")
         args = cmd[cmd.index("distill") + 1 :]
         section = args[args.index("--section") + 1] if "--section" in args else "distill"
         overrides = [a for a in args if "=" in a and not a.startswith("--")]

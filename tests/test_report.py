@@ -78,7 +78,11 @@ def run_dir(tmp_path: Path) -> Path:
     int8[11] = NLUPrediction("changed", fp32[11].slots)
     for name, preds in (("scratch", predictions(examples, 0.2, 0)), ("teacher", predictions(examples, 0.9, 1)),
                         ("student_fp32", fp32), ("student_int8", int8), ("student", fp32),
-                        ("student_kd", predictions(examples, 0.8, 3))):  # fmt: skip
+                        ("student_kd", predictions(examples, 0.8, 3)),
+                        ("scratch_zero_shot", predictions(examples, 0.1, 4)),
+                        ("teacher_zero_shot", predictions(examples, 0.3, 5)),
+                        ("student_nlu_gold", predictions(examples, 0.6, 6)),
+                        ("student_nlu", predictions(examples, 0.7, 7))):  # fmt: skip
         write_result(massive_dir, name, examples, preds)
     for c in MASSIVE_COMPARISONS:
         argv = ["evaluate", "compare", str(massive_dir / c.a / "massive.json"), str(massive_dir / c.b / "massive.json"),
@@ -94,7 +98,7 @@ def test_claims_state_each_comparison_with_its_paired_evidence(run_dir, capsys):
     on_disk = json.loads((run_dir / "summary.json").read_text())
     assert on_disk["claims"] == summary["claims"]
     rows = {row["name"]: row for row in summary["claims"]["comparisons"]}
-    assert list(rows) == ["pretraining", "distillation", "quantization", "crr"]
+    assert list(rows) == ["pretraining", "distillation", "quantization", "crr", "zero_shot", "nlu_teacher"]
     for row in rows.values():
         # A's and B's EM are those of their own results, on the same ids.
         assert (row["value_a"], row["value_b"]) == (summary["massive"][row["a"]]["em"], summary["massive"][row["b"]]["em"])
@@ -130,7 +134,8 @@ def test_claims_state_each_comparison_with_its_paired_evidence(run_dir, capsys):
     assert rows_md[0].startswith("| question | A -> B | EM A % | EM B % | B - A | 95% CI of B - A | CI excludes 0 |")
     lines = {line.split(" | ")[1]: line for line in rows_md[1:]}
     assert set(lines) == {"scratch -> teacher", "teacher -> student_fp32", "student_fp32 -> student_int8",
-                          "student_kd -> student"}
+                          "student_kd -> student", "scratch_zero_shot -> teacher_zero_shot",
+                          "student_nlu_gold -> student_nlu"}
     assert "| yes |" in lines["scratch -> teacher"]
     assert f"| {distillation['ratio']:.2f} [" in lines["teacher -> student_fp32"]
     assert lines["student_fp32 -> student_int8"].endswith("| - | 99.0 |")
