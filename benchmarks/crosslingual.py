@@ -33,8 +33,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import RESULTS  # noqa: E402  (sets the thread and DeepSpeed defaults)
+from benchmarks.common import RESULTS  # noqa: I001 (first: sets the thread and DeepSpeed defaults)
 
 METRICS = ("em", "intent_acc", "slot_f1")
 

@@ -22,8 +22,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import RESULTS  # noqa: E402  (sets the thread and DeepSpeed defaults)
+from benchmarks.common import RESULTS  # noqa: I001 (first: sets the thread and DeepSpeed defaults)
 
 
 def main(argv: list[str] | None = None) -> int:
