@@ -309,7 +309,7 @@ def main() -> None:
     from core.distributed import BF16_MIN_SPEEDUP, cpu_bf16_speedup
     from core.fsutil import atomic_write_json
     from core.models import count_parameters
-    from launch.launcher import remember_layout_table
+    from launch.layout import remember_layout_table
 
     load_start = load_average()
     peak_2 = measure_peak(2)

@@ -18,17 +18,19 @@ from core.distributed import cpu_info, free_port
 from launch.cli import main
 from launch.launcher import (
     LaunchOptions,
+    cores_available,
+    launcher_argv,
+    process_env,
+    record_layout,
+    slurm_script,
+)
+from launch.layout import (
     Layout,
     candidate_layouts,
     choose_layout,
-    cores_available,
-    launcher_argv,
     layout_from_report,
     probe_layout,
-    process_env,
-    record_layout,
     run_precision,
-    slurm_script,
 )
 
 PRETRAIN = ["pretrain", "--run-dir", "runs/a b", "--preset", "tiny", "train.max_steps=10"]
