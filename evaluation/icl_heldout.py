@@ -37,6 +37,7 @@ plus `DIR/NAME.md` (tables) and `DIR/NAME.png` (k-shot curves per pair, chance a
 
 from __future__ import annotations
 
+import argparse
 import random
 import sys
 import time
@@ -304,3 +305,86 @@ def write_outputs(result: dict[str, Any], out_dir: Path, name: str) -> list[Path
         atomic_write_text(out_dir / f"{name}.md", heldout_markdown(result)),
         plot_curves(result, out_dir / f"{name}.png"),
     ]
+
+
+# ----------------------------------------------------------------------------- `evaluate icl` (both protocols)
+
+
+def register_evaluate(sub: argparse._SubParsersAction) -> None:
+    from evaluation.cli import add_common_arguments
+
+    p = sub.add_parser(
+        "icl",
+        help="k-shot intent classification by prompting (rank classification over all intents)",
+        description="In-context learning on MASSIVE without fine-tuning: k labelled demonstrations and "
+        "the query; the prediction is the intent label the model scores highest. Accuracy per "
+        "locale for each k. Writes NAME.json, NAME.md and NAME.png into --out.",
+    )
+    add_common_arguments(p, default_name="icl")
+    p.add_argument("--locales", nargs="+", default=None, help="locales to evaluate (default: icl.locales)")
+    p.add_argument("--shots", nargs="+", type=int, default=None, help="numbers of demonstrations (default 0 1 5; with --protocol heldout, per candidate label, default 0 1 2 5)")
+    p.add_argument("--demo-source", choices=["same", "en-US"], default=None, help="demos from the same locale or en-US")
+    p.add_argument(
+        "--max-examples", type=int, default=None, help="query ids, a seeded sample shared by every locale (default 200; 0 = all)"
+    )
+    p.add_argument("--no-clm", action="store_true", help="plain prompt without the [CLM] prefix")
+    p.add_argument(
+        "--calibration",
+        choices=["none", "contextual"],
+        default=None,
+        help="contextual: rank labels against a content-free query's label distribution (Zhao et al. 2021); "
+        "the uncalibrated accuracy is reported beside it (default: icl.calibration)",
+    )
+    p.add_argument(
+        "--protocol",
+        choices=["all_intents", "heldout"],
+        default=None,
+        help="all_intents: rank all intents (the original harness); heldout: N-way held-out intents, same- and "
+        "cross-language pairs, TF-IDF reference, paired intervals (docs/icl.md) (default: icl.protocol)",
+    )
+    p.add_argument("--split", choices=["dev", "test"], default=None,
+                   help="partition of the queries (default: icl.split, or icl.heldout_split = dev with --protocol heldout)")
+    p.add_argument("--way", type=int, default=None, help="--protocol heldout: candidate labels per query (default 5)")
+    p.set_defaults(func=run_icl)
+
+
+def run_icl(args: argparse.Namespace) -> int:
+    from evaluation.cli import run_common
+
+    flags = {
+        "locales": args.locales,
+        "shots": args.shots,
+        "demo_source": args.demo_source,
+        "max_examples": args.max_examples,
+        "clm_prompt": False if args.no_clm else None,
+        "calibration": args.calibration,
+        "protocol": args.protocol,
+        "way": args.way,
+    }
+    heldout = args.protocol == "heldout"
+    if args.split is not None:
+        flags["heldout_split" if heldout else "split"] = args.split
+    if heldout and args.shots is not None:
+        flags["heldout_shots"], flags["shots"] = args.shots, None
+
+    def evaluate(cfg: Any, model_dir: Any, out_dir: Any, name: str) -> dict[str, Any]:
+        if cfg.icl.protocol == "heldout":
+            return evaluate_icl_heldout(cfg, model_dir, out_dir, name)
+        from evaluation.icl import evaluate_icl
+
+        return evaluate_icl(cfg, model_dir, out_dir, name)
+
+    def summary(result: dict[str, Any]) -> str:
+        if result["kind"] == "icl_heldout":
+            parts = []
+            for kind, s in result["mean"].items():
+                accs = "  ".join(f"k={k}: {acc:.3f}" for k, acc in s["accuracy"].items())
+                parts.append(f"{kind}-language mean: {accs}")
+            return f"held-out-intent ICL ({result['way']}-way, chance {result['chance']:.3f}): " + "; ".join(parts)
+        accs = "  ".join(f"k={k}: {acc:.4f}" for k, acc in result["accuracy"].items())
+        if "accuracy_uncalibrated" in result:
+            uncal = "  ".join(f"k={k}: {acc:.4f}" for k, acc in result["accuracy_uncalibrated"].items())
+            accs = f"calibrated {accs}; uncalibrated {uncal}"
+        return f"ICL intent accuracy (mean over {len(result['per_locale'])} locales; chance {result['chance']:.4f}): {accs}"
+
+    return run_common(args, "icl", flags, evaluate, summary)

@@ -135,3 +135,18 @@ def test_evaluate_heldout_protocol_on_the_tiny_teacher(tiny_teacher_dir, massive
     assert result["pairs"].keys() == saved["pairs"].keys()
     assert (tmp_path / "held.md").read_text().count("\n| ") >= 5
     assert (tmp_path / "held.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_icl_command_runs_both_protocols(tiny_teacher_dir, massive_dir, tmp_path, capsys):
+    from launch.cli import main
+
+    common = ["evaluate", "icl", "--model", str(tiny_teacher_dir), "--out", str(tmp_path), "--locales", "en-US", "de-DE",
+              "--max-examples", "3", f"icl.data={massive_dir}", "device=cpu", "bootstrap_samples=50"]
+    assert main([*common, "--name", "held", "--protocol", "heldout", "--shots", "0", "1", "--way", "3"]) == 0
+    held = json.loads((tmp_path / "held.json").read_text())
+    assert held["kind"] == "icl_heldout" and held["shots"] == [0, 1] and held["way"] == 3 and held["split"] == "dev"
+    assert "held-out-intent ICL (3-way" in capsys.readouterr().out
+    # The original harness is still the default protocol, on test.
+    assert main([*common, "--name", "all", "--shots", "0"]) == 0
+    old = json.loads((tmp_path / "all.json").read_text())
+    assert old["kind"] == "icl" and old["num_labels"] == 60 and old["split"] == "test"
