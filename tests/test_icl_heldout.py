@@ -150,3 +150,35 @@ def test_evaluate_icl_command_runs_both_protocols(tiny_teacher_dir, massive_dir,
     assert main([*common, "--name", "all", "--shots", "0"]) == 0
     old = json.loads((tmp_path / "all.json").read_text())
     assert old["kind"] == "icl" and old["num_labels"] == 60 and old["split"] == "test"
+
+
+def test_pretrain_section_icl_trains_a_tiny_model_a_few_steps(tiny_teacher_dir, massive_dir, tmp_path):
+    from launch.cli import main
+    from teacher.objectives import ICL, IclCollator, IclRows
+
+    run = tmp_path / "run"
+    rc = main(["pretrain", "--run-dir", str(run), "--preset", "tiny", "--section", "icl", "--init-from",
+               str(tiny_teacher_dir), f"icl.massive={massive_dir}", "icl.locales=[en-US, de-DE]", "icl.max_prompt_tokens=128",
+               "train.max_steps=3", "train.warmup_steps=1", "train.micro_batch_size=2", "train.global_batch_size=2", "train.eval_every=3",
+               "train.num_eval_batches=1", "train.log_every=1", "train.save_every=3", "train.num_threads=1"])
+    assert rc == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if "loss_icl" in r]
+    assert len(train_records) == 3 and all("loss_denoise" not in r and "loss_clm" not in r for r in train_records)
+    assert any("eval_loss_icl" in r for r in records)
+    assert (run / "teacher-icl" / "config.json").is_file()
+    # The batch: [CLM] + prompt + eos as the source, the query's label text + eos as the target.
+    from data_prep.icl import IclPromptSampler, IclTrainConfig, load_icl_pools
+    from data_prep.tokenizer import load_tokenizer
+    from teacher.objectives import ObjectiveConfig
+
+    cfg = IclTrainConfig(massive=str(massive_dir), locales=["en-US"])
+    sampler = IclPromptSampler(load_icl_pools(cfg, "train"), cfg)
+    tokenizer = load_tokenizer(tiny_teacher_dir)
+    collator = IclCollator(ObjectiveConfig(), tokenizer, clm_prompt=True, max_prompt_tokens=512)
+    batch = collator.collate(IclRows(sampler, 4)[[0, 1]]["input_ids"], [0, 1])
+    assert batch["objective"].tolist() == [ICL, ICL]
+    target = batch["labels"][0][batch["labels"][0] != -100].tolist()
+    assert tokenizer.decode(target, skip_special_tokens=True) == sampler.prompt(0).target
+    assert tokenizer.decode(batch["input_ids"][0], skip_special_tokens=True).endswith(
+        sampler.prompt(0).text.split("Utterance: ")[-1])
