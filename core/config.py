@@ -368,8 +368,8 @@ NO_SPACE_LOCALES = frozenset({"ja-JP", "zh-CN", "zh-TW", "th-TH", "my-MM", "km-K
 
 
 # Sections a preset may hold: one per stage config, plus the pipeline's own settings.
-KNOWN_SECTIONS = ("data", "pretrain", "indomain", "distill", "taskdistill", "finetune", "nlu", "export", "evaluate",
-                  "pipeline", "crosslingual")
+KNOWN_SECTIONS = ("data", "pretrain", "indomain", "icl", "distill", "taskdistill", "finetune", "nlu", "export",
+                  "evaluate", "pipeline", "crosslingual")
 # Sections that hold only what differs from another section: the encoder NLU fine-tuning (`finetune
 # --section nlu`) is the MASSIVE fine-tuning with its own steps and regularisation.
 SECTION_BASES = {"nlu": "finetune"}

@@ -41,7 +41,8 @@ if TYPE_CHECKING:
 
 DENOISE = 0
 CLM = 1
-OBJECTIVE_NAMES = ("denoise", "clm")
+ICL = 2
+OBJECTIVE_NAMES = ("denoise", "clm", "icl")
 """Index = the objective id in a batch's `objective` tensor."""
 IGNORE_INDEX = -100
 
@@ -187,7 +188,8 @@ class PretrainCollator:
 
     - `input_ids` [B, S], `attention_mask` [B, S] (1 on tokens, 0 on padding);
     - `labels` [B, T] with -100 on padding; `decoder_attention_mask` [B, T] (1 where a label is);
-    - `objective` [B]: 0 = denoise, 1 = causal LM (`OBJECTIVE_NAMES`).
+    - `objective` [B]: 0 = denoise, 1 = causal LM, 2 = in-context prompt (`OBJECTIVE_NAMES`,
+      `IclCollator`).
     S and T are the longest source and target in the batch rounded up to `pad_to_multiple_of`.
     """
 
@@ -300,6 +302,50 @@ class PretrainCollator:
             "decoder_attention_mask": torch.from_numpy((labels != IGNORE_INDEX).astype(np.int64)),
             "objective": torch.tensor([ex.objective for ex in examples], dtype=torch.long),
         }
+
+
+class IclRows:
+    """The in-context training "dataset" of `pretrain --section icl`: `rows[indices]["input_ids"]` gives
+    one `IclRow` per index, which `IclCollator` turns into the prompt drawn at that stream position (so
+    every epoch sees new prompts, and a resumed run the same ones)."""
+
+    def __init__(self, sampler: Any, size: int) -> None:
+        self.sampler, self.size = sampler, int(size)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, indices: Sequence[int]) -> dict[str, list[IclRow]]:
+        return {"input_ids": [IclRow(self.sampler) for _ in indices]}
+
+
+class IclRow(NamedTuple):
+    """A row of `IclRows`: the prompt sampler it draws from (`data_prep.icl.IclPromptSampler`)."""
+
+    sampler: Any
+
+
+class IclCollator(PretrainCollator):
+    """`PretrainCollator` whose rows are `IclRow`s: the example at stream position i is prompt i of the
+    row's sampler, source = the prompt ([CLM]-prefixed when `clm_prompt`, truncated from the left to
+    `max_prompt_tokens` as in evaluation) + eos, target = the query's label text + eos (objective ICL)."""
+
+    def __init__(self, cfg: ObjectiveConfig, tokenizer: Any, clm_prompt: bool, max_prompt_tokens: int, seed: int = 0) -> None:
+        from data_prep.tokenizer import special_ids
+
+        super().__init__(cfg, special_ids(tokenizer), seed=seed)
+        self.tokenizer = tokenizer
+        self.clm_prompt = clm_prompt
+        self.max_prompt_tokens = max_prompt_tokens
+
+    def example(self, input_ids: Any, index: int) -> Example:
+        prompt = input_ids.sampler.prompt(int(index))
+        ids = list(self.tokenizer(prompt.text)["input_ids"])  # ends with eos
+        budget = self.max_prompt_tokens - (1 if self.clm_prompt else 0)
+        ids = ids[max(0, len(ids) - budget):]
+        source = ([self.clm] if self.clm_prompt else []) + ids
+        target = list(self.tokenizer(prompt.target, add_special_tokens=False)["input_ids"]) + [self.eos]
+        return Example(np.asarray(source, dtype=np.int64), np.asarray(target, dtype=np.int64), ICL)
 
 
 def clm_split_point(length: int, min_fraction: float, max_fraction: float, rng: np.random.Generator) -> int:

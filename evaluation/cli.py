@@ -19,7 +19,7 @@ from core.commands import register_modules
 
 EVALUATE_MODULES = (
     "evaluation.massive",  # evaluate massive
-    "evaluation.icl",  # evaluate icl
+    "evaluation.icl_heldout",  # evaluate icl (--protocol all_intents: evaluation/icl.py; heldout)
     "evaluation.translation",  # evaluate translation
     "evaluation.fairness",  # evaluate fairness
     "evaluation.latency",  # evaluate latency

@@ -15,6 +15,7 @@ from typing import Literal, Optional
 from core.bigmodel import ModelLoadConfig
 from core.config import ConfigError
 from core.crosslingual import CrossLingualConfig
+from data_prep.icl import HELDOUT_SCENARIOS
 
 # Placeholders each template must contain, checked at start-up.
 ICL_PROMPT_FIELDS = ("{demos}", "{utt}")
@@ -132,6 +133,19 @@ class ICLConfig:
     seed: int = 0
     """Seed of the sample of queries, of the demonstrations (deterministic per query; k=1 demos are a
     prefix of k=5) and of the bootstrap resamples."""
+    protocol: Literal["all_intents", "heldout"] = "all_intents"
+    """all_intents: rank all 60 intents, demos drawn at random (evaluation/icl.py); heldout: N-way
+    candidate sets over the held-out intents, k demos per candidate label, same- and cross-language
+    pairs, TF-IDF nearest-neighbour reference (evaluation/icl_heldout.py, docs/icl.md)."""
+    heldout_scenarios: list[str] = field(default_factory=lambda: list(HELDOUT_SCENARIOS))
+    """protocol heldout: the held-out scenarios (default data_prep.icl.HELDOUT_SCENARIOS, 11 intents);
+    must equal the ones in-context training excluded (pretrain icl.heldout_scenarios)."""
+    way: int = 5
+    """protocol heldout: candidate labels per query (chance 1/way)."""
+    heldout_shots: list[int] = field(default_factory=lambda: [0, 1, 2, 5])
+    """protocol heldout: demonstrations per candidate label."""
+    heldout_split: Literal["dev", "test"] = "dev"
+    """protocol heldout: partition of the queries (select on dev; read test once)."""
 
     def validate(self) -> None:
         _check_template("icl.prompt_template", self.prompt_template, ICL_PROMPT_FIELDS)
@@ -144,6 +158,12 @@ class ICLConfig:
         if self.max_examples is not None and self.max_examples < 0:
             raise ConfigError(f"icl.max_examples must be >= 0 (0 = all) or null, got {self.max_examples}")
         _check_locales("icl.locales", self.locales)
+        if self.way < 2:
+            raise ConfigError(f"icl.way must be >= 2, got {self.way}")
+        if not self.heldout_shots or any(k < 0 for k in self.heldout_shots):
+            raise ConfigError(f"icl.heldout_shots must be a non-empty list of k >= 0, got {self.heldout_shots}")
+        if not self.heldout_scenarios:
+            raise ConfigError("icl.heldout_scenarios must name at least one scenario")
         if self.calibration == "contextual" and not self.content_free:
             raise ConfigError("icl.content_free must hold at least one string when icl.calibration is 'contextual'")
 

@@ -39,7 +39,6 @@ Output of `evaluate icl --out DIR [--name NAME]` (NAME defaults to "icl"):
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
@@ -417,53 +416,3 @@ def write_icl_outputs(result: dict[str, Any], out_dir: Path, name: str) -> list[
             hlines={"chance": result["chance"]},
         ),
     ]
-
-
-def register_evaluate(sub: argparse._SubParsersAction) -> None:
-    from evaluation.cli import add_common_arguments
-
-    p = sub.add_parser(
-        "icl",
-        help="k-shot intent classification by prompting (rank classification over all intents)",
-        description="In-context learning on MASSIVE without fine-tuning: k labelled demonstrations and "
-        "the query; the prediction is the intent label the model scores highest. Accuracy per "
-        "locale for each k. Writes NAME.json, NAME.md and NAME.png into --out.",
-    )
-    add_common_arguments(p, default_name="icl")
-    p.add_argument("--locales", nargs="+", default=None, help="locales to evaluate (default: icl.locales)")
-    p.add_argument("--shots", nargs="+", type=int, default=None, help="numbers of demonstrations (default 0 1 5)")
-    p.add_argument("--demo-source", choices=["same", "en-US"], default=None, help="demos from the same locale or en-US")
-    p.add_argument(
-        "--max-examples", type=int, default=None, help="query ids, a seeded sample shared by every locale (default 200; 0 = all)"
-    )
-    p.add_argument("--no-clm", action="store_true", help="plain prompt without the [CLM] prefix")
-    p.add_argument(
-        "--calibration",
-        choices=["none", "contextual"],
-        default=None,
-        help="contextual: rank labels against a content-free query's label distribution (Zhao et al. 2021); "
-        "the uncalibrated accuracy is reported beside it (default: icl.calibration)",
-    )
-    p.set_defaults(func=run_icl)
-
-
-def run_icl(args: argparse.Namespace) -> int:
-    from evaluation.cli import run_common
-
-    flags = {
-        "locales": args.locales,
-        "shots": args.shots,
-        "demo_source": args.demo_source,
-        "max_examples": args.max_examples,
-        "clm_prompt": False if args.no_clm else None,
-        "calibration": args.calibration,
-    }
-
-    def summary(result: dict[str, Any]) -> str:
-        accs = "  ".join(f"k={k}: {acc:.4f}" for k, acc in result["accuracy"].items())
-        if "accuracy_uncalibrated" in result:
-            uncal = "  ".join(f"k={k}: {acc:.4f}" for k, acc in result["accuracy_uncalibrated"].items())
-            accs = f"calibrated {accs}; uncalibrated {uncal}"
-        return f"ICL intent accuracy (mean over {len(result['per_locale'])} locales; chance {result['chance']:.4f}): {accs}"
-
-    return run_common(args, "icl", flags, evaluate_icl, summary)

@@ -14,6 +14,7 @@ STAGE_CONFIGS = {
     "data": "data_prep.config:DataConfig",
     "pretrain": "teacher.config:PretrainConfig",
     "indomain": "teacher.config:PretrainConfig",
+    "icl": "teacher.config:PretrainConfig",
     "distill": "distill.config:DistillConfig",
     "taskdistill": "distill.config:DistillConfig",
     "finetune": "student.config:FinetuneConfig",

@@ -20,6 +20,7 @@ examples:
   polyteacher pretrain --run-dir runs/demo --preset tiny
   polyteacher pretrain --run-dir runs/demo --preset tiny train.max_steps=200 train.zero_stage=3
   polyteacher pretrain --run-dir runs/demo --preset tiny --section indomain --init-from teacher --out teacher-indomain
+  polyteacher pretrain --run-dir runs/demo --preset tiny --section icl --init-from teacher --out teacher-icl
   polyteacher pretrain --run-dir runs/demo --preset tiny --resume
   polyteacher launch --nproc-per-node 2 -- pretrain --run-dir runs/demo --preset tiny
 
@@ -47,9 +48,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--init-from", default=None,
                    help="Hugging Face model directory to continue from (absolute or relative to the run directory); "
                    "sets config key init_from")
-    p.add_argument("--section", choices=["pretrain", "indomain"], default="pretrain",
-                   help="which preset section to read: pretrain (general domain, default) or indomain (stage 2: "
-                   "data-indomain, init_from teacher)")
+    p.add_argument("--section", choices=["pretrain", "indomain", "icl"], default="pretrain",
+                   help="which preset section to read: pretrain (general domain, default), indomain (stage 2: "
+                   "data-indomain, init_from teacher) or icl (in-context training on MASSIVE prompts outside the "
+                   "held-out intents; sets icl.enabled; docs/icl.md)")
     p.add_argument("--preset", default=None, help="preset name (launch/presets/<name>/) or YAML path")
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest complete checkpoint of checkpoints/<out>/ (exactly: weights, "
@@ -63,6 +65,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def build_config(args: argparse.Namespace) -> PretrainConfig:
     """Defaults <- preset section <- overrides <- the explicit flags (--out, --init-from)."""
     flags = given_flags(out=args.out, init_from=args.init_from)
+    if args.section == "icl":
+        flags["icl"] = {"enabled": True}
     return load_config(PretrainConfig, section=args.section, preset=args.preset, overrides=args.overrides, flags=flags)
 
 

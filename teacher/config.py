@@ -1,4 +1,5 @@
-"""`PretrainConfig`: the `pretrain` (general domain) and `indomain` (stage 2) preset sections."""
+"""`PretrainConfig`: the `pretrain` (general domain), `indomain` (stage 2) and `icl` (in-context
+training, docs/icl.md) preset sections."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from core.config import ConfigError
 from core.fsutil import safe_path
 from core.models import ModelConfig
 from core.train_config import TrainConfig
+from data_prep.icl import IclTrainConfig
 from data_prep.objectives import ObjectiveConfig
 
 
@@ -36,12 +38,18 @@ class PretrainConfig:
     """Denoising / causal-LM mixture."""
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     """Batch sizes, steps, optimiser, schedule, ZeRO stage, precision, intervals, seed."""
+    icl: IclTrainConfig = dataclasses.field(default_factory=IclTrainConfig)
+    """In-context training (`--section icl` sets icl.enabled): prompts of k demonstrations and a query
+    drawn from MASSIVE train outside the held-out scenarios replace the packed `data`; the held-out
+    loss is on such prompts from MASSIVE dev."""
 
     def validate(self) -> None:
         for name in ("out", "data", "tokenizer"):
             value = getattr(self, name)
             if not value or Path(value).is_absolute() or ".." in Path(value).parts:
                 raise ConfigError(f"{name}={value!r} must be a non-empty path inside the run directory")
+        if self.icl.enabled:
+            self.icl.validate()
         if self.init_from is not None and not self.init_from:
             raise ConfigError("init_from must be null or a model directory")
         # Under a launcher the world size is known before any process group exists: check the batch

@@ -41,7 +41,7 @@ from core.loop import (
 from core.metrics import LossWindow, MetricsLogger, default_peak_tflops
 from core.modeldir import check_model_dir, load_seq2seq_model
 from core.models import ModelSpec, build_model, model_flops_per_example
-from data_prep.objectives import OBJECTIVE_NAMES, PretrainCollator, loss_by_objective
+from data_prep.objectives import OBJECTIVE_NAMES, IclCollator, IclRows, PretrainCollator, loss_by_objective
 from data_prep.packing import load_packed, unigram_cross_entropy
 from data_prep.tokenizer import load_tokenizer, special_ids
 from teacher.config import PretrainConfig, PretrainPaths, resolve_paths
@@ -54,7 +54,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False) -> 
     # -- config and processes
     cfg.validate()
     paths = resolve_paths(cfg, run_dir)
-    check_inputs(paths)
+    check_inputs(paths, icl=cfg.icl.enabled)
     check_output(paths.out, "model", paths.run_dir,
                  inputs=[paths.train_data.parent, paths.tokenizer, paths.init_from], flag="--out")
     dist = init_distributed(cfg.train.num_threads)
@@ -64,8 +64,11 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False) -> 
         save_stage_config(cfg, paths.run_dir, STAGE, cfg.out)
 
     # -- data
-    tokenizer, train_data, heldout_data = load_data(paths)
-    collator = PretrainCollator.from_tokenizer(cfg.objective, tokenizer, seed=cfg.train.seed)
+    if cfg.icl.enabled:
+        tokenizer, train_data, heldout_data, collator = load_icl_data(cfg, paths)
+    else:
+        tokenizer, train_data, heldout_data = load_data(paths)
+        collator = PretrainCollator.from_tokenizer(cfg.objective, tokenizer, seed=cfg.train.seed)
     grad_accum = cfg.train.grad_accum_steps(dist.world_size)
     sampler = ResumableSampler(len(train_data), cfg.train.micro_batch_size, grad_accum, dist.rank,
                                dist.world_size, cfg.train.seed)
@@ -86,7 +89,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False) -> 
     window = LossWindow()
 
     # -- the loop (held-out baselines first, at step 0: the model, and a unigram model of the data)
-    if state.step == 0:
+    if state.step == 0 and not cfg.icl.enabled:
         log_unigram_reference(tokenizer, train_data, heldout_data, metrics)
     maybe_eval(cfg, state, engine, collator, heldout_data, eval_batches, metrics)
     pieces = StagePieces(
@@ -107,9 +110,11 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False) -> 
 # ----------------------------------------------------------------------------- set-up
 
 
-def check_inputs(paths: PretrainPaths) -> None:
-    """Fail before any process group or model exists when an input directory is missing."""
-    inputs = [(paths.train_data, "training data"), (paths.heldout_data, "held-out data"), (paths.tokenizer, "tokenizer")]
+def check_inputs(paths: PretrainPaths, icl: bool = False) -> None:
+    """Fail before any process group or model exists when an input directory is missing (in-context
+    training reads MASSIVE, not the packed data)."""
+    inputs = [] if icl else [(paths.train_data, "training data"), (paths.heldout_data, "held-out data")]
+    inputs.append((paths.tokenizer, "tokenizer"))
     if paths.init_from is not None:
         inputs.append((paths.init_from / "config.json", "init_from model"))
     for path, what in inputs:
@@ -125,6 +130,19 @@ def check_inputs(paths: PretrainPaths) -> None:
 def load_data(paths: PretrainPaths) -> tuple[Any, Any, Any]:
     """(tokenizer, train rows, held-out rows); each dataset has an `input_ids` column."""
     return load_tokenizer(paths.tokenizer), load_packed(paths.train_data), load_packed(paths.heldout_data)
+
+
+def load_icl_data(cfg: PretrainConfig, paths: PretrainPaths) -> tuple[Any, Any, Any, Any]:
+    """(tokenizer, train rows, held-out rows, collator) of in-context training: prompts from MASSIVE
+    train (`icl.num_prompts` per epoch) and dev (`icl.num_heldout_prompts`, fixed), held-out scenarios
+    excluded (data_prep/icl.py)."""
+    from data_prep.icl import IclPromptSampler, load_icl_pools
+
+    tokenizer = load_tokenizer(paths.tokenizer)
+    train = IclPromptSampler(load_icl_pools(cfg.icl, "train"), cfg.icl)
+    heldout = IclPromptSampler(load_icl_pools(cfg.icl, "dev"), cfg.icl, seed=cfg.icl.seed + 1)
+    collator = IclCollator(cfg.objective, tokenizer, cfg.icl.clm_prompt, cfg.icl.max_prompt_tokens, seed=cfg.train.seed)
+    return tokenizer, IclRows(train, cfg.icl.num_prompts), IclRows(heldout, cfg.icl.num_heldout_prompts), collator
 
 
 def log_unigram_reference(tokenizer: Any, train_data: Any, heldout_data: Any, metrics: MetricsLogger) -> float:
