@@ -557,7 +557,7 @@ def test_words_in_name_slots_are_kept_in_cda_and_in_the_fairness_set():
     ex = MassiveExample("3", "en-US", "test", "social", "social_post", "", "", words, slots)
     assert counterfactual_example(ex).words == tuple(swapped)
     assert gendered_examples([ex], "en-US")[0][1] == swapped
-    from distill.distill import Swapper  # task distillation's CDA swaps the same way
+    from distill.data import Swapper  # task distillation's CDA swaps the same way
 
     assert Swapper(["en"]).utterance(ex) == (swapped, list(slots), 0)
     only_name = MassiveExample("4", "en-US", "test", "social", "social_post", "", "", words[:5], slots[:5])
@@ -567,7 +567,7 @@ def test_words_in_name_slots_are_kept_in_cda_and_in_the_fairness_set():
 
 
 def test_packed_row_language_is_that_of_its_swapped_documents():
-    from distill.distill import row_language
+    from distill.data import row_language
 
     assert row_language([("en", 40, False), ("da", 10, True), ("de", 12, True)]) == "de"
     assert row_language([("en", 40, False), ("da", 10, False)]) == "en"  # none swapped: the longest
@@ -577,7 +577,7 @@ def test_packed_row_language_is_that_of_its_swapped_documents():
 def test_massive_distill_pairs_carry_language_and_plan(massive_dir, tiny_tokenizer_dir):
     from data_prep.tokenizer import load_tokenizer
     from distill.config import DistillConfig
-    from distill.distill import MassiveDistillData
+    from distill.data import MassiveDistillData
 
     tok = load_tokenizer(tiny_tokenizer_dir)
     cfg = DistillConfig(task="massive", massive_data=str(massive_dir), locales=["de-DE"], num_train_examples=400,

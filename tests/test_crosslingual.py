@@ -209,7 +209,7 @@ def test_teacher_labelled_distillation_reads_no_target_gold_label(tiny_teacher_d
 
     from data_prep.tokenizer import load_tokenizer
     from distill.config import DistillConfig
-    from distill.distill import MassiveDistillData, teacher_targets
+    from distill.data import MassiveDistillData, teacher_targets
     from massive.loader import load_massive
 
     clean, corrupt = distill_roots
@@ -241,7 +241,7 @@ def test_teacher_labelled_distillation_reads_no_target_gold_label(tiny_teacher_d
 def test_zero_shot_and_supervised_distil_on_no_unlabelled_targets(tiny_teacher_dir, distill_roots):
     from data_prep.tokenizer import load_tokenizer
     from distill.config import DistillConfig
-    from distill.distill import MassiveDistillData
+    from distill.data import MassiveDistillData
 
     clean, _ = distill_roots
     for setting in ("zero-shot", "supervised"):
@@ -261,7 +261,8 @@ def test_teacher_labelled_items_train_the_student_with_crr_on(tiny_teacher_dir, 
 
     from data_prep.tokenizer import load_tokenizer
     from distill.config import DistillConfig
-    from distill.distill import MassiveDistillData, distill_step
+    from distill.data import MassiveDistillData
+    from distill.distill import distill_step
     from distill.perturb import build_token_map
     from distill.student_init import build_student
 

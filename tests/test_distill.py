@@ -18,7 +18,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 def test_counterfactual_row_keeps_unchanged_documents(tiny_tokenizer_dir):
     from data_prep.tokenizer import load_tokenizer, special_ids
-    from distill.distill import Swapper, counterfactual_row
+    from distill.data import Swapper, counterfactual_row
 
     tok = load_tokenizer(tiny_tokenizer_dir)
     sep = special_ids(tok).sep
@@ -92,7 +92,7 @@ def test_task_distillation_on_massive_with_length_grouped_batches(tmp_path, tiny
     from core.data import ResumableSampler
     from data_prep.tokenizer import load_tokenizer
     from distill.config import DistillConfig
-    from distill.distill import MassiveDistillData
+    from distill.data import MassiveDistillData
 
     cfg = load_config(DistillConfig, section="taskdistill", preset="tiny",
                       overrides=[f"massive_data={massive_dir}", "locales=[en-US]", "num_train_examples=256"])
@@ -131,7 +131,7 @@ def test_cda_repeat_repeats_only_the_utterances_sigma_changes(tiny_teacher_dir, 
     from core.config import ConfigError, load_config
     from data_prep.tokenizer import load_tokenizer
     from distill.config import DistillConfig
-    from distill.distill import MassiveDistillData
+    from distill.data import MassiveDistillData
 
     tokenizer = load_tokenizer(tiny_teacher_dir)
     base = [f"massive_data={massive_dir}", "locales=[en-US,de-DE]", "num_train_examples=200"]
@@ -158,7 +158,7 @@ def test_matched_plain_kd_sees_what_crr_sees_without_the_swap(tiny_teacher_dir, 
     from core.data import ResumableSampler
     from data_prep.tokenizer import load_tokenizer
     from distill.config import DistillConfig
-    from distill.distill import MassiveDistillData
+    from distill.data import MassiveDistillData
 
     tokenizer = load_tokenizer(tiny_teacher_dir)
     base = [f"massive_data={massive_dir}", "locales=[en-US,de-DE]", "num_train_examples=120", "cda_repeat=3",
@@ -217,7 +217,8 @@ def test_counterfactual_pairing_pairs_each_original_with_its_swap_where_the_targ
     from core.config import ConfigError, load_config
     from data_prep.tokenizer import load_tokenizer
     from distill.config import DistillConfig
-    from distill.distill import MassiveDistillData, paired_positions
+    from distill.data import MassiveDistillData
+    from distill.distill import paired_positions
     from distill.losses import counterfactual_pairing
 
     base = [f"massive_data={massive_dir}", "locales=[en-US,de-DE]", "num_train_examples=200", "cda=two_sided"]
