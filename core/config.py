@@ -307,6 +307,11 @@ def read_preset(preset: str | os.PathLike | None) -> dict[str, Any]:
         raise ConfigError(f"preset {preset!s} not found ({path}); available presets: {', '.join(available)}")
     if path.is_dir():
         files = sorted(path.glob("*.yaml"))
+        if not files:
+            raise ConfigError(f"--preset {preset!s}: the directory {path} holds no <section>.yaml file, so it is not a "
+                              "preset; give a preset name (" + ", ".join(sorted(p.name for p in PRESET_DIR.iterdir()
+                                                                             if p.is_dir()))
+                              + ") or a directory with data.yaml, pretrain.yaml, ...")
         return {f.stem: _read_yaml_mapping(f) for f in files}
     return _read_yaml_mapping(path)
 

@@ -123,7 +123,7 @@ def check_not_dangerous(path: str | os.PathLike, flag: str = "the output path") 
     cwd = Path.cwd().resolve()
     if target == cwd or target in cwd.parents:
         raise OutputPathError(f"{flag} {path} is the current directory or holds it; give the output a "
-                              "directory of its own, e.g. {flag} out/export")
+                              f"directory of its own, e.g. {flag} out/export")
     if target == Path.home().resolve() or target == Path(target.anchor):
         raise OutputPathError(f"{flag} {path} is the home or root directory; give the output a directory of its own")
     if target.is_dir() and not target.is_symlink():
@@ -219,6 +219,8 @@ def check_output(out: str | os.PathLike, kind: str, run_dir: str | os.PathLike |
     unmarked one holding only files of a `kind` output). Call before any work; raises
     OutputPathError naming the path."""
     target = Path(out).resolve()
+    if target.exists():
+        check_not_dangerous(out, flag)
     if run_dir is not None and target == Path(run_dir).resolve():
         raise OutputPathError(f"{flag} {out} is the run directory itself; give the output its own name, e.g. "
                               f"{flag} {kind}")

@@ -44,6 +44,9 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
         types_.append(MassiveError)
     except ImportError:
         pass
+    from data_prep.corpus import CorpusSourceError
+
+    types_.append(CorpusSourceError)
     return tuple(types_)
 
 

@@ -504,7 +504,7 @@ def finetune(cfg: FinetuneConfig, run_dir: str | Path, resume: bool = False) -> 
     model = build_finetune_model(cfg, run_dir, tokenizer, data)
     num_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
     engine = build_engine(model, cfg.train, dist_info)
-    state = restore_or_start(checkpoints, engine, resume, "finetune")
+    state = restore_or_start(checkpoints, engine, resume, "finetune", config_yaml(cfg), dist_info.world_size)
     metrics = MetricsLogger(run_dir, stage=f"finetune/{name}", name=name)
     cfg_yaml = config_yaml(cfg)
     if dist_info.is_rank0:

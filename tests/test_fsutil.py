@@ -72,7 +72,7 @@ def _fake_run_dir(tmp_path):
         (run / d).mkdir(parents=True)
     (run / "teacher").mkdir()
     (run / "teacher" / "config.json").write_text("{}")
-    (run / "teacher" / "model.safetensors").write_bytes(b"")
+    (run / "teacher" / "model.safetensors").write_bytes((2).to_bytes(8, "little") + b"{}")
     (run / "teacher" / "tokenizer.json").write_text("{}")
     (run / "metrics.jsonl").write_text("{}\n")
     return run
