@@ -36,7 +36,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(os.environ.get("POLYTEACHER_FAULT_ROOT") or Path(__file__).resolve().parent.parent)
+"""The checkout whose code the commands run (POLYTEACHER_FAULT_ROOT: another one, e.g. an older commit)."""
 TOKEN_ENV = "POLYTEACHER_FAULT_CASE"
 LINGER_S = 10.0
 
@@ -272,7 +273,7 @@ def corpus_preset(sandbox: Path, files: dict[str, bytes]) -> Path:
         f"      path: {corpus}/{{locale}}{kind_suffix}\n"
         "massive:\n  exclude_all_locales: false\n"
         f"  cache_dir: {cache}\n"
-        "tokenizer:\n  vocab_size: 300\n"
+        "tokenizer:\n  vocab_size: 1000\n  label_tokens: false\n"
     )
     return preset
 
@@ -395,8 +396,17 @@ def case_corpus_all_empty(s: Path) -> dict[str, Any]:
     return {"argv": argv, "expect": "has no sentences for any of the locales", "outputs": ["R"]}
 
 
+def long_corpus(lines: int = 200_000) -> bytes:
+    """Enough text that the data stage runs for many seconds (an orphan would outlive the 10 s check)."""
+    import random
+
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(3000)]
+    return b"".join((" ".join(rng.choices(words, k=8)) + f" {i}\n").encode() for i in range(lines))
+
+
 def case_pipeline_sigterm_reaches_the_stage(s: Path) -> dict[str, Any]:
-    preset = corpus_preset(s, {"en-US.txt": b"".join(b"sentence %d\n" % i for i in range(50))})
+    preset = corpus_preset(s, {"en-US.txt": long_corpus()})
 
     def run(sandbox: Path, cwd: Path, env: dict[str, str], token: str) -> tuple[int, str, list[str]]:
         proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "pipeline", "--out", "R", "--preset",
@@ -418,10 +428,12 @@ def case_launch_kill9_leaves_no_rank(s: Path) -> dict[str, Any]:
     listens outside 127.0.0.1. The ranks run a tiny pretraining of a fake-free run made by the
     project's own data prep of a 200-sentence corpus."""
     preset = corpus_preset(s, {"en-US.txt": b"".join(b"this is sentence number %d of a tiny corpus\n" % i
-                                                     for i in range(400))})
+                                                     for i in range(2000))})
     (preset / "pretrain.yaml").write_text(
-        "teacher:\n  size: tiny\ntrain:\n  max_steps: 100000\n  micro_batch_size: 2\n  global_batch_size: 4\n"
-        "  save_every: 100000\n  eval_every: 100000\n  num_threads: 1\n  zero_stage: 0\n")
+        "teacher:\n  preset: tiny\ntrain:\n  max_steps: 100000\n  micro_batch_size: 2\n  global_batch_size: 4\n"
+        "  save_every: 100000\n  eval_every: 100000\n  log_every: 1\n  num_threads: 1\n  zero_stage: 0\n")
+    with open(preset / "data.yaml", "a") as f:
+        f.write("packing:\n  seq_len: 64\n  heldout_fraction: 0.2\n")
 
     def run(sandbox: Path, cwd: Path, env: dict[str, str], token: str) -> tuple[int, str, list[str]]:
         prep = subprocess.run([sys.executable, "-m", "launch.cli", "data", "prepare", "--run-dir", "R", "--preset",
@@ -432,30 +444,45 @@ def case_launch_kill9_leaves_no_rank(s: Path) -> dict[str, Any]:
                                    "pretrain", "--run-dir", "R", "--preset", str(preset)], cwd=cwd, env=env,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         problems: list[str] = []
-        exposed: set[str] = set()
+        seen: set[str] = set()
         deadline = time.monotonic() + 400
         while time.monotonic() < deadline and not (sandbox / "R" / "metrics.jsonl").exists():
-            exposed |= {a for a in listening_sockets(processes_with(token)) if not is_loopback(a)}
+            seen |= set(listening_sockets(processes_with(token)))
             if launch.poll() is not None:
                 break
             time.sleep(0.5)
         for _ in range(6):  # training: keep watching the sockets a little
-            exposed |= {a for a in listening_sockets(processes_with(token)) if not is_loopback(a)}
+            seen |= set(listening_sockets(processes_with(token)))
             time.sleep(0.5)
+        exposed = {a for a in seen if not is_loopback(a)}
         if launch.poll() is not None:
             problems.append(f"launch exited early ({launch.returncode})")
         if exposed:
             problems.append(f"listening outside 127.0.0.1: {sorted(exposed)}")
         launch.kill()
         _, err = launch.communicate()
-        return launch.returncode, err, problems
+        return launch.returncode, f"{err}\nlistening sockets of the run: {sorted(seen) or 'none'}", problems
 
     return {"run": run, "expect_code": -signal.SIGKILL, "outputs": ["R"]}
 
 
-def case_full_disk_during_checkpoint(s: Path) -> dict[str, Any]:
-    """A real full disk: the run's checkpoints directory is a 1 MiB tmpfs."""
-    return {"skip": "needs a tiny training run; see tests/test_fault_injection.py::test_full_disk_*"}
+def case_pipeline_kill9_stops_the_stage(s: Path) -> dict[str, Any]:
+    """kill -9 of `pipeline`: it cannot forward anything; its running stage notices and stops."""
+    preset = corpus_preset(s, {"en-US.txt": long_corpus()})
+
+    def run(sandbox: Path, cwd: Path, env: dict[str, str], token: str) -> tuple[int, str, list[str]]:
+        proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "pipeline", "--out", "R", "--preset",
+                                 str(preset)], cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(processes_with(token)) < 2:
+            time.sleep(0.1)
+        time.sleep(1.0)
+        proc.kill()
+        _, err = proc.communicate(timeout=60)
+        return proc.returncode, err, []
+
+    return {"run": run, "expect_code": -signal.SIGKILL, "outputs": ["R"]}
 
 
 CASES = [
@@ -475,6 +502,7 @@ CASES = [
     Case("corpus_truncated_gz", case_corpus_truncated_gz, slow=True),
     Case("corpus_all_empty", case_corpus_all_empty, slow=True),
     Case("pipeline_sigterm", case_pipeline_sigterm_reaches_the_stage, slow=True),
+    Case("pipeline_kill9", case_pipeline_kill9_stops_the_stage, slow=True),
     Case("launch_kill9_two_ranks", case_launch_kill9_leaves_no_rank, slow=True),
 ]
 
