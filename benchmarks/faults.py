@@ -356,6 +356,20 @@ def case_malformed_config_json(s: Path) -> dict[str, Any]:
     return {"argv": _export("out", model="m"), "expect": "config.json:2: not valid JSON"}
 
 
+def case_config_json_of_another_size(s: Path) -> dict[str, Any]:
+    """A real (tiny) T5 whose config.json was edited to another width."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_decoder_layers=1, num_heads=2,
+                      pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    T5ForConditionalGeneration(config).save_pretrained(s / "m")
+    (s / "m" / "tokenizer.json").write_text("{}")
+    edited = json.loads((s / "m" / "config.json").read_text())
+    edited["d_model"] = 24
+    (s / "m" / "config.json").write_text(json.dumps(edited))
+    return {"argv": _export("out", model="m"), "expect": "config.json and model.safetensors do not fit together"}
+
+
 def case_data_prepare_into_user_folder(s: Path) -> dict[str, Any]:
     user_dir(s / "mine")
     return {"argv": ["data", "prepare", "--run-dir", "mine", "--preset", "tiny"],
@@ -495,6 +509,7 @@ CASES = [
     Case("export_two_writers", case_export_while_another_exports),
     Case("export_truncated_safetensors", case_truncated_safetensors),
     Case("export_malformed_config_json", case_malformed_config_json),
+    Case("export_config_json_other_size", case_config_json_of_another_size),
     Case("prepare_into_user_folder", case_data_prepare_into_user_folder),
     Case("lock_path_is_a_directory", case_lock_path_is_a_directory),
     Case("preset_unrelated_folder", case_preset_is_an_unrelated_folder),

@@ -130,6 +130,9 @@ def load_seq2seq_model(path: str | os.PathLike, what: str = "model directory", *
         return AutoModelForSeq2SeqLM.from_pretrained(str(path), use_safetensors=True, trust_remote_code=False,
                                                      **kwargs)
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise ModelDirError(f"{what} {path}: config.json and model.safetensors do not fit together ({first}); "
+        text = str(e)
+        lines = [line.strip() for line in text.splitlines() if line.strip()] or [type(e).__name__]
+        why = ("weights in model.safetensors have other shapes than config.json describes"
+               if "mismatch" in text else lines[0][:300])
+        raise ModelDirError(f"{what} {path}: config.json and model.safetensors do not fit together ({why}); "
                             "restore the directory as it was saved") from None
