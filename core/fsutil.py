@@ -192,7 +192,11 @@ def check_run_dir(run_dir: str | os.PathLike, flag: str = "--run-dir") -> None:
     resolved, cwd = run.resolve(), Path.cwd().resolve()
     if is_run_dir(run):
         return
-    foreign = sorted(e.name for e in run.iterdir() if e.name not in RUN_OWN_NAMES and artifact_kind(e) is None)
+    def ours(entry: Path) -> bool:
+        return entry.name in RUN_OWN_NAMES or artifact_kind(entry) is not None or any(
+            all((entry / f).exists() for f in files) for files in LEGACY_FINGERPRINTS.values())
+
+    foreign = sorted(e.name for e in run.iterdir() if not ours(e))
     if resolved == cwd or resolved in cwd.parents:
         raise OutputPathError(f"{flag} {run_dir} is the current directory or holds it; give the run a directory "
                               f"of its own, e.g. {flag} runs/demo")
