@@ -129,7 +129,7 @@ def check_not_dangerous(path: str | os.PathLike, flag: str = "the output path") 
     if target.is_dir() and not target.is_symlink():
         run = _holds_run(target)
         if run is not None:
-            where = "is" if run == target else f"holds one at {run}, which"
+            where = "is" if run == target else f"holds one at {run}, which is"
             raise OutputPathError(
                 f"refusing to replace {path}: it {where} a run directory or checkpoint (lock, COMPLETE, "
                 "config.yaml + configs/ or checkpoints/); polyteacher never replaces a run, not even with "
