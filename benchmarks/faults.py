@@ -22,6 +22,7 @@ runs every case through `run_case`. A full disk is real: a 1 MiB tmpfs mounted u
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gzip
 import hashlib
@@ -213,6 +214,15 @@ def run_case(case: Case, base: Path) -> Outcome:
     if changed:
         problems.append(f"changed outside the output: {changed[:5]}")
     return Outcome(case.name, code, message, problems, round(seconds, 1))
+
+
+@contextlib.contextmanager
+def stderr_file(sandbox: Path):
+    """A file (beside the sandbox) for a command's stderr, and a function reading it back: processes
+    the command leaves running keep a pipe open, which would block the driver, but not a file."""
+    path = sandbox.parent / f"{sandbox.name}.stderr"
+    with open(path, "w") as f:
+        yield f, lambda: path.read_text(errors="replace")
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -423,14 +433,16 @@ def case_pipeline_sigterm_reaches_the_stage(s: Path) -> dict[str, Any]:
     preset = corpus_preset(s, {"en-US.txt": long_corpus()})
 
     def run(sandbox: Path, cwd: Path, env: dict[str, str], token: str) -> tuple[int, str, list[str]]:
-        proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "pipeline", "--out", "R", "--preset",
-                                 str(preset)], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and len(processes_with(token)) < 2:
-            time.sleep(0.1)  # the stage has started
-        time.sleep(1.0)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=300)
+        with stderr_file(sandbox) as (err_file, read):
+            proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "pipeline", "--out", "R", "--preset",
+                                     str(preset)], cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=err_file)
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and len(processes_with(token)) < 2:
+                time.sleep(0.1)  # the stage has started
+            time.sleep(1.0)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=300)
+            err = read()
         problems = [] if proc.returncode == 128 + signal.SIGTERM else [f"pipeline exit {proc.returncode}"]
         return proc.returncode, err, problems
 
@@ -454,9 +466,12 @@ def case_launch_kill9_leaves_no_rank(s: Path) -> dict[str, Any]:
                                str(preset), "--quiet"], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
         if prep.returncode != 0:
             return prep.returncode, prep.stderr, [f"data prepare failed: {message_of(prep.stderr)}"]
+        err_path = sandbox.parent / f"{sandbox.name}.stderr"
+        err_file = open(err_path, "w")  # a file, not a pipe: ranks left running must not block this driver
         launch = subprocess.Popen([sys.executable, "-m", "launch.cli", "launch", "--nproc-per-node", "2", "--",
                                    "pretrain", "--run-dir", "R", "--preset", str(preset)], cwd=cwd, env=env,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                  stdout=subprocess.DEVNULL, stderr=err_file)
+        err_file.close()
         problems: list[str] = []
         seen: set[str] = set()
         deadline = time.monotonic() + 400
@@ -474,7 +489,8 @@ def case_launch_kill9_leaves_no_rank(s: Path) -> dict[str, Any]:
         if exposed:
             problems.append(f"listening outside 127.0.0.1: {sorted(exposed)}")
         launch.kill()
-        _, err = launch.communicate()
+        launch.wait()
+        err = err_path.read_text(errors="replace")
         return launch.returncode, f"{err}\nlistening sockets of the run: {sorted(seen) or 'none'}", problems
 
     return {"run": run, "expect_code": -signal.SIGKILL, "outputs": ["R"]}
@@ -485,15 +501,16 @@ def case_pipeline_kill9_stops_the_stage(s: Path) -> dict[str, Any]:
     preset = corpus_preset(s, {"en-US.txt": long_corpus()})
 
     def run(sandbox: Path, cwd: Path, env: dict[str, str], token: str) -> tuple[int, str, list[str]]:
-        proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "pipeline", "--out", "R", "--preset",
-                                 str(preset)], cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                text=True)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and len(processes_with(token)) < 2:
-            time.sleep(0.1)
-        time.sleep(1.0)
-        proc.kill()
-        _, err = proc.communicate(timeout=60)
+        with stderr_file(sandbox) as (err_file, read):
+            proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "pipeline", "--out", "R", "--preset",
+                                     str(preset)], cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=err_file)
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and len(processes_with(token)) < 2:
+                time.sleep(0.1)
+            time.sleep(1.0)
+            proc.kill()
+            proc.wait(timeout=60)
+            err = read()
         return proc.returncode, err, []
 
     return {"run": run, "expect_code": -signal.SIGKILL, "outputs": ["R"]}
