@@ -115,6 +115,13 @@ def wait_gone(token: str, seconds: float = LINGER_S) -> list[int]:
         time.sleep(0.2)
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:120]
+    except OSError:
+        return "?"
+
+
 def listening_sockets(pids: list[int]) -> list[str]:
     """`addr:port` of every TCP socket in LISTEN state that one of `pids` holds."""
     inodes: set[str] = set()
@@ -194,13 +201,14 @@ def run_case(case: Case, base: Path) -> Outcome:
         code, stderr = proc.returncode, proc.stderr
     seconds = time.monotonic() - started
     left = wait_gone(token)
+    commands = {pid: _cmdline(pid) for pid in left}
     for pid in left:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
     if left:
-        problems.append(f"processes alive {LINGER_S:.0f} s after exit: {left}")
+        problems.append(f"processes alive {LINGER_S:.0f} s after exit: {left} ({'; '.join(commands.get(p, '?') for p in left)})")
     if "Traceback (most recent call last)" in stderr:
         problems.append("a traceback reached the user")
     expect_code = spec.get("expect_code", 2)

@@ -422,8 +422,9 @@ def one_node(opts: LaunchOptions) -> bool:
 PARENT_ENV = "POLYTEACHER_PARENT"
 """`PID:START` of the polyteacher process that started this one (a pipeline stage, a launched rank):
 the child stops when that process is gone (`watch_parent`)."""
-PARENT_GRACE_S = 60.0
-"""Seconds a child whose parent died gets to save and exit after its SIGTERM before it is ended."""
+PARENT_GRACE_S = 5.0
+"""Seconds a child whose parent died gets to save and exit after its SIGTERM before it ends at once: a
+user who killed the launcher wants the run gone, and a checkpoint cut short is never COMPLETE."""
 
 
 def parent_token(pid: int | None = None) -> str:
@@ -471,6 +472,34 @@ def watch_parent(poll_s: float = 0.5) -> None:
         os._exit(128 + signal.SIGTERM)
 
     threading.Thread(target=watch, name="polyteacher-parent-watch", daemon=True).start()
+
+
+GROUP_WATCHDOG = """
+import os, signal, sys, time
+pgid, grace, parent = int(sys.argv[1]), float(sys.argv[2]), os.getppid()
+
+def group_alive():
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+while os.getppid() == parent and group_alive():
+    time.sleep(0.5)
+if group_alive():
+    os.killpg(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while group_alive() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if group_alive():
+        os.killpg(pgid, signal.SIGKILL)
+"""
+"""Run by `run_process_tree` beside the launcher's process group: when `polyteacher launch` is gone
+(its parent pid changes), SIGTERM to the group, SIGKILL what is left PARENT_GRACE_S later; it exits
+by itself once the group is gone."""
 
 
 def die_with_parent(signum: int = signal.SIGTERM) -> None:
@@ -640,6 +669,10 @@ def run_process_tree(argv: list[str], env: dict[str, str], grace_s: float | None
 
     proc = subprocess.Popen(argv, env=env, start_new_session=True, preexec_fn=child_setup)
     pgid = proc.pid
+    # Outside the group, a watchdog ends the whole group if this process dies without a word (kill -9):
+    # DeepSpeed's per-node launcher would otherwise keep waiting on its ranks.
+    subprocess.Popen([sys.executable, "-c", GROUP_WATCHDOG, str(pgid), str(PARENT_GRACE_S)], env=env,
+                     start_new_session=True, stdin=subprocess.DEVNULL)
     received: list[int] = []
 
     def forward(signum: int, _frame: object) -> None:
