@@ -158,7 +158,9 @@ class CheckpointManager:
         return sorted(found, key=self.step_of)
 
     def complete_checkpoints(self) -> list[Path]:
-        return [p for p in self.all_checkpoints() if (p / COMPLETE_MARKER).is_file()]
+        """Step directories whose COMPLETE marker is whole: a missing, unreadable or garbled marker
+        (a crash or a damaged disk) means the step is incomplete, never "complete without digests"."""
+        return [p for p in self.all_checkpoints() if read_marker(p) is not None]
 
     def latest_complete(self) -> Path | None:
         """The newest checkpoint whose COMPLETE marker exists (None if there is none)."""
@@ -166,8 +168,26 @@ class CheckpointManager:
         return complete[-1] if complete else None
 
     def save(self, engine: Any, state: TrainState, config_yaml: str | None = None) -> Path:
-        """Save on every rank (collective); returns the checkpoint directory."""
+        """Save on every rank (collective); returns the checkpoint directory. A full disk is a
+        CheckpointError that says so and names the newest intact checkpoint (the partial step is
+        removed)."""
         path = self.path_for(state.step)
+        try:
+            return self._save(engine, state, config_yaml, path)
+        except Exception as e:
+            if not _disk_full(e, self.root):
+                raise
+            if is_rank0():
+                shutil.rmtree(path, ignore_errors=True)
+            intact = self.latest_complete()
+            raise CheckpointError(
+                f"the disk is full: writing checkpoint {path} failed ({_first_line(e)}; "
+                f"{shutil.disk_usage(self.root).free if self.root.exists() else 0} bytes free); "
+                + (f"the newest intact checkpoint is {intact}: free space and rerun with --resume"
+                   if intact else "no checkpoint of this run is intact yet: free space and run it again")
+            ) from None
+
+    def _save(self, engine: Any, state: TrainState, config_yaml: str | None, path: Path) -> Path:
         if is_rank0() and path.exists():
             # Left over from a run that crashed while writing this step; it was never COMPLETE.
             shutil.rmtree(path)
@@ -202,8 +222,9 @@ class CheckpointManager:
         path = path or self.latest_complete()
         if path is None:
             raise FileNotFoundError(f"no complete checkpoint under {self.root}")
-        if not (path / COMPLETE_MARKER).is_file():
-            raise FileNotFoundError(f"checkpoint {path} is incomplete (no {COMPLETE_MARKER} marker)")
+        if read_marker(path) is None:
+            raise CheckpointError(f"checkpoint {path} is incomplete (its {COMPLETE_MARKER} marker is missing or "
+                                  "garbled); resume from another step")
         verify_checkpoint(path)
         from core.distributed import UnsafeCheckpointError, weights_only_loads
 
@@ -219,9 +240,9 @@ class CheckpointManager:
             config = path / "config.yaml"
             seen = f"its config is {config}" if config.is_file() else "it records no config.yaml"
             raise CheckpointError(
-                f"checkpoint {path} does not fit this run's model or optimizer ({first[:200]}); it was written with "
-                f"different settings ({seen}): resume with the same model, optimizer and ZeRO settings, or "
-                "start a new run under another out= name"
+                f"checkpoint {path} does not fit this run's model or optimizer ({first[:200]}); it passed its digest "
+                f"check, so it is whole but was written with different settings ({seen}): resume with the same "
+                "model, optimizer and ZeRO settings, or start a new run under another out= name"
             ) from None
         if loaded is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
@@ -237,7 +258,32 @@ class CheckpointManager:
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint's files do not match the digests its COMPLETE marker recorded."""
+    """A checkpoint's files do not match the digests its COMPLETE marker recorded, or cannot be written."""
+
+
+def _first_line(e: BaseException) -> str:
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)[:200]
+
+
+def _disk_full(e: BaseException, where: Path) -> bool:
+    """Whether `e`, raised while writing under `where`, comes from a full disk or quota: an OSError
+    says so (ENOSPC, EDQUOT); torch's zip writer only says the write failed, so then the free space
+    decides."""
+    import errno
+
+    for err in (e, e.__cause__, e.__context__):
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+    text = str(e)
+    if "No space left" in text:
+        return True
+    if isinstance(e, RuntimeError) and ("inline_container" in text or "write failed" in text):
+        probe = where if where.exists() else where.parent
+        try:
+            return shutil.disk_usage(probe).free < 1 << 20
+        except OSError:
+            return False
+    return False
 
 
 def _sha256(path: Path) -> str:
@@ -257,12 +303,41 @@ def checkpoint_digests(path: Path) -> dict[str, str]:
     }
 
 
+_LEGACY_MARKER = re.compile(r"^step (\d+)\s*$")
+
+
+def read_marker(path: Path) -> dict[str, Any] | None:
+    """The COMPLETE marker of the step directory `path`: {"step", "sha256"} (an older polyteacher's
+    `step N` gives {"step": N} without digests), or None when it is missing or garbled."""
+    try:
+        text = (path / COMPLETE_MARKER).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    legacy = _LEGACY_MARKER.match(text)
+    if legacy:
+        return {"step": int(legacy.group(1))}
+    try:
+        marker = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(marker, dict) or not isinstance(marker.get("sha256"), dict) \
+            or not all(isinstance(v, str) for v in marker["sha256"].values()):
+        return None
+    if _STEP_DIR.match(path.name) and marker.get("step") != int(path.name.split("_")[1]):
+        return None
+    return marker
+
+
 def verify_checkpoint(path: Path) -> None:
     """Raise CheckpointError when a file of `path` is missing, added or changed against COMPLETE's
-    digests. A marker without digests (an older polyteacher's `step N`) passes, with a note."""
-    try:
-        recorded = json.loads((path / COMPLETE_MARKER).read_text())["sha256"]
-    except (ValueError, KeyError, TypeError):
+    digests, or the marker is missing or garbled. A marker without digests (an older polyteacher's
+    `step N`) passes, with a note."""
+    marker = read_marker(path)
+    if marker is None:
+        raise CheckpointError(f"checkpoint {path}: its {COMPLETE_MARKER} marker is missing or garbled; the step is "
+                              "incomplete")
+    recorded = marker.get("sha256")
+    if recorded is None:
         if is_rank0():
             print(f"note: {path / COMPLETE_MARKER} records no digests (written before they were); loading it "
                   "weights-only without a digest check", file=sys.stderr, flush=True)
@@ -272,8 +347,8 @@ def verify_checkpoint(path: Path) -> None:
         if recorded.get(name) != found.get(name):
             what = "is missing" if name not in found else "is not part of it" if name not in recorded else "changed"
             raise CheckpointError(
-                f"checkpoint {path}: {name} {what} since it was written (digests in {COMPLETE_MARKER}); "
-                "refusing to resume from it: remove this step directory to resume from the one before"
+                f"checkpoint {path}: {name} {what} since it was written (digests in {COMPLETE_MARKER}): the "
+                "checkpoint is damaged"
             )
 
 
@@ -288,13 +363,36 @@ def refuse_to_start_over(checkpoints: CheckpointManager, resume: bool, hint: str
         )
 
 
-def restore_or_start(checkpoints: CheckpointManager, engine: Any, resume: bool, stage: str) -> TrainState:
-    """With --resume, the latest complete checkpoint's engine, RNG and TrainState; else a fresh state.
-    Rank 0 says which on stderr, prefixed with `stage`, and records a resume in metrics.jsonl
-    (`{"stage", "name", "step", "time", "event": "resumed", "checkpoint"}`): the step records after it
-    replace those the interrupted run logged after that step."""
-    latest = checkpoints.latest_complete()
-    if resume and latest is not None:
+def restore_or_start(checkpoints: CheckpointManager, engine: Any, resume: bool, stage: str,
+                     config_text: str | None = None, world_size: int | None = None) -> TrainState:
+    """With --resume, the newest intact checkpoint's engine, RNG and TrainState; else a fresh state.
+
+    A newest step that fails its digest check is skipped, loudly, for the one before it. Before
+    loading, the checkpoint's config.yaml is compared with this run's (`config_text`): another model
+    or optimizer is refused (CheckpointError), any other change (learning rate, steps, ...) and another
+    number of processes (`world_size`) are printed. Rank 0 says which checkpoint on stderr, prefixed
+    with `stage`, and records a resume in metrics.jsonl (`{"stage", "name", "step", "time", "event":
+    "resumed", "checkpoint"}`): the step records after it replace those the interrupted run logged
+    after that step."""
+    candidates = checkpoints.complete_checkpoints()
+    if resume and candidates:
+        latest = None
+        for path in reversed(candidates):
+            try:
+                verify_checkpoint(path)
+            except CheckpointError as e:
+                if is_rank0():
+                    print(f"{stage}: WARNING: {e}; falling back to the step before it", file=sys.stderr, flush=True)
+                continue
+            latest = path
+            break
+        if latest is None:
+            raise CheckpointError(f"every checkpoint under {checkpoints.root} is damaged (see the warnings above); "
+                                  "remove them to start over, or restore them from a copy")
+        if latest != candidates[-1] and is_rank0():
+            print(f"{stage}: WARNING: resuming from {latest.name}, not the newest step {candidates[-1].name}, which "
+                  "is damaged", file=sys.stderr, flush=True)
+        check_resume_settings(latest, config_text, world_size, stage)
         state = checkpoints.load(engine, latest)
         if is_rank0():
             print(f"{stage}: resumed from {latest} (step {state.step})", file=sys.stderr, flush=True)
@@ -307,6 +405,58 @@ def restore_or_start(checkpoints: CheckpointManager, engine: Any, resume: bool, 
         print(f"{stage}: --resume but no complete checkpoint under {checkpoints.root}; starting at step 0",
               file=sys.stderr, flush=True)
     return TrainState()
+
+
+MODEL_KEYS = ("d_model", "num_layers", "vocab_size", "d_ff", "num_heads", "d_kv")
+"""A config section holding any of these describes a model: resuming with it changed is refused."""
+OPTIMIZER_KEYS = ("train.optimizer", "train.zero_stage", "train.offload", "train.offload_params")
+"""Settings whose optimizer state a checkpoint cannot carry over: resuming with them changed is refused."""
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix.rstrip("."): d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}."))
+    return out
+
+
+def check_resume_settings(path: Path, config_text: str | None, world_size: int | None, stage: str) -> None:
+    """Compare the checkpoint `path`'s config.yaml and process count with this run's: refuse another
+    model or optimizer (CheckpointError, before anything is loaded), print every other change."""
+    import yaml
+
+    changes: list[str] = []
+    saved_file = path / "config.yaml"
+    if config_text is not None and saved_file.is_file():
+        try:
+            saved, now = yaml.safe_load(saved_file.read_text(encoding="utf-8")), yaml.safe_load(config_text)
+        except (yaml.YAMLError, UnicodeDecodeError):
+            saved, now = None, None
+        if isinstance(saved, dict) and isinstance(now, dict):
+            model_sections = {k for k, v in {**saved, **now}.items()
+                              if isinstance(v, dict) and any(m in v for m in MODEL_KEYS)}
+            old, new = _flatten(saved), _flatten(now)
+            refused = []
+            for key in sorted(set(old) | set(new)):
+                if old.get(key) == new.get(key):
+                    continue
+                text = f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+                if key in OPTIMIZER_KEYS or key.split(".", 1)[0] in model_sections:
+                    refused.append(text)
+                changes.append(text)
+            if refused:
+                raise CheckpointError(
+                    f"checkpoint {path} was written with another model or optimizer ({'; '.join(refused)}); "
+                    "resume with its settings, or start a new run under another out= name")
+    if world_size is not None and (path / "rng").is_dir():
+        before = len(list((path / "rng").glob("rank_*.json")))
+        if before and before != world_size:
+            changes.append(f"processes: {before} -> {world_size}")
+    if changes and is_rank0():
+        print(f"{stage}: resuming {path.name} with changed settings: {'; '.join(changes)}", file=sys.stderr,
+              flush=True)
 
 
 def config_yaml(cfg: Any) -> str:

@@ -307,6 +307,11 @@ def read_preset(preset: str | os.PathLike | None) -> dict[str, Any]:
         raise ConfigError(f"preset {preset!s} not found ({path}); available presets: {', '.join(available)}")
     if path.is_dir():
         files = sorted(path.glob("*.yaml"))
+        if not files:
+            raise ConfigError(f"--preset {preset!s}: the directory {path} holds no <section>.yaml file, so it is not a "
+                              "preset; give a preset name (" + ", ".join(sorted(p.name for p in PRESET_DIR.iterdir()
+                                                                             if p.is_dir()))
+                              + ") or a directory with data.yaml, pretrain.yaml, ...")
         return {f.stem: _read_yaml_mapping(f) for f in files}
     return _read_yaml_mapping(path)
 
@@ -385,8 +390,13 @@ def save_config(cfg: Any, path: str | os.PathLike) -> Path:
 def save_stage_config(cfg: Any, run_dir: str | os.PathLike, stage: str, name: str | None = None) -> Path:
     """Write a stage's resolved config twice: RUN_DIR/configs/<stage>[-<name>].yaml, kept for every
     stage that ran (a later stage never overwrites it), and RUN_DIR/config.yaml, the latest stage's.
-    Returns the per-stage file."""
+    Returns the per-stage file. Refuses (core.fsutil.OutputPathError) a directory that is not a run
+    directory but holds files polyteacher did not write: config.yaml would replace the user's own."""
+    from core.fsutil import check_run_dir, mark_run_dir
+
     run_dir = Path(run_dir)
+    check_run_dir(run_dir)
+    mark_run_dir(run_dir)
     own = save_config(cfg, run_dir / "configs" / (f"{stage}-{name}.yaml" if name and name != stage else f"{stage}.yaml"))
     save_config(cfg, run_dir / "config.yaml")
     return own

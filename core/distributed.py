@@ -72,6 +72,10 @@ def _gpu_available() -> bool:
     return torch.cuda.is_available()
 
 
+STORE_ENV = "POLYTEACHER_FILE_STORE"
+"""Path of the file the processes of a one-node launch meet through (set by `polyteacher launch`)."""
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free now (for a single-node rendezvous)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -109,18 +113,31 @@ def init_distributed(num_threads: int = 0, timeout_minutes: float = 30.0) -> Dis
     if not has_gpu:
         # Must be set before the first `import deepspeed`, which picks its accelerator at import.
         os.environ["DS_ACCELERATOR"] = "cpu"
-    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
+    alone = "RANK" not in os.environ and "WORLD_SIZE" not in os.environ
+    if alone:
         os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"})
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     os.environ.setdefault("LOCAL_RANK", "0")
+    if alone or os.environ.get(STORE_ENV):
+        # Every process is on this machine: gloo's and NCCL's own sockets bind to loopback only.
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
 
     import deepspeed
+    import deepspeed.comm as ds_comm
     import torch
     import torch.distributed as dist
 
     backend = "nccl" if has_gpu else "gloo"
-    if not dist.is_initialized():
+    if not dist.is_initialized() and (alone or os.environ.get(STORE_ENV)):
+        # torch's TCPStore listens on every interface whatever MASTER_ADDR says; processes on one
+        # machine meet through a store that opens no port at all.
+        world = int(os.environ["WORLD_SIZE"])
+        store = dist.HashStore() if alone else dist.FileStore(os.environ[STORE_ENV], world)
+        dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]), world_size=world,
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
+    if not dist.is_initialized() or not ds_comm.is_initialized():
         deepspeed.init_distributed(
             dist_backend=backend,
             auto_mpi_discovery=False,

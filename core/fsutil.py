@@ -74,14 +74,81 @@ def artifact_kind(path: str | os.PathLike) -> str | None:
         return None
 
 
-def check_output_dir(path: str | os.PathLike, kind: str, flag: str = "the output path") -> None:
+OWNED_FILES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "onnx": ("manifest.json", ("manifest.json", "*.onnx", "*.onnx.data", "weights.bin", "tokenizer.json",
+                               "tokenizer_config.json", "special_tokens_map.json", ARTIFACT_MARKER)),
+}
+"""kind -> (the file that must be there, the names every entry must match): an unmarked directory
+that --overwrite may still replace because polyteacher wrote every file in it (an earlier export)."""
+
+LOCK_FILE = ".polyteacher.lock"
+"""In the run directory while a writing command runs: JSON {pid, host, start, command, token}."""
+RUN_SIGNS = (LOCK_FILE, "COMPLETE")
+"""Files that only a run directory (its lock) or a checkpoint (its COMPLETE marker) holds."""
+SCAN_LIMIT = 200_000
+"""Entries looked at below an output path for a run before giving up (and refusing)."""
+
+
+def _holds_run(path: Path) -> Path | None:
+    """The first run directory (or checkpoint) at or below `path`, or None. A run directory is one
+    with a lock, a checkpoint (COMPLETE), or the stage configs a run writes (config.yaml + configs/)."""
+    seen = 0
+    for dirpath, dirnames, filenames in os.walk(path):
+        seen += len(dirnames) + len(filenames)
+        names = set(filenames)
+        if names & set(RUN_SIGNS) or ("config.yaml" in names and "configs" in dirnames) \
+                or "checkpoints" in dirnames:
+            return Path(dirpath)
+        if seen > SCAN_LIMIT:
+            return Path(dirpath)  # too large to vouch for: refused like a run
+    return None
+
+
+def _owned(path: Path, kind: str) -> bool:
+    """Whether every entry of `path` is a file polyteacher writes into a `kind` output (OWNED_FILES)."""
+    import fnmatch
+
+    if kind not in OWNED_FILES:
+        return False
+    required, patterns = OWNED_FILES[kind]
+    entries = list(path.iterdir())
+    return (path / required).is_file() and all(
+        e.is_file() and not e.is_symlink() and any(fnmatch.fnmatch(e.name, p) for p in patterns) for e in entries)
+
+
+def check_not_dangerous(path: str | os.PathLike, flag: str = "the output path") -> None:
+    """Refuse, whatever the user allows, an output path that is the current directory (or holds it),
+    the home directory or the root, or that holds a run directory or checkpoint at or below it."""
+    target = Path(path).resolve()
+    cwd = Path.cwd().resolve()
+    if target == cwd or target in cwd.parents:
+        raise OutputPathError(f"{flag} {path} is the current directory or holds it; give the output a "
+                              f"directory of its own, e.g. {flag} out/export")
+    if target == Path.home().resolve() or target == Path(target.anchor):
+        raise OutputPathError(f"{flag} {path} is the home or root directory; give the output a directory of its own")
+    if target.is_dir() and not target.is_symlink():
+        run = _holds_run(target)
+        if run is not None:
+            where = "is" if run == target else f"holds one at {run}, which is"
+            raise OutputPathError(
+                f"refusing to replace {path}: it {where} a run directory or checkpoint (lock, COMPLETE, "
+                "config.yaml + configs/ or checkpoints/); polyteacher never replaces a run, not even with "
+                "--overwrite or --force; choose another output path")
+
+
+def check_output_dir(path: str | os.PathLike, kind: str, flag: str = "the output path",
+                     overwrite: bool = False) -> None:
     """Refuse `path` as the output of a `kind` artifact unless it is absent, an empty directory, or a
-    previous `kind` artifact (its marker says so). Raises OutputPathError naming the path."""
+    previous `kind` artifact (its marker says so); with `overwrite` (the user's --overwrite) also an
+    unmarked directory every file of which polyteacher writes into a `kind` output (OWNED_FILES).
+    Never the current directory or one that holds a run (`check_not_dangerous`). Raises
+    OutputPathError naming the path."""
     path = Path(path)
     if not path.exists() and not path.is_symlink():
         return
     if not path.is_dir():
         raise OutputPathError(f"{flag} {path} is a file, not a directory; choose another output path")
+    check_not_dangerous(path, flag)
     if not any(path.iterdir()):
         return
     found = artifact_kind(path)
@@ -89,21 +156,75 @@ def check_output_dir(path: str | os.PathLike, kind: str, flag: str = "the output
         return
     if found is None and kind in LEGACY_FINGERPRINTS and all((path / f).exists() for f in LEGACY_FINGERPRINTS[kind]):
         return  # written by polyteacher before outputs carried the marker
+    if overwrite and found is None and _owned(path, kind):
+        return
     what = f"a polyteacher {found} directory" if found else f"not marked as a polyteacher output ({ARTIFACT_MARKER})"
+    also = " (--overwrite replaces only an earlier export or an empty directory)" if overwrite else ""
     raise OutputPathError(
-        f"refusing to replace {path}: it holds files and is {what}, not a previous {kind} directory; choose "
-        f"another output path, or move {path} away yourself if its contents can go"
+        f"refusing to replace {path}: it holds files and is {what}, not a previous {kind} directory{also}; "
+        f"choose another output path, or move {path} away yourself if its contents can go"
     )
+
+
+RUN_MARKER = ".polyteacher-run"
+"""File in every run directory a stage has written its config into (`core.config.save_stage_config`)."""
+RUN_OWN_NAMES = (RUN_MARKER, ".polyteacher.lock", "launch.jsonl", "logs", ".cache")
+"""Entries a run directory may hold before its first stage wrote its config (the lock, the launcher's
+layout record, the pipeline's logs, the MASSIVE cache)."""
+
+
+def is_run_dir(path: str | os.PathLike) -> bool:
+    """Whether `path` is a run directory polyteacher wrote: its marker, or (older runs) the per-stage
+    configs or the pipeline's config."""
+    path = Path(path)
+    return (path / RUN_MARKER).is_file() or (path / "configs").is_dir() or (path / "pipeline.yaml").is_file()
+
+
+def check_run_dir(run_dir: str | os.PathLike, flag: str = "--run-dir") -> None:
+    """Refuse `run_dir` as a run directory when it holds files polyteacher did not write: a stage
+    writes config.yaml, reports and tables at its top, which would replace the user's own files.
+    Absent, empty and earlier run directories pass."""
+    run = Path(run_dir)
+    if not run.exists() and not run.is_symlink():
+        return
+    if not run.is_dir():
+        raise OutputPathError(f"{flag} {run} is a file, not a directory; give a new or empty directory")
+    resolved, cwd = run.resolve(), Path.cwd().resolve()
+    if is_run_dir(run):
+        return
+    def ours(entry: Path) -> bool:
+        return entry.name in RUN_OWN_NAMES or artifact_kind(entry) is not None or any(
+            all((entry / f).exists() for f in files) for files in LEGACY_FINGERPRINTS.values())
+
+    foreign = sorted(e.name for e in run.iterdir() if not ours(e))
+    if resolved == cwd or resolved in cwd.parents:
+        raise OutputPathError(f"{flag} {run_dir} is the current directory or holds it; give the run a directory "
+                              f"of its own, e.g. {flag} runs/demo")
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise OutputPathError(
+            f"{flag} {run} holds files polyteacher did not write ({shown}) and is not a run directory; "
+            f"give a new or empty directory (neither --force nor --overwrite replaces them)")
+
+
+def mark_run_dir(run_dir: str | os.PathLike) -> None:
+    """Record that `run_dir` is a polyteacher run directory (`is_run_dir`)."""
+    path = Path(run_dir) / RUN_MARKER
+    if not path.exists():
+        atomic_write_json(path, {"kind": "run"})
 
 
 def check_output(out: str | os.PathLike, kind: str, run_dir: str | os.PathLike | None = None,
                  inputs: Iterable[str | os.PathLike | None] = (), flag: str = "--out",
                  replace_any: bool = False) -> None:
     """Refuse `out` as a stage's output when it is the run directory itself, an input of the stage (or
-    holds one, or lies inside one), or an existing directory that is not a previous `kind` output
-    (allowed with `replace_any`, the user's --overwrite). Call before any work; raises
+    holds one, or lies inside one), the current directory, a directory holding a run, or an existing
+    directory that is not a previous `kind` output (with `replace_any`, the user's --overwrite, also an
+    unmarked one holding only files of a `kind` output). Call before any work; raises
     OutputPathError naming the path."""
     target = Path(out).resolve()
+    if target.exists():
+        check_not_dangerous(out, flag)
     if run_dir is not None and target == Path(run_dir).resolve():
         raise OutputPathError(f"{flag} {out} is the run directory itself; give the output its own name, e.g. "
                               f"{flag} {kind}")
@@ -113,9 +234,7 @@ def check_output(out: str | os.PathLike, kind: str, run_dir: str | os.PathLike |
         src = Path(source).resolve()
         if target == src or src in target.parents or target in src.parents:
             raise OutputPathError(f"{flag} {out} would replace this stage's input {source}; choose another output path")
-    if replace_any and target.is_dir():
-        return
-    check_output_dir(target, kind, flag=flag)
+    check_output_dir(target, kind, flag=flag, overwrite=replace_any)
 
 
 def safe_path(root: str | os.PathLike, relative: str | os.PathLike) -> Path:
@@ -196,17 +315,22 @@ def remove_stale_temporaries(final: str | os.PathLike) -> list[Path]:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, kind: str = "model", overwrite: bool = True,
-               replace_any: bool = False) -> Iterator[Path]:
+               replace_any: bool = False, user_overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces `path`, on error it is removed.
 
     Use for model directories, tokenizers and Arrow datasets: readers only ever see a complete one.
     The published directory holds the `kind` marker; an existing `path` is replaced only when it is
     empty or a previous `kind` artifact (checked before and after the work; see `check_output_dir`),
-    and never when `overwrite` is false. `replace_any` (the user's --overwrite) replaces any directory.
+    and never when `overwrite` is false. `replace_any` (a cache the program owns) replaces any
+    directory but the current one or one holding a run; `user_overwrite` (the user's --overwrite) is
+    `check_output_dir`'s `overwrite`.
     """
-    final = Path(path)
-    if not replace_any:
-        check_output_dir(final, kind)
+    final = Path(path).absolute()
+
+    def check() -> None:
+        check_not_dangerous(final) if replace_any else check_output_dir(final, kind, overwrite=user_overwrite)
+
+    check()
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{_owner()}.", suffix=".tmp", dir=final.parent))
@@ -217,8 +341,7 @@ def atomic_dir(path: str | os.PathLike, kind: str = "model", overwrite: bool = T
         if final.exists():
             if not overwrite:
                 raise FileExistsError(f"{final} already exists")
-            if not replace_any:
-                check_output_dir(final, kind)
+            check()
             old = final.with_name(f".{final.name}.{_owner()}.old")
             os.replace(final, old)
             os.replace(tmp, final)
@@ -256,10 +379,8 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 # ----------------------------------------------------------------------------- the run-directory lock
 
-LOCK_FILE = ".polyteacher.lock"
-"""In the run directory while a writing command runs: JSON {pid, host, start, command, token}."""
 LOCK_ENV = "POLYTEACHER_RUN_LOCK"
-"""The holder's token, inherited by the processes it starts (pipeline stages, launched ranks), which
+"""The holders' tokens (space-separated), inherited by the processes it starts (pipeline stages, launched ranks), which
 then run under their parent's lock instead of waiting for it."""
 
 
@@ -267,7 +388,7 @@ class RunDirLockedError(RuntimeError):
     """Another live process holds the run directory."""
 
 
-def _process_start(pid: int) -> str | None:
+def process_start(pid: int) -> str | None:
     """The kernel's start time of `pid` (clock ticks since boot; tells a reused pid apart), if known."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -277,16 +398,42 @@ def _process_start(pid: int) -> str | None:
 
 
 def _alive(holder: dict[str, Any]) -> bool:
-    """Whether the lock's holder still runs (unknowable for another host: assumed alive)."""
+    """Whether the lock's holder, or a process it started, still runs (unknowable for another host:
+    assumed alive)."""
     import socket
 
     if holder.get("host") != socket.gethostname():
         return True
     pid = int(holder.get("pid", 0))
-    if pid <= 0 or not _pid_alive(pid):
-        return False
     start = holder.get("start")
-    return start is None or _process_start(pid) in (None, start)
+    if pid > 0 and _pid_alive(pid) and (start is None or process_start(pid) in (None, start)):
+        return True
+    # The holder is gone, but a stage or rank it started may still be writing (an orphan): every one
+    # of them inherited the lock's token in its environment.
+    return bool(holder.get("token")) and bool(lock_sharers(str(holder["token"])))
+
+
+def lock_sharers(token: str) -> list[int]:
+    """Pids of this host's processes started under the lock `token` (LOCK_ENV in their environment)."""
+    needle = token.encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        for var in environ.split(b"\0"):
+            if var.startswith(LOCK_ENV.encode() + b"=") and needle in var.split(b"=", 1)[1].split():
+                try:
+                    state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                except OSError:
+                    break
+                if state != "Z":
+                    found.append(int(entry.name))
+                break
+    return found
 
 
 def _read_lock(path: Path) -> dict[str, Any] | None:
@@ -301,27 +448,50 @@ def _read_lock(path: Path) -> dict[str, Any] | None:
 @contextlib.contextmanager
 def run_dir_lock(run_dir: str | os.PathLike, command: str) -> Iterator[None]:
     """Hold `run_dir` for one writing command: a second one fails at once with RunDirLockedError
-    naming the holder. A lock whose process is gone (same host) is stale and taken over. Only
-    rank 0 of a launched run takes it; processes started under a holder (LOCK_ENV) share it."""
+    naming the holder. A lock whose process is gone (same host), and none of whose children runs,
+    is stale and taken over. Only rank 0 of a launched run takes it; processes started under a
+    holder (LOCK_ENV) share it."""
+    run = Path(run_dir)
+    if run.exists() and not run.is_dir():
+        raise OutputPathError(f"run directory {run} is a file, not a directory; give --run-dir a directory")
+    with _hold_lock(run / LOCK_FILE, f"run directory {run}", command, run):
+        yield
+
+
+def output_lock_path(out: str | os.PathLike) -> Path:
+    """The lock of an output directory: a sibling, since the directory itself is replaced whole."""
+    out = Path(out).absolute()
+    return out.with_name(f".{out.name}{LOCK_FILE}")
+
+
+@contextlib.contextmanager
+def output_lock(out: str | os.PathLike, command: str) -> Iterator[None]:
+    """Hold the output directory `out` (an export) for one writer, as `run_dir_lock` holds a run."""
+    out = Path(out).absolute()
+    with _hold_lock(output_lock_path(out), f"output {out}", command, out.parent):
+        yield
+
+
+@contextlib.contextmanager
+def _hold_lock(path: Path, what: str, command: str, parent: Path) -> Iterator[None]:
     import socket
     import time
 
-    run = Path(run_dir)
-    path = run / LOCK_FILE
-    if run.exists() and not run.is_dir():
-        raise OutputPathError(f"run directory {run} is a file, not a directory; give --run-dir a directory")
+    if path.is_dir() and not path.is_symlink():
+        raise OutputPathError(f"lock file {path} is a directory; polyteacher did not create it: move it away "
+                              "and run the command again")
     if int(os.environ.get("RANK", "0")) != 0:
         yield
         return
-    inherited = os.environ.get(LOCK_ENV)
+    inherited = os.environ.get(LOCK_ENV, "").split()
     holder = _read_lock(path)
-    if inherited and holder and holder.get("token") == inherited:
+    if inherited and holder and holder.get("token") in inherited:
         yield
         return
-    created = not run.exists()  # removed again on release if the command left it empty
-    run.mkdir(parents=True, exist_ok=True)
+    created = not parent.exists()  # removed again on release if the command left it empty
+    parent.mkdir(parents=True, exist_ok=True)
     token = f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}"
-    record = {"pid": os.getpid(), "host": socket.gethostname(), "start": _process_start(os.getpid()),
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "start": process_start(os.getpid()),
               "command": command, "since": time.strftime("%Y-%m-%d %H:%M:%S"), "token": token}
     for _ in range(3):
         try:
@@ -334,9 +504,12 @@ def run_dir_lock(run_dir: str | os.PathLike, command: str) -> Iterator[None]:
                 time.sleep(0.2)  # being written right now
                 continue
             if holder and _alive(holder):
+                sharers = lock_sharers(str(holder.get("token", ""))) if not _pid_alive(int(holder.get("pid", 0))) else []
+                also = (f"; its process is gone but pid(s) {', '.join(map(str, sharers))} it started still run: "
+                        "stop them first" if sharers else "")
                 raise RunDirLockedError(
-                    f"run directory {run} is in use by `{holder.get('command')}` (pid {holder.get('pid')} on "
-                    f"{holder.get('host')}, since {holder.get('since')}); wait for it to finish, or remove "
+                    f"{what} is in use by `{holder.get('command')}` (pid {holder.get('pid')} on "
+                    f"{holder.get('host')}, since {holder.get('since')}){also}; wait for it to finish, or remove "
                     f"{path} if that process is gone"
                 ) from None
             with contextlib.suppress(FileNotFoundError):
@@ -346,9 +519,9 @@ def run_dir_lock(run_dir: str | os.PathLike, command: str) -> Iterator[None]:
             json.dump(record, f)
         break
     else:
-        raise RunDirLockedError(f"could not take the lock {path}; another command is starting in {run}")
+        raise RunDirLockedError(f"could not take the lock {path}; another command is starting in {parent}")
     previous = os.environ.get(LOCK_ENV)
-    os.environ[LOCK_ENV] = token
+    os.environ[LOCK_ENV] = " ".join([*inherited, token])
     try:
         yield
     finally:
@@ -361,4 +534,4 @@ def run_dir_lock(run_dir: str | os.PathLike, command: str) -> Iterator[None]:
                 os.unlink(path)
         if created:
             with contextlib.suppress(OSError):
-                run.rmdir()
+                parent.rmdir()

@@ -69,7 +69,10 @@ def check_model_dir(path: str | os.PathLike, what: str = "model directory") -> P
         raise ModelDirError(f"{what} {path}: no such directory")
     if not (path / "config.json").is_file():
         raise ModelDirError(f"{what} {path}: not a model directory (no config.json)")
+    _check_config_json(path / "config.json")
     if any((path / name).is_file() for name in SAFETENSORS_FILES) or is_nlu_ensemble(path):
+        for weights in sorted(path.glob("*.safetensors")):
+            check_safetensors(weights)
         return path
     pickles = sorted(p.name for p in path.glob("pytorch_model*.bin"))
     if pickles:
@@ -83,9 +86,53 @@ def check_model_dir(path: str | os.PathLike, what: str = "model directory") -> P
     raise ModelDirError(f"{what} {path}: no weights (model.safetensors); the directory is incomplete")
 
 
+def _check_config_json(path: Path) -> None:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ModelDirError(f"{path}: byte {e.start} is not UTF-8; config.json is damaged: restore it from the "
+                            "model's source") from None
+    except json.JSONDecodeError as e:
+        raise ModelDirError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno}); config.json is "
+                            "damaged: restore it from the model's source") from None
+    if not isinstance(config, dict):
+        raise ModelDirError(f"{path}: a JSON {type(config).__name__}, not an object; restore config.json from the "
+                            "model's source")
+
+
+def check_safetensors(path: Path) -> None:
+    """ModelDirError unless `path` is a whole safetensors file: its header parses and the file is as
+    long as the header says (a copy cut short, a full disk)."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n > size - 8:
+                raise ValueError("the header is cut short")
+            header = json.loads(f.read(n))
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise ModelDirError(f"{path}: not a readable safetensors file ({e}); copy or export the model "
+                            "again") from None
+    if 8 + n + end != size:
+        raise ModelDirError(f"{path}: {size} bytes, but its header describes {8 + n + end}: the file is "
+                            f"{'truncated' if size < 8 + n + end else 'longer than its contents'}; copy or "
+                            "export the model again")
+
+
 def load_seq2seq_model(path: str | os.PathLike, what: str = "model directory", **kwargs: Any) -> Any:
-    """`AutoModelForSeq2SeqLM.from_pretrained` of a checked directory: safetensors only, no remote code."""
+    """`AutoModelForSeq2SeqLM.from_pretrained` of a checked directory: safetensors only, no remote code.
+    A config.json that does not fit the weights (another size, an edited field) is a ModelDirError."""
     from transformers import AutoModelForSeq2SeqLM
 
     path = check_model_dir(path, what)
-    return AutoModelForSeq2SeqLM.from_pretrained(str(path), use_safetensors=True, trust_remote_code=False, **kwargs)
+    try:
+        return AutoModelForSeq2SeqLM.from_pretrained(str(path), use_safetensors=True, trust_remote_code=False,
+                                                     **kwargs)
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        text = str(e)
+        lines = [line.strip() for line in text.splitlines() if line.strip()] or [type(e).__name__]
+        why = ("weights in model.safetensors have other shapes than config.json describes"
+               if "mismatch" in text else lines[0][:300])
+        raise ModelDirError(f"{what} {path}: config.json and model.safetensors do not fit together ({why}); "
+                            "restore the directory as it was saved") from None

@@ -27,12 +27,13 @@ import math
 import os
 import random
 import re
+import sys
 import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from core.config import data_root, resolve_data_path
 from data_prep.config import DataConfig, SourceConfig
@@ -101,46 +102,72 @@ def _fill(pattern: str, locale: str, flores_codes: dict[str, str] | None) -> str
 # ----------------------------------------------------------------------------- reading sources
 
 
-def _open_text(path: Path) -> IO[str]:
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8", newline="\n")
-    return open(path, encoding="utf-8", newline="\n")
+def _read_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a UTF-8 .txt/.jsonl file, gzipped when it ends in .gz. Bytes that are
+    not UTF-8 and a truncated or damaged gzip stream are CorpusSourceErrors naming the file, the
+    line and the byte; an empty file is reported on stderr (it adds nothing to its locale)."""
+    import zlib
+
+    try:
+        if path.stat().st_size == 0:
+            print(f"warning: corpus file {path} is empty (0 bytes); it adds no sentences", file=sys.stderr, flush=True)
+            return
+        f = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+    except OSError as e:
+        raise CorpusSourceError(f"{path}: cannot be read ({e.strerror or e}); check corpus.sources") from e
+    offset, lineno = 0, 0
+    with f:
+        while True:
+            try:
+                raw = f.readline()
+            except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as e:
+                raise CorpusSourceError(
+                    f"{path}: the gzip stream is truncated or damaged after line {lineno} ({e}); "
+                    "download or compress the file again") from e
+            if not raw:
+                return
+            lineno += 1
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise CorpusSourceError(
+                    f"{path}:{lineno}: byte {offset + e.start} (0x{raw[e.start]:02x}) is not UTF-8; convert the "
+                    "file to UTF-8 (e.g. iconv -t UTF-8) or remove the line") from e
+            offset += len(raw)
+            yield lineno, text
 
 
 def read_text_file(path: str | os.PathLike, limit: int | None = None) -> Iterator[str]:
     """Lines of a .txt(.gz) file without the newline (at most `limit`)."""
-    path = Path(path)
-    with _open_text(path) as f:
-        for i, line in enumerate(f):
-            if limit is not None and i >= limit:
-                return
-            yield line.rstrip("\r\n")
+    for i, line in _read_lines(Path(path)):
+        if limit is not None and i > limit:
+            return
+        yield line.rstrip("\r\n")
 
 
 def read_jsonl_file(path: str | os.PathLike, text_field: str, limit: int | None = None) -> Iterator[str]:
     """The `text_field` value of each line of a .jsonl(.gz) file; errors name file and line."""
     path = Path(path)
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, start=1):
-            if limit is not None and lineno > limit:
-                return
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CorpusSourceError(f"{path}:{lineno}: not a JSON object ({e.msg})") from e
-            if not isinstance(row, dict) or text_field not in row:
-                keys = ", ".join(sorted(row)) if isinstance(row, dict) else type(row).__name__
-                raise CorpusSourceError(
-                    f"{path}:{lineno}: no field {text_field!r} (fields: {keys}); set the source's text_field"
-                )
-            value = row[text_field]
-            if not isinstance(value, str):
-                raise CorpusSourceError(
-                    f"{path}:{lineno}: field {text_field!r} is {type(value).__name__}, not text"
-                )
-            yield value
+    for lineno, line in _read_lines(path):
+        if limit is not None and lineno > limit:
+            return
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CorpusSourceError(f"{path}:{lineno}: not a JSON object ({e.msg})") from e
+        if not isinstance(row, dict) or text_field not in row:
+            keys = ", ".join(sorted(row)) if isinstance(row, dict) else type(row).__name__
+            raise CorpusSourceError(
+                f"{path}:{lineno}: no field {text_field!r} (fields: {keys}); set the source's text_field"
+            )
+        value = row[text_field]
+        if not isinstance(value, str):
+            raise CorpusSourceError(
+                f"{path}:{lineno}: field {text_field!r} is {type(value).__name__}, not text"
+            )
+        yield value
 
 
 def read_hf_dataset(source: SourceConfig, locale: str, limit: int | None = None) -> Iterator[str]:
@@ -347,6 +374,11 @@ def build_corpus(cfg: DataConfig, excluded: EvaluationText, progress: bool = Tru
         report.kept = len(kept)
         sentences[loc] = kept
         reports[loc] = report
+    if not any(sentences.values()):
+        sources = ", ".join(f"{s.name} ({s.path})" if s.kind != "hf" else s.name for s in c.sources)
+        raise CorpusSourceError(
+            f"the corpus has no sentences for any of the locales {', '.join(cfg.locales)}: every source ({sources}) "
+            "is missing, empty or filtered out; point corpus.sources at text files with one sentence per line")
     return Corpus(sentences, reports)
 
 

@@ -334,7 +334,7 @@ def distill(cfg: DistillConfig, run_dir: str | Path, resume: bool = False) -> Pa
     engine = build_engine(student, cfg.train, dist_info, extra_params=[hidden_loss] if hidden_loss else ())
     if hidden_loss is not None:
         hidden_loss = engine.module.extras[0]
-    state = restore_or_start(checkpoints, engine, resume, "distill")
+    state = restore_or_start(checkpoints, engine, resume, "distill", config_yaml(cfg), dist_info.world_size)
     metrics = MetricsLogger(run_dir, stage="distill", name=cfg.out)
     cfg_yaml = config_yaml(cfg)
     if dist_info.is_rank0:

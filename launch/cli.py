@@ -44,6 +44,9 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
         types_.append(MassiveError)
     except ImportError:
         pass
+    from data_prep.corpus import CorpusSourceError
+
+    types_.append(CorpusSourceError)
     return tuple(types_)
 
 
@@ -71,6 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    launcher.watch_parent()  # a stage or rank stops when the pipeline or launcher that started it is gone
     parser = build_parser()
     # argparse cannot put positionals after options into an earlier, already-filled `nargs="*"`
     # (`config data --preset tiny a.b=1`): dotted overrides left over are appended to them.

@@ -31,7 +31,12 @@ RUN_DIR/launch.jsonl. One process still runs on the DeepSpeed engine.
 
 SIGINT and SIGTERM to `polyteacher launch` reach every process it started (`run_process_tree`): the
 launcher and its ranks run as one process group, which gets the signal, and `launch` returns only
-when all of them have exited (128 + the signal number).
+when all of them have exited (128 + the signal number). When `launch` itself dies without a word
+(kill -9, out of memory), its ranks notice (`watch_parent`) and stop as on SIGTERM.
+
+On one node the processes talk over loopback only: they meet through a file store instead of a TCP
+rendezvous port (which torch binds on every interface), and gloo binds to `lo`
+(GLOO_SOCKET_IFNAME). Across nodes the rendezvous is --master-addr, as the user names it.
 """
 
 from __future__ import annotations
@@ -208,7 +213,114 @@ def process_env(opts: LaunchOptions, gpu: bool, base: Optional[dict[str, str]] =
         env.setdefault("OMP_NUM_THREADS", str(max(1, cores_available() // opts.nproc_per_node)))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("PYTHONUNBUFFERED", "1")
+    if one_node(opts):
+        # Nothing of a one-node run listens beyond this machine (see `local_store_path`).
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        env.setdefault("NCCL_SOCKET_IFNAME", "lo")
+    env[PARENT_ENV] = parent_token()
     return env
+
+
+def one_node(opts: LaunchOptions) -> bool:
+    """Whether every process runs on this machine (no hostfile, no SLURM, one node)."""
+    return opts.nnodes == 1 and not opts.hostfile and not opts.slurm
+
+
+# ----------------------------------------------------------------------------- processes die together
+
+PARENT_ENV = "POLYTEACHER_PARENT"
+"""`PID:START` of the polyteacher process that started this one (a pipeline stage, a launched rank):
+the child stops when that process is gone (`watch_parent`)."""
+PARENT_GRACE_S = 5.0
+"""Seconds a child whose parent died gets to save and exit after its SIGTERM before it ends at once: a
+user who killed the launcher wants the run gone, and a checkpoint cut short is never COMPLETE."""
+
+
+def parent_token(pid: int | None = None) -> str:
+    from core.fsutil import process_start
+
+    pid = os.getpid() if pid is None else pid
+    return f"{pid}:{process_start(pid) or ''}"
+
+
+def _parent_gone(token: str) -> bool:
+    from core.fsutil import _pid_alive, process_start
+
+    pid_text, _, start = token.partition(":")
+    try:
+        pid = int(pid_text)
+    except ValueError:
+        return False
+    if not _pid_alive(pid):
+        return True
+    state = None
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return True
+    return state == "Z" or bool(start and process_start(pid) not in (None, start))
+
+
+def watch_parent(poll_s: float = 0.5) -> None:
+    """When PARENT_ENV names a process, stop this one as on SIGTERM once that process is gone: a
+    pipeline or launcher killed with -9 must not leave its stages or ranks running (and writing)
+    on their own. A daemon thread; whatever still runs PARENT_GRACE_S later exits at once."""
+    import threading
+
+    token = os.environ.get(PARENT_ENV)
+    if not token or token == parent_token():
+        return
+
+    def watch() -> None:
+        while not _parent_gone(token):
+            time.sleep(poll_s)
+        print(f"polyteacher: the process that started this one ({token.split(':')[0]}) is gone; stopping",
+              file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(PARENT_GRACE_S)
+        os._exit(128 + signal.SIGTERM)
+
+    threading.Thread(target=watch, name="polyteacher-parent-watch", daemon=True).start()
+
+
+GROUP_WATCHDOG = """
+import os, signal, sys, time
+pgid, grace, parent = int(sys.argv[1]), float(sys.argv[2]), os.getppid()
+
+def group_alive():
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+while os.getppid() == parent and group_alive():
+    time.sleep(0.5)
+if group_alive():
+    os.killpg(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while group_alive() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if group_alive():
+        os.killpg(pgid, signal.SIGKILL)
+"""
+"""Run by `run_process_tree` beside the launcher's process group: when `polyteacher launch` is gone
+(its parent pid changes), SIGTERM to the group, SIGKILL what is left PARENT_GRACE_S later; it exits
+by itself once the group is gone."""
+
+
+def die_with_parent(signum: int = signal.SIGTERM) -> None:
+    """In a child before exec: the kernel sends it `signum` when its parent dies (prctl
+    PR_SET_PDEATHSIG), so a launcher killed with -9 does not leave its process runner behind."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the ranks' watch_parent still stops them
+        pass
 
 
 def world_info(nnodes: int, nproc_per_node: int) -> str:
@@ -314,7 +426,15 @@ def run_launch(opts: LaunchOptions, dry_run: bool = False) -> int:
     if layout is not None:
         record_layout(opts, layout)
     print(f"polyteacher launch: {shlex.join(argv)}", file=sys.stderr, flush=True)
-    return run_process_tree(argv, env)
+    if not one_node(opts):
+        return run_process_tree(argv, env)
+    import tempfile
+
+    from core.distributed import STORE_ENV
+
+    with tempfile.TemporaryDirectory(prefix="polyteacher-store-") as store:
+        env[STORE_ENV] = os.path.join(store, "store")
+        return run_process_tree(argv, env)
 
 
 # Seconds the processes get to exit after the launcher itself exited (they save a checkpoint at the
@@ -352,9 +472,16 @@ def run_process_tree(argv: list[str], env: dict[str, str], grace_s: float | None
     grace_s = SHUTDOWN_GRACE_S if grace_s is None else grace_s
     # A job started in the background by a non-interactive shell inherits SIGINT ignored; the ranks
     # must still stop (and checkpoint) when a forwarded SIGINT reaches them.
-    proc = subprocess.Popen(argv, env=env, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    def child_setup() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        die_with_parent()
+
+    proc = subprocess.Popen(argv, env=env, start_new_session=True, preexec_fn=child_setup)
     pgid = proc.pid
+    # Outside the group, a watchdog ends the whole group if this process dies without a word (kill -9):
+    # DeepSpeed's per-node launcher would otherwise keep waiting on its ranks.
+    subprocess.Popen([sys.executable, "-c", GROUP_WATCHDOG, str(pgid), str(PARENT_GRACE_S)], env=env,
+                     start_new_session=True, stdin=subprocess.DEVNULL)
     received: list[int] = []
 
     def forward(signum: int, _frame: object) -> None:

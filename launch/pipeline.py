@@ -10,10 +10,12 @@ depends on it runs again too. The order and the dependencies are the table `STAG
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from core.config import ConfigError, load_config, save_config
-from core.fsutil import atomic_write_json, safe_path
+from core.fsutil import atomic_write_json, check_run_dir, mark_run_dir, safe_path
 from evaluation.report import MASSIVE_COMPARISONS, MassiveComparison, write_report
 
 
@@ -472,11 +474,51 @@ class StageFailed(RuntimeError):
     pass
 
 
+class PipelineStopped(Exception):
+    """SIGTERM or SIGINT stopped the pipeline after its running stage saved and exited."""
+
+    def __init__(self, signum: int, stage: str) -> None:
+        self.signum = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name} during stage {stage}; the stage saved and "
+                         "exited. Rerun the same command to continue: finished stages are kept")
+
+
+class _Forwarder:
+    """While a stage runs, SIGTERM and SIGINT to the pipeline go to the stage's processes (each runs in
+    a session of its own, so a terminal's Ctrl-C reaches them once, through here), and the pipeline
+    waits for them to save and exit instead of leaving them running on their own."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+        self.received: int = 0
+
+    def __enter__(self) -> _Forwarder:
+        self._previous = {sig: signal.signal(sig, self._forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _forward(self, signum: int, _frame: object) -> None:
+        self.received = self.received or signum
+        for proc in self.procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signum)
+
+
+_FORWARDER = _Forwarder()
+
+
 def run_commands(stage: Stage, commands: list[list[str]], logs: list[Path], timeout_minutes: int) -> None:
     """Run polyteacher `commands` side by side (one alone runs with the environment as it is; several
     split the cores: OMP_NUM_THREADS each), appending each one's output to its log; StageFailed
-    naming the first that fails (the others are stopped) or runs past the timeout."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    naming the first that fails (the others are stopped) or runs past the timeout; PipelineStopped
+    when a signal stopped them (every one has exited)."""
+    from launch.launcher import PARENT_ENV, parent_token
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", PARENT_ENV: parent_token()}
     if len(commands) > 1:
         from launch.launcher import cores_available
 
@@ -487,7 +529,8 @@ def run_commands(stage: Stage, commands: list[list[str]], logs: list[Path], time
             log.write("$ polyteacher " + " ".join(argv) + "\n")
             log.flush()
             procs.append(subprocess.Popen([sys.executable, "-m", "launch.cli", *argv], stdout=log,
-                                          stderr=subprocess.STDOUT, env=env))
+                                          stderr=subprocess.STDOUT, env=env, start_new_session=True))
+            _FORWARDER.procs.append(procs[-1])
     deadline = time.time() + timeout_minutes * 60
     try:
         for proc, argv, log_path in zip(procs, commands, logs):
@@ -496,6 +539,10 @@ def run_commands(stage: Stage, commands: list[list[str]], logs: list[Path], time
             except subprocess.TimeoutExpired:
                 raise StageFailed(f"stage {stage.name}: polyteacher {' '.join(argv)} ran past "
                                   f"pipeline.timeout_minutes={timeout_minutes}; log: {log_path}") from None
+            if _FORWARDER.received:
+                for other in procs:
+                    other.wait()
+                raise PipelineStopped(_FORWARDER.received, stage.name)
             if code != 0:
                 tail = "".join(log_path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)[-30:])
                 raise StageFailed(f"stage {stage.name} failed (exit {code}): polyteacher {' '.join(argv)}\n"
@@ -505,12 +552,15 @@ def run_commands(stage: Stage, commands: list[list[str]], logs: list[Path], time
             if proc.poll() is None:
                 proc.terminate()
                 proc.wait()
+            _FORWARDER.procs.remove(proc)
 
 
 def pipeline(run_dir: Path, preset: str | None, cfg: PipelineConfig, force: list[str] = ()) -> dict[str, Any]:
     # Absolute paths, so that stage commands never resolve them against the run dir a second time.
     run_dir = Path(run_dir).resolve()
+    check_run_dir(run_dir, "--out")
     run_dir.mkdir(parents=True, exist_ok=True)
+    mark_run_dir(run_dir)
     log_dir = run_dir / "logs"
     log_dir.mkdir(exist_ok=True)
     save_config(cfg, run_dir / "pipeline.yaml")
@@ -519,6 +569,8 @@ def pipeline(run_dir: Path, preset: str | None, cfg: PipelineConfig, force: list
     decision = plan_stages(run_dir, cfg, list(force))
     total_start = time.time()
     for stage in STAGES:
+        if _FORWARDER.received:
+            raise PipelineStopped(_FORWARDER.received, stage.name)
         verdict = decision[stage.name]
         if verdict != "run":
             print(f"[pipeline] {stage.name:18s} {'skipped (complete)' if verdict == 'skip' else 'left out'}", flush=True)
@@ -566,7 +618,11 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise ConfigError(f"--force: unknown stage(s) {', '.join(unknown)}; stages: {', '.join(STAGE_BY_NAME)}")
     try:
-        pipeline(Path(args.out), args.preset, cfg, force=args.force)
+        with _FORWARDER:
+            pipeline(Path(args.out), args.preset, cfg, force=args.force)
+    except PipelineStopped as e:
+        print(f"polyteacher pipeline: {e}", file=sys.stderr)
+        return 128 + e.signum
     except StageFailed as e:
         print(f"polyteacher pipeline: {e}", file=sys.stderr)
         print("Fix the cause and rerun the same command: finished stages are kept.", file=sys.stderr)

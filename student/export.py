@@ -183,24 +183,36 @@ def export(model_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Export
            run_dir: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
     """Export `model_dir` (a HF seq2seq directory, an encoder NLU directory, or an fp32 ONNX export
     when cfg.int8) to `out_dir`, atomically. Returns out_dir. `out_dir` must be new, empty or a
-    previous export (any directory with `overwrite`; never `run_dir` itself or the model): see
-    core.fsutil.check_output."""
-    from core.fsutil import atomic_dir, check_output
-    from core.modeldir import check_model_dir
+    previous export (with `overwrite` also an unmarked earlier export; never `run_dir`, the model, the
+    current directory or a directory holding a run): see core.fsutil.check_output. One export writes
+    `out_dir` at a time (core.fsutil.output_lock)."""
+    from core.fsutil import OutputPathError, check_output, output_lock
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    if not (model_dir / MANIFEST).is_file():  # an fp32 ONNX export is the other input --int8 takes
+    if (model_dir / MANIFEST).is_file():  # an fp32 ONNX export is the other input --int8 takes
+        if not cfg.int8:
+            raise OutputPathError(f"--model {model_dir} is already an ONNX export (it has {MANIFEST}); give it "
+                                  "--int8 to quantize it, or point --model at a model directory")
+        manifest = read_manifest(model_dir)
+        if manifest.get("precision") != "fp32":
+            raise OutputPathError(f"{model_dir / MANIFEST}: precision is {manifest.get('precision')}; --int8 "
+                                  "needs an fp32 export: point --model at one, or at the model directory")
+    else:
+        from core.modeldir import check_model_dir
+
         check_model_dir(model_dir, "--model")
         check_has_tokenizer(model_dir)
     check_output(out_dir, "onnx", run_dir, inputs=[model_dir], flag="--out", replace_any=overwrite)
+    with output_lock(out_dir, f"polyteacher export --out {out_dir}"):
+        return _export_locked(model_dir, out_dir, cfg, overwrite)
+
+
+def _export_locked(model_dir: Path, out_dir: Path, cfg: ExportConfig, overwrite: bool) -> Path:
+    from core.fsutil import atomic_dir
+
     started = time.time()
-    with atomic_dir(out_dir, kind="onnx", replace_any=overwrite) as tmp:
+    with atomic_dir(out_dir, kind="onnx", user_overwrite=overwrite) as tmp:
         if (model_dir / MANIFEST).exists():
-            if not cfg.int8:
-                raise ValueError(f"{model_dir} is already an ONNX export; only --int8 can be applied to it")
-            manifest = read_manifest(model_dir)
-            if manifest["precision"] != "fp32":
-                raise ValueError(f"{model_dir / MANIFEST}: precision is {manifest['precision']}, int8 needs fp32 graphs")
             quantize_export(model_dir, tmp, cfg)
         elif cfg.int8:
             with tempfile.TemporaryDirectory(prefix=".fp32-", dir=out_dir.parent) as fp32_dir:

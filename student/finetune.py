@@ -585,7 +585,7 @@ def finetune(cfg: FinetuneConfig, run_dir: str | Path, resume: bool = False) -> 
                   f"{teacher_params:,} ({num_params / teacher_params:.2f}x, n-gram tables included); "
                   f"{len(data.unlabelled)} teacher-labelled utterances", flush=True)
     engine = build_engine(model, cfg.train, dist_info)
-    state = restore_or_start(checkpoints, engine, resume, "finetune")
+    state = restore_or_start(checkpoints, engine, resume, "finetune", config_yaml(cfg), dist_info.world_size)
     metrics = MetricsLogger(run_dir, stage=f"finetune/{name}", name=name)
     cfg_yaml = config_yaml(cfg)
     if dist_info.is_rank0:

@@ -83,7 +83,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False) -> 
     # -- state: fresh or from the latest complete checkpoint
     checkpoints = CheckpointManager(paths.run_dir, cfg.out, keep=cfg.train.keep_checkpoints)
     refuse_to_start_over(checkpoints, resume, hint="choose another out= name / remove the directory")
-    state = restore_or_start(checkpoints, engine, resume, STAGE)
+    state = restore_or_start(checkpoints, engine, resume, STAGE, cfg_yaml, dist.world_size)
     metrics = MetricsLogger(paths.run_dir, STAGE, name=cfg.out)
     peak_tflops = default_peak_tflops(cfg.train, dist)
     window = LossWindow()

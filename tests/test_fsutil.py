@@ -72,7 +72,7 @@ def _fake_run_dir(tmp_path):
         (run / d).mkdir(parents=True)
     (run / "teacher").mkdir()
     (run / "teacher" / "config.json").write_text("{}")
-    (run / "teacher" / "model.safetensors").write_bytes(b"")
+    (run / "teacher" / "model.safetensors").write_bytes((2).to_bytes(8, "little") + b"{}")
     (run / "teacher" / "tokenizer.json").write_text("{}")
     (run / "metrics.jsonl").write_text("{}\n")
     return run
@@ -144,12 +144,21 @@ def test_a_killed_writers_temporary_is_removed_by_the_next_one(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".data.not-ours.tmp", "data"]
 
 
-def test_overwrite_replaces_a_foreign_directory_but_never_the_run_directory(tmp_path, capsys):
+def test_overwrite_replaces_an_earlier_export_but_never_foreign_files_or_the_run_directory(tmp_path, capsys):
     user = _user_dir(tmp_path / "u")
-    check_output(user, "onnx", replace_any=True)
-    with atomic_dir(user, kind="onnx", replace_any=True) as tmp:
+    with pytest.raises(OutputPathError, match="--overwrite replaces only an earlier export"):
+        check_output(user, "onnx", replace_any=True)
+    assert (user / "notes.txt").read_text() == "mine"
+    old = tmp_path / "old-export"  # unmarked, every file one an export writes
+    old.mkdir()
+    for name in ("manifest.json", "encoder.onnx", "weights.bin", "tokenizer.json"):
+        (old / name).write_text("{}")
+    with pytest.raises(OutputPathError):
+        check_output(old, "onnx")
+    check_output(old, "onnx", replace_any=True)
+    with atomic_dir(old, kind="onnx", user_overwrite=True) as tmp:
         (tmp / "g").write_text("x")
-    assert sorted(p.name for p in user.iterdir()) == [ARTIFACT_MARKER, "g"]
+    assert sorted(p.name for p in old.iterdir()) == [ARTIFACT_MARKER, "g"]
     run = _fake_run_dir(tmp_path)
     before = _tree(run)
     for out in (".", "teacher"):

@@ -14,7 +14,9 @@ from launch.cli import main
 def _model_dir(path, weights):
     path.mkdir(parents=True)
     (path / "config.json").write_text('{"model_type": "t5"}')
-    if weights:
+    if weights == "model.safetensors":
+        (path / weights).write_bytes((2).to_bytes(8, "little") + b"{}")  # a whole (empty) safetensors file
+    elif weights:
         (path / weights).write_bytes(b"\x80\x04N.")  # never opened: the rule looks at names only
     return path
 
@@ -37,6 +39,14 @@ def test_check_model_dir(tmp_path):
         check_model_dir(tmp_path / "missing")
     with pytest.raises(ModelDirError, match="no config.json"):
         check_model_dir(tmp_path)
+    cut = _model_dir(tmp_path / "cut", "model.safetensors")
+    (cut / "model.safetensors").write_bytes((40).to_bytes(8, "little") + b'{"w": {"data_offsets": [0, 64]}}')
+    with pytest.raises(ModelDirError, match="not a readable safetensors file|truncated"):
+        check_model_dir(cut)
+    (cut / "model.safetensors").write_bytes((2).to_bytes(8, "little") + b"{}")
+    (cut / "config.json").write_text('{"d_model": ,}')
+    with pytest.raises(ModelDirError, match=r"config.json:1: not valid JSON"):
+        check_model_dir(cut)
 
 
 # Each command with `{model}` where it takes a model directory; every one refuses the same way.
