@@ -1,7 +1,7 @@
 """Fault injection: run polyteacher commands the way a careless or hostile user would, and check that
 nothing is lost, nothing is left running and nothing is exposed.
 
-    python benchmarks/faults.py [--slow] [--json out.json] [-k NAME]
+    python -m benchmarks.faults [--slow] [--json out.json] [-k NAME]
 
 Every case builds its own sandbox (a tiny fake run, a folder of the user's files, a broken input),
 runs one `python -m launch.cli ...` command in it, and checks:

@@ -19,8 +19,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import faults  # noqa: E402
+from benchmarks import faults  # the driver, importable because pytest runs from the repository root
 
 FAST = [c for c in faults.CASES if not c.slow]
 SLOW = [c for c in faults.CASES if c.slow]
