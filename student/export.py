@@ -307,8 +307,10 @@ def quantize_export(fp32_dir: Path, out: Path, cfg: ExportConfig) -> dict[str, A
         method["rounding"] = cfg.rounding
         if calibration is not None:
             rows = calibration.candidate_rows(cfg.fp16_candidate_rows)
-            method.update(calibration=calibration.describe(), gptq_damp=cfg.gptq_damp,
-                          fp16_rows=0 if rows is None else len(rows))
+            method.update(calibration=calibration.describe(), gptq_damp=cfg.gptq_damp)
+            if cfg.weight_compute == "float":
+                method["fp16_rows"] = 0 if rows is None else len(rows)
+            # weight_compute=int8: the rows actually kept (stats), 0 when no tied lm_head was quantized.
     else:
         method = {"method": "dynamic", "weight_type": cfg.weight_type, "per_channel": cfg.per_channel,
                   "reduce_range": cfg.reduce_range, "op_types": list(QUANTIZED_OP_TYPES)}

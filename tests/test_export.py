@@ -33,6 +33,7 @@ from student.export import (
 from student.runtime import OnnxPredictor, read_manifest
 
 PARITY_TOL = 1e-4
+SEQ2SEQ_GRAPHS_NAMES = ("encoder", "decoder")
 
 
 def hf_greedy(model_dir: Path, sources: list[str], max_new_tokens: int) -> list[list[int]]:
@@ -476,6 +477,48 @@ def test_gptq_export_of_the_trained_student(trained_fp32: Path, massive_dir: Pat
     sources = sources_of(export_examples["test"])
     fp32, ours = onnx_greedy(trained_fp32, sources, 32), onnx_greedy(int8, sources, 32)
     assert sum(a == b for a, b in zip(fp32, ours)) / len(sources) >= 0.98
+
+
+def test_gptq_int8_compute_export_matches_its_dequantized_graphs(trained_fp32: Path, massive_dir: Path,
+                                                                 export_examples, tmp_path: Path):
+    """rounding=gptq with weight_compute=int8 end to end: every MatMul with a constant weight is
+    MatMulNBits (GPTQ codes; the tied lm_head over the embedding's codes, its fp16 rows written over)
+    and the embedding GatherBlockQuantized, so no fp32 weight matrix is held but the fp16 rows. Real
+    onnxruntime runs it; its logits equal those of the same graphs with the int8 kernels replaced by
+    fp32 ops over the same weights (`dequantize_int8_kernels`) within the int8 arithmetic's error,
+    and its greedy outputs agree with fp32's."""
+    import onnx
+    import onnxruntime as ort
+
+    from student.export import dequantize_int8_kernels
+
+    cfg = load_config(ExportConfig, section="export", overrides=[
+        "int8=true", "weight_compute=int8", "block_size=32", "rounding=gptq", f"calibration_data={massive_dir}",
+        "calibration_locales=[en-US]", "calibration_examples=64", "fp16_candidate_rows=16"])
+    int8 = export(trained_fp32, tmp_path / "gptq-int8", cfg)
+    q = read_manifest(int8)["quantization"]
+    assert q["weight_compute"] == "int8" and q["rounding"] == "gptq" and q["gptq_weights"] > 0
+    assert 0 < q["fp16_rows"] <= 16 and q["fp16_rows_bytes"] == 2 * 64 * q["fp16_rows"]
+    assert read_manifest(int8)["size_bytes"] <= 0.32 * read_manifest(trained_fp32)["size_bytes"]
+    sessions, reference = {}, {}
+    for name in SEQ2SEQ_GRAPHS_NAMES:
+        proto = onnx.load(str(int8 / f"{name}.onnx"))
+        ops = [n.op_type for n in proto.graph.node]
+        assert "MatMulNBits" in ops and "GatherBlockQuantized" in ops
+        sessions[name] = ort.InferenceSession(str(int8 / f"{name}.onnx"), providers=["CPUExecutionProvider"])
+        assert dequantize_int8_kernels(proto) == ops.count("MatMulNBits") + ops.count("GatherBlockQuantized")
+        reference[name] = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    predictor = OnnxPredictor(trained_fp32)
+    ids, _, _ = predictor.encode(sources_of(export_examples["test"][:8]))
+    x, mask = predictor.pad(ids)
+    got = seq2seq_steps(sessions, predictor.num_layers, x, mask, [np.zeros((len(ids), 1), np.int64)], steps=4)
+    tokens = [np.zeros((len(ids), 1), np.int64)]
+    want = seq2seq_steps(reference, predictor.num_layers, x, mask, tokens, steps=4)
+    for g, w in zip(got, want):
+        assert np.abs(g - w).max() < 0.05 * np.abs(w).max()
+    sources = sources_of(export_examples["test"])
+    fp32, ours = onnx_greedy(trained_fp32, sources, 32), onnx_greedy(int8, sources, 32)
+    assert sum(a == b for a, b in zip(fp32, ours)) / len(sources) >= 0.9
 
 
 def test_weight_only_int8_kernels_share_the_embedding_codes(tmp_path: Path):
