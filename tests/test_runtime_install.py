@@ -23,16 +23,17 @@ def _run(cmd: list, **kwargs) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_runtime_install_answers_without_torch(trained_int8: Path, tmp_path: Path):
+    # Without PYTHONPATH: this checkout on the path would make pip and Python see its modules.
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     wheels = tmp_path / "wheels"
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", wheels,
-          REPO / "runtime"])
+          REPO / "runtime"], env=env)
     (wheel,) = wheels.glob("polyteacher_runtime-*.whl")
     venv = tmp_path / "venv"
-    _run([sys.executable, "-m", "venv", venv])
+    _run([sys.executable, "-m", "venv", venv], env=env)
     pip = venv / "bin" / "pip"
-    _run([pip, "install", "-q", "onnxruntime", "tokenizers", "numpy"])
-    _run([pip, "install", "-q", "--no-deps", wheel])
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    _run([pip, "install", "-q", "onnxruntime", "tokenizers", "numpy"], env=env, cwd=tmp_path)
+    _run([pip, "install", "-q", "--no-deps", wheel], env=env, cwd=tmp_path)
     python = venv / "bin" / "python"
     no_torch = subprocess.run([python, "-c", "import torch"], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert no_torch.returncode != 0 and "No module named 'torch'" in no_torch.stderr
