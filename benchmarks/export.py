@@ -232,6 +232,77 @@ def memory_rows(models: dict[str, Path], words: list[str], utterances: list[list
             for name, d in models.items()}
 
 
+def _vocab_size(int8_dir: Path) -> int:
+    from student.runtime import read_manifest
+
+    return int(read_manifest(int8_dir)["model_config"].get("vocab_size") or 0)
+
+
+def partly_dequantized(int8_dir: Path, out: Path, which: Any) -> Path:
+    """A copy of an int8-compute export whose int8 kernels selected by `which(graph name, node)` run
+    as fp32 ops over the same weights (`student.export.dequantize_int8_kernels`); weights inline."""
+    import onnx
+
+    from student.export import TOKENIZER_FILES, dequantize_int8_kernels
+    from student.runtime import read_manifest
+
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    manifest = read_manifest(int8_dir)
+    for name, info in manifest["graphs"].items():
+        proto = onnx.load(str(int8_dir / info["file"]))
+        dequantize_int8_kernels(proto, which=lambda node, name=name: which(name, node))
+        onnx.save(proto, str(out / info["file"]))
+    for fname in TOKENIZER_FILES:
+        if (int8_dir / fname).exists():
+            shutil.copy2(int8_dir / fname, out / fname)
+    manifest.pop("weights", None)
+    (out / "manifest.json").write_text(__import__("json").dumps(manifest))
+    return out
+
+
+def layer_costs(int8_dir: Path, fp32_dir: Path, work: Path, golds: list[Any], batch_size: int,
+                words: list[str], repeats: int) -> dict[str, dict[str, Any]]:
+    """What each group of int8 kernels of an int8-compute export costs in agreement with fp32 and
+    what running it in fp32 costs in memory: the export with one group at a time (the lm_head, the
+    embedding gathers, the encoder's MatMuls, the decoder's other MatMuls, all of them) computed in
+    fp32 over the same weights."""
+    from evaluation.latency import measure_footprint
+    from massive.scoring import identical_predictions, utterance_records
+
+    vocab = _vocab_size(int8_dir)
+
+    def attr(node: Any, key: str) -> int:
+        return next((a.i for a in node.attribute if a.name == key), -1)
+
+    groups = {
+        "none (the export)": None,
+        "lm_head": lambda g, n: n.op_type == "MatMulNBits" and attr(n, "N") == vocab,
+        "embedding gathers": lambda g, n: n.op_type == "GatherBlockQuantized",
+        "encoder MatMuls": lambda g, n: g == "encoder" and n.op_type == "MatMulNBits",
+        "decoder MatMuls (not lm_head)": lambda g, n: g == "decoder" and n.op_type == "MatMulNBits" and attr(n, "N") != vocab,
+        "all (weight rounding only)": lambda g, n: True,
+    }
+    reference = utterance_records(golds, predictions(fp32_dir, golds, batch_size))
+    rows = {}
+    for label, which in groups.items():
+        model = int8_dir if which is None else partly_dequantized(
+            int8_dir, work / ("fp32-compute-" + label.split(" ")[0]), which)
+        records = utterance_records(golds, predictions(model, golds, batch_size))
+        rows[label] = {"identical_vs_fp32": identical_predictions(reference, records)["share"],
+                       **measure_footprint(model, words, num_threads=1, repeats=repeats)}
+    return rows
+
+
+def layer_table(rows: dict[str, dict[str, Any]]) -> str:
+    from tabulate import tabulate
+
+    return tabulate([[label, f"{100 * r['identical_vs_fp32']:.1f}%", f"{r['added_rss_mb']:.1f}"] for label, r in rows.items()],
+                    headers=["computed in fp32 (same weights)", "identical to fp32", "added RSS MB"],
+                    tablefmt="github", disable_numparse=True) + "\n"
+
+
 def run_model(kind: str, model_dir: Path, work: Path, variants: list[str], golds: list[Any],
               utterances: list[list[str]], args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     exports = export_all(model_dir, work / kind, variants)
@@ -289,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default="dev", choices=["dev", "test"],
                    help="MASSIVE partition scored for agreement: dev to choose settings (default), test once at the end")
     p.add_argument("--max-examples", type=int, default=300, help="shared ids per locale for agreement (default 300)")
+    p.add_argument("--layer-costs", action="store_true",
+                   help="for each int8-compute variant (gptq_nbits*, nbits*): agreement and memory with each group of "
+                   "int8 kernels computed in fp32 instead (which layer costs what)")
     p.add_argument("--memory-repeats", type=int, default=2,
                    help="fresh processes per model measuring added memory and cold start (median; 0 skips)")
     p.add_argument("--latency-examples", type=int, default=30, help="utterances per locale timed (default 30)")
@@ -320,6 +394,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nseq2seq student {args.student}: {len(golds)} {args.split} utterances ({', '.join(args.locales)}), "
               f"latency on {len(utterances)} at batch 1, 1 thread\n")
         print(table(result["seq2seq"], default, "PyTorch fp32"))
+        if args.layer_costs:
+            result["layer_costs"] = {}
+            for name in [v for v in variants if "nbits" in v]:
+                rows = layer_costs(Path(result["seq2seq"][name]["export_dir"]), Path(result["seq2seq"]["fp32"]["export_dir"]),
+                                   work / "layers" / name, golds, args.batch_size, utterances[0], max(args.memory_repeats, 1))
+                result["layer_costs"][name] = rows
+                print(f"\nint8 {name}: which int8 kernels cost agreement\n")
+                print(layer_table(rows))
     if args.nlu:
         result["nlu"] = run_model("nlu", Path(args.nlu), work, variants, golds, utterances, args)
         print(f"\nencoder NLU student {args.nlu}\n")

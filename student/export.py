@@ -1145,12 +1145,13 @@ def quantize_weight_only(model: onnx.ModelProto, cfg: ExportConfig, moments: dic
     return stats
 
 
-def dequantize_int8_kernels(model: onnx.ModelProto) -> int:
+def dequantize_int8_kernels(model: onnx.ModelProto, which: Any = None) -> int:
     """In place: every MatMulNBits (8 bits, no zero points) becomes a MatMul over its weight in fp32 and
     every GatherBlockQuantized (8 bits, gather axis 0, quantize axis 1) a Gather over its table in
     fp32. The graph then computes in fp32 with exactly the weights the int8 kernels hold: comparing
-    the two isolates what int8 arithmetic (activations quantized per block) changes. Returns the
-    number of nodes replaced."""
+    the two isolates what int8 arithmetic (activations quantized per block) changes. `which`: a
+    predicate on nodes to replace only some (e.g. the lm_head), to see what each layer costs.
+    Returns the number of nodes replaced."""
     import numpy as np
     from onnx import helper, numpy_helper
 
@@ -1159,6 +1160,9 @@ def dequantize_int8_kernels(model: onnx.ModelProto) -> int:
     attrs = lambda node: {a.name: helper.get_attribute_value(a) for a in node.attribute}  # noqa: E731
     nodes, added, replaced = [], [], 0
     for node in graph.node:
+        if which is not None and not which(node):
+            nodes.append(node)
+            continue
         if node.op_type == "MatMulNBits" and len(node.input) == 3 and node.input[1] in inits:
             a = attrs(node)
             codes = numpy_helper.to_array(inits[node.input[1]]).astype(np.int16) - 128  # [N, blocks, block]
