@@ -339,6 +339,10 @@ def parse_line(raw: bytes, default_locale: str | None) -> tuple[str, str | None,
         if "id" in row:
             extra["id"] = row["id"]
         text = row["utt"]
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise LineError('"utt" holds a lone surrogate escape (\\ud800-\\udfff), which is not text') from None
     if not text.strip():
         raise LineError("empty utterance")
     return text, locale, extra
@@ -490,6 +494,10 @@ def run_cli(args: argparse.Namespace) -> int:
     """`predict`: errors of the command itself (options, model) are one line on stderr and status 2."""
     try:
         return _run(args)
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`): stop quietly, and keep Python's exit from flushing again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (OSError, ValueError) as e:
         print(f"polyteacher predict: {e}", file=sys.stderr)
         return 2

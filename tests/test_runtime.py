@@ -238,8 +238,9 @@ def test_predict_answers_every_good_line_and_reports_each_bad_one(trained_int8: 
 
 
 def test_predict_exits_non_zero_only_when_nothing_was_answered(trained_int8: Path):
-    bad = _predict(["--model", str(trained_int8)], stdin=b'{"utt": \n\n\xff\xfe\n')
-    assert bad.returncode == 1 and "nothing answered: all 3 lines of stdin were bad" in bad.stderr.decode()
+    bad = _predict(["--model", str(trained_int8)], stdin=b'{"utt": \n\n\xff\xfe\n{"utt": "\\ud83d"}\n')
+    assert bad.returncode == 1 and "nothing answered: all 4 lines of stdin were bad" in bad.stderr.decode()
+    assert "stdin:4: \"utt\" holds a lone surrogate" in bad.stderr.decode()
     assert b"Traceback" not in bad.stderr
     # An argument that is not UTF-8 is reported by its position; the good one is answered.
     mixed = _predict(["--model", str(trained_int8), b"\xff oops", "wake me up"])
