@@ -1184,6 +1184,9 @@ def dequantize_int8_kernels(model: onnx.ModelProto, which: Any = None) -> int:
     del graph.node[:]
     graph.node.extend(nodes)
     graph.initializer.extend(added)
+    used = {name for node in graph.node for name in node.input}
+    for init in [t for t in graph.initializer if t.name not in used]:
+        graph.initializer.remove(init)
     return replaced
 
 
