@@ -957,13 +957,16 @@ def gptq_round(weight: Any, moment: Any, block: int, damp: float = 0.01) -> tupl
     return codes[inverse], scales[inverse]
 
 
-def gptq_round_columns(weight: Any, moment: Any, block: int, damp: float = 0.01) -> tuple[Any, Any]:
+def gptq_round_columns(weight: Any, moment: Any, block: int, damp: float = 0.01,
+                       act_order: bool = False) -> tuple[Any, Any]:
     """GPTQ for y = x @ W, W [K, N], in MatMulNBits' layout: the blocks are `block` consecutive
-    inputs k of one output column n, each with its own scale (the GPTQ paper's groups). Inputs are
-    rounded one at a time in their natural order (a block's scales must be known when its first
-    input is rounded: they are taken then, absmax / 127 of the block's compensated weights, as in
-    the paper's grouped variant); the rounding error of input k, divided by the Cholesky factor of
-    H^-1, is subtracted from the inputs not yet rounded. K is padded to whole blocks with zero
+    inputs k of one output column n, each with its own scale (the GPTQ paper's groups). The
+    rounding error of each input, divided by the Cholesky factor of H^-1, is subtracted from the
+    inputs not yet rounded. Order and scales: by default inputs are rounded in their natural order
+    and a block's scales are taken when its first input is rounded (absmax / 127 of the block's
+    compensated weights); with `act_order`, the most active inputs (largest H[k, k]) go first and
+    every block's scales are taken from the weights before compensation ("static groups"; a
+    compensated weight beyond them is clipped to +-127). K is padded to whole blocks with zero
     weights (code 0). damp * mean(diag H) is added to the diagonal.
 
     Returns codes int8 [N, ceil(K / block), block] in [-127, 127] and scales fp32 [N, ceil(K / block)]."""
@@ -976,20 +979,27 @@ def gptq_round_columns(weight: Any, moment: Any, block: int, damp: float = 0.01)
     dead = np.diag(h) <= 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
+    scales = np.zeros((n_dim, blocks), dtype=np.float32)
+    order = np.arange(k_dim)
+    if act_order:
+        padded = np.zeros((n_dim, blocks * block))
+        padded[:, :k_dim] = w
+        absmax = np.abs(padded.reshape(n_dim, blocks, block)).max(-1)
+        scales[:] = np.where(absmax > 0, absmax / 127.0, 1.0)
+        order = np.argsort(-np.diag(h), kind="stable")
+        w, h = w[:, order], h[order][:, order]
     h += damp * np.mean(np.diag(h)) * np.eye(k_dim)
     u = np.linalg.cholesky(np.linalg.inv(h)).T
     codes = np.zeros((n_dim, blocks * block), dtype=np.int8)
-    scales = np.zeros((n_dim, blocks), dtype=np.float32)
-    scale = None
-    for k in range(k_dim):
-        if k % block == 0:
-            absmax = np.abs(w[:, k:k + block]).max(-1)
-            scale = np.where(absmax > 0, absmax / 127.0, 1.0).astype(np.float32)
-            scales[:, k // block] = scale
-        code = np.clip(np.rint(w[:, k] / scale), -127, 127)
+    for j, k in enumerate(order):
+        if not act_order and k % block == 0:
+            absmax = np.abs(w[:, j:j + block]).max(-1)
+            scales[:, k // block] = np.where(absmax > 0, absmax / 127.0, 1.0)
+        scale = scales[:, k // block].astype(np.float64)
+        code = np.clip(np.rint(w[:, j] / scale), -127, 127)
         codes[:, k] = code
-        error = (w[:, k] - code * scale) / u[k, k]
-        w[:, k + 1:] -= np.outer(error, u[k, k + 1:])
+        error = (w[:, j] - code * scale) / u[j, j]
+        w[:, j + 1:] -= np.outer(error, u[j, j + 1:])
     return codes.reshape(n_dim, blocks, block), scales
 
 

@@ -398,6 +398,11 @@ def test_gptq_columns_reduce_the_layer_output_error():
     reference = _blockwise(np.ascontiguousarray(weight.T), 32).T
     np.testing.assert_allclose(dequantize_columns(near_codes, near_scales, 64), reference, rtol=1e-6, atol=1e-7)
     assert output_error(codes, scales) < 0.5 * output_error(near_codes, near_scales)
+    # Most active inputs first, scales from the uncompensated weights: as good, in the same layout.
+    act_codes, act_scales = gptq_round_columns(weight, moment, block=32, act_order=True)
+    assert act_codes.shape == codes.shape and np.abs(act_codes.astype(int)).max() <= 127
+    np.testing.assert_allclose(act_scales, near_scales)
+    assert output_error(act_codes, act_scales) < 0.5 * output_error(near_codes, near_scales)
     # K not a multiple of the block: padded with zero codes, the weight comes back unpadded.
     odd, _ = gptq_round_columns(weight[:40], moment[:40, :40], block=32)
     assert odd.shape == (96, 2, 32) and not odd[:, 1, 8:].any()
