@@ -13,7 +13,7 @@ given: the export's max_target_length and DEFAULT_MAX_NEW_TOKENS for PyTorch).
 
 Memory is measured, not assumed (`measure_footprint`): a fresh process imports the backend's
 libraries, loads the model and answers one utterance; another imports the same and loads nothing;
-the difference of their resident memory (VmRSS, and of their peaks, ru_maxrss) is what the model
+the difference of their resident memory (VmRSS, and of their peaks, VmHWM) is what the model
 costs, and the first process's time from start to answer is the cold start. Throughput is
 utterances per second in calls of 32 (`measure_throughput`).
 
@@ -134,7 +134,7 @@ def measure(model_dir: str | Path, utterances: list[list[str]], num_threads: int
 # What a fresh process imports before it loads a model, by backend: the "no model" process imports
 # the same, so the difference is what the model itself adds.
 _CHILD = r"""
-import json, os, resource, sys, time
+import json, os, sys, time
 started = float(sys.argv[1]); model_dir = sys.argv[2]; backend = sys.argv[3]; threads = int(sys.argv[4])
 words = json.loads(sys.argv[5])
 if backend == "onnxruntime":
@@ -151,8 +151,9 @@ if model_dir:
     predictor = load_timed_predictor(model_dir, num_threads=threads)
     predictor.predict_words([words])
     answered = time.time()
-rss = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS:"))
-print(json.dumps({"rss_kb": rss, "peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+status = {line.split(":")[0]: int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("Vm")}
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, i.e. the parent's peak at fork.
+print(json.dumps({"rss_kb": status["VmRSS"], "peak_kb": status["VmHWM"],
                   "cold_start_s": None if answered is None else answered - started}))
 """
 
@@ -178,7 +179,7 @@ def _child_footprint(model_dir: Path | None, backend: str, words: list[str], num
 def measure_footprint(model_dir: str | Path, words: list[str], num_threads: int = 1, repeats: int = 2) -> dict[str, Any]:
     """Resident memory and cold start of a fresh process that loads `model_dir` and answers one
     utterance (`words`), against a fresh process that imports the same libraries and loads nothing:
-    {"added_rss_mb": VmRSS with - without, "added_peak_mb": ru_maxrss with - without, "rss_mb",
+    {"added_rss_mb": VmRSS with - without, "added_peak_mb": VmHWM with - without, "rss_mb",
     "baseline_rss_mb", "cold_start_s": process start to the first answer}. Medians of `repeats`
     pairs of processes (MB = 10^6 bytes)."""
     model_dir = Path(model_dir)
