@@ -68,6 +68,7 @@ SIZE_LIMIT = 0.30  # int8 export / PyTorch fp32 (seq2seq) or / fp32 export (NLU)
 MIN_IDENTICAL = 0.99
 MAX_EM_DIFF = 0.5  # points
 MIN_SPEEDUP = 6.0
+MAX_MEMORY_FRACTION = 0.4  # int8-compute added memory / fp32 ONNX's (issue: device memory)
 
 
 def safetensors_bytes(model_dir: Path) -> int:
@@ -331,6 +332,12 @@ def checks(seq2seq: dict | None, nlu: dict | None, small: dict | None, default: 
             ("seq2seq int8 |EM - fp32 EM| (points)", abs(d["em_diff_vs_fp32"]), "<=", MAX_EM_DIFF),
             ("seq2seq int8 speed-up over PyTorch generate (p50, batch 1, 1 thread)", d["speedup"], ">=", MIN_SPEEDUP),
         ]
+        for name in [n for n in seq2seq if "nbits" in n and seq2seq[n].get("added_rss_mb") is not None]:
+            r = seq2seq[name]
+            rows.append((f"seq2seq int8 {name} added memory / fp32 ONNX's", r["added_rss_mb"] / seq2seq["fp32"]["added_rss_mb"],
+                         "<=", MAX_MEMORY_FRACTION))
+            if name != default:
+                rows.append((f"seq2seq int8 {name} p50 / {default}'s", r["p50"] / d["p50"], "<=", 1.0))
     if small:
         rows.append(("small seq2seq int8 size / PyTorch fp32 safetensors", small["int8"]["fraction_of_reference"], "<=",
                      SIZE_LIMIT))
