@@ -6,12 +6,18 @@
 For each trained model (a seq2seq student and an encoder NLU student) it exports fp32 ONNX and every
 int8 variant (`VARIANTS`: weight-only 8-bit codes in blocks of 32 or 128 weights computed in fp32,
 rounded to nearest (wo) or by GPTQ calibrated on MASSIVE train utterances with the tied embedding's
-candidate rows in fp16 (gptq, blocks of 64 or 128), or computed by MatMulNBits int8 kernels (nbits),
-and onnxruntime's dynamic quantization per tensor and per channel), then reports:
+candidate rows in fp16 (gptq, blocks of 64 or 128), the same GPTQ codes computed by the int8 kernels
+(gptq_nbits: MatMulNBits, GatherBlockQuantized), nearest codes computed by MatMulNBits int8 kernels
+(nbits), and onnxruntime's dynamic quantization per tensor and per channel), then reports:
 
 - size: bytes of the export's graphs and weights file against the PyTorch safetensors (seq2seq)
   or the fp32 export (NLU);
-- agreement: on --max-examples MASSIVE test ids shared by --locales, the share of utterances whose
+- memory: the resident memory a fresh process adds by loading the model and answering one
+  utterance, against a fresh process that imports the same libraries and loads nothing, and the
+  cold start (process start to first answer), `evaluation.latency.measure_footprint`;
+- throughput: utterances per second at batch 32, one thread;
+- agreement: on --max-examples MASSIVE ids of --split (dev by default: settings are chosen on dev;
+  run with --split test once, to report) shared by --locales, the share of utterances whose
   prediction (intent and slot sequence) is identical to the fp32 export's (and PyTorch's), and EM
   of each model (`evaluation.massive.utterance_records`, `identical_predictions`);
 - latency: p50/p95 at batch 1 on one thread over --latency-examples utterances per locale
@@ -45,6 +51,11 @@ VARIANTS: dict[str, list[str]] = {
                "fp16_candidate_rows=128"],
     "gptq128": ["quantization=weight_only", "weight_compute=float", "block_size=128", "rounding=gptq",
                 "fp16_candidate_rows=128"],
+    # The same GPTQ codes computed by the int8 kernels (MatMulNBits, GatherBlockQuantized): int8 in memory.
+    "gptq_nbits64": ["quantization=weight_only", "weight_compute=int8", "block_size=64", "rounding=gptq",
+                     "fp16_candidate_rows=128"],
+    "gptq_nbits128": ["quantization=weight_only", "weight_compute=int8", "block_size=128", "rounding=gptq",
+                      "fp16_candidate_rows=128"],
     "wo32": ["quantization=weight_only", "weight_compute=float", "block_size=32"],
     "wo128": ["quantization=weight_only", "weight_compute=float", "block_size=128"],
     "nbits32": ["quantization=weight_only", "weight_compute=int8", "block_size=32"],
@@ -56,6 +67,7 @@ SIZE_LIMIT = 0.30  # int8 export / PyTorch fp32 (seq2seq) or / fp32 export (NLU)
 MIN_IDENTICAL = 0.99
 MAX_EM_DIFF = 0.5  # points
 MIN_SPEEDUP = 6.0
+MAX_MEMORY_FRACTION = 0.4  # int8-compute added memory / fp32 ONNX's (issue: device memory)
 
 
 def safetensors_bytes(model_dir: Path) -> int:
@@ -74,8 +86,8 @@ def default_variant(preset: str = "tiny") -> str:
     """The name of the VARIANTS entry that the preset's export config gives."""
     cfg = preset_config(preset)
     if cfg.quantization == "weight_only":
-        if cfg.weight_compute == "float" and cfg.rounding == "gptq":
-            return f"gptq{cfg.block_size}"
+        if cfg.rounding == "gptq":
+            return f"gptq{cfg.block_size}" if cfg.weight_compute == "float" else f"gptq_nbits{cfg.block_size}"
         return f"{'wo' if cfg.weight_compute == 'float' else 'nbits'}{cfg.block_size}"
     return "dyn_channel" if cfg.per_channel else "dyn_tensor"
 
@@ -188,23 +200,107 @@ def build_small_student(work: Path, tokenizer_dir: Path) -> Path:
 
 
 def table(rows: dict[str, dict[str, Any]], default: str, reference: str) -> str:
-    lines = [f"| model | size MB | / {reference} | p50 ms | p95 ms | speed-up vs PyTorch | EM | EM - fp32 | "
-             "identical to fp32 | identical to PyTorch |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    from tabulate import tabulate
 
     def f(value: Any, fmt: str) -> str:
         return "-" if value is None else format(value, fmt)
 
+    out = []
     for name, r in rows.items():
         label = f"int8 {name} (default)" if name == default else (name if name in ("pytorch", "fp32") else f"int8 {name}")
-        lines.append(
-            f"| {label} | {f(r.get('size_mb'), '.2f')} | {f(r.get('fraction_of_reference'), '.3f')} | "
-            f"{f(r.get('p50'), '.2f')} | {f(r.get('p95'), '.2f')} | {f(r.get('speedup'), '.1f')} | "
-            f"{f(r.get('em'), '.2f')} | {f(r.get('em_diff_vs_fp32'), '+.2f')} | "
-            f"{f(100 * r['identical_vs_fp32'] if 'identical_vs_fp32' in r else None, '.1f')}% | "
-            f"{f(100 * r['identical_vs_pytorch'] if 'identical_vs_pytorch' in r else None, '.1f')}% |"
-        )
-    return "\n".join(lines) + "\n"
+        out.append([
+            label, f(r.get("size_mb"), ".2f"), f(r.get("fraction_of_reference"), ".3f"), f(r.get("added_rss_mb"), ".1f"),
+            f(r.get("cold_start_s"), ".2f"), f(r.get("p50"), ".2f"), f(r.get("p95"), ".2f"),
+            f(r.get("throughput_utt_s"), ".1f"), f(r.get("speedup"), ".1f"), f(r.get("em"), ".2f"),
+            f(r.get("em_diff_vs_fp32"), "+.2f"),
+            f(100 * r["identical_vs_fp32"] if "identical_vs_fp32" in r else None, ".1f") + "%",
+            f(100 * r["identical_vs_pytorch"] if "identical_vs_pytorch" in r else None, ".1f") + "%",
+        ])
+    headers = ["model", "size MB", f"/ {reference}", "added RSS MB", "cold start s", "p50 ms", "p95 ms",
+               "utt/s batch 32", "speed-up vs PyTorch", "EM", "EM - fp32", "identical to fp32", "identical to PyTorch"]
+    return tabulate(out, headers=headers, tablefmt="github", disable_numparse=True) + "\n"
+
+
+def memory_rows(models: dict[str, Path], words: list[str], utterances: list[list[str]], repeats: int,
+                max_new_tokens: int) -> dict[str, dict[str, Any]]:
+    """Per model: the resident memory it adds to a fresh process that answers one utterance, the cold
+    start (`evaluation.latency.measure_footprint`) and utterances/s at batch 32 (`measure_throughput`)."""
+    from evaluation.latency import measure_footprint, measure_throughput
+
+    return {name: {**measure_footprint(d, words, num_threads=1, repeats=repeats),
+                   **measure_throughput(d, utterances, batch_size=32, num_threads=1, max_new_tokens=max_new_tokens)}
+            for name, d in models.items()}
+
+
+def _vocab_size(int8_dir: Path) -> int:
+    from student.runtime import read_manifest
+
+    return int(read_manifest(int8_dir)["model_config"].get("vocab_size") or 0)
+
+
+def partly_dequantized(int8_dir: Path, out: Path, which: Any) -> Path:
+    """A copy of an int8-compute export whose int8 kernels selected by `which(graph name, node)` run
+    as fp32 ops over the same weights (`student.export.dequantize_int8_kernels`); weights inline."""
+    import onnx
+
+    from student.export import TOKENIZER_FILES, dequantize_int8_kernels
+    from student.runtime import read_manifest
+
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    manifest = read_manifest(int8_dir)
+    for name, info in manifest["graphs"].items():
+        proto = onnx.load(str(int8_dir / info["file"]))
+        dequantize_int8_kernels(proto, which=lambda node, name=name: which(name, node))
+        onnx.save(proto, str(out / info["file"]))
+    for fname in TOKENIZER_FILES:
+        if (int8_dir / fname).exists():
+            shutil.copy2(int8_dir / fname, out / fname)
+    manifest.pop("weights", None)
+    (out / "manifest.json").write_text(__import__("json").dumps(manifest))
+    return out
+
+
+def layer_costs(int8_dir: Path, fp32_dir: Path, work: Path, golds: list[Any], batch_size: int,
+                words: list[str], repeats: int) -> dict[str, dict[str, Any]]:
+    """What each group of int8 kernels of an int8-compute export costs in agreement with fp32 and
+    what running it in fp32 costs in memory: the export with one group at a time (the lm_head, the
+    embedding gathers, the encoder's MatMuls, the decoder's other MatMuls, all of them) computed in
+    fp32 over the same weights."""
+    from evaluation.latency import measure_footprint
+    from massive.scoring import identical_predictions, utterance_records
+
+    vocab = _vocab_size(int8_dir)
+
+    def attr(node: Any, key: str) -> int:
+        return next((a.i for a in node.attribute if a.name == key), -1)
+
+    groups = {
+        "none (the export)": None,
+        "lm_head": lambda g, n: n.op_type == "MatMulNBits" and attr(n, "N") == vocab,
+        "embedding gathers": lambda g, n: n.op_type == "GatherBlockQuantized",
+        "encoder MatMuls": lambda g, n: g == "encoder" and n.op_type == "MatMulNBits",
+        "decoder MatMuls (not lm_head)": lambda g, n: g == "decoder" and n.op_type == "MatMulNBits" and attr(n, "N") != vocab,
+        "all (weight rounding only)": lambda g, n: True,
+    }
+    reference = utterance_records(golds, predictions(fp32_dir, golds, batch_size))
+    rows = {}
+    for label, which in groups.items():
+        model = int8_dir if which is None else partly_dequantized(
+            int8_dir, work / ("fp32-compute-" + label.split(" ")[0]), which)
+        records = utterance_records(golds, predictions(model, golds, batch_size))
+        rows[label] = {"identical_vs_fp32": identical_predictions(reference, records)["share"],
+                       **measure_footprint(model, words, num_threads=1, repeats=repeats)}
+    return rows
+
+
+def layer_table(rows: dict[str, dict[str, Any]]) -> str:
+    from tabulate import tabulate
+
+    return tabulate([[label, f"{100 * r['identical_vs_fp32']:.1f}%", f"{r['added_rss_mb']:.1f}"] for label, r in rows.items()],
+                    headers=["computed in fp32 (same weights)", "identical to fp32", "added RSS MB"],
+                    tablefmt="github", disable_numparse=True) + "\n"
 
 
 def run_model(kind: str, model_dir: Path, work: Path, variants: list[str], golds: list[Any],
@@ -215,10 +311,12 @@ def run_model(kind: str, model_dir: Path, work: Path, variants: list[str], golds
     sizes = size_rows(models, reference or int(size_rows({"fp32": exports["fp32"]}, 1)["fp32"]["size_bytes"]))
     agree = agreement_rows(models, golds, args.batch_size)
     latency = latency_rows(models, utterances, args.new_tokens)
+    memory = (memory_rows(models, utterances[0], utterances, args.memory_repeats, args.new_tokens)
+              if args.memory_repeats else {name: {} for name in models})
     rows = {}
     for name in models:
         lat = latency[name]
-        rows[name] = {**sizes[name], **agree[name], "p50": lat["p50"], "p95": lat["p95"],
+        rows[name] = {**sizes[name], **agree[name], **memory[name], "p50": lat["p50"], "p95": lat["p95"],
                       "speedup": latency["pytorch"]["p50"] / lat["p50"], "export_dir": str(models[name])}
     return rows
 
@@ -233,6 +331,12 @@ def checks(seq2seq: dict | None, nlu: dict | None, small: dict | None, default: 
             ("seq2seq int8 |EM - fp32 EM| (points)", abs(d["em_diff_vs_fp32"]), "<=", MAX_EM_DIFF),
             ("seq2seq int8 speed-up over PyTorch generate (p50, batch 1, 1 thread)", d["speedup"], ">=", MIN_SPEEDUP),
         ]
+        for name in [n for n in seq2seq if "nbits" in n and seq2seq[n].get("added_rss_mb") is not None]:
+            r = seq2seq[name]
+            rows.append((f"seq2seq int8 {name} added memory / fp32 ONNX's", r["added_rss_mb"] / seq2seq["fp32"]["added_rss_mb"],
+                         "<=", MAX_MEMORY_FRACTION))
+            if name != default:
+                rows.append((f"seq2seq int8 {name} p50 / {default}'s", r["p50"] / d["p50"], "<=", 1.0))
     if small:
         rows.append(("small seq2seq int8 size / PyTorch fp32 safetensors", small["int8"]["fraction_of_reference"], "<=",
                      SIZE_LIMIT))
@@ -259,7 +363,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer", default=None, help="tokenizer directory for the small student (default: --student's)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), help="int8 variants")
     p.add_argument("--locales", nargs="+", default=["en-US", "de-DE", "ja-JP"], help="MASSIVE test locales")
-    p.add_argument("--max-examples", type=int, default=300, help="shared test ids per locale for agreement (default 300)")
+    p.add_argument("--split", default="dev", choices=["dev", "test"],
+                   help="MASSIVE partition scored for agreement: dev to choose settings (default), test once at the end")
+    p.add_argument("--max-examples", type=int, default=300, help="shared ids per locale for agreement (default 300)")
+    p.add_argument("--layer-costs", action="store_true",
+                   help="for each int8-compute variant (gptq_nbits*, nbits*): agreement and memory with each group of "
+                   "int8 kernels computed in fp32 instead (which layer costs what)")
+    p.add_argument("--memory-repeats", type=int, default=2,
+                   help="fresh processes per model measuring added memory and cold start (median; 0 skips)")
     p.add_argument("--latency-examples", type=int, default=30, help="utterances per locale timed (default 30)")
     p.add_argument("--new-tokens", type=int, default=64, help="decoding cap per utterance for latency (default 64)")
     p.add_argument("--batch-size", type=int, default=32, help="utterances per call when predicting for agreement")
@@ -274,20 +385,29 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     default = default_variant()
     variants = list(dict.fromkeys([default, *args.variants]))
-    _, per_locale = load_split("@data/massive/data", args.locales, "test", args.max_examples, seed=0)
+    _, per_locale = load_split("@data/massive/data", args.locales, args.split, args.max_examples, seed=0)
     golds = [e for examples in per_locale.values() for e in examples]
-    utterances = massive_utterances("@data/massive/data", args.locales, "test", args.latency_examples)
+    utterances = massive_utterances("@data/massive/data", args.locales, args.split, args.latency_examples)
     result: dict[str, Any] = {
-        "settings": {"locales": args.locales, "max_examples": args.max_examples, "num_utterances": len(golds),
+        "settings": {"split": args.split, "locales": args.locales, "max_examples": args.max_examples,
+                     "num_utterances": len(golds), "memory_repeats": args.memory_repeats,
                      "latency_utterances": len(utterances), "threads": 1, "batch": 1, "new_tokens": args.new_tokens,
                      "variants": {v: VARIANTS[v] for v in variants}, "default_variant": default,
                      "student": args.student, "nlu": args.nlu},
     }
     if args.student:
         result["seq2seq"] = run_model("seq2seq", Path(args.student), work, variants, golds, utterances, args)
-        print(f"\nseq2seq student {args.student}: {len(golds)} test utterances ({', '.join(args.locales)}), "
+        print(f"\nseq2seq student {args.student}: {len(golds)} {args.split} utterances ({', '.join(args.locales)}), "
               f"latency on {len(utterances)} at batch 1, 1 thread\n")
         print(table(result["seq2seq"], default, "PyTorch fp32"))
+        if args.layer_costs:
+            result["layer_costs"] = {}
+            for name in [v for v in variants if "nbits" in v]:
+                rows = layer_costs(Path(result["seq2seq"][name]["export_dir"]), Path(result["seq2seq"]["fp32"]["export_dir"]),
+                                   work / "layers" / name, golds, args.batch_size, utterances[0], max(args.memory_repeats, 1))
+                result["layer_costs"][name] = rows
+                print(f"\nint8 {name}: which int8 kernels cost agreement\n")
+                print(layer_table(rows))
     if args.nlu:
         result["nlu"] = run_model("nlu", Path(args.nlu), work, variants, golds, utterances, args)
         print(f"\nencoder NLU student {args.nlu}\n")

@@ -11,8 +11,15 @@ intent + slots, i.e. the `predict_words` of the predictor the directory gets:
 Both seq2seq paths stop at eos or after max_new_tokens (given: the same budget for both; not
 given: the export's max_target_length and DEFAULT_MAX_NEW_TOKENS for PyTorch).
 
-Output JSON ({"<model>": {"p50", "p95", "mean", "size_mb", ...}}, milliseconds and 10^6 bytes),
-the file the pipeline's report reads, plus a Markdown table.
+Memory is measured, not assumed (`measure_footprint`): a fresh process imports the backend's
+libraries, loads the model and answers one utterance; another imports the same and loads nothing;
+the difference of their resident memory (VmRSS, and of their peaks, VmHWM) is what the model
+costs, and the first process's time from start to answer is the cold start. Throughput is
+utterances per second in calls of 32 (`measure_throughput`).
+
+Output JSON ({"<model>": {"p50", "p95", "mean", "size_mb", "added_rss_mb", "cold_start_s",
+"throughput_utt_s", ...}}, milliseconds, seconds and 10^6 bytes), the file the pipeline's report
+reads, plus a Markdown table.
 """
 
 from __future__ import annotations
@@ -122,6 +129,96 @@ def measure(model_dir: str | Path, utterances: list[list[str]], num_threads: int
     }
 
 
+# ----------------------------------------------------------------------------- memory, cold start, throughput
+
+# What a fresh process imports before it loads a model, by backend: the "no model" process imports
+# the same, so the difference is what the model itself adds.
+_CHILD = r"""
+import json, os, sys, time
+started = float(sys.argv[1]); model_dir = sys.argv[2]; backend = sys.argv[3]; threads = int(sys.argv[4])
+words = json.loads(sys.argv[5])
+if backend == "onnxruntime":
+    import numpy, onnxruntime, tokenizers  # noqa: F401
+    import student.runtime  # noqa: F401
+else:
+    import torch, transformers  # noqa: F401
+    from transformers import AutoModelForSeq2SeqLM  # noqa: F401  (resolves the lazy module)
+    import evaluation.massive  # noqa: F401
+    torch.set_num_threads(threads)
+answered = None
+if model_dir:
+    from evaluation.latency import load_timed_predictor
+    predictor = load_timed_predictor(model_dir, num_threads=threads)
+    predictor.predict_words([words])
+    answered = time.time()
+status = {line.split(":")[0]: int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("Vm")}
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, i.e. the parent's peak at fork.
+print(json.dumps({"rss_kb": status["VmRSS"], "peak_kb": status["VmHWM"],
+                  "cold_start_s": None if answered is None else answered - started}))
+"""
+
+
+def _child_footprint(model_dir: Path | None, backend: str, words: list[str], num_threads: int) -> dict[str, Any]:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    repo = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])),
+               OMP_NUM_THREADS=str(num_threads))
+    started = time.time()
+    out = subprocess.run([sys.executable, "-c", _CHILD, repr(started), str(model_dir or ""), backend,
+                          str(num_threads), json.dumps(words)], capture_output=True, text=True, env=env, check=False)
+    if out.returncode != 0:
+        tail = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"memory measurement of {model_dir or 'no model'} failed: {tail}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure_footprint(model_dir: str | Path, words: list[str], num_threads: int = 1, repeats: int = 2) -> dict[str, Any]:
+    """Resident memory and cold start of a fresh process that loads `model_dir` and answers one
+    utterance (`words`), against a fresh process that imports the same libraries and loads nothing:
+    {"added_rss_mb": VmRSS with - without, "added_peak_mb": VmHWM with - without, "rss_mb",
+    "baseline_rss_mb", "cold_start_s": process start to the first answer}. Medians of `repeats`
+    pairs of processes (MB = 10^6 bytes)."""
+    model_dir = Path(model_dir)
+    backend = "onnxruntime" if model_kind(model_dir) == "onnx" else "pytorch"
+    runs = []
+    for _ in range(repeats):
+        base = _child_footprint(None, backend, words, num_threads)
+        with_model = _child_footprint(model_dir, backend, words, num_threads)
+        runs.append((base, with_model))
+
+    def median(values: list[float]) -> float:
+        return statistics.median(values)
+
+    kb = 1024 / 1e6
+    return {
+        "rss_mb": median([w["rss_kb"] * kb for _, w in runs]),
+        "baseline_rss_mb": median([b["rss_kb"] * kb for b, _ in runs]),
+        "added_rss_mb": median([(w["rss_kb"] - b["rss_kb"]) * kb for b, w in runs]),
+        "added_peak_mb": median([(w["peak_kb"] - b["peak_kb"]) * kb for b, w in runs]),
+        "cold_start_s": median([w["cold_start_s"] for _, w in runs]),
+        "memory_backend": backend,
+    }
+
+
+def measure_throughput(model_dir: str | Path, utterances: list[list[str]], batch_size: int = 32,
+                       num_threads: int = 1, max_new_tokens: int | None = None) -> dict[str, Any]:
+    """Utterances per second answered in calls of `batch_size` utterances (one warm-up call first)."""
+    model_dir = Path(model_dir)
+    predictor = load_timed_predictor(model_dir, num_threads, max_new_tokens)
+    if model_kind(model_dir) == "onnx":
+        predictor.batch_size = batch_size
+    predictor.predict_words(utterances[:batch_size])
+    start = time.perf_counter()
+    for i in range(0, len(utterances), batch_size):
+        predictor.predict_words(utterances[i:i + batch_size])
+    seconds = time.perf_counter() - start
+    return {"throughput_utt_s": len(utterances) / seconds, "throughput_batch": batch_size}
+
+
 def massive_utterances(data: str, locales: list[str], split: str, max_examples: int) -> list[list[str]]:
     """Word lists of `max_examples` utterances of each locale's `split`: the same sample of ids in
     every locale (`evaluation.massive.sample_shared_ids`, seed 0 so every run times the same
@@ -137,13 +234,19 @@ def massive_utterances(data: str, locales: list[str], split: str, max_examples: 
 
 
 def latency_table(results: dict[str, dict[str, Any]]) -> str:
-    """Markdown table: model, backend, precision, p50, p95, size, and speed-up over each PyTorch model."""
-    lines = ["| model | backend | precision | p50 ms | p95 ms | size MB |", "| --- | --- | --- | ---: | ---: | ---: |"]
-    for name, r in results.items():
-        lines.append(
-            f"| {name} | {r['backend']} | {r['precision']} | {r['p50']:.2f} | {r['p95']:.2f} | {r['size_mb']:.2f} |"
-        )
-    return "\n".join(lines) + "\n"
+    """Markdown table (tabulate): model, backend, precision, p50, p95, size and, where measured, the
+    memory a model adds to a fresh process, its cold start and its throughput at batch 32."""
+    from tabulate import tabulate
+
+    def f(value: Any, fmt: str) -> str:
+        return "-" if value is None else format(value, fmt)
+
+    rows = [[name, r["backend"], r["precision"], f(r["p50"], ".2f"), f(r["p95"], ".2f"), f(r["size_mb"], ".2f"),
+             f(r.get("added_rss_mb"), ".1f"), f(r.get("cold_start_s"), ".2f"), f(r.get("throughput_utt_s"), ".1f")]
+            for name, r in results.items()]
+    headers = ["model", "backend", "precision", "p50 ms", "p95 ms", "size MB", "added RSS MB", "cold start s",
+               "utt/s at batch 32"]
+    return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True) + "\n"
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -152,7 +255,7 @@ def latency_table(results: dict[str, dict[str, Any]]) -> str:
 def register_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "latency",
-        help="latency (p50/p95 at batch 1, one thread) and size of models on MASSIVE test utterances",
+        help="latency (p50/p95 at batch 1, one thread), size, memory, cold start and throughput of models",
         description=(
             "Time each model's end-to-end prediction (tokenize, model, parse) on MASSIVE utterances one at a "
             "time with one thread. A model is an ONNX export (onnxruntime), an encoder NLU directory or a "
@@ -172,6 +275,11 @@ def register_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help=f"generation budget of every seq2seq model (default: an export's max_target_length, "
                    f"{DEFAULT_MAX_NEW_TOKENS} for PyTorch)")
+    p.add_argument("--memory-repeats", type=int, default=2,
+                   help="fresh processes (each with and without the model) measuring the resident memory a model "
+                   "adds and its cold start; the median is reported (default 2; 0 skips)")
+    p.add_argument("--throughput-batch", type=int, default=32,
+                   help="utterances per call for the throughput measurement (default 32; 0 skips)")
     p.set_defaults(func=run_cli)
 
 
@@ -184,8 +292,9 @@ def run_cli(args: argparse.Namespace) -> int:
     for flag in ("max_examples", "threads", "max_new_tokens"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')}: must be >= 1, got {getattr(args, flag)}")
-    if args.warmup < 0:
-        raise ConfigError(f"--warmup: must be >= 0, got {args.warmup}")
+    for flag in ("warmup", "memory_repeats", "throughput_batch"):
+        if getattr(args, flag) < 0:
+            raise ConfigError(f"--{flag.replace('_', '-')}: must be >= 0, got {getattr(args, flag)}")
     try:
         locales = check_locales(args.locales)
     except ValueError as e:
@@ -200,6 +309,13 @@ def run_cli(args: argparse.Namespace) -> int:
                       max_new_tokens=args.max_new_tokens, name=name)
         for name, d in models.items()
     }
+    for name, d in models.items():
+        if args.memory_repeats:
+            results[name].update(measure_footprint(d, utterances[0], num_threads=args.threads,
+                                                   repeats=args.memory_repeats))
+        if args.throughput_batch:
+            results[name].update(measure_throughput(d, utterances, batch_size=args.throughput_batch,
+                                                    num_threads=args.threads, max_new_tokens=args.max_new_tokens))
     atomic_write_json(out / "latency.json", results)
     table = latency_table(results)
     atomic_write_text(out / "latency.md", f"# Latency (batch 1, {args.threads} thread(s), {len(utterances)} utterances)\n\n{table}")

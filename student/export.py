@@ -110,13 +110,15 @@ class ExportConfig:
     MatMulNBitsQuantizer, bits 8, accuracy_level 4: activations quantized per block inside the
     kernel, int8 in memory) and GatherBlockQuantized for embeddings, sharing the tied lm_head's codes."""
     rounding: Literal["nearest", "gptq"] = "nearest"
-    """weight_only with weight_compute=float: how weights become codes. nearest: each weight to its
+    """weight_only (either weight_compute): how weights become codes. nearest: each weight to its
     nearest code. gptq: error-feedback rounding (GPTQ, Frantar et al. 2022): a MatMul weight [K, N] is
     rounded one input row at a time, and each row's rounding error is compensated on the rows not yet
     rounded, weighted by the second moments of the MatMul's input measured on calibration utterances
     (calibration_*), so that the layer's outputs rather than its weights stay close to fp32. Embedding
     tables (read by Gather, and the tied lm_head) are rounded to nearest: a lookup row sees no input
-    to compensate with (see fp16_candidate_rows). Same size and speed as nearest."""
+    to compensate with (see fp16_candidate_rows). Same size and speed as nearest. With
+    weight_compute=int8 the blocks run along each output column's inputs (MatMulNBits' layout,
+    `gptq_round_columns`), with weight_compute=float along each input row's outputs (`gptq_round`)."""
     calibration_data: str = "@data/massive/data"
     """rounding=gptq: the MASSIVE data (a directory, or @data/...) whose train utterances calibrate."""
     calibration_locales: list[str] = field(default_factory=lambda: ["en-US", "de-DE", "ja-JP"])
@@ -130,7 +132,8 @@ class ExportConfig:
     mean diagonal (GPTQ's dampening; larger is closer to nearest rounding)."""
     fp16_candidate_rows: int = 0
     """seq2seq, rounding=gptq: up to this many rows of the tied embedding (which is also the lm_head)
-    stored in fp16 instead of int8: the tokens most often among the two highest logits at the
+    stored in fp16 instead of int8 (weight_compute=int8: their logits are recomputed by an fp32 MatMul
+    over the fp16 rows and written over the int8 kernel's, `add_fp16_logit_rows`): the tokens most often among the two highest logits at the
     calibration decoding steps (MASSIVE students generate ~100 distinct tokens: intents, slot labels,
     separators). Their logits decide the near ties where 8-bit rounding of the lm_head flips a
     prediction; a row costs 2 bytes per dimension instead of 1. 0: every row int8."""
@@ -158,9 +161,8 @@ class ExportConfig:
                 raise ConfigError(f"export.{key}: must be >= 2, got {getattr(self, key)}")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise ConfigError(f"export.block_size: must be a power of 2 >= 16, got {self.block_size}")
-        if self.rounding == "gptq" and (self.quantization != "weight_only" or self.weight_compute != "float"):
-            raise ConfigError("export.rounding: gptq needs quantization=weight_only and weight_compute=float, got "
-                              f"quantization={self.quantization} weight_compute={self.weight_compute}")
+        if self.rounding == "gptq" and self.quantization != "weight_only":
+            raise ConfigError(f"export.rounding: gptq needs quantization=weight_only, got quantization={self.quantization}")
         if self.calibration_examples < 1:
             raise ConfigError(f"export.calibration_examples: must be >= 1, got {self.calibration_examples}")
         if not self.calibration_locales:
@@ -292,8 +294,12 @@ def quantize_export(fp32_dir: Path, out: Path, cfg: ExportConfig) -> dict[str, A
                         _add_counts(stats, quantize_weights_stored(
                             proto, cfg.block_size, moments=calibration.moments[fname], damp=cfg.gptq_damp,
                             fp16_rows=calibration.candidate_rows(cfg.fp16_candidate_rows)))
-                else:
+                elif calibration is None:
                     _add_counts(stats, quantize_weight_only(proto, cfg))
+                else:
+                    _add_counts(stats, quantize_weight_only(
+                        proto, cfg, moments=calibration.moments[fname],
+                        fp16_rows=calibration.candidate_rows(cfg.fp16_candidate_rows)))
             else:
                 quantize_dynamic_graph(path, Path(work) / "quantized.onnx", cfg)
                 proto = onnx.load(str(Path(work) / "quantized.onnx"))
@@ -310,12 +316,13 @@ def quantize_export(fp32_dir: Path, out: Path, cfg: ExportConfig) -> dict[str, A
     if cfg.quantization == "weight_only":
         method = {"method": "weight_only", "bits": 8, "block_size": cfg.block_size, "symmetric": True,
                   "weight_compute": cfg.weight_compute, **stats}
-        if cfg.weight_compute == "float":
-            method["rounding"] = cfg.rounding
+        method["rounding"] = cfg.rounding
         if calibration is not None:
             rows = calibration.candidate_rows(cfg.fp16_candidate_rows)
-            method.update(calibration=calibration.describe(), gptq_damp=cfg.gptq_damp,
-                          fp16_rows=0 if rows is None else len(rows))
+            method.update(calibration=calibration.describe(), gptq_damp=cfg.gptq_damp)
+            if cfg.weight_compute == "float":
+                method["fp16_rows"] = 0 if rows is None else len(rows)
+            # weight_compute=int8: the rows actually kept (stats), 0 when no tied lm_head was quantized.
     else:
         method = {"method": "dynamic", "weight_type": cfg.weight_type, "per_channel": cfg.per_channel,
                   "reduce_range": cfg.reduce_range, "op_types": list(QUANTIZED_OP_TYPES)}
@@ -962,17 +969,114 @@ def gptq_round(weight: Any, moment: Any, block: int, damp: float = 0.01) -> tupl
     return codes[inverse], scales[inverse]
 
 
-def quantize_weight_only(model: onnx.ModelProto, cfg: ExportConfig) -> dict[str, int]:
+def gptq_round_columns(weight: Any, moment: Any, block: int, damp: float = 0.01,
+                       act_order: bool = False) -> tuple[Any, Any]:
+    """GPTQ for y = x @ W, W [K, N], in MatMulNBits' layout: the blocks are `block` consecutive
+    inputs k of one output column n, each with its own scale (the GPTQ paper's groups). The
+    rounding error of each input, divided by the Cholesky factor of H^-1, is subtracted from the
+    inputs not yet rounded. Order and scales: by default inputs are rounded in their natural order
+    and a block's scales are taken when its first input is rounded (absmax / 127 of the block's
+    compensated weights); with `act_order`, the most active inputs (largest H[k, k]) go first and
+    every block's scales are taken from the weights before compensation ("static groups"; a
+    compensated weight beyond them is clipped to +-127). K is padded to whole blocks with zero
+    weights (code 0). damp * mean(diag H) is added to the diagonal.
+
+    Returns codes int8 [N, ceil(K / block), block] in [-127, 127] and scales fp32 [N, ceil(K / block)]."""
+    import numpy as np
+
+    k_dim, n_dim = weight.shape
+    blocks = -(-k_dim // block)
+    w = weight.astype(np.float64).T.copy()  # [N, K]: one column of the loop below is one input k
+    h = np.array(moment, dtype=np.float64)
+    dead = np.diag(h) <= 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    scales = np.zeros((n_dim, blocks), dtype=np.float32)
+    order = np.arange(k_dim)
+    if act_order:
+        padded = np.zeros((n_dim, blocks * block))
+        padded[:, :k_dim] = w
+        absmax = np.abs(padded.reshape(n_dim, blocks, block)).max(-1)
+        scales[:] = np.where(absmax > 0, absmax / 127.0, 1.0)
+        order = np.argsort(-np.diag(h), kind="stable")
+        w, h = w[:, order], h[order][:, order]
+    h += damp * np.mean(np.diag(h)) * np.eye(k_dim)
+    u = np.linalg.cholesky(np.linalg.inv(h)).T
+    codes = np.zeros((n_dim, blocks * block), dtype=np.int8)
+    for j, k in enumerate(order):
+        if not act_order and k % block == 0:
+            absmax = np.abs(w[:, j:j + block]).max(-1)
+            scales[:, k // block] = np.where(absmax > 0, absmax / 127.0, 1.0)
+        scale = scales[:, k // block].astype(np.float64)
+        code = np.clip(np.rint(w[:, j] / scale), -127, 127)
+        codes[:, k] = code
+        error = (w[:, j] - code * scale) / u[j, j]
+        w[:, j + 1:] -= np.outer(error, u[j, j + 1:])
+    return codes.reshape(n_dim, blocks, block), scales
+
+
+def dequantize_columns(codes: Any, scales: Any, k_dim: int) -> Any:
+    """The fp32 weight [K, N] that `gptq_round_columns`' codes and scales stand for."""
+    import numpy as np
+
+    n_dim = codes.shape[0]
+    return (codes.astype(np.float32) * scales[..., None]).reshape(n_dim, -1)[:, :k_dim].T.copy()
+
+
+def _matmul_nbits(x: str, output: str, codes: Any, scales: Any, k_dim: int, name: str, block: int,
+                  inits: dict[str, Any]) -> Any:
+    """A MatMulNBits node (8 bits, no zero points: uint8 code - 128) over int8 codes [N, blocks, block]."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    n_dim = codes.shape[0]
+    inits[f"{name}_q8"] = numpy_helper.from_array((codes.astype(np.int16) + 128).astype(np.uint8), f"{name}_q8")
+    inits[f"{name}_q8_scales"] = numpy_helper.from_array(scales.reshape(-1).astype(np.float32), f"{name}_q8_scales")
+    return helper.make_node("MatMulNBits", [x, f"{name}_q8", f"{name}_q8_scales"], [output], name=f"{name}_q8mm",
+                            domain="com.microsoft", K=k_dim, N=n_dim, bits=8, block_size=block,
+                            accuracy_level=INT8_ACCURACY_LEVEL)
+
+
+def add_fp16_logit_rows(x: str, logits_q: str, logits: str, table: Any, rows: Any, name: str,
+                        inits: dict[str, Any]) -> list[Any]:
+    """Nodes that recompute the logits of the vocabulary `rows` of a tied lm_head (logits = x @ table^T,
+    table [V, D]) from the rows stored in fp16, and write them over the int8 kernel's `logits_q`
+    (last axis) as `logits`. The fp16 rows [D, r] are cast to fp32 once (constant folding when the
+    session loads): 4 * D * r bytes of memory, 2 * D * r on disk."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    rows = np.asarray(rows, dtype=np.int64)
+    inits[f"{name}_f16_rows"] = numpy_helper.from_array(table[rows].T.astype(np.float16), f"{name}_f16_rows")
+    inits[f"{name}_f16_index"] = numpy_helper.from_array(rows, f"{name}_f16_index")
+    return [
+        helper.make_node("Cast", [f"{name}_f16_rows"], [f"{name}_f16_float"], name=f"{name}_f16_cast",
+                         to=TensorProto.FLOAT),
+        helper.make_node("MatMul", [x, f"{name}_f16_float"], [f"{name}_f16_logits"], name=f"{name}_f16_matmul"),
+        helper.make_node("Shape", [f"{name}_f16_logits"], [f"{name}_f16_shape"], name=f"{name}_f16_shape"),
+        helper.make_node("Expand", [f"{name}_f16_index", f"{name}_f16_shape"], [f"{name}_f16_where"],
+                         name=f"{name}_f16_expand"),
+        helper.make_node("ScatterElements", [logits_q, f"{name}_f16_where", f"{name}_f16_logits"], [logits],
+                         name=f"{name}_f16_scatter", axis=-1),
+    ]
+
+
+def quantize_weight_only(model: onnx.ModelProto, cfg: ExportConfig, moments: dict[str, Any] | None = None,
+                         fp16_rows: Any = None) -> dict[str, int]:
     """8-bit weight-only quantization in place, weights in blocks of cfg.block_size:
 
-    - an embedding table read by Gather becomes GatherBlockQuantized over uint8 codes;
+    - an embedding table read by Gather becomes GatherBlockQuantized over uint8 codes (nearest);
     - a MatMul whose weight is the transpose of such a table (the tied lm_head) becomes MatMulNBits
       over the *same* codes and scales (MatMulNBits stores B as [N, K] blocks, i.e. the table's
-      own layout), so the tied embedding is stored once;
+      own layout), so the tied embedding is stored once; with `fp16_rows`, those rows' logits are
+      recomputed from fp16 copies (`add_fp16_logit_rows`);
+    - a MatMul with a constant weight whose input has second moments in `moments` (`calibrate`):
+      MatMulNBits over GPTQ codes (`gptq_round_columns` with act_order, cfg.gptq_damp);
     - every other MatMul with a constant weight: onnxruntime's MatMulNBitsQuantizer (bits 8,
-      symmetric, accuracy_level INT8_ACCURACY_LEVEL).
-    Small tables (fewer than MIN_QUANTIZED_ELEMENTS) and tables whose width is not a multiple of the
-    block size stay fp32. Returns counts per kind."""
+      symmetric, nearest).
+    All MatMulNBits use accuracy_level INT8_ACCURACY_LEVEL (int8 dot products). Small tables (fewer
+    than MIN_QUANTIZED_ELEMENTS) and tables whose width is not a multiple of the block size stay fp32.
+    Returns counts per kind (gptq_weights, fp16_rows and fp16_rows_bytes with moments / fp16_rows)."""
     import numpy as np
     from onnx import helper, numpy_helper
     from onnxruntime.quantization.matmul_nbits_quantizer import (
@@ -992,6 +1096,8 @@ def quantize_weight_only(model: onnx.ModelProto, cfg: ExportConfig) -> dict[str,
                     _gather_axis(node) == 0:
                 tables[name] = (array, *quantize_blocks(array, bs))
     stats = {"gather_block_quantized": 0, "tied_lm_head": 0, "matmul_nbits": 0}
+    if moments is not None or fp16_rows is not None:
+        stats.update(gptq_weights=0, fp16_rows=0, fp16_rows_bytes=0)
     new_inits: dict[str, Any] = {}
 
     def codes_and_scales(name: str) -> tuple[str, str]:
@@ -1020,10 +1126,27 @@ def quantize_weight_only(model: onnx.ModelProto, cfg: ExportConfig) -> dict[str,
                 if blob not in new_inits:  # the same bytes as codes/scales: stored once (store_weights_once)
                     new_inits[blob] = numpy_helper.from_array(tables[tied][1].reshape(v, d // bs, bs), blob)
                     new_inits[flat_scales] = numpy_helper.from_array(tables[tied][2].reshape(-1), flat_scales)
+                keep = None
+                if fp16_rows is not None and len(fp16_rows) and v > int(np.max(fp16_rows)):
+                    keep = np.asarray(fp16_rows, dtype=np.int64)
+                output = f"{node.output[0]}_q8" if keep is not None else node.output[0]
                 nodes.append(helper.make_node(
-                    "MatMulNBits", [node.input[0], blob, flat_scales], list(node.output), name=f"{node.name}_q8",
+                    "MatMulNBits", [node.input[0], blob, flat_scales], [output], name=f"{node.name}_q8",
                     domain="com.microsoft", K=d, N=v, bits=8, block_size=bs, accuracy_level=INT8_ACCURACY_LEVEL))
+                if keep is not None:
+                    nodes += add_fp16_logit_rows(node.input[0], output, node.output[0], tables[tied][0], keep,
+                                                 f"{tied}_lm_head", new_inits)
+                    stats["fp16_rows"] += len(keep)
+                    stats["fp16_rows_bytes"] += 2 * d * len(keep)
                 stats["tied_lm_head"] += 1
+                continue
+            if moments is not None and weight.ndim == 2 and node.input[0] in moments:
+                k_dim = weight.shape[0]
+                # act_order: 96.8% identical to fp32 on 900 dev ids of a quick tiny student, natural order 96.2%.
+                codes, scales = gptq_round_columns(weight, moments[node.input[0]], bs, cfg.gptq_damp, act_order=True)
+                nodes.append(_matmul_nbits(node.input[0], node.output[0], codes, scales, k_dim,
+                                           f"{node.input[1]}_{len(nodes)}", bs, new_inits))
+                stats["gptq_weights"] += 1
                 continue
         nodes.append(node)
     del graph.node[:]
@@ -1043,6 +1166,51 @@ def quantize_weight_only(model: onnx.ModelProto, cfg: ExportConfig) -> dict[str,
     model.CopyFrom(quantizer.model.model)
     stats["matmul_nbits"] = sum(n.op_type == "MatMulNBits" for n in model.graph.node) - stats["tied_lm_head"]
     return stats
+
+
+def dequantize_int8_kernels(model: onnx.ModelProto, which: Any = None) -> int:
+    """In place: every MatMulNBits (8 bits, no zero points) becomes a MatMul over its weight in fp32 and
+    every GatherBlockQuantized (8 bits, gather axis 0, quantize axis 1) a Gather over its table in
+    fp32. The graph then computes in fp32 with exactly the weights the int8 kernels hold: comparing
+    the two isolates what int8 arithmetic (activations quantized per block) changes. `which`: a
+    predicate on nodes to replace only some (e.g. the lm_head), to see what each layer costs.
+    Returns the number of nodes replaced."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    attrs = lambda node: {a.name: helper.get_attribute_value(a) for a in node.attribute}  # noqa: E731
+    nodes, added, replaced = [], [], 0
+    for node in graph.node:
+        if which is not None and not which(node):
+            nodes.append(node)
+            continue
+        if node.op_type == "MatMulNBits" and len(node.input) == 3 and node.input[1] in inits:
+            a = attrs(node)
+            codes = numpy_helper.to_array(inits[node.input[1]]).astype(np.int16) - 128  # [N, blocks, block]
+            scales = numpy_helper.to_array(inits[node.input[2]]).reshape(codes.shape[0], codes.shape[1])
+            weight = dequantize_columns(codes, scales, int(a["K"]))
+            added.append(numpy_helper.from_array(weight, f"{node.input[1]}_fp32_{replaced}"))
+            nodes.append(helper.make_node("MatMul", [node.input[0], added[-1].name], list(node.output)))
+        elif node.op_type == "GatherBlockQuantized" and node.input[0] in inits:
+            a = attrs(node)
+            codes = numpy_helper.to_array(inits[node.input[0]]).astype(np.int16) - 128  # [V, D]
+            scales = numpy_helper.to_array(inits[node.input[2]])  # [V, D / block]
+            table = (codes.reshape(*scales.shape, int(a["block_size"])) * scales[..., None]).reshape(codes.shape)
+            added.append(numpy_helper.from_array(table.astype(np.float32), f"{node.input[0]}_fp32_{replaced}"))
+            nodes.append(helper.make_node("Gather", [added[-1].name, node.input[1]], list(node.output), axis=0))
+        else:
+            nodes.append(node)
+            continue
+        replaced += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(added)
+    used = {name for node in graph.node for name in node.input}
+    for init in [t for t in graph.initializer if t.name not in used]:
+        graph.initializer.remove(init)
+    return replaced
 
 
 def _gather_axis(node: Any) -> int:

@@ -45,13 +45,25 @@ FORMAT_VERSION = 2
 
 def read_manifest(export_dir: str | os.PathLike) -> dict[str, Any]:
     """manifest.json of an export directory, with its required keys checked."""
-    path = Path(export_dir) / MANIFEST
+    export_dir = Path(export_dir)
+    path = export_dir / MANIFEST
+    if not export_dir.is_dir():
+        raise FileNotFoundError(f"{export_dir}: no such directory; pass an ONNX export directory written by "
+                                "`polyteacher export`")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as e:
+        if (export_dir / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{export_dir}: a Hugging Face model directory, not an ONNX export (no {MANIFEST}); export it "
+                f"with `polyteacher export --model {export_dir} --out {export_dir}-onnx [--int8]` and pass "
+                f"{export_dir}-onnx instead") from e
         raise FileNotFoundError(f"{path}: not an ONNX export directory (no {MANIFEST}); create one with `polyteacher export`") from e
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from e
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        where = f":{e.lineno}" if isinstance(e, json.JSONDecodeError) else ""
+        raise ValueError(f"{path}{where}: invalid JSON: {e}; export the model again with `polyteacher export`") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not a JSON object; export the model again with `polyteacher export`")
     for key in ("kind", "precision", "graphs", "size_bytes", "special_ids", "max_source_length"):
         if key not in data:
             raise ValueError(f"{path}: missing key {key!r}")
@@ -64,7 +76,31 @@ def read_manifest(export_dir: str | os.PathLike) -> dict[str, Any]:
             f"{path}: format_version {data.get('format_version')!r} is not supported (this runtime reads "
             f"{FORMAT_VERSION}); export the model again with `polyteacher export`"
         )
+    if not isinstance(data["graphs"], dict) or not all(isinstance(g, dict) and isinstance(g.get("file"), str)
+                                                       for g in data["graphs"].values()):
+        raise ValueError(f"{path}: graphs must map each graph name to {{\"file\": ...}}")
+    for name, info in data["graphs"].items():
+        inside(export_dir, info["file"], f"graphs.{name}.file")
+    if "tokenizer" in data:
+        inside(export_dir, data["tokenizer"], "tokenizer")
+    if isinstance(data.get("weights"), dict) and "file" in data["weights"]:
+        inside(export_dir, data["weights"]["file"], "weights.file")
     return data
+
+
+def inside(export_dir: str | os.PathLike, relative: Any, key: str) -> Path:
+    """export_dir / relative, refused (ValueError naming the manifest key) unless it is a relative path
+    that stays inside export_dir once symbolic links are resolved: a manifest must not make the
+    runtime read files elsewhere."""
+    export_dir = Path(export_dir)
+    where = export_dir / MANIFEST
+    if not isinstance(relative, str) or not relative or "\0" in relative:
+        raise ValueError(f"{where}: {key} must be a file name inside the export directory, got {relative!r}")
+    target = (export_dir / relative).resolve()
+    if Path(relative).is_absolute() or not target.is_relative_to(export_dir.resolve()):
+        raise ValueError(f"{where}: {key} {relative!r} points outside the export directory {export_dir}; refusing "
+                         "to read it (export the model again with `polyteacher export`)")
+    return export_dir / relative
 
 
 def slot_spans(words: list[str], labels: list[str], locale: str | None = None) -> list[dict[str, Any]]:
@@ -99,7 +135,7 @@ class OnnxPredictor:
         self.pad_id, self.eos_id = int(ids["pad"]), int(ids["eos"])
         self.decoder_start_id = int(ids.get("decoder_start", self.pad_id))
 
-        tokenizer_path = self.model_dir / self.manifest.get("tokenizer", "tokenizer.json")
+        tokenizer_path = inside(self.model_dir, self.manifest.get("tokenizer", "tokenizer.json"), "tokenizer")
         if not tokenizer_path.exists():
             raise FileNotFoundError(f"{tokenizer_path}: the export's tokenizer is missing")
         self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
@@ -113,7 +149,8 @@ class OnnxPredictor:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         providers = providers or ["CPUExecutionProvider"]
         self.sessions = {
-            name: ort.InferenceSession(str(self.model_dir / info["file"]), options, providers=providers)
+            name: ort.InferenceSession(str(inside(self.model_dir, info["file"], f"graphs.{name}.file")), options,
+                                       providers=providers)
             for name, info in self.manifest["graphs"].items()
         }
         if self.kind == "seq2seq":
@@ -264,37 +301,265 @@ class OnnxPredictor:
 
 # ----------------------------------------------------------------------------- CLI
 
+# A progress bar is drawn (on a terminal's stderr) only for inputs longer than this many lines.
+PROGRESS_MIN_LINES = 200
+# At most this many per-line errors are printed to stderr; every one is in the output as a record.
+MAX_ERROR_MESSAGES = 20
+
+
+class LineError(ValueError):
+    """One input line that cannot be answered (not UTF-8, malformed JSON, unknown locale, empty)."""
+
+
+def parse_line(raw: bytes, default_locale: str | None) -> tuple[str, str | None, dict[str, Any]]:
+    """One input line (without its newline) -> (utterance, locale, extra output fields).
+
+    A line whose first non-blank character is `{` is a JSON object with "utt" (the utterance) and
+    optionally "locale" (a MASSIVE locale, else `default_locale`) and "id" (copied to the output);
+    any other line is the utterance itself in `default_locale`."""
+    from massive.format import MASSIVE_LOCALES
+
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise LineError(f"not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}); save the input as UTF-8") from None
+    extra: dict[str, Any] = {}
+    locale = default_locale
+    if text.lstrip().startswith("{"):
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise LineError(f"malformed JSON at column {e.colno}: {e.msg}") from None
+        if not isinstance(row, dict) or not isinstance(row.get("utt"), str):
+            raise LineError('a JSON line needs a string "utt" (and optionally "locale", "id")')
+        if "locale" in row and row["locale"] is not None:
+            if row["locale"] not in MASSIVE_LOCALES:
+                raise LineError(f"unknown locale {row['locale']!r}; use a MASSIVE locale such as en-US, de-DE, ja-JP")
+            locale = row["locale"]
+        if "id" in row:
+            extra["id"] = row["id"]
+        text = row["utt"]
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise LineError('"utt" holds a lone surrogate escape (\\ud800-\\udfff), which is not text') from None
+    if not text.strip():
+        raise LineError("empty utterance")
+    return text, locale, extra
+
+
+def _argv_bytes(arg: str) -> bytes:
+    """The bytes the user passed (Python decodes argv with surrogateescape: undecodable bytes survive)."""
+    return os.fsencode(arg)
+
+
+class _Output:
+    """JSONL to stdout, or to a file written under a temporary name and renamed when complete."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = Path(path) if path else None
+        if self.path is None:
+            self.stream = sys.stdout
+        else:
+            self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+            self.stream = open(self.tmp, "w", encoding="utf-8")  # noqa: SIM115
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def close(self, keep: bool) -> None:
+        if self.path is None:
+            self.stream.flush()
+            return
+        self.stream.close()
+        if keep:
+            os.replace(self.tmp, self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)
+
+
+def serve(predictor: OnnxPredictor, lines: Any, output: Any, default_locale: str | None, source: str,
+          chunk_lines: int, progress: Any = None) -> tuple[int, int]:
+    """Answer `lines` ((line number, bytes) pairs) in chunks of `chunk_lines`: every good line's
+    prediction (one batched predictor call per chunk) and every bad line's {"line", "error"} record,
+    in input order. Bad lines are also reported on stderr as `source:line: message` (the first
+    MAX_ERROR_MESSAGES). Returns (answered, failed)."""
+    answered = failed = 0
+
+    def flush(chunk: list[tuple[int, Any]]) -> None:
+        nonlocal answered
+        good = [(n, item) for n, item in chunk if not isinstance(item, LineError)]
+        words = [split_words(text, locale) for _, (text, locale, _) in good]
+        preds, flags = predictor.predict_words_with_flags(words) if words else ([], [])
+        results = {n: (item, w, p, f) for (n, item), w, p, f in zip(good, words, preds, flags)}
+        for n, item in chunk:
+            if isinstance(item, LineError):
+                output.write({"line": n, "error": str(item)})
+                continue
+            (text, locale, extra), w, pred, truncated = results[n]
+            output.write({"line": n, **extra, "utterance": text, "locale": locale, "intent": pred.intent,
+                          "slots": slot_spans(w, list(pred.slots), locale), "labels": list(pred.slots), "words": w,
+                          "truncated": truncated})
+            answered += 1
+        output.flush()
+        if progress is not None:
+            progress.update(len(chunk))
+
+    chunk: list[tuple[int, Any]] = []
+    for number, raw in lines:
+        try:
+            chunk.append((number, parse_line(raw, default_locale)))
+        except LineError as e:
+            failed += 1
+            if failed <= MAX_ERROR_MESSAGES:
+                print(f"polyteacher predict: {source}:{number}: {e}", file=sys.stderr)
+            chunk.append((number, e))
+        if len(chunk) >= chunk_lines:
+            flush(chunk)
+            chunk = []
+    if chunk:
+        flush(chunk)
+    if failed > MAX_ERROR_MESSAGES:
+        print(f"polyteacher predict: {source}: {failed - MAX_ERROR_MESSAGES} more bad lines (each is an "
+              '{"line", "error"} record in the output)', file=sys.stderr)
+    return answered, failed
+
+
+def _numbered_lines(stream: Any) -> Any:
+    """(line number from 1, the line's bytes without its line ending or a leading UTF-8 BOM)."""
+    for number, raw in enumerate(stream, start=1):
+        raw = raw.rstrip(b"\r\n")
+        if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        yield number, raw
+
+
+def _count_lines(path: Path) -> int:
+    with open(path, "rb") as f:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+
+
+def _progress_bar(total: int | None, enabled: bool) -> Any:
+    """A tqdm bar on stderr when it is a terminal and the input is long (tqdm is optional: the runtime
+    install does not need it)."""
+    if not enabled or not sys.stderr.isatty() or (total is not None and total <= PROGRESS_MIN_LINES):
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="utt", desc="predict", file=sys.stderr)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="ONNX export directory (written by `polyteacher export`)")
+    p.add_argument("--locale", default=None,
+                   help="MASSIVE locale of the utterances, e.g. ja-JP (ja-JP, zh-CN, zh-TW split words into characters); "
+                   "a JSONL line's own \"locale\" wins")
+    p.add_argument("--input", default=None,
+                   help="file of utterances, one per line, or JSONL lines {\"utt\": ..., \"locale\": ..., \"id\": ...} "
+                   "(the two may be mixed); '-' or no --input and no utterances: standard input")
+    p.add_argument("--output", default=None, help="write the JSONL answers to this file (default: standard output)")
+    p.add_argument("--batch-size", type=int, default=32, help="utterances per onnxruntime call (default 32)")
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
+    p.add_argument("--no-progress", action="store_true", help="never draw a progress bar")
+    p.add_argument("utterances", nargs="*", help="utterances to annotate (quote each one)")
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "predict",
         help="predict intent and slots of utterances with an ONNX export (onnxruntime, no torch)",
-        description=(
-            "Print one JSON object per utterance: intent, slot spans, per-word labels, words and whether "
-            "the utterance was truncated to the export's max_source_length. Utterances come from the "
-            "arguments, or one per line from standard input when none is given."
-        ),
+        description=PREDICT_DESCRIPTION,
     )
-    p.add_argument("--model", required=True, help="ONNX export directory (written by `polyteacher export`)")
-    p.add_argument("--locale", default=None,
-                   help="MASSIVE locale of the utterances, e.g. ja-JP (ja-JP, zh-CN, zh-TW split words into characters)")
-    p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
-    p.add_argument("utterances", nargs="*", help="utterances to annotate (quote each one)")
+    add_arguments(p)
     p.set_defaults(func=run_cli)
 
 
+PREDICT_DESCRIPTION = (
+    "Print one JSON object per utterance: its input line number, intent, slot spans, per-word labels, "
+    "words and whether the utterance was truncated to the export's max_source_length. Utterances come "
+    "from the arguments, from --input, or one per line from standard input (plain text or JSONL with "
+    "\"utt\" and \"locale\"), answered in batches. A line that cannot be answered (not UTF-8, malformed "
+    "JSON, unknown locale, empty) gets an {\"line\", \"error\"} record and a message on stderr; the rest "
+    "are answered. Exit status: 0 when something was answered (or there was nothing to answer), 1 when "
+    "every line was bad, 2 for a bad model or option."
+)
+
+
 def run_cli(args: argparse.Namespace) -> int:
-    from core.config import ConfigError
+    """`predict`: errors of the command itself (options, model) are one line on stderr and status 2."""
+    try:
+        return _run(args)
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`): stop quietly, and keep Python's exit from flushing again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except (OSError, ValueError) as e:
+        print(f"polyteacher predict: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from massive.format import MASSIVE_LOCALES
 
     if args.threads < 1:
-        raise ConfigError(f"--threads: must be >= 1, got {args.threads}")
-    if args.locale is not None:
-        from massive.format import MASSIVE_LOCALES
-
-        if args.locale not in MASSIVE_LOCALES:
-            raise ConfigError(f"--locale: unknown locale {args.locale!r}; allowed: {', '.join(MASSIVE_LOCALES)}")
-    predictor = OnnxPredictor(args.model, num_threads=args.threads)
-    utterances = args.utterances if args.utterances else (line.rstrip("\n") for line in sys.stdin)
-    for utterance in utterances:
-        print(json.dumps(predictor.predict(utterance, args.locale), ensure_ascii=False), flush=True)
+        raise ValueError(f"--threads: must be >= 1, got {args.threads}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size: must be >= 1, got {args.batch_size}")
+    if args.locale is not None and args.locale not in MASSIVE_LOCALES:
+        raise ValueError(f"--locale: unknown locale {args.locale!r}; allowed: {', '.join(MASSIVE_LOCALES)}")
+    if args.utterances and args.input:
+        raise ValueError("give utterances as arguments or --input, not both")
+    predictor = OnnxPredictor(args.model, num_threads=args.threads, batch_size=args.batch_size)
+    total = None
+    if args.utterances:
+        source, lines = "argument", ((i, _argv_bytes(a)) for i, a in enumerate(args.utterances, start=1))
+        total, chunk_lines, stream = len(args.utterances), args.batch_size, None
+    elif args.input and args.input != "-":
+        path = Path(args.input)
+        if not path.is_file():
+            raise FileNotFoundError(f"--input {path}: no such file")
+        total = _count_lines(path)
+        stream = open(path, "rb")  # noqa: SIM115
+        source, lines, chunk_lines = str(path), _numbered_lines(stream), 8 * args.batch_size
+    else:
+        stream = None
+        interactive = sys.stdin.isatty()
+        source, lines = "stdin", _numbered_lines(sys.stdin.buffer)
+        # A person typing gets each answer at once; a pipe is answered in batches.
+        chunk_lines = 1 if interactive else 8 * args.batch_size
+    output = _Output(args.output)
+    progress = _progress_bar(total if total is not None else None, not args.no_progress)
+    ok = False
+    try:
+        answered, failed = serve(predictor, lines, output, args.locale, source, chunk_lines, progress)
+        ok = True
+    finally:
+        output.close(keep=ok)
+        if progress is not None:
+            progress.close()
+        if stream is not None:
+            stream.close()
+    if failed and not answered:
+        print(f"polyteacher predict: nothing answered: all {failed} lines of {source} were bad", file=sys.stderr)
+        return 1
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`polyteacher-predict`: the predict command alone (the runtime install, no torch)."""
+    p = argparse.ArgumentParser(prog="polyteacher-predict", description=PREDICT_DESCRIPTION)
+    add_arguments(p)
+    try:
+        return run_cli(p.parse_args(argv))
+    except KeyboardInterrupt:
+        print("polyteacher-predict: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -33,6 +33,7 @@ from student.export import (
 from student.runtime import OnnxPredictor, read_manifest
 
 PARITY_TOL = 1e-4
+SEQ2SEQ_GRAPHS_NAMES = ("encoder", "decoder")
 
 
 def hf_greedy(model_dir: Path, sources: list[str], max_new_tokens: int) -> list[list[int]]:
@@ -89,6 +90,9 @@ def test_config_validation_names_key_and_allowed_values():
         load_config(ExportConfig, section="export", overrides=["fp16_candidate_rows=8"])
     with pytest.raises(ConfigError, match="export.gptq_damp"):
         load_config(ExportConfig, section="export", overrides=["rounding=gptq", "gptq_damp=0"])
+    # GPTQ codes computed by the int8 kernels: allowed.
+    cfg = load_config(ExportConfig, section="export", overrides=["rounding=gptq", "weight_compute=int8"])
+    assert cfg.rounding == "gptq" and cfg.weight_compute == "int8"
 
 
 # ----------------------------------------------------------------------------- seq2seq parity
@@ -373,6 +377,71 @@ def test_gptq_rounding_reduces_the_layer_output_error():
     np.testing.assert_allclose(plain_scales, near_scales)
 
 
+def test_gptq_columns_reduce_the_layer_output_error():
+    """gptq_round_columns: MatMulNBits' layout (codes [N, K / block, block] in [-127, 127], one scale per
+    block of each output column's inputs); on held-out inputs like the calibration inputs its outputs
+    are much closer to fp32 than nearest rounding's; with H = I it is nearest rounding."""
+    from student.export import dequantize_columns, gptq_round_columns
+
+    rng = np.random.default_rng(1)
+    weight = (0.1 * rng.standard_normal((64, 96))).astype(np.float32)
+    calib, held_out = _correlated_inputs(2048, 64, seed=2), _correlated_inputs(512, 64, seed=3)
+    moment = calib.T @ calib / len(calib)
+
+    def output_error(codes: np.ndarray, scales: np.ndarray) -> float:
+        return float(np.mean((held_out @ (dequantize_columns(codes, scales, 64) - weight)) ** 2))
+
+    codes, scales = gptq_round_columns(weight, moment, block=32)
+    assert codes.dtype == np.int8 and codes.shape == (96, 2, 32) and scales.shape == (96, 2)
+    assert np.abs(codes.astype(int)).max() <= 127
+    near_codes, near_scales = gptq_round_columns(weight, np.eye(64), block=32)
+    reference = _blockwise(np.ascontiguousarray(weight.T), 32).T
+    np.testing.assert_allclose(dequantize_columns(near_codes, near_scales, 64), reference, rtol=1e-6, atol=1e-7)
+    assert output_error(codes, scales) < 0.5 * output_error(near_codes, near_scales)
+    # Most active inputs first, scales from the uncompensated weights: as good, in the same layout.
+    act_codes, act_scales = gptq_round_columns(weight, moment, block=32, act_order=True)
+    assert act_codes.shape == codes.shape and np.abs(act_codes.astype(int)).max() <= 127
+    np.testing.assert_allclose(act_scales, near_scales)
+    assert output_error(act_codes, act_scales) < 0.5 * output_error(near_codes, near_scales)
+    # K not a multiple of the block: padded with zero codes, the weight comes back unpadded.
+    odd, _ = gptq_round_columns(weight[:40], moment[:40, :40], block=32)
+    assert odd.shape == (96, 2, 32) and not odd[:, 1, 8:].any()
+
+
+def test_gptq_int8_kernels_compute_what_the_dequantized_graph_computes():
+    """weight_compute=int8 with moments: the MatMul becomes MatMulNBits over GPTQ codes, the tied
+    lm_head MatMulNBits over the embedding's codes with the fp16 rows' logits written over it. Real
+    onnxruntime runs it, and its outputs equal (within the int8 arithmetic's error) those of the same
+    graph with every int8 kernel replaced by an fp32 op over the same weights (dequantize_int8_kernels);
+    the fp16 rows' logits are exactly h @ fp16(row)."""
+    import copy
+
+    from onnx import numpy_helper
+
+    from student.export import dequantize_int8_kernels
+
+    model = _tied_head_graph(folded=True)
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    exact = _run(model, IDS)
+    h0 = weights["shared.weight"][np.random.default_rng(4).integers(0, 256, 512)]
+    rows = np.array([1, 9, 200])
+    cfg = ExportConfig(int8=True, weight_compute="int8", block_size=16, rounding="gptq", fp16_candidate_rows=3)
+    stats = quantize_weight_only(model, cfg, moments={"h0": h0.T @ h0 / len(h0)}, fp16_rows=rows)
+    assert stats == {"gather_block_quantized": 1, "tied_lm_head": 1, "matmul_nbits": 1, "gptq_weights": 1,
+                     "fp16_rows": 3, "fp16_rows_bytes": 2 * 64 * 3}
+    ops = sorted(n.op_type for n in model.graph.node)
+    assert ops.count("MatMulNBits") == 2 and ops.count("GatherBlockQuantized") == 1 and "ScatterElements" in ops
+    got = _run(model, IDS)
+    reference = copy.deepcopy(model)
+    assert dequantize_int8_kernels(reference) == 3
+    assert not any(n.op_type in ("MatMulNBits", "GatherBlockQuantized") for n in reference.graph.node)
+    want = _run(reference, IDS)
+    assert np.abs(got - want).max() < 0.02 * np.abs(want).max()
+    assert np.abs(got - exact).max() < 0.03 * np.abs(exact).max()
+    # The fp16 rows: computed in fp32 from fp16 weights, identical in both graphs.
+    np.testing.assert_allclose(got[..., rows], want[..., rows], rtol=1e-5, atol=1e-5)
+
+
 def test_weight_only_float_with_calibration_and_fp16_rows():
     """quantize_weights_stored with input moments rounds the MatMul weight by GPTQ (the embedding,
     read by Gather and the tied lm_head, stays nearest) and writes the fp16 rows over the table: the
@@ -413,6 +482,48 @@ def test_gptq_export_of_the_trained_student(trained_fp32: Path, massive_dir: Pat
     sources = sources_of(export_examples["test"])
     fp32, ours = onnx_greedy(trained_fp32, sources, 32), onnx_greedy(int8, sources, 32)
     assert sum(a == b for a, b in zip(fp32, ours)) / len(sources) >= 0.98
+
+
+def test_gptq_int8_compute_export_matches_its_dequantized_graphs(trained_fp32: Path, massive_dir: Path,
+                                                                 export_examples, tmp_path: Path):
+    """rounding=gptq with weight_compute=int8 end to end: every MatMul with a constant weight is
+    MatMulNBits (GPTQ codes; the tied lm_head over the embedding's codes, its fp16 rows written over)
+    and the embedding GatherBlockQuantized, so no fp32 weight matrix is held but the fp16 rows. Real
+    onnxruntime runs it; its logits equal those of the same graphs with the int8 kernels replaced by
+    fp32 ops over the same weights (`dequantize_int8_kernels`) within the int8 arithmetic's error,
+    and its greedy outputs agree with fp32's."""
+    import onnx
+    import onnxruntime as ort
+
+    from student.export import dequantize_int8_kernels
+
+    cfg = load_config(ExportConfig, section="export", overrides=[
+        "int8=true", "weight_compute=int8", "block_size=32", "rounding=gptq", f"calibration_data={massive_dir}",
+        "calibration_locales=[en-US]", "calibration_examples=64", "fp16_candidate_rows=16"])
+    int8 = export(trained_fp32, tmp_path / "gptq-int8", cfg)
+    q = read_manifest(int8)["quantization"]
+    assert q["weight_compute"] == "int8" and q["rounding"] == "gptq" and q["gptq_weights"] > 0
+    assert 0 < q["fp16_rows"] <= 16 and q["fp16_rows_bytes"] == 2 * 64 * q["fp16_rows"]
+    assert read_manifest(int8)["size_bytes"] <= 0.32 * read_manifest(trained_fp32)["size_bytes"]
+    sessions, reference = {}, {}
+    for name in SEQ2SEQ_GRAPHS_NAMES:
+        proto = onnx.load(str(int8 / f"{name}.onnx"))
+        ops = [n.op_type for n in proto.graph.node]
+        assert "MatMulNBits" in ops and "GatherBlockQuantized" in ops
+        sessions[name] = ort.InferenceSession(str(int8 / f"{name}.onnx"), providers=["CPUExecutionProvider"])
+        assert dequantize_int8_kernels(proto) == ops.count("MatMulNBits") + ops.count("GatherBlockQuantized")
+        reference[name] = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    predictor = OnnxPredictor(trained_fp32)
+    ids, _, _ = predictor.encode(sources_of(export_examples["test"][:8]))
+    x, mask = predictor.pad(ids)
+    got = seq2seq_steps(sessions, predictor.num_layers, x, mask, [np.zeros((len(ids), 1), np.int64)], steps=4)
+    tokens = [np.zeros((len(ids), 1), np.int64)]
+    want = seq2seq_steps(reference, predictor.num_layers, x, mask, tokens, steps=4)
+    for g, w in zip(got, want):
+        assert np.abs(g - w).max() < 0.05 * np.abs(w).max()
+    sources = sources_of(export_examples["test"])
+    fp32, ours = onnx_greedy(trained_fp32, sources, 32), onnx_greedy(int8, sources, 32)
+    assert sum(a == b for a, b in zip(fp32, ours)) / len(sources) >= 0.9
 
 
 def test_weight_only_int8_kernels_share_the_embedding_codes(tmp_path: Path):
