@@ -77,7 +77,7 @@ def safetensors_bytes(model_dir: Path) -> int:
 def preset_config(preset: str = "tiny") -> Any:
     """The int8 export config of a preset (launch/presets/<preset>/export.yaml)."""
     from core.config import load_config
-    from student.export import ExportConfig
+    from student.export_config import ExportConfig
 
     return load_config(ExportConfig, section="export", preset=preset, overrides=["int8=true"])
 
@@ -95,7 +95,8 @@ def default_variant(preset: str = "tiny") -> str:
 def export_all(model_dir: Path, work: Path, variants: list[str]) -> dict[str, Path]:
     """fp32 export and the int8 `variants` of `model_dir` under `work` (rebuilt every run)."""
     from core.config import load_config
-    from student.export import ExportConfig, export
+    from student.export import export
+    from student.export_config import ExportConfig
 
     out = {"fp32": work / "fp32"}
     if out["fp32"].exists():
@@ -240,10 +241,11 @@ def _vocab_size(int8_dir: Path) -> int:
 
 def partly_dequantized(int8_dir: Path, out: Path, which: Any) -> Path:
     """A copy of an int8-compute export whose int8 kernels selected by `which(graph name, node)` run
-    as fp32 ops over the same weights (`student.export.dequantize_int8_kernels`); weights inline."""
+    as fp32 ops over the same weights (`student.quantize.dequantize_int8_kernels`); weights inline."""
     import onnx
 
-    from student.export import TOKENIZER_FILES, dequantize_int8_kernels
+    from student.export_config import TOKENIZER_FILES
+    from student.quantize import dequantize_int8_kernels
     from student.runtime import read_manifest
 
     if out.exists():
@@ -415,7 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.small:
         tokenizer_dir = Path(args.tokenizer or args.student or "")
         small_dir = build_small_student(work, tokenizer_dir)
-        from student.export import ExportConfig, export
+        from student.export import export
+        from student.export_config import ExportConfig
 
         fp32, int8 = work / "small" / "fp32", work / "small" / "int8"
         for path in (fp32, int8):

@@ -45,7 +45,8 @@ def build_models(work: Path, teacher_preset: str) -> dict[str, Path]:
     from data_prep.config import TokenizerConfig
     from data_prep.tokenizer import load_tokenizer, train_tokenizer
     from massive.loader import load_massive
-    from student.export import ExportConfig, export
+    from student.export import export
+    from student.export_config import ExportConfig
     from student.nlu import EncoderNLUModel, NLULabels
 
     work.mkdir(parents=True, exist_ok=True)

@@ -139,7 +139,8 @@ def session_export(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fix
 
     trained (HF dir), trained-fp32, trained-int8, random (HF dir), random-fp32, nlu (HF dir), nlu-fp32, nlu-int8.
     """
-    from student.export import ExportConfig, export
+    from student.export import export
+    from student.export_config import ExportConfig
 
     path = _export_cache_dir(tmp_path_factory) / name
     if path.exists():

@@ -17,18 +17,16 @@ import pytest
 from fixtures_models import session_export
 
 from core.config import ConfigError, load_config
-from student.export import (
-    WEIGHTS_FILE,
-    ExportConfig,
-    export,
+from student.export import export, weights_sha256
+from student.export_config import WEIGHTS_FILE, ExportConfig
+from student.onnx_graphs import seq2seq_steps
+from student.quantize import (
     gptq_round,
     quantize_weight_only,
     quantize_weights_stored,
     round_to_nearest,
-    seq2seq_steps,
     store_weights_once,
     tie_transposed_copies,
-    weights_sha256,
 )
 from student.runtime import OnnxPredictor, read_manifest
 
@@ -214,7 +212,7 @@ def test_every_weight_is_stored_once(trained_dir: Path, trained_fp32: Path, trai
     embedding's codes are shared by both graphs, and no fp32 weight matrix remains."""
     import onnx
 
-    from student.export import MIN_QUANTIZED_ELEMENTS
+    from student.export_config import MIN_QUANTIZED_ELEMENTS
 
     safetensors = sum(p.stat().st_size for p in trained_dir.glob("*.safetensors"))
     for export_dir in (trained_fp32, trained_int8):
@@ -381,7 +379,7 @@ def test_gptq_columns_reduce_the_layer_output_error():
     """gptq_round_columns: MatMulNBits' layout (codes [N, K / block, block] in [-127, 127], one scale per
     block of each output column's inputs); on held-out inputs like the calibration inputs its outputs
     are much closer to fp32 than nearest rounding's; with H = I it is nearest rounding."""
-    from student.export import dequantize_columns, gptq_round_columns
+    from student.quantize import dequantize_columns, gptq_round_columns
 
     rng = np.random.default_rng(1)
     weight = (0.1 * rng.standard_normal((64, 96))).astype(np.float32)
@@ -418,7 +416,7 @@ def test_gptq_int8_kernels_compute_what_the_dequantized_graph_computes():
 
     from onnx import numpy_helper
 
-    from student.export import dequantize_int8_kernels
+    from student.quantize import dequantize_int8_kernels
 
     model = _tied_head_graph(folded=True)
     weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
@@ -495,7 +493,7 @@ def test_gptq_int8_compute_export_matches_its_dequantized_graphs(trained_fp32: P
     import onnx
     import onnxruntime as ort
 
-    from student.export import dequantize_int8_kernels
+    from student.quantize import dequantize_int8_kernels
 
     cfg = load_config(ExportConfig, section="export", overrides=[
         "int8=true", "weight_compute=int8", "block_size=32", "rounding=gptq", f"calibration_data={massive_dir}",
@@ -645,7 +643,8 @@ def test_encoder_nlu_ensemble_exports_as_one_graph(tmp_path, tmp_path_factory, r
     """An NLUEnsemble exports, checks parity and quantizes like one model; the runtime predicts with it."""
     import torch
 
-    from student.export import ExportConfig, export
+    from student.export import export
+    from student.export_config import ExportConfig
     from student.nlu import EncoderNLUModel, build_ensemble, load_nlu_model
 
     nlu_dir = session_export(tmp_path_factory, request, "nlu")
@@ -676,7 +675,7 @@ def test_manifest_model_config_carries_the_target_order():
     from types import SimpleNamespace
 
     from massive.format import INTENT_FIRST_KEY, SPANS_KEY, model_intent_first, model_spans
-    from student.export import _model_config_summary
+    from student.onnx_graphs import _model_config_summary
 
     first = _model_config_summary(SimpleNamespace(model_type="t5", d_model=8, **{INTENT_FIRST_KEY: True}))
     assert first == {"model_type": "t5", "d_model": 8, INTENT_FIRST_KEY: True} and model_intent_first(first)
