@@ -524,6 +524,85 @@ def case_pipeline_kill9_stops_the_stage(s: Path) -> dict[str, Any]:
     return {"run": run, "expect_code": -signal.SIGKILL, "outputs": ["R"]}
 
 
+# ----------------------------------------------------------------------------- predict (the device runtime)
+
+
+def tiny_export(cache: Path) -> Path:
+    """A real fp32 ONNX export of an untrained small T5 with a tokenizer trained on MASSIVE en-US train
+    utterances of the data root, built once per driver run (cached beside the sandboxes)."""
+    out = cache / "export"
+    if (out / "manifest.json").is_file():
+        return out
+    from core.config import data_root
+    from core.fsutil import atomic_dir
+    from core.models import ModelConfig, build_model
+    from data_prep.config import TokenizerConfig
+    from data_prep.tokenizer import load_tokenizer, train_tokenizer
+    from student.export import export
+    from student.export_config import ExportConfig
+
+    with gzip.open(data_root() / "massive" / "data" / "en-US.jsonl.gz", "rt", encoding="utf-8") as f:
+        texts = [json.loads(line)["utt"] for _, line in zip(range(3000), f)]
+    tokenizer_dir = train_tokenizer(texts, cache / "tokenizer",
+                                    TokenizerConfig(vocab_size=600, character_coverage=0.99, num_sentinels=10), seed=0)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    model = build_model(ModelConfig(preset="tiny", d_model=64, d_ff=128, num_heads=2, d_kv=32), tokenizer, seed=1)
+    with atomic_dir(cache / "model") as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return export(cache / "model", out, ExportConfig())
+
+
+def _predict_cache(s: Path) -> Path:
+    return Path(os.environ.get("POLYTEACHER_FAULT_CACHE", s.parent / "predict-cache"))
+
+
+def _feed(argv: list[Any], stdin: bytes):
+    """A runner that gives the command `stdin` (the driver's default runs it with none)."""
+    def run(sandbox: Path, cwd: Path, env: dict[str, str], token: str) -> tuple[int, str, list[str]]:
+        proc = subprocess.run([sys.executable, "-m", "launch.cli", *argv], cwd=cwd, env=env, input=stdin,
+                              capture_output=True, timeout=600)
+        return proc.returncode, proc.stderr.decode(errors="replace"), []
+    return run
+
+
+def case_predict_bad_lines_on_stdin(s: Path) -> dict[str, Any]:
+    """Good lines around a non-UTF-8 line, malformed JSON, an unknown locale and an empty line: each bad
+    line is reported with its number, the rest answered, exit 0."""
+    model = str(tiny_export(_predict_cache(s)))
+    stdin = b"wake me up at five am\ncaf\xe9 au lait\n{\"utt\": \"broken\n" \
+            b"{\"utt\": \"hi\", \"locale\": \"xx-XX\"}\n\nplay some jazz\n"
+    return {"run": _feed(["predict", "--model", model], stdin), "expect_code": 0, "expect": "stdin:2: not UTF-8"}
+
+
+def case_predict_non_utf8_argument(s: Path) -> dict[str, Any]:
+    model = str(tiny_export(_predict_cache(s)))
+    return {"run": _feed(["predict", "--model", model, b"\xff oops", "wake me up"], b""), "expect_code": 0,
+            "expect": "argument:1: not UTF-8"}
+
+
+def case_predict_nothing_answered(s: Path) -> dict[str, Any]:
+    model = str(tiny_export(_predict_cache(s)))
+    return {"run": _feed(["predict", "--model", model], b"\xff\xfe\n{\"utt\": \n"), "expect_code": 1,
+            "expect": "nothing answered"}
+
+
+def case_predict_on_a_hugging_face_folder(s: Path) -> dict[str, Any]:
+    fake_model(s / "m")
+    return {"argv": ["predict", "--model", "m", "hi"], "expect": "a Hugging Face model directory"}
+
+
+def case_predict_manifest_points_outside(s: Path) -> dict[str, Any]:
+    import shutil
+
+    shutil.copytree(tiny_export(_predict_cache(s)), s / "export")
+    manifest = json.loads((s / "export" / "manifest.json").read_text())
+    manifest["tokenizer"] = "../elsewhere.json"
+    (s / "export" / "manifest.json").write_text(json.dumps(manifest))
+    (s / "elsewhere.json").write_text("{}")
+    return {"argv": ["predict", "--model", "export", "hi"], "expect": "points outside the export directory"}
+
+
 CASES = [
     Case("export_overwrite_checkpoints", case_export_into_checkpoints),
     Case("export_overwrite_another_run", case_export_into_another_run),
@@ -544,6 +623,11 @@ CASES = [
     Case("pipeline_sigterm", case_pipeline_sigterm_reaches_the_stage, slow=True),
     Case("pipeline_kill9", case_pipeline_kill9_stops_the_stage, slow=True),
     Case("launch_kill9_two_ranks", case_launch_kill9_leaves_no_rank, slow=True),
+    Case("predict_bad_lines_on_stdin", case_predict_bad_lines_on_stdin, slow=True),
+    Case("predict_non_utf8_argument", case_predict_non_utf8_argument, slow=True),
+    Case("predict_nothing_answered", case_predict_nothing_answered, slow=True),
+    Case("predict_hugging_face_folder", case_predict_on_a_hugging_face_folder),
+    Case("predict_manifest_points_outside", case_predict_manifest_points_outside, slow=True),
 ]
 
 

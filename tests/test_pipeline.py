@@ -92,6 +92,7 @@ def _downstream(name: str) -> set[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # every stage as its own process, twice: ~17 min on 2 AVX2 cores
 def test_pipeline_end_to_end_then_partial_rerun(tmp_path, massive_dir, flores_dir):
     run_dir = tmp_path / "run"
     preset = _micro_preset(tmp_path)
@@ -125,7 +126,11 @@ def test_pipeline_end_to_end_then_partial_rerun(tmp_path, massive_dir, flores_di
     # Every comparison behind the claims ran on the models' shared ids.
     comparisons = summary["claims"]["comparisons"]
     assert [c["name"] for c in comparisons] == [c.name for c in MASSIVE_COMPARISONS]
-    assert all(c["diff"] is not None and c["num_ids"] == 4 for c in comparisons)
+    # nlu_teacher compares the NLU student with its gold-only twin, trained only with
+    # pipeline.nlu_gold_reference (off in the tiny preset): listed, without a result.
+    ran = [c for c in comparisons if c["name"] != "nlu_teacher"]
+    assert all(c["diff"] is not None and c["num_ids"] == 4 for c in ran)
+    assert next(c for c in comparisons if c["name"] == "nlu_teacher")["diff"] is None
     assert all(p["heldout_unigram_ce"] > 0 for p in summary["claims"]["pretraining"])
     report = (run_dir / "REPORT.md").read_text()
     for section in ("## Claims", "## Summary", "## MASSIVE per locale", "## In-context intent classification",

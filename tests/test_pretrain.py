@@ -41,11 +41,15 @@ LAUNCH_TIMEOUT_S = 600
 
 
 def make_run_dir(root: Path, tokenizer_dir: Path, packed_dir: Path) -> Path:
-    """A run directory holding copies of the tokenizer and packed data (symlinks would escape it)."""
+    """A run directory holding copies of the tokenizer and packed data (symlinks would escape it), marked
+    as `data prepare` marks one: the tests keep their logs in it, which only a run directory may hold."""
+    from core.fsutil import mark_run_dir
+
     run = root
     run.mkdir(parents=True, exist_ok=True)
     shutil.copytree(tokenizer_dir, run / "tokenizer")
     shutil.copytree(packed_dir, run / "data")
+    mark_run_dir(run)
     return run
 
 
@@ -156,7 +160,9 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(zero3_run, tmp_pat
     run_launch([*cmd, "--resume"], run / "log2.txt")
     resumed_log = (run / "log2.txt").read_text()
     resumed_from = int(re.search(r"resumed from \S*step_(\d+) \(step (\d+)\)", resumed_log).group(1))
-    assert resumed_from >= 8 and resumed_from % 4 == 0
+    # The ranks outlive the killed launcher by a step: seeing their starter gone, they save at the next
+    # step boundary (core.distributed's parent watch), so the resume may start past the last save_every.
+    assert resumed_from >= 8
     reference = step_records(zero3_run, "loss")
     resumed = step_records(run, "loss")
     for step in range(resumed_from + 1, MAX_STEPS + 1):

@@ -14,7 +14,14 @@ import random
 import numpy as np
 import pytest
 
-from core.checkpoint import COMPLETE_MARKER, CheckpointManager, TrainState, rng_state, set_rng_state
+from core.checkpoint import (
+    COMPLETE_MARKER,
+    CheckpointError,
+    CheckpointManager,
+    TrainState,
+    rng_state,
+    set_rng_state,
+)
 from core.config import ConfigError, load_config
 from core.data import ResumableSampler, eval_micro_batches
 from core.distributed import DistInfo, deepspeed_config, resolve_precision
@@ -302,7 +309,7 @@ def _fake_checkpoint(root, step, complete):
     path.mkdir(parents=True)
     (path / "state.json").write_text(json.dumps(TrainState(step=step).to_dict()))
     if complete:
-        (path / COMPLETE_MARKER).write_text("done\n")
+        (path / COMPLETE_MARKER).write_text(json.dumps({"step": step, "sha256": {}}))  # a marker without digests
     return path
 
 
@@ -316,7 +323,7 @@ def test_latest_complete_ignores_incomplete_checkpoints(tmp_path):
     (root / "not_a_step").mkdir()
     assert manager.latest_complete() == root / "step_00000020"
     assert [manager.step_of(p) for p in manager.all_checkpoints()] == [10, 20, 30]
-    with pytest.raises(FileNotFoundError, match="incomplete"):
+    with pytest.raises(CheckpointError, match="incomplete"):
         manager.load(engine=None, path=crashed)
 
 
