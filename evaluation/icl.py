@@ -39,6 +39,7 @@ Output of `evaluate icl --out DIR [--name NAME]` (NAME defaults to "icl"):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import sys
@@ -215,6 +216,32 @@ def label_token_ids(tokenizer, labels: Sequence[str], eos_id: int | None) -> lis
     return out
 
 
+@dataclasses.dataclass
+class RankScorer:
+    """What rank classification needs of a seq2seq model: the model, its tokenizer, the [CLM] id to
+    prefix prompts with (None without `clm_prompt`), each label's token ids, the pad and decoder-start ids."""
+
+    model: Any
+    tokenizer: Any
+    clm_id: int | None
+    candidates: list[list[int]]
+    pad_id: int
+    decoder_start_id: int
+
+
+def load_rank_scorer(model_dir: str | Path, cfg: Any, icfg: Any, intents: Sequence[str]) -> RankScorer:
+    """The model of `model_dir` (placed by cfg.device/dtype/load) and the label tokens of `intents`."""
+    from data_prep.tokenizer import special_ids
+    from evaluation.massive import load_seq2seq
+
+    model, tokenizer = load_seq2seq(model_dir, cfg.device, cfg.dtype, cfg.load)
+    ids = special_ids(tokenizer)
+    candidates = label_token_ids(tokenizer, [label_text(i) for i in intents], ids.eos if icfg.label_eos else None)
+    decoder_start = model.config.decoder_start_token_id
+    return RankScorer(model, tokenizer, ids.clm if icfg.clm_prompt else None, candidates, ids.pad,
+                      ids.pad if decoder_start is None else decoder_start)
+
+
 def _available_locales(source: Path, locales: Sequence[str]) -> list[str]:
     if not source.is_dir():
         return list(locales)
@@ -231,9 +258,7 @@ def evaluate_icl(cfg, model_dir: str | Path, out_dir: str | Path, name: str = "i
     from tqdm.auto import tqdm
 
     from core.config import resolve_data_path
-    from data_prep.tokenizer import special_ids
     from evaluation.config import section_dict
-    from evaluation.massive import load_seq2seq
     from massive.loader import load_massive
     from massive.scoring import ci_method, sample_shared_ids, score_records, select_ids
 
@@ -247,13 +272,9 @@ def evaluate_icl(cfg, model_dir: str | Path, out_dir: str | Path, name: str = "i
     data = load_massive(str(source), locales=demo_locales, partitions=("train", icfg.split))
     intents = list(data.intents)
 
-    model, tokenizer = load_seq2seq(model_dir, cfg.device, cfg.dtype, cfg.load)
-    ids = special_ids(tokenizer)
-    clm_id = ids.clm if icfg.clm_prompt else None
-    candidates = label_token_ids(tokenizer, [label_text(i) for i in intents], ids.eos if icfg.label_eos else None)
-    decoder_start = model.config.decoder_start_token_id
-    if decoder_start is None:
-        decoder_start = ids.pad
+    scorer = load_rank_scorer(model_dir, cfg, icfg, intents)
+    model, tokenizer, clm_id, candidates = scorer.model, scorer.tokenizer, scorer.clm_id, scorer.candidates
+    decoder_start = scorer.decoder_start_id
     shots = sorted(set(icfg.shots))
     split_examples = {loc: data.examples(locale=loc, partition=icfg.split) for loc in locales}
     query_ids = sample_shared_ids(split_examples, icfg.max_examples, icfg.seed)
@@ -269,7 +290,7 @@ def evaluate_icl(cfg, model_dir: str | Path, out_dir: str | Path, name: str = "i
             model,
             prompts,
             candidates,
-            pad_id=ids.pad,
+            pad_id=scorer.pad_id,
             decoder_start_id=decoder_start,
             normalize=icfg.normalize,
             score_batch_size=icfg.score_batch_size,

@@ -101,10 +101,8 @@ def evaluate_icl_heldout(cfg, model_dir: str | Path, out_dir: str | Path, name: 
     from tqdm.auto import tqdm
 
     from core.config import resolve_data_path
-    from data_prep.tokenizer import special_ids
     from evaluation.config import section_dict
-    from evaluation.icl import _available_locales, encode_prompt, label_token_ids, score_candidates
-    from evaluation.massive import load_seq2seq
+    from evaluation.icl import _available_locales, encode_prompt, load_rank_scorer, score_candidates
     from massive.loader import load_massive
     from massive.scoring import bootstrap_weights, ci_method, sample_shared_ids
 
@@ -139,13 +137,9 @@ def evaluate_icl_heldout(cfg, model_dir: str | Path, out_dir: str | Path, name: 
     cands = {i: candidate_set(intents, gold_of[i], icfg.way, icfg.seed, i) for i in query_ids}
     plans = {i: demo_plan(cands[i], pool_ids, max_k, icfg.seed, i) for i in query_ids}
 
-    model, tokenizer = load_seq2seq(model_dir, cfg.device, cfg.dtype, cfg.load)
-    ids = special_ids(tokenizer)
-    clm_id = ids.clm if icfg.clm_prompt else None
-    cand_tokens = label_token_ids(tokenizer, [label_text(i) for i in intents], ids.eos if icfg.label_eos else None)
-    decoder_start = model.config.decoder_start_token_id
-    if decoder_start is None:
-        decoder_start = ids.pad
+    scorer = load_rank_scorer(model_dir, cfg, icfg, intents)
+    model, tokenizer, clm_id, cand_tokens = scorer.model, scorer.tokenizer, scorer.clm_id, scorer.candidates
+    decoder_start = scorer.decoder_start_id
     col = {i: c for c, i in enumerate(intents)}
 
     pairs = [(loc, loc, "same") for loc in locales] + [("en-US", loc, "cross") for loc in locales if loc != "en-US"]
@@ -169,7 +163,7 @@ def evaluate_icl_heldout(cfg, model_dir: str | Path, out_dir: str | Path, name: 
             for start in range(0, len(texts), icfg.batch_size):
                 chunk = texts[start : start + icfg.batch_size]
                 prompts = [encode_prompt(tokenizer, t, clm_id, icfg.max_prompt_tokens) for t in chunk]
-                scores = score_candidates(model, prompts, cand_tokens, pad_id=ids.pad, decoder_start_id=decoder_start,
+                scores = score_candidates(model, prompts, cand_tokens, pad_id=scorer.pad_id, decoder_start_id=decoder_start,
                                           normalize=icfg.normalize, score_batch_size=icfg.score_batch_size)
                 for j, row in enumerate(scores.tolist()):
                     qid = query_ids[start + j]
