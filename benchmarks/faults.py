@@ -437,17 +437,24 @@ def long_corpus(lines: int = 200_000) -> bytes:
     return b"".join((" ".join(rng.choices(words, k=8)) + f" {i}\n").encode() for i in range(lines))
 
 
+def start_pipeline_stage(preset: Path, cwd: Path, env: dict[str, str], token: str, err_file: Any) -> Any:
+    """`pipeline --out R` started in the background, returned once its first stage runs (two processes
+    carry the case's token) and has had a second to start working."""
+    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "pipeline", "--out", "R", "--preset", str(preset)],
+                            cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=err_file)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(processes_with(token)) < 2:
+        time.sleep(0.1)
+    time.sleep(1.0)
+    return proc
+
+
 def case_pipeline_sigterm_reaches_the_stage(s: Path) -> dict[str, Any]:
     preset = corpus_preset(s, {"en-US.txt": long_corpus()})
 
     def run(sandbox: Path, cwd: Path, env: dict[str, str], token: str) -> tuple[int, str, list[str]]:
         with stderr_file(sandbox) as (err_file, read):
-            proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "pipeline", "--out", "R", "--preset",
-                                     str(preset)], cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=err_file)
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline and len(processes_with(token)) < 2:
-                time.sleep(0.1)  # the stage has started
-            time.sleep(1.0)
+            proc = start_pipeline_stage(preset, cwd, env, token, err_file)
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=300)
             err = read()
@@ -510,12 +517,7 @@ def case_pipeline_kill9_stops_the_stage(s: Path) -> dict[str, Any]:
 
     def run(sandbox: Path, cwd: Path, env: dict[str, str], token: str) -> tuple[int, str, list[str]]:
         with stderr_file(sandbox) as (err_file, read):
-            proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "pipeline", "--out", "R", "--preset",
-                                     str(preset)], cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=err_file)
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline and len(processes_with(token)) < 2:
-                time.sleep(0.1)
-            time.sleep(1.0)
+            proc = start_pipeline_stage(preset, cwd, env, token, err_file)
             proc.kill()
             proc.wait(timeout=60)
             err = read()
