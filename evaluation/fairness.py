@@ -40,7 +40,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from core.modeldir import model_kind
 from core.tables import markdown_table
 from evaluation.disparity import (
     _ci,
@@ -280,9 +279,12 @@ def compare_consistency(a: dict[str, Any], b: dict[str, Any], *, samples: int = 
 # ----------------------------------------------------------------------------- models and report
 
 
-def is_seq2seq_dir(model_dir: Path) -> bool:
-    """A Hugging Face seq2seq directory (not an ONNX export, not an encoder NLU model)."""
-    return model_kind(model_dir) == "seq2seq"
+def scores_text(model_dir: Path) -> bool:
+    """A model that scores and generates free text (a PyTorch text-to-text model; not an ONNX
+    export, not an encoder NLU model): what the disparity metrics read."""
+    from student import kind_of
+
+    return kind_of(model_dir).scores_text
 
 
 def evaluate_fairness(models: dict[str, Path], locales: Sequence[str], out_dir: Path, *, data: str,
@@ -294,12 +296,13 @@ def evaluate_fairness(models: dict[str, Path], locales: Sequence[str], out_dir: 
                       pair_sets: Sequence[str] = ("independent", "sigma")) -> dict[str, Any]:
     """The metrics for every model and the paired comparisons against `baseline` (default student_kd
     when present); writes NAME.json and NAME.md into out_dir (atomically). `load`: how big models are
-    placed (`evaluation.massive.load_seq2seq`). Metric "pairs" (`evaluation.fairness_pairs`) scores
+    placed (`student.load_text_to_text`). Metric "pairs" (`evaluation.fairness_pairs`) scores
     every model of `seeds` ({name: its seeds' directories}; default: `models`, one seed each) on
     `pair_sets` and pools the seeds of each name."""
     from core.fsutil import atomic_write_json, atomic_write_text
     from data_prep.counterfactual import lexicon_language
-    from evaluation.massive import load_predictor, load_seq2seq, load_split
+    from evaluation.massive import load_predictor, load_split
+    from student import load_text_to_text
 
     started = time.perf_counter()
     with_lexicon = [loc for loc in locales if lexicon_language(loc)]
@@ -322,8 +325,8 @@ def evaluate_fairness(models: dict[str, Path], locales: Sequence[str], out_dir: 
             entry["consistency"] = counterfactual_consistency(predictor, per_locale, batch_size, max_examples, seed,
                                                               samples, confidence)
             del predictor
-        if "disparity" in metrics and is_seq2seq_dir(model_dir):
-            model, tokenizer = load_seq2seq(model_dir, device, load=load)
+        if "disparity" in metrics and scores_text(model_dir):
+            model, tokenizer = load_text_to_text(model_dir, device, load=load)
             entry["disparity"] = generation_disparity(model, tokenizer, languages, batch_size=64,
                                                       clm_prompt=clm_prompt)
             entry["polarity"] = gender_polarity(model, tokenizer, languages, batch_size=64, clm_prompt=clm_prompt)

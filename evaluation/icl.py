@@ -232,9 +232,9 @@ class RankScorer:
 def load_rank_scorer(model_dir: str | Path, cfg: Any, icfg: Any, intents: Sequence[str]) -> RankScorer:
     """The model of `model_dir` (placed by cfg.device/dtype/load) and the label tokens of `intents`."""
     from data_prep.tokenizer import special_ids
-    from evaluation.massive import load_seq2seq
+    from student import load_text_to_text
 
-    model, tokenizer = load_seq2seq(model_dir, cfg.device, cfg.dtype, cfg.load)
+    model, tokenizer = load_text_to_text(model_dir, cfg.device, cfg.dtype, cfg.load)
     ids = special_ids(tokenizer)
     candidates = label_token_ids(tokenizer, [label_text(i) for i in intents], ids.eos if icfg.label_eos else None)
     decoder_start = model.config.decoder_start_token_id

@@ -31,8 +31,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from core import modeldir
-
 DEFAULT_MAX_NEW_TOKENS = 128
 
 
@@ -47,42 +45,22 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
-def model_kind(model_dir: Path) -> str:
-    """"onnx" (an export directory), "encoder_nlu" (PyTorch) or "seq2seq" (PyTorch)."""
-    kind = modeldir.model_kind(model_dir)
-    if kind is not None:
-        return kind
-    raise FileNotFoundError(f"{model_dir}: neither an ONNX export (manifest.json) nor a model directory (config.json)")
-
-
 def model_size_bytes(model_dir: Path) -> int:
     """Bytes of the model's weights: the ONNX graphs of an export, else the weight files."""
-    if model_kind(model_dir) == "onnx":
-        from student import read_manifest
+    from student import kind_of
 
-        return int(read_manifest(model_dir)["size_bytes"])
-    from core.modeldir import weight_files
-
-    return sum(p.stat().st_size for p in weight_files(model_dir))
+    return kind_of(model_dir).size_bytes(Path(model_dir))
 
 
-def load_timed_predictor(model_dir: Path, num_threads: int = 1, max_new_tokens: int | None = None) -> Any:
-    """The predictor `measure` times for a directory (batch 1, `num_threads` threads)."""
-    kind = model_kind(model_dir)
-    if kind == "onnx":
-        from student import OnnxPredictor
+def load_timed_predictor(model_dir: Path, num_threads: int = 1, max_new_tokens: int | None = None,
+                         batch_size: int = 1) -> Any:
+    """The predictor `measure` times for a directory (`batch_size` utterances a call, `num_threads`
+    threads; a PyTorch text-to-text model generates at most DEFAULT_MAX_NEW_TOKENS without `max_new_tokens`)."""
+    from student import PredictOptions, kind_of
 
-        return OnnxPredictor(model_dir, num_threads=num_threads, batch_size=1, max_new_tokens=max_new_tokens)
-    import torch
-
-    torch.set_num_threads(num_threads)
-    if kind == "encoder_nlu":
-        from student import load_nlu_model
-
-        return load_nlu_model(model_dir)
-    from evaluation.massive import Seq2SeqPredictor
-
-    return Seq2SeqPredictor(model_dir, device="cpu", max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS)
+    options = PredictOptions(device="cpu", num_threads=num_threads, torch_threads=num_threads, batch_size=batch_size,
+                             max_new_tokens=max_new_tokens, fixed_budget=DEFAULT_MAX_NEW_TOKENS)
+    return kind_of(model_dir).predictor(Path(model_dir), options)
 
 
 def time_calls(fn: Callable[[list[str]], Any], utterances: list[list[str]], warmup: int = 3,
@@ -103,26 +81,22 @@ def time_calls(fn: Callable[[list[str]], Any], utterances: list[list[str]], warm
 def measure(model_dir: str | Path, utterances: list[list[str]], num_threads: int = 1, warmup: int = 3,
             max_new_tokens: int | None = None, name: str | None = None) -> dict[str, Any]:
     """{"p50", "p95", "mean", "min" (ms), "size_mb", "backend", "num_examples", "num_threads"} for one model."""
+    from student import kind_of
+
     model_dir = Path(model_dir)
     if not utterances:
         raise ValueError("no utterances to time")
     predictor = load_timed_predictor(model_dir, num_threads, max_new_tokens)
     times = time_calls(predictor.predict_words, utterances, warmup=warmup, progress=f"latency {name or model_dir.name}")
-    kind = model_kind(model_dir)
-    backend = "onnxruntime" if kind == "onnx" else "pytorch"
-    precision = None
-    if kind == "onnx":
-        precision = predictor.manifest["precision"]
-        kind = predictor.manifest["kind"]
+    kind = kind_of(model_dir)
     return {
         "p50": percentile(times, 50),
         "p95": percentile(times, 95),
         "mean": statistics.fmean(times),
         "min": min(times),
         "size_mb": model_size_bytes(model_dir) / 1e6,
-        "backend": backend,
-        "kind": kind,
-        "precision": precision or "fp32",
+        "backend": kind.backend,
+        **kind.served_as(predictor),
         "num_examples": len(times),
         "num_threads": num_threads,
         "model_dir": str(model_dir),
@@ -145,6 +119,7 @@ else:
     from transformers import AutoModelForSeq2SeqLM  # noqa: F401  (resolves the lazy module)
     import evaluation.massive  # noqa: F401
     torch.set_num_threads(threads)
+import student.kinds  # noqa: F401  (what load_timed_predictor reads first, for either backend)
 answered = None
 if model_dir:
     from evaluation.latency import load_timed_predictor
@@ -183,7 +158,9 @@ def measure_footprint(model_dir: str | Path, words: list[str], num_threads: int 
     "baseline_rss_mb", "cold_start_s": process start to the first answer}. Medians of `repeats`
     pairs of processes (MB = 10^6 bytes)."""
     model_dir = Path(model_dir)
-    backend = "onnxruntime" if model_kind(model_dir) == "onnx" else "pytorch"
+    from student import kind_of
+
+    backend = kind_of(model_dir).backend
     runs = []
     for _ in range(repeats):
         base = _child_footprint(None, backend, words, num_threads)
@@ -208,9 +185,7 @@ def measure_throughput(model_dir: str | Path, utterances: list[list[str]], batch
                        num_threads: int = 1, max_new_tokens: int | None = None) -> dict[str, Any]:
     """Utterances per second answered in calls of `batch_size` utterances (one warm-up call first)."""
     model_dir = Path(model_dir)
-    predictor = load_timed_predictor(model_dir, num_threads, max_new_tokens)
-    if model_kind(model_dir) == "onnx":
-        predictor.batch_size = batch_size
+    predictor = load_timed_predictor(model_dir, num_threads, max_new_tokens, batch_size)
     predictor.predict_words(utterances[:batch_size])
     start = time.perf_counter()
     for i in range(0, len(utterances), batch_size):

@@ -20,8 +20,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from core.modeldir import model_kind
-from massive.format import OTHER, parse_generations
 from massive.scoring import (
     GENERATION_METRICS,
     sample_shared_ids,
@@ -74,35 +72,6 @@ def crosslingual_summary(cfg, records: Mapping[str, Any], samples: int, seed: in
 # ----------------------------------------------------------------------------- predictors
 
 
-def torch_device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        from core.config import ConfigError
-
-        raise ConfigError("device: 'cuda' requested but no CUDA device is available; allowed: auto, cpu, cuda")
-    return torch.device(name)
-
-
-def load_seq2seq(model_dir: str | Path, device: str = "auto", dtype: str = "float32", load: Any = None):
-    """(model in eval mode, tokenizer) from a Hugging Face seq2seq directory: on the device, or placed
-    by accelerate's device map with CPU/disk offload when `load` (a `core.bigmodel.ModelLoadConfig`)
-    says device_map=auto. dtype "auto": bf16/fp16 on GPU, float32 on CPU. Feed inputs on
-    `core.bigmodel.input_device(model)`."""
-    from core.bigmodel import load_model, resolve_dtype
-    from core.modeldir import check_model_dir
-    from data_prep.tokenizer import load_tokenizer
-
-    model_dir = check_model_dir(model_dir, "--model")  # the loading rule every command shares
-    tokenizer = load_tokenizer(model_dir)
-    target = torch_device(device)
-    model = load_model(model_dir, "--model", device=str(target), dtype=resolve_dtype(dtype, target.type == "cuda"),
-                       load=load)
-    return model, tokenizer
-
-
 def pad_right(rows: Sequence[Sequence[int]], pad_id: int):
     """(ids, attention_mask), int64 tensors [len(rows), longest row]: each row's tokens first, then
     pad_id in ids and 0 in the mask."""
@@ -117,74 +86,6 @@ def pad_right(rows: Sequence[Sequence[int]], pad_id: int):
     return ids, mask
 
 
-class Seq2SeqPredictor:
-    """Text-to-text MASSIVE predictor: `Annotate: w1 w2 ...` -> `s1 s2 ... intent` (or intent first,
-    as the model's config records), batched greedy generation, output parsed by
-    `massive.format.parse_target`."""
-
-    def __init__(
-        self,
-        model_dir: str | Path,
-        *,
-        device: str = "auto",
-        dtype: str = "float32",
-        slot_labels: Sequence[str] = (),
-        intents: Sequence[str] = (),
-        max_new_tokens_margin: int = 4,
-        max_new_tokens: int | None = None,
-        load: Any = None,
-    ) -> None:
-        """`max_new_tokens`: a fixed generation budget (latency timing); None bounds each batch by
-        its longest well-formed target instead. `load`: big-model placement (see `load_seq2seq`)."""
-        from massive.format import (
-            has_label_tokens,
-            label_token,
-            model_intent_first,
-            model_sentinels,
-            model_spans,
-        )
-
-        self.model, self.tokenizer = load_seq2seq(model_dir, device, dtype, load)
-        self.max_new_tokens = max_new_tokens
-
-        def longest(labels: Sequence[str], default: int) -> int:
-            lengths = [len(self.tokenizer(x, add_special_tokens=False)["input_ids"]) for x in labels]
-            return max(lengths, default=default)
-
-        # Upper bound of a well-formed target: one label per word plus the intent plus eos.
-        spell = label_token if has_label_tokens(self.tokenizer) else str
-        self.tokens_per_word = longest([spell(x) for x in [OTHER, *slot_labels]], 4)
-        self.intent_tokens = longest([spell(x) for x in intents], 8)
-        self.margin = max_new_tokens_margin
-        self.intents = list(intents)
-        self.intent_first = model_intent_first(self.model.config)
-        self.sentinels = model_sentinels(self.model.config)
-        if self.sentinels:  # each label follows its word's sentinel
-            self.tokens_per_word += 1
-        self.spans = model_spans(self.model.config)
-
-    def predict_words(self, batch: list[list[str]]) -> list[Any]:
-        import torch
-
-        from massive.format import t2t_source
-
-        sources = [t2t_source(words, self.sentinels) for words in batch]
-        from core.bigmodel import input_device
-
-        encoded = self.tokenizer(sources, padding=True, return_tensors="pt").to(input_device(self.model))
-        max_words = max(len(words) for words in batch)
-        if self.spans:  # at most every source piece copied, each word behind its own label token
-            bound = encoded["input_ids"].shape[1] + max_words + self.intent_tokens + 1 + self.margin
-        else:
-            bound = max_words * self.tokens_per_word + self.intent_tokens + 1 + self.margin
-        max_new_tokens = self.max_new_tokens or bound
-        with torch.inference_mode():
-            output = self.model.generate(**encoded, max_new_tokens=max_new_tokens, num_beams=1, do_sample=False)
-        return parse_generations(output, self.tokenizer, batch, self.intents, self.intent_first, spans=self.spans)
-
-
-
-
 def load_predictor(
     model_dir: str | Path,
     *,
@@ -196,40 +97,17 @@ def load_predictor(
     max_new_tokens_margin: int = 4,
     load: Any = None,
 ) -> Predictor:
-    """The predictor for a model directory: ONNX export (manifest.json) -> student.runtime.OnnxPredictor;
-    encoder NLU (nlu_labels.json) -> student.nlu; otherwise a seq2seq PyTorch model."""
+    """The predictor the directory's model kind serves (student.kind_of): an ONNX export
+    (manifest.json) -> student.OnnxPredictor; an encoder NLU model or ensemble (nlu_labels.json) ->
+    itself; a Hugging Face seq2seq directory -> student.Seq2SeqPredictor."""
+    from student import PredictOptions, kind_of
+
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory {model_dir} does not exist")
-    kind = model_kind(model_dir)
-    if kind == "onnx":
-        from student import OnnxPredictor
-
-        return OnnxPredictor(model_dir, num_threads=num_threads)
-    if kind == "encoder_nlu":
-        return _load_encoder_nlu(model_dir, device)
-    return Seq2SeqPredictor(
-        model_dir,
-        device=device,
-        dtype=dtype,
-        slot_labels=slot_labels,
-        intents=intents,
-        max_new_tokens_margin=max_new_tokens_margin,
-        load=load,
-    )
-
-
-def _load_encoder_nlu(model_dir: Path, device: str) -> Predictor:
-    from student import load_nlu_model
-
-    model = load_nlu_model(model_dir)
-    if hasattr(model, "to"):
-        model.to(torch_device(device))
-    if hasattr(model, "eval"):
-        model.eval()
-    if not hasattr(model, "predict_words"):
-        raise TypeError(f"{model_dir}: {type(model).__name__} has no predict_words(batch)")
-    return model
+    options = PredictOptions(device=device, dtype=dtype, load=load, num_threads=num_threads, slot_labels=slot_labels,
+                             intents=intents, max_new_tokens_margin=max_new_tokens_margin)
+    return kind_of(model_dir, "--model").predictor(model_dir, options)
 
 
 def predict_all(predictor: Predictor, examples: Sequence[Any], batch_size: int, desc: str = "predict") -> list[Any]:
@@ -304,10 +182,9 @@ def evaluate_massive(cfg, model_dir: str | Path, out_dir: str | Path, name: str 
 
     mcfg = cfg.massive
     started = time.perf_counter()
-    if not (Path(model_dir) / "manifest.json").is_file():  # refuse a bad model before loading any data
-        from core.modeldir import check_model_dir
+    from student import kind_of
 
-        check_model_dir(model_dir, "--model")
+    kind_of(model_dir, "--model").check(Path(model_dir), "--model")  # refuse a bad model before loading any data
     data, per_locale = load_split(mcfg.data, mcfg.locales, mcfg.split, mcfg.max_examples, mcfg.seed)
     predictor = load_predictor(
         model_dir,

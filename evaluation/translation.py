@@ -171,7 +171,7 @@ def evaluate_translation(cfg, model_dir: str | Path, out_dir: str | Path, name: 
     from core.config import resolve_data_path
     from data_prep.tokenizer import special_ids
     from evaluation.config import section_dict
-    from evaluation.massive import load_seq2seq
+    from student import load_text_to_text
 
     tcfg = cfg.translation
     started = time.perf_counter()
@@ -194,7 +194,7 @@ def evaluate_translation(cfg, model_dir: str | Path, out_dir: str | Path, name: 
     eval_lines = list(range(tcfg.num_demo_lines, FLORES_DEV_LINES))[: tcfg.max_examples or None]
 
     spbleu_ok, spbleu_note = spbleu_status(tcfg.spbleu_tokenize)
-    model, tokenizer = load_seq2seq(model_dir, cfg.device, cfg.dtype, cfg.load)
+    model, tokenizer = load_text_to_text(model_dir, cfg.device, cfg.dtype, cfg.load)
     clm_id = special_ids(tokenizer).clm if tcfg.clm_prompt else None
 
     per_language: dict[str, Any] = {}

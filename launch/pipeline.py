@@ -268,23 +268,23 @@ def stage_commands(stage: Stage, run_dir: Path, preset: str | None, cfg: Pipelin
         out, ablation = task_distill[stage.name]
         return [launch(n_other, "distill", "--run-dir", r, "--section", "taskdistill",
                        "--teacher", str(run_dir / "teacher-ft"), "--out", out, *p, f"locales=[{locales}]", *ablation)]
-    ft = {"teacher_ft": ("teacher-indomain", "teacher-ft", "seq2seq"),
-          "scratch_ft": (f"scratch:{cfg.scratch_size}", "scratch-ft", "seq2seq"),
-          "teacher_nlu": ("teacher-indomain", "teacher-nlu", "encoder"),
-          "student_nlu": ("student", "student-nlu", "encoder")}
+    # stage: (input model, output, --head, the preset section of that head's settings)
+    ft = {"teacher_ft": ("teacher-indomain", "teacher-ft", "seq2seq", []),
+          "scratch_ft": (f"scratch:{cfg.scratch_size}", "scratch-ft", "seq2seq", []),
+          "teacher_nlu": ("teacher-indomain", "teacher-nlu", "encoder", ["--section", "nlu"]),
+          "student_nlu": ("student", "student-nlu", "encoder", ["--section", "nlu"])}
     if stage.name == "student_nlu" and len(cfg.nlu_members) > 1:
         return nlu_ensemble_commands(run_dir, p, cfg)
 
     def finetune(nproc: int, name: str, *extra: str) -> list[str]:
-        src, out, head = ft[name]
+        src, out, head, section = ft[name]
         model = src if src.startswith("scratch:") else str(run_dir / src)
-        section = ["--section", "nlu"] if head == "encoder" else []
         return launch(nproc, "finetune", "--run-dir", r, "--model", model, "--out", out, "--head", head, *section,
                       *p, f"locales=[{locales}]", *extra)
 
     if stage.name == "scratch_ft" and cfg.pretraining_steps:
         # The claim's pair, side by side (one process each): the same steps, schedule and seed.
-        ft["pretrained_ft"] = (ft["teacher_ft"][0], PRETRAINED_FT, "seq2seq")
+        ft["pretrained_ft"] = (ft["teacher_ft"][0], PRETRAINED_FT, "seq2seq", [])
         budget = [f"train.max_steps={cfg.pretraining_steps}", f"train.eval_every={max(1, cfg.pretraining_steps // 2)}",
                   f"train.save_every={cfg.pretraining_steps}"]
         return [Concurrent([finetune(1, name, *budget) for name in ("scratch_ft", "pretrained_ft")])]

@@ -1,5 +1,5 @@
-"""polyteacher: student stage (MASSIVE fine-tuning, the encoder NLU model, ONNX export and the
-onnxruntime predictor).
+"""polyteacher: student stage (MASSIVE fine-tuning, the model kinds and their registry, the encoder
+NLU model, ONNX export and the onnxruntime predictor).
 
 What other layers may use of it (evaluation, launch) is named here; the modules inside may move.
 Names are resolved on first use, so `import student` stays cheap and torch-free (the runtime side
@@ -13,7 +13,14 @@ from typing import Any
 _PUBLIC = {
     "OnnxPredictor": "student.runtime",
     "read_manifest": "student.runtime",
-    "load_nlu_model": "student.nlu",
+    "KINDS": "student.kinds",
+    "ModelKind": "student.kinds",
+    "PredictOptions": "student.kinds",
+    "kind_of": "student.kinds",
+    "kind_for_head": "student.kinds",
+    "load_nlu_model": "student.kinds",
+    "Seq2SeqPredictor": "student.text_to_text",
+    "load_text_to_text": "student.text_to_text",
 }
 
 __all__ = sorted(_PUBLIC)

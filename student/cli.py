@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_ensemble(args: argparse.Namespace) -> int:
-    from student.nlu import build_ensemble
+    from student.kinds import build_ensemble
 
     out = build_ensemble(args.members, args.out)
     print(f"ensemble: wrote {out} ({len(args.members)} members)")

@@ -173,7 +173,10 @@ class FinetuneConfig:
         ):
             if value < low:
                 raise ConfigError(f"finetune.{key}: {value} must be >= {low}")
-        if self.teacher and self.head != "encoder":
+        from student.kinds import kind_for_head
+
+        takes_teacher = kind_for_head(self.head).training.teacher_term
+        if self.teacher and not takes_teacher:
             raise ConfigError("finetune.teacher: the teacher term trains the encoder head; set head=encoder or "
                               "distil a text-to-text student with `distill --section taskdistill`")
         if not 0.0 <= self.teacher_weight <= 1.0:
@@ -182,7 +185,7 @@ class FinetuneConfig:
             raise ConfigError(f"finetune.teacher_temperature: {self.teacher_temperature} must be > 0")
         if self.num_unlabelled_examples < 0:
             raise ConfigError(f"finetune.num_unlabelled_examples: {self.num_unlabelled_examples} must be >= 0")
-        if self.crosslingual.unlabelled_locales() and self.head == "encoder" and not self.teacher:
+        if self.crosslingual.unlabelled_locales() and takes_teacher and not self.teacher:
             raise ConfigError("crosslingual.setting=teacher-labelled: the target utterances need a teacher to label "
                               "them; set finetune.teacher to the fine-tuned teacher's encoder NLU model")
         if self.slot_loss_weight < 0:

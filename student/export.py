@@ -54,30 +54,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from core.config import load_config, to_dict
-from core.modeldir import model_kind
-from student.runtime import FORMAT_VERSION, MANIFEST, read_manifest
-
-if TYPE_CHECKING:
-    pass
 from student.export_config import (
     QUANTIZED_OP_TYPES,
     TOKENIZER_FILES,
     ExportConfig,
 )
-from student.onnx_graphs import (
-    _model_config_summary,
-    _nlu_special_ids,
-    _seq2seq_special_ids,
-    check_nlu_parity,
-    check_seq2seq_parity,
-    describe_graph,
-    export_nlu_graph,
-    export_seq2seq_graphs,
-    load_seq2seq,
-)
+from student.kinds import ModelKind, kind_of
+from student.onnx_graphs import describe_graph
 from student.quantize import (
     calibrate,
     compact_graph,
@@ -88,6 +74,7 @@ from student.quantize import (
     store_weights_once,
     tie_transposed_copies,
 )
+from student.runtime import FORMAT_VERSION, MANIFEST, read_manifest
 
 # ----------------------------------------------------------------------------- the stage
 
@@ -102,7 +89,8 @@ def export(model_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Export
     from core.fsutil import OutputPathError, check_output, output_lock
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    if (model_dir / MANIFEST).is_file():  # an fp32 ONNX export is the other input --int8 takes
+    kind = kind_of(model_dir, "--model")
+    if kind.is_export:  # an fp32 ONNX export is the other input --int8 takes
         if not cfg.int8:
             raise OutputPathError(f"--model {model_dir} is already an ONNX export (it has {MANIFEST}); give it "
                                   "--int8 to quantize it, or point --model at a model directory")
@@ -111,28 +99,26 @@ def export(model_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Export
             raise OutputPathError(f"{model_dir / MANIFEST}: precision is {manifest.get('precision')}; --int8 "
                                   "needs an fp32 export: point --model at one, or at the model directory")
     else:
-        from core.modeldir import check_model_dir
-
-        check_model_dir(model_dir, "--model")
+        kind.check(model_dir, "--model")
         check_has_tokenizer(model_dir)
     check_output(out_dir, "onnx", run_dir, inputs=[model_dir], flag="--out", replace_any=overwrite)
     with output_lock(out_dir, f"polyteacher export --out {out_dir}"):
-        return _export_locked(model_dir, out_dir, cfg, overwrite)
+        return _export_locked(model_dir, kind, out_dir, cfg, overwrite)
 
 
-def _export_locked(model_dir: Path, out_dir: Path, cfg: ExportConfig, overwrite: bool) -> Path:
+def _export_locked(model_dir: Path, kind: ModelKind, out_dir: Path, cfg: ExportConfig, overwrite: bool) -> Path:
     from core.fsutil import atomic_dir
 
     started = time.time()
     with atomic_dir(out_dir, kind="onnx", user_overwrite=overwrite) as tmp:
-        if (model_dir / MANIFEST).exists():
+        if kind.is_export:
             quantize_export(model_dir, tmp, cfg)
         elif cfg.int8:
             with tempfile.TemporaryDirectory(prefix=".fp32-", dir=out_dir.parent) as fp32_dir:
-                export_fp32(model_dir, Path(fp32_dir), cfg)
+                export_fp32(model_dir, Path(fp32_dir), cfg, kind)
                 quantize_export(Path(fp32_dir), tmp, cfg)
         else:
-            export_fp32(model_dir, tmp, cfg)
+            export_fp32(model_dir, tmp, cfg, kind)
     manifest = read_manifest(out_dir)
     print(
         f"exported {manifest['kind']} {manifest['precision']} to {out_dir}: "
@@ -142,38 +128,22 @@ def _export_locked(model_dir: Path, out_dir: Path, cfg: ExportConfig, overwrite:
     return out_dir
 
 
-def export_fp32(model_dir: Path, out: Path, cfg: ExportConfig) -> dict[str, Any]:
-    """Write fp32 graphs, tokenizer and manifest of `model_dir` into the (empty) directory `out`."""
+def export_fp32(model_dir: Path, out: Path, cfg: ExportConfig, kind: ModelKind | None = None) -> dict[str, Any]:
+    """Write fp32 graphs, tokenizer and manifest of `model_dir` (of `kind`, else detected) into the
+    (empty) directory `out`."""
     import torch
 
-    kind = model_kind(model_dir)  # "seq2seq" or "encoder_nlu": export() checked it is a model directory
+    kind = kind or kind_of(model_dir, "--model")
     torch.manual_seed(0)
     with torch.inference_mode(False), torch.no_grad():
-        if kind == "seq2seq":
-            model = load_seq2seq(model_dir)
-            graphs = export_seq2seq_graphs(model, out, cfg)
-            parity = check_seq2seq_parity(model, out, cfg) if cfg.check_parity else None
-            extra = {"model_config": _model_config_summary(model.config), "special_ids": _seq2seq_special_ids(model)}
-        else:
-            from student.nlu import load_nlu_model
-
-            model = load_nlu_model(model_dir).float().eval()
-            labels = model.labels
-            graphs = export_nlu_graph(model, out, cfg)
-            parity = check_nlu_parity(model, out, cfg) if cfg.check_parity else None
-            extra = {
-                "model_config": _model_config_summary(model.config),
-                "special_ids": _nlu_special_ids(model.config),
-                "labels": {"intents": labels.intents, "slot_labels": labels.slot_labels},
-            }
-            # The NLU model was trained with its own maximum input length; keep it.
-            cfg = _replace(cfg, max_source_length=labels.max_length)
+        traced = kind.export(model_dir, out, cfg)
+    cfg, graphs = traced.cfg, traced.graphs
     weights = store_weights_once(out, [g["file"] for g in graphs.values()])
     graphs = {name: describe_graph(out / g["file"]) for name, g in graphs.items()}
     copy_tokenizer(model_dir, out)
     manifest = build_manifest(
-        out, kind=kind, precision="fp32", graphs=graphs, cfg=cfg, source_dir=model_dir, parity=parity,
-        weights=weights, **extra
+        out, kind=kind.recorded_as, precision="fp32", graphs=graphs, cfg=cfg, source_dir=model_dir,
+        parity=traced.parity, weights=weights, **traced.manifest
     )
     write_manifest(out, manifest)
     return manifest
@@ -318,7 +288,10 @@ def copy_tokenizer(model_dir: Path, out: Path) -> None:
 def build_manifest(out: Path, kind: str, precision: str, graphs: dict[str, dict[str, Any]], cfg: ExportConfig,
                    source_dir: Path, parity: dict[str, float] | None, special_ids: dict[str, int],
                    model_config: dict[str, Any], labels: dict[str, list[str]] | None = None,
-                   weights: dict[str, Any] | None = None) -> dict[str, Any]:
+                   weights: dict[str, Any] | None = None, max_target_length: int | None = None,
+                   num_decoder_layers: int | None = None) -> dict[str, Any]:
+    """manifest.json of an export; `labels`, `max_target_length` and `num_decoder_layers` are the
+    entries of the kinds that have them (student.kinds.TracedExport.manifest)."""
     tokenizer_config = out / "tokenizer_config.json"
     unk = None
     if tokenizer_config.exists():
@@ -337,14 +310,14 @@ def build_manifest(out: Path, kind: str, precision: str, graphs: dict[str, dict[
         "special_ids": special_ids,
         "unk_token": unk,
         "max_source_length": cfg.max_source_length,
-        "max_target_length": cfg.max_target_length if kind == "seq2seq" else None,
+        "max_target_length": max_target_length,
         "model_config": model_config,
         "source_model": {"path": str(source_dir.resolve()), **weights_sha256(source_dir)},
         "parity_max_abs_diff": parity,
         "created": _created(),
     }
-    if kind == "seq2seq":
-        manifest["num_decoder_layers"] = model_config["num_decoder_layers"]
+    if num_decoder_layers is not None:
+        manifest["num_decoder_layers"] = num_decoder_layers
     if labels is not None:
         manifest["labels"] = labels
     return manifest
@@ -369,12 +342,6 @@ def write_manifest(out: Path, manifest: dict[str, Any]) -> None:
     from core.fsutil import atomic_write_json
 
     atomic_write_json(out / MANIFEST, manifest)
-
-
-def _replace(cfg: ExportConfig, **changes: Any) -> ExportConfig:
-    import dataclasses
-
-    return dataclasses.replace(cfg, **changes)
 
 
 # ----------------------------------------------------------------------------- CLI

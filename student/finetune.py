@@ -4,10 +4,12 @@
 an explicit loop of train_step / maybe_log / maybe_eval / maybe_save (the skeleton of core/loop.py;
 this stage passes `forward`, its log record and its dev evaluation), and the Hugging Face export.
 
-- seq2seq head: source "Annotate: w1 w2 ...", target "s1 s2 ... intent" (massive/format.py's
-  official format); loss = token cross-entropy over the target. Evaluation: teacher-forced dev loss
-  and greedy generation parsed with `parse_target`, scored as the official scorer.
-- encoder head: `student.nlu.EncoderNLUModel` on the words; loss = intent CE + slot CE over each
+The head (`--head`) picks a trainable model kind of the registry (student/kinds.py), whose pieces
+build the model, encode and collate the items, compute the loss and the dev predictions:
+- seq2seq (student/text_to_text.py): source "Annotate: w1 w2 ...", target "s1 s2 ... intent"
+  (massive/format.py's official format); loss = token cross-entropy over the target. Evaluation:
+  teacher-forced dev loss and greedy generation parsed with `parse_target`, scored as the official scorer.
+- encoder (student/nlu.py): `EncoderNLUModel` on the words; loss = intent CE + slot CE over each
   word's first sub-word. Evaluation: dev loss and argmax predictions, scored the same way.
 
 Settings: `full` trains on every chosen locale, `zero_shot` only on en-US (evaluation always covers
@@ -49,30 +51,12 @@ from core.metrics import LossWindow, MetricsLogger
 from core.modeldir import check_model_dir, load_seq2seq_model
 from core.models import build_model, interpolate_with_fresh_init
 from data_prep.counterfactual import cda_examples
-from data_prep.tokenizer import num_word_sentinels
-from massive.format import (
-    INTENT_FIRST_KEY,
-    OTHER,
-    TargetFormat,
-    has_label_tokens,
-    label_text,
-    label_token,
-    parse_generations,
-)
+from massive.format import OTHER
 from massive.loader import load_massive
 from massive.scoring import GENERATION_FIELDS, GENERATION_METRICS, score_locale
 from student.config import FinetuneConfig
-from student.nlu import (
-    IGNORE_INDEX,
-    EncoderNLUModel,
-    NLULabels,
-    count_parameters,
-    decode_predictions,
-    encode_words,
-    nlu_loss,
-    nlu_teacher_loss,
-    slot_label_ids,
-)
+from student.kinds import kind_for_head, load_nlu_model
+from student.nlu import NLULabels, count_parameters
 
 if TYPE_CHECKING:
     import torch
@@ -88,7 +72,7 @@ def output_name(cfg: FinetuneConfig) -> str:
     if cfg.out:
         return cfg.out
     source = f"scratch-{cfg.scratch_preset}" if cfg.scratch_preset else Path(cfg.init.rstrip("/")).name
-    return f"{source}-{'ft' if cfg.head == 'seq2seq' else 'nlu'}"
+    return f"{source}-{kind_for_head(cfg.head).training.output_suffix}"
 
 
 def resolve_dir(run_dir: Path, value: str, what: str) -> Path:
@@ -182,7 +166,7 @@ def load_finetune_data(cfg: FinetuneConfig, run_dir: Path, dist_info: DistInfo) 
             dev.extend(rng.sample(examples, min(per_locale, len(examples))))
         dev = dev[: cfg.num_eval_examples]
     unlabelled: list[Unlabelled] = []
-    if cfg.head == "encoder" and cfg.teacher:
+    if cfg.teacher:  # only the encoder head has one (FinetuneConfig refuses it elsewhere)
         targets = cfg.crosslingual.unlabelled_locales()
         if targets:
             extra = load_massive(source, locales=targets, partitions=("train",), cache_dir=cache_dir, progress=False)
@@ -203,66 +187,6 @@ def load_finetune_data(cfg: FinetuneConfig, run_dir: Path, dist_info: DistInfo) 
     )
 
 
-def target_format(cfg: FinetuneConfig, tokenizer: Any) -> TargetFormat:
-    """The text-to-text format this fine-tuning writes (sentinels: as many as the tokenizer has)."""
-    return TargetFormat(cfg.intent_first, num_word_sentinels(tokenizer) if cfg.sentinels else 0, cfg.spans)
-
-
-def encode_seq2seq(
-    tokenizer: Any, examples: list[MassiveExample], cfg: FinetuneConfig
-) -> tuple[list[tuple[list[int], list[int]]], dict[str, int]]:
-    """(source ids, target ids) per example in the official text-to-text format, and how many
-    sources/targets were cut to max_source_len/max_target_len (eos kept at the end)."""
-    whole = has_label_tokens(tokenizer)
-    if cfg.spans and not whole:
-        raise ConfigError("finetune.spans needs a tokenizer with whole label tokens (data prep's tokenizer.label_tokens)")
-    fmt = target_format(cfg, tokenizer)
-    pairs = [fmt.pair(ex.words, ex.slots, ex.intent, whole) for ex in examples]
-    sources = tokenizer([s for s, _ in pairs])["input_ids"]
-    targets = tokenizer([t for _, t in pairs])["input_ids"]
-    eos = tokenizer.eos_token_id
-
-    def cut(ids: list[int], limit: int) -> list[int]:
-        return ids if len(ids) <= limit else [*ids[: limit - 1], eos]
-
-    counts = {
-        "num_truncated_sources": sum(len(ids) > cfg.max_source_len for ids in sources),
-        "num_truncated_targets": sum(len(ids) > cfg.max_target_len for ids in targets),
-    }
-    encoded = [(cut(src, cfg.max_source_len), cut(tgt, cfg.max_target_len)) for src, tgt in zip(sources, targets)]
-    return encoded, counts
-
-
-def collate_seq2seq(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """input_ids/attention_mask [B, S] (pad right), labels [B, T] with -100 on padding."""
-    import torch
-
-    src_len = max(len(s) for s, _ in pairs)
-    tgt_len = max(len(t) for _, t in pairs)
-    input_ids = torch.full((len(pairs), src_len), pad_id, dtype=torch.long)
-    labels = torch.full((len(pairs), tgt_len), -100, dtype=torch.long)
-    for b, (src, tgt) in enumerate(pairs):
-        input_ids[b, : len(src)] = torch.tensor(src)
-        labels[b, : len(tgt)] = torch.tensor(tgt)
-    return {"input_ids": input_ids, "attention_mask": (input_ids != pad_id).long(), "labels": labels}
-
-
-def collate_encoder(
-    examples: list[MassiveExample], tokenizer: Any, labels: Any, max_length: int
-) -> dict[str, torch.Tensor]:
-    """encode_words output plus intent_labels [B] and slot_labels [B, W] (-100 beyond the words)."""
-    import torch
-
-    batch = encode_words(tokenizer, [ex.words for ex in examples], max_length)
-    intent_index = {name: i for i, name in enumerate(labels.intents)}
-    # Teacher-labelled utterances (intent None) have no gold label: the CE skips them.
-    batch["intent_labels"] = torch.tensor([IGNORE_INDEX if ex.intent is None else intent_index[ex.intent]
-                                           for ex in examples], dtype=torch.long)
-    batch["slot_labels"] = slot_label_ids([ex.slots or () for ex in examples], labels.slot_labels,
-                                          batch["word_starts"].shape[1])
-    return batch
-
-
 # ----------------------------------------------------------------------------- model
 
 
@@ -277,9 +201,8 @@ def load_finetune_tokenizer(cfg: FinetuneConfig, run_dir: Path) -> Any:
     return tokenizer
 
 
-def build_seq2seq(cfg: FinetuneConfig, run_dir: Path, tokenizer: Any, labels: list[str]) -> Any:
-    """The seq2seq model to fine-tune: loaded from a directory, or fresh from a size preset.
-    `labels`: the intents and slot labels whose whole tokens label_init may set."""
+def build_backbone(cfg: FinetuneConfig, run_dir: Path, tokenizer: Any) -> Any:
+    """The seq2seq model every head starts from: loaded from a directory, or fresh from a size preset."""
     if cfg.scratch_preset:
         model = build_model(dataclasses.replace(cfg.model, preset=cfg.scratch_preset), tokenizer, seed=cfg.train.seed)
     else:
@@ -287,15 +210,6 @@ def build_seq2seq(cfg: FinetuneConfig, run_dir: Path, tokenizer: Any, labels: li
         interpolate_with_fresh_init(model, cfg.init_weight, seed=cfg.train.seed)
     if cfg.dropout is not None:
         _set_dropout(model, cfg.dropout)
-    # A model already trained on MASSIVE targets (fine-tuned or task-distilled: its config records
-    # the target order) has learnt its label rows; only a pretrained one gets new ones (label_init).
-    pretrained_only = not cfg.scratch_preset and getattr(model.config, INTENT_FIRST_KEY, None) is None
-    if cfg.head == "seq2seq" and cfg.label_init != "keep" and pretrained_only and has_label_tokens(tokenizer):
-        init_label_embeddings(model, tokenizer, labels, cfg.label_init, seed=cfg.train.seed)
-    if cfg.head == "seq2seq":
-        # Saved with the model (config.json, and the export manifest), so every predictor parses
-        # the generated target in the order this model was trained on.
-        target_format(cfg, tokenizer).record(model.config)
     return model
 
 
@@ -308,70 +222,10 @@ def _set_dropout(model: Any, rate: float) -> None:
             module.p = rate
 
 
-def init_label_embeddings(model: Any, tokenizer: Any, labels: list[str], how: str = "words", seed: int = 0) -> list[str]:
-    """Set the embedding row of each label's whole token (`<alarm_set>`) to the mean of the rows of
-    the label's words (`alarm set`), in the input embedding and, when untied, the output layer.
-
-    A label token never occurs in pretraining text, so a pretrained model's softmax has pushed its
-    row down at every position; fine-tuning then spends its first steps undoing that. Starting
-    from its words gives it the scale of a seen token and the meaning of its name. `how="random"`
-    draws each row afresh from a normal with the table's standard deviation instead (seeded by
-    `seed` and the token id). Returns the labels whose token is not in the vocabulary (left as they are)."""
-    import torch
-
-    if how not in ("words", "random"):
-        raise ValueError(f"label rows from {how!r}: expected 'words' or 'random'")
-    vocab = tokenizer.get_vocab()
-    tables = [model.get_input_embeddings().weight]
-    output = model.get_output_embeddings()
-    if output is not None and output.weight.data_ptr() != tables[0].data_ptr():
-        tables.append(output.weight)
-    missing = []
-    with torch.no_grad():
-        scales = [float(table.std()) for table in tables]  # before any row changes
-        for label in labels:
-            token_id = vocab.get(label_token(label))
-            piece_ids = tokenizer(label_text(label), add_special_tokens=False)["input_ids"]
-            if token_id is None or not piece_ids:
-                missing.append(label)
-                continue
-            for table, scale in zip(tables, scales):
-                if how == "random":
-                    generator = torch.Generator().manual_seed(seed * 1_000_003 + token_id)
-                    table[token_id] = torch.randn(table.shape[1], generator=generator) * scale
-                else:
-                    table[token_id] = table[piece_ids].mean(dim=0)
-    return missing
-
-
 def build_finetune_model(cfg: FinetuneConfig, run_dir: Path, tokenizer: Any, data: FinetuneData) -> Any:
-    """The model the engine trains: the seq2seq model, or an EncoderNLUModel from its encoder."""
-    seq2seq = build_seq2seq(cfg, run_dir, tokenizer, [*data.intents, *data.slot_labels])
-    if cfg.head == "seq2seq":
-        return seq2seq
-    labels = NLULabels(
-        intents=data.intents,
-        slot_labels=data.slot_labels,
-        max_length=cfg.max_source_len,
-        source_model=cfg.init,
-        extra={"locales": data.train_locales, "setting": cfg.setting},
-        ngram_buckets=cfg.ngram_buckets,
-        ngram_orders=list(cfg.ngram_orders),
-        ngram_inputs=cfg.ngram_inputs,
-    )
-    model = EncoderNLUModel.from_seq2seq(seq2seq, labels, tokenizer)
-    del seq2seq
-    if model.ngrams is not None:
-        model.ngrams.embed.sparse = sparse_ngrams(cfg)
-    return model
-
-
-def sparse_ngrams(cfg: FinetuneConfig) -> bool:
-    """Whether the n-gram table trains with sparse gradients. A batch touches ~5% of its rows: sparse
-    gradients and Adafactor's update on those rows (core.optim.RowSparseAdafactor, the dense update
-    exactly) halve an NLU step. AdamW's moments move untouched rows and ZeRO partitions flat dense
-    gradients: dense there."""
-    return cfg.ngram_buckets > 0 and cfg.train.optimizer == "adafactor" and cfg.train.zero_stage == 0
+    """The model the engine trains: the head's kind builds it on the seq2seq backbone (the model
+    itself for text-to-text, an EncoderNLUModel on its encoder)."""
+    return kind_for_head(cfg.head).training.build(build_backbone(cfg, run_dir, tokenizer), cfg, tokenizer, data)
 
 
 # ----------------------------------------------------------------------------- steps
@@ -382,32 +236,13 @@ def train_loss(engine: Any, batch: dict[str, torch.Tensor], cfg: FinetuneConfig,
     """Forward one micro-batch through the engine; (loss to backpropagate, detached parts). With a
     `teacher` (encoder NLU, frozen): (1 - w) * gold loss + w * teacher term (finetune.teacher_weight)."""
     batch = {k: v.to(device) for k, v in batch.items()}
-    if cfg.head == "seq2seq":
-        out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-        return out.loss, {}
-    intent_logits, slot_logits = engine(batch["input_ids"], batch["attention_mask"])
-    loss, parts = nlu_loss(
-        intent_logits, slot_logits, batch["word_starts"], batch["intent_labels"], batch["slot_labels"],
-        slot_weight=cfg.slot_loss_weight,
-    )
-    if teacher is not None:
-        import torch
-
-        with torch.inference_mode():
-            t_intent, t_slots = teacher(batch["input_ids"], batch["attention_mask"])
-        kd, kd_parts = nlu_teacher_loss(intent_logits, slot_logits, t_intent.clone(), t_slots.clone(),
-                                        batch["word_starts"], cfg.teacher_temperature, cfg.slot_loss_weight)
-        w = cfg.teacher_weight
-        loss = (1.0 - w) * loss + w * kd
-        parts = {**parts, **kd_parts}
+    loss, parts = kind_for_head(cfg.head).training.loss(engine, batch, cfg, teacher)
     return loss, {k: float(v) for k, v in parts.items()}
 
 
 def load_nlu_teacher(cfg: FinetuneConfig, run_dir: Path, tokenizer: Any, labels: NLULabels, device: str) -> Any:
     """The frozen encoder NLU teacher of finetune.teacher, checked against the student's labels and
     tokenizer (the teacher term reads both models on the same input ids)."""
-    from student.nlu import load_nlu_model
-
     teacher_dir = check_model_dir(resolve_dir(run_dir, cfg.teacher, "teacher"), "finetune.teacher")
     teacher = load_nlu_model(teacher_dir)
     if teacher.labels.intents != labels.intents or teacher.labels.slot_labels != labels.slot_labels:
@@ -435,7 +270,7 @@ def evaluate(
     model: Any,
     tokenizer: Any,
     dev: list[MassiveExample],
-    dev_pairs: list[tuple[list[int], list[int]]] | None,
+    dev_items: list[Any],
     cfg: FinetuneConfig,
     dist_info: DistInfo,
     intents: list[str] | None = None,
@@ -457,34 +292,16 @@ def evaluate(
     loss_sum = loss_count = 0.0
     preds: list[NLUPrediction] = []
     synced = cfg.train.zero_stage == 3 and world > 1
+    training = kind_for_head(cfg.head).training
     with torch.no_grad():
         for start in range(0, len(mine), cfg.eval_batch_size):
             idx = mine[start : start + cfg.eval_batch_size]
             examples = [dev[i] for i in idx]
-            if cfg.head == "seq2seq":
-                batch = collate_seq2seq([dev_pairs[i] for i in idx], tokenizer.pad_token_id)
-                batch = {k: v.to(dist_info.device) for k, v in batch.items()}
-                logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).logits
-                token_losses = torch.nn.functional.cross_entropy(
-                    logits.float().transpose(1, 2), batch["labels"], ignore_index=-100, reduction="sum"
-                )
-                loss_sum += float(token_losses)
-                loss_count += float((batch["labels"] != -100).sum())
-                preds.extend(generate_predictions(model, tokenizer, batch, examples, cfg, synced, intents))
-            else:
-                batch = collate_encoder(examples, tokenizer, model.labels, cfg.max_source_len)
-                batch = {k: v.to(dist_info.device) for k, v in batch.items()}
-                intent_logits, slot_logits = engine(batch["input_ids"], batch["attention_mask"])
-                loss, _ = nlu_loss(intent_logits, slot_logits, batch["word_starts"], batch["intent_labels"],
-                                   batch["slot_labels"], slot_weight=cfg.slot_loss_weight)
-                loss_sum += loss.item() * len(idx)
-                loss_count += len(idx)
-                preds.extend(
-                    decode_predictions(
-                        intent_logits.cpu(), slot_logits.cpu(), batch["word_starts"].cpu(),
-                        [len(ex.words) for ex in examples], model.labels,
-                    )
-                )
+            loss, count, batch_preds = training.evaluate(engine, model, tokenizer, [dev_items[i] for i in idx],
+                                                         examples, cfg, dist_info.device, synced, intents)
+            loss_sum += loss
+            loss_count += count
+            preds.extend(batch_preds)
     engine.train()
     golds = [dev[i] for i in mine]
     s = score_locale(golds, preds) if golds else {"em": 0, "intent_acc": 0, "n": 0, "num_gold_spans": 0,
@@ -507,24 +324,6 @@ def evaluate(
         for name, count in zip(GENERATION_METRICS, totals[9:]):
             result[f"dev_{name}"] = count / t_checked
     return result
-
-
-def generate_predictions(
-    model: Any, tokenizer: Any, batch: dict[str, torch.Tensor], examples: list[MassiveExample],
-    cfg: FinetuneConfig, synced: bool, intents: list[str] | None = None,
-) -> list[NLUPrediction]:
-    """Greedy generation of the text-to-text target, parsed into intent + per-word slots (with its
-    `GenerationCheck` when `intents` is given)."""
-    output = model.generate(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        max_new_tokens=cfg.max_target_len,
-        num_beams=1,
-        do_sample=False,
-        synced_gpus=synced,
-    )
-    return parse_generations(output, tokenizer, [ex.words for ex in examples], intents or [], cfg.intent_first,
-                             spans=cfg.spans)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -551,22 +350,19 @@ def finetune(cfg: FinetuneConfig, run_dir: str | Path, resume: bool = False) -> 
     # data
     tokenizer = load_finetune_tokenizer(cfg, run_dir)
     data = load_finetune_data(cfg, run_dir, dist_info)
-    train_pairs = dev_pairs = None
-    if cfg.head == "seq2seq":
-        train_pairs, truncated = encode_seq2seq(tokenizer, data.train, cfg)
-        dev_pairs, _ = encode_seq2seq(tokenizer, data.dev, cfg)
-        if dist_info.is_rank0 and any(truncated.values()):
-            print(
-                f"finetune: {truncated['num_truncated_sources']} of {len(data.train)} training sources exceed "
-                f"max_source_len={cfg.max_source_len} and {truncated['num_truncated_targets']} targets exceed "
-                f"max_target_len={cfg.max_target_len} tokens; they are cut (eos kept)",
-                file=sys.stderr, flush=True,
-            )
-    lengths = None
-    items = [*data.train, *data.unlabelled]  # the encoder's training items: gold, then teacher-labelled
-    if cfg.group_by_length:  # tokens for text-to-text, words for the encoder (it tokenizes per batch)
-        lengths = [len(s) + len(t) for s, t in train_pairs] if train_pairs else [len(ex.words) for ex in items]
-    sampler = ResumableSampler(len(items), cfg.train.micro_batch_size, grad_accum, dist_info.rank,
+    training = kind_for_head(cfg.head).training
+    # The training items: gold, then teacher-labelled (the encoder's only: it alone has a teacher).
+    train_items, truncated = training.encode(tokenizer, [*data.train, *data.unlabelled], cfg)
+    dev_items, _ = training.encode(tokenizer, data.dev, cfg)
+    if dist_info.is_rank0 and any(truncated.values()):
+        print(
+            f"finetune: {truncated['num_truncated_sources']} of {len(data.train)} training sources exceed "
+            f"max_source_len={cfg.max_source_len} and {truncated['num_truncated_targets']} targets exceed "
+            f"max_target_len={cfg.max_target_len} tokens; they are cut (eos kept)",
+            file=sys.stderr, flush=True,
+        )
+    lengths = [training.length(item) for item in train_items] if cfg.group_by_length else None
+    sampler = ResumableSampler(len(train_items), cfg.train.micro_batch_size, grad_accum, dist_info.rank,
                                dist_info.world_size, cfg.train.seed, lengths=lengths)
 
     # model and engine
@@ -601,18 +397,14 @@ def finetune(cfg: FinetuneConfig, run_dir: str | Path, resume: bool = False) -> 
     window = LossWindow()
 
     def micro_batches(st: TrainState) -> list[dict[str, torch.Tensor]]:
-        return [
-            collate_seq2seq([train_pairs[i] for i in indices], tokenizer.pad_token_id)
-            if cfg.head == "seq2seq"
-            else collate_encoder([items[i] for i in indices], tokenizer, model.labels, cfg.max_source_len)
-            for indices in sampler.micro_batches(st.epoch, st.epoch_position)
-        ]
+        return [training.collate([train_items[i] for i in indices], tokenizer, model, cfg)
+                for indices in sampler.micro_batches(st.epoch, st.epoch_position)]
 
     pieces = StagePieces(
         micro_batches=micro_batches,
         forward=lambda st: micro_forward(engine, cfg, dist_info.device, grad_accum, teacher),
         maybe_log=lambda st, bar: maybe_log(metrics, st, window, engine, cfg, bar),
-        maybe_eval=lambda st: maybe_eval(metrics, st, engine, model, tokenizer, data, dev_pairs, cfg, dist_info),
+        maybe_eval=lambda st: maybe_eval(metrics, st, engine, model, tokenizer, data, dev_items, cfg, dist_info),
     )
     run_training(cfg.train, state, engine, sampler, checkpoints, cfg_yaml, pieces, f"finetune {name}", window)
 
@@ -649,11 +441,11 @@ def maybe_log(metrics: MetricsLogger, state: TrainState, window: LossWindow, eng
 
 def maybe_eval(
     metrics: MetricsLogger, state: TrainState, engine: Any, model: Any, tokenizer: Any, data: FinetuneData,
-    dev_pairs: list[tuple[list[int], list[int]]] | None, cfg: FinetuneConfig, dist_info: DistInfo,
+    dev_items: list[Any], cfg: FinetuneConfig, dist_info: DistInfo,
 ) -> dict[str, float] | None:
     if not data.dev or not eval_due(state, cfg.train):
         return None
-    result = evaluate(engine, model, tokenizer, data.dev, dev_pairs, cfg, dist_info, data.intents)
+    result = evaluate(engine, model, tokenizer, data.dev, dev_items, cfg, dist_info, data.intents)
     keep_best(state, result["dev_loss"])
     metrics.log(state.step, result)
     if dist_info.is_rank0:

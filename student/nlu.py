@@ -431,32 +431,6 @@ class NLUEnsemble(WordPredictor, nn.Module):
         return cls(members, labels, tokenizer).eval()
 
 
-def load_nlu_model(model_dir: str | os.PathLike) -> EncoderNLUModel | NLUEnsemble:
-    """An encoder NLU directory: a single model, or an ensemble when nlu_labels.json lists members."""
-    from core.modeldir import is_nlu_ensemble
-
-    if is_nlu_ensemble(model_dir):
-        return NLUEnsemble.from_pretrained(model_dir)
-    return EncoderNLUModel.from_pretrained(model_dir)
-
-
-def build_ensemble(member_dirs: list[str | os.PathLike], out: str | os.PathLike) -> Path:
-    """Combine trained NLU model directories into one ensemble directory `out` (members copied in)."""
-    if len(member_dirs) < 2:
-        raise ValueError(f"an NLU ensemble needs at least 2 member directories, got {len(member_dirs)}")
-    members = []
-    for d in member_dirs:
-        model = load_nlu_model(d)
-        if isinstance(model, NLUEnsemble):
-            raise ValueError(f"{d}: is itself an ensemble; list its members instead")
-        members.append(model)
-    first = members[0]
-    labels = NLULabels(intents=first.labels.intents, slot_labels=first.labels.slot_labels,
-                       max_length=first.labels.max_length, source_model=first.labels.source_model,
-                       extra={"members_from": [str(d) for d in member_dirs]})
-    return NLUEnsemble(members, labels, first.tokenizer).save_pretrained(out)
-
-
 def nlu_loss(
     intent_logits: torch.Tensor,
     slot_logits: torch.Tensor,
@@ -544,3 +518,95 @@ def decode_predictions(
         slots = [labels.slot_labels[slot_ids[b][i]] if starts[b][i] >= 0 else OTHER for i in range(n)]
         out.append(NLUPrediction(intent=labels.intents[intent_ids[b]], slots=slots))
     return out
+
+
+# ----------------------------------------------------------------------------- fine-tuning pieces
+# What student/finetune.py runs for `--head encoder` (student.kinds hands them over); cfg is a
+# student.config.FinetuneConfig, `data` a student.finetune.FinetuneData.
+
+
+def attach_nlu_heads(seq2seq: Any, cfg: Any, tokenizer: Any, data: Any) -> EncoderNLUModel:
+    """An EncoderNLUModel on the encoder of `seq2seq` (the backbone finetune built), with fresh intent
+    and slot heads over `data`'s labels."""
+    labels = NLULabels(
+        intents=data.intents,
+        slot_labels=data.slot_labels,
+        max_length=cfg.max_source_len,
+        source_model=cfg.init,
+        extra={"locales": data.train_locales, "setting": cfg.setting},
+        ngram_buckets=cfg.ngram_buckets,
+        ngram_orders=list(cfg.ngram_orders),
+        ngram_inputs=cfg.ngram_inputs,
+    )
+    model = EncoderNLUModel.from_seq2seq(seq2seq, labels, tokenizer)
+    if model.ngrams is not None:
+        model.ngrams.embed.sparse = sparse_ngrams(cfg)
+    return model
+
+
+def sparse_ngrams(cfg: Any) -> bool:
+    """Whether the n-gram table trains with sparse gradients. A batch touches ~5% of its rows: sparse
+    gradients and Adafactor's update on those rows (core.optim.RowSparseAdafactor, the dense update
+    exactly) halve an NLU step. AdamW's moments move untouched rows and ZeRO partitions flat dense
+    gradients: dense there."""
+    return cfg.ngram_buckets > 0 and cfg.train.optimizer == "adafactor" and cfg.train.zero_stage == 0
+
+
+def examples_as_items(tokenizer: Any, examples: list[Any], cfg: Any) -> tuple[list[Any], dict[str, int]]:
+    """The encoder's training items are the examples themselves (it tokenizes per batch); nothing is cut here."""
+    return list(examples), {}
+
+
+def example_length(example: Any) -> int:
+    """Words of an example: what group_by_length sorts the encoder's items by."""
+    return len(example.words)
+
+
+def collate_encoder(examples: list[Any], tokenizer: Any, labels: NLULabels, max_length: int) -> dict[str, torch.Tensor]:
+    """encode_words output plus intent_labels [B] and slot_labels [B, W] (-100 beyond the words)."""
+    batch = encode_words(tokenizer, [ex.words for ex in examples], max_length)
+    intent_index = {name: i for i, name in enumerate(labels.intents)}
+    # Teacher-labelled utterances (intent None) have no gold label: the CE skips them.
+    batch["intent_labels"] = torch.tensor([IGNORE_INDEX if ex.intent is None else intent_index[ex.intent]
+                                           for ex in examples], dtype=torch.long)
+    batch["slot_labels"] = slot_label_ids([ex.slots or () for ex in examples], labels.slot_labels,
+                                          batch["word_starts"].shape[1])
+    return batch
+
+
+def collate_examples(examples: list[Any], tokenizer: Any, model: Any, cfg: Any) -> dict[str, torch.Tensor]:
+    """`collate_encoder` in the signature every kind's collate has (student.kinds.Training)."""
+    return collate_encoder(examples, tokenizer, model.labels, cfg.max_source_len)
+
+
+def encoder_nlu_loss(engine: Any, batch: dict[str, torch.Tensor], cfg: Any,
+                     teacher: Any = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Intent CE + slot CE of one batch; with a `teacher` (encoder NLU, frozen):
+    (1 - w) * gold loss + w * teacher term (finetune.teacher_weight)."""
+    intent_logits, slot_logits = engine(batch["input_ids"], batch["attention_mask"])
+    loss, parts = nlu_loss(
+        intent_logits, slot_logits, batch["word_starts"], batch["intent_labels"], batch["slot_labels"],
+        slot_weight=cfg.slot_loss_weight,
+    )
+    if teacher is not None:
+        with torch.inference_mode():
+            t_intent, t_slots = teacher(batch["input_ids"], batch["attention_mask"])
+        kd, kd_parts = nlu_teacher_loss(intent_logits, slot_logits, t_intent.clone(), t_slots.clone(),
+                                        batch["word_starts"], cfg.teacher_temperature, cfg.slot_loss_weight)
+        w = cfg.teacher_weight
+        loss = (1.0 - w) * loss + w * kd
+        parts = {**parts, **kd_parts}
+    return loss, parts
+
+
+def evaluate_examples(engine: Any, model: Any, tokenizer: Any, items: list[Any], examples: list[Any], cfg: Any,
+                      device: str, synced: bool, intents: list[str] | None) -> tuple[float, float, list[NLUPrediction]]:
+    """One dev batch: (loss times examples, examples, argmax predictions)."""
+    batch = collate_encoder(examples, tokenizer, model.labels, cfg.max_source_len)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    intent_logits, slot_logits = engine(batch["input_ids"], batch["attention_mask"])
+    loss, _ = nlu_loss(intent_logits, slot_logits, batch["word_starts"], batch["intent_labels"],
+                       batch["slot_labels"], slot_weight=cfg.slot_loss_weight)
+    preds = decode_predictions(intent_logits.cpu(), slot_logits.cpu(), batch["word_starts"].cpu(),
+                               [len(ex.words) for ex in examples], model.labels)
+    return loss.item() * len(examples), float(len(examples)), preds

@@ -181,7 +181,6 @@ def calibrate(fp32_dir: Path, prepared: dict[str, Path], cfg: ExportConfig, batc
     from onnx import helper
 
     from core.config import resolve_data_path
-    from massive.format import t2t_source
     from massive.loader import load_massive
 
     predictor = OnnxPredictor(fp32_dir, num_threads=1)
@@ -227,12 +226,9 @@ def calibrate(fp32_dir: Path, prepared: dict[str, Path], cfg: ExportConfig, batc
     steps = 0
     for start in range(0, len(picked), batch_size):
         words = [list(examples[i].words) for i in picked[start:start + batch_size]]
-        if predictor.kind == "seq2seq":
-            ids, _, _ = predictor.encode([t2t_source(w, predictor.sentinels) for w in words])
-        else:
-            ids, _, _ = predictor.encode([" ".join(w) for w in words])
+        ids, _, _ = predictor.encode([predictor.source_text(w) for w in words])
         input_ids, mask = predictor.pad(ids)
-        if predictor.kind != "seq2seq":
+        if not predictor.graph_kind.decodes:
             add(graphs["model"], run(graphs["model"], {"input_ids": input_ids, "attention_mask": mask}), mask > 0)
             continue
         enc = run(graphs["encoder"], {"input_ids": input_ids, "attention_mask": mask})

@@ -23,6 +23,8 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -67,8 +69,8 @@ def read_manifest(export_dir: str | os.PathLike) -> dict[str, Any]:
     for key in ("kind", "precision", "graphs", "size_bytes", "special_ids", "max_source_length"):
         if key not in data:
             raise ValueError(f"{path}: missing key {key!r}")
-    if data["kind"] not in ("seq2seq", "encoder_nlu"):
-        raise ValueError(f"{path}: kind {data['kind']!r} is not one of 'seq2seq', 'encoder_nlu'")
+    if data["kind"] not in GRAPH_KINDS:
+        raise ValueError(f"{path}: kind {data['kind']!r} is not one of {', '.join(map(repr, GRAPH_KINDS))}")
     if data["precision"] not in ("fp32", "int8"):
         raise ValueError(f"{path}: precision {data['precision']!r} is not one of 'fp32', 'int8'")
     if data.get("format_version") != FORMAT_VERSION:
@@ -153,18 +155,32 @@ class OnnxPredictor:
                                        providers=providers)
             for name, info in self.manifest["graphs"].items()
         }
-        if self.kind == "seq2seq":
-            self.num_layers = int(self.manifest["num_decoder_layers"])
-            self._cross = [f"cross.{i}.{k}" for i in range(self.num_layers) for k in ("key", "value")]
-            self._past = [f"past.{i}.self.{k}" for i in range(self.num_layers) for k in ("key", "value")]
-            # The target order the model was fine-tuned on (data_prep.massive.INTENT_FIRST_KEY).
-            self.intent_first = model_intent_first(self.manifest.get("model_config") or {})
-            self.sentinels = model_sentinels(self.manifest.get("model_config") or {})
-            self.spans = model_spans(self.manifest.get("model_config") or {})
-        else:
-            labels = self.manifest["labels"]
-            self.intents: list[str] = labels["intents"]
-            self.slot_labels: list[str] = labels["slot_labels"]
+        self.graph_kind = GRAPH_KINDS[self.kind]
+        self.graph_kind.read_manifest(self)
+
+    def _read_seq2seq_manifest(self) -> None:
+        self.num_layers = int(self.manifest["num_decoder_layers"])
+        self._cross = [f"cross.{i}.{k}" for i in range(self.num_layers) for k in ("key", "value")]
+        self._past = [f"past.{i}.self.{k}" for i in range(self.num_layers) for k in ("key", "value")]
+        # The target order the model was fine-tuned on (data_prep.massive.INTENT_FIRST_KEY).
+        self.intent_first = model_intent_first(self.manifest.get("model_config") or {})
+        self.sentinels = model_sentinels(self.manifest.get("model_config") or {})
+        self.spans = model_spans(self.manifest.get("model_config") or {})
+
+    def _read_nlu_manifest(self) -> None:
+        labels = self.manifest["labels"]
+        self.intents: list[str] = labels["intents"]
+        self.slot_labels: list[str] = labels["slot_labels"]
+
+    def source_text(self, words: list[str]) -> str:
+        """The text the export's tokenizer encodes for one utterance (its kind's input format)."""
+        return self.graph_kind.source_text(self, words)
+
+    def _seq2seq_source(self, words: list[str]) -> str:
+        return t2t_source(words, self.sentinels)
+
+    def _nlu_source(self, words: list[str]) -> str:
+        return " ".join(words)
 
     # ------------------------------------------------------------------ encoding
 
@@ -230,7 +246,7 @@ class OnnxPredictor:
     def _predict_seq2seq(self, batch: list[list[str]]) -> tuple[list[NLUPrediction], list[bool]]:
         from massive.format import parse_target
 
-        ids, _, truncated = self.encode([t2t_source(words, self.sentinels) for words in batch])
+        ids, _, truncated = self.encode([self.source_text(words) for words in batch])
         input_ids, mask = self.pad(ids)
         generated = self.generate(input_ids, mask)
         texts = self.tokenizer.decode_batch(generated, skip_special_tokens=True)
@@ -247,7 +263,7 @@ class OnnxPredictor:
     def _predict_nlu(self, batch: list[list[str]]) -> tuple[list[NLUPrediction], list[bool]]:
         from massive.format import NLUPrediction
 
-        ids, offsets, tokens, truncated = self.encode_with_tokens([" ".join(words) for words in batch])
+        ids, offsets, tokens, truncated = self.encode_with_tokens([self.source_text(words) for words in batch])
         input_ids, mask = self.pad(ids)
         intent_logits, slot_logits = self.nlu_logits(input_ids, mask)
         intent_ids = intent_logits.argmax(-1)
@@ -270,10 +286,10 @@ class OnnxPredictor:
         order = sorted(range(len(batch)), key=lambda i: sum(len(w) + 1 for w in batch[i]))
         preds: list[Any] = [None] * len(batch)
         flags = [False] * len(batch)
-        run = self._predict_seq2seq if self.kind == "seq2seq" else self._predict_nlu
+        run = self.graph_kind.predict
         for k in range(0, len(order), self.batch_size):
             chunk = order[k : k + self.batch_size]
-            chunk_preds, chunk_flags = run([batch[i] for i in chunk])
+            chunk_preds, chunk_flags = run(self, [batch[i] for i in chunk])
             for i, p, f in zip(chunk, chunk_preds, chunk_flags):
                 preds[i], flags[i] = p, f
         return preds, flags
@@ -297,6 +313,30 @@ class OnnxPredictor:
             "words": words,
             "truncated": truncated,
         }
+
+
+@dataclass(frozen=True)
+class GraphKind:
+    """How the predictor runs the export of one model kind (the manifest's "kind"). The model kinds
+    themselves are registered in student/kinds.py; this table stays here because the runtime must
+    not import torch or transformers, which the registry's PyTorch side needs."""
+
+    read_manifest: Callable[[OnnxPredictor], None]
+    """Reads the kind's own manifest entries into the predictor."""
+    source_text: Callable[[OnnxPredictor, list[str]], str]
+    """The text the tokenizer encodes for one utterance's words."""
+    predict: Callable[[OnnxPredictor, list[list[str]]], tuple[list[NLUPrediction], list[bool]]]
+    """Predictions and truncation flags of one batch of word lists."""
+    decodes: bool
+    """Whether the export decodes (an encoder and a decoder graph) or classifies (one "model" graph)."""
+
+
+GRAPH_KINDS: dict[str, GraphKind] = {
+    "seq2seq": GraphKind(OnnxPredictor._read_seq2seq_manifest, OnnxPredictor._seq2seq_source,
+                         OnnxPredictor._predict_seq2seq, decodes=True),
+    "encoder_nlu": GraphKind(OnnxPredictor._read_nlu_manifest, OnnxPredictor._nlu_source,
+                             OnnxPredictor._predict_nlu, decodes=False),
+}
 
 
 # ----------------------------------------------------------------------------- CLI

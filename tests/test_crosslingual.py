@@ -338,8 +338,8 @@ def test_the_nlu_student_learns_from_the_teacher_and_target_utterances_carry_no_
     import torch
 
     from student.config import FinetuneConfig
-    from student.finetune import Unlabelled, collate_encoder, load_nlu_teacher, train_loss
-    from student.nlu import count_parameters, nlu_loss, nlu_teacher_loss
+    from student.finetune import Unlabelled, load_nlu_teacher, train_loss
+    from student.nlu import collate_encoder, count_parameters, nlu_loss, nlu_teacher_loss
 
     teacher_dir, student, examples = nlu_teacher_and_student
     cfg = load_config(FinetuneConfig, "nlu", "tiny", [
@@ -414,7 +414,7 @@ def test_crosslingual_benchmark_tables_pairs_and_weakest_locales(tiny_teacher_di
     from massive.format import OTHER
     from massive.loader import load_massive
     from massive.scoring import paired_difference
-    from student import nlu
+    from student import load_nlu_model, nlu
 
     data = load_massive(str(data_root_with_new_locale), partitions=("test",))
     labels = nlu.NLULabels(intents=list(data.intents), slot_labels=[OTHER, *data.slot_types], max_length=64)
@@ -440,7 +440,7 @@ def test_crosslingual_benchmark_tables_pairs_and_weakest_locales(tiny_teacher_di
                                  {k: b["records"][k] for k in ("de-DE", "ka-GE")}, samples=20, seed=0)
     assert summary["paired_vs_reference"]["teacher"]["em"]["diff"] == pytest.approx(expected["metrics"]["em"]["diff"])
     assert summary["models"]["nlu"]["parameters"] == sum(
-        p.numel() for p in nlu.load_nlu_model(nlu_dir).parameters())
+        p.numel() for p in load_nlu_model(nlu_dir).parameters())
     # Both targets are among the weakest; Georgian: its script, no generic corpus, more tokens per word
     # (bytes) than the source.
     weakest = {w["locale"]: w for w in summary["weakest"]}

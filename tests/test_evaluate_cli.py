@@ -134,8 +134,9 @@ def check_massive_json(path, locales, n):
 
 
 def test_evaluate_massive_seq2seq_end_to_end(tiny_teacher_dir, massive_dir, tmp_path, capsys):
-    from evaluation.massive import Seq2SeqPredictor, load_split
+    from evaluation.massive import load_split
     from massive.scoring import score, utterance_records
+    from student import Seq2SeqPredictor
 
     out = tmp_path / "eval"
     argv = ["evaluate", "massive", "--model", str(tiny_teacher_dir), "--out", str(out), "--name", "massive-teacher",

@@ -645,7 +645,8 @@ def test_encoder_nlu_ensemble_exports_as_one_graph(tmp_path, tmp_path_factory, r
 
     from student.export import export
     from student.export_config import ExportConfig
-    from student.nlu import EncoderNLUModel, build_ensemble, load_nlu_model
+    from student.kinds import build_ensemble, load_nlu_model
+    from student.nlu import EncoderNLUModel
 
     nlu_dir = session_export(tmp_path_factory, request, "nlu")
     other = EncoderNLUModel.from_pretrained(nlu_dir)

@@ -180,9 +180,9 @@ def test_templates_and_continuations_cover_every_lexicon():
 
 
 def test_disparity_on_tiny_teacher(tiny_teacher_dir):
-    from evaluation.massive import load_seq2seq
+    from student import load_text_to_text
 
-    model, tokenizer = load_seq2seq(tiny_teacher_dir, "cpu")
+    model, tokenizer = load_text_to_text(tiny_teacher_dir, "cpu")
     conts = continuations("en")[:6]
     same = score_continuations(model, tokenizer, ["He works as a", "He works as a"], conts, batch_size=5)
     assert same.shape == (2, 6) and np.all(same < 0)
@@ -204,11 +204,11 @@ def test_disparity_on_tiny_teacher(tiny_teacher_dir):
 
 def test_gender_polarity_scores_pronouns_after_neutral_occupations(tiny_teacher_dir):
     from evaluation.disparity import NEUTRAL_OCCUPATIONS, POLARITY_TEMPLATES, gender_polarity, gendered_words
-    from evaluation.massive import load_seq2seq
+    from student import load_text_to_text
 
     assert gendered_words("en") == {"male": ["he", "his", "him", "himself"], "female": ["she", "her", "hers", "herself"]}
     assert "él mismo" not in gendered_words("es")["male"]  # one-word forms only
-    model, tokenizer = load_seq2seq(tiny_teacher_dir, "cpu")
+    model, tokenizer = load_text_to_text(tiny_teacher_dir, "cpu")
     result = gender_polarity(model, tokenizer, ["en", "de", "fr"], batch_size=64)
     assert set(result) == {"en", "fr", "overall"}  # German has no neutral occupation: not scored
     assert result["en"]["num_pairs"] == len(POLARITY_TEMPLATES["en"]) * len(NEUTRAL_OCCUPATIONS["en"])

@@ -14,7 +14,9 @@ import pytest
 from core.config import ConfigError, load_config
 from core.distributed import DistInfo
 from student.config import FinetuneConfig
-from student.finetune import collate_encoder, collate_seq2seq, encode_seq2seq, load_finetune_data, output_name
+from student.finetune import load_finetune_data, output_name
+from student.nlu import collate_encoder
+from student.text_to_text import collate_seq2seq, encode_seq2seq
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ONE_PROCESS = DistInfo(rank=0, local_rank=0, world_size=1, device="cpu", backend="gloo")
@@ -299,7 +301,7 @@ def test_label_tokens_start_from_their_words_in_both_embeddings(tmp_path, tied):
 
     from core.models import ModelConfig, build_model
     from data_prep.tokenizer import TokenizerConfig, load_tokenizer, train_tokenizer
-    from student.finetune import init_label_embeddings
+    from student.text_to_text import init_label_embeddings
 
     texts = [f"set an alarm at {i} and tell me the date of the party {i % 7}" for i in range(300)]
     out = train_tokenizer(texts, tmp_path / "t", TokenizerConfig(vocab_size=300, num_sentinels=4),
@@ -342,7 +344,8 @@ def test_label_rows_are_set_only_for_a_model_not_yet_trained_on_massive_targets(
     from core.models import ModelConfig, build_model
     from data_prep.tokenizer import TokenizerConfig, load_tokenizer, train_tokenizer
     from massive.format import INTENT_FIRST_KEY
-    from student.finetune import build_seq2seq
+    from student.finetune import build_backbone
+    from student.text_to_text import prepare_text_to_text
     from tests.fixtures_models import save_model_dir
 
     texts = [f"set an alarm at {i} and tell me the date of the party {i % 7}" for i in range(300)]
@@ -358,7 +361,8 @@ def test_label_rows_are_set_only_for_a_model_not_yet_trained_on_massive_targets(
         if trained:
             setattr(model.config, INTENT_FIRST_KEY, True)
         cfg = FinetuneConfig(init=str(save_model_dir(model, tok, tmp_path / name)), intent_first=True)
-        loaded[name] = build_seq2seq(cfg, tmp_path, tok, ["alarm_set", "Other"]).get_input_embeddings().weight
+        model = prepare_text_to_text(build_backbone(cfg, tmp_path, tok), cfg, tok, ["alarm_set", "Other"])
+        loaded[name] = model.get_input_embeddings().weight
     pretrained, finetuned = loaded["pretrained"], loaded["finetuned"]
     torch.testing.assert_close(pretrained[row], pretrained[words].mean(dim=0))
     assert torch.all(finetuned[row] == -5.0)  # learnt label rows are kept

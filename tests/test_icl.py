@@ -218,9 +218,9 @@ def test_demo_sampling_is_seeded_never_includes_the_query_and_nests():
 @pytest.fixture(scope="module")
 def tiny_t5(tiny_teacher_dir):
     from data_prep.tokenizer import special_ids
-    from evaluation.massive import load_seq2seq
+    from student import load_text_to_text
 
-    model, tokenizer = load_seq2seq(tiny_teacher_dir, device="cpu")
+    model, tokenizer = load_text_to_text(tiny_teacher_dir, device="cpu")
     return model, tokenizer, special_ids(tokenizer)
 
 

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from student.kinds import build_ensemble, load_nlu_model
 from student.nlu import (
     IGNORE_INDEX,
     LABELS_FILE,
@@ -14,12 +15,10 @@ from student.nlu import (
     NLUEnsemble,
     NLULabels,
     TokenNgrams,
-    build_ensemble,
     decode_predictions,
     encode_words,
     first_subword_indices,
     gather_word_logits,
-    load_nlu_model,
     nlu_loss,
     slot_label_ids,
     word_char_spans,

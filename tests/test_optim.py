@@ -104,7 +104,7 @@ def test_engine_refuses_sparse_tables_it_cannot_update(dist, overrides):
 
 def test_finetune_makes_the_ngram_table_sparse_only_where_the_update_is_exact():
     from student.config import FinetuneConfig
-    from student.finetune import sparse_ngrams
+    from student.nlu import sparse_ngrams
 
     assert not sparse_ngrams(FinetuneConfig(head="encoder", ngram_buckets=0))
     adafactor = FinetuneConfig(head="encoder", ngram_buckets=64)
