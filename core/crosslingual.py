@@ -21,6 +21,7 @@ import dataclasses
 from typing import Literal
 
 from core.config import LOCALE_RE, ConfigError
+from core.locales import SOURCE_LOCALES
 
 SETTINGS = ("zero-shot", "teacher-labelled", "supervised")
 
@@ -30,7 +31,7 @@ class CrossLingualConfig:
     setting: Literal["zero-shot", "teacher-labelled", "supervised"] = "supervised"
     """zero-shot: labels and MASSIVE text of the source locales only; teacher-labelled: target-locale
     MASSIVE train utterances without their labels as well; supervised: gold labels everywhere."""
-    source_locales: list[str] = dataclasses.field(default_factory=lambda: ["en-US"])
+    source_locales: list[str] = dataclasses.field(default_factory=lambda: list(SOURCE_LOCALES))
     """Locales whose gold labels every setting may use."""
     target_locales: list[str] = dataclasses.field(default_factory=list)
     """Locales the transfer is measured on (their mean is the headline); empty = none named, the

@@ -13,16 +13,10 @@ from typing import Literal
 
 from core.config import LOCALE_RE, ConfigError
 from core.crosslingual import CrossLingualConfig
+from core.locales import PROVIDED_LOCALES
 
-# The 48 MASSIVE locales provided under the data root (MASSIVE 1.1 has 52; cy-GB, ka-GE, km-KH and
-# sw-KE are not provided). Any MASSIVE locale name is accepted; these are the default.
-DEFAULT_LOCALES = [
-    "af-ZA", "am-ET", "ar-SA", "az-AZ", "bn-BD", "ca-ES", "da-DK", "de-DE", "el-GR", "en-US",
-    "es-ES", "fa-IR", "fi-FI", "fr-FR", "he-IL", "hi-IN", "hu-HU", "hy-AM", "id-ID", "is-IS",
-    "it-IT", "ja-JP", "jv-ID", "kn-IN", "ko-KR", "lv-LV", "ml-IN", "mn-MN", "ms-MY", "my-MM",
-    "nb-NO", "nl-NL", "pl-PL", "pt-PT", "ro-RO", "ru-RU", "sl-SL", "sq-AL", "sv-SE", "ta-IN",
-    "te-IN", "th-TH", "tl-PH", "tr-TR", "ur-PK", "vi-VN", "zh-CN", "zh-TW",
-]  # fmt: skip
+# The default data-prep locales, kept under their old name for callers (core.locales names them).
+DEFAULT_LOCALES = list(PROVIDED_LOCALES)
 
 # Special tokens that come before any learned piece, in id order (docs/internals.md).
 RESERVED_TOKENS = ("<pad>", "</s>", "<unk>", "[CLM]", "<sep>")
@@ -174,7 +168,7 @@ class MassiveSourceConfig:
 class DataConfig:
     """The data_prep stage: corpus -> tokenizer -> packed data -> in-domain data."""
 
-    locales: list[str] = field(default_factory=lambda: list(DEFAULT_LOCALES))
+    locales: list[str] = field(default_factory=lambda: list(PROVIDED_LOCALES))
     """MASSIVE locale names to prepare (default: the 48 provided under the data root)."""
     seed: int = 0
     """Seed for every random choice of the stage (subsets, sampling, heldout split)."""

@@ -75,6 +75,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from core.locales import LEXICON_LOCALES
 from massive.format import OTHER, MassiveExample
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -127,10 +128,7 @@ HEADER = ("male", "female", "category", "direction", "notes")
 CDA_MODES = ("none", "one_sided", "two_sided", "repeat")
 
 # MASSIVE locale -> lexicon language; other locales have no lexicon (counterfactuals are identities).
-LOCALE_TO_LANGUAGE = {
-    "en-US": "en", "de-DE": "de", "fr-FR": "fr", "es-ES": "es", "it-IT": "it", "pt-PT": "pt",
-    "nl-NL": "nl", "sv-SE": "sv", "da-DK": "da", "nb-NO": "nb",
-}
+LOCALE_TO_LANGUAGE = {loc: loc.split("-")[0] for loc in LEXICON_LOCALES}
 
 # A few frequent function words per language for `guess_language` (documents in the packed
 # pretraining mixture carry no language tag). Words shared by languages count for each of them.

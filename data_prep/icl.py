@@ -33,6 +33,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Optional
 
 from core.config import ConfigError
+from core.locales import DEFAULT_LOCALES
 from massive.format import label_text
 
 HELDOUT_SCENARIOS: tuple[str, ...] = ("alarm", "audio", "cooking", "takeaway")
@@ -74,7 +75,7 @@ class IclTrainConfig:
     """Train on in-context prompts instead of the packed data (`data`/heldout); set by the icl section."""
     massive: str = "@data/massive/data"
     """MASSIVE source (directory of <locale>.jsonl[.gz], release tarball, or "hub")."""
-    locales: list[str] = dataclasses.field(default_factory=lambda: ["en-US", "de-DE", "ja-JP", "fr-FR", "es-ES"])
+    locales: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_LOCALES))
     """Locales of queries and demonstrations (en-US is always loaded: it is a demonstration language)."""
     heldout_scenarios: list[str] = dataclasses.field(default_factory=lambda: list(HELDOUT_SCENARIOS))
     """Scenarios never shown in a prompt (see the module doc); must equal the evaluation's."""

@@ -8,6 +8,7 @@ from typing import Literal
 from core.bigmodel import ModelLoadConfig
 from core.config import ConfigError
 from core.crosslingual import CrossLingualConfig
+from core.locales import DEFAULT_LOCALES
 from core.train_config import TrainConfig
 from data_prep.objectives import ObjectiveConfig
 from distill.student_init import StudentConfig
@@ -69,7 +70,7 @@ class DistillConfig:
     """task=agnostic: the denoising/CLM mixture that turns packed rows into inputs and targets."""
     massive_data: str = "@data/massive/data"
     """task=massive: MASSIVE source (directory of <locale>.jsonl[.gz], tarball or hub)."""
-    locales: list[str] = dataclasses.field(default_factory=lambda: ["en-US", "de-DE"])
+    locales: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_LOCALES))
     """task=massive: locales to distil on (train partition; dev for the held-out loss)."""
     num_train_examples: int = 0
     """task=massive: examples per locale from the train partition (0 = all)."""

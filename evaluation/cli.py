@@ -86,18 +86,6 @@ def load_flags(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def load_from_args(args: argparse.Namespace, root: str | Path) -> Any:
-    """The `core.bigmodel.ModelLoadConfig` of --device-map, --max-memory, --offload-folder for a
-    command without the evaluate config (fairness); a relative offload folder lies inside `root`."""
-    import dataclasses
-
-    from core.bigmodel import ModelLoadConfig, resolve_offload_folder
-    from core.config import from_dict
-
-    load = from_dict(ModelLoadConfig, {k: v for k, v in load_flags(args).items() if v is not None})
-    return dataclasses.replace(load, offload_folder=resolve_offload_folder(load.offload_folder, root))
-
-
 def resolve_config(args: argparse.Namespace, flags: dict[str, dict[str, Any]]) -> Any:
     """The EvalConfig of --preset, the command's own options and the trailing dotted overrides;
     checks --name.

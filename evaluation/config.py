@@ -1,5 +1,5 @@
 """EvalConfig: the `evaluate` section of a preset (MASSIVE scoring, in-context learning, translation,
-the classical baseline).
+the classical baseline, fairness, latency).
 
 Each `polyteacher evaluate X` command reads `EvalConfig` with `load_config(EvalConfig, "evaluate",
 preset, overrides)`; its flags (`--locales`, `--max-examples`, ...) are shorthands for the dotted
@@ -15,6 +15,7 @@ from typing import Literal, Optional
 from core.bigmodel import ModelLoadConfig
 from core.config import ConfigError
 from core.crosslingual import CrossLingualConfig
+from core.locales import DEFAULT_LOCALES, FAIRNESS_LOCALES, LATENCY_LOCALES, TRANSLATION_LOCALES
 from data_prep.icl import HELDOUT_SCENARIOS
 
 # Placeholders each template must contain, checked at start-up.
@@ -85,7 +86,7 @@ class MassiveEvalConfig:
 class ICLConfig:
     data: str = "@data/massive/data"
     """MASSIVE source: queries come from `split`, demonstrations from the train partition."""
-    locales: list[str] = field(default_factory=lambda: ["en-US", "de-DE", "fr-FR", "ja-JP", "hi-IN", "ta-IN"])
+    locales: list[str] = field(default_factory=lambda: list(DEFAULT_LOCALES))
     """Locales to evaluate (locales missing from the data are skipped with a warning)."""
     split: Literal["dev", "test"] = "test"
     """Partition the queries come from."""
@@ -172,7 +173,7 @@ class ICLConfig:
 class TranslationConfig:
     data: str = "@data/corpora/flores200/dev"
     """FLORES-200 dev directory of <locale>.txt.gz files (997 line-aligned sentences each)."""
-    locales: list[str] = field(default_factory=lambda: ["de-DE", "fr-FR", "ja-JP", "hi-IN", "ta-IN"])
+    locales: list[str] = field(default_factory=lambda: list(TRANSLATION_LOCALES))
     """Languages paired with en-US (locales missing from the data are skipped with a warning)."""
     directions: list[Literal["en-xx", "xx-en"]] = field(default_factory=lambda: ["en-xx", "xx-en"])
     """Translation directions to evaluate."""
@@ -230,6 +231,66 @@ class BaselineConfig:
 
 
 @dataclass
+class FairnessEvalConfig:
+    data: str = "@data/massive/data"
+    """MASSIVE source of the utterances with gendered words (`@data/` = under the data root)."""
+    locales: list[str] = field(default_factory=lambda: list(FAIRNESS_LOCALES))
+    """Locales to measure (those without a lexicon in data_prep/lexicons are skipped)."""
+    split: Literal["train", "dev", "test"] = "test"
+    """MASSIVE partition of the utterances."""
+    max_examples: Optional[int] = None
+    """Utterances with gendered words per locale for counterfactual consistency: a seeded sample of N;
+    0 or null = all of them (flip rates with paired intervals need them all). With `--metrics pairs`:
+    a seeded sample of N ids of the split for the name and sigma pairs."""
+    seed: int = 0
+    """Seed of the sample of utterances."""
+    batch_size: int = 32
+    """Utterances per predictor call."""
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"fairness.batch_size must be >= 1, got {self.batch_size}")
+        if self.max_examples is not None and self.max_examples < 0:
+            raise ConfigError(f"fairness.max_examples must be >= 0 (0 = all) or null, got {self.max_examples}")
+        _check_locales("fairness.locales", self.locales)
+
+
+@dataclass
+class LatencyEvalConfig:
+    data: str = "@data/massive/data"
+    """MASSIVE directory of the timed utterances (`@data/` = under the data root)."""
+    locales: list[str] = field(default_factory=lambda: list(LATENCY_LOCALES))
+    """Locales whose utterances are timed."""
+    split: Literal["train", "dev", "test"] = "test"
+    """MASSIVE partition of the timed utterances."""
+    max_examples: int = 50
+    """Utterances timed per locale (batch 1, one call each)."""
+    threads: int = 1
+    """Intra-op threads for onnxruntime and PyTorch."""
+    warmup: int = 3
+    """Untimed calls before timing."""
+    max_new_tokens: Optional[int] = None
+    """Generation budget of every seq2seq model; null: an export's max_target_length, the PyTorch
+    default (evaluation.latency.DEFAULT_MAX_NEW_TOKENS) otherwise."""
+    memory_repeats: int = 2
+    """Fresh processes (each with and without the model) measuring the resident memory a model adds
+    and its cold start; the median is reported (0 skips)."""
+    throughput_batch: int = 32
+    """Utterances per call for the throughput measurement (0 skips)."""
+
+    def validate(self) -> None:
+        for name in ("max_examples", "threads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"latency.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ConfigError(f"latency.max_new_tokens must be >= 1 or null, got {self.max_new_tokens}")
+        for name in ("warmup", "memory_repeats", "throughput_batch"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"latency.{name} must be >= 0, got {getattr(self, name)}")
+        _check_locales("latency.locales", self.locales)
+
+
+@dataclass
 class EvalConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where PyTorch models run; auto picks cuda when available."""
@@ -249,6 +310,10 @@ class EvalConfig:
     """`evaluate translation`: 1-shot FLORES-200 translation, chrF++ and spBLEU."""
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     """`evaluate baseline`: the TF-IDF + logistic regression intent classifier (scored on `massive`'s ids)."""
+    fairness: FairnessEvalConfig = field(default_factory=FairnessEvalConfig)
+    """`evaluate fairness`: counterfactual consistency, generation disparity and gender pairs."""
+    latency: LatencyEvalConfig = field(default_factory=LatencyEvalConfig)
+    """`evaluate latency`: latency at batch 1, size, memory, cold start and throughput."""
     crosslingual: CrossLingualConfig = field(default_factory=CrossLingualConfig)
     """Source and target locales and the setting the model was trained under (preset section
     `crosslingual`): `evaluate massive` names the setting, marks each locale's role and reports the
@@ -262,7 +327,7 @@ class EvalConfig:
 
 
 # The sections of EvalConfig; its other fields are shared by every evaluation.
-SECTIONS = ("massive", "icl", "translation", "baseline", "crosslingual")
+SECTIONS = ("massive", "icl", "translation", "baseline", "fairness", "latency", "crosslingual")
 
 
 def section_dict(cfg: EvalConfig, section: str) -> dict:

@@ -488,17 +488,18 @@ def register_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--models", nargs="+", required=True, metavar="NAME=DIR[,DIR...]",
                    help="models to compare, e.g. teacher=DIR student_kd=DIR student_crr=DIR; with --metrics pairs "
                    "only, NAME=DIR1,DIR2,DIR3 gives the models of several training seeds, pooled")
-    p.add_argument("--locales", nargs="+", default=["en-US", "de-DE"],
-                   help="MASSIVE locales (those without a lexicon are skipped); default en-US de-DE")
+    p.add_argument("--locales", nargs="+", default=None,
+                   help="MASSIVE locales (those without a lexicon are skipped); default: fairness.locales")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--data", default="@data/massive/data", help="MASSIVE source (default @data/massive/data)")
-    p.add_argument("--split", choices=["train", "dev", "test"], default="test", help="partition (default test)")
+    p.add_argument("--preset", default=None, help="preset name (launch/presets) or YAML path; its evaluate section is used")
+    p.add_argument("--data", default=None, help="MASSIVE source (default: fairness.data)")
+    p.add_argument("--split", choices=["train", "dev", "test"], default=None, help="partition (default: fairness.split)")
     p.add_argument("--max-examples", type=int, default=None,
-                   help="at most N utterances with gendered words per locale, a seeded sample (default and 0: all); "
-                   "--metrics pairs: a seeded sample of N ids of the split for the name and sigma pairs")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sample of utterances (default 0)")
-    p.add_argument("--batch-size", type=int, default=32, help="utterances per predictor call")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="torch device")
+                   help="at most N utterances with gendered words per locale, a seeded sample (0: all; default "
+                   "fairness.max_examples); --metrics pairs: a seeded sample of N ids of the split for the name and sigma pairs")
+    p.add_argument("--seed", type=int, default=None, help="seed of the sample of utterances (default: fairness.seed)")
+    p.add_argument("--batch-size", type=int, default=None, help="utterances per predictor call (default: fairness.batch_size)")
+    p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"], help="torch device (default: device)")
     add_load_arguments(p)
     p.add_argument("--metrics", nargs="+", choices=["consistency", "disparity", "pairs"],
                    default=["consistency", "disparity"],
@@ -510,10 +511,13 @@ def register_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-clm-prompt", action="store_true",
                    help="score continuations without the [CLM] prefix (models not pretrained with it)")
     p.add_argument("--name", default="fairness", help="base name of the output files")
-    p.add_argument("--bootstrap-samples", type=int, default=1000, help="bootstrap resamples (default 1000; 0 = none)")
-    p.add_argument("--confidence", type=float, default=0.95, help="interval confidence (default 0.95)")
+    p.add_argument("--bootstrap-samples", type=int, default=None,
+                   help="bootstrap resamples (default: bootstrap_samples; 0 = none)")
+    p.add_argument("--confidence", type=float, default=None, help="interval confidence (default: confidence)")
     p.add_argument("--baseline", default=None,
                    help="model the others are compared with, paired (default student_kd when given)")
+    p.add_argument("overrides", nargs="*", default=[],
+                   help="dotted overrides of the evaluate section after the options, e.g. fairness.seed=1")
     p.set_defaults(func=run_fairness)
 
 
@@ -534,19 +538,33 @@ def parse_seed_models(items: Sequence[str]) -> dict[str, list[Path]]:
 
 
 def run_fairness(args: argparse.Namespace) -> int:
-    from core.config import ConfigError
-    from evaluation.cli import load_from_args
+    import dataclasses
 
+    from core.bigmodel import resolve_offload_folder
+    from core.config import ConfigError, given_flags, load_config
+    from evaluation.cli import check_name, load_flags
+    from evaluation.config import EvalConfig
+
+    # The evaluate section of --preset, then the overrides, then the flags given (core.config's rule).
+    flags = {"fairness": given_flags(data=args.data, locales=args.locales, split=args.split,
+                                     max_examples=args.max_examples, seed=args.seed, batch_size=args.batch_size),
+             "load": given_flags(**load_flags(args)), **given_flags(device=args.device, confidence=args.confidence)}
+    cfg = load_config(EvalConfig, section="evaluate", preset=args.preset, overrides=args.overrides, flags=flags)
+    check_name(args.name)
+    fair = cfg.fairness
+    # 0 resamples (no intervals) is this command's own: the section's bootstrap_samples is >= 1.
+    samples = cfg.bootstrap_samples if args.bootstrap_samples is None else args.bootstrap_samples
+    load = dataclasses.replace(cfg.load, offload_folder=resolve_offload_folder(cfg.load.offload_folder, args.out))
     seeds = parse_seed_models(args.models)
     if any(len(dirs) > 1 for dirs in seeds.values()) and set(args.metrics) - {"pairs"}:
         raise ConfigError("--models: several directories for one name (training seeds) are pooled by --metrics pairs "
                           "only; give one directory per name for consistency and disparity")
     models = {name: dirs[0] for name, dirs in seeds.items()}
-    result = evaluate_fairness(models, args.locales, Path(args.out), data=args.data, split=args.split,
-                               max_examples=args.max_examples or None, seed=args.seed, batch_size=args.batch_size,
-                               device=args.device, metrics=args.metrics, clm_prompt=not args.no_clm_prompt,
-                               load=load_from_args(args, args.out), seeds=seeds, pair_sets=args.pair_sets,
-                               samples=args.bootstrap_samples, confidence=args.confidence, baseline=args.baseline,
+    result = evaluate_fairness(models, fair.locales, Path(args.out), data=fair.data, split=fair.split,
+                               max_examples=fair.max_examples or None, seed=fair.seed, batch_size=fair.batch_size,
+                               device=cfg.device, metrics=args.metrics, clm_prompt=not args.no_clm_prompt,
+                               load=load, seeds=seeds, pair_sets=args.pair_sets,
+                               samples=samples, confidence=cfg.confidence, baseline=args.baseline,
                                name=args.name)
     print(result["markdown"])
     print(f"wrote {Path(args.out) / (args.name + '.json')}")

@@ -241,58 +241,62 @@ def register_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--models", nargs="+", required=True, metavar="NAME=DIR", help="models to time, e.g. student_int8=runs/x/onnx/int8")
     p.add_argument("--out", required=True, help="output directory (latency.json, latency.md)")
     p.add_argument("--run-dir", default=None, help="run directory that relative model paths and --out are inside")
-    p.add_argument("--data", default="@data/massive/data", help="MASSIVE directory (`@data/` = under the data root)")
-    p.add_argument("--locales", nargs="+", default=["en-US"], help="locales whose utterances are timed (default en-US)")
-    p.add_argument("--split", default="test", choices=["train", "dev", "test"], help="MASSIVE partition (default test)")
-    p.add_argument("--max-examples", type=int, default=50, help="utterances per locale (default 50)")
-    p.add_argument("--threads", type=int, default=1, help="intra-op threads for onnxruntime and PyTorch (default 1)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed calls before timing (default 3)")
+    p.add_argument("--preset", default=None, help="preset name (launch/presets) or YAML path; its evaluate section is used")
+    p.add_argument("--data", default=None, help="MASSIVE directory (`@data/` = under the data root; default: latency.data)")
+    p.add_argument("--locales", nargs="+", default=None, help="locales whose utterances are timed (default: latency.locales)")
+    p.add_argument("--split", default=None, choices=["train", "dev", "test"], help="MASSIVE partition (default: latency.split)")
+    p.add_argument("--max-examples", type=int, default=None, help="utterances per locale (default: latency.max_examples)")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads for onnxruntime and PyTorch (default: latency.threads)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls before timing (default: latency.warmup)")
     p.add_argument("--max-new-tokens", type=int, default=None,
-                   help=f"generation budget of every seq2seq model (default: an export's max_target_length, "
-                   f"{DEFAULT_MAX_NEW_TOKENS} for PyTorch)")
-    p.add_argument("--memory-repeats", type=int, default=2,
+                   help=f"generation budget of every seq2seq model (default: latency.max_new_tokens; unset: an "
+                   f"export's max_target_length, {DEFAULT_MAX_NEW_TOKENS} for PyTorch)")
+    p.add_argument("--memory-repeats", type=int, default=None,
                    help="fresh processes (each with and without the model) measuring the resident memory a model "
-                   "adds and its cold start; the median is reported (default 2; 0 skips)")
-    p.add_argument("--throughput-batch", type=int, default=32,
-                   help="utterances per call for the throughput measurement (default 32; 0 skips)")
+                   "adds and its cold start; the median is reported (0 skips; default: latency.memory_repeats)")
+    p.add_argument("--throughput-batch", type=int, default=None,
+                   help="utterances per call for the throughput measurement (0 skips; default: latency.throughput_batch)")
+    p.add_argument("overrides", nargs="*", default=[],
+                   help="dotted overrides of the evaluate section after the options, e.g. latency.warmup=5")
     p.set_defaults(func=run_cli)
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    from core.config import ConfigError
+    from core.config import ConfigError, given_flags, load_config
     from core.fsutil import atomic_write_json, atomic_write_text, safe_path
     from evaluation.cli import parse_models
+    from evaluation.config import EvalConfig
     from massive.loader import check_locales
 
-    for flag in ("max_examples", "threads", "max_new_tokens"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise ConfigError(f"--{flag.replace('_', '-')}: must be >= 1, got {getattr(args, flag)}")
-    for flag in ("warmup", "memory_repeats", "throughput_batch"):
-        if getattr(args, flag) < 0:
-            raise ConfigError(f"--{flag.replace('_', '-')}: must be >= 0, got {getattr(args, flag)}")
+    # The evaluate section of --preset, then the overrides, then the flags given (core.config's rule).
+    flags = given_flags(data=args.data, locales=args.locales, split=args.split, max_examples=args.max_examples,
+                        threads=args.threads, warmup=args.warmup, max_new_tokens=args.max_new_tokens,
+                        memory_repeats=args.memory_repeats, throughput_batch=args.throughput_batch)
+    cfg = load_config(EvalConfig, section="evaluate", preset=args.preset, overrides=args.overrides,
+                      flags={"latency": flags}).latency
     try:
-        locales = check_locales(args.locales)
+        locales = check_locales(cfg.locales)
     except ValueError as e:
         raise ConfigError(f"--locales: {e}") from e
     models = parse_models(args.models, run_dir=args.run_dir)
     out = Path(args.out)
     if args.run_dir and not out.is_absolute():
         out = safe_path(args.run_dir, out)
-    utterances = massive_utterances(args.data, locales, args.split, args.max_examples)
+    utterances = massive_utterances(cfg.data, locales, cfg.split, cfg.max_examples)
     results = {
-        name: measure(d, utterances, num_threads=args.threads, warmup=args.warmup,
-                      max_new_tokens=args.max_new_tokens, name=name)
+        name: measure(d, utterances, num_threads=cfg.threads, warmup=cfg.warmup,
+                      max_new_tokens=cfg.max_new_tokens, name=name)
         for name, d in models.items()
     }
     for name, d in models.items():
-        if args.memory_repeats:
-            results[name].update(measure_footprint(d, utterances[0], num_threads=args.threads,
-                                                   repeats=args.memory_repeats))
-        if args.throughput_batch:
-            results[name].update(measure_throughput(d, utterances, batch_size=args.throughput_batch,
-                                                    num_threads=args.threads, max_new_tokens=args.max_new_tokens))
+        if cfg.memory_repeats:
+            results[name].update(measure_footprint(d, utterances[0], num_threads=cfg.threads,
+                                                   repeats=cfg.memory_repeats))
+        if cfg.throughput_batch:
+            results[name].update(measure_throughput(d, utterances, batch_size=cfg.throughput_batch,
+                                                    num_threads=cfg.threads, max_new_tokens=cfg.max_new_tokens))
     atomic_write_json(out / "latency.json", results)
     table = latency_table(results)
-    atomic_write_text(out / "latency.md", f"# Latency (batch 1, {args.threads} thread(s), {len(utterances)} utterances)\n\n{table}")
+    atomic_write_text(out / "latency.md", f"# Latency (batch 1, {cfg.threads} thread(s), {len(utterances)} utterances)\n\n{table}")
     print(table, end="")
     return 0

@@ -27,6 +27,9 @@ from core.fsutil import atomic_write_json, atomic_write_text
 from core.tables import markdown_table
 from massive.scoring import GENERATION_METRICS
 
+FAIRNESS_PAIRS = "pairs"
+"""The base name (`evaluate fairness --name`) of the gender-pair measures under eval/fairness/."""
+
 
 @dataclasses.dataclass(frozen=True)
 class MassiveComparison:
@@ -204,6 +207,11 @@ def collect_summary(run_dir: Path) -> dict[str, Any]:
             summary["fairness"][key] = {name: entry.get(key) for name, entry
                                         in disparity.get("models", {}).items() if entry.get(key)}
             summary["fairness"][f"{key}_comparisons"] = disparity.get(f"{key}_comparisons", {})
+    # pairs.json (the pipeline's `--metrics pairs --name pairs`): the independent name and template pairs
+    # of the MASSIVE models (evaluation.fairness_pairs), under "pairs".
+    pairs = _load_json(eval_dir / "fairness" / f"{FAIRNESS_PAIRS}.json")
+    if isinstance(pairs, dict) and pairs.get("pairs"):
+        summary["fairness"]["pairs"] = pairs["pairs"]
     for entry in summary["fairness"].get("models", {}).values():
         for scores in entry.get("consistency", {}).values():
             scores.pop("records", None)  # per-utterance outcomes stay in eval/fairness/*.json
@@ -369,7 +377,8 @@ def render_report(run_dir: Path, summary: dict[str, Any], plots: list[Path]) -> 
                        ("fairness", "Fairness")):
         parts.append(f"\n## {title}\n")
         table = summary[key].get("markdown") if isinstance(summary[key], dict) else None
-        md_files = sorted((run_dir / "eval" / key).glob("*.md"), key=lambda f: f.stem != key) \
+        # The evaluation's own file first, then the others by name (fairness: disparity.md, pairs.md).
+        md_files = sorted((run_dir / "eval" / key).glob("*.md"), key=lambda f: (f.stem != key, f.name)) \
             if (run_dir / "eval" / key).is_dir() else []
         if md_files:
             parts.append("\n\n".join(f.read_text(encoding="utf-8").strip() for f in md_files))

@@ -25,7 +25,8 @@ from typing import Any, Union
 
 from core.config import ConfigError, load_config, save_config
 from core.fsutil import atomic_write_json, check_run_dir, mark_run_dir, safe_path
-from evaluation.report import MASSIVE_COMPARISONS, MassiveComparison, write_report
+from core.locales import DEFAULT_LOCALES, ZERO_SHOT_LOCALES
+from evaluation.report import FAIRNESS_PAIRS, MASSIVE_COMPARISONS, MassiveComparison, write_report
 
 
 @dataclasses.dataclass
@@ -38,26 +39,10 @@ class PipelineConfig:
     """Processes for the other training stages (stage 2, distillation, fine-tuning); 0 = auto, as above."""
     skip: list[str] = dataclasses.field(default_factory=list)
     """Stage names to leave out (see `polyteacher pipeline --list-stages`); stages needing them are left out too (the report never)."""
-    massive_locales: list[str] = dataclasses.field(default_factory=lambda: ["en-US", "de-DE", "ja-JP"])
-    """MASSIVE locales for fine-tuning and evaluation."""
-    eval_max_examples: int = 100
-    """Test utterances per locale for the MASSIVE evaluation (0 = all)."""
-    icl_locales: list[str] = dataclasses.field(default_factory=lambda: ["en-US", "de-DE"])
-    """Locales for in-context intent classification."""
-    icl_shots: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 5])
-    """Numbers of demonstrations k for in-context intent classification."""
-    icl_max_examples: int = 30
-    """Queries per locale and k for in-context learning."""
-    translation_locales: list[str] = dataclasses.field(default_factory=lambda: ["de-DE", "fr-FR"])
-    """Languages for 1-shot FLORES-200 translation (en->xx and xx->en)."""
-    translation_max_examples: int = 10
-    """FLORES sentences per direction."""
-    fairness_locales: list[str] = dataclasses.field(default_factory=lambda: ["en-US", "de-DE"])
-    """Locales with a lexicon for the fairness evaluation."""
-    fairness_max_examples: int = 0
-    """Test utterances with gendered words per locale for counterfactual consistency: a seeded sample of N; 0 = all of them (flip rates with paired intervals need them all)."""
-    latency_max_examples: int = 50
-    """Utterances timed per model for latency (batch 1, one thread)."""
+    massive_locales: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_LOCALES))
+    """MASSIVE locales of fine-tuning, task distillation and the MASSIVE evaluation: passed to those
+    commands as their `locales` (the sizes and the other evaluations' locales are the preset's
+    `evaluate` section, read by each `evaluate` command through `--preset`)."""
     nlu_members: list[str] = dataclasses.field(default_factory=lambda: ["student"])
     """Starts of the encoder NLU student (stage student_nlu): run-directory model names (student) or
     scratch:<size preset>. One start trains one model. Two or more train side by side, one process
@@ -79,7 +64,7 @@ class PipelineConfig:
     (student-nlu-gold, one more NLU fine-tuning after the student), and eval_massive pairs the two
     (the report's claim that the teacher term helps). Off in the demo, whose 15 minutes it would
     exceed; on in `small` and `multilingual`."""
-    zero_shot_locales: list[str] = dataclasses.field(default_factory=lambda: ["es-ES", "fr-FR", "sv-SE"])
+    zero_shot_locales: list[str] = dataclasses.field(default_factory=lambda: list(ZERO_SHOT_LOCALES))
     """Locales no model was fine-tuned on: eval_massive scores the teacher and its from-scratch
     reference (scratch-ft) on them (`--setting zero-shot`, sources massive_locales), and compares the two
     (the report's zero-shot row). Empty: no zero-shot row."""
@@ -237,7 +222,6 @@ def stage_commands(stage: Stage, run_dir: Path, preset: str | None, cfg: Pipelin
     r = str(run_dir)
     p = ["--preset", preset] if preset else []
     locales = ",".join(cfg.massive_locales)
-    n_eval = str(cfg.eval_max_examples)
 
     def launch(nproc: int, *args: str) -> list[str]:
         return ["launch", "--nproc-per-node", str(nproc) if nproc else "auto", "--", *args,
@@ -313,48 +297,47 @@ def stage_commands(stage: Stage, run_dir: Path, preset: str | None, cfg: Pipelin
             fp32_tmp = _fp32_tmp(tmp_out.with_name(Path(stage.output).name))
             cmds.append(["export", "--model", str(run_dir / src), "--out", str(fp32_tmp), *p])
         return cmds
+    # Every evaluation reads the preset's evaluate section (sizes, locales, batch sizes); the pipeline
+    # passes only what is its own: the fine-tuned locales (massive_locales) and the zero-shot row.
     if stage.name == "eval_massive":
-        models = [["evaluate", "massive", "--model", str(run_dir / d), "--locales", *cfg.massive_locales,
-                   "--max-examples", n_eval, "--out", str(tmp_out / name)] for name, d in massive_models(cfg).items()]
+        models = [["evaluate", "massive", "--model", str(run_dir / d), "--locales", *cfg.massive_locales, *p,
+                   "--out", str(tmp_out / name)] for name, d in massive_models(cfg).items()]
         # The classical reference row of the MASSIVE tables, scored on the same ids as the models.
-        baseline = ["evaluate", "baseline", "--locales", *cfg.massive_locales, "--max-examples", n_eval,
-                    "--out", str(tmp_out / "baseline_tfidf")]
+        baseline = ["evaluate", "baseline", "--locales", *cfg.massive_locales, *p, "--out", str(tmp_out / "baseline_tfidf")]
         # After the models: each comparison reads two of their results (massive.json, the default --name).
         # The zero-shot row: the teacher and its random-weights reference on locales they never saw
         # labels of (a small sample: a probe of transfer, not the benchmark of `evaluate massive --locales all`).
         zero_shot = [["evaluate", "massive", "--model", str(run_dir / d), "--locales", *cfg.zero_shot_locales,
                       "--setting", "zero-shot", "--source-locales", *cfg.massive_locales,
-                      "--max-examples", str(cfg.zero_shot_max_examples), "--out", str(tmp_out / name)]
+                      "--max-examples", str(cfg.zero_shot_max_examples), *p, "--out", str(tmp_out / name)]
                      for name, d in ZERO_SHOT_MODELS.items()] if cfg.zero_shot_locales else []
         compares = [["evaluate", "compare", *(str(tmp_out / m / "massive.json") for m in compared_models(c, cfg)),
                      "--out", str(tmp_out), "--name", f"compare_{c.name}"] for c in massive_comparisons(cfg)]
         return [*models, baseline, *zero_shot, *compares]
     if stage.name == "eval_icl":
-        return [["evaluate", "icl", "--model", str(run_dir / "teacher-indomain"), "--locales", *cfg.icl_locales,
-                 "--shots", *map(str, cfg.icl_shots), "--max-examples", str(cfg.icl_max_examples),
-                 "--out", str(tmp_out)]]
+        return [["evaluate", "icl", "--model", str(run_dir / "teacher-indomain"), *p, "--out", str(tmp_out)]]
     if stage.name == "eval_translation":
-        return [["evaluate", "translation", "--model", str(run_dir / "teacher-indomain"),
-                 "--locales", *cfg.translation_locales, "--max-examples", str(cfg.translation_max_examples),
-                 "--out", str(tmp_out)]]
+        return [["evaluate", "translation", "--model", str(run_dir / "teacher-indomain"), *p, "--out", str(tmp_out)]]
     if stage.name == "eval_fairness":
         # Flips are measured where the task is learnt (the MASSIVE models); generation disparity also on
         # the task-agnostic models, which still generate text (the MASSIVE models generate labels), as
-        # in the CRR paper: the stage-2 teacher and the two students distilled from it.
-        return [["evaluate", "fairness", "--models", f"teacher={run_dir / 'teacher-ft'}",
-                 f"student_kd={run_dir / 'student-kd-ft'}", f"student_crr={run_dir / 'student-ft'}",
-                 "--locales", *cfg.fairness_locales, "--max-examples", str(cfg.fairness_max_examples),
-                 "--out", str(tmp_out)],
+        # in the CRR paper: the stage-2 teacher and the two students distilled from it. The name and
+        # template pairs (evaluation/fairness_pairs.py) measure the MASSIVE models on pairs that no
+        # lexicon swap produced, so CRR is not scored on its own augmentation: the teacher, the matched
+        # plain-KD student and the CRR student, each one seed.
+        massive_arms = [f"teacher={run_dir / 'teacher-ft'}", f"student_kd={run_dir / 'student-kd-ft'}",
+                        f"student_crr={run_dir / 'student-ft'}"]
+        return [["evaluate", "fairness", "--models", *massive_arms, *p, "--out", str(tmp_out)],
+                ["evaluate", "fairness", "--models", *massive_arms, "--metrics", "pairs", "--pair-sets", "independent",
+                 "--name", FAIRNESS_PAIRS, *p, "--out", str(tmp_out)],
                 ["evaluate", "fairness", "--models", f"teacher={run_dir / 'teacher-indomain'}",
                  f"student_kd={run_dir / 'student-kd'}", f"student_crr={run_dir / 'student'}",
-                 "--locales", *cfg.fairness_locales, "--metrics", "disparity", "--name", "disparity",
-                 "--out", str(tmp_out)]]
+                 "--metrics", "disparity", "--name", "disparity", *p, "--out", str(tmp_out)]]
     if stage.name == "eval_latency":
         return [["evaluate", "latency", "--models", f"teacher={run_dir / 'teacher-ft'}",
                  f"teacher_int8={run_dir / 'onnx' / 'teacher-int8'}", f"student={run_dir / 'student-ft'}",
                  f"student_fp32={run_dir / 'onnx' / 'fp32'}", f"student_int8={run_dir / 'onnx' / 'int8'}",
-                 f"student_nlu_int8={run_dir / 'onnx' / 'nlu-int8'}",
-                 "--max-examples", str(cfg.latency_max_examples), "--out", str(tmp_out)]]
+                 f"student_nlu_int8={run_dir / 'onnx' / 'nlu-int8'}", *p, "--out", str(tmp_out)]]
     raise KeyError(stage.name)
 
 

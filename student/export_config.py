@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from core.config import ConfigError
+from core.locales import DEFAULT_LOCALES
 
 if TYPE_CHECKING:
     pass
@@ -66,7 +67,7 @@ class ExportConfig:
     `gptq_round_columns`), with weight_compute=float along each input row's outputs (`gptq_round`)."""
     calibration_data: str = "@data/massive/data"
     """rounding=gptq: the MASSIVE data (a directory, or @data/...) whose train utterances calibrate."""
-    calibration_locales: list[str] = field(default_factory=lambda: ["en-US", "de-DE", "ja-JP"])
+    calibration_locales: list[str] = field(default_factory=lambda: list(DEFAULT_LOCALES))
     """rounding=gptq: locales of the calibration utterances (train partition)."""
     calibration_examples: int = 1024
     """rounding=gptq: calibration utterances, drawn at random (seed 0) from the train partition of

@@ -176,3 +176,58 @@ def test_each_stage_keeps_its_own_config(tmp_path):
     assert first == tmp_path / "configs" / "data.yaml" and second == tmp_path / "configs" / "pretrain-teacher.yaml"
     assert load_saved_config(Outer, first) == Outer()
     assert load_saved_config(Outer, tmp_path / "config.yaml").tokenizer.alpha == 0.5  # the latest stage's
+
+
+def _literal_locale_lists(tree) -> list[int]:
+    """Line numbers of a list or tuple of locale-name string literals (e.g. ["en-US", "de-DE"])."""
+    import ast
+
+    from core.config import LOCALE_RE
+
+    return [node.lineno for node in ast.walk(tree)
+            if isinstance(node, (ast.List, ast.Tuple)) and node.elts
+            and all(isinstance(e, ast.Constant) and isinstance(e.value, str) and LOCALE_RE.match(e.value)
+                    for e in node.elts)]
+
+
+def test_no_config_field_defaults_to_a_literal_locale_list_outside_core_locales():
+    """Every locale list default comes from core.locales: a field default (`= field(default_factory=...)`
+    or a plain default) or an argparse default that spells out locale names is refused elsewhere."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    offenders = []
+    for package in ("core", "massive", "data_prep", "teacher", "distill", "student", "evaluation", "launch", "runtime"):
+        for path in sorted((root / package).rglob("*.py")):
+            if path == root / "core" / "locales.py":
+                continue
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+            defaults = []
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ClassDef):  # dataclass fields (module constants are names, not defaults)
+                    defaults += [f.value for f in node.body if isinstance(f, ast.AnnAssign) and f.value is not None]
+                if isinstance(node, ast.Call):  # field(default_factory=...), add_argument(default=...)
+                    defaults += [kw.value for kw in node.keywords if kw.arg in ("default", "default_factory")]
+            offenders += [f"{path.relative_to(root)}:{line}" for value in defaults
+                          for line in _literal_locale_lists(value)]
+    assert not offenders, f"literal locale list defaults (use core.locales): {', '.join(offenders)}"
+    # The check sees a literal when there is one.
+    assert _literal_locale_lists(ast.parse('x: list = field(default_factory=lambda: ["en-US", "de-DE"])')) == [1]
+
+
+def test_default_locale_lists_name_known_locales_and_the_lexicons():
+    from core import locales
+    from data_prep.counterfactual import LOCALE_TO_LANGUAGE, available_languages
+    from massive.format import MASSIVE_LOCALES
+
+    for name in ("PROVIDED_LOCALES", "DEFAULT_LOCALES", "ZERO_SHOT_LOCALES", "LEXICON_LOCALES", "FAIRNESS_LOCALES",
+                 "TRANSLATION_LOCALES", "SOURCE_LOCALES", "LATENCY_LOCALES"):
+        values = getattr(locales, name)
+        assert values and set(values) <= set(MASSIVE_LOCALES), name
+    assert len(locales.PROVIDED_LOCALES) == 48
+    # One locale per lexicon file, and counterfactual augmentation maps exactly those.
+    assert sorted(loc.split("-")[0] for loc in locales.LEXICON_LOCALES) == sorted(available_languages())
+    assert set(LOCALE_TO_LANGUAGE) == set(locales.LEXICON_LOCALES)
+    assert locales.FAIRNESS_LOCALES == ("en-US", "de-DE") and locales.TRANSLATION_LOCALES == ("de-DE", "ja-JP")
+    assert not set(locales.ZERO_SHOT_LOCALES) & set(locales.DEFAULT_LOCALES)

@@ -45,10 +45,11 @@ MICRO = {
         "eval_every": 3, "save_every": 3}},
     "nlu": {"train": {"max_steps": 3, "eval_every": 3, "save_every": 3}},
     "export": {"calibration_examples": 8},
+    # The evaluations' sizes and locales are the evaluate section (the pipeline passes only its locales).
+    "evaluate": {"massive": {"max_examples": 4}, "icl": {"locales": ["en-US"], "shots": [0, 1], "max_examples": 2},
+                 "translation": {"locales": ["de-DE"], "max_examples": 2},
+                 "fairness": {"locales": ["en-US"], "max_examples": 3}, "latency": {"max_examples": 3}},
     "pipeline": {"num_train_procs": 2, "num_procs_other": 1, "massive_locales": ["en-US", "ja-JP"],
-                 "eval_max_examples": 4, "icl_locales": ["en-US"], "icl_shots": [0, 1], "icl_max_examples": 2,
-                 "translation_locales": ["de-DE"], "translation_max_examples": 2, "fairness_locales": ["en-US"],
-                 "fairness_max_examples": 3, "latency_max_examples": 3,
                  "zero_shot_locales": ["de-DE", "es-ES", "fr-FR"], "zero_shot_max_examples": 4},
 }
 
@@ -122,6 +123,9 @@ def test_pipeline_end_to_end_then_partial_rerun(tmp_path, massive_dir, flores_di
     assert set(summary["fairness"]["disparity"]) == {"teacher", "student_kd", "student_crr"}
     assert all(d["overall"]["entropy"] > 0 and "gaps" not in d["overall"] for d in summary["fairness"]["disparity"].values())
     assert set(summary["fairness"]["disparity_comparisons"]) == {"teacher", "student_crr"}
+    # The independent name and template pairs of the MASSIVE models (eval/fairness/pairs.json), in the report.
+    assert set(summary["fairness"]["pairs"]["sets"]) == {"independent"}
+    assert set(summary["fairness"]["pairs"]["sets"]["independent"]["arms"]) == {"teacher", "student_kd", "student_crr"}
     assert set(summary["stage_seconds"]) >= {s.name for s in STAGES if s.name != "report"}
     # Every comparison behind the claims ran on the models' shared ids.
     comparisons = summary["claims"]["comparisons"]
@@ -137,6 +141,7 @@ def test_pipeline_end_to_end_then_partial_rerun(tmp_path, massive_dir, flores_di
                     "## 1-shot FLORES-200 translation", "## Fairness", "## Latency and size", "## Plots",
                     "## Wall time per stage", "## Resolved configuration"):
         assert section in report
+    assert "### Gender pairs" in report.split("## Fairness")[1].split("## Latency and size")[0]
     for png in re.findall(r"\(plots/([^)]+\.png)\)", report):
         assert (run_dir / "plots" / png).is_file()
 

@@ -282,3 +282,61 @@ def test_distillation_commands_load_with_every_preset(tmp_path, preset):
             assert (cfg.cda, cfg.perturb, cfg.counterfactual_pairing_weight) == ("repeat", "none", 0.0)
             assert (cfg.cda_repeat, cfg.train, cfg.locales) == (crr.cda_repeat, crr.train, crr.locales)
             assert crr.cda == "two_sided"
+
+
+EVAL_STAGES = ("eval_massive", "eval_icl", "eval_translation", "eval_fairness", "eval_latency")
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small", "multilingual"])
+def test_evaluations_read_their_sizes_and_locales_from_the_preset_evaluate_section(tmp_path, preset):
+    """The pipeline passes its own values only (the fine-tuned locales, the zero-shot row); every other
+    size and locale list of an evaluation is the preset's evaluate section, which each command reads
+    through --preset: a flag it does not pass falls back to the section."""
+    from evaluation.config import EvalConfig
+    from launch.cli import build_parser
+
+    cfg = load_config(PipelineConfig, section="pipeline", preset=preset)
+    section = load_config(EvalConfig, section="evaluate", preset=preset)
+    zero_shot = {str(tmp_path / ".tmp" / name) for name in ZERO_SHOT_MODELS}
+    for stage in EVAL_STAGES:
+        for cmd in stage_commands(STAGE_BY_NAME[stage], tmp_path, preset, cfg, tmp_path / ".tmp"):
+            if cmd[1] == "compare":
+                continue
+            args = build_parser().parse_args(cmd)
+            assert args.preset == preset, cmd
+            if args.out in zero_shot:
+                assert args.max_examples == cfg.zero_shot_max_examples and args.locales == cfg.zero_shot_locales
+                continue
+            assert getattr(args, "max_examples", None) is None and getattr(args, "shots", None) is None, cmd
+            expected_locales = cfg.massive_locales if cmd[1] in ("massive", "baseline") else None
+            assert getattr(args, "locales", None) == expected_locales, cmd
+    # The values the pipeline used to pass are the section's (docs/experiments.md's figures).
+    expected = {"tiny": (1500, [0, 1, 5], 60, 20, ["en-US", "de-DE"], 100),
+                "small": (500, [0, 1, 5], 60, 20, ["en-US", "de-DE", "fr-FR", "es-ES"], 100),
+                "multilingual": (500, [0, 1, 5], 60, 20, ["en-US"], 100)}[preset]
+    assert (section.massive.max_examples, section.icl.shots, section.icl.max_examples, section.translation.max_examples,
+            section.fairness.locales, section.latency.max_examples) == expected
+    assert not section.fairness.max_examples  # every gendered utterance
+
+
+def test_eval_fairness_adds_the_independent_pairs_of_the_massive_models(tmp_path):
+    from evaluation.report import FAIRNESS_PAIRS
+
+    cmds = stage_commands(STAGE_BY_NAME["eval_fairness"], tmp_path, "tiny", PipelineConfig(), tmp_path / ".tmp")
+    names = [c[c.index("--name") + 1] if "--name" in c else "fairness" for c in cmds]
+    assert names == ["fairness", FAIRNESS_PAIRS, "disparity"]  # each writes its own NAME.json
+    flips, pairs = cmds[0], cmds[1]
+    models = flips[flips.index("--models") + 1 : flips.index("--preset")]
+    assert models == [f"teacher={tmp_path / 'teacher-ft'}", f"student_kd={tmp_path / 'student-kd-ft'}",
+                      f"student_crr={tmp_path / 'student-ft'}"]
+    assert pairs[pairs.index("--models") + 1 : pairs.index("--metrics")] == models
+    assert pairs[pairs.index("--metrics") + 1] == "pairs" and pairs[pairs.index("--pair-sets") + 1] == "independent"
+    assert pairs[pairs.index("--pair-sets") + 2].startswith("--")  # the independent set alone
+
+
+def test_pipeline_config_no_longer_shadows_the_evaluate_section():
+    fields = {f.name for f in __import__("dataclasses").fields(PipelineConfig)}
+    assert not fields & {"eval_max_examples", "icl_locales", "icl_shots", "icl_max_examples", "translation_locales",
+                         "translation_max_examples", "fairness_locales", "fairness_max_examples", "latency_max_examples"}
+    with pytest.raises(ConfigError, match="eval_max_examples"):
+        load_config(PipelineConfig, overrides=["eval_max_examples=10"])

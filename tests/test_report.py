@@ -310,3 +310,23 @@ def test_transfer_benchmark_splits_the_target_nll_and_probes_the_encoder(tiny_te
     assert probe["vs_random"]["diff"] == pytest.approx(probe["probe_intent_acc"] - result["probe"]["random"]["probe_intent_acc"])
     with pytest.raises(SystemExit, match="intent-first"):
         transfer.intent_split_nll(load_seq2seq_model(tiny_teacher_dir), tokenizer, dev[:2])
+
+
+def test_the_gender_pairs_of_the_pipeline_are_in_the_summary_and_the_fairness_section(tmp_path):
+    from evaluation.fairness_pairs import pairs_markdown
+    from evaluation.report import FAIRNESS_PAIRS
+
+    run_dir = tmp_path / "run"
+    fairness_dir = run_dir / "eval" / "fairness"
+    fairness_dir.mkdir(parents=True)
+    arm = {"seeds": 1, "parse_change_rate": 0.1, "parse_change_rate_ci": [0.05, 0.15], "parse_female_only": 0.04,
+           "parse_male_only": 0.06, "parse_gap": -0.02, "parse_gap_ci": [-0.05, 0.01], "intent_change_rate": 0.03,
+           "intent_change_rate_ci": [0.01, 0.05], "intent_female_only": 0.01, "intent_male_only": 0.02,
+           "intent_gap": -0.01, "intent_gap_ci": [-0.02, 0.0], "parse_female": 0.7, "parse_male": 0.72}
+    pairs = {"arms": {"teacher": ["t"]}, "sets": {"independent": {"num_pairs": 12, "arms": {"teacher": arm}}}}
+    (fairness_dir / f"{FAIRNESS_PAIRS}.json").write_text(json.dumps({"pairs": pairs}))
+    (fairness_dir / f"{FAIRNESS_PAIRS}.md").write_text(pairs_markdown(pairs) + "\n")
+    summary = write_report(run_dir)
+    assert summary["fairness"]["pairs"]["sets"]["independent"]["num_pairs"] == 12
+    section = (run_dir / "REPORT.md").read_text().split("## Fairness")[1].split("## Latency and size")[0]
+    assert "### Gender pairs" in section and "| independent | teacher | 1 | 12 |" in squash_tables(section)
