@@ -5,11 +5,12 @@ Reads what the evaluation commands wrote under `eval/` (their JSON schemas: docs
 the resolved configs, and writes:
 
 - `summary.json`: {"claims": {"comparisons": [...], "pretraining": [...]} (see `collect_claims`),
-  "massive": {model: {"em", "intent_acc", "slot_f1", "per_locale": {...}}}, "icl": {...},
-  "translation": {...}, "fairness": {...}, "latency_ms": {model: {"p50", "p95"}}, "size_mb": {model:
+  "massive": {model: {"em", "intent_acc", "slot_f1", "per_locale": {...}}}, "icl": {...} (all intents),
+  "icl_heldout": {...} (held-out intents, both models; see `collect_icl_heldout`), "translation": {...}, "fairness": {...}, "latency_ms": {model: {"p50", "p95"}}, "size_mb": {model:
   MB}, "stage_seconds": {stage: s}}
-- `REPORT.md`: the claims with their paired evidence, a summary table, per-locale tables, every
-  evaluation's plots (copied to `plots/`), the resolved configs and the wall time per stage.
+- `REPORT.md`: the claims with their paired evidence, a summary table, per-locale tables, the
+  held-out-intent ICL tables per language pair with their k-shot figure, every evaluation's plots
+  (copied to `plots/`), the resolved configs and the wall time per stage.
 
 Whatever a skipped stage did not write is shown as "-" (null in summary.json), never an error.
 """
@@ -58,6 +59,24 @@ MASSIVE_COMPARISONS: tuple[MassiveComparison, ...] = (
     MassiveComparison("nlu_teacher", "student_nlu_gold", "student_nlu",
                       "does the teacher term help the NLU student? (the same model on gold labels alone -> "
                       "with the teacher term)"),
+)
+
+
+
+@dataclasses.dataclass(frozen=True)
+class IclHeldoutResult:
+    """One `evaluate icl --protocol heldout` result of the pipeline's eval_icl (eval/icl/<name>.json)."""
+
+    name: str  # the result's --name under eval/icl/
+    model: str  # the model directory in the run dir
+    role: str  # how the report names the model
+
+
+# In-context learning on held-out intents (docs/icl.md): the in-context trained teacher beside the model
+# it started from, on the same prompts; the second is the reference the first is read against.
+ICL_HELDOUT_RESULTS: tuple[IclHeldoutResult, ...] = (
+    IclHeldoutResult("heldout-icl", "teacher-icl", "in-context trained"),
+    IclHeldoutResult("heldout-base", "teacher-indomain", "without in-context training"),
 )
 
 MASSIVE_METRICS = ("em", "intent_acc", "slot_f1")
@@ -173,8 +192,8 @@ def collect_claims(run_dir: Path) -> dict[str, Any]:
 
 def collect_summary(run_dir: Path) -> dict[str, Any]:
     eval_dir = run_dir / "eval"
-    summary: dict[str, Any] = {"claims": collect_claims(run_dir), "massive": {}, "icl": {}, "translation": {},
-                               "fairness": {}, "latency_ms": {}, "size_mb": {}, "stage_seconds": {}}
+    summary: dict[str, Any] = {"claims": collect_claims(run_dir), "massive": {}, "icl": {}, "icl_heldout": {},
+                               "translation": {}, "fairness": {}, "latency_ms": {}, "size_mb": {}, "stage_seconds": {}}
     massive_dir = eval_dir / "massive"
     if massive_dir.is_dir():
         for model_dir in sorted(p for p in massive_dir.iterdir() if p.is_dir()):
@@ -192,10 +211,12 @@ def collect_summary(run_dir: Path) -> dict[str, Any]:
                     for loc, vals in sorted(data.get("per_locale", {}).items())
                 },
             }
-    for key in ("icl", "translation"):
-        data = _find_json(eval_dir / key)
+    # eval/icl holds the all-intents result (per locale) beside the held-out-intent ones.
+    for key, must_have in (("icl", "per_locale"), ("translation", None)):
+        data = _find_json(eval_dir / key, must_have)
         if data is not None:
             summary[key] = data
+    summary["icl_heldout"] = collect_icl_heldout(eval_dir / "icl")
     # eval/fairness holds fairness.json (flips and disparity of the MASSIVE models) and disparity.json (generation
     # disparity of the task-agnostic models): one entry, the disparity results under "disparity".
     fairness = _load_json(eval_dir / "fairness" / "fairness.json")
@@ -276,13 +297,16 @@ def plot_massive_by_locale(summary: dict[str, Any], plots_dir: Path) -> list[Pat
 
 def _copy_plots(run_dir: Path) -> list[Path]:
     """The evaluation plots under plots/, except the per-model MASSIVE bars that
-    `plot_massive_by_locale` puts side by side in one figure per metric."""
+    `plot_massive_by_locale` puts side by side in one figure per metric, and the per-model held-out-intent
+    curves that `plot_icl_heldout` puts in one figure."""
     plots_dir = run_dir / "plots"
     plots_dir.mkdir(exist_ok=True)
     copied = []
     for png in sorted((run_dir / "eval").rglob("*.png")):
         rel = png.relative_to(run_dir / "eval")
         if rel.parts[0] == "massive" and png.name.endswith("_em.png"):
+            continue
+        if rel.parts[0] == "icl" and png.stem in {r.name for r in ICL_HELDOUT_RESULTS}:
             continue
         target = plots_dir / "_".join(rel.parts)
         shutil.copyfile(png, target)
@@ -340,7 +364,177 @@ def render_claims(claims: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
-def render_report(run_dir: Path, summary: dict[str, Any], plots: list[Path]) -> str:
+# ----------------------------------------------------------------------------- held-out-intent ICL
+
+ICL_HELDOUT_PLOT = "icl_heldout_kshot.png"
+"""The report's k-shot figure of the held-out-intent ICL results (under plots/)."""
+# What must agree for two held-out results to have been scored on the same prompts.
+_PROMPT_KEYS = ("split", "way", "shots", "num_queries", "heldout_intents", "example_prompt")
+
+
+def icl_heldout_findings(result: dict[str, Any]) -> dict[str, Any]:
+    """Which (pair, k) cells of one held-out result are above or below chance, above the same model
+    at the smallest k, and above the TF-IDF reference, each by its paired interval excluding 0."""
+    shots = [str(k) for k in result["shots"]]
+    cells = [(f"{key} k={k}", s, k) for key, s in result["pairs"].items() for k in shots]
+    with_demos = [c for c in cells if c[2] != shots[0]]
+    return {
+        "cells": len(cells),
+        "cells_with_demos": len(with_demos),
+        "above_chance": [c for c, s, k in cells if s["vs_chance_ci"][k][0] > 0],
+        "below_chance": [c for c, s, k in cells if s["vs_chance_ci"][k][1] < 0],
+        "above_k0": [c for c, s, k in with_demos if s["vs_k0_ci"][k][0] > 0],
+        "above_tfidf": [c for c, s, k in with_demos if s["vs_tfidf_ci"][k] is not None and s["vs_tfidf_ci"][k][0] > 0],
+    }
+
+
+def collect_icl_heldout(icl_dir: Path) -> dict[str, Any]:
+    """summary.json's "icl_heldout": the held-out-intent results of ICL_HELDOUT_RESULTS that eval_icl
+    wrote ({} when none): the prompt set ({"split", "way", "chance", "shots", "num_queries",
+    "heldout_intents", "ci_method"}), "same_prompts" (null with fewer than two results), and per result
+    name {"model", "role", "pairs", "mean", "findings"}, the pairs and means as icl_heldout.py writes them."""
+    loaded = {r.name: _load_json(icl_dir / f"{r.name}.json") for r in ICL_HELDOUT_RESULTS}
+    results = {n: d for n, d in loaded.items() if isinstance(d, dict) and d.get("kind") == "icl_heldout"}
+    if not results:
+        return {}
+    first = next(iter(results.values()))
+
+    def prompt_set(d: dict[str, Any]) -> str:
+        return json.dumps([*(d.get(k) for k in _PROMPT_KEYS), (d.get("config") or {}).get("icl", {}).get("seed")])
+
+    return {
+        **{k: first.get(k) for k in ("split", "way", "chance", "shots", "num_queries", "heldout_intents", "ci_method")},
+        "same_prompts": None if len(results) < 2 else len({prompt_set(d) for d in results.values()}) == 1,
+        "models": {r.name: {"model": r.model, "role": r.role, "pairs": results[r.name]["pairs"],
+                            "mean": results[r.name].get("mean", {}), "findings": icl_heldout_findings(results[r.name])}
+                   for r in ICL_HELDOUT_RESULTS if r.name in results},
+    }
+
+
+def _pct_ci(value: float | None, ci: list[float] | None, signed: bool = False) -> str:
+    if value is None:
+        return "-"
+    fmt = _points if signed else (lambda x: f"{100 * x:.1f}")
+    return f"{fmt(value)} {_interval(ci, fmt)}"
+
+
+def _heldout_rows(entry: dict[str, Any], key: str, means: bool) -> list[list[str]]:
+    """Rows k of one language pair (or mean over pairs of a kind): each model's accuracy and its
+    difference from the smallest k, the TF-IDF reference and chance."""
+    rows = []
+    for k in map(str, entry["shots"]):
+        row = [k]
+        tfidf: tuple[float | None, list[float] | None] = (None, None)
+        for r in ICL_HELDOUT_RESULTS:
+            s = (entry["models"].get(r.name) or {}).get("mean" if means else "pairs", {}).get(key)
+            if s is None:
+                row += ["-", "-"]
+                continue
+            row += [_pct_ci(s["accuracy"][k], s["accuracy_ci"][k]), _pct_ci(s["vs_k0"][k], s["vs_k0_ci"][k], signed=True)]
+            if tfidf[0] is None:
+                tfidf = (s["tfidf"][k], s["tfidf_ci"][k])
+        rows.append([*row, "n/a" if tfidf[0] is None else _pct_ci(*tfidf), f"{100 * entry['chance']:.1f}"])
+    return rows
+
+
+def _findings_text(entry: dict[str, Any]) -> list[str]:
+    lines = []
+    k0 = entry["shots"][0]
+    beats_chance = beats_tfidf = False
+    for r in ICL_HELDOUT_RESULTS:
+        m = entry["models"].get(r.name)
+        if m is None:
+            lines.append(f"- {r.role} ({r.model}): not run")
+            continue
+        f = m["findings"]
+
+        def cells(found: list[str]) -> str:
+            return f" ({', '.join(found)})" if found else ""
+
+        lines.append(
+            f"- {r.role} ({r.model}): above chance in {len(f['above_chance'])} of {f['cells']} (pair, k) "
+            f"cells{cells(f['above_chance'])}, below it in {len(f['below_chance'])}{cells(f['below_chance'])}; "
+            f"above its own k={k0} in {len(f['above_k0'])} of {f['cells_with_demos']}{cells(f['above_k0'])}; "
+            f"above the TF-IDF reference in {len(f['above_tfidf'])} of {f['cells_with_demos']}{cells(f['above_tfidf'])}."
+        )
+        beats_chance |= bool(f["above_chance"])
+        beats_tfidf |= bool(f["above_tfidf"])
+    lines.append(f"- In short: {'some' if beats_chance else 'no'} (pair, k) cell of either model is above chance, and "
+                 f"{'some' if beats_tfidf else 'no'} cell is above the TF-IDF nearest-neighbour reference.")
+    return lines
+
+
+def render_icl_heldout(entry: dict[str, Any], plot: Path | None) -> str:
+    if not entry:
+        return "_not run_"
+    same = {None: "only one model was scored", True: "yes", False: "NO (the results differ in split, k, ids or seed)"}
+    parts = [
+        f"{entry['split']} queries of the held-out intents ({', '.join(entry['heldout_intents'])}), never labelled in "
+        f"in-context training; {entry['num_queries']} query ids shared by every locale, {entry['way']}-way candidate "
+        f"sets (chance {100 * entry['chance']:.1f}%), k demonstrations per candidate label. Same language: "
+        f"demonstrations and query in L; across languages: en-US demonstrations, query in L. Accuracy in %, "
+        f"[interval]: {entry['ci_method']}; the difference from k={entry['shots'][0]} is paired on the same queries. "
+        f"Both models on the same prompts: {same[entry['same_prompts']]}.\n",
+        *_findings_text(entry),
+    ]
+    if plot is not None:
+        parts.append(f"\n![held-out-intent k-shot curves](plots/{plot.name})\n")
+    header = ["k", *(h for r in ICL_HELDOUT_RESULTS for h in (f"{r.role} %", f"vs k={entry['shots'][0]} (points)")),
+              "TF-IDF NN %", "chance %"]
+    pairs = next(iter(entry["models"].values()))["pairs"]
+    means = next(iter(entry["models"].values()))["mean"]
+    for key, s in pairs.items():
+        kind = "same language" if s["kind"] == "same" else "across languages"
+        parts.append(f"\n### {key} ({kind})\n")
+        parts.append(_table(header, _heldout_rows(entry, key, means=False)))
+    for kind in means:
+        parts.append(f"\n### mean over the {'same-language' if kind == 'same' else 'cross-language'} pairs\n")
+        parts.append(_table(header, _heldout_rows(entry, kind, means=True)))
+    return "\n".join(parts)
+
+
+def plot_icl_heldout(entry: dict[str, Any], path: Path) -> Path | None:
+    """One figure: accuracy against k per language pair, a colour per pair; the in-context trained
+    model solid, the model without in-context training dash-dotted, the TF-IDF reference dashed, chance
+    dotted. None without results."""
+    if not entry:
+        return None
+    from evaluation.plots import _pyplot, _save
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    shots = entry["shots"]
+    # (line, marker, marker filled) per model: equal accuracies of the two stay told apart.
+    styles = dict(zip((r.name for r in ICL_HELDOUT_RESULTS), (("-", "o", True), ("-.", "s", False))))
+    pair_keys = list(dict.fromkeys(key for m in entry["models"].values() for key in m["pairs"]))
+    for c, key in enumerate(pair_keys):
+        color = colors[c % len(colors)]
+        # A small shift along k per pair, so that pairs with equal accuracies do not hide each other.
+        xs = [k + 0.06 * (c - (len(pair_keys) - 1) / 2) for k in shots]
+        tfidf_drawn = False
+        for r in ICL_HELDOUT_RESULTS:
+            s = (entry["models"].get(r.name) or {}).get("pairs", {}).get(key)
+            if s is None:
+                continue
+            line, marker, filled = styles.get(r.name, ("-", "o", True))
+            ax.plot(xs, [s["accuracy"][str(k)] for k in shots], linestyle=line, marker=marker, color=color,
+                    markerfacecolor=color if filled else "none", label=f"{key}: {r.role}")
+            ref = [(k, s["tfidf"][str(k)]) for k in shots if s["tfidf"][str(k)] is not None]
+            if ref and not tfidf_drawn:
+                ax.plot(*zip(*ref), linestyle="--", color=color, alpha=0.5, label=f"{key}: TF-IDF NN")
+                tfidf_drawn = True
+    ax.axhline(entry["chance"], color="grey", linestyle=":", label=f"chance (1/{entry['way']})")
+    ax.set_xlabel("demonstrations per candidate label (k)")
+    ax.set_ylabel("accuracy")
+    ax.set_xticks(shots)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.set_title(f"held-out intents, {entry['way']}-way, {entry['split']}, {entry['num_queries']} query ids")
+    return _save(fig, path)
+
+
+def render_report(run_dir: Path, summary: dict[str, Any], plots: list[Path], icl_plot: Path | None = None) -> str:
     parts: list[str] = [f"# polyteacher run report: `{run_dir.name}`\n"]
     parts.append("## Claims\n")
     parts.append(render_claims(summary["claims"]))
@@ -377,8 +571,11 @@ def render_report(run_dir: Path, summary: dict[str, Any], plots: list[Path]) -> 
                        ("fairness", "Fairness")):
         parts.append(f"\n## {title}\n")
         table = summary[key].get("markdown") if isinstance(summary[key], dict) else None
-        # The evaluation's own file first, then the others by name (fairness: disparity.md, pairs.md).
-        md_files = sorted((run_dir / "eval" / key).glob("*.md"), key=lambda f: (f.stem != key, f.name)) \
+        # The evaluation's own file first, then the others by name (fairness: disparity.md, pairs.md); the
+        # held-out ICL results have a section of their own.
+        md_files = sorted((f for f in (run_dir / "eval" / key).glob("*.md")
+                           if f.stem not in {r.name for r in ICL_HELDOUT_RESULTS}),
+                          key=lambda f: (f.stem != key, f.name)) \
             if (run_dir / "eval" / key).is_dir() else []
         if md_files:
             parts.append("\n\n".join(f.read_text(encoding="utf-8").strip() for f in md_files))
@@ -390,6 +587,9 @@ def render_report(run_dir: Path, summary: dict[str, Any], plots: list[Path]) -> 
             parts.append(_table(["key", "value"], [[k, _fmt(v)] for k, v in flat[:200]]))
         else:
             parts.append("_not run_")
+        if key == "icl":
+            parts.append("\n## In-context learning on held-out intents\n")
+            parts.append(render_icl_heldout(summary["icl_heldout"], icl_plot))
     parts.append("\n## Latency and size (batch 1, one thread)\n")
     lat_rows = [[m, _fmt(v.get("p50")), _fmt(v.get("p95")), _fmt(summary["size_mb"].get(m))]
                 for m, v in summary["latency_ms"].items()]
@@ -415,6 +615,7 @@ def write_report(run_dir: str | Path) -> dict[str, Any]:
     summary = collect_summary(run_dir)
     plots = _copy_plots(run_dir)
     plots = plot_massive_by_locale(summary, run_dir / "plots") + plots
+    icl_plot = plot_icl_heldout(summary["icl_heldout"], run_dir / "plots" / ICL_HELDOUT_PLOT)
     atomic_write_json(run_dir / "summary.json", summary)
-    atomic_write_text(run_dir / "REPORT.md", render_report(run_dir, summary, plots))
+    atomic_write_text(run_dir / "REPORT.md", render_report(run_dir, summary, plots, icl_plot))
     return summary

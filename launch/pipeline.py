@@ -136,6 +136,9 @@ STAGES: tuple[Stage, ...] = (
     Stage("data", "data/train", (), "cli", "tokenizer, packed general-domain and in-domain data"),
     Stage("teacher", "teacher", ("data",), "launch", "teacher pretraining (denoising + CLM)"),
     Stage("teacher_indomain", "teacher-indomain", ("teacher",), "launch", "stage-2 in-domain pretraining"),
+    Stage("teacher_icl", "teacher-icl", ("teacher_indomain",), "launch",
+          "in-context training of the stage-2 teacher (prompts of k demonstrations per label; the held-out "
+          "scenarios never shown)"),
     Stage("student", "student", ("teacher_indomain",), "launch",
           "task-agnostic distillation with CRR (CDA + perturbation), the NLU student's start"),
     Stage("student_kd", "student-kd", ("teacher_indomain",), "launch",
@@ -160,7 +163,9 @@ STAGES: tuple[Stage, ...] = (
           ("teacher_ft", "scratch_ft", "student_ft", "student_kd_ft", "export", "export_nlu", "teacher_nlu"),
           "cli", "MASSIVE per locale: teacher, student, student int8, ..., the TF-IDF baseline, and the paired "
           "comparisons behind the report's claims"),
-    Stage("eval_icl", "eval/icl", ("teacher_indomain",), "cli", "k-shot intent classification by prompting"),
+    Stage("eval_icl", "eval/icl", ("teacher_indomain", "teacher_icl"), "cli",
+          "k-shot intent classification by prompting: all intents (stage-2 teacher); held-out intents, the "
+          "in-context trained teacher beside the stage-2 teacher on the same prompts (test, read once)"),
     Stage("eval_translation", "eval/translation", ("teacher_indomain",), "cli", "1-shot FLORES-200 translation"),
     Stage("eval_fairness", "eval/fairness",
           ("teacher_ft", "student_ft", "student_kd_ft", "teacher_indomain", "student", "student_kd"), "cli",
@@ -235,6 +240,9 @@ def stage_commands(stage: Stage, run_dir: Path, preset: str | None, cfg: Pipelin
     if stage.name == "teacher_indomain":
         return [launch(n_other, "pretrain", "--run-dir", r, "--out", "teacher-indomain", "--section", "indomain",
                        "--init-from", str(run_dir / "teacher"), *p)]
+    if stage.name == "teacher_icl":
+        return [launch(n_other, "pretrain", "--run-dir", r, "--out", "teacher-icl", "--section", "icl",
+                       "--init-from", str(run_dir / "teacher-indomain"), *p)]
     # Plain KD: the preset's distillation without CRR (no CDA, so no repeated counterfactuals and no
     # counterfactual pairs either).
     plain_kd = ["cda=none", "cda_repeat=1", "perturb=none", "counterfactual_pairing_weight=0"]
@@ -315,7 +323,15 @@ def stage_commands(stage: Stage, run_dir: Path, preset: str | None, cfg: Pipelin
                      "--out", str(tmp_out), "--name", f"compare_{c.name}"] for c in massive_comparisons(cfg)]
         return [*models, baseline, *zero_shot, *compares]
     if stage.name == "eval_icl":
-        return [["evaluate", "icl", "--model", str(run_dir / "teacher-indomain"), *p, "--out", str(tmp_out)]]
+        from evaluation.report import ICL_HELDOUT_RESULTS
+
+        all_intents = ["evaluate", "icl", "--model", str(run_dir / "teacher-indomain"), *p, "--out", str(tmp_out)]
+        # Held-out intents: each model on the same prompts (they depend only on the evaluate section's
+        # icl.seed, locales, shots, way and max_examples, all from the preset), on test: the pipeline's
+        # figures are read once; choices are made on dev (the command's default) beforehand.
+        heldout = [["evaluate", "icl", "--model", str(run_dir / r.model), "--protocol", "heldout", "--split", "test",
+                    *p, "--name", r.name, "--out", str(tmp_out)] for r in ICL_HELDOUT_RESULTS]
+        return [all_intents, *heldout]
     if stage.name == "eval_translation":
         return [["evaluate", "translation", "--model", str(run_dir / "teacher-indomain"), *p, "--out", str(tmp_out)]]
     if stage.name == "eval_fairness":

@@ -182,3 +182,33 @@ def test_pretrain_section_icl_trains_a_tiny_model_a_few_steps(tiny_teacher_dir, 
     assert tokenizer.decode(target, skip_special_tokens=True) == sampler.prompt(0).target
     assert tokenizer.decode(batch["input_ids"][0], skip_special_tokens=True).endswith(
         sampler.prompt(0).text.split("Utterance: ")[-1])
+
+
+def test_pipeline_heldout_commands_score_both_models_on_the_same_test_prompts(tiny_teacher_dir, massive_dir, tmp_path, capsys):
+    """eval_icl's held-out commands as the pipeline builds them, run for real (two copies of the tiny
+    teacher as teacher-icl and teacher-indomain, a few queries), then the report reads them."""
+    import shutil
+
+    from evaluation.report import write_report
+    from launch.cli import main
+    from launch.pipeline import STAGE_BY_NAME, PipelineConfig, stage_commands
+
+    run_dir = tmp_path / "run"
+    for model in ("teacher-icl", "teacher-indomain"):
+        shutil.copytree(tiny_teacher_dir, run_dir / model)
+    out = run_dir / "eval" / "icl"
+    _all_intents, *heldout = stage_commands(STAGE_BY_NAME["eval_icl"], run_dir, "tiny", PipelineConfig(), out)
+    for cmd in heldout:
+        assert main([*cmd, f"icl.data={massive_dir}", "icl.max_examples=3", "device=cpu", "bootstrap_samples=50"]) == 0
+    capsys.readouterr()
+    results = [json.loads((out / f"{cmd[cmd.index('--name') + 1]}.json").read_text()) for cmd in heldout]
+    assert [r["model"] for r in results] == [str(run_dir / "teacher-icl"), str(run_dir / "teacher-indomain")]
+    for r in results:
+        # The tiny preset's evaluate section: en-US and de-DE, k = 0 1 2 5, on test.
+        assert r["split"] == "test" and r["shots"] == [0, 1, 2, 5] and r["num_queries"] == 3
+        assert set(r["pairs"]) == {"en-US->en-US", "de-DE->de-DE", "en-US->de-DE"}
+    # The same weights on the same prompts give the same figures.
+    assert results[0]["example_prompt"] == results[1]["example_prompt"] and results[0]["pairs"] == results[1]["pairs"]
+    summary = write_report(run_dir)
+    assert summary["icl_heldout"]["same_prompts"] is True and summary["icl_heldout"]["split"] == "test"
+    assert "### en-US->de-DE (across languages)" in (run_dir / "REPORT.md").read_text()

@@ -35,6 +35,10 @@ MICRO = {
                            "num_eval_batches": 1, "save_every": 4}},
     "indomain": {"train": {"micro_batch_size": 2, "global_batch_size": 4, "max_steps": 2, "warmup_steps": 1, "log_every": 1, "eval_every": 2,
                            "num_eval_batches": 1, "save_every": 2}},
+    "icl": {"icl": {"max_prompt_tokens": 96, "num_heldout_prompts": 4}, "train": {
+        "micro_batch_size": 2, "global_batch_size": 4, "max_steps": 2, "warmup_steps": 1, "log_every": 1,
+        "eval_every": 2, "num_eval_batches": 1, "save_every": 2}},
+    "evaluate": {"icl": {"max_examples": 2}},  # the held-out-intent queries of eval_icl
     "distill": {"train": {"micro_batch_size": 2, "global_batch_size": 4, "max_steps": 2, "warmup_steps": 1,
                           "log_every": 1, "eval_every": 2, "num_eval_batches": 1, "save_every": 2}},
     "taskdistill": {"num_train_examples": 16, "num_eval_examples": 2, "train": {
@@ -116,6 +120,10 @@ def test_pipeline_end_to_end_then_partial_rerun(tmp_path, massive_dir, flores_di
     # int8 is the quantized export of the fine-tuned student: smaller than its fp32 export.
     assert summary["size_mb"]["student_int8"] < summary["size_mb"]["student_fp32"]
     assert summary["icl"]["accuracy"] and summary["translation"]["per_language"]
+    # Held-out intents: the in-context trained teacher and the stage-2 teacher on the same test prompts.
+    held = summary["icl_heldout"]
+    assert held["split"] == "test" and held["same_prompts"] is True and held["num_queries"] == 2
+    assert list(held["models"]) == ["heldout-icl", "heldout-base"]
     assert set(summary["fairness"]["models"]) == {"teacher", "student_kd", "student_crr"}
     # Flips and disparity of the MASSIVE models; disparity of the task-agnostic teacher and students,
     # paired against the plain-KD student.
@@ -138,6 +146,7 @@ def test_pipeline_end_to_end_then_partial_rerun(tmp_path, massive_dir, flores_di
     assert all(p["heldout_unigram_ce"] > 0 for p in summary["claims"]["pretraining"])
     report = (run_dir / "REPORT.md").read_text()
     for section in ("## Claims", "## Summary", "## MASSIVE per locale", "## In-context intent classification",
+                    "## In-context learning on held-out intents",
                     "## 1-shot FLORES-200 translation", "## Fairness", "## Latency and size", "## Plots",
                     "## Wall time per stage", "## Resolved configuration"):
         assert section in report

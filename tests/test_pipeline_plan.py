@@ -52,7 +52,7 @@ def test_complete_run_skips_everything(tmp_path):
     assert set(plan_stages(tmp_path, PipelineConfig(), []).values()) == {"skip"}
 
 
-@pytest.mark.parametrize("deleted", ["student", "teacher_ft", "export", "eval_icl"])
+@pytest.mark.parametrize("deleted", ["student", "teacher_ft", "export", "eval_icl", "teacher_icl"])
 def test_deleting_one_output_reruns_it_and_dependants_only(tmp_path, deleted):
     _complete_all(tmp_path)
     import shutil
@@ -340,3 +340,50 @@ def test_pipeline_config_no_longer_shadows_the_evaluate_section():
                          "translation_max_examples", "fairness_locales", "fairness_max_examples", "latency_max_examples"}
     with pytest.raises(ConfigError, match="eval_max_examples"):
         load_config(PipelineConfig, overrides=["eval_max_examples=10"])
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small", "multilingual"])
+def test_in_context_training_continues_the_stage_2_teacher_with_the_preset(tmp_path, preset):
+    from teacher.config import PretrainConfig
+
+    stage = STAGE_BY_NAME["teacher_icl"]
+    assert stage.deps == ("teacher_indomain",) and stage.output == "teacher-icl" and stage.kind == "launch"
+    names = [s.name for s in STAGES]
+    assert names.index("teacher_indomain") < names.index("teacher_icl") < names.index("eval_icl")
+    assert "teacher_icl" in STAGE_BY_NAME["eval_icl"].deps
+    (cmd,) = stage_commands(stage, tmp_path, preset, load_config(PipelineConfig, section="pipeline", preset=preset),
+                            tmp_path / ".tmp")
+    args = cmd[cmd.index("pretrain") + 1:]
+    assert cmd[:2] == ["launch", "--nproc-per-node"]
+    assert args[args.index("--section") + 1] == "icl" and args[args.index("--out") + 1] == "teacher-icl"
+    assert args[args.index("--init-from") + 1] == str(tmp_path / "teacher-indomain")
+    # The preset's icl section makes a valid in-context training config of the teacher's own size.
+    cfg = load_config(PretrainConfig, section="icl", preset=preset, flags={"icl": {"enabled": True}})
+    assert cfg.icl.enabled and cfg.teacher.preset == load_config(PretrainConfig, section="indomain", preset=preset).teacher.preset
+    assert cfg.icl.locales and cfg.train.max_steps >= 1
+
+
+def test_eval_icl_scores_both_teachers_on_the_same_heldout_prompts_on_test(tmp_path):
+    from evaluation.report import ICL_HELDOUT_RESULTS
+
+    tmp_out = tmp_path / ".tmp"
+    all_intents, *heldout = stage_commands(STAGE_BY_NAME["eval_icl"], tmp_path, "tiny", PipelineConfig(), tmp_out)
+    # The all-intents run stays, on the stage-2 teacher.
+    assert all_intents[:2] == ["evaluate", "icl"] and "--protocol" not in all_intents
+    assert all_intents[all_intents.index("--model") + 1] == str(tmp_path / "teacher-indomain")
+    assert [(c[c.index("--model") + 1], c[c.index("--name") + 1]) for c in heldout] == [
+        (str(tmp_path / "teacher-icl"), "heldout-icl"), (str(tmp_path / "teacher-indomain"), "heldout-base")]
+    assert [r.name for r in ICL_HELDOUT_RESULTS] == ["heldout-icl", "heldout-base"]
+    for cmd in heldout:
+        assert cmd[:2] == ["evaluate", "icl"] and cmd[cmd.index("--protocol") + 1] == "heldout"
+        # The pipeline's figures are the once-read test figures; locales, k and query count come from the
+        # preset's evaluate section, so nothing else differs between the two models' prompts.
+        assert cmd[cmd.index("--split") + 1] == "test" and cmd[cmd.index("--preset") + 1] == "tiny"
+        assert cmd[cmd.index("--out") + 1] == str(tmp_out)
+        assert not {"--locales", "--shots", "--max-examples", "--way"} & set(cmd)
+    first, second = heldout
+
+    def without_model(cmd: list[str]) -> list[str]:
+        return [a for i, a in enumerate(cmd) if i not in (cmd.index("--model") + 1, cmd.index("--name") + 1)]
+
+    assert without_model(first) == without_model(second)

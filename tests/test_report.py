@@ -330,3 +330,130 @@ def test_the_gender_pairs_of_the_pipeline_are_in_the_summary_and_the_fairness_se
     assert summary["fairness"]["pairs"]["sets"]["independent"]["num_pairs"] == 12
     section = (run_dir / "REPORT.md").read_text().split("## Fairness")[1].split("## Latency and size")[0]
     assert "### Gender pairs" in section and "| independent | teacher | 1 | 12 |" in squash_tables(section)
+
+
+# ----------------------------------------------------------------------------- held-out-intent ICL
+
+SHOTS = (0, 1, 2, 5)
+
+
+def heldout_pair(kind: str, acc: tuple[float, ...], tfidf: tuple[float | None, ...], half: float = 0.1) -> dict:
+    """One language pair as evaluation/icl_heldout.py writes it: accuracy +- `half`, differences +- 0.08."""
+    def ci(v: float, h: float) -> list[float]:
+        return [round(v - h, 6), round(v + h, 6)]
+
+    s = {"kind": kind, "n": 40, **{key: {} for key in ("accuracy", "accuracy_ci", "vs_chance_ci", "vs_k0", "vs_k0_ci",
+                                                        "tfidf", "tfidf_ci", "vs_tfidf", "vs_tfidf_ci")}}
+    for k, a, t in zip(map(str, SHOTS), acc, tfidf):
+        s["accuracy"][k], s["accuracy_ci"][k] = a, ci(a, half)
+        s["vs_chance_ci"][k] = ci(a - 0.2, half)
+        s["vs_k0"][k], s["vs_k0_ci"][k] = round(a - acc[0], 6), ci(a - acc[0], 0.08 if k != "0" else 0.0)
+        s["tfidf"][k], s["tfidf_ci"][k] = t, None if t is None else ci(t, half)
+        s["vs_tfidf"][k] = None if t is None else round(a - t, 6)
+        s["vs_tfidf_ci"][k] = None if t is None else ci(a - t, 0.08)
+    return s
+
+
+def heldout_result(model: str, pairs: dict[str, dict], num_queries: int = 40) -> dict:
+    return {"kind": "icl_heldout", "model": model, "split": "test", "heldout_scenarios": ["alarm", "audio"],
+            "heldout_intents": ["alarm_query", "alarm_set", "audio_volume_up", "audio_volume_mute", "alarm_remove"],
+            "way": 5, "chance": 0.2, "shots": list(SHOTS), "normalize": "mean", "clm_prompt": True,
+            "num_queries": num_queries, "pairs": pairs,
+            "mean": {"same": {"pairs": [p for p, s in pairs.items() if s["kind"] == "same"],
+                              **{k: v for k, v in pairs["en-US->en-US"].items() if k not in ("kind", "n")}}},
+            "example_prompt": "Utterance: wake me up Intent: alarm set\nUtterance: louder Intent:",
+            "ci_method": "percentile bootstrap, 95%", "elapsed_s": 1.0, "config": {"icl": {"seed": 0}}}
+
+
+TFIDF = (None, 0.4, 0.5, 0.5)
+
+
+def write_heldout(run_dir: Path, base_queries: int = 40) -> Path:
+    """eval/icl as the pipeline's eval_icl leaves it: the all-intents result beside the two held-out ones."""
+    icl_dir = run_dir / "eval" / "icl"
+    icl_dir.mkdir(parents=True)
+    trained = {"en-US->en-US": heldout_pair("same", (0.25, 0.3, 0.45, 0.6), TFIDF),
+               "de-DE->de-DE": heldout_pair("same", (0.2, 0.2, 0.25, 0.25), TFIDF),
+               "en-US->de-DE": heldout_pair("cross", (0.2, 0.2, 0.2, 0.2), (None, 0.3, 0.3, 0.35))}
+    base = {"en-US->en-US": heldout_pair("same", (0.2, 0.2, 0.2, 0.2), TFIDF),
+            "de-DE->de-DE": heldout_pair("same", (0.05, 0.2, 0.2, 0.2), TFIDF),
+            "en-US->de-DE": heldout_pair("cross", (0.2, 0.2, 0.2, 0.2), (None, 0.3, 0.3, 0.35))}
+    (icl_dir / "heldout-icl.json").write_text(json.dumps(heldout_result("runs/x/teacher-icl", trained)))
+    (icl_dir / "heldout-base.json").write_text(json.dumps(heldout_result("runs/x/teacher-indomain", base, base_queries)))
+    for name in ("heldout-icl", "heldout-base"):
+        (icl_dir / f"{name}.md").write_text(f"# per-model table {name}\n")
+        (icl_dir / f"{name}.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    (icl_dir / "icl.json").write_text(json.dumps({"kind": "icl", "accuracy": {"0": 0.03}, "per_locale": {}}))
+    (icl_dir / "icl.md").write_text("# all-intents table\n")
+    return icl_dir
+
+
+def test_heldout_icl_section_states_each_pair_against_chance_tfidf_and_the_model_without_icl_training(tmp_path):
+    run_dir = tmp_path / "run"
+    write_heldout(run_dir)
+    summary = write_report(run_dir)
+    assert json.loads((run_dir / "summary.json").read_text())["icl_heldout"] == summary["icl_heldout"]
+    # The all-intents result stays summary["icl"], whatever sorts first in eval/icl.
+    assert summary["icl"]["kind"] == "icl"
+    held = summary["icl_heldout"]
+    assert (held["split"], held["way"], held["chance"], held["shots"], held["num_queries"]) == ("test", 5, 0.2, [0, 1, 2, 5], 40)
+    assert held["same_prompts"] is True and list(held["models"]) == ["heldout-icl", "heldout-base"]
+    trained, base = held["models"]["heldout-icl"], held["models"]["heldout-base"]
+    assert (trained["model"], base["model"]) == ("teacher-icl", "teacher-indomain")
+    assert trained["pairs"]["en-US->en-US"]["accuracy"]["5"] == 0.6 and base["pairs"]["de-DE->de-DE"]["accuracy"]["0"] == 0.05
+    # en-US k=5: 0.6 [0.5, 0.7] is above chance, above k=0 (+0.35 [0.27, 0.43]) and TF-IDF (+0.1 [0.02, 0.18]);
+    # k=2 (0.45) is above chance and k=0 but not TF-IDF (-0.05 [-0.13, 0.03]).
+    assert trained["findings"] == {
+        "cells": 12, "cells_with_demos": 9,
+        "above_chance": ["en-US->en-US k=2", "en-US->en-US k=5"],
+        "below_chance": [],
+        "above_k0": ["en-US->en-US k=2", "en-US->en-US k=5"],
+        "above_tfidf": ["en-US->en-US k=5"],
+    }  # fmt: skip
+    assert base["findings"] == {"cells": 12, "cells_with_demos": 9, "above_chance": [], "below_chance": ["de-DE->de-DE k=0"],
+                                "above_k0": ["de-DE->de-DE k=1", "de-DE->de-DE k=2", "de-DE->de-DE k=5"], "above_tfidf": []}
+
+    report = (run_dir / "REPORT.md").read_text()
+    section = squash_tables(report[report.index("## In-context learning on held-out intents"):
+                                   report.index("## 1-shot FLORES-200 translation")])
+    assert "Both models on the same prompts: yes." in section
+    assert ("- in-context trained (teacher-icl): above chance in 2 of 12 (pair, k) cells (en-US->en-US k=2, "
+            "en-US->en-US k=5), below it in 0; above its own k=0 in 2 of 9") in section
+    assert "above the TF-IDF reference in 1 of 9 (en-US->en-US k=5)." in section
+    assert "- In short: some (pair, k) cell of either model is above chance, and some cell is above the TF-IDF" in section
+    for pair, kind in (("en-US->en-US", "same language"), ("de-DE->de-DE", "same language"),
+                       ("en-US->de-DE", "across languages")):
+        assert f"### {pair} ({kind})" in section
+    en = section[section.index("### en-US->en-US"):section.index("### de-DE->de-DE")]
+    assert ("| k | in-context trained % | vs k=0 (points) | without in-context training % | vs k=0 (points) | "
+            "TF-IDF NN % | chance % |") in en
+    assert "| 0 | 25.0 [15.0, 35.0] | +0.0 [+0.0, +0.0] | 20.0 [10.0, 30.0] | +0.0 [+0.0, +0.0] | n/a | 20.0 |" in en
+    assert "| 5 | 60.0 [50.0, 70.0] | +35.0 [+27.0, +43.0] | 20.0 [10.0, 30.0] | +0.0 [-8.0, +8.0] | 50.0 [40.0, 60.0] | 20.0 |" in en
+    assert "### mean over the same-language pairs" in section
+    # One figure for both models and every pair; the per-model figures and tables are not repeated.
+    assert "![held-out-intent k-shot curves](plots/icl_heldout_kshot.png)" in section
+    assert (run_dir / "plots" / "icl_heldout_kshot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list((run_dir / "plots").glob("icl_heldout-*.png"))
+    assert "per-model table" not in report and "# all-intents table" in report
+
+
+def test_heldout_icl_section_says_when_the_prompts_differ_or_nothing_ran(tmp_path):
+    run_dir = tmp_path / "run"
+    write_heldout(run_dir, base_queries=39)
+    summary = write_report(run_dir)
+    assert summary["icl_heldout"]["same_prompts"] is False
+    assert "Both models on the same prompts: NO" in (run_dir / "REPORT.md").read_text()
+    # Only the in-context trained model: its rows, dashes for the other.
+    (run_dir / "eval" / "icl" / "heldout-base.json").unlink()
+    summary = write_report(run_dir)
+    assert summary["icl_heldout"]["same_prompts"] is None and list(summary["icl_heldout"]["models"]) == ["heldout-icl"]
+    report = squash_tables((run_dir / "REPORT.md").read_text())
+    assert "- without in-context training (teacher-indomain): not run" in report
+    assert "| 1 | 30.0 [20.0, 40.0] | +5.0 [-3.0, +13.0] | - | - | 40.0 [30.0, 50.0] | 20.0 |" in report
+    # Neither: the section says so, summary.json holds {}.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert write_report(empty)["icl_heldout"] == {}
+    text = (empty / "REPORT.md").read_text()
+    assert text[text.index("## In-context learning on held-out intents"):].split("\n\n")[1].startswith("_not run_")
+    assert not (empty / "plots" / "icl_heldout_kshot.png").exists()
