@@ -38,7 +38,6 @@ MICRO = {
     "icl": {"icl": {"max_prompt_tokens": 96, "num_heldout_prompts": 4}, "train": {
         "micro_batch_size": 2, "global_batch_size": 4, "max_steps": 2, "warmup_steps": 1, "log_every": 1,
         "eval_every": 2, "num_eval_batches": 1, "save_every": 2}},
-    "evaluate": {"icl": {"max_examples": 2}},  # the held-out-intent queries of eval_icl
     "distill": {"train": {"micro_batch_size": 2, "global_batch_size": 4, "max_steps": 2, "warmup_steps": 1,
                           "log_every": 1, "eval_every": 2, "num_eval_batches": 1, "save_every": 2}},
     "taskdistill": {"num_train_examples": 16, "num_eval_examples": 2, "train": {
