@@ -185,6 +185,7 @@ def _train_steps(run: Path) -> list[int]:
     return [r["step"] for r in records if r.get("stage") == "distill" and "loss" in r]
 
 
+@pytest.mark.slow
 def test_distillation_runs_two_steps_with_an_offloaded_teacher(tmp_path, tiny_teacher_dir, tiny_tokenizer_dir,
                                                                tiny_packed_dir, forced_offload):
     run = _distill_run(tmp_path, tiny_packed_dir, tiny_tokenizer_dir)
@@ -209,6 +210,7 @@ def test_distillation_runs_two_steps_with_an_offloaded_teacher(tmp_path, tiny_te
     assert proc.returncode != 0 and "escapes the run directory" in proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_evaluate_massive_and_icl_accept_the_offload_options(tmp_path, capsys, tiny_teacher_dir, massive_dir,
                                                              forced_offload):
     from launch.cli import main

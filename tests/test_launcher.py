@@ -238,6 +238,7 @@ def test_chosen_layout_reaches_the_processes_and_the_run_directory(tmp_path):
     assert record_layout(LaunchOptions(command=["pretrain", "--preset", "tiny"]), layout) is None
 
 
+@pytest.mark.slow
 def test_layout_probe_runs_processes_together_and_is_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr("os.getloadavg", lambda: (0.5, 0.5, 0.5))  # a quiet machine: the probe is kept
@@ -270,6 +271,7 @@ if info.rank == 0:
 """
 
 
+@pytest.mark.slow
 def test_cpu_ranks_leave_no_shared_memory_buffers_behind(tmp_path):
     # DeepSpeed's CPU all-reduce buffers (~66 MB of /dev/shm per rank) used to outlive every job.
     script, out = tmp_path / "job.py", tmp_path / "out.json"

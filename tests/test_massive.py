@@ -397,6 +397,7 @@ def all_test_partitions(massive_dir: Path):
     return load_massive(massive_dir, partitions=("test",), progress=False)
 
 
+@pytest.mark.slow
 def test_text_to_text_round_trip_every_locale(all_test_partitions, massive_dir: Path) -> None:
     data = all_test_partitions
     available = sorted(p.name.split(".")[0] for p in massive_dir.glob("*.jsonl*"))

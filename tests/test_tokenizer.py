@@ -70,6 +70,7 @@ def test_matches_sentencepiece(tiny_tokenizer_dir, massive_dir):
     assert fast == [sp.encode(t) for t in texts]
 
 
+@pytest.mark.slow
 def test_round_trip_all_locales(multilingual_tokenizer_dir, massive_dir):
     """decode(encode(s)) == s exactly and no <unk> for every MASSIVE test utterance of all 48 locales."""
     tok = load_tokenizer(multilingual_tokenizer_dir)
