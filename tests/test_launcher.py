@@ -215,8 +215,9 @@ def test_auto_uses_the_benchmark_table_and_records_the_choice(tmp_path, monkeypa
     out, err = capsys.readouterr()
     command = shlex.split(out)
     assert f"OMP_NUM_THREADS={cores}" in command
-    runner = command.index("deepspeed.launcher.runner")
-    assert command[runner + 1 : runner + 3] == ["--num_gpus", "1"]
+    # One process needs no launcher: the command itself, which joins a world of one.
+    assert "deepspeed.launcher.runner" not in command
+    assert command[-len(PRETRAIN) - 4 :] == ["-u", "-m", "launch.cli", *PRETRAIN, "train.precision=fp32"]
     assert "1 process(es)" in err and "pretrain_here.json" in err
     with pytest.raises(ConfigError, match="auto measures this machine only"):
         LaunchOptions(command=PRETRAIN, nproc_per_node=0, nnodes=2).validate()
