@@ -485,7 +485,12 @@ def run_stage(stage: Stage, run_dir: Path, preset: str | None, cfg: PipelineConf
             os.replace(fp32, target)
     missing = [out for out in stage_outputs(stage, cfg) if not (run_dir / out).exists()]
     if missing:
-        raise StageFailed(f"stage {stage.name} finished but wrote no {', '.join(str(run_dir / m) for m in missing)}")
+        raise StageFailed(f"stage {stage.name} finished but wrote no {', '.join(str(run_dir / m) for m in missing)}; "
+                          f"log: {log_path}")
+
+
+RUNS_ALONE = ("eval_latency",)
+"""Stages that measure time: they run with no other stage beside them (launch.schedule)."""
 
 
 def pipeline(run_dir: Path, preset: str | None, cfg: PipelineConfig, force: list[str] = ()) -> dict[str, Any]:
@@ -514,7 +519,7 @@ def pipeline(run_dir: Path, preset: str | None, cfg: PipelineConfig, force: list
     # The previous run's seconds (if any) weigh the chains of stages that decide the order.
     order = priority_order([s.name for s in STAGES], deps, timings)
     sched = StageScheduler(order, deps, [name for name, v in decision.items() if v == "run"],
-                           parallel_slots(cfg.max_parallel_stages, cores), cores)
+                           parallel_slots(cfg.max_parallel_stages, cores), cores, alone=RUNS_ALONE)
     total_start = time.time()
 
     def started(start: Start) -> None:

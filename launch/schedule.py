@@ -106,11 +106,12 @@ class StageScheduler:
 
     `order`: every stage name, in priority order (a stage's dependencies come before it);
     `deps`: name -> the names it needs; `to_run`: the stages to run; a dependency outside it (a
-    complete or left-out stage) counts as done. Call `next_starts()` for the stages to start now and
+    complete or left-out stage) counts as done; the stages in `alone` (they measure time) start only
+    when nothing else runs, and nothing starts beside them. Call `next_starts()` for the stages to start now and
     `finish(name)` when one ended; `blocked()` lists what can never start (a failure upstream)."""
 
     def __init__(self, order: Sequence[str], deps: Mapping[str, Sequence[str]], to_run: Collection[str],
-                 slots: int, cores: int) -> None:
+                 slots: int, cores: int, alone: Collection[str] = ()) -> None:
         if slots < 1 or cores < 1:
             raise ValueError(f"slots ({slots}) and cores ({cores}) must be >= 1")
         unknown = set(to_run) - set(order)
@@ -123,7 +124,7 @@ class StageScheduler:
                 raise ValueError(f"stage {name} comes before its dependencies {', '.join(late)} in the order")
         self.order = [name for name in order if name in set(to_run)]
         self.deps = {name: tuple(d for d in deps.get(name, ()) if d in set(to_run)) for name in self.order}
-        self.slots, self.cores = slots, cores
+        self.slots, self.cores, self.alone = slots, cores, frozenset(alone)
         self.pending: list[str] = list(self.order)
         self.running: dict[str, Optional[int]] = {}
         self.done: set[str] = set()
@@ -136,6 +137,12 @@ class StageScheduler:
     def next_starts(self) -> list[Start]:
         """Start every ready stage that fits in a free slot (marking them running), with its threads."""
         ready = self.ready()
+        if self.alone & set(self.running):
+            return []
+        if ready and ready[0] in self.alone and not self.running:
+            ready = ready[:1]
+        else:  # a stage that must run alone waits until nothing else runs
+            ready = [name for name in ready if name not in self.alone]
         starting = ready[: max(0, self.slots - len(self.running))]
         if not starting:
             return []
@@ -163,11 +170,11 @@ class StageScheduler:
 
 
 def simulate(order: Sequence[str], deps: Mapping[str, Sequence[str]], seconds: Mapping[str, float],
-             slots: int, cores: int) -> list[tuple[str, float, float, Optional[int]]]:
+             slots: int, cores: int, alone: Collection[str] = ()) -> list[tuple[str, float, float, Optional[int]]]:
     """The schedule `run_scheduled` follows when each stage takes `seconds[name]` whatever its
     threads: (name, start, end, threads) per stage of `seconds`, in start order. For tests and for
     choosing the order; no processes."""
-    sched = StageScheduler(order, deps, list(seconds), slots, cores)
+    sched = StageScheduler(order, deps, list(seconds), slots, cores, alone)
     now, ends, out = 0.0, {}, []
     while sched.pending or sched.running:
         for start in sched.next_starts():

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from core.config import ConfigError, load_config
-from launch.pipeline import STAGES, PipelineConfig
+from launch.pipeline import RUNS_ALONE, STAGES, PipelineConfig
 from launch.schedule import (
     FORWARDER,
     StageFailed,
@@ -82,20 +82,35 @@ def test_starting_stages_split_the_cores_the_running_ones_leave():
     assert sched.next_starts() == [Start("w", None, ("w",))]
 
 
+def test_a_stage_that_measures_time_runs_with_nothing_beside_it():
+    # L (a latency measurement) is ready with b and c, first in priority; b and c wait until it ends,
+    # then run side by side, and x after b.
+    deps = {"a": (), "L": ("a",), "b": ("a",), "c": ("a",), "x": ("b",)}
+    seconds = {"a": 1.0, "L": 5.0, "b": 3.0, "c": 10.0, "x": 3.0}
+    out = {n: (s, e, t) for n, s, e, t in simulate(list(deps), deps, seconds, slots=2, cores=2, alone=["L"])}
+    assert out["L"] == (1.0, 6.0, None)
+    assert out["b"] == (6.0, 9.0, 1) and out["c"] == (6.0, 16.0, 1) and out["x"] == (9.0, 12.0, 1)
+    # Lower in priority, L waits until nothing else runs.
+    out = {n: (s, e, t) for n, s, e, t in simulate(["a", "b", "c", "x", "L"], deps, seconds, 2, 2, alone=["L"])}
+    assert out["L"] == (11.0, 16.0, None)  # after c (1-11); x ran beside c meanwhile
+
+
 @pytest.mark.parametrize("slots", [1, 2, 3, 4])
 def test_a_stage_never_starts_before_the_stages_it_needs_have_ended(slots):
     rng = random.Random(slots)
     names = [s.name for s in STAGES]
     deps = {s.name: s.deps for s in STAGES}
     seconds = {name: rng.uniform(1, 100) for name in names}
-    out = simulate(priority_order(names, deps, seconds), deps, seconds, slots, cores=2)
+    out = simulate(priority_order(names, deps, seconds), deps, seconds, slots, cores=2, alone=RUNS_ALONE)
     ends = {name: end for name, _, end, _ in out}
     assert set(ends) == set(names)
     for name, start, _, _ in out:
         assert all(ends[d] <= start for d in deps[name]), name
-    # Never more than `slots` at once.
+    # Never more than `slots` at once; the latency measurement with nothing beside it.
     for _, start, _, _ in out:
         assert sum(1 for _, s, e, _ in out if s <= start < e) <= slots
+    (latency,) = [(s, e) for name, s, e, _ in out if name == "eval_latency"]
+    assert all(e <= latency[0] or s >= latency[1] for name, s, e, _ in out if name != "eval_latency")
 
 
 def test_slots_auto_and_the_config_field():
