@@ -7,7 +7,7 @@ the resolved configs, and writes:
 - `summary.json`: {"claims": {"comparisons": [...], "pretraining": [...]} (see `collect_claims`),
   "massive": {model: {"em", "intent_acc", "slot_f1", "per_locale": {...}}}, "icl": {...} (all intents),
   "icl_heldout": {...} (held-out intents, both models; see `collect_icl_heldout`), "translation": {...}, "fairness": {...}, "latency_ms": {model: {"p50", "p95"}}, "size_mb": {model:
-  MB}, "stage_seconds": {stage: s}}
+  MB}, "stage_seconds": {stage: s}, "wall_seconds": s of the latest pipeline run or null}
 - `REPORT.md`: the claims with their paired evidence, a summary table, per-locale tables, the
   held-out-intent ICL tables per language pair with their k-shot figure, every evaluation's plots
   (copied to `plots/`), the resolved configs and the wall time per stage.
@@ -78,6 +78,10 @@ ICL_HELDOUT_RESULTS: tuple[IclHeldoutResult, ...] = (
     IclHeldoutResult("heldout-icl", "teacher-icl", "in-context trained"),
     IclHeldoutResult("heldout-base", "teacher-indomain", "without in-context training"),
 )
+
+WALL_SECONDS = "pipeline_wall"
+"""The key of stage_seconds.json that is no stage: the wall time of the latest `polyteacher pipeline`
+that ran stages (they run side by side, so it is less than their sum); summary.json's wall_seconds."""
 
 MASSIVE_METRICS = ("em", "intent_acc", "slot_f1")
 # How well-formed a text-to-text model's generated targets are (None for classifiers and ONNX).
@@ -193,7 +197,8 @@ def collect_claims(run_dir: Path) -> dict[str, Any]:
 def collect_summary(run_dir: Path) -> dict[str, Any]:
     eval_dir = run_dir / "eval"
     summary: dict[str, Any] = {"claims": collect_claims(run_dir), "massive": {}, "icl": {}, "icl_heldout": {},
-                               "translation": {}, "fairness": {}, "latency_ms": {}, "size_mb": {}, "stage_seconds": {}}
+                               "translation": {}, "fairness": {}, "latency_ms": {}, "size_mb": {}, "stage_seconds": {},
+                               "wall_seconds": None}
     massive_dir = eval_dir / "massive"
     if massive_dir.is_dir():
         for model_dir in sorted(p for p in massive_dir.iterdir() if p.is_dir()):
@@ -254,6 +259,7 @@ def collect_summary(run_dir: Path) -> dict[str, Any]:
                 summary["size_mb"][name] = vals["size_mb"]
     timings = _load_json(run_dir / "stage_seconds.json")
     if isinstance(timings, dict):
+        summary["wall_seconds"] = timings.pop(WALL_SECONDS, None)
         summary["stage_seconds"] = timings
     return summary
 
@@ -602,6 +608,9 @@ def render_report(run_dir: Path, summary: dict[str, Any], plots: list[Path], icl
     parts.append("\n## Wall time per stage (s)\n")
     parts.append(_table(["stage", "seconds"], [[k, f"{v:.0f}"] for k, v in summary["stage_seconds"].items()]))
     parts.append(f"\nTotal: {sum(summary['stage_seconds'].values()):.0f} s\n")
+    if summary.get("wall_seconds") is not None:
+        parts.append(f"\nWall time of the latest `polyteacher pipeline` (stages side by side, up to the report): "
+                     f"{summary['wall_seconds']:.0f} s\n")
     parts.append("\n## Resolved configuration\n")
     for cfg_file in [run_dir / "pipeline.yaml", run_dir / "config.yaml", *sorted(run_dir.glob("*/config.yaml"))]:
         if cfg_file.is_file():

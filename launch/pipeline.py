@@ -2,7 +2,8 @@
 
 Stages run as subprocesses of the `polyteacher` command (training stages through `polyteacher launch`
 with several processes), so each stage is exactly what a user would run by hand, and a crash in one
-stage leaves the finished ones in place. A stage is skipped when its output exists and is complete
+stage leaves the finished ones in place. Stages whose inputs are done run side by side, the cores
+split between them (pipeline.max_parallel_stages, launch.schedule). A stage is skipped when its output exists and is complete
 (every artifact is written under a temporary name and renamed); when a stage runs, every stage that
 depends on it runs again too. The order and the dependencies are the table `STAGES` below.
 """
@@ -10,13 +11,10 @@ depends on it runs again too. The order and the dependencies are the table `STAG
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -26,7 +24,24 @@ from typing import Any, Union
 from core.config import ConfigError, load_config, save_config
 from core.fsutil import atomic_write_json, check_run_dir, mark_run_dir, safe_path
 from core.locales import DEFAULT_LOCALES, ZERO_SHOT_LOCALES
-from evaluation.report import FAIRNESS_PAIRS, MASSIVE_COMPARISONS, MassiveComparison, write_report
+from evaluation.report import (
+    FAIRNESS_PAIRS,
+    MASSIVE_COMPARISONS,
+    WALL_SECONDS,
+    MassiveComparison,
+    write_report,
+)
+from launch.schedule import (
+    FORWARDER,
+    PipelineStopped,
+    StageFailed,
+    StageScheduler,
+    Start,
+    parallel_slots,
+    priority_order,
+    run_commands,
+    run_scheduled,
+)
 
 
 @dataclasses.dataclass
@@ -83,10 +98,18 @@ class PipelineConfig:
     2,700), so the budget of the claim is stated with it."""
     timeout_minutes: int = 120
     """Wall-clock limit per stage; a stage that runs longer is stopped and reported."""
+    max_parallel_stages: int = 0
+    """Stages that may run at once: a stage starts as soon as the stages it needs are done and a slot is
+    free (launch.schedule). 0 = auto: the cores available, at most 4; 1 = one after another. A stage
+    that runs alone keeps the machine's layout (`launch --nproc-per-node auto`); stages side by side
+    split the cores when they start, each training with one process and OMP_NUM_THREADS = its share
+    (an explicit num_train_procs/num_procs_other N keeps N processes, share // N threads each)."""
 
     def validate(self) -> None:
         if self.num_train_procs < 0 or self.num_procs_other < 0:
             raise ConfigError("pipeline.num_train_procs and pipeline.num_procs_other must be >= 1, or 0 (auto)")
+        if self.max_parallel_stages < 0:
+            raise ConfigError(f"pipeline.max_parallel_stages: {self.max_parallel_stages} must be >= 1, or 0 (auto)")
         if self.pretraining_steps < 0:
             raise ConfigError(f"pipeline.pretraining_steps: {self.pretraining_steps} must be >= 0 (0 = the fine-tuning budget)")
         if not self.nlu_members:
@@ -429,10 +452,11 @@ def stage_checkpoints(stage: Stage, run_dir: Path, cfg: PipelineConfig) -> list[
 
 
 def run_stage(stage: Stage, run_dir: Path, preset: str | None, cfg: PipelineConfig, log_dir: Path,
-              fresh: bool = True) -> None:
+              fresh: bool = True, threads: int | None = None) -> None:
     """Run one stage's commands. A training stage that runs `fresh` (forced, or an input of it ran
     again) first removes its own earlier checkpoints; otherwise it resumes from them, so rerunning
-    the pipeline after a crash continues the interrupted training."""
+    the pipeline after a crash continues the interrupted training. `threads`: the stage's share of
+    the cores beside other stages (None: it runs alone; see `run_commands`)."""
     final = safe_path(run_dir, stage.output)
     if stage.kind == "internal":
         write_report(run_dir)
@@ -454,9 +478,9 @@ def run_stage(stage: Stage, run_dir: Path, preset: str | None, cfg: PipelineConf
     for step in stage_commands(stage, run_dir, preset, cfg, tmp_out, resume=resume):
         if isinstance(step, Concurrent):
             logs = [log_dir / f"{stage.name}.{i}.log" for i in range(len(step.commands))]
-            run_commands(stage, step.commands, logs, cfg.timeout_minutes)
+            run_commands(stage.name, step.commands, logs, cfg.timeout_minutes, threads=threads)
         else:
-            run_commands(stage, [step], [log_path], cfg.timeout_minutes)
+            run_commands(stage.name, [step], [log_path], cfg.timeout_minutes, threads=threads)
     if tmp_out.exists():
         os.replace(tmp_out, final)
         fp32 = _fp32_tmp(final)
@@ -466,95 +490,20 @@ def run_stage(stage: Stage, run_dir: Path, preset: str | None, cfg: PipelineConf
             os.replace(fp32, target)
     missing = [out for out in stage_outputs(stage, cfg) if not (run_dir / out).exists()]
     if missing:
-        raise StageFailed(f"stage {stage.name} finished but wrote no {', '.join(str(run_dir / m) for m in missing)}")
+        raise StageFailed(f"stage {stage.name} finished but wrote no {', '.join(str(run_dir / m) for m in missing)}; "
+                          f"log: {log_path}")
 
 
-class StageFailed(RuntimeError):
-    pass
-
-
-class PipelineStopped(Exception):
-    """SIGTERM or SIGINT stopped the pipeline after its running stage saved and exited."""
-
-    def __init__(self, signum: int, stage: str) -> None:
-        self.signum = signum
-        super().__init__(f"stopped by {signal.Signals(signum).name} during stage {stage}; the stage saved and "
-                         "exited. Rerun the same command to continue: finished stages are kept")
-
-
-class _Forwarder:
-    """While a stage runs, SIGTERM and SIGINT to the pipeline go to the stage's processes (each runs in
-    a session of its own, so a terminal's Ctrl-C reaches them once, through here), and the pipeline
-    waits for them to save and exit instead of leaving them running on their own."""
-
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen] = []
-        self.received: int = 0
-
-    def __enter__(self) -> _Forwarder:
-        self._previous = {sig: signal.signal(sig, self._forward) for sig in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _forward(self, signum: int, _frame: object) -> None:
-        self.received = self.received or signum
-        for proc in self.procs:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signum)
-
-
-_FORWARDER = _Forwarder()
-
-
-def run_commands(stage: Stage, commands: list[list[str]], logs: list[Path], timeout_minutes: int) -> None:
-    """Run polyteacher `commands` side by side (one alone runs with the environment as it is; several
-    split the cores: OMP_NUM_THREADS each), appending each one's output to its log; StageFailed
-    naming the first that fails (the others are stopped) or runs past the timeout; PipelineStopped
-    when a signal stopped them (every one has exited)."""
-    from launch.launcher import PARENT_ENV, parent_token
-
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", PARENT_ENV: parent_token()}
-    if len(commands) > 1:
-        from launch.launcher import cores_available
-
-        env["OMP_NUM_THREADS"] = str(max(1, cores_available() // len(commands)))
-    procs = []
-    for argv, log_path in zip(commands, logs):
-        with open(log_path, "a", encoding="utf-8") as log:
-            log.write("$ polyteacher " + " ".join(argv) + "\n")
-            log.flush()
-            procs.append(subprocess.Popen([sys.executable, "-m", "launch.cli", *argv], stdout=log,
-                                          stderr=subprocess.STDOUT, env=env, start_new_session=True))
-            _FORWARDER.procs.append(procs[-1])
-    deadline = time.time() + timeout_minutes * 60
-    try:
-        for proc, argv, log_path in zip(procs, commands, logs):
-            try:
-                code = proc.wait(timeout=max(1.0, deadline - time.time()))
-            except subprocess.TimeoutExpired:
-                raise StageFailed(f"stage {stage.name}: polyteacher {' '.join(argv)} ran past "
-                                  f"pipeline.timeout_minutes={timeout_minutes}; log: {log_path}") from None
-            if _FORWARDER.received:
-                for other in procs:
-                    other.wait()
-                raise PipelineStopped(_FORWARDER.received, stage.name)
-            if code != 0:
-                tail = "".join(log_path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)[-30:])
-                raise StageFailed(f"stage {stage.name} failed (exit {code}): polyteacher {' '.join(argv)}\n"
-                                  f"last lines of {log_path}:\n{tail}")
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.terminate()
-                proc.wait()
-            _FORWARDER.procs.remove(proc)
+RUNS_ALONE = ("eval_latency",)
+"""Stages that measure time: they run with no other stage beside them (launch.schedule)."""
 
 
 def pipeline(run_dir: Path, preset: str | None, cfg: PipelineConfig, force: list[str] = ()) -> dict[str, Any]:
+    """Run the stages that `plan_stages` decides to run, side by side where their dependencies allow
+    (pipeline.max_parallel_stages; launch.schedule), and record each one's seconds and the run's
+    wall time in stage_seconds.json."""
+    from launch.launcher import cores_available
+
     # Absolute paths, so that stage commands never resolve them against the run dir a second time.
     run_dir = Path(run_dir).resolve()
     check_run_dir(run_dir, "--out")
@@ -566,21 +515,47 @@ def pipeline(run_dir: Path, preset: str | None, cfg: PipelineConfig, force: list
     timings_path = run_dir / "stage_seconds.json"
     timings: dict[str, float] = json.loads(timings_path.read_text()) if timings_path.exists() else {}
     decision = plan_stages(run_dir, cfg, list(force))
-    total_start = time.time()
     for stage in STAGES:
-        if _FORWARDER.received:
-            raise PipelineStopped(_FORWARDER.received, stage.name)
-        verdict = decision[stage.name]
-        if verdict != "run":
-            print(f"[pipeline] {stage.name:18s} {'skipped (complete)' if verdict == 'skip' else 'left out'}", flush=True)
-            continue
-        print(f"[pipeline] {stage.name:18s} running: {stage.what} (log: {log_dir / (stage.name + '.log')})", flush=True)
-        start = time.time()
+        if decision[stage.name] != "run":
+            print(f"[pipeline] {stage.name:18s} {'skipped (complete)' if decision[stage.name] == 'skip' else 'left out'}",
+                  flush=True)
+    cores = cores_available()
+    deps = {s.name: s.deps for s in STAGES}
+    # The previous run's seconds (if any) weigh the chains of stages that decide the order.
+    order = priority_order([s.name for s in STAGES], deps, timings)
+    sched = StageScheduler(order, deps, [name for name, v in decision.items() if v == "run"],
+                           parallel_slots(cfg.max_parallel_stages, cores), cores, alone=RUNS_ALONE)
+    total_start = time.time()
+
+    def started(start: Start) -> None:
+        stage = STAGE_BY_NAME[start.name]
+        others = [name for name in start.beside if name != start.name]
+        share = f"; {start.threads} of {cores} cores, beside {', '.join(others)}" if start.threads else ""
+        print(f"[pipeline] {stage.name:18s} running: {stage.what} (log: {log_dir / (stage.name + '.log')}{share})",
+              flush=True)
+
+    def work(start: Start) -> None:
         # A stage that runs only because its output is missing (a crash) resumes its checkpoints.
-        run_stage(stage, run_dir, preset, cfg, log_dir, fresh=starts_over(stage, decision, force))
-        timings[stage.name] = round(time.time() - start, 1)
+        stage = STAGE_BY_NAME[start.name]
+        run_stage(stage, run_dir, preset, cfg, log_dir, fresh=starts_over(stage, decision, force),
+                  threads=start.threads)
+
+    def finished(name: str, seconds: float) -> None:
+        timings[name] = round(seconds, 1)
+        timings[WALL_SECONDS] = round(time.time() - total_start, 1)
         atomic_write_json(timings_path, timings)
-        print(f"[pipeline] {stage.name:18s} done in {timings[stage.name]:.0f} s", flush=True)
+        print(f"[pipeline] {name:18s} done in {timings[name]:.0f} s", flush=True)
+
+    def interrupted() -> PipelineStopped | None:
+        return PipelineStopped(FORWARDER.received, ", ".join(sched.running)) if FORWARDER.received else None
+
+    try:
+        run_scheduled(sched, work, started, finished, stop_running=FORWARDER.halt, interrupted=interrupted)
+    finally:
+        FORWARDER.halted_by = ""  # every stage has ended: a later pipeline in this process starts afresh
+    if sched.done:
+        timings[WALL_SECONDS] = round(time.time() - total_start, 1)
+        atomic_write_json(timings_path, timings)
     print(f"[pipeline] finished in {time.time() - total_start:.0f} s; report: {run_dir / 'REPORT.md'}", flush=True)
     return {"decision": decision, "stage_seconds": timings}
 
@@ -617,7 +592,7 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise ConfigError(f"--force: unknown stage(s) {', '.join(unknown)}; stages: {', '.join(STAGE_BY_NAME)}")
     try:
-        with _FORWARDER:
+        with FORWARDER:
             pipeline(Path(args.out), args.preset, cfg, force=args.force)
     except PipelineStopped as e:
         print(f"polyteacher pipeline: {e}", file=sys.stderr)

@@ -253,11 +253,11 @@ def test_run_commands_runs_side_by_side_and_names_the_failure(tmp_path):
     stage = STAGE_BY_NAME["student_nlu"]
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
     # Real polyteacher commands: both run and each writes its own log.
-    run_commands(stage, [["config", "pipeline"], ["config", "export"]], logs, timeout_minutes=5)
+    run_commands(stage.name, [["config", "pipeline"], ["config", "export"]], logs, timeout_minutes=5)
     assert "nlu_members" in logs[0].read_text() and "opset" in logs[1].read_text()
     assert logs[0].read_text().startswith("$ polyteacher config pipeline")
     with pytest.raises(StageFailed, match="failed \\(exit 2\\): polyteacher config no-such-stage"):
-        run_commands(stage, [["config", "pipeline"], ["config", "no-such-stage"]], logs, timeout_minutes=5)
+        run_commands(stage.name, [["config", "pipeline"], ["config", "no-such-stage"]], logs, timeout_minutes=5)
 
 
 @pytest.mark.parametrize("preset", sorted(p.name for p in (Path(__file__).resolve().parent.parent / "launch" / "presets").iterdir()))

@@ -165,6 +165,21 @@ def test_claims_of_a_run_whose_stages_were_skipped_are_dashes(tmp_path):
     assert [row["diff"] for row in write_report(empty)["claims"]["comparisons"]] == [None] * len(MASSIVE_COMPARISONS)
 
 
+def test_stage_seconds_and_the_wall_time_of_stages_side_by_side(tmp_path):
+    """stage_seconds.json holds each stage's seconds and the pipeline's wall time (pipeline_wall):
+    the stages' total leaves the wall time out, which the report states on its own."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "stage_seconds.json").write_text(json.dumps({"data": 10.0, "teacher": 30.0, "pipeline_wall": 32.5}))
+    summary = write_report(run_dir)
+    assert summary["stage_seconds"] == {"data": 10.0, "teacher": 30.0} and summary["wall_seconds"] == 32.5
+    report = (run_dir / "REPORT.md").read_text()
+    assert "Total: 40 s" in report and "stages side by side, up to the report): 32 s" in report
+    (run_dir / "stage_seconds.json").write_text(json.dumps({"data": 10.0}))  # a run from before the key
+    assert write_report(run_dir)["wall_seconds"] is None and "Wall time of the latest" not in \
+        (run_dir / "REPORT.md").read_text()
+
+
 def test_models_side_by_side_per_locale_in_one_figure_per_metric(run_dir):
     # A classifier reference: intent only, no EM or slot F1.
     examples = golds()
