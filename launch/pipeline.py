@@ -33,6 +33,7 @@ from evaluation.report import (
 )
 from launch.schedule import (
     FORWARDER,
+    SEQUENCE_FLAG,
     PipelineStopped,
     StageFailed,
     StageScheduler,
@@ -150,8 +151,37 @@ class Concurrent:
     commands: list[list[str]]
 
 
-# A step of a stage: one command (argv after `polyteacher`), or commands run side by side.
-Step = Union[list[str], Concurrent]
+@dataclasses.dataclass(frozen=True)
+class OneProcess:
+    """Commands of a stage that run one after another in one process (`python -m launch.cli
+    --run-sequence FILE`): consecutive commands that start no processes of their own (evaluations,
+    exports) then pay one Python start-up and one import of torch between them (~4-8 s each on 2 cores)."""
+
+    commands: list[list[str]]
+
+
+# A step of a stage: one command (argv after `polyteacher`), commands run side by side, or commands
+# run one after another in one process.
+Step = Union[list[str], Concurrent, OneProcess]
+
+
+def in_one_process(steps: list[Step]) -> list[Step]:
+    """`steps` with every run of two or more consecutive single commands that are not a `launch`
+    (which starts processes of its own) put into one OneProcess step; the order is kept."""
+    out: list[Step] = []
+    run: list[list[str]] = []
+    for step in [*steps, None]:
+        if isinstance(step, list) and step[:1] != ["launch"]:
+            run.append(step)
+            continue
+        if len(run) > 1:
+            out.append(OneProcess(run))
+        else:
+            out.extend(run)
+        run = []
+        if step is not None:
+            out.append(step)
+    return out
 NLU_MEMBERS_DIR = "student-nlu-members"
 
 
@@ -475,10 +505,16 @@ def run_stage(stage: Stage, run_dir: Path, preset: str | None, cfg: PipelineConf
             shutil.rmtree(checkpoints, ignore_errors=True)
     log_path = log_dir / f"{stage.name}.log"
     resume = stage.kind == "launch" and not fresh
-    for step in stage_commands(stage, run_dir, preset, cfg, tmp_out, resume=resume):
+    for step in in_one_process(stage_commands(stage, run_dir, preset, cfg, tmp_out, resume=resume)):
         if isinstance(step, Concurrent):
             logs = [log_dir / f"{stage.name}.{i}.log" for i in range(len(step.commands))]
             run_commands(stage.name, step.commands, logs, cfg.timeout_minutes, threads=threads)
+        elif isinstance(step, OneProcess):
+            # The commands file lives beside the log; the log shows each command as it starts.
+            commands_file = log_dir / f"{stage.name}.commands.json"
+            atomic_write_json(commands_file, step.commands)
+            run_commands(stage.name, [[SEQUENCE_FLAG, str(commands_file)]], [log_path], cfg.timeout_minutes,
+                         threads=threads)
         else:
             run_commands(stage.name, [step], [log_path], cfg.timeout_minutes, threads=threads)
     if tmp_out.exists():

@@ -79,6 +79,11 @@ def parallel_slots(requested: int, cores: int) -> int:
     return max(1, min(cores, AUTO_MAX_PARALLEL_STAGES))
 
 
+SEQUENCE_FLAG = "--run-sequence"
+"""`python -m launch.cli --run-sequence FILE`: run the polyteacher commands of FILE (a JSON list of argv
+lists) one after another in one process (launch.cli.run_sequence); the pipeline's OneProcess steps."""
+
+
 def beside_others(argv: list[str], threads: int) -> tuple[list[str], int]:
     """A command of a stage that runs beside others, within its share of `threads` cores: a training
     launch with `--nproc-per-node auto` takes one process (auto measures the whole machine, which is

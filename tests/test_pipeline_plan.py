@@ -387,3 +387,42 @@ def test_eval_icl_scores_both_teachers_on_the_same_heldout_prompts_on_test(tmp_p
         return [a for i, a in enumerate(cmd) if i not in (cmd.index("--model") + 1, cmd.index("--name") + 1)]
 
     assert without_model(first) == without_model(second)
+
+
+def test_consecutive_commands_that_start_no_processes_run_in_one_process(tmp_path):
+    from launch.pipeline import Concurrent, OneProcess, in_one_process
+
+    train = ["launch", "--nproc-per-node", "auto", "--", "finetune"]
+    a, b, c = ["evaluate", "massive"], ["evaluate", "baseline"], ["evaluate", "compare"]
+    side = Concurrent([train, train])
+    assert in_one_process([a, b, c]) == [OneProcess([a, b, c])]
+    assert in_one_process([a]) == [a]  # alone: the command as a user types it
+    assert in_one_process([train, a, b, side, c]) == [train, OneProcess([a, b]), side, c]
+    # Every eval stage of the demo: its commands in one process, in their order.
+    cfg = PipelineConfig()
+    massive = stage_commands(STAGE_BY_NAME["eval_massive"], tmp_path, "tiny", cfg, tmp_path / ".tmp")
+    assert in_one_process(massive) == [OneProcess(massive)]
+
+
+def test_run_sequence_runs_each_command_in_one_process_and_stops_at_the_first_failure(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from launch.schedule import SEQUENCE_FLAG
+
+    commands = tmp_path / "commands.json"
+    commands.write_text(json.dumps([["config", "pipeline"], ["config", "export"], ["config", "no-such-stage"],
+                                    ["config", "data"]]))
+    proc = subprocess.run([sys.executable, "-m", "launch.cli", SEQUENCE_FLAG, str(commands)], capture_output=True,
+                          text=True, cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode == 2
+    out = proc.stdout
+    assert out.index("$ polyteacher config pipeline") < out.index("nlu_members") < out.index("$ polyteacher config export")
+    assert "opset" in out and "$ polyteacher config no-such-stage" in out
+    assert "$ polyteacher config data" not in out  # stopped at the failure
+    assert "exit 2 from: polyteacher config no-such-stage" in proc.stderr
+    commands.write_text('{"not": "a list"}')
+    proc = subprocess.run([sys.executable, "-m", "launch.cli", SEQUENCE_FLAG, str(commands)], capture_output=True,
+                          text=True, cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode != 0 and "expected a JSON list of argument lists" in proc.stderr
