@@ -191,7 +191,7 @@ from launch.schedule import FORWARDER, PipelineStopped, StageScheduler, run_sche
 def work(start):
     with open(f"{sys.argv[1]}/{start.name}.log", "w") as log:
         proc = FORWARDER.start(start.name, [sys.executable, "-c", "import time; time.sleep(60)"], log, {})
-    sys.stdout.write(f"{start.name} {proc.pid}\n")  # one write: two stage threads print at once
+    sys.stdout.write(f"{start.name} {proc.pid}\\n")  # one write: two stage threads print at once
     sys.stdout.flush()
     code = proc.wait()
     if FORWARDER.received:
