@@ -452,11 +452,6 @@ def swap(text: str, lang: str) -> str:
     return load_lexicon(code).swap(text) if code else text
 
 
-def swap_words(words: Sequence[str], lang: str) -> list[str]:
-    """sigma over a word list (`swap_words_result`)."""
-    return swap_words_result(words, lang)[0]
-
-
 def swap_words_result(words: Sequence[str], lang: str, keep: Sequence[bool] | None = None
                       ) -> tuple[list[str], SwapResult]:
     """sigma over a word list and what it did (words replaced, determiners repaired, agreement

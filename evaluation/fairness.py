@@ -74,11 +74,6 @@ class Counterfactual:
     """Agreement conflicts sigma left (rule 5)."""
 
 
-def gendered_examples(examples: Sequence[Any], locale: str) -> list[tuple[Any, list[str]]]:
-    """(example, swapped words) for the examples whose words sigma changes."""
-    return [(ex, cf.words) for ex, cf in counterfactual_set(examples, locale)]
-
-
 def counterfactual_set(examples: Sequence[Any], locale: str) -> list[tuple[Any, Counterfactual]]:
     """(example, its counterfactual) for the examples whose words sigma changes."""
     from data_prep.counterfactual import lexicon_language, swap_utterance

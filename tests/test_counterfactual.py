@@ -19,17 +19,15 @@ from data_prep.counterfactual import (
     load_lexicon,
     read_lexicon_file,
     swap,
-    swap_words,
     swap_words_result,
 )
 from distill.perturb import (
+    RowPlan,
     TokenPair,
     TokenSigma,
-    TokenSwapMap,
     align_positions,
     build_token_map,
     copied_positions,
-    perturb_probs,
     perturb_rows,
     plan_row,
 )
@@ -183,9 +181,9 @@ def test_involution_on_unambiguous_words():
 
 def test_swap_words_keeps_word_count():
     words = ["tell", "my", "petit", "ami", "to", "call", "his", "mom"]
-    out = swap_words(words, "fr")
+    out = swap_words_result(words, "fr")[0]
     assert len(out) == len(words)
-    en = swap_words(["call", "my", "mom", "and", "his", "brother"], "en-US")
+    en = swap_words_result(["call", "my", "mom", "and", "his", "brother"], "en-US")[0]
     assert en == ["call", "my", "dad", "and", "her", "sister"]
 
 
@@ -431,11 +429,10 @@ def test_perturb_all_tokens_symmetrises_label_distributions():
 
 VOCAB = 12
 PAIRS = [(0, 1), (2, 3), (4, 5)]  # an involution on tokens 0..5; 6..11 are not gendered
-TOKEN_MAP = TokenSwapMap(
-    src_ids=[a for a, b in PAIRS] + [b for a, b in PAIRS],
-    dst_ids=[b for a, b in PAIRS] + [a for a, b in PAIRS],
-    stats={},
-)
+SRC = [a for a, b in PAIRS] + [b for a, b in PAIRS]
+DST = [b for a, b in PAIRS] + [a for a, b in PAIRS]
+# Every pair at each of the 3 positions, partner position = own position (training's perturb_rows).
+EVERYWHERE = RowPlan(positions=[0, 1, 2], cf_positions=[0, 1, 2], src=[SRC] * 3, dst=[DST] * 3)
 SIGMA = list(range(VOCAB))
 for _a, _b in PAIRS:
     SIGMA[_a], SIGMA[_b] = _b, _a
@@ -452,7 +449,7 @@ def _probs(values: list[float]) -> torch.Tensor:
 @settings(max_examples=60, deadline=None)
 @given(logits_strategy, logits_strategy, st.sampled_from(["max", "mean"]))
 def test_perturbed_is_a_distribution(x_logits, cf_logits, mode):
-    p_hat = perturb_probs(_probs(x_logits), _probs(cf_logits), TOKEN_MAP, mode)
+    p_hat = perturb_rows(_probs(x_logits), _probs(cf_logits), [EVERYWHERE], mode)
     assert torch.all(p_hat >= 0)
     assert torch.allclose(p_hat.sum(-1), torch.ones(1, 3, dtype=torch.float64))
 
@@ -463,7 +460,7 @@ def test_gender_symmetric_teacher_is_unchanged(x_logits, mode):
     p = _probs(x_logits)
     # A symmetric teacher predicts sigma(w) on x~ exactly as it predicts w on x.
     p_cf = p[..., SIGMA]
-    p_hat = perturb_probs(p, p_cf, TOKEN_MAP, mode)
+    p_hat = perturb_rows(p, p_cf, [EVERYWHERE], mode)
     assert torch.allclose(p_hat, p, atol=1e-12)
 
 
@@ -473,7 +470,7 @@ def test_pair_mass_is_equalised_when_context_is_ignored(x_logits, mode):
     # A teacher whose prediction ignores the swap in its input (p(.|x~) = p(.|x)) prefers one gender
     # regardless of context: p^ gives both members of every pair the same probability.
     p = _probs(x_logits)
-    p_hat = perturb_probs(p, p.clone(), TOKEN_MAP, mode)
+    p_hat = perturb_rows(p, p.clone(), [EVERYWHERE], mode)
     for a, b in PAIRS:
         assert torch.allclose(p_hat[..., a], p_hat[..., b], atol=1e-12)
     # Non-gendered tokens keep their relative probabilities.
@@ -481,18 +478,17 @@ def test_pair_mass_is_equalised_when_context_is_ignored(x_logits, mode):
     assert torch.allclose(ratio, ratio[..., :1].expand_as(ratio), rtol=1e-9)
 
 
-def test_perturb_max_hand_case_and_invalid_rows():
+def test_perturb_max_hand_case_and_rows_without_a_plan():
     p = torch.tensor([[[0.6, 0.1, 0.3]]])
     p_cf = torch.tensor([[[0.2, 0.5, 0.3]]])
-    token_map = TokenSwapMap([0, 1], [1, 0], {})
+    plan = RowPlan(positions=[0], cf_positions=[0], src=[[0, 1]], dst=[[1, 0]])
     # p^(0) = max(0.6, p_cf(1)=0.5) = 0.6; p^(1) = max(0.1, p_cf(0)=0.2) = 0.2; p^(2) = 0.3; sum 1.1
     expected = torch.tensor([[[0.6, 0.2, 0.3]]]) / 1.1
-    assert torch.allclose(perturb_probs(p, p_cf, token_map, "max"), expected)
-    mean = perturb_probs(p, p_cf, token_map, "mean")
+    assert torch.allclose(perturb_rows(p, p_cf, [plan], "max"), expected)
+    mean = perturb_rows(p, p_cf, [plan], "mean")
     assert torch.allclose(mean, torch.tensor([[[0.55, 0.15, 0.3]]]))
-    kept = perturb_probs(p, p_cf, token_map, "max", valid=torch.tensor([False]))
-    assert torch.equal(kept, p)
-    assert perturb_probs(p, p_cf, token_map, "none") is p
+    assert torch.equal(perturb_rows(p, p_cf, [None], "max"), p)
+    assert perturb_rows(p, p_cf, [plan], "none") is p
 
 
 # ----------------------------------------------------------------------------- CDA on MASSIVE
@@ -546,7 +542,7 @@ def test_personal_french_il_is_still_swapped_next_to_a_fixed_expression():
 
 def test_words_in_name_slots_are_kept_in_cda_and_in_the_fairness_set():
     from data_prep.counterfactual import counterfactual_example, name_slot_mask, swap_words_result
-    from evaluation.fairness import gendered_examples
+    from evaluation.fairness import counterfactual_set
     from massive.format import MassiveExample
 
     slots = ("Other", "Other", "Other", "business_name", "business_name", "Other", "Other", "relation")
@@ -556,12 +552,12 @@ def test_words_in_name_slots_are_kept_in_cda_and_in_the_fairness_set():
     assert swapped == ["tweet", "complaint", "to", "burger", "king", "for", "my", "daughter"] and result.count == 1
     ex = MassiveExample("3", "en-US", "test", "social", "social_post", "", "", words, slots)
     assert counterfactual_example(ex).words == tuple(swapped)
-    assert gendered_examples([ex], "en-US")[0][1] == swapped
+    assert counterfactual_set([ex], "en-US")[0][1].words == swapped
     from distill.data import Swapper  # task distillation's CDA swaps the same way
 
     assert Swapper(["en"]).utterance(ex) == (swapped, list(slots), 0)
     only_name = MassiveExample("4", "en-US", "test", "social", "social_post", "", "", words[:5], slots[:5])
-    assert counterfactual_example(only_name) is None and gendered_examples([only_name], "en-US") == []
+    assert counterfactual_example(only_name) is None and counterfactual_set([only_name], "en-US") == []
     with pytest.raises(ValueError, match="flags"):
         swap_words_result(list(words), "en-US", keep=[True])
 

@@ -24,7 +24,6 @@ from evaluation.fairness import (
     counterfactual_consistency,
     counterfactual_set,
     fairness_markdown,
-    gendered_examples,
 )
 from massive.format import NLUPrediction
 
@@ -58,12 +57,12 @@ EXAMPLES = [
 ]
 
 
-def test_gendered_examples_selects_and_swaps_word_for_word():
-    chosen = gendered_examples(EXAMPLES, "en-US")
+def test_counterfactual_set_selects_and_swaps_word_for_word():
+    chosen = counterfactual_set(EXAMPLES, "en-US")
     assert [ex.words for ex, _ in chosen] == [EXAMPLES[0].words, EXAMPLES[1].words]
-    assert chosen[0][1] == ["remind", "dad", "about", "his", "meeting"]
-    assert chosen[1][1] == ["tell", "her", "hello"]
-    assert gendered_examples(EXAMPLES, "ja-JP") == []
+    assert chosen[0][1].words == ["remind", "dad", "about", "his", "meeting"]
+    assert chosen[1][1].words == ["tell", "her", "hello"]
+    assert counterfactual_set(EXAMPLES, "ja-JP") == []
 
 
 def test_consistency_zero_for_gender_blind_predictor():
