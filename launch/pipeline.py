@@ -148,7 +148,7 @@ class Concurrent:
     """Commands of a stage that run at the same time, the cores split evenly between them (each gets
     OMP_NUM_THREADS = cores // len(commands)); each logs to its own file."""
 
-    commands: list[list[str]]
+    commands: list[Union[list[str], OneProcess]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +163,35 @@ class OneProcess:
 # A step of a stage: one command (argv after `polyteacher`), commands run side by side, or commands
 # run one after another in one process.
 Step = Union[list[str], Concurrent, OneProcess]
+
+
+INDEPENDENT_COMMANDS = (("evaluate", "massive"), ("evaluate", "baseline"))
+"""Commands that only read models and data and each write their own --out: a run of them may be split
+into groups that run side by side (`split_side_by_side`)."""
+
+
+def split_side_by_side(steps: list[Step], ways: int = 2) -> list[Step]:
+    """`steps` with the leading run of independent commands (INDEPENDENT_COMMANDS) of each OneProcess
+    step dealt round-robin into `ways` OneProcess groups run side by side (a Concurrent step; the
+    cores are split between them), the rest of it after them in one process: eval_massive scores its
+    models in two processes of one thread each, which on small models is faster than one process
+    of two threads, and keeps both cores busy when the stage runs beside another."""
+    out: list[Step] = []
+    for step in steps:
+        if not isinstance(step, OneProcess):
+            out.append(step)
+            continue
+        n = 0
+        while n < len(step.commands) and tuple(step.commands[n][:2]) in INDEPENDENT_COMMANDS:
+            n += 1
+        if n < 2 or ways < 2:
+            out.append(step)
+            continue
+        groups = [step.commands[i:n:ways] for i in range(min(ways, n))]
+        out.append(Concurrent([OneProcess(g) if len(g) > 1 else g[0] for g in groups]))
+        rest = step.commands[n:]
+        out.extend([OneProcess(rest)] if len(rest) > 1 else rest)
+    return out
 
 
 def in_one_process(steps: list[Step]) -> list[Step]:
@@ -505,16 +534,21 @@ def run_stage(stage: Stage, run_dir: Path, preset: str | None, cfg: PipelineConf
             shutil.rmtree(checkpoints, ignore_errors=True)
     log_path = log_dir / f"{stage.name}.log"
     resume = stage.kind == "launch" and not fresh
-    for step in in_one_process(stage_commands(stage, run_dir, preset, cfg, tmp_out, resume=resume)):
+    def sequence(group: OneProcess, name: str) -> list[str]:
+        # The commands file lives beside the log; the log shows each command as it starts.
+        commands_file = log_dir / f"{name}.commands.json"
+        atomic_write_json(commands_file, group.commands)
+        return [SEQUENCE_FLAG, str(commands_file)]
+
+    steps = split_side_by_side(in_one_process(stage_commands(stage, run_dir, preset, cfg, tmp_out, resume=resume)))
+    for step in steps:
         if isinstance(step, Concurrent):
             logs = [log_dir / f"{stage.name}.{i}.log" for i in range(len(step.commands))]
-            run_commands(stage.name, step.commands, logs, cfg.timeout_minutes, threads=threads)
+            commands = [sequence(c, f"{stage.name}.{i}") if isinstance(c, OneProcess) else c
+                        for i, c in enumerate(step.commands)]
+            run_commands(stage.name, commands, logs, cfg.timeout_minutes, threads=threads)
         elif isinstance(step, OneProcess):
-            # The commands file lives beside the log; the log shows each command as it starts.
-            commands_file = log_dir / f"{stage.name}.commands.json"
-            atomic_write_json(commands_file, step.commands)
-            run_commands(stage.name, [[SEQUENCE_FLAG, str(commands_file)]], [log_path], cfg.timeout_minutes,
-                         threads=threads)
+            run_commands(stage.name, [sequence(step, stage.name)], [log_path], cfg.timeout_minutes, threads=threads)
         else:
             run_commands(stage.name, [step], [log_path], cfg.timeout_minutes, threads=threads)
     if tmp_out.exists():

@@ -426,3 +426,21 @@ def test_run_sequence_runs_each_command_in_one_process_and_stops_at_the_first_fa
     proc = subprocess.run([sys.executable, "-m", "launch.cli", SEQUENCE_FLAG, str(commands)], capture_output=True,
                           text=True, cwd=Path(__file__).resolve().parent.parent)
     assert proc.returncode != 0 and "expected a JSON list of argument lists" in proc.stderr
+
+
+def test_eval_massive_scores_its_models_in_two_processes_then_compares(tmp_path):
+    from launch.pipeline import Concurrent, OneProcess, in_one_process, split_side_by_side
+
+    massive = stage_commands(STAGE_BY_NAME["eval_massive"], tmp_path, "tiny", PipelineConfig(), tmp_path / ".tmp")
+    scoring = [c for c in massive if c[1] in ("massive", "baseline")]
+    compares = [c for c in massive if c[1] == "compare"]
+    assert scoring and compares and massive == [*scoring, *compares]  # every score before any comparison
+    side, after = split_side_by_side(in_one_process(massive))
+    assert isinstance(side, Concurrent) and [g.commands for g in side.commands] == [scoring[0::2], scoring[1::2]]
+    assert after == OneProcess(compares)
+    # Nothing to split: a single command, or commands that depend on each other, stay as they are.
+    assert split_side_by_side([["evaluate", "massive"]]) == [["evaluate", "massive"]]
+    assert split_side_by_side([OneProcess(compares)]) == [OneProcess(compares)]
+    # Two independent commands: one each, no sequence of one.
+    two = [["evaluate", "massive", "a"], ["evaluate", "baseline", "b"]]
+    assert split_side_by_side([OneProcess(two)]) == [Concurrent([two[0], two[1]])]
