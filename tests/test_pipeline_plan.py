@@ -311,7 +311,7 @@ def test_evaluations_read_their_sizes_and_locales_from_the_preset_evaluate_secti
             expected_locales = cfg.massive_locales if cmd[1] in ("massive", "baseline") else None
             assert getattr(args, "locales", None) == expected_locales, cmd
     # The values the pipeline used to pass are the section's (docs/experiments.md's figures).
-    expected = {"tiny": (1500, [0, 1, 5], 60, 20, ["en-US", "de-DE"], 100),
+    expected = {"tiny": (300, [0, 1, 5], 30, 20, ["en-US", "de-DE"], 50),
                 "small": (500, [0, 1, 5], 60, 20, ["en-US", "de-DE", "fr-FR", "es-ES"], 100),
                 "multilingual": (500, [0, 1, 5], 60, 20, ["en-US"], 100)}[preset]
     assert (section.massive.max_examples, section.icl.shots, section.icl.max_examples, section.translation.max_examples,
