@@ -615,7 +615,7 @@ CASES = [
     Case("export_two_writers", case_export_while_another_exports),
     Case("export_truncated_safetensors", case_truncated_safetensors),
     Case("export_malformed_config_json", case_malformed_config_json),
-    Case("export_config_json_other_size", case_config_json_of_another_size),
+    Case("export_config_json_other_size", case_config_json_of_another_size, slow=True),
     Case("prepare_into_user_folder", case_data_prepare_into_user_folder),
     Case("lock_path_is_a_directory", case_lock_path_is_a_directory),
     Case("preset_unrelated_folder", case_preset_is_an_unrelated_folder),

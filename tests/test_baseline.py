@@ -21,6 +21,7 @@ def baseline_json(massive_dir, tmp_path_factory):
     return out / "baseline.json"
 
 
+@pytest.mark.slow
 def test_baseline_learns_intents_well_above_chance(baseline_json, massive_dir):
     from evaluation.massive import load_split
 
@@ -55,6 +56,7 @@ def test_train_sample_is_seeded_and_capped():
         train_intent_classifier(examples[:1], None, seed=0)
 
 
+@pytest.mark.slow
 def test_compare_a_result_with_itself_and_with_a_better_model(baseline_json, tmp_path, capsys):
     # Against itself: every difference is exactly 0, interval [0, 0].
     assert main(["evaluate", "compare", str(baseline_json), str(baseline_json), "--out", str(tmp_path)]) == 0

@@ -133,6 +133,7 @@ def check_massive_json(path, locales, n):
     return result
 
 
+@pytest.mark.slow
 def test_evaluate_massive_seq2seq_end_to_end(tiny_teacher_dir, massive_dir, tmp_path, capsys):
     from evaluation.massive import load_split
     from massive.scoring import score, utterance_records

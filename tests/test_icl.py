@@ -272,6 +272,7 @@ def test_t5_sum_score_equals_the_models_own_loss(tiny_t5):
 # ----------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow
 def test_evaluate_icl_on_the_tiny_teacher_writes_results(tiny_teacher_dir, massive_dir, tmp_path):
     from core.config import load_config
     from evaluation.config import EvalConfig

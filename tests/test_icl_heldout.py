@@ -103,6 +103,7 @@ def test_tfidf_nearest_picks_the_surface_closest_demonstration():
     assert tfidf_nearest([], "anything") is None
 
 
+@pytest.mark.slow
 def test_evaluate_heldout_protocol_on_the_tiny_teacher(tiny_teacher_dir, massive_dir, tmp_path):
     from core.config import load_config
     from evaluation.config import EvalConfig
@@ -137,6 +138,7 @@ def test_evaluate_heldout_protocol_on_the_tiny_teacher(tiny_teacher_dir, massive
     assert (tmp_path / "held.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_evaluate_icl_command_runs_both_protocols(tiny_teacher_dir, massive_dir, tmp_path, capsys):
     from launch.cli import main
 
@@ -152,6 +154,7 @@ def test_evaluate_icl_command_runs_both_protocols(tiny_teacher_dir, massive_dir,
     assert old["kind"] == "icl" and old["num_labels"] == 60 and old["split"] == "test"
 
 
+@pytest.mark.slow
 def test_pretrain_section_icl_trains_a_tiny_model_a_few_steps(tiny_teacher_dir, massive_dir, tmp_path):
     from data_prep.objectives import ICL, IclCollator, IclRows
     from launch.cli import main
@@ -184,6 +187,7 @@ def test_pretrain_section_icl_trains_a_tiny_model_a_few_steps(tiny_teacher_dir, 
         sampler.prompt(0).text.split("Utterance: ")[-1])
 
 
+@pytest.mark.slow
 def test_pipeline_heldout_commands_score_both_models_on_the_same_test_prompts(tiny_teacher_dir, massive_dir, tmp_path, capsys):
     """eval_icl's held-out commands as the pipeline builds them, run for real (two copies of the tiny
     teacher as teacher-icl and teacher-indomain, a few queries), then the report reads them."""

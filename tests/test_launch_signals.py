@@ -52,6 +52,7 @@ def _wait_for(predicate, timeout: float) -> bool:
     return predicate()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_to_launch_reaches_every_rank(tmp_path, signum):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -430,6 +430,7 @@ def test_full_locale_label_sets(massive_dir: Path) -> None:
     assert data.report.split_counts == {"en-US": {"train": 11514, "dev": 2033, "test": 2974}}
 
 
+@pytest.mark.slow
 def test_loaded_labels(all_test_partitions) -> None:
     data = all_test_partitions
     # 60 intents in the release; cooking_query has no test rows (4 train, 2 dev per locale).

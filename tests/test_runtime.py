@@ -199,6 +199,7 @@ def _predict(args: list, stdin: bytes | None = None) -> subprocess.CompletedProc
                           capture_output=True)
 
 
+@pytest.mark.slow
 def test_predict_answers_every_good_line_and_reports_each_bad_one(trained_int8: Path, tmp_path: Path):
     """A JSONL/plain-text mix with a malformed line, an unknown locale, an empty utterance and bytes
     that are not UTF-8: each bad line gets an error record and a stderr message with its line
@@ -250,6 +251,7 @@ def test_predict_exits_non_zero_only_when_nothing_was_answered(trained_int8: Pat
     assert _predict(["--model", str(trained_int8)], stdin=b"").returncode == 0  # nothing to answer
 
 
+@pytest.mark.slow
 def test_predict_model_errors_are_one_line(trained_dir: Path, trained_int8: Path, tmp_path: Path):
     """A Hugging Face folder is named with what to pass instead; a manifest whose graph or tokenizer
     path leaves the export directory (../, absolute, or a symbolic link out) is refused."""
