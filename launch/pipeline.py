@@ -97,6 +97,10 @@ class PipelineConfig:
     the claim compares those two; teacher-ft keeps the full budget for the students. Pretraining can
     buy a head start that a long fine-tuning takes back (`small`: +2.4 EM at 1,800 steps, +0.0 at
     2,700), so the budget of the claim is stated with it."""
+    train_precision: str = ""
+    """`train.precision` of every training stage, over the preset's sections ("" = each section's own).
+    fp32 runs the pipeline as a CPU without fast bf16 would (auto picks fp32 there): how the demo's
+    15-minute budget is measured on a machine where bf16 pays."""
     timeout_minutes: int = 120
     """Wall-clock limit per stage; a stage that runs longer is stopped and reported."""
     max_parallel_stages: int = 0
@@ -111,6 +115,9 @@ class PipelineConfig:
             raise ConfigError("pipeline.num_train_procs and pipeline.num_procs_other must be >= 1, or 0 (auto)")
         if self.max_parallel_stages < 0:
             raise ConfigError(f"pipeline.max_parallel_stages: {self.max_parallel_stages} must be >= 1, or 0 (auto)")
+        if self.train_precision not in ("", "auto", "fp32", "bf16", "fp16"):
+            raise ConfigError(f"pipeline.train_precision: {self.train_precision!r}; allowed values: '' (each section's "
+                              "own), auto, fp32, bf16, fp16")
         if self.pretraining_steps < 0:
             raise ConfigError(f"pipeline.pretraining_steps: {self.pretraining_steps} must be >= 0 (0 = the fine-tuning budget)")
         if not self.nlu_members:
@@ -312,7 +319,7 @@ def stage_commands(stage: Stage, run_dir: Path, preset: str | None, cfg: Pipelin
 
     def launch(nproc: int, *args: str) -> list[str]:
         return ["launch", "--nproc-per-node", str(nproc) if nproc else "auto", "--", *args,
-                *(["--resume"] if resume else [])]
+                *precision_override(cfg), *(["--resume"] if resume else [])]
 
     n_other = cfg.num_procs_other
     if stage.name == "data":
@@ -439,6 +446,11 @@ def stage_commands(stage: Stage, run_dir: Path, preset: str | None, cfg: Pipelin
     raise KeyError(stage.name)
 
 
+def precision_override(cfg: PipelineConfig) -> list[str]:
+    """The override every training command gets from pipeline.train_precision (none when empty)."""
+    return [f"train.precision={cfg.train_precision}"] if cfg.train_precision else []
+
+
 def nlu_teacher_overrides(run_dir: Path, cfg: PipelineConfig) -> list[str]:
     """The teacher term of every NLU fine-tuning of student_nlu (none without pipeline.nlu_teacher)."""
     return [f"teacher={run_dir / 'teacher-nlu'}"] if cfg.nlu_teacher else []
@@ -462,7 +474,7 @@ def nlu_ensemble_commands(run_dir: Path, preset_args: list[str], cfg: PipelineCo
         train.append(["launch", "--nproc-per-node", "1", "--", "finetune", "--run-dir", str(members_dir / str(i)),
                       "--model", model, "--out", "model", "--head", "encoder", "--section", "nlu", *preset_args,
                       f"locales=[{locales}]", f"train.seed={i}", f"tokenizer={run_dir / 'tokenizer'}",
-                      *nlu_teacher_overrides(run_dir, cfg), *overrides.split()])
+                      *nlu_teacher_overrides(run_dir, cfg), *overrides.split(), *precision_override(cfg)])
     combine = ["ensemble", "--members", *(str(members_dir / str(i) / "model") for i in range(len(train))),
                "--out", str(run_dir / "student-nlu")]
     return [Concurrent(train), combine]

@@ -444,3 +444,25 @@ def test_eval_massive_scores_its_models_in_two_processes_then_compares(tmp_path)
     # Two independent commands: one each, no sequence of one.
     two = [["evaluate", "massive", "a"], ["evaluate", "baseline", "b"]]
     assert split_side_by_side([OneProcess(two)]) == [Concurrent([two[0], two[1]])]
+
+
+def test_train_precision_reaches_every_training_command_and_nothing_else(tmp_path):
+    cfg = load_config(PipelineConfig, overrides=["train_precision=fp32", "nlu_members=[student,scratch:tiny]"])
+    training = evaluating = 0
+    for stage in STAGES:
+        if stage.kind == "internal":
+            continue
+        steps = stage_commands(stage, tmp_path, "tiny", cfg, tmp_path / ".tmp", resume=True)
+        for cmd in (c for st in steps for c in (st.commands if isinstance(st, Concurrent) else [st])):
+            if cmd[0] == "launch":
+                training += 1
+                assert "train.precision=fp32" in cmd, cmd
+                assert "--resume" not in cmd or cmd[-1] == "--resume", cmd  # launch's flag stays last
+            else:
+                evaluating += 1
+                assert not any(a.startswith("train.precision") for a in cmd), cmd
+    assert training >= 10 and evaluating >= 10
+    assert not any("train.precision" in a for c in stage_commands(STAGE_BY_NAME["teacher"], tmp_path, "tiny",
+                                                                  PipelineConfig(), tmp_path / ".tmp") for a in c)
+    with pytest.raises(ConfigError, match="allowed values"):
+        load_config(PipelineConfig, overrides=["train_precision=fp8"])
