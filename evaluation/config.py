@@ -50,6 +50,14 @@ def _check_locales(key: str, locales: list[str]) -> None:
         raise ConfigError(f"{key}: unknown locale(s) {', '.join(unknown)}; allowed: {', '.join(MASSIVE_LOCALES)}")
 
 
+
+def _check_batch_and_sample(section: str, batch_size: int, max_examples: Optional[int]) -> None:
+    """ConfigError unless a section's batch_size >= 1 and its sample size is >= 0 (0 = all) or null."""
+    if batch_size < 1:
+        raise ConfigError(f"{section}.batch_size must be >= 1, got {batch_size}")
+    if max_examples is not None and max_examples < 0:
+        raise ConfigError(f"{section}.max_examples must be >= 0 (0 = all) or null, got {max_examples}")
+
 @dataclass
 class MassiveEvalConfig:
     data: str = "@data/massive/data"
@@ -73,10 +81,7 @@ class MassiveEvalConfig:
     """Intra-op threads for ONNX predictors (onnxruntime)."""
 
     def validate(self) -> None:
-        if self.batch_size < 1:
-            raise ConfigError(f"massive.batch_size must be >= 1, got {self.batch_size}")
-        if self.max_examples is not None and self.max_examples < 0:
-            raise ConfigError(f"massive.max_examples must be >= 0 (0 = all) or null, got {self.max_examples}")
+        _check_batch_and_sample("massive", self.batch_size, self.max_examples)
         if self.max_new_tokens_margin < 0:
             raise ConfigError(f"massive.max_new_tokens_margin must be >= 0, got {self.max_new_tokens_margin}")
         _check_locales("massive.locales", self.locales)
@@ -248,10 +253,7 @@ class FairnessEvalConfig:
     """Utterances per predictor call."""
 
     def validate(self) -> None:
-        if self.batch_size < 1:
-            raise ConfigError(f"fairness.batch_size must be >= 1, got {self.batch_size}")
-        if self.max_examples is not None and self.max_examples < 0:
-            raise ConfigError(f"fairness.max_examples must be >= 0 (0 = all) or null, got {self.max_examples}")
+        _check_batch_and_sample("fairness", self.batch_size, self.max_examples)
         _check_locales("fairness.locales", self.locales)
 
 
