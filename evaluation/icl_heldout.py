@@ -11,6 +11,12 @@ same ids in every language: MASSIVE ids are parallel), shuffled in an order fixe
 set a prefix of the k=5 set; the model ranks the N candidate label texts by their token log-prob
 given the prompt (`evaluation.icl.score_candidates`, mean or sum by `icl.normalize`).
 
+With `icl.calibration: contextual` (Zhao et al. 2021; `evaluation.icl.contextual_calibration`) every
+prompt is also scored with the same demonstrations and a content-free query (`icl.content_free`), and
+the candidates are ranked by log p(label | prompt) - log p_cf(label): a label that the demonstrations
+favour whatever the query says (a frequent label word copied from the prompt) is discounted by that
+preference. The uncalibrated accuracy is reported beside it (`accuracy_uncalibrated`).
+
 Language pairs: same-language (demonstrations and query in locale L, for every L) and cross-language
 (demonstrations in en-US, query in L, for every L != en-US).
 
@@ -25,11 +31,12 @@ interval of accuracy - 1/N), model at k vs the same model at k = 0, model vs the
 
 Output `DIR/NAME.json`:
   {"kind": "icl_heldout", "model", "split", "heldout_scenarios", "heldout_intents", "way", "chance",
-   "shots", "normalize", "clm_prompt", "num_queries",
+   "shots", "normalize", "clm_prompt", "calibration", "content_free", "num_queries",
    "pairs": {"<demo locale>-><query locale>": {"kind": "same"|"cross", "n": int,
        "accuracy": {"<k>": float}, "accuracy_ci": {"<k>": [lo, hi]},
        "vs_chance_ci": {"<k>": [lo, hi]}, "vs_k0": {"<k>": float}, "vs_k0_ci": {"<k>": [lo, hi]},
-       "tfidf": {"<k>": float|null}, "tfidf_ci": ..., "vs_tfidf": {"<k>": float|null}, "vs_tfidf_ci": ...}},
+       "tfidf": {"<k>": float|null}, "tfidf_ci": ..., "vs_tfidf": {"<k>": float|null}, "vs_tfidf_ci": ...,
+       "accuracy_uncalibrated": {"<k>": float}}},   # the last with calibration: contextual only
    "mean": {"same": {...}, "cross": {...}}   # the same keys, unweighted mean over pairs of a kind
    "example_prompt": str, "ci_method": str, "elapsed_s": float, "config": {...}}
 plus `DIR/NAME.md` (tables) and `DIR/NAME.png` (k-shot curves per pair, chance and TF-IDF lines).
@@ -102,7 +109,13 @@ def evaluate_icl_heldout(cfg, model_dir: str | Path, out_dir: str | Path, name: 
 
     from core.config import resolve_data_path
     from evaluation.config import section_dict
-    from evaluation.icl import _available_locales, encode_prompt, load_rank_scorer, score_candidates
+    from evaluation.icl import (
+        _available_locales,
+        contextual_calibration,
+        encode_prompt,
+        load_rank_scorer,
+        score_candidates,
+    )
     from massive.loader import load_massive
     from massive.scoring import bootstrap_weights, ci_method, sample_shared_ids
 
@@ -143,34 +156,51 @@ def evaluate_icl_heldout(cfg, model_dir: str | Path, out_dir: str | Path, name: 
     col = {i: c for c, i in enumerate(intents)}
 
     pairs = [(loc, loc, "same") for loc in locales] + [("en-US", loc, "cross") for loc in locales if loc != "en-US"]
+    calibrate = icfg.calibration == "contextual"
+
+    def score(texts: Sequence[str]):
+        prompts = [encode_prompt(tokenizer, t, clm_id, icfg.max_prompt_tokens) for t in texts]
+        return score_candidates(model, prompts, cand_tokens, pad_id=scorer.pad_id, decoder_start_id=decoder_start,
+                                normalize=icfg.normalize, score_batch_size=icfg.score_batch_size)
+
     correct: dict[str, dict[int, np.ndarray]] = {}
+    # The ranking without calibration, reported beside the calibrated one (calibration: contextual).
+    uncalibrated: dict[str, dict[int, np.ndarray]] = {}
     ref_correct: dict[str, dict[int, np.ndarray]] = {}
     example_prompt = ""
     for demo_loc, query_loc, _kind in pairs:
         key = f"{demo_loc}->{query_loc}"
-        correct[key], ref_correct[key] = {}, {}
+        correct[key], uncalibrated[key], ref_correct[key] = {}, {}, {}
         bar = tqdm(total=len(query_ids) * len(shots), desc=f"icl heldout {key}", unit="prompt", file=sys.stderr)
         for k in shots:
-            texts, refs = [], []
+            texts, cf_texts, refs = [], [], []
             for qid in query_ids:
                 q = queries[query_loc][qid]
                 demos = [(train[demo_loc][d].utt, label_text(intent)) for rank, intent, d in plans[qid] if rank < k]
                 texts.append(format_prompt(q.utt, demos, icfg.prompt_template, icfg.demo_template))
+                # The same demonstrations with a content-free query: the label prior they induce.
+                cf_texts.append([format_prompt(cf, demos, icfg.prompt_template, icfg.demo_template) for cf in icfg.content_free])
                 refs.append(tfidf_nearest(demos, q.utt))
             if not example_prompt and k == max_k:
                 example_prompt = texts[0]
-            ok = np.zeros(len(query_ids))
+            ok, ok_uncal = np.zeros(len(query_ids)), np.zeros(len(query_ids))
             for start in range(0, len(texts), icfg.batch_size):
                 chunk = texts[start : start + icfg.batch_size]
-                prompts = [encode_prompt(tokenizer, t, clm_id, icfg.max_prompt_tokens) for t in chunk]
-                scores = score_candidates(model, prompts, cand_tokens, pad_id=scorer.pad_id, decoder_start_id=decoder_start,
-                                          normalize=icfg.normalize, score_batch_size=icfg.score_batch_size)
-                for j, row in enumerate(scores.tolist()):
-                    qid = query_ids[start + j]
-                    best = max(cands[qid], key=lambda i: row[col[i]])
-                    ok[start + j] = float(best == gold_of[qid])
+                scores = score(chunk)
+                ranked = {"uncalibrated": scores}
+                if calibrate:
+                    # [N content-free strings, P, C]. With one string, a query's candidates are ranked by
+                    # score - content-free score, whatever the labels outside its candidate set score.
+                    flat = [t for row in cf_texts[start : start + len(chunk)] for t in row]
+                    cf = score(flat).view(len(chunk), len(icfg.content_free), -1).transpose(0, 1)
+                    ranked["calibrated"] = contextual_calibration(scores, cf)
+                for ranking, out in (("calibrated" if calibrate else "uncalibrated", ok), ("uncalibrated", ok_uncal)):
+                    for j, row in enumerate(ranked[ranking].tolist()):
+                        qid = query_ids[start + j]
+                        best = max(cands[qid], key=lambda i: row[col[i]])
+                        out[start + j] = float(best == gold_of[qid])
                 bar.update(len(chunk))
-            correct[key][k] = ok
+            correct[key][k], uncalibrated[key][k] = ok, ok_uncal
             ref_correct[key][k] = np.array([float(r == label_text(gold_of[q])) for r, q in zip(refs, query_ids)])
             if refs and refs[0] is None:
                 ref_correct[key][k] = None  # type: ignore[assignment]
@@ -201,6 +231,8 @@ def evaluate_icl_heldout(cfg, model_dir: str | Path, out_dir: str | Path, name: 
     for demo_loc, query_loc, kind in pairs:
         key = f"{demo_loc}->{query_loc}"
         result_pairs[key] = {"kind": kind, "n": len(query_ids), **summarize(correct[key], ref_correct[key])}
+        if calibrate:
+            result_pairs[key]["accuracy_uncalibrated"] = {str(k): float(uncalibrated[key][k].mean()) for k in shots}
     mean: dict[str, Any] = {}
     for kind in ("same", "cross"):
         keys = [f"{d}->{q}" for d, q, kd in pairs if kd == kind]
@@ -211,6 +243,9 @@ def evaluate_icl_heldout(cfg, model_dir: str | Path, out_dir: str | Path, name: 
         ref_mean = {k: None if ref_correct[keys[0]][k] is None else np.mean([ref_correct[key][k] for key in keys], axis=0)
                     for k in shots}
         mean[kind] = {"pairs": keys, **summarize(model_mean, ref_mean)}
+        if calibrate:
+            mean[kind]["accuracy_uncalibrated"] = {str(k): float(np.mean([uncalibrated[key][k] for key in keys]))
+                                                   for k in shots}
 
     result = {
         "kind": "icl_heldout",
@@ -223,6 +258,8 @@ def evaluate_icl_heldout(cfg, model_dir: str | Path, out_dir: str | Path, name: 
         "shots": shots,
         "normalize": icfg.normalize,
         "clm_prompt": icfg.clm_prompt,
+        "calibration": icfg.calibration,
+        "content_free": list(icfg.content_free) if calibrate else None,
         "num_queries": len(query_ids),
         "pairs": result_pairs,
         "mean": mean,
@@ -246,22 +283,27 @@ def heldout_markdown(result: dict[str, Any]) -> str:
 
     shots = [str(k) for k in result["shots"]]
     k0 = shots[0]
-    header = ["pair", "kind"] + [f"acc k={k}" for k in shots] + [f"tf-idf k={k}" for k in shots if k != k0] + \
-             [f"k={shots[-1]} - k={k0}", f"k={shots[-1]} - tf-idf"]
+    # Older results lack the key: they were uncalibrated.
+    calibrated = result.get("calibration", "none") != "none"
+    header = ["pair", "kind"] + [f"acc k={k}" for k in shots] + [f"uncal. k={k}" for k in shots if calibrated] + \
+             [f"tf-idf k={k}" for k in shots if k != k0] + [f"k={shots[-1]} - k={k0}", f"k={shots[-1]} - tf-idf"]
     rows = []
     items = list(result["pairs"].items()) + [(f"**mean {kind}**", s | {"kind": kind}) for kind, s in result["mean"].items()]
     last = shots[-1]
     for key, s in items:
         rows.append([key, s["kind"], *[f"{s['accuracy'][k]:.3f}" for k in shots],
+                     *[f"{s['accuracy_uncalibrated'][k]:.3f}" for k in shots if calibrated],
                      *[_fmt(s["tfidf"][k], None) for k in shots if k != k0],
                      _fmt(s["vs_k0"][last], s["vs_k0_ci"][last]), _fmt(s["vs_tfidf"][last], s["vs_tfidf_ci"][last])])
+    calibration = (f" Ranked with contextual calibration (content-free queries {result['content_free']}); "
+                   "`uncal.`: the same scores without it." if calibrated else "")
     intents = ", ".join(result["heldout_intents"])
     return (
         f"# In-context learning on held-out intents: {result['model']}\n\n"
         f"{result['split']} queries of the held-out scenarios {', '.join(result['heldout_scenarios'])} "
         f"({len(result['heldout_intents'])} intents: {intents}); {result['num_queries']} query ids shared by every "
         f"locale; {result['way']}-way candidate sets (chance {result['chance']:.3f}); k demonstrations per candidate "
-        f"label. Differences are paired (bootstrap over query ids), shown as value [interval].\n\n"
+        f"label. Differences are paired (bootstrap over query ids), shown as value [interval].{calibration}\n\n"
         + markdown_table(header, rows)
     )
 

@@ -397,7 +397,7 @@ def icl_heldout_findings(result: dict[str, Any]) -> dict[str, Any]:
 def collect_icl_heldout(icl_dir: Path) -> dict[str, Any]:
     """summary.json's "icl_heldout": the held-out-intent results of ICL_HELDOUT_RESULTS that eval_icl
     wrote ({} when none): the prompt set ({"split", "way", "chance", "shots", "num_queries",
-    "heldout_intents", "ci_method"}), "same_prompts" (null with fewer than two results), and per result
+    "heldout_intents", "ci_method", "calibration", "content_free"}), "same_prompts" (null with fewer than two results), and per result
     name {"model", "role", "pairs", "mean", "findings"}, the pairs and means as icl_heldout.py writes them."""
     loaded = {r.name: _load_json(icl_dir / f"{r.name}.json") for r in ICL_HELDOUT_RESULTS}
     results = {n: d for n, d in loaded.items() if isinstance(d, dict) and d.get("kind") == "icl_heldout"}
@@ -409,7 +409,8 @@ def collect_icl_heldout(icl_dir: Path) -> dict[str, Any]:
         return json.dumps([*(d.get(k) for k in _PROMPT_KEYS), (d.get("config") or {}).get("icl", {}).get("seed")])
 
     return {
-        **{k: first.get(k) for k in ("split", "way", "chance", "shots", "num_queries", "heldout_intents", "ci_method")},
+        **{k: first.get(k) for k in ("split", "way", "chance", "shots", "num_queries", "heldout_intents", "ci_method",
+                                     "calibration", "content_free")},
         "same_prompts": None if len(results) < 2 else len({prompt_set(d) for d in results.values()}) == 1,
         "models": {r.name: {"model": r.model, "role": r.role, "pairs": results[r.name]["pairs"],
                             "mean": results[r.name].get("mean", {}), "findings": icl_heldout_findings(results[r.name])}
@@ -480,7 +481,10 @@ def render_icl_heldout(entry: dict[str, Any], plot: Path | None) -> str:
         f"sets (chance {100 * entry['chance']:.1f}%), k demonstrations per candidate label. Same language: "
         f"demonstrations and query in L; across languages: en-US demonstrations, query in L. Accuracy in %, "
         f"[interval]: {entry['ci_method']}; the difference from k={entry['shots'][0]} is paired on the same queries. "
-        f"Both models on the same prompts: {same[entry['same_prompts']]}.\n",
+        f"Both models on the same prompts: {same[entry['same_prompts']]}. "
+        + (f"Candidates ranked with contextual calibration (Zhao et al. 2021: each label's log-prob minus its "
+           f"log-prob with the same demonstrations and the content-free query {entry['content_free']}).\n"
+           if entry.get("calibration") == "contextual" else "Candidates ranked by their log-prob, uncalibrated.\n"),
         *_findings_text(entry),
     ]
     if plot is not None:

@@ -282,6 +282,13 @@ MASSIVE_MODELS: dict[str, str] = {
 ZERO_SHOT_MODELS: dict[str, str] = {"teacher_zero_shot": "teacher-ft", "scratch_zero_shot": "scratch-ft"}
 PRETRAINED_FT = "pretrained-ft"
 """The stage-2 teacher fine-tuned with pipeline.pretraining_steps, beside scratch-ft (stage scratch_ft)."""
+
+
+def zero_shot_models(cfg: PipelineConfig) -> dict[str, str]:
+    """ZERO_SHOT_MODELS, budget-matched: when pipeline.pretraining_steps gives scratch-ft a budget of its
+    own, the pretrained side of the pair is pretrained-ft (the same steps), not teacher-ft."""
+    return {**ZERO_SHOT_MODELS, **({"teacher_zero_shot": PRETRAINED_FT} if cfg.pretraining_steps else {})}
+
 PRETRAINED_SHORT = "pretrained"
 """eval_massive's name for PRETRAINED_FT."""
 
@@ -407,7 +414,7 @@ def stage_commands(stage: Stage, run_dir: Path, preset: str | None, cfg: Pipelin
         zero_shot = [["evaluate", "massive", "--model", str(run_dir / d), "--locales", *cfg.zero_shot_locales,
                       "--setting", "zero-shot", "--source-locales", *cfg.massive_locales,
                       "--max-examples", str(cfg.zero_shot_max_examples), *p, "--out", str(tmp_out / name)]
-                     for name, d in ZERO_SHOT_MODELS.items()] if cfg.zero_shot_locales else []
+                     for name, d in zero_shot_models(cfg).items()] if cfg.zero_shot_locales else []
         compares = [["evaluate", "compare", *(str(tmp_out / m / "massive.json") for m in compared_models(c, cfg)),
                      "--out", str(tmp_out), "--name", f"compare_{c.name}"] for c in massive_comparisons(cfg)]
         return [*models, baseline, *zero_shot, *compares]

@@ -138,6 +138,30 @@ def test_evaluate_heldout_protocol_on_the_tiny_teacher(tiny_teacher_dir, massive
     assert (tmp_path / "held.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_heldout_protocol_with_contextual_calibration_keeps_the_uncalibrated_ranking(tiny_teacher_dir, massive_dir, tmp_path):
+    from core.config import load_config
+    from evaluation.config import EvalConfig
+    from evaluation.icl_heldout import evaluate_icl_heldout
+
+    common = [f"icl.data={massive_dir}", "icl.locales=[en-US, de-DE]", "icl.protocol=heldout", "icl.heldout_shots=[0, 2]",
+              "icl.max_examples=8", "icl.batch_size=3", "device=cpu", "bootstrap_samples=50"]
+    plain = evaluate_icl_heldout(load_config(EvalConfig, overrides=common), tiny_teacher_dir, tmp_path, name="plain")
+    calibrated = evaluate_icl_heldout(
+        load_config(EvalConfig, overrides=[*common, "icl.calibration=contextual", "icl.content_free=[N/A, '']"]),
+        tiny_teacher_dir, tmp_path, name="cal")
+    assert plain["calibration"] == "none" and plain["content_free"] is None
+    assert calibrated["calibration"] == "contextual" and calibrated["content_free"] == ["N/A", ""]
+    assert "accuracy_uncalibrated" not in plain["pairs"]["en-US->en-US"]
+    for key, s in calibrated["pairs"].items():
+        # The same prompts and scores: the uncalibrated ranking is the plain run's.
+        assert s["accuracy_uncalibrated"] == pytest.approx(plain["pairs"][key]["accuracy"])
+        assert s["tfidf"] == plain["pairs"][key]["tfidf"]
+    assert calibrated["mean"]["same"]["accuracy_uncalibrated"] == pytest.approx(plain["mean"]["same"]["accuracy"])
+    table = (tmp_path / "cal.md").read_text()
+    assert "uncal. k=2" in table and "contextual calibration" in table
+    assert "uncal." not in (tmp_path / "plain.md").read_text()
+
+
 @pytest.mark.slow
 def test_evaluate_icl_command_runs_both_protocols(tiny_teacher_dir, massive_dir, tmp_path, capsys):
     from launch.cli import main

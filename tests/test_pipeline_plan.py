@@ -11,6 +11,7 @@ from evaluation.report import MASSIVE_COMPARISONS
 from launch.pipeline import (
     MASSIVE_MODELS,
     NLU_MEMBERS_DIR,
+    PRETRAINED_FT,
     STAGE_BY_NAME,
     STAGES,
     ZERO_SHOT_MODELS,
@@ -21,6 +22,7 @@ from launch.pipeline import (
     run_commands,
     stage_commands,
     stage_outputs,
+    zero_shot_models,
 )
 
 
@@ -167,7 +169,11 @@ def test_the_zero_shot_row_scores_teacher_and_reference_on_unseen_locales_once_e
         assert len(cfg.zero_shot_locales) >= 3 and not set(cfg.zero_shot_locales) & set(cfg.massive_locales)
         cmds = stage_commands(STAGE_BY_NAME["eval_massive"], tmp_path, preset, cfg, tmp_out)
         rows = {Path(c[c.index("--out") + 1]).name: c for c in cmds if c[:2] == ["evaluate", "massive"]}
-        for name, model in ZERO_SHOT_MODELS.items():
+        models = zero_shot_models(cfg)
+        # Budget-matched: with a pretraining budget of its own (small), scratch-ft's partner is pretrained-ft.
+        assert models["teacher_zero_shot"] == (PRETRAINED_FT if cfg.pretraining_steps else "teacher-ft")
+        assert set(models) == set(ZERO_SHOT_MODELS) and models["scratch_zero_shot"] == "scratch-ft"
+        for name, model in models.items():
             cmd = rows[name]
             assert cmd[cmd.index("--model") + 1] == str(tmp_path / model)
             locales = cmd[cmd.index("--locales") + 1 : cmd.index("--setting")]
