@@ -50,13 +50,13 @@ def _check_locales(key: str, locales: list[str]) -> None:
         raise ConfigError(f"{key}: unknown locale(s) {', '.join(unknown)}; allowed: {', '.join(MASSIVE_LOCALES)}")
 
 
-
 def _check_batch_and_sample(section: str, batch_size: int, max_examples: Optional[int]) -> None:
     """ConfigError unless a section's batch_size >= 1 and its sample size is >= 0 (0 = all) or null."""
     if batch_size < 1:
         raise ConfigError(f"{section}.batch_size must be >= 1, got {batch_size}")
     if max_examples is not None and max_examples < 0:
         raise ConfigError(f"{section}.max_examples must be >= 0 (0 = all) or null, got {max_examples}")
+
 
 @dataclass
 class MassiveEvalConfig:

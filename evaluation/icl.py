@@ -228,6 +228,24 @@ class RankScorer:
     pad_id: int
     decoder_start_id: int
 
+    def score(self, texts: Sequence[str], icfg: Any):
+        """Label log-scores [len(texts), C] of prompt texts (encoded, truncated and batched by `icfg`)."""
+        prompts = [encode_prompt(self.tokenizer, t, self.clm_id, icfg.max_prompt_tokens) for t in texts]
+        return score_candidates(self.model, prompts, self.candidates, pad_id=self.pad_id,
+                                decoder_start_id=self.decoder_start_id, normalize=icfg.normalize,
+                                score_batch_size=icfg.score_batch_size)
+
+    def content_free_scores(self, texts: Sequence[str], cache: dict[str, Any], icfg: Any):
+        """Score rows [len(texts), C] of content-free prompts, each distinct text scored once: many prompts
+        share one (every query at k = 0; en-US demonstrations in every language pair). `cache`: text -> row."""
+        import torch
+
+        missing = sorted(set(texts) - cache.keys())
+        for i in range(0, len(missing), icfg.batch_size):
+            chunk = missing[i : i + icfg.batch_size]
+            cache.update(zip(chunk, self.score(chunk, icfg)))
+        return torch.stack([cache[t] for t in texts])
+
 
 def load_rank_scorer(model_dir: str | Path, cfg: Any, icfg: Any, intents: Sequence[str]) -> RankScorer:
     """The model of `model_dir` (placed by cfg.device/dtype/load) and the label tokens of `intents`."""
@@ -254,7 +272,6 @@ def _available_locales(source: Path, locales: Sequence[str]) -> list[str]:
 
 def evaluate_icl(cfg, model_dir: str | Path, out_dir: str | Path, name: str = "icl") -> dict[str, Any]:
     """k-shot intent accuracy per locale; writes NAME.json, NAME.md and NAME.png into out_dir."""
-    import torch
     from tqdm.auto import tqdm
 
     from core.config import resolve_data_path
@@ -273,8 +290,6 @@ def evaluate_icl(cfg, model_dir: str | Path, out_dir: str | Path, name: str = "i
     intents = list(data.intents)
 
     scorer = load_rank_scorer(model_dir, cfg, icfg, intents)
-    model, tokenizer, clm_id, candidates = scorer.model, scorer.tokenizer, scorer.clm_id, scorer.candidates
-    decoder_start = scorer.decoder_start_id
     shots = sorted(set(icfg.shots))
     split_examples = {loc: data.examples(locale=loc, partition=icfg.split) for loc in locales}
     query_ids = sample_shared_ids(split_examples, icfg.max_examples, icfg.seed)
@@ -283,18 +298,6 @@ def evaluate_icl(cfg, model_dir: str | Path, out_dir: str | Path, name: str = "i
     # The rankings scored: the headline one (calibrated when calibration is on) is reported under
     # "accuracy", the other one under "accuracy_uncalibrated". Suffix of each ranking's JSON keys:
     rankings = {"calibrated": "", "uncalibrated": "_uncalibrated"} if calibrate else {"uncalibrated": ""}
-
-    def score(texts: Sequence[str]):
-        prompts = [encode_prompt(tokenizer, t, clm_id, icfg.max_prompt_tokens) for t in texts]
-        return score_candidates(
-            model,
-            prompts,
-            candidates,
-            pad_id=scorer.pad_id,
-            decoder_start_id=decoder_start,
-            normalize=icfg.normalize,
-            score_batch_size=icfg.score_batch_size,
-        )
 
     per_locale: dict[str, Any] = {}
     # Per ranking and k, the scorer's per-utterance columns: the intervals come from the same
@@ -317,18 +320,14 @@ def evaluate_icl(cfg, model_dir: str | Path, out_dir: str | Path, name: str = "i
                 texts = [build_prompt(q.utt, d[:k], icfg.prompt_template, icfg.demo_template) for q, d in zip(batch, demos)]
                 if loc not in example_prompts and k == max(shots):
                     example_prompts[loc] = texts[0]
-                ranked = {"uncalibrated": score(texts)}
+                ranked = {"uncalibrated": scorer.score(texts, icfg)}
                 if calibrate:
                     cf_texts = [
                         build_prompt(cf, d[:k], icfg.prompt_template, icfg.demo_template)
                         for cf in icfg.content_free
                         for d in demos
                     ]
-                    missing = sorted(set(cf_texts) - content_free_cache.keys())
-                    for i in range(0, len(missing), icfg.batch_size):
-                        chunk = missing[i : i + icfg.batch_size]
-                        content_free_cache.update(zip(chunk, score(chunk)))
-                    cf_scores = torch.stack([content_free_cache[t] for t in cf_texts])
+                    cf_scores = scorer.content_free_scores(cf_texts, content_free_cache, icfg)
                     cf_scores = cf_scores.view(len(icfg.content_free), len(batch), len(intents))
                     ranked["calibrated"] = contextual_calibration(ranked["uncalibrated"], cf_scores)
                 for r, scores in ranked.items():

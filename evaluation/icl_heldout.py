@@ -109,13 +109,7 @@ def evaluate_icl_heldout(cfg, model_dir: str | Path, out_dir: str | Path, name: 
 
     from core.config import resolve_data_path
     from evaluation.config import section_dict
-    from evaluation.icl import (
-        _available_locales,
-        contextual_calibration,
-        encode_prompt,
-        load_rank_scorer,
-        score_candidates,
-    )
+    from evaluation.icl import _available_locales, contextual_calibration, load_rank_scorer
     from massive.loader import load_massive
     from massive.scoring import bootstrap_weights, ci_method, sample_shared_ids
 
@@ -151,18 +145,15 @@ def evaluate_icl_heldout(cfg, model_dir: str | Path, out_dir: str | Path, name: 
     plans = {i: demo_plan(cands[i], pool_ids, max_k, icfg.seed, i) for i in query_ids}
 
     scorer = load_rank_scorer(model_dir, cfg, icfg, intents)
-    model, tokenizer, clm_id, cand_tokens = scorer.model, scorer.tokenizer, scorer.clm_id, scorer.candidates
-    decoder_start = scorer.decoder_start_id
     col = {i: c for c, i in enumerate(intents)}
 
     pairs = [(loc, loc, "same") for loc in locales] + [("en-US", loc, "cross") for loc in locales if loc != "en-US"]
     calibrate = icfg.calibration == "contextual"
-
-    def score(texts: Sequence[str]):
-        prompts = [encode_prompt(tokenizer, t, clm_id, icfg.max_prompt_tokens) for t in texts]
-        return score_candidates(model, prompts, cand_tokens, pad_id=scorer.pad_id, decoder_start_id=decoder_start,
-                                normalize=icfg.normalize, score_batch_size=icfg.score_batch_size)
-
+    # The headline ranking (calibrated when calibration is on) and, with calibration, the uncalibrated one.
+    rankings = ("calibrated", "uncalibrated") if calibrate else ("uncalibrated",)
+    # Content-free prompt -> label scores, over every pair: a cross pair's (en-US demonstrations) are
+    # the en-US pair's, and at k = 0 every query shares one.
+    content_free_cache: dict[str, Any] = {}
     correct: dict[str, dict[int, np.ndarray]] = {}
     # The ranking without calibration, reported beside the calibrated one (calibration: contextual).
     uncalibrated: dict[str, dict[int, np.ndarray]] = {}
@@ -173,34 +164,37 @@ def evaluate_icl_heldout(cfg, model_dir: str | Path, out_dir: str | Path, name: 
         correct[key], uncalibrated[key], ref_correct[key] = {}, {}, {}
         bar = tqdm(total=len(query_ids) * len(shots), desc=f"icl heldout {key}", unit="prompt", file=sys.stderr)
         for k in shots:
-            texts, cf_texts, refs = [], [], []
+            texts, all_demos, refs = [], [], []
             for qid in query_ids:
                 q = queries[query_loc][qid]
                 demos = [(train[demo_loc][d].utt, label_text(intent)) for rank, intent, d in plans[qid] if rank < k]
                 texts.append(format_prompt(q.utt, demos, icfg.prompt_template, icfg.demo_template))
-                # The same demonstrations with a content-free query: the label prior they induce.
-                cf_texts.append([format_prompt(cf, demos, icfg.prompt_template, icfg.demo_template) for cf in icfg.content_free])
+                all_demos.append(demos)
                 refs.append(tfidf_nearest(demos, q.utt))
             if not example_prompt and k == max_k:
                 example_prompt = texts[0]
-            ok, ok_uncal = np.zeros(len(query_ids)), np.zeros(len(query_ids))
+            hits = {r: np.zeros(len(query_ids)) for r in rankings}
             for start in range(0, len(texts), icfg.batch_size):
                 chunk = texts[start : start + icfg.batch_size]
-                scores = score(chunk)
+                scores = scorer.score(chunk, icfg)
                 ranked = {"uncalibrated": scores}
                 if calibrate:
+                    # The same demonstrations with a content-free query: the label prior they induce,
                     # [N content-free strings, P, C]. With one string, a query's candidates are ranked by
                     # score - content-free score, whatever the labels outside its candidate set score.
-                    flat = [t for row in cf_texts[start : start + len(chunk)] for t in row]
-                    cf = score(flat).view(len(chunk), len(icfg.content_free), -1).transpose(0, 1)
-                    ranked["calibrated"] = contextual_calibration(scores, cf)
-                for ranking, out in (("calibrated" if calibrate else "uncalibrated", ok), ("uncalibrated", ok_uncal)):
-                    for j, row in enumerate(ranked[ranking].tolist()):
+                    cf_texts = [format_prompt(cf, demos, icfg.prompt_template, icfg.demo_template)
+                                for cf in icfg.content_free for demos in all_demos[start : start + len(chunk)]]
+                    cf = scorer.content_free_scores(cf_texts, content_free_cache, icfg)
+                    ranked["calibrated"] = contextual_calibration(scores, cf.view(len(icfg.content_free), len(chunk), -1))
+                for r, out in hits.items():
+                    for j, row in enumerate(ranked[r].tolist()):
                         qid = query_ids[start + j]
                         best = max(cands[qid], key=lambda i: row[col[i]])
                         out[start + j] = float(best == gold_of[qid])
                 bar.update(len(chunk))
-            correct[key][k], uncalibrated[key][k] = ok, ok_uncal
+            correct[key][k] = hits[rankings[0]]
+            if calibrate:
+                uncalibrated[key][k] = hits["uncalibrated"]
             ref_correct[key][k] = np.array([float(r == label_text(gold_of[q])) for r, q in zip(refs, query_ids)])
             if refs and refs[0] is None:
                 ref_correct[key][k] = None  # type: ignore[assignment]
