@@ -112,9 +112,15 @@ class StopOnSignal:
                   file=sys.stderr, flush=True)
 
     def agreed(self) -> int:
-        """The signal any rank received (0: none); a collective."""
-        got = all_reduce_sum([float(self.signum)])[0]
-        return self.signum or (int(signal.SIGTERM) if got else 0)
+        """The signal any rank received (0: none); a collective.
+
+        The decision rests on the reduced value alone: a signal handled on this rank after its share
+        went into the all-reduce (the other ranks did not see it) is acted on at the next boundary.
+        Reading `self.signum` afresh here let one rank stop and checkpoint while the others took
+        another step, and the ranks' next collectives no longer matched."""
+        local = self.signum
+        got = all_reduce_sum([float(local)])[0]
+        return (local or int(signal.SIGTERM)) if got else 0
 
     def close(self) -> None:
         for sig, handler in self._previous.items():

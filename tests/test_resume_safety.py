@@ -154,3 +154,30 @@ def test_sigterm_stops_at_the_step_boundary_after_a_checkpoint(tmp_path, dist):
         assert signal.getsignal(signal.SIGTERM) is before  # handlers given back
     finally:
         stop.close()
+
+
+def test_a_signal_handled_during_the_stop_vote_waits_for_the_next_boundary(monkeypatch):
+    # The CI race: on one rank SIGTERM was handled after that rank's share (0) went into the
+    # all-reduce; the other ranks saw 0 and took another step while this rank stopped and checkpointed.
+    import signal
+
+    import core.loop as loop
+
+    stop = loop.StopOnSignal()
+    try:
+        def reduce_then_signal(values):
+            stop._handle(signal.SIGTERM, None)  # arrives while the collective runs
+            return list(values)  # every rank's share was 0
+
+        monkeypatch.setattr(loop, "all_reduce_sum", reduce_then_signal)
+        assert stop.agreed() == 0  # every rank goes on: the vote said no
+        monkeypatch.setattr(loop, "all_reduce_sum", lambda values: list(values))
+        assert stop.agreed() == signal.SIGTERM  # and at the next boundary every rank stops
+        other_rank = loop.StopOnSignal()
+        try:
+            monkeypatch.setattr(loop, "all_reduce_sum", lambda values: [values[0] + float(signal.SIGTERM)])
+            assert other_rank.agreed() == signal.SIGTERM  # a rank without the signal stops too
+        finally:
+            other_rank.close()
+    finally:
+        stop.close()
