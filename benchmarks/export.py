@@ -52,7 +52,14 @@ VARIANTS: dict[str, list[str]] = {
     "gptq128": ["quantization=weight_only", "weight_compute=float", "block_size=128", "rounding=gptq",
                 "fp16_candidate_rows=128"],
     # The same GPTQ codes computed by the int8 kernels (MatMulNBits, GatherBlockQuantized): int8 in memory.
+    # The same with SmoothQuant folded into the RMSNorm gains and the gated feed-forward (smooth_alpha).
+    "gptq_nbits32_sq50": ["quantization=weight_only", "weight_compute=int8", "block_size=32", "rounding=gptq",
+                          "fp16_candidate_rows=128", "smooth_alpha=0.5"],
     "gptq_nbits64": ["quantization=weight_only", "weight_compute=int8", "block_size=64", "rounding=gptq",
+                     "fp16_candidate_rows=128"],
+    "gptq_nbits16": ["quantization=weight_only", "weight_compute=int8", "block_size=16", "rounding=gptq",
+                     "fp16_candidate_rows=128"],
+    "gptq_nbits32": ["quantization=weight_only", "weight_compute=int8", "block_size=32", "rounding=gptq",
                      "fp16_candidate_rows=128"],
     "gptq_nbits128": ["quantization=weight_only", "weight_compute=int8", "block_size=128", "rounding=gptq",
                       "fp16_candidate_rows=128"],

@@ -71,6 +71,7 @@ from student.quantize import (
     quantize_dynamic_graph,
     quantize_weight_only,
     quantize_weights_stored,
+    smooth_activations,
     store_weights_once,
     tie_transposed_copies,
 )
@@ -178,9 +179,12 @@ def quantize_export(fp32_dir: Path, out: Path, cfg: ExportConfig) -> dict[str, A
                 elif calibration is None:
                     _add_counts(stats, quantize_weight_only(proto, cfg))
                 else:
+                    moments = calibration.moments[fname]
+                    if cfg.smooth_alpha:
+                        moments, smoothed = smooth_activations(proto, moments, cfg.smooth_alpha)
+                        _add_counts(stats, {"smoothed_activations": smoothed})
                     _add_counts(stats, quantize_weight_only(
-                        proto, cfg, moments=calibration.moments[fname],
-                        fp16_rows=calibration.candidate_rows(cfg.fp16_candidate_rows)))
+                        proto, cfg, moments=moments, fp16_rows=calibration.candidate_rows(cfg.fp16_candidate_rows)))
             else:
                 quantize_dynamic_graph(path, Path(work) / "quantized.onnx", cfg)
                 proto = onnx.load(str(Path(work) / "quantized.onnx"))
@@ -198,6 +202,8 @@ def quantize_export(fp32_dir: Path, out: Path, cfg: ExportConfig) -> dict[str, A
         method = {"method": "weight_only", "bits": 8, "block_size": cfg.block_size, "symmetric": True,
                   "weight_compute": cfg.weight_compute, **stats}
         method["rounding"] = cfg.rounding
+        if cfg.smooth_alpha:
+            method["smooth_alpha"] = cfg.smooth_alpha
         if calibration is not None:
             rows = calibration.candidate_rows(cfg.fp16_candidate_rows)
             method.update(calibration=calibration.describe(), gptq_damp=cfg.gptq_damp)

@@ -83,6 +83,13 @@ class ExportConfig:
     calibration decoding steps (MASSIVE students generate ~100 distinct tokens: intents, slot labels,
     separators). Their logits decide the near ties where 8-bit rounding of the lm_head flips a
     prediction; a row costs 2 bytes per dimension instead of 1. 0: every row int8."""
+    smooth_alpha: float = 0.0
+    """weight_compute=int8, rounding=gptq: SmoothQuant migration strength in [0, 1] (0: off). Each
+    activation that feeds MatMuls and comes out of an RMSNorm gain or the gated feed-forward's product
+    is divided per channel by s = rms(x)^alpha / max|W|^(1 - alpha), folded into that gain or the
+    linear branch's weight, and the MatMuls' weight rows are multiplied by s (`smooth_activations`):
+    the same function in exact arithmetic, flatter activations for the int8 kernel's per-block
+    quantization. Chosen on dev ids with benchmarks/export.py."""
     weight_type: Literal["qint8", "quint8"] = "qint8"
     """dynamic: int8 weight type, qint8 (signed, symmetric; fast on x86 with VNNI and on ARM) or quint8."""
     per_channel: bool = False
@@ -120,5 +127,11 @@ class ExportConfig:
         if self.fp16_candidate_rows and self.rounding != "gptq":
             raise ConfigError("export.fp16_candidate_rows: the candidates come from the calibration pass of "
                               f"rounding=gptq, got rounding={self.rounding}")
+        if not 0.0 <= self.smooth_alpha <= 1.0:
+            raise ConfigError(f"export.smooth_alpha: must be in [0, 1], got {self.smooth_alpha}")
+        if self.smooth_alpha and (self.weight_compute != "int8" or self.rounding != "gptq"):
+            raise ConfigError("export.smooth_alpha: smoothing needs the calibration moments and the int8 kernels "
+                              f"(weight_compute=int8, rounding=gptq), got weight_compute={self.weight_compute}, "
+                              f"rounding={self.rounding}")
         if self.parity_tolerance <= 0:
             raise ConfigError(f"export.parity_tolerance: must be > 0, got {self.parity_tolerance}")

@@ -402,6 +402,82 @@ def add_fp16_logit_rows(x: str, logits_q: str, logits: str, table: Any, rows: An
     ]
 
 
+def smooth_activations(model: onnx.ModelProto, moments: dict[str, Any], alpha: float) -> tuple[dict[str, Any], int]:
+    """SmoothQuant (Xiao et al., 2022) folded into the graph, in place, for int8 compute: an activation x
+    whose consumers are MatMuls with constant weights W is divided per channel by
+    s_j = rms(x_j)^alpha / max_n |W_jn|^(1 - alpha) (over all its consumers, normalised to geometric mean 1)
+    and W's rows are multiplied by s, so x @ W is unchanged in exact arithmetic while the int8 kernel
+    quantizes a flatter x per block. The division is folded into the producer of x, so no op is added:
+    - x = Mul(v, g) with a constant 1-D g (the RMSNorm weight): g / s;
+    - x = Mul(a, b) with b = MatMul(y, W1) over a constant W1 read only there (the gated feed-forward's
+      linear branch): W1's columns / s.
+    Other activations are left alone. rms(x_j) is sqrt(E[x_j^2]) from `calibrate`'s second moments.
+    Returns the moments of the smoothed activations (E[x x^T] / s s^T, the others as given) and the
+    number of activations smoothed."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    uses: dict[str, int] = {}
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+            consumers.setdefault(name, []).append(node)
+    for out in graph.output:
+        uses[out.name] = uses.get(out.name, 0) + 1
+    producer = {out: node for node in graph.node for out in node.output}
+
+    def constant(name: str) -> Any:
+        return numpy_helper.to_array(inits[name]) if name in inits and uses.get(name) == 1 else None
+
+    def set_constant(name: str, array: Any) -> None:
+        inits[name].CopyFrom(numpy_helper.from_array(array.astype(np.float32), name))
+
+    smoothed = dict(moments)
+    count = 0
+    for x, moment in moments.items():
+        readers = consumers.get(x, [])
+        matmuls = [n for n in readers if n.op_type == "MatMul" and n.input[0] == x and constant(n.input[1]) is not None]
+        # Shape reads only the shape of x; anything else would see the scaled values.
+        if not matmuls or any(n.op_type != "Shape" and n not in matmuls for n in readers) or x not in producer:
+            continue
+        weights = [constant(n.input[1]) for n in matmuls]
+        if any(w.ndim != 2 or w.shape[0] != moment.shape[0] for w in weights):
+            continue
+        fold = producer[x]
+        if fold.op_type != "Mul":
+            continue
+        target = None
+        for i, name in enumerate(fold.input):
+            g = constant(name)
+            if g is not None and g.ndim == 1 and g.shape[0] == moment.shape[0]:
+                target = ("gain", name)
+            other = fold.input[1 - i]
+            linear = producer.get(other)
+            if target is None and linear is not None and linear.op_type == "MatMul" and uses.get(other) == 1:
+                w1 = constant(linear.input[1])
+                if w1 is not None and w1.ndim == 2 and w1.shape[1] == moment.shape[0]:
+                    target = ("columns", linear.input[1])
+        if target is None:
+            continue
+        rms = np.sqrt(np.maximum(np.diag(moment), 0.0))
+        wmax = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
+        live = (rms > 0) & (wmax > 0)
+        s = np.ones_like(rms)
+        s[live] = rms[live] ** alpha / wmax[live] ** (1.0 - alpha)
+        s[live] /= np.exp(np.mean(np.log(s[live])))
+        kind, name = target
+        array = numpy_helper.to_array(inits[name])
+        set_constant(name, array / s if kind == "gain" else array / s[None, :])
+        for node, w in zip(matmuls, weights):
+            set_constant(node.input[1], w * s[:, None])
+        smoothed[x] = moment / np.outer(s, s)
+        count += 1
+    return smoothed, count
+
+
 def quantize_weight_only(model: onnx.ModelProto, cfg: ExportConfig, moments: dict[str, Any] | None = None,
                          fp16_rows: Any = None) -> dict[str, int]:
     """8-bit weight-only quantization in place, weights in blocks of cfg.block_size:

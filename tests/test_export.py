@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -684,3 +685,83 @@ def test_manifest_model_config_carries_the_target_order():
     assert model_spans(spans) and model_intent_first(spans)
     # Models fine-tuned before the option existed (or encoder exports) read as the official order.
     assert not model_intent_first(_model_config_summary(SimpleNamespace(model_type="t5")))
+
+
+def _norm_and_gated_graph(rng: np.random.Generator) -> tuple[Any, dict[str, Any]]:
+    """x -> x * gain -> two MatMuls (q, k); a gated product relu(x @ Wg) * (x @ Wl) -> MatMul (out).
+    The gain has outlier channels, as RMSNorm gains of trained T5 models do."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    d, f = 32, 48
+    gain = np.ones(d, dtype=np.float32)
+    gain[[3, 17]] = 20.0
+    arrays = {"gain": gain, "wq": rng.normal(size=(d, d)), "wk": rng.normal(size=(d, d)),
+              "wg": rng.normal(size=(d, f)), "wl": rng.normal(size=(d, f)), "wo": rng.normal(size=(f, d))}
+    inits = [numpy_helper.from_array(np.asarray(a, dtype=np.float32), n) for n, a in arrays.items()]
+    nodes = [
+        helper.make_node("Mul", ["x", "gain"], ["h"]),
+        helper.make_node("MatMul", ["h", "wq"], ["q"]),
+        helper.make_node("MatMul", ["h", "wk"], ["k"]),
+        helper.make_node("Shape", ["h"], ["h_shape"]),
+        helper.make_node("MatMul", ["x", "wg"], ["g_pre"]),
+        helper.make_node("Relu", ["g_pre"], ["g"]),
+        helper.make_node("MatMul", ["x", "wl"], ["lin"]),
+        helper.make_node("Mul", ["g", "lin"], ["ff"]),
+        helper.make_node("MatMul", ["ff", "wo"], ["out"]),
+    ]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("q", "k", "out")]
+    outputs.append(helper.make_tensor_value_info("h_shape", TensorProto.INT64, None))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, d])],
+                              outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), arrays
+
+
+def test_smoothing_keeps_the_function_and_flattens_the_activations():
+    """SmoothQuant folded into the graph: the same outputs in fp32 (onnxruntime), the gain and the
+    linear branch carry 1/s, and with alpha = 1 every smoothed activation channel has the same RMS."""
+    import onnxruntime as ort
+
+    from student.quantize import smooth_activations
+
+    rng = np.random.default_rng(0)
+    model, arrays = _norm_and_gated_graph(rng)
+    x = rng.normal(size=(256, 32)).astype(np.float32)
+
+    def run(proto: Any) -> dict[str, Any]:
+        session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        names = [o.name for o in session.get_outputs()]
+        return dict(zip(names, session.run(names, {"x": x})))
+
+    before = run(model)
+    h = x * arrays["gain"]
+    ff = np.maximum(x @ arrays["wg"], 0) * (x @ arrays["wl"])
+    moments = {"h": h.T.astype(np.float64) @ h / len(h), "ff": ff.T.astype(np.float64) @ ff / len(ff),
+               "x": x.T.astype(np.float64) @ x / len(x)}
+    smoothed, count = smooth_activations(model, moments, alpha=1.0)
+    assert count == 2  # h (through the gain) and ff (through wl); x has no foldable producer
+    np.testing.assert_array_equal(smoothed["x"], moments["x"])
+    after = run(model)
+    for name in ("q", "k", "out"):
+        np.testing.assert_allclose(after[name], before[name], rtol=1e-4, atol=1e-3 * np.abs(before[name]).max())
+    np.testing.assert_array_equal(after["h_shape"], before["h_shape"])
+    for name in ("h", "ff"):
+        rms = np.sqrt(np.diag(smoothed[name]))
+        live = rms > 0
+        np.testing.assert_allclose(rms[live], rms[live].mean(), rtol=1e-6)
+    # alpha = 0.5 keeps the function too and leaves the outlier channels smaller but not level.
+    model2, _ = _norm_and_gated_graph(np.random.default_rng(0))
+    smoothed2, _ = smooth_activations(model2, moments, alpha=0.5)
+    np.testing.assert_allclose(run(model2)["q"], before["q"], rtol=1e-4, atol=1e-3 * np.abs(before["q"]).max())
+    rms_h = np.sqrt(np.diag(smoothed2["h"]))
+    assert rms_h.max() / np.median(rms_h) < np.sqrt(np.diag(moments["h"])).max() / np.median(np.sqrt(np.diag(moments["h"])))
+
+
+def test_smoothing_needs_the_int8_kernels_and_gptq():
+    with pytest.raises(ConfigError, match="smooth_alpha"):
+        load_config(ExportConfig, section="export", overrides=["smooth_alpha=0.5"])
+    with pytest.raises(ConfigError, match=r"\[0, 1\]"):
+        load_config(ExportConfig, section="export", overrides=["smooth_alpha=1.5", "weight_compute=int8",
+                                                                "rounding=gptq"])
+    cfg = load_config(ExportConfig, section="export", overrides=["smooth_alpha=0.5", "weight_compute=int8",
+                                                                  "rounding=gptq"])
+    assert cfg.smooth_alpha == 0.5
