@@ -62,9 +62,16 @@ class CorpusConfig:
     sources: list[SourceConfig] = field(default_factory=_default_sources)
     """Monolingual text sources, read for every locale (see SourceConfig keys: name, kind, path,
     hf_config, split, text_field)."""
+    aligned_sources: list[str] = field(default_factory=list)
+    """Names of `kind: text` sources whose files are line-aligned across locales (line n of every
+    locale's file is the same sentence, as in NTREX). Their lines leave the monolingual pools: the
+    translations of one line that survive cleaning are packed next to each other in the pretraining
+    data (translation language modelling, as in XLM: a masked span can be read off a translation in
+    the same row), in natural proportions, and a heldout line is heldout in every locale. They stay
+    tokenizer text. Empty: every source is monolingual."""
     max_sentences_per_language: int | None = None
     """Keep at most this many sentences per locale after deduplication and exclusion (a seeded
-    random subset); null keeps all."""
+    random subset); null keeps all (aligned lines are not capped)."""
     max_sentences_per_source: int | None = None
     """Read at most this many lines per source file (the first ones); bounds reading time on huge
     sources. null reads everything."""
@@ -246,6 +253,13 @@ def _validate_data_config(cfg: DataConfig) -> None:
             )
         if s.kind in ("jsonl", "hf") and not s.text_field:
             raise ConfigError(f"corpus.sources[{i}].text_field: must name the field holding the text")
+    kinds = {src.name: src.kind for src in c.sources}
+    for name in c.aligned_sources:
+        if name not in kinds:
+            raise ConfigError(f"corpus.aligned_sources: {name!r} is not a source; sources: {', '.join(kinds) or 'none'}")
+        if kinds[name] != "text":
+            raise ConfigError(f"corpus.aligned_sources: {name!r} is a {kinds[name]} source; only kind: text files keep "
+                              "their line numbers")
     for key in ("max_sentences_per_language", "max_sentences_per_source"):
         value = getattr(c, key)
         if value is not None and value < 1:

@@ -288,6 +288,8 @@ class LocaleReport:
     capped: int = 0
     """Dropped by max_sentences_per_language."""
     kept: int = 0
+    aligned: int = 0
+    """Lines of the aligned sources kept (corpus.aligned_sources), not counted in `kept`."""
 
 
 @dataclass
@@ -296,6 +298,13 @@ class Corpus:
 
     sentences: dict[str, list[str]]
     report: dict[str, LocaleReport]
+    aligned: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    """Per locale, the kept lines of the aligned sources as (key, text); the key (`source:line`) is
+    the same for the translations of one line (`aligned_groups`)."""
+
+    def tokenizer_pools(self) -> dict[str, list[str]]:
+        """Monolingual sentences plus the aligned lines, per locale: the tokenizer's text."""
+        return {loc: sents + [text for _, text in self.aligned.get(loc, [])] for loc, sents in self.sentences.items()}
 
     def sizes(self) -> dict[str, int]:
         return {loc: len(s) for loc, s in self.sentences.items()}
@@ -353,6 +362,7 @@ def build_corpus(cfg: DataConfig, excluded: EvaluationText, progress: bool = Tru
     c = cfg.corpus
     codes = languages_table()
     sentences: dict[str, list[str]] = {}
+    aligned: dict[str, list[tuple[str, str]]] = {}
     reports: dict[str, LocaleReport] = {}
     for loc in tqdm(cfg.locales, desc="corpus", unit="locale", disable=not progress):
         report = LocaleReport()
@@ -364,7 +374,14 @@ def build_corpus(cfg: DataConfig, excluded: EvaluationText, progress: bool = Tru
                 report.missing_sources.append(source.name)
                 continue
             counted = _Counted(raw)
-            kept += clean_sentences(counted, excluded, report, seen, c.min_chars, c.max_chars)
+            if source.name in c.aligned_sources:
+                # One line at a time, so each kept line keeps its number (its key across locales).
+                lines = [(f"{source.name}:{n}", clean_sentences([text], excluded, report, seen, c.min_chars,
+                                                                c.max_chars)) for n, text in enumerate(counted)]
+                aligned.setdefault(loc, []).extend((key, kept_line[0]) for key, kept_line in lines if kept_line)
+                report.aligned = len(aligned[loc])
+            else:
+                kept += clean_sentences(counted, excluded, report, seen, c.min_chars, c.max_chars)
             report.read[source.name] = counted.count
         if c.max_sentences_per_language is not None and len(kept) > c.max_sentences_per_language:
             rng = random.Random(f"{cfg.seed}:cap:{loc}")
@@ -374,12 +391,22 @@ def build_corpus(cfg: DataConfig, excluded: EvaluationText, progress: bool = Tru
         report.kept = len(kept)
         sentences[loc] = kept
         reports[loc] = report
-    if not any(sentences.values()):
+    if not any(sentences.values()) and not any(aligned.values()):
         sources = ", ".join(f"{s.name} ({s.path})" if s.kind != "hf" else s.name for s in c.sources)
         raise CorpusSourceError(
             f"the corpus has no sentences for any of the locales {', '.join(cfg.locales)}: every source ({sources}) "
             "is missing, empty or filtered out; point corpus.sources at text files with one sentence per line")
-    return Corpus(sentences, reports)
+    return Corpus(sentences, reports, aligned)
+
+
+def aligned_groups(aligned: dict[str, list[tuple[str, str]]]) -> dict[str, list[tuple[str, str]]]:
+    """{line key: [(locale, text), ...]} for the lines kept in at least two locales (a line left in
+    one locale has no translation to align with and is dropped), the shape `draw_parallel` takes."""
+    groups: dict[str, list[tuple[str, str]]] = {}
+    for loc, lines in aligned.items():
+        for key, text in lines:
+            groups.setdefault(key, []).append((loc, text))
+    return {key: group for key, group in groups.items() if len(group) >= 2}
 
 
 class _Counted:
@@ -568,6 +595,23 @@ def draw_parallel(
         )
 
     return mixture(ids[k:]), mixture(ids[:k])
+
+
+def join_mixtures(first: Mixture, second: Mixture) -> Mixture:
+    """`first`'s documents followed by `second`'s (rows are shuffled at training time, not here); sizes
+    and drawn counts add up per locale, and p_l becomes each locale's share of the joined list.
+    `alpha` is the first mixture's."""
+    sizes = {loc: first.sizes.get(loc, 0) + second.sizes.get(loc, 0) for loc in {**first.sizes, **second.sizes}}
+    quotas = {loc: first.quotas.get(loc, 0) + second.quotas.get(loc, 0) for loc in sizes}
+    total = max(sum(quotas.values()), 1)
+    return Mixture(
+        documents=first.documents + second.documents,
+        locales=first.locales + second.locales,
+        sizes=sizes,
+        probabilities={loc: quotas[loc] / total for loc in sizes},
+        quotas=quotas,
+        alpha=first.alpha,
+    )
 
 
 def draw_mixture(pools: dict[str, list[str]], alpha: float, total: int, seed: int) -> Mixture:

@@ -164,7 +164,7 @@ def ensure_tokenizer(cfg: DataConfig, inputs: Inputs, run_dir: Path, force: bool
     fp = fingerprint(cfg, "tokenizer")
     if _reuse(out_dir, tk.is_complete(out_dir), out_dir / "training.json", fp, force):
         return tk.load_tokenizer(out_dir)
-    pools = inputs.corpus.sentences
+    pools = inputs.corpus.tokenizer_pools()
     if cfg.sampling.massive_train_in_tokenizer:
         # Never a target locale's MASSIVE text, in any setting: the zero-shot and the teacher-labelled
         # arms then share one tokenizer (and one stage-1 teacher), and a target reads like a new locale.
@@ -225,7 +225,7 @@ def ensure_packed(
 ) -> dict[str, Any]:
     """Split, sample and pack general-domain (or in-domain) documents unless up to date."""
     from data_prep import packing
-    from data_prep.corpus import draw_mixture, draw_parallel, split_heldout
+    from data_prep.corpus import aligned_groups, draw_mixture, draw_parallel, join_mixtures, split_heldout
 
     kind = "indomain" if indomain else "data"
     fp = fingerprint(cfg, kind)
@@ -251,6 +251,13 @@ def ensure_packed(
                 train_pools, cfg.sampling.alpha, cfg.sampling.pretrain_sentences or num_train, cfg.seed
             )
         heldout = draw_mixture(heldout_pools, 1.0, sum(map(len, heldout_pools.values())), cfg.seed + 1)
+        groups = {} if indomain else aligned_groups(inputs.corpus.aligned)
+        if groups:
+            aligned_train, aligned_heldout = draw_parallel(
+                groups, cfg.packing.heldout_fraction, cfg.seed, cfg.packing.min_heldout_documents
+            )
+            say(aligned_train.table(f"aligned lines ({', '.join(cfg.corpus.aligned_sources)}), translations adjacent"))
+            train, heldout = join_mixtures(train, aligned_train), join_mixtures(heldout, aligned_heldout)
     say(train.table(f"{kind} train mixture"))
     report = inputs.indomain_report if indomain else inputs.corpus.report
     if indomain:
@@ -324,6 +331,8 @@ def summary(run_dir: Path) -> dict[str, Any]:
 def fingerprint(cfg: DataConfig, output: str) -> str:
     """A hash of the settings an output depends on ('tokenizer', 'data' or 'indomain')."""
     d = to_dict(cfg)
+    if not d["corpus"]["aligned_sources"]:  # outputs built before the option keep their hash
+        del d["corpus"]["aligned_sources"]
     common = {"locales": d["locales"], "seed": d["seed"], "massive": {"source": d["massive"]["source"]}}
     # Outputs built before the cross-lingual settings existed keep their hash.
     text_locales = cfg.massive_text_locales() if output == "indomain" else cfg.tokenizer_massive_locales()

@@ -285,3 +285,58 @@ def test_config_validation_names_key_and_allowed_values():
     cfg = load_config(DataConfig, section="data", preset="tiny")
     assert cfg.tokenizer.vocab_size == 4000 and cfg.packing.seq_len == 128 and "ja-JP" in cfg.locales
     assert math.isclose(cfg.sampling.alpha, 0.3)
+
+
+# ----------------------------------------------------------------------------- aligned (parallel) sources
+
+
+def test_aligned_source_lines_keep_their_numbers_and_leave_the_monolingual_pools(tmp_path, flores_dir):
+    """corpus.aligned_sources (NTREX-like files, line n = the same sentence in every locale): their
+    lines are keyed by line number, cleaned one by one (a refused or duplicated line drops only that
+    locale's member), and are not monolingual sentences; the tokenizer still reads them."""
+    from data_prep.corpus import aligned_groups
+
+    flores_de = gzip.open(flores_dir / "de-DE.txt.gz", "rt", encoding="utf-8").read().splitlines()
+    _write_gz(tmp_path / "mono" / "en-US.txt.gz", ["A monolingual sentence."])
+    _write_gz(tmp_path / "mono" / "de-DE.txt.gz", ["Ein einsprachiger Satz."])
+    _write_gz(tmp_path / "par" / "en-US.txt.gz", ["One.", "Two.", "Three.", "Four."])
+    # de: line 1 is FLORES text (refused), line 3 repeats a monolingual sentence (a duplicate).
+    _write_gz(tmp_path / "par" / "de-DE.txt.gz", ["Eins.", flores_de[3], "Drei.", "Ein einsprachiger Satz."])
+    sources = [{"name": "mono", "kind": "text", "path": str(tmp_path / "mono" / "{locale}.txt.gz")},
+               {"name": "par", "kind": "text", "path": str(tmp_path / "par" / "{locale}.txt.gz")}]
+    cfg = _cfg(tmp_path, ["en-US", "de-DE"], sources=sources, aligned_sources=["par"])
+    corpus = build_corpus(cfg, evaluation_text(cfg), progress=False)
+    assert corpus.sentences == {"en-US": ["A monolingual sentence."], "de-DE": ["Ein einsprachiger Satz."]}
+    assert corpus.aligned["en-US"] == [("par:0", "One."), ("par:1", "Two."), ("par:2", "Three."), ("par:3", "Four.")]
+    assert corpus.aligned["de-DE"] == [("par:0", "Eins."), ("par:2", "Drei.")]
+    report = corpus.report["de-DE"]
+    assert (report.kept, report.aligned, report.refused, report.duplicates) == (1, 2, {"flores": 1}, 1)
+    assert report.read == {"mono": 1, "par": 4}
+    # Lines left in one locale have nothing to align with.
+    assert aligned_groups(corpus.aligned) == {"par:0": [("en-US", "One."), ("de-DE", "Eins.")],
+                                              "par:2": [("en-US", "Three."), ("de-DE", "Drei.")]}
+    assert corpus.tokenizer_pools()["de-DE"] == ["Ein einsprachiger Satz.", "Eins.", "Drei."]
+
+
+def test_aligned_sources_must_name_text_sources(tmp_path):
+    from core.config import ConfigError
+
+    with pytest.raises(ConfigError, match="'ntrex' is not a source"):
+        _cfg(tmp_path, ["en-US"], aligned_sources=["ntrex"])
+    sources = [{"name": "j", "kind": "jsonl", "path": str(tmp_path / "{locale}.jsonl")}]
+    with pytest.raises(ConfigError, match="only kind: text"):
+        _cfg(tmp_path, ["en-US"], sources=sources, aligned_sources=["j"])
+
+
+def test_join_mixtures_adds_the_aligned_block_after_the_sampled_one():
+    from data_prep.corpus import join_mixtures
+
+    mono = draw_mixture({"a": ["a1", "a2"], "b": ["b1"]}, 1.0, 3, seed=0)
+    groups = {f"k{i}": [("a", f"pa{i}"), ("b", f"pb{i}")] for i in range(40)}
+    aligned, held = draw_parallel(groups, 0.05, seed=0)
+    joined = join_mixtures(mono, aligned)
+    assert joined.documents == mono.documents + aligned.documents
+    assert joined.locales == mono.locales + aligned.locales
+    assert joined.sizes == {"a": 40, "b": 39} and joined.quotas == {"a": 40, "b": 39}
+    assert sum(joined.probabilities.values()) == pytest.approx(1.0)
+    assert not {d for d in held.documents} & set(joined.documents)

@@ -114,3 +114,33 @@ def test_prepare_end_to_end_then_reuse(tmp_path, capsys, massive_dir, corpora_di
     # Changed settings do not silently reuse outputs built from other ones.
     assert main([*args, "packing.seq_len=32"]) == 2
     assert "different settings" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_prepare_packs_the_translations_of_an_aligned_line_next_to_each_other(tmp_path, capsys, massive_dir,
+                                                                               corpora_dir):
+    """corpus.aligned_sources=[ntrex]: the packed pretraining data holds NTREX line n of each locale
+    as consecutive documents (translation language modelling), and no NTREX line elsewhere."""
+    import gzip
+
+    from data_prep.packing import load_packed, unpack_documents
+    from data_prep.tokenizer import load_tokenizer, special_ids
+
+    run = tmp_path / "run"
+    assert main(["data", "prepare", "--run-dir", str(run), "--preset", "tiny", "--quiet", *TINY_OVERRIDES,
+                 "corpus.max_sentences_per_source=200", "corpus.aligned_sources=[ntrex]",
+                 "massive.indomain=false"]) == 0
+    assert "translations adjacent" in capsys.readouterr().out
+    tok = load_tokenizer(run / "tokenizer")
+    sep = special_ids(tok).sep
+    docs = [tok.decode(d) for d in unpack_documents(load_packed(run / "data", "train")["input_ids"], sep)]
+    docs += [tok.decode(d) for d in unpack_documents(load_packed(run / "data", "heldout")["input_ids"], sep)]
+    ntrex = {loc: [" ".join(x.split()) for x in gzip.open(corpora_dir / "ntrex" / f"{loc}.txt.gz", "rt",
+                                                          encoding="utf-8").read().splitlines()[:200]]
+             for loc in ("en-US", "de-DE", "ja-JP")}
+    line_of = {text: n for lines in ntrex.values() for n, text in enumerate(lines)}
+    positions = [(i, line_of[d]) for i, d in enumerate(docs) if d in line_of]
+    # Every NTREX document sits in a run of its own line's translations (one run per line).
+    runs = [n for k, (i, n) in enumerate(positions) if k == 0 or positions[k - 1] != (i - 1, n)]
+    assert len(runs) == len(set(runs)) >= 150
+    assert sum(1 for _, n in positions) >= 2.5 * len(runs)  # mostly all three locales per line
