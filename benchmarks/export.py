@@ -74,7 +74,7 @@ SIZE_LIMIT = 0.30  # int8 export / PyTorch fp32 (seq2seq) or / fp32 export (NLU)
 MIN_IDENTICAL = 0.99
 MAX_EM_DIFF = 0.5  # points
 MIN_SPEEDUP = 6.0
-SMALL_INT8_COMPUTE_BLOCK = 32  # the int8-compute block size of the --small memory row (demo dev: 98.9% vs 98.3% at 64)
+SMALL_INT8_COMPUTE_VARIANT = "gptq_nbits32"  # the --small int8-compute row (chosen on demo dev: 98.9% vs 98.3% at block 64)
 MAX_MEMORY_FRACTION = 0.4  # int8-compute added memory / fp32 ONNX's (issue: device memory)
 
 
@@ -82,12 +82,14 @@ def safetensors_bytes(model_dir: Path) -> int:
     return sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
 
 
-def preset_config(preset: str = "tiny") -> Any:
-    """The int8 export config of a preset (launch/presets/<preset>/export.yaml)."""
+def preset_config(preset: str = "tiny", variant: str | None = None) -> Any:
+    """The int8 export config of a preset (launch/presets/<preset>/export.yaml), with a VARIANTS entry's
+    overrides on top when `variant` is given."""
     from core.config import load_config
     from student.export_config import ExportConfig
 
-    return load_config(ExportConfig, section="export", preset=preset, overrides=["int8=true"])
+    overrides = ["int8=true", *(VARIANTS[variant] if variant else [])]
+    return load_config(ExportConfig, section="export", preset=preset, overrides=overrides)
 
 
 def default_variant(preset: str = "tiny") -> str:
@@ -438,12 +440,10 @@ def main(argv: list[str] | None = None) -> int:
         export(small_dir, fp32, ExportConfig(check_parity=False))
         # The small preset's int8 config. Its size does not depend on how many utterances calibrate
         # (at most fp16_candidate_rows rows are fp16), so a random-weight student calibrates on few.
-        small_cfg = preset_config("small")
-        if small_cfg.rounding == "gptq":
-            small_cfg = dataclasses.replace(small_cfg, calibration_examples=min(small_cfg.calibration_examples, 64))
-        export(fp32, int8, small_cfg)
-        # The same codes computed by the int8 kernels, in the blocks the demo's dev agreement chose (32).
-        export(fp32, int8c, dataclasses.replace(small_cfg, weight_compute="int8", block_size=SMALL_INT8_COMPUTE_BLOCK))
+        for out, cfg in ((int8, preset_config("small")), (int8c, preset_config("small", SMALL_INT8_COMPUTE_VARIANT))):
+            if cfg.rounding == "gptq":
+                cfg = dataclasses.replace(cfg, calibration_examples=min(cfg.calibration_examples, 64))
+            export(fp32, out, cfg)
         small_models = {"pytorch": small_dir, "fp32": fp32, "int8": int8, "int8_compute": int8c}
         result["small"] = size_rows(small_models, safetensors_bytes(small_dir))
         if args.memory_repeats:

@@ -430,49 +430,51 @@ def smooth_activations(model: onnx.ModelProto, moments: dict[str, Any], alpha: f
     producer = {out: node for node in graph.node for out in node.output}
 
     def constant(name: str) -> Any:
+        """The initializer `name` as an array when this graph reads it once (safe to rewrite), else None."""
         return numpy_helper.to_array(inits[name]) if name in inits and uses.get(name) == 1 else None
 
     def set_constant(name: str, array: Any) -> None:
         inits[name].CopyFrom(numpy_helper.from_array(array.astype(np.float32), name))
 
+    def fold_target(x: str, width: int) -> tuple[str, Any] | None:
+        """Where 1/s goes: (gain name, 1-D gain) or (W1 name, W1 [K, width]) of x's producer, else None."""
+        fold = producer.get(x)
+        if fold is None or fold.op_type != "Mul":
+            return None
+        for name, other in (fold.input, fold.input[::-1]):
+            gain = constant(name)
+            if gain is not None and gain.shape == (width,):
+                return name, gain
+            linear = producer.get(other)
+            if linear is not None and linear.op_type == "MatMul" and uses.get(other) == 1:
+                w1 = constant(linear.input[1])
+                if w1 is not None and w1.ndim == 2 and w1.shape[1] == width:
+                    return linear.input[1], w1
+        return None
+
     smoothed = dict(moments)
     count = 0
     for x, moment in moments.items():
+        width = moment.shape[0]
         readers = consumers.get(x, [])
-        matmuls = [n for n in readers if n.op_type == "MatMul" and n.input[0] == x and constant(n.input[1]) is not None]
+        weights = {n.input[1]: constant(n.input[1]) for n in readers if n.op_type == "MatMul" and n.input[0] == x}
         # Shape reads only the shape of x; anything else would see the scaled values.
-        if not matmuls or any(n.op_type != "Shape" and n not in matmuls for n in readers) or x not in producer:
+        if (not weights or any(w is None or w.ndim != 2 or w.shape[0] != width for w in weights.values())
+                or any(n.op_type != "Shape" and not (n.op_type == "MatMul" and n.input[0] == x) for n in readers)):
             continue
-        weights = [constant(n.input[1]) for n in matmuls]
-        if any(w.ndim != 2 or w.shape[0] != moment.shape[0] for w in weights):
-            continue
-        fold = producer[x]
-        if fold.op_type != "Mul":
-            continue
-        target = None
-        for i, name in enumerate(fold.input):
-            g = constant(name)
-            if g is not None and g.ndim == 1 and g.shape[0] == moment.shape[0]:
-                target = ("gain", name)
-            other = fold.input[1 - i]
-            linear = producer.get(other)
-            if target is None and linear is not None and linear.op_type == "MatMul" and uses.get(other) == 1:
-                w1 = constant(linear.input[1])
-                if w1 is not None and w1.ndim == 2 and w1.shape[1] == moment.shape[0]:
-                    target = ("columns", linear.input[1])
+        target = fold_target(x, width)
         if target is None:
             continue
         rms = np.sqrt(np.maximum(np.diag(moment), 0.0))
-        wmax = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
+        wmax = np.max([np.abs(w).max(axis=1) for w in weights.values()], axis=0)
         live = (rms > 0) & (wmax > 0)
         s = np.ones_like(rms)
         s[live] = rms[live] ** alpha / wmax[live] ** (1.0 - alpha)
         s[live] /= np.exp(np.mean(np.log(s[live])))
-        kind, name = target
-        array = numpy_helper.to_array(inits[name])
-        set_constant(name, array / s if kind == "gain" else array / s[None, :])
-        for node, w in zip(matmuls, weights):
-            set_constant(node.input[1], w * s[:, None])
+        name, array = target
+        set_constant(name, array / s)  # a gain [width] or W1's columns [K, width]: broadcasting divides the last axis
+        for weight_name, w in weights.items():
+            set_constant(weight_name, w * s[:, None])
         smoothed[x] = moment / np.outer(s, s)
         count += 1
     return smoothed, count
