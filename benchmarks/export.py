@@ -221,13 +221,13 @@ def table(rows: dict[str, dict[str, Any]], default: str, reference: str) -> str:
         label = f"int8 {name} (default)" if name == default else (name if name in ("pytorch", "fp32") else f"int8 {name}")
         out.append([
             label, f(r.get("size_mb"), ".2f"), f(r.get("fraction_of_reference"), ".3f"), f(r.get("added_rss_mb"), ".1f"),
-            f(r.get("cold_start_s"), ".2f"), f(r.get("p50"), ".2f"), f(r.get("p95"), ".2f"),
+            f(r.get("added_anon_mb"), ".1f"), f(r.get("added_library_mb"), ".1f"), f(r.get("cold_start_s"), ".2f"), f(r.get("p50"), ".2f"), f(r.get("p95"), ".2f"),
             f(r.get("throughput_utt_s"), ".1f"), f(r.get("speedup"), ".1f"), f(r.get("em"), ".2f"),
             f(r.get("em_diff_vs_fp32"), "+.2f"),
             f(100 * r["identical_vs_fp32"] if "identical_vs_fp32" in r else None, ".1f") + "%",
             f(100 * r["identical_vs_pytorch"] if "identical_vs_pytorch" in r else None, ".1f") + "%",
         ])
-    headers = ["model", "size MB", f"/ {reference}", "added RSS MB", "cold start s", "p50 ms", "p95 ms",
+    headers = ["model", "size MB", f"/ {reference}", "added RSS MB", "of it anonymous", "of it library code", "cold start s", "p50 ms", "p95 ms",
                "utt/s batch 32", "speed-up vs PyTorch", "EM", "EM - fp32", "identical to fp32", "identical to PyTorch"]
     return tabulate(out, headers=headers, tablefmt="github", disable_numparse=True) + "\n"
 
@@ -355,6 +355,10 @@ def checks(seq2seq: dict | None, nlu: dict | None, small: dict | None, default: 
         if small["int8_compute"].get("added_rss_mb") is not None:
             rows.append(("small seq2seq int8-compute added memory / fp32 ONNX's",
                          small["int8_compute"]["added_rss_mb"] / small["fp32"]["added_rss_mb"], "<=", MAX_MEMORY_FRACTION))
+            # The same without the shared-library pages the kernels touch (a fixed cost of the runtime,
+            # shared between processes): the memory the model holds privately. Shown beside, not instead.
+            rows.append(("small seq2seq int8-compute anonymous memory / fp32 ONNX's",
+                         small["int8_compute"]["added_anon_mb"] / small["fp32"]["added_anon_mb"], "<=", MAX_MEMORY_FRACTION))
     if nlu:
         d = nlu[default]
         rows += [
@@ -456,7 +460,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                repeats=args.memory_repeats))
         print("\nsmall student (random weights):\n")
         for name, r in result["small"].items():
-            memory = f", added memory {r['added_rss_mb']:.1f} MB" if "added_rss_mb" in r else ""
+            memory = (f", added memory {r['added_rss_mb']:.1f} MB (anonymous {r['added_anon_mb']:.1f}, library code "
+                      f"{r['added_library_mb']:.1f}, mapped export files {r['added_model_files_mb']:.1f})") if "added_rss_mb" in r else ""
             print(f"- {name}: {r['size_mb']:.2f} MB ({r['fraction_of_reference']:.3f} of PyTorch fp32){memory}")
     result["checks"] = checks(result.get("seq2seq"), result.get("nlu"), result.get("small"), default)
     print()

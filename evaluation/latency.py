@@ -17,7 +17,8 @@ the difference of their resident memory (VmRSS, and of their peaks, VmHWM) is wh
 costs, and the first process's time from start to answer is the cold start. Throughput is
 utterances per second in calls of 32 (`measure_throughput`).
 
-Output JSON ({"<model>": {"p50", "p95", "mean", "size_mb", "added_rss_mb", "cold_start_s",
+Output JSON ({"<model>": {"p50", "p95", "mean", "size_mb", "added_rss_mb" (and its parts by kind of
+mapping: "added_anon_mb", "added_library_mb", "added_model_files_mb", "added_other_mb"), "cold_start_s",
 "throughput_utt_s", ...}}, milliseconds, seconds and 10^6 bytes), the file the pipeline's report
 reads, plus a Markdown table.
 """
@@ -127,10 +128,27 @@ if model_dir:
     predictor.predict_words([words])
     answered = time.time()
 status = {line.split(":")[0]: int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("Vm")}
+# Resident kB by kind of mapping: anonymous memory (heap, arenas, packed weights: what the model
+# holds privately), shared-library pages (code the model's kernels touched), the export's own
+# files (memory-mapped weights) and the rest.
+parts = {"anon_kb": 0, "library_kb": 0, "model_files_kb": 0, "other_kb": 0}
+where = "anon_kb"
+for line in open("/proc/self/smaps"):
+    fields = line.split()
+    if fields and not fields[0].endswith(":"):
+        path = fields[5] if len(fields) >= 6 else ""
+        where = ("anon_kb" if path in ("", "[heap]") else "model_files_kb" if model_dir and path.startswith(os.path.realpath(model_dir))
+                 else "library_kb" if ".so" in os.path.basename(path) else "other_kb")
+    elif fields and fields[0] == "Rss:":
+        parts[where] += int(fields[1])
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, i.e. the parent's peak at fork.
-print(json.dumps({"rss_kb": status["VmRSS"], "peak_kb": status["VmHWM"],
+print(json.dumps({"rss_kb": status["VmRSS"], "peak_kb": status["VmHWM"], **parts,
                   "cold_start_s": None if answered is None else answered - started}))
 """
+
+
+# The parts of added_rss_mb, by kind of mapping (see _CHILD): added_anon_mb, added_library_mb, ...
+FOOTPRINT_PARTS = ("anon_kb", "library_kb", "model_files_kb", "other_kb")
 
 
 def _child_footprint(model_dir: Path | None, backend: str, words: list[str], num_threads: int) -> dict[str, Any]:
@@ -176,6 +194,7 @@ def measure_footprint(model_dir: str | Path, words: list[str], num_threads: int 
         "baseline_rss_mb": median([b["rss_kb"] * kb for b, _ in runs]),
         "added_rss_mb": median([(w["rss_kb"] - b["rss_kb"]) * kb for b, w in runs]),
         "added_peak_mb": median([(w["peak_kb"] - b["peak_kb"]) * kb for b, w in runs]),
+        **{f"added_{part[:-3]}_mb": median([(w[part] - b[part]) * kb for b, w in runs]) for part in FOOTPRINT_PARTS},
         "cold_start_s": median([w["cold_start_s"] for _, w in runs]),
         "memory_backend": backend,
     }
@@ -210,17 +229,19 @@ def massive_utterances(data: str, locales: list[str], split: str, max_examples: 
 
 def latency_table(results: dict[str, dict[str, Any]]) -> str:
     """Markdown table (tabulate): model, backend, precision, p50, p95, size and, where measured, the
-    memory a model adds to a fresh process, its cold start and its throughput at batch 32."""
+    memory a model adds to a fresh process (with its anonymous and shared-library parts), its cold
+    start and its throughput at batch 32."""
     from tabulate import tabulate
 
     def f(value: Any, fmt: str) -> str:
         return "-" if value is None else format(value, fmt)
 
     rows = [[name, r["backend"], r["precision"], f(r["p50"], ".2f"), f(r["p95"], ".2f"), f(r["size_mb"], ".2f"),
-             f(r.get("added_rss_mb"), ".1f"), f(r.get("cold_start_s"), ".2f"), f(r.get("throughput_utt_s"), ".1f")]
+             f(r.get("added_rss_mb"), ".1f"), f(r.get("added_anon_mb"), ".1f"), f(r.get("added_library_mb"), ".1f"),
+             f(r.get("cold_start_s"), ".2f"), f(r.get("throughput_utt_s"), ".1f")]
             for name, r in results.items()]
-    headers = ["model", "backend", "precision", "p50 ms", "p95 ms", "size MB", "added RSS MB", "cold start s",
-               "utt/s at batch 32"]
+    headers = ["model", "backend", "precision", "p50 ms", "p95 ms", "size MB", "added RSS MB", "of it anonymous",
+               "of it library code", "cold start s", "utt/s at batch 32"]
     return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True) + "\n"
 
 

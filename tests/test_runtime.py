@@ -187,6 +187,9 @@ def test_evaluate_latency_writes_p50_p95_and_sizes(trained_int8: Path, nlu_int8:
     assert "| student_int8 | onnxruntime | int8 |" in squash_tables((tmp_path / "latency.md").read_text())
     for name in data:  # measured in fresh processes: the model adds memory; batches answer faster
         assert data[name]["added_rss_mb"] > 0 and data[name]["cold_start_s"] > 0 and data[name]["throughput_utt_s"] > 0
+        # the split by mapping (/proc/self/smaps) adds up to the VmRSS difference, read a moment apart
+        parts = [data[name][f"added_{part}_mb"] for part in ("anon", "library", "model_files", "other")]
+        assert data[name]["added_anon_mb"] > 0 and abs(sum(parts) - data[name]["added_rss_mb"]) < 2.0
     assert main(["evaluate", "latency", "--models", "noequals", "--out", str(tmp_path)]) == 2
     assert "NAME=DIR" in capsys.readouterr().err
 
