@@ -95,6 +95,11 @@ class IclTrainConfig:
     """Probability that a demonstration is in en-US (the rest: another configured locale)."""
     p_rename: float = 0.5
     """Probability that a prompt's label texts are permuted among its labels (k >= 1 prompts only)."""
+    p_query_demo: float = 0.0
+    """Probability that one demonstration of the query's label is the query itself (k >= 1 prompts
+    only): a copying curriculum. Reading a label off an identical demonstration is the easiest case
+    of reading it off a similar one; evaluation never shows the query (its demonstrations are train
+    utterances, its queries dev or test)."""
     prompt_template: str = PROMPT_TEMPLATE
     """As evaluate's icl.prompt_template: training and evaluation prompts must look alike."""
     demo_template: str = DEMO_TEMPLATE
@@ -111,7 +116,7 @@ class IclTrainConfig:
             raise ConfigError(f"icl.min_way/max_way must satisfy 1 <= min_way <= max_way, got {self.min_way}, {self.max_way}")
         if not self.shots or any(k < 0 for k in self.shots):
             raise ConfigError(f"icl.shots must be a non-empty list of k >= 0, got {self.shots}")
-        for name in ("p_same", "p_en", "p_rename"):
+        for name in ("p_same", "p_en", "p_rename", "p_query_demo"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"icl.{name} must be in [0, 1], got {getattr(self, name)}")
         if self.p_same + self.p_en > 1.0:
@@ -171,6 +176,8 @@ class IclPromptSampler:
         if k > 0 and len(chosen) > 1 and rng.random() < cfg.p_rename:
             rng.shuffle(texts)
         label_of = dict(zip(chosen, texts))
+        # Drawn only when the option is on, so that prompts of runs without it stay as they were.
+        copy_query = k > 0 and cfg.p_query_demo > 0 and rng.random() < cfg.p_query_demo
         demos: list[tuple[str, str]] = []
         demo_locales: list[str] = []
         demo_intents: list[str] = []
@@ -183,6 +190,8 @@ class IclPromptSampler:
                 utt = rng.choice(pool)
                 if utt == query and len(pool) > 1:
                     utt = rng.choice([u for u in pool if u != query])
+                if copy_query and intent == q_intent:
+                    utt, loc, copy_query = query, qloc, False
                 demos.append((utt, label_of[intent]))
                 demo_locales.append(loc)
                 demo_intents.append(intent)

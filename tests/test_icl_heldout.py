@@ -3,12 +3,14 @@ real MASSIVE files, real scikit-learn TF-IDF)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
 
+from core.config import ConfigError
 from data_prep.icl import (
     HELDOUT_SCENARIOS,
     IclPromptSampler,
@@ -84,6 +86,24 @@ def test_training_prompts_never_show_a_heldout_intent_and_vary(train_pools):
     # Seeded: the same index gives the same prompt, another seed another one.
     assert IclPromptSampler(pools, cfg).prompt(7) == prompts[7]
     assert IclPromptSampler(pools, cfg, seed=1).prompt(7) != prompts[7]
+
+
+def test_query_demo_curriculum_shows_the_query_once_with_its_label(train_pools):
+    cfg, pools = train_pools
+    plain = IclPromptSampler(pools, cfg)
+    copying = IclPromptSampler(pools, dataclasses.replace(cfg, p_query_demo=1.0))
+    for i in range(60):
+        p = copying.prompt(i)
+        query = p.text.rsplit("Utterance: ", 1)[1].split(" Intent:")[0]
+        demos = [d.split(" Intent: ") for d in p.text.split("Utterance: ")[1:-1]]
+        if p.shots == 0:
+            assert p == plain.prompt(i)  # nothing to copy from: the prompt of a run without the option
+            continue
+        assert [label for utt, label in demos if utt == query] == [p.target + "\n"]
+        # The other labels keep their demonstrations and the query its place at the end.
+        assert p.text.count("Utterance:") == p.shots * len(p.intents) + 1 and p.labels == plain.prompt(i).labels
+    with pytest.raises(ConfigError, match="p_query_demo"):
+        dataclasses.replace(cfg, p_query_demo=1.5).validate()
 
 
 def test_candidate_sets_and_demo_plans_are_seeded_and_nest():
