@@ -260,3 +260,24 @@ def test_pipeline_heldout_commands_score_both_models_on_the_same_test_prompts(ti
     summary = write_report(run_dir)
     assert summary["icl_heldout"]["same_prompts"] is True and summary["icl_heldout"]["split"] == "test"
     assert "### en-US->de-DE (across languages)" in (run_dir / "REPORT.md").read_text()
+
+
+def test_icl_binding_benchmark_scores_real_and_renamed_labels(tiny_teacher_dir, massive_dir, tmp_path, capsys):
+    from benchmarks.icl_binding import main
+
+    out = tmp_path / "binding.json"
+    assert main(["--models", f"t={tiny_teacher_dir}", "--data", str(massive_dir), "--locales", "en-US", "de-DE",
+                 "--shots", "0", "1", "--way", "3", "--prompts", "6", "--samples", "50", "--out", str(out)]) == 0
+    cells = json.loads(out.read_text())["models"]["t"]
+    assert sorted(c for c in cells if c != "dir") == ["k0_real", "k1_real", "k1_renamed"]
+    for name, cell in cells.items():
+        if name == "dir":
+            continue
+        for measure in ("correct", "memory"):
+            value, (low, high) = cell[measure]["value"], cell[measure]["ci"]
+            assert 0.0 <= low <= value <= high <= 1.0 and value * 6 == round(value * 6)
+    # Without renaming, the target is the query's real name: the two counts are one.
+    assert cells["k0_real"]["correct"] == cells["k0_real"]["memory"]
+    assert cells["k1_real"]["correct"] == cells["k1_real"]["memory"]
+    assert "| t " in capsys.readouterr().out
+    assert main(["--models", "nodir"]) == 2
