@@ -12,6 +12,9 @@ log-prob, as the evaluation). Three conditions on the same query draws:
   instead (it is among the shown texts, under another label's demonstrations);
 - k = 0 (`real` only): memory alone, the reference a model with demonstrations should not fall under.
 
+`--p-query-demo 1` puts the query itself among its label's demonstrations: whether the model can copy
+a label at all (the curriculum of `icl.p_query_demo`).
+
     .venv/bin/python -m benchmarks.icl_binding --models base=runs/demo/teacher-indomain \\
         icl=runs/demo/teacher-icl --locales en-US de-DE ja-JP --way 5 --shots 0 2 5 --prompts 200
 
@@ -30,7 +33,7 @@ from benchmarks.common import RESULTS  # noqa: I001 (first: sets the thread and 
 
 
 def rank_accuracy(model: Any, tokenizer: Any, locales: list[str], way: int, k: int, renamed: bool, prompts: int,
-                  seed: int, massive: str) -> dict[str, list[int]]:
+                  seed: int, massive: str, p_query_demo: float = 0.0) -> dict[str, list[int]]:
     """Per prompt: 1 where the top-ranked label text is the target ("correct") and where it is the
     query intent's real name ("memory")."""
     import torch
@@ -41,7 +44,7 @@ def rank_accuracy(model: Any, tokenizer: Any, locales: list[str], way: int, k: i
     from massive.format import label_text
 
     cfg = IclTrainConfig(massive=massive, locales=locales, min_way=way, max_way=way, shots=[k],
-                         p_rename=1.0 if renamed else 0.0, seed=seed)
+                         p_rename=1.0 if renamed else 0.0, p_query_demo=p_query_demo, seed=seed)
     sampler = IclPromptSampler(load_icl_pools(cfg, "dev"), cfg)
     ids = special_ids(tokenizer)
     start = model.config.decoder_start_token_id
@@ -67,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--way", type=int, default=5, help="labels per prompt (chance 1/way)")
     parser.add_argument("--shots", type=int, nargs="+", default=[0, 2, 5], help="demonstrations per label")
     parser.add_argument("--prompts", type=int, default=200, help="prompts per model, k and condition")
+    parser.add_argument("--p-query-demo", type=float, default=0.0,
+                        help="probability that a demonstration is the query itself (1: can the model copy a label?)")
     parser.add_argument("--seed", type=int, default=123, help="prompt seed (not the training seed: other draws)")
     parser.add_argument("--data", default="@data/massive/data", help="MASSIVE source")
     parser.add_argument("--samples", type=int, default=2000, help="bootstrap resamples")
@@ -97,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         model.eval()
         for k in args.shots:
             for renamed in ([False] if k == 0 else [False, True]):
-                got = rank_accuracy(model, tokenizer, args.locales, args.way, k, renamed, args.prompts, args.seed, args.data)
+                got = rank_accuracy(model, tokenizer, args.locales, args.way, k, renamed, args.prompts, args.seed, args.data,
+                                    args.p_query_demo)
                 cell = {"correct": summary(got["correct"]), "memory": summary(got["memory"])}
                 per_model[f"k{k}_{'renamed' if renamed else 'real'}"] = cell
                 c, m = cell["correct"], cell["memory"]
