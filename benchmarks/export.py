@@ -213,6 +213,8 @@ def build_small_student(work: Path, tokenizer_dir: Path) -> Path:
 def table(rows: dict[str, dict[str, Any]], default: str, reference: str) -> str:
     from tabulate import tabulate
 
+    from evaluation.latency import MEMORY_HEADERS, memory_cells
+
     def f(value: Any, fmt: str) -> str:
         return "-" if value is None else format(value, fmt)
 
@@ -220,14 +222,14 @@ def table(rows: dict[str, dict[str, Any]], default: str, reference: str) -> str:
     for name, r in rows.items():
         label = f"int8 {name} (default)" if name == default else (name if name in ("pytorch", "fp32") else f"int8 {name}")
         out.append([
-            label, f(r.get("size_mb"), ".2f"), f(r.get("fraction_of_reference"), ".3f"), f(r.get("added_rss_mb"), ".1f"),
-            f(r.get("added_anon_mb"), ".1f"), f(r.get("added_library_mb"), ".1f"), f(r.get("cold_start_s"), ".2f"), f(r.get("p50"), ".2f"), f(r.get("p95"), ".2f"),
+            label, f(r.get("size_mb"), ".2f"), f(r.get("fraction_of_reference"), ".3f"), *memory_cells(r),
+            f(r.get("cold_start_s"), ".2f"), f(r.get("p50"), ".2f"), f(r.get("p95"), ".2f"),
             f(r.get("throughput_utt_s"), ".1f"), f(r.get("speedup"), ".1f"), f(r.get("em"), ".2f"),
             f(r.get("em_diff_vs_fp32"), "+.2f"),
             f(100 * r["identical_vs_fp32"] if "identical_vs_fp32" in r else None, ".1f") + "%",
             f(100 * r["identical_vs_pytorch"] if "identical_vs_pytorch" in r else None, ".1f") + "%",
         ])
-    headers = ["model", "size MB", f"/ {reference}", "added RSS MB", "of it anonymous", "of it library code", "cold start s", "p50 ms", "p95 ms",
+    headers = ["model", "size MB", f"/ {reference}", *MEMORY_HEADERS, "cold start s", "p50 ms", "p95 ms",
                "utt/s batch 32", "speed-up vs PyTorch", "EM", "EM - fp32", "identical to fp32", "identical to PyTorch"]
     return tabulate(out, headers=headers, tablefmt="github", disable_numparse=True) + "\n"
 

@@ -32,20 +32,20 @@ from typing import Any
 from benchmarks.common import RESULTS  # noqa: I001 (first: sets the thread and DeepSpeed defaults)
 
 
-def rank_accuracy(model: Any, tokenizer: Any, locales: list[str], way: int, k: int, renamed: bool, prompts: int,
-                  seed: int, massive: str, p_query_demo: float = 0.0) -> dict[str, list[int]]:
+def rank_accuracy(model: Any, tokenizer: Any, pools: dict[str, list[Any]], locales: list[str], way: int, k: int,
+                  renamed: bool, prompts: int, seed: int, p_query_demo: float = 0.0) -> dict[str, list[int]]:
     """Per prompt: 1 where the top-ranked label text is the target ("correct") and where it is the
-    query intent's real name ("memory")."""
+    query intent's real name ("memory"). `pools`: `load_icl_pools(..., "dev")` of the locales."""
     import torch
 
-    from data_prep.icl import IclPromptSampler, IclTrainConfig, load_icl_pools
+    from data_prep.icl import IclPromptSampler, IclTrainConfig
     from data_prep.tokenizer import special_ids
     from evaluation.icl import encode_prompt, label_token_ids, score_candidates
     from massive.format import label_text
 
-    cfg = IclTrainConfig(massive=massive, locales=locales, min_way=way, max_way=way, shots=[k],
+    cfg = IclTrainConfig(locales=locales, min_way=way, max_way=way, shots=[k],
                          p_rename=1.0 if renamed else 0.0, p_query_demo=p_query_demo, seed=seed)
-    sampler = IclPromptSampler(load_icl_pools(cfg, "dev"), cfg)
+    sampler = IclPromptSampler(pools, cfg)
     ids = special_ids(tokenizer)
     start = model.config.decoder_start_token_id
     correct, memory = [], []
@@ -84,10 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     from tabulate import tabulate
 
     from core.fsutil import atomic_write_json
+    from data_prep.icl import IclTrainConfig, load_icl_pools
     from massive.scoring import bootstrap_weights, percentile_interval
     from student import load_text_to_text
 
     weights = bootstrap_weights(args.prompts, args.samples, seed=0)
+    pools = load_icl_pools(IclTrainConfig(massive=args.data, locales=args.locales), "dev")
 
     def summary(values: list[int]) -> dict[str, Any]:
         v = np.asarray(values, dtype=np.float64)
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         model.eval()
         for k in args.shots:
             for renamed in ([False] if k == 0 else [False, True]):
-                got = rank_accuracy(model, tokenizer, args.locales, args.way, k, renamed, args.prompts, args.seed, args.data,
+                got = rank_accuracy(model, tokenizer, pools, args.locales, args.way, k, renamed, args.prompts, args.seed,
                                     args.p_query_demo)
                 cell = {"correct": summary(got["correct"]), "memory": summary(got["memory"])}
                 per_model[f"k{k}_{'renamed' if renamed else 'real'}"] = cell
@@ -114,7 +116,6 @@ def main(argv: list[str] | None = None) -> int:
           f"{1 / args.way:.3f}; {args.prompts} prompts per cell)\n")
     print(tabulate(rows, headers=["model", "k", "labels", "top = target [95%]", "top = query's real name"],
                    tablefmt="github", disable_numparse=True))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out, result)
     print(f"\nwrote {args.out}")
     return 0

@@ -132,12 +132,12 @@ status = {line.split(":")[0]: int(line.split()[1]) for line in open("/proc/self/
 # holds privately), shared-library pages (code the model's kernels touched), the export's own
 # files (memory-mapped weights) and the rest.
 parts = {"anon_kb": 0, "library_kb": 0, "model_files_kb": 0, "other_kb": 0}
-where = "anon_kb"
+where, export_root = "anon_kb", os.path.realpath(model_dir) if model_dir else None
 for line in open("/proc/self/smaps"):
     fields = line.split()
     if fields and not fields[0].endswith(":"):
         path = fields[5] if len(fields) >= 6 else ""
-        where = ("anon_kb" if path in ("", "[heap]") else "model_files_kb" if model_dir and path.startswith(os.path.realpath(model_dir))
+        where = ("anon_kb" if path in ("", "[heap]") else "model_files_kb" if export_root and path.startswith(export_root)
                  else "library_kb" if ".so" in os.path.basename(path) else "other_kb")
     elif fields and fields[0] == "Rss:":
         parts[where] += int(fields[1])
@@ -147,8 +147,15 @@ print(json.dumps({"rss_kb": status["VmRSS"], "peak_kb": status["VmHWM"], **parts
 """
 
 
-# The parts of added_rss_mb, by kind of mapping (see _CHILD): added_anon_mb, added_library_mb, ...
-FOOTPRINT_PARTS = ("anon_kb", "library_kb", "model_files_kb", "other_kb")
+# The parts of added_rss_mb, by kind of mapping (_CHILD's `<part>_kb`): added_<part>_mb.
+FOOTPRINT_PARTS = ("anon", "library", "model_files", "other")
+# Memory columns of the latency and export tables: the added RSS and its two large parts.
+MEMORY_HEADERS = ["added RSS MB", "of it anonymous", "of it library code"]
+
+
+def memory_cells(r: dict[str, Any]) -> list[str]:
+    """MEMORY_HEADERS' cells of one result ("-" where memory was not measured)."""
+    return [("-" if r.get(key) is None else f"{r[key]:.1f}") for key in ("added_rss_mb", "added_anon_mb", "added_library_mb")]
 
 
 def _child_footprint(model_dir: Path | None, backend: str, words: list[str], num_threads: int) -> dict[str, Any]:
@@ -194,7 +201,7 @@ def measure_footprint(model_dir: str | Path, words: list[str], num_threads: int 
         "baseline_rss_mb": median([b["rss_kb"] * kb for b, _ in runs]),
         "added_rss_mb": median([(w["rss_kb"] - b["rss_kb"]) * kb for b, w in runs]),
         "added_peak_mb": median([(w["peak_kb"] - b["peak_kb"]) * kb for b, w in runs]),
-        **{f"added_{part[:-3]}_mb": median([(w[part] - b[part]) * kb for b, w in runs]) for part in FOOTPRINT_PARTS},
+        **{f"added_{part}_mb": median([(w[f"{part}_kb"] - b[f"{part}_kb"]) * kb for b, w in runs]) for part in FOOTPRINT_PARTS},
         "cold_start_s": median([w["cold_start_s"] for _, w in runs]),
         "memory_backend": backend,
     }
@@ -237,11 +244,10 @@ def latency_table(results: dict[str, dict[str, Any]]) -> str:
         return "-" if value is None else format(value, fmt)
 
     rows = [[name, r["backend"], r["precision"], f(r["p50"], ".2f"), f(r["p95"], ".2f"), f(r["size_mb"], ".2f"),
-             f(r.get("added_rss_mb"), ".1f"), f(r.get("added_anon_mb"), ".1f"), f(r.get("added_library_mb"), ".1f"),
-             f(r.get("cold_start_s"), ".2f"), f(r.get("throughput_utt_s"), ".1f")]
+             *memory_cells(r), f(r.get("cold_start_s"), ".2f"), f(r.get("throughput_utt_s"), ".1f")]
             for name, r in results.items()]
-    headers = ["model", "backend", "precision", "p50 ms", "p95 ms", "size MB", "added RSS MB", "of it anonymous",
-               "of it library code", "cold start s", "utt/s at batch 32"]
+    headers = ["model", "backend", "precision", "p50 ms", "p95 ms", "size MB", *MEMORY_HEADERS, "cold start s",
+               "utt/s at batch 32"]
     return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True) + "\n"
 
 
